@@ -1,0 +1,5 @@
+import sys
+
+from dpokit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,240 @@
+"""Typed, validated, documented configuration.
+
+A config is a YAML file plus dotted ``key=value`` overrides (``train.lr=5e-7``). Every field below carries its
+meaning in the docstring under it; an unknown key, a wrong type or an out-of-range value is a ``ConfigError``
+naming the key. The fully resolved config is saved into the run directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dpokit.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = "smollm2"
+    """Policy: a hub id, a local Hugging Face folder, a folder or path holding a GGUF file, ``smollm2`` (the
+    embedded SmolLM2-135M-Instruct) or ``tiny-random-llama`` (a tiny random model built in code, for tests)."""
+    gguf_file: str | None = None
+    """File name of a GGUF checkpoint inside ``name_or_path`` (a folder), e.g. ``model.Q4_1.gguf``."""
+    ref_name_or_path: str | None = None
+    """Reference model; defaults to the policy's starting weights (the usual DPO setup: pi_ref = pi_SFT)."""
+    ref_gguf_file: str | None = None
+    """GGUF file name inside ``ref_name_or_path``."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when loading from the hub."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype the weights are held in. Mixed precision is ``train.precision``."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint to run. Off unless you trust the checkpoint."""
+    disable_dropout: bool = True
+    """Set every dropout probability to zero in policy and reference (the log-ratios are otherwise noisy)."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel; both give the same numbers within float tolerance."""
+
+
+class DataConfig(_Section):
+    train: str | None = None
+    """Training preference data: a JSONL, JSON, CSV or Parquet file, or a hub dataset id (needs network)."""
+    eval: str | None = None
+    """Held-out preference data, same formats."""
+    train_split: str = "train"
+    """Split to read when ``train`` is a hub dataset id."""
+    eval_split: str = "test"
+    """Split to read when ``eval`` is a hub dataset id."""
+    max_length: int = Field(512, ge=2)
+    """Maximum tokens of prompt + response. Longer pairs are truncated (prompt first, then responses)."""
+    max_prompt_length: int = Field(256, ge=1)
+    """Maximum prompt tokens; longer prompts keep their last tokens (the part nearest the response)."""
+    max_rows: int | None = Field(None, ge=1)
+    """Read at most this many rows of each file (handy for quick experiments)."""
+    max_line_bytes: int = Field(16 * 1024 * 1024, ge=64)
+    """A single JSONL line larger than this is rejected rather than read into memory."""
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> DataConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be smaller than max_length")
+        return self
+
+
+class LossConfig(_Section):
+    name: str = "sigmoid"
+    """Preference loss, a name in ``dpokit.losses.LOSSES`` (see the README's loss table)."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the KL penalty toward the reference (the paper's beta); reward = beta * log-ratio."""
+    label_smoothing: float | None = None
+    """Assumed label-flip rate eps for ``cdpo`` and ``robust``, in [0, 0.5)."""
+    gamma: float | None = None
+    """Target reward margin of ``simpo``."""
+    alpha: float | None = None
+    """Weight of the chosen-response NLL term of ``rpo``."""
+    reference_free: bool | None = None
+    """``sigmoid`` only: treat the reference log-probs as zero."""
+    weights: dict[str, float] | None = None
+    """Combine several losses, e.g. ``{sigmoid: 1.0, rpo: 0.5}``; replaces ``name``."""
+
+    def params(self) -> dict[str, Any]:
+        """The variant-specific parameters that were set (None means 'not given')."""
+        keys = ("label_smoothing", "gamma", "alpha", "reference_free")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+class TrainConfig(_Section):
+    lr: float = Field(5e-7, gt=0)
+    """Peak learning rate (the paper: 1e-6 with RMSprop)."""
+    batch_size: int = Field(8, ge=1)
+    """Preference pairs per micro-batch (per process)."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step. The loss is normalized by the pairs of the whole step, so
+    batch 8 x accum 1 and batch 1 x accum 8 give the same update."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to train; when unset, ``epochs`` passes over the data."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data when ``max_steps`` is unset."""
+    seed: int = 0
+    """Seed for data order and initialization of anything random."""
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    """``adamw`` (torch AdamW) or ``rmsprop`` (the paper's choice)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay (AdamW) or L2 penalty (RMSprop)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 to ``lr`` over this many optimizer steps (the paper: 150)."""
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate shape after warmup: constant, linear decay to 0, or cosine decay to 0."""
+    max_grad_norm: float | None = Field(10.0, gt=0)
+    """Clip the global gradient norm to this value; unset disables clipping."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``bf16`` runs forward and backward under bfloat16 autocast (fast on CPUs with AVX512-BF16 and on GPUs)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    shuffle: bool = True
+    """Shuffle the training pairs every epoch (seeded)."""
+    log_every: int = Field(1, ge=1)
+    """Write a metrics row every this many optimizer steps."""
+    save_every: int | None = Field(None, ge=1)
+    """Save a checkpoint every this many optimizer steps (and always at the end)."""
+    max_skipped_steps: int = Field(10, ge=1)
+    """Stop after this many consecutive steps whose loss or gradients were not finite (each is skipped)."""
+    progress: bool = True
+    """Show a progress bar on an interactive terminal (a line every ~10% otherwise)."""
+
+
+class EvalConfig(_Section):
+    every: int | None = Field(None, ge=1)
+    """Evaluate on ``data.eval`` every this many optimizer steps (and at the end when ``data.eval`` is set)."""
+    batch_size: int = Field(8, ge=1)
+    """Pairs per evaluation batch."""
+
+
+class ReferenceConfig(_Section):
+    mode: Literal["model"] = "model"
+    """Where reference log-probs come from: ``model`` (a frozen copy of the reference in memory)."""
+
+
+class Config(_Section):
+    run_dir: str | None = None
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/ are written here."""
+    overwrite: bool = False
+    """Replace the artifacts of an earlier run in ``run_dir`` instead of refusing to start."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+
+    @model_validator(mode="after")
+    def _loss_is_known(self) -> Config:
+        from dpokit.losses import validate_loss_config
+
+        validate_loss_config(self.loss)
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=1e-6`` -> ("train.lr", 1e-06); the value is parsed as YAML so types come out right."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}': expected key=value, e.g. train.lr=1e-6")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    msg = msg.removeprefix("Value error, ")
+    if not first["loc"]:
+        return f"{source}: {msg}"
+    return f"{source}: {key}: {msg}"
+
+
+def load_config(source: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None,
+                **kwargs: Any) -> Config:
+    """Build a validated Config from a YAML path, a dict or a Config, then apply overrides.
+
+    ``overrides`` are ``key=value`` strings (the CLI's); ``kwargs`` are dotted keys with ``__`` or ``.``
+    separators given from Python, e.g. ``load_config("c.yaml", train__lr=1e-6)``.
+    """
+    name = "config"
+    if source is None:
+        tree: dict[str, Any] = {}
+    elif isinstance(source, Config):
+        tree = source.model_dump(mode="json")
+    elif isinstance(source, dict):
+        tree = dict(source)
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    for key, value in kwargs.items():
+        _set_dotted(tree, key.replace("__", "."), value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, name)) from None
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

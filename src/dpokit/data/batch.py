@@ -1,0 +1,81 @@
+"""Batching: tokenized pairs -> padded tensors, and the seeded order in which pairs are visited.
+
+A pair batch stacks the chosen sequences of every pair and then the rejected ones, so that one forward pass
+computes both (rows 0..B-1 chosen, B..2B-1 rejected).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], response_starts: Sequence[int], pad_id: int,
+                  side: Literal["right", "left"] = "right") -> dict[str, torch.Tensor]:
+    """Pad token lists into ``input_ids``, ``attention_mask`` and ``response_mask`` (True from each row's
+    ``response_starts`` index to its end). Shapes: (N, T) each."""
+    width = max(len(s) for s in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    response_mask = torch.zeros((n, width), dtype=torch.bool)
+    for i, (seq, start) in enumerate(zip(seqs, response_starts)):
+        offset = width - len(seq) if side == "left" else 0
+        input_ids[i, offset:offset + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, offset:offset + len(seq)] = 1
+        response_mask[i, offset + start:offset + len(seq)] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def collate_pairs(pairs: Sequence[Any], pad_id: int, side: Literal["right", "left"] = "right") -> dict[str, Any]:
+    """Pairs (objects with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``) -> one batch of 2B rows.
+
+    ``tokens`` counts the non-padding tokens of prompt+chosen and prompt+rejected (the ``tokens`` metric).
+    """
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    starts = [len(p.prompt_ids) for p in pairs] * 2
+    batch: dict[str, Any] = pad_sequences(seqs, starts, pad_id, side)
+    batch["n_pairs"] = len(pairs)
+    batch["tokens"] = int(batch["attention_mask"].sum())
+    return batch
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    """The order of pair indices in one epoch: a permutation drawn from (seed, epoch) alone, so that any
+    position in the stream can be recomputed on resume without replaying earlier epochs."""
+    if not shuffle:
+        return list(range(n))
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+class PairStream:
+    """Yields pair indices epoch after epoch; ``position`` (epoch, offset) is all the state there is."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, epoch: int = 0, offset: int = 0):
+        if n == 0:
+            raise ValueError("no pairs to train on")
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.offset = epoch, offset
+        self._order = epoch_order(n, epoch, seed, shuffle)
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if self.offset == self.n:
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = epoch_order(self.n, self.epoch, self.seed, self.shuffle)
+            step = min(k - len(out), self.n - self.offset)
+            out.extend(self._order[self.offset:self.offset + step])
+            self.offset += step
+        return out
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}

@@ -1,0 +1,17 @@
+"""Errors that end a command with one clear line (the CLI prints ``str(error)`` and exits non-zero)."""
+
+
+class DpokitError(Exception):
+    """An expected failure caused by the user's input; shown as one line, never as a traceback."""
+
+
+class ConfigError(DpokitError, ValueError):
+    """A bad config key or value. The message names the key."""
+
+
+class DataError(DpokitError):
+    """Bad or unusable data. The message names file:line."""
+
+
+class ModelError(DpokitError):
+    """A model that cannot be found or loaded."""

@@ -1,0 +1,102 @@
+"""Metric names, the JSONL sink and the progress display.
+
+Names are shared with the DPO reference repo, TRL and torchtune so dashboards carry over: ``loss``,
+``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
+``logps/rejected``, ``grad_norm``, ``lr``, ``tokens_per_second``, ``skipped_steps``; each row also has ``step``,
+``elapsed_s`` and ``tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")
+
+
+class PairStats:
+    """Running sums over pairs, so a step's metrics are means over every pair of the step whatever the
+    micro-batching (and, summed across ranks, over every pair of every rank)."""
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(PAIR_METRICS, 0.0)
+        self.pairs = 0
+        self.tokens = 0
+
+    def add(self, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+            chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, tokens: int) -> None:
+        values = {
+            "loss": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": chosen_logps, "logps/rejected": rejected_logps,
+        }
+        for name, value in values.items():
+            self.sums[name] += float(value.detach().float().sum())
+        self.pairs += int(losses.shape[0])
+        self.tokens += tokens
+
+    def means(self) -> dict[str, float]:
+        return {name: total / max(self.pairs, 1) for name, total in self.sums.items()}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; a missing value is honest
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl`` and flushes, so a crash loses at most a row."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh = path.open("a", encoding="utf-8")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+class Progress:
+    """A rich progress bar on a terminal; on a pipe or in CI, a plain line every ~10% of the run."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True):
+        self.total = total
+        self.interactive = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self._bar = None
+        if self.interactive:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._bar.start()
+
+    def update(self, step: int, row: dict[str, Any]) -> None:
+        info = (f"loss {row.get('loss', float('nan')):.4f}  acc {row.get('rewards/accuracies', 0):.2f}  "
+                f"{row.get('tokens_per_second', 0):.0f} tok/s")
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=info)
+        elif self.enabled and (step == self.total or step % max(1, self.total // 10) == 0):
+            print(f"step {step}/{self.total}  {info}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

