@@ -1,0 +1,488 @@
+"""Preference losses: pure tensor functions, one per variant, in one registry.
+
+Every loss has the signature::
+
+    LOSSES[name](policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+                 beta, chosen_lengths=None, rejected_lengths=None, **params)
+        -> (losses, chosen_rewards, rejected_rewards)
+
+Log-probs are summed over response tokens, lengths are response token counts, and every tensor has shape
+(batch,). The training loop reduces ``losses``; nothing here touches a model.
+
+The one exception is the listwise ``plackett_luce`` loss (names in ``LISTWISE``), which ranks K responses per
+prompt: ``plackett_luce_loss(policy_logps, ref_logps, *, beta)`` on (batch, K) tensors. It is registered so that
+configs can name it, but ``compute_loss`` (pairwise) refuses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+LOSSES: dict[str, LossFn] = {}
+"""name -> loss function."""
+
+LOSS_PARAMS: dict[str, dict[str, Callable[[Any], str | None]]] = {}
+"""name -> {parameter: check(value) -> error message or None}. A parameter not listed is not used by the loss."""
+
+LOSS_REQUIRED: dict[str, frozenset[str]] = {}
+"""name -> parameters that must be set in the config (the others in LOSS_PARAMS have defaults)."""
+
+LISTWISE: frozenset[str] = frozenset({"plackett_luce"})
+"""Losses over (batch, K) rankings: they take other arguments and cannot go through ``compute_loss``."""
+
+
+def register(
+    name: str, params: dict[str, Callable[[Any], str | None]] | None = None, required: tuple[str, ...] = ()
+) -> Callable[[LossFn], LossFn]:
+    def wrap(fn: LossFn) -> LossFn:
+        LOSSES[name] = fn
+        LOSS_PARAMS[name] = params or {}
+        LOSS_REQUIRED[name] = frozenset(required)
+        return fn
+
+    return wrap
+
+
+def _rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    # Rewards are reported, never differentiated: r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)).
+    return beta * (policy_logps - ref_logps).detach()
+
+
+def _bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass; `label_smoothing: true` in YAML is a mistake, not eps = 1.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _flip_rate(value: Any) -> str | None:
+    # eps = 0.5 means the labels carry no information (and divides by zero in `robust`).
+    return None if _is_number(value) and 0 <= value < 0.5 else "must be in [0, 0.5)"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
+
+
+def _positive(value: Any) -> str | None:
+    return None if _is_number(value) and value > 0 else "must be a number > 0"
+
+
+def _per_token(logps: torch.Tensor, lengths: torch.Tensor | None, loss: str, which: str) -> torch.Tensor:
+    """Summed log-probs (batch,) -> mean log-prob per response token (batch,). Lengths must be >= 1."""
+    if lengths is None:
+        raise ValueError(f"loss '{loss}' averages log-probs per token: pass {which}_lengths (response token counts)")
+    return logps / lengths.to(logps.dtype)
+
+
+def _margin(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+) -> torch.Tensor:
+    """h = pi_logratios - ref_logratios, the argument of DPO's sigmoid before beta. Shape (batch,)."""
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = ref_chosen_logps - ref_rejected_logps
+    return pi_logratios - ref_logratios
+
+
+@register("sigmoid", {"reference_free": _bool})
+def sigmoid_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    reference_free: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO, Eq. 7 of Rafailov et al. 2023 (https://arxiv.org/abs/2305.18290):
+
+        L = -log sigmoid(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+
+    ``reference_free`` sets the reference log-probs to zero (an implicit uniform reference).
+    Shapes: every input and output is (batch,).
+    """
+    if reference_free:
+        ref_chosen_logps = torch.zeros_like(ref_chosen_logps)
+        ref_rejected_logps = torch.zeros_like(ref_rejected_logps)
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = ref_chosen_logps - ref_rejected_logps
+    logits = pi_logratios - ref_logratios
+    losses = -F.logsigmoid(beta * logits)
+    return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
+            _rewards(policy_rejected_logps, ref_rejected_logps, beta))
+
+
+@register("cdpo", {"label_smoothing": _flip_rate}, required=("label_smoothing",))
+def cdpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Conservative DPO (cDPO; Mitchell 2023, https://ericmitchell.ai/cdpo.pdf), the ``label_smoothing`` of the
+    DPO authors' code: Eq. 7 of https://arxiv.org/abs/2305.18290 with labels flipped at rate eps,
+
+        L = (1 - eps) * -log sigmoid(beta * h) + eps * -log sigmoid(-beta * h),
+        h = (log pi(y_w|x) - log pi(y_l|x)) - (log pi_ref(y_w|x) - log pi_ref(y_l|x)).
+
+    The minimum is at a finite margin, sigmoid(beta * h) = 1 - eps, so confident pairs stop being pushed.
+    eps = 0 is ``sigmoid``. Shapes: every input and output is (batch,).
+    """
+    logits = beta * _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    losses = (1 - label_smoothing) * -F.logsigmoid(logits) + label_smoothing * -F.logsigmoid(-logits)
+    return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
+            _rewards(policy_rejected_logps, ref_rejected_logps, beta))
+
+
+@register("robust", {"label_smoothing": _flip_rate}, required=("label_smoothing",))
+def robust_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Robust DPO (rDPO; Chowdhury et al. 2024, "Provably Robust DPO", https://arxiv.org/abs/2403.00409),
+    the unbiased estimate of the clean-label DPO loss when labels flip at a known rate eps:
+
+        L = [(1 - eps) * -log sigmoid(beta * h) - eps * -log sigmoid(-beta * h)] / (1 - 2 * eps),
+
+    h as in ``cdpo``. Unlike cDPO, the flipped term is subtracted, so in expectation over the label noise the
+    loss (and its gradient) equals the noise-free DPO loss; it is unbounded below for a single pair and may be
+    negative. eps = 0 is ``sigmoid``. Shapes: every input and output is (batch,).
+    """
+    logits = beta * _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    losses = ((1 - label_smoothing) * -F.logsigmoid(logits) - label_smoothing * -F.logsigmoid(-logits)) / (
+        1 - 2 * label_smoothing)
+    return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
+            _rewards(policy_rejected_logps, ref_rejected_logps, beta))
+
+
+@register("ipo")
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPO, Eq. 17 of Azar et al. 2023 (https://arxiv.org/abs/2310.12036), with ``beta`` playing tau:
+
+        L = (h - 1 / (2 * beta))^2,
+
+    h = pi_logratios - ref_logratios computed on log-probs averaged per response token (each summed log-prob
+    divided by its length), as in the IPO authors' experiments: with summed log-probs the fixed target margin
+    1/(2 beta) would mean different things for short and long responses. A squared loss regresses h onto the
+    target instead of pushing it to infinity, which is IPO's guard against overfitting deterministic preferences;
+    so past the target, raising the chosen log-prob *raises* the loss.
+
+    Rewards are still reported as beta * (log pi - log pi_ref) on *summed* log-probs, the DPO implicit reward,
+    so that reward metrics are comparable across losses. Requires both lengths.
+    Shapes: every input and output is (batch,).
+    """
+    h = _margin(
+        _per_token(policy_chosen_logps, chosen_lengths, "ipo", "chosen"),
+        _per_token(policy_rejected_logps, rejected_lengths, "ipo", "rejected"),
+        _per_token(ref_chosen_logps, chosen_lengths, "ipo", "chosen"),
+        _per_token(ref_rejected_logps, rejected_lengths, "ipo", "rejected"),
+    )
+    losses = (h - 1 / (2 * beta)) ** 2
+    return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
+            _rewards(policy_rejected_logps, ref_rejected_logps, beta))
+
+
+@register("hinge")
+def hinge_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hinge (SLiC) loss: the rank-calibration loss max(0, delta - log pi(y_w|x) + log pi(y_l|x)) of SLiC-HF
+    (Zhao et al. 2023, Eq. 1 of https://arxiv.org/abs/2305.10425), on the reference-normalized log-ratios
+    as in RSO (Liu et al. 2023, https://arxiv.org/abs/2309.06657):
+
+        L = relu(1 - beta * h),   h as in ``cdpo``,
+
+    i.e. beta * relu(1/beta - h): the margin is delta = 1/beta. Pairs already separated by the margin give zero
+    loss and zero gradient. Shapes: every input and output is (batch,).
+    """
+    h = _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    losses = torch.relu(1 - beta * h)
+    return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
+            _rewards(policy_rejected_logps, ref_rejected_logps, beta))
+
+
+@register("simpo", {"gamma": _non_negative})
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    gamma: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO, Eq. 6 of Meng et al. 2024 (https://arxiv.org/abs/2405.14734):
+
+        L = -log sigmoid(beta / |y_w| * log pi(y_w|x) - beta / |y_l| * log pi(y_l|x) - gamma).
+
+    Reference-free: the reward is the length-normalized policy log-prob, beta * log pi(y|x) / |y|, and the
+    reference log-probs are ignored. gamma is a target reward margin (default 0.5). The paper uses much larger
+    beta (2 to 10) than DPO. Rewards reported are that reward. Requires both lengths.
+    Shapes: every input and output is (batch,).
+    """
+    chosen_rewards = beta * _per_token(policy_chosen_logps, chosen_lengths, "simpo", "chosen")
+    rejected_rewards = beta * _per_token(policy_rejected_logps, rejected_lengths, "simpo", "rejected")
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+@register("rpo", {"alpha": _positive})
+def rpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    alpha: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RPO, the L_DPO+NLL objective of Iterative Reasoning Preference Optimization (Pang et al. 2024,
+    https://arxiv.org/abs/2404.19733):
+
+        L = -log sigmoid(beta * h) + alpha * (-log pi(y_w|x) / |y_w|),   h as in ``cdpo``.
+
+    The per-token NLL of the chosen response keeps its likelihood from falling, which plain DPO allows as long as
+    the rejected one falls faster. alpha defaults to 1 (the paper's value). Requires ``chosen_lengths``.
+    Shapes: every input and output is (batch,).
+    """
+    nll = -_per_token(policy_chosen_logps, chosen_lengths, "rpo", "chosen")
+    losses, chosen_rewards, rejected_rewards = sigmoid_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta)
+    return losses + alpha * nll, chosen_rewards, rejected_rewards
+
+
+@register("nca_pair")
+def nca_pair_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NCA for preference pairs (Chen et al. 2024, "Noise Contrastive Alignment of Language Models with
+    Explicit Rewards", https://arxiv.org/abs/2402.05369), with r = beta * (log pi(y|x) - log pi_ref(y|x)):
+
+        L = -log sigmoid(r_w) - 1/2 * log sigmoid(-r_w) - 1/2 * log sigmoid(-r_l).
+
+    Each response's reward is fitted on its own scale (not only the difference, as in DPO), so the chosen
+    likelihood is pushed up rather than just above the rejected one; the chosen term is minimized at r_w = ln 2.
+    Shapes: every input and output is (batch,).
+    """
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    losses = -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+@register("apo_zero")
+def apo_zero_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """APO-zero, Eq. 7 of D'Oosterlinck et al. 2024 (https://arxiv.org/abs/2408.06266), with
+    r = beta * (log pi(y|x) - log pi_ref(y|x)):
+
+        L = 1 - sigmoid(r_w) + sigmoid(r_l).
+
+    Anchored at zero: raises the chosen and lowers the rejected likelihood each against the reference, for data
+    whose chosen answers are better than the model's own. The constant 1 (absent in the paper) keeps L >= 0.
+    Shapes: every input and output is (batch,).
+    """
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    losses = 1 - torch.sigmoid(chosen_rewards) + torch.sigmoid(rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+@register("apo_down")
+def apo_down_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """APO-down, Eq. 8 of D'Oosterlinck et al. 2024 (https://arxiv.org/abs/2408.06266), r as in ``apo_zero``:
+
+        L = sigmoid(r_w) + 1 - sigmoid(r_w - r_l).
+
+    For data whose chosen answers are *worse* than the model's own: lowers the chosen likelihood, and the
+    rejected one more, so the gradient on the chosen log-prob is deliberately not always negative.
+    The constant 1 (absent in the paper) keeps L >= 0. Shapes: every input and output is (batch,).
+    """
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    losses = torch.sigmoid(chosen_rewards) + 1 - torch.sigmoid(chosen_rewards - rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+@register("plackett_luce")
+def plackett_luce_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    *,
+    beta: float,
+    lengths: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Listwise DPO under the Plackett-Luce model, Appendix A.3 of https://arxiv.org/abs/2305.18290.
+
+    For K responses per prompt ranked best first, with s_k = beta * (log pi(y_k|x) - log pi_ref(y_k|x)):
+
+        L = -sum_{k=0}^{K-2} [s_k - logsumexp(s_k, ..., s_{K-1})]
+          = -sum_{k=0}^{K-2} log sigmoid(s_k - logsumexp(s_{k+1}, ..., s_{K-1})),
+
+    the negative log-likelihood of the ranking (the k = K-1 factor is 1). The second form is the one computed:
+    it is stable, and for K = 2 it is exactly -log sigmoid(s_0 - s_1), i.e. ``sigmoid``.
+
+    Shapes: ``policy_logps``, ``ref_logps`` (batch, K), log-probs summed over response tokens, sorted best
+    first; ``mask`` optional bool (batch, K), False marks padding for prompts with fewer than K responses (the
+    ranking is the order of the True entries; a row with fewer than two gives loss 0). ``lengths`` is accepted
+    for a uniform call but unused: the loss is on summed log-probs. Returns (losses (batch,),
+    rewards (batch, K)), rewards detached and 0 where masked.
+    """
+    if policy_logps.dim() != 2 or policy_logps.shape != ref_logps.shape:
+        raise ValueError(f"plackett_luce: policy_logps and ref_logps must both be (batch, K), "
+                         f"got {tuple(policy_logps.shape)} and {tuple(ref_logps.shape)}")
+    if mask is None:
+        mask = torch.ones_like(policy_logps, dtype=torch.bool)
+    elif mask.shape != policy_logps.shape or mask.dtype != torch.bool:
+        raise ValueError(f"plackett_luce: mask must be a bool tensor of shape {tuple(policy_logps.shape)}")
+    s = beta * (policy_logps - ref_logps)
+    k = s.shape[-1]
+    # later[k, j]: j ranks below k. Entry (b, k, j) of `below` is s_j if y_j is a real response ranked below y_k.
+    later = torch.ones(k, k, dtype=torch.bool, device=s.device).triu(diagonal=1)
+    below_mask = later & mask.unsqueeze(-2)
+    below = torch.where(below_mask, s.unsqueeze(-2), torch.full_like(s, float("-inf")).unsqueeze(-2))
+    # A term exists for every real response with a real one below it (not the last of its row). The where
+    # before the subtraction keeps -inf (and its NaN gradient) out of rows without a term.
+    has_term = mask & below_mask.any(-1)
+    rest = torch.where(has_term, torch.logsumexp(below, dim=-1), torch.zeros_like(s))
+    terms = torch.where(has_term, -F.logsigmoid(s - rest), torch.zeros_like(s))
+    rewards = torch.where(mask, s.detach(), torch.zeros_like(s))
+    return terms.sum(-1), rewards
+
+
+def validate_loss_config(loss: Any) -> None:
+    """Raise ValueError naming the key when the loss name is unknown or a parameter has no effect or is out of
+    range. ``loss`` is a ``dpokit.config.LossConfig``."""
+    names = list(loss.weights) if loss.weights else [loss.name]
+    if loss.weights is not None:
+        if not loss.weights:
+            raise ValueError("loss.weights: give at least one loss")
+        for name, weight in loss.weights.items():
+            if not weight > 0:
+                raise ValueError(f"loss.weights.{name}: weight must be positive, got {weight}")
+    for name in names:
+        if name not in LOSSES:
+            key = f"loss.weights.{name}" if loss.weights else "loss.name"
+            raise ValueError(f"{key}: unknown loss '{name}' (known: {', '.join(sorted(LOSSES))})")
+        if loss.weights and name in LISTWISE:
+            # A listwise loss takes (batch, K) rankings, not the pairs the other terms of a sum take.
+            raise ValueError(f"loss.weights.{name}: the listwise loss '{name}' cannot be combined with others; "
+                             f"use loss.name: {name} alone")
+    given = loss.params()
+    for name in names:
+        missing = sorted(LOSS_REQUIRED[name] - set(given))
+        if missing:
+            raise ValueError(f"loss.{missing[0]}: required by loss {name}")
+    for param, value in given.items():
+        users = [n for n in names if param in LOSS_PARAMS[n]]
+        if not users:
+            raise ValueError(f"loss.{param}: not used by loss {' + '.join(names)}; remove it")
+        for name in users:
+            problem = LOSS_PARAMS[name][param](value)
+            if problem:
+                raise ValueError(f"loss.{param}: {problem}, got {value!r}")
+
+
+def compute_loss(
+    loss: Any,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Apply the configured loss (or weighted sum of losses) of a ``LossConfig`` to a batch of pairs.
+
+    Rewards reported are those of the first loss. Lengths are passed through; losses that average per token
+    (``ipo``, ``simpo``, ``rpo``) raise ValueError without them. Listwise losses raise ValueError.
+    Shapes: (batch,) in and out.
+    """
+    weights = loss.weights or {loss.name: 1.0}
+    for name in weights:
+        if name in LISTWISE:
+            raise ValueError(f"loss '{name}' is listwise and takes (batch, K) rankings, not pairs: call "
+                             f"dpokit.losses.plackett_luce_loss(policy_logps, ref_logps, beta=...) instead")
+    params = loss.params()
+    total = None
+    rewards: tuple[torch.Tensor, torch.Tensor] | None = None
+    for name, weight in weights.items():
+        own = {k: v for k, v in params.items() if k in LOSS_PARAMS[name]}
+        losses, chosen_rewards, rejected_rewards = LOSSES[name](
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+            beta=loss.beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **own)
+        total = weight * losses if total is None else total + weight * losses
+        if rewards is None:
+            rewards = (chosen_rewards, rejected_rewards)
+    assert total is not None and rewards is not None
+    return total, rewards[0], rewards[1]

@@ -1,0 +1,466 @@
+"""Preference losses: golden values worked out by hand with `math`, gradient signs, limit cases, validation."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from dpokit.losses import (
+    LISTWISE,
+    LOSS_PARAMS,
+    LOSSES,
+    compute_loss,
+    plackett_luce_loss,
+    sigmoid_loss,
+    validate_loss_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A fixed batch of 3 pairs: summed log-probs and response lengths.
+PC = [-10.0, -25.5, -4.0]  # policy, chosen
+PR = [-12.0, -24.0, -9.0]  # policy, rejected
+RC = [-11.0, -25.0, -5.0]  # reference, chosen
+RR = [-11.5, -23.0, -8.0]  # reference, rejected
+LC = [5.0, 12.0, 2.0]  # chosen lengths
+LR = [6.0, 10.0, 4.0]  # rejected lengths
+BETA = 0.1
+# h = (pc - pr) - (rc - rr) = [1.5, 0.5, 2.0]
+
+PAIRWISE = sorted(set(LOSSES) - LISTWISE)
+# The smallest set of parameters each loss needs to run.
+PARAMS: dict[str, dict[str, Any]] = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1}}
+
+
+def t(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def batch() -> dict[str, torch.Tensor]:
+    return dict(policy_chosen_logps=t(PC), policy_rejected_logps=t(PR), ref_chosen_logps=t(RC),
+                ref_rejected_logps=t(RR))
+
+
+def lengths() -> dict[str, torch.Tensor]:
+    return dict(chosen_lengths=t(LC), rejected_lengths=t(LR))
+
+
+def call(name: str, beta: float = BETA, **params: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return LOSSES[name](**batch(), beta=beta, **lengths(), **{**PARAMS.get(name, {}), **params})
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log(1.0 + math.exp(-x))
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def margins() -> list[float]:
+    return [(pc - pr) - (rc - rr) for pc, pr, rc, rr in zip(PC, PR, RC, RR)]
+
+
+def dpo_rewards() -> tuple[list[float], list[float]]:
+    return [BETA * (pc - rc) for pc, rc in zip(PC, RC)], [BETA * (pr - rr) for pr, rr in zip(PR, RR)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Golden values, one expected list per variant, written out from each paper's equation.
+
+
+def expected_sigmoid() -> list[float]:
+    return [-log_sigmoid(BETA * h) for h in margins()]
+
+
+def expected_cdpo(eps: float = 0.1) -> list[float]:
+    return [(1 - eps) * -log_sigmoid(BETA * h) + eps * -log_sigmoid(-BETA * h) for h in margins()]
+
+
+def expected_robust(eps: float = 0.1) -> list[float]:
+    return [((1 - eps) * -log_sigmoid(BETA * h) - eps * -log_sigmoid(-BETA * h)) / (1 - 2 * eps) for h in margins()]
+
+
+def expected_ipo() -> list[float]:
+    out = []
+    for pc, pr, rc, rr, lc, lr in zip(PC, PR, RC, RR, LC, LR):
+        h = (pc / lc - pr / lr) - (rc / lc - rr / lr)
+        out.append((h - 1 / (2 * BETA)) ** 2)
+    return out
+
+
+def expected_hinge() -> list[float]:
+    return [max(0.0, 1 - BETA * h) for h in margins()]
+
+
+def expected_simpo(gamma: float = 0.5) -> list[float]:
+    return [-log_sigmoid(BETA * pc / lc - BETA * pr / lr - gamma) for pc, pr, lc, lr in zip(PC, PR, LC, LR)]
+
+
+def expected_rpo(alpha: float = 1.0) -> list[float]:
+    return [-log_sigmoid(BETA * h) + alpha * (-pc / lc) for h, pc, lc in zip(margins(), PC, LC)]
+
+
+def expected_nca_pair() -> list[float]:
+    rw, rl = dpo_rewards()
+    return [-log_sigmoid(w) - 0.5 * log_sigmoid(-w) - 0.5 * log_sigmoid(-lo) for w, lo in zip(rw, rl)]
+
+
+def expected_apo_zero() -> list[float]:
+    rw, rl = dpo_rewards()
+    return [1 - sigmoid(w) + sigmoid(lo) for w, lo in zip(rw, rl)]
+
+
+def expected_apo_down() -> list[float]:
+    rw, rl = dpo_rewards()
+    return [sigmoid(w) + 1 - sigmoid(w - lo) for w, lo in zip(rw, rl)]
+
+
+GOLDEN = {
+    "sigmoid": expected_sigmoid,
+    "cdpo": expected_cdpo,
+    "robust": expected_robust,
+    "ipo": expected_ipo,
+    "hinge": expected_hinge,
+    "simpo": expected_simpo,
+    "rpo": expected_rpo,
+    "nca_pair": expected_nca_pair,
+    "apo_zero": expected_apo_zero,
+    "apo_down": expected_apo_down,
+}
+
+
+def test_every_pairwise_loss_has_a_golden_test() -> None:
+    assert set(GOLDEN) == set(PAIRWISE)
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_golden_values(name: str) -> None:
+    losses, chosen_rewards, rejected_rewards = call(name)
+    assert losses.shape == chosen_rewards.shape == rejected_rewards.shape == (3,)
+    assert_close(losses, t(GOLDEN[name]()))
+
+
+@pytest.mark.parametrize("name", [n for n in PAIRWISE if n != "simpo"])
+def test_rewards_are_dpo_implicit_rewards_on_summed_logps(name: str) -> None:
+    _, chosen_rewards, rejected_rewards = call(name)
+    rw, rl = dpo_rewards()
+    assert_close(chosen_rewards, t(rw))
+    assert_close(rejected_rewards, t(rl))
+
+
+def test_simpo_rewards_are_length_normalized_policy_logps() -> None:
+    _, chosen_rewards, rejected_rewards = call("simpo")
+    assert_close(chosen_rewards, t([BETA * pc / lc for pc, lc in zip(PC, LC)]))
+    assert_close(rejected_rewards, t([BETA * pr / lr for pr, lr in zip(PR, LR)]))
+
+
+def test_simpo_gamma_and_alpha_change_the_value() -> None:
+    assert_close(call("simpo", gamma=2.0)[0], t(expected_simpo(gamma=2.0)))
+    assert_close(call("rpo", alpha=0.3)[0], t(expected_rpo(alpha=0.3)))
+    assert_close(call("cdpo", label_smoothing=0.3)[0], t(expected_cdpo(eps=0.3)))
+    assert_close(call("robust", label_smoothing=0.3)[0], t(expected_robust(eps=0.3)))
+
+
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_rewards_are_detached(name: str) -> None:
+    inputs = {k: v.requires_grad_() for k, v in batch().items()}
+    losses, chosen_rewards, rejected_rewards = LOSSES[name](**inputs, beta=BETA, **lengths(), **PARAMS.get(name, {}))
+    assert losses.requires_grad
+    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sigmoid (Eq. 7 of the DPO paper)
+
+
+def test_sigmoid_policy_equal_to_reference_is_ln2_with_zero_rewards() -> None:
+    logps = t([-3.0, -40.0, -7.5])
+    losses, chosen_rewards, rejected_rewards = sigmoid_loss(logps, logps - 2, logps, logps - 2, beta=0.5)
+    assert torch.equal(losses, torch.full_like(losses, math.log(2)))
+    assert torch.equal(chosen_rewards, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(rejected_rewards, torch.zeros(3, dtype=torch.float64))
+
+
+def test_sigmoid_single_pair_by_hand() -> None:
+    # beta = 0.5: pi_logratios = -1 - (-3) = 2, ref_logratios = -2 - (-2.5) = 0.5, logits = 0.5 * 1.5 = 0.75.
+    losses, chosen_rewards, rejected_rewards = sigmoid_loss(t([-1.0]), t([-3.0]), t([-2.0]), t([-2.5]), beta=0.5)
+    assert_close(losses, t([math.log(1 + math.exp(-0.75))]))
+    assert_close(chosen_rewards, t([0.5]))  # 0.5 * (-1 - -2)
+    assert_close(rejected_rewards, t([-0.25]))  # 0.5 * (-3 - -2.5)
+
+
+def test_reference_free_equals_sigmoid_with_zero_reference() -> None:
+    b = batch()
+    free = sigmoid_loss(**b, beta=BETA, reference_free=True)
+    zero_ref = sigmoid_loss(b["policy_chosen_logps"], b["policy_rejected_logps"], torch.zeros(3, dtype=torch.float64),
+                            torch.zeros(3, dtype=torch.float64), beta=BETA)
+    for got, want in zip(free, zero_ref):
+        assert_close(got, want)
+    assert_close(free[0], t([-log_sigmoid(BETA * (pc - pr)) for pc, pr in zip(PC, PR)]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient signs: raising the chosen log-prob lowers the loss, raising the rejected one raises it. The fixed batch
+# is where every loss is in its "still learning" region (hinge below the margin, ipo below its target, nca_pair
+# below r_w = ln 2), where these signs hold.
+
+
+def grads(name: str, **params: Any) -> dict[str, torch.Tensor]:
+    inputs = {k: v.requires_grad_() for k, v in batch().items()}
+    losses, _, _ = LOSSES[name](**inputs, beta=BETA, **lengths(), **{**PARAMS.get(name, {}), **params})
+    losses.sum().backward()
+    return {k: v.grad for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("name", [n for n in PAIRWISE if n != "apo_down"])
+def test_raising_chosen_lowers_the_loss(name: str) -> None:
+    assert (grads(name)["policy_chosen_logps"] < 0).all()
+
+
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_raising_rejected_raises_the_loss(name: str) -> None:
+    assert (grads(name)["policy_rejected_logps"] > 0).all()
+
+
+def test_apo_down_pushes_the_chosen_down_when_already_ahead() -> None:
+    # APO-down is for chosen answers worse than the model's own: with r_w = 0 and r_w well above r_l, the gradient
+    # on the chosen log-prob is positive (descent lowers it), while rejected still goes down.
+    inputs = [t([-5.0]).requires_grad_(), t([-30.0]).requires_grad_(), t([-5.0]), t([-10.0])]
+    losses, _, _ = LOSSES["apo_down"](*inputs, beta=BETA)
+    losses.sum().backward()
+    assert inputs[0].grad.item() > 0 and inputs[1].grad.item() > 0
+
+
+def test_simpo_ignores_the_reference() -> None:
+    g = grads("simpo")
+    assert g["ref_chosen_logps"] is None or torch.equal(g["ref_chosen_logps"], torch.zeros(3, dtype=torch.float64))
+    b = batch()
+    shifted = LOSSES["simpo"](b["policy_chosen_logps"], b["policy_rejected_logps"], b["ref_chosen_logps"] + 7.0,
+                              b["ref_rejected_logps"] - 3.0, beta=BETA, **lengths())
+    assert torch.equal(shifted[0], call("simpo")[0])
+
+
+def test_hinge_has_no_gradient_past_the_margin() -> None:
+    # beta * h = 0.1 * 20 = 2 > 1: the pair is separated, loss and gradient are zero.
+    pc = t([0.0]).requires_grad_()
+    losses, _, _ = LOSSES["hinge"](pc, t([-20.0]), t([0.0]), t([0.0]), beta=BETA)
+    losses.sum().backward()
+    assert losses.item() == 0.0 and pc.grad.item() == 0.0
+
+
+def test_ipo_pulls_back_past_its_target() -> None:
+    # Per-token h = 10 > 1/(2 beta) = 5: IPO regresses h to its target, so raising the chosen log-prob now
+    # raises the loss (the opposite of DPO).
+    pc = t([0.0]).requires_grad_()
+    losses, _, _ = LOSSES["ipo"](pc, t([-10.0]), t([0.0]), t([0.0]), beta=BETA, chosen_lengths=t([1.0]),
+                                 rejected_lengths=t([1.0]))
+    losses.sum().backward()
+    assert_close(losses, t([25.0]))
+    assert pc.grad.item() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Limit cases
+
+
+@pytest.mark.parametrize("name", ["cdpo", "robust"])
+def test_zero_flip_rate_is_sigmoid(name: str) -> None:
+    assert_close(call(name, label_smoothing=0.0)[0], sigmoid_loss(**batch(), beta=BETA)[0])
+
+
+def test_rpo_with_tiny_alpha_approaches_sigmoid() -> None:
+    sig = sigmoid_loss(**batch(), beta=BETA)[0]
+    assert_close(call("rpo", alpha=1e-9)[0], sig, atol=1e-8, rtol=0)
+    assert not torch.allclose(call("rpo", alpha=1e-3)[0], sig, atol=1e-8, rtol=0)
+
+
+def test_ipo_is_zero_at_its_target() -> None:
+    # beta = 0.25: target h = 1/(2 * 0.25) = 2. Per-token: policy (-4/4) - (-8/2) = 3, reference (-8/4) - (-6/2) = 1.
+    losses, _, _ = LOSSES["ipo"](t([-4.0]), t([-8.0]), t([-8.0]), t([-6.0]), beta=0.25, chosen_lengths=t([4.0]),
+                                 rejected_lengths=t([2.0]))
+    assert_close(losses, t([0.0]), atol=1e-12, rtol=0)
+
+
+def test_ipo_accepts_integer_lengths() -> None:
+    losses, _, _ = LOSSES["ipo"](**batch(), beta=BETA, chosen_lengths=torch.tensor([5, 12, 2]),
+                                 rejected_lengths=torch.tensor([6, 10, 4]))
+    assert_close(losses, t(expected_ipo()))
+
+
+@pytest.mark.parametrize("name", ["ipo", "simpo", "rpo"])
+def test_per_token_losses_require_lengths(name: str) -> None:
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        LOSSES[name](**batch(), beta=BETA)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plackett-Luce (Appendix A.3 of the DPO paper)
+
+
+def test_plackett_luce_two_responses_is_sigmoid() -> None:
+    b = batch()
+    policy = torch.stack([b["policy_chosen_logps"], b["policy_rejected_logps"]], dim=-1)
+    ref = torch.stack([b["ref_chosen_logps"], b["ref_rejected_logps"]], dim=-1)
+    losses, rewards = plackett_luce_loss(policy, ref, beta=BETA)
+    sig_losses, chosen_rewards, rejected_rewards = sigmoid_loss(**b, beta=BETA)
+    assert rewards.shape == (3, 2)
+    assert_close(losses, sig_losses)
+    assert_close(rewards, torch.stack([chosen_rewards, rejected_rewards], dim=-1))
+
+
+def test_plackett_luce_three_responses_by_hand() -> None:
+    policy = [[-3.0, -5.0, -4.0], [-10.0, -9.0, -12.0]]
+    ref = [[-4.0, -4.0, -4.0], [-11.0, -8.0, -10.0]]
+    beta = 0.5
+    expected = []
+    for p_row, r_row in zip(policy, ref):
+        s = [beta * (p - r) for p, r in zip(p_row, r_row)]
+        # -[s0 - log(e^s0 + e^s1 + e^s2)] - [s1 - log(e^s1 + e^s2)]
+        nll = -(s[0] - math.log(math.exp(s[0]) + math.exp(s[1]) + math.exp(s[2])))
+        nll -= s[1] - math.log(math.exp(s[1]) + math.exp(s[2]))
+        expected.append(nll)
+    losses, rewards = plackett_luce_loss(torch.tensor(policy, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64),
+                                       beta=beta)
+    assert_close(losses, t(expected))
+    assert_close(rewards, torch.tensor([[0.5, -0.5, 0.0], [0.5, -0.5, -1.0]], dtype=torch.float64))
+
+
+def test_plackett_luce_gradient_signs() -> None:
+    policy = torch.tensor([[-3.0, -5.0, -4.0]], dtype=torch.float64, requires_grad=True)
+    losses, _ = plackett_luce_loss(policy, torch.full((1, 3), -4.0, dtype=torch.float64), beta=0.5)
+    losses.sum().backward()
+    assert policy.grad[0, 0] < 0  # best response: raising it lowers the loss
+    assert policy.grad[0, 2] > 0  # worst response: raising it raises the loss
+
+
+def test_plackett_luce_mask_equals_the_shorter_ranking() -> None:
+    policy = torch.tensor([[-3.0, -5.0, -4.0, 0.0], [-1.0, -2.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-4.0, -4.0, -4.0, 0.0], [-1.5, -1.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    losses, rewards = plackett_luce_loss(policy, ref, beta=0.5, mask=mask)
+    losses.sum().backward()
+    assert_close(losses[0:1], plackett_luce_loss(policy[0:1, :3], ref[0:1, :3], beta=0.5)[0])
+    assert_close(losses[1:2], plackett_luce_loss(policy[1:2, :2], ref[1:2, :2], beta=0.5)[0])
+    assert torch.isfinite(policy.grad).all()
+    assert torch.equal(policy.grad[mask.logical_not()], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(rewards[mask.logical_not()], torch.zeros(3, dtype=torch.float64))
+
+
+def test_plackett_luce_rejects_pairwise_shapes() -> None:
+    with pytest.raises(ValueError, match="batch, K"):
+        plackett_luce_loss(t(PC), t(RC), beta=BETA)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config validation and compute_loss
+
+
+def loss_config(**fields: Any) -> Any:
+    try:
+        from dpokit.config import LossConfig
+    except Exception:  # config.py may be mid-edit; a stand-in with the same attributes will do
+        keys = ("label_smoothing", "gamma", "alpha", "reference_free")
+        ns = SimpleNamespace(**{"name": "sigmoid", "beta": 0.1, "weights": None, **dict.fromkeys(keys), **fields})
+        ns.params = lambda: {k: getattr(ns, k) for k in keys if getattr(ns, k) is not None}
+        return ns
+    return LossConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    "fields, key",
+    [
+        ({"name": "dpo2"}, "loss.name"),
+        ({"name": "ipo", "label_smoothing": 0.1}, "loss.label_smoothing"),
+        ({"name": "sigmoid", "gamma": 1.0}, "loss.gamma"),
+        ({"name": "cdpo", "label_smoothing": 0.5}, "loss.label_smoothing"),
+        ({"name": "robust", "label_smoothing": -0.01}, "loss.label_smoothing"),
+        ({"name": "cdpo"}, "loss.label_smoothing"),
+        ({"name": "simpo", "gamma": -0.1}, "loss.gamma"),
+        ({"name": "rpo", "alpha": 0.0}, "loss.alpha"),
+        ({"weights": {"sigmoid": 1.0, "plackett_luce": 1.0}}, "loss.weights.plackett_luce"),
+        ({"weights": {"sigmoid": 1.0, "nope": 1.0}}, "loss.weights.nope"),
+    ],
+)
+def test_validate_loss_config_names_the_key(fields: dict[str, Any], key: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(key) + ":"):
+        validate_loss_config(loss_config(**fields))
+
+
+def test_validate_loss_config_error_texts() -> None:
+    with pytest.raises(ValueError, match=r"must be in \[0, 0.5\)"):
+        validate_loss_config(loss_config(name="cdpo", label_smoothing=0.5))
+    with pytest.raises(ValueError, match="not used by loss ipo"):
+        validate_loss_config(loss_config(name="ipo", label_smoothing=0.1))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"name": name, **PARAMS.get(name, {})} for name in sorted(LOSSES)
+    ] + [
+        {"name": "simpo", "gamma": 0.0},
+        {"name": "cdpo", "label_smoothing": 0.0},
+        {"name": "rpo", "alpha": 0.5},
+        {"name": "sigmoid", "reference_free": True},
+        {"weights": {"sigmoid": 1.0, "rpo": 0.5}, "alpha": 2.0},
+    ],
+)
+def test_validate_loss_config_accepts(fields: dict[str, Any]) -> None:
+    validate_loss_config(loss_config(**fields))
+
+
+def test_every_param_check_rejects_a_bool() -> None:
+    for name, checks in LOSS_PARAMS.items():
+        for param, check in checks.items():
+            if param != "reference_free":
+                assert check(True) is not None, (name, param)
+
+
+def test_compute_loss_passes_lengths_and_params() -> None:
+    cfg = loss_config(name="simpo", beta=BETA, gamma=2.0)
+    losses, chosen_rewards, _ = compute_loss(cfg, *batch().values(), *lengths().values())
+    assert_close(losses, t(expected_simpo(gamma=2.0)))
+    assert_close(chosen_rewards, t([BETA * pc / lc for pc, lc in zip(PC, LC)]))
+    with pytest.raises(ValueError, match="lengths"):
+        compute_loss(loss_config(name="ipo", beta=BETA), *batch().values())
+
+
+def test_compute_loss_weighted_sum() -> None:
+    cfg = loss_config(weights={"sigmoid": 1.0, "rpo": 0.5}, beta=BETA, alpha=2.0)
+    losses, chosen_rewards, _ = compute_loss(cfg, *batch().values(), *lengths().values())
+    want = [s + 0.5 * r for s, r in zip(expected_sigmoid(), expected_rpo(alpha=2.0))]
+    assert_close(losses, t(want))
+    assert_close(chosen_rewards, t(dpo_rewards()[0]))
+
+
+def test_compute_loss_refuses_listwise() -> None:
+    with pytest.raises(ValueError, match="plackett_luce_loss"):
+        compute_loss(loss_config(name="plackett_luce"), *batch().values(), *lengths().values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Documentation
+
+
+def loss_table() -> str:
+    start, end = "<!-- losses:start -->", "<!-- losses:end -->"
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert start in lines and end in lines, f"README.md has no section between {start} and {end}"
+    return "\n".join(lines[lines.index(start) + 1: lines.index(end)])
+
+
+def test_every_loss_is_in_the_readme_table() -> None:
+    names = set()
+    for line in loss_table().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.lstrip().startswith("|") and cells and (m := re.fullmatch(r"`([a-z_]+)`", cells[0])):
+            names.add(m.group(1))
+    assert names == set(LOSSES)
