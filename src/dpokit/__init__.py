@@ -4,28 +4,17 @@ Python API (the CLI is a thin layer over it)::
 
     import dpokit
     run_dir = dpokit.train("configs/tiny.yaml", train__max_steps=10)
+    sft_dir = dpokit.sft("configs/tiny.yaml", run_dir="runs/tiny-sft")
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 __version__ = "0.1.0"
-__all__ = ["train", "load_config", "LOSSES"]
 
+# The functions shadow their modules of the same name on purpose (``dpokit.train(...)`` is the API); the
+# modules stay importable as ``from dpokit.train import ...``.
+from dpokit.config import load_config  # noqa: E402
+from dpokit.losses import LOSSES  # noqa: E402
+from dpokit.train import sft, train  # noqa: E402
 
-def __getattr__(name: str) -> Any:
-    # Imported lazily so that `import dpokit` and `dpokit --help` stay fast (torch and transformers are heavy).
-    if name == "train":
-        from dpokit.train import train
-
-        return train
-    if name == "load_config":
-        from dpokit.config import load_config
-
-        return load_config
-    if name == "LOSSES":
-        from dpokit.losses import LOSSES
-
-        return LOSSES
-    raise AttributeError(f"module 'dpokit' has no attribute {name!r}")
+__all__ = ["LOSSES", "load_config", "sft", "train"]

@@ -126,6 +126,58 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.removeprefix("step-"))
+    except ValueError:
+        return -1
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """``checkpoints/step-N`` folders, newest first (temporary ``.tmp-`` folders are never listed)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and _step_of(p) >= 0]
+    return sorted(found, key=_step_of, reverse=True)
+
+
+def newest_complete(run_dir: Path, note: Any = print) -> Path | None:
+    """The newest checkpoint that is complete and matches its manifest. Older or broken ones are reported with
+    ``note`` (one line each) and left where they are: nothing is deleted here."""
+    for path in list_checkpoints(run_dir):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        note(f"skipping checkpoint {path}: {problem}")
+    return None
+
+
+def rotate_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the ``keep`` newest complete checkpoints. Called only after a newer checkpoint is complete, so the
+    last complete one is never removed before its successor exists; incomplete ones are left for inspection."""
+    complete = [p for p in list_checkpoints(run_dir) if (p / COMPLETE).exists()]
+    for path in complete[keep:]:
+        shutil.rmtree(path)
+
+
+def restore_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: Any) -> dict[str, Any]:
+    """Load weights, optimizer and scheduler state from a checkpoint; returns its trainer state."""
+    weights = load_weights(path)
+    params = dict(model.named_parameters())
+    missing = [name for name in weights if name not in params]
+    if missing:
+        raise RuntimeError(f"{path}: checkpoint has weights the model lacks, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")),
+                   json.loads((path / "optimizer.json").read_text()))
+    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
 def export_hf(model: nn.Module, tokenizer: Any, target: Path) -> Path:
     """Write ``target`` as a plain Hugging Face model folder (safetensors weights, config, tokenizer) that
     ``AutoModelForCausalLM.from_pretrained`` loads without dpokit. Written atomically like checkpoints."""

@@ -125,6 +125,11 @@ class TrainConfig(_Section):
     """Write a metrics row every this many optimizer steps."""
     save_every: int | None = Field(None, ge=1)
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
+    keep_checkpoints: int | None = Field(None, ge=1)
+    """Keep only this many newest complete checkpoints (older ones are removed once a newer one is complete)."""
+    resume: Literal["never", "auto"] = "never"
+    """``auto``: continue from the newest complete checkpoint in ``run_dir`` when there is one (same as
+    ``dpokit train --resume``)."""
     max_skipped_steps: int = Field(10, ge=1)
     """Stop after this many consecutive steps whose loss or gradients were not finite (each is skipped)."""
     progress: bool = True

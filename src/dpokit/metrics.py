@@ -46,6 +46,28 @@ class PairStats:
         return {name: total / max(self.pairs, 1) for name, total in self.sums.items()}
 
 
+class SftStats:
+    """Running sums for supervised fine-tuning: ``loss`` is the mean NLL per response token of the step."""
+
+    def __init__(self) -> None:
+        self.nll = 0.0
+        self.logps = 0.0
+        self.rows = 0
+        self.response_tokens = 0
+        self.tokens = 0
+
+    def add(self, logps: torch.Tensor, response_tokens: int, tokens: int) -> None:
+        total = float(logps.detach().sum())
+        self.nll -= total
+        self.logps += total
+        self.rows += int(logps.shape[0])
+        self.response_tokens += response_tokens
+        self.tokens += tokens
+
+    def means(self) -> dict[str, float]:
+        return {"loss": self.nll / max(self.response_tokens, 1), "logps/chosen": self.logps / max(self.rows, 1)}
+
+
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN; a missing value is honest

@@ -42,6 +42,16 @@ def collate_pairs(pairs: Sequence[Any], pad_id: int, side: Literal["right", "lef
     return batch
 
 
+def collate_responses(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+                      side: Literal["right", "left"] = "right") -> dict[str, Any]:
+    """(prompt_ids, response_ids) rows -> one batch of N rows (SFT, scoring)."""
+    batch: dict[str, Any] = pad_sequences([list(p) + list(r) for p, r in rows], [len(p) for p, _ in rows],
+                                          pad_id, side)
+    batch["tokens"] = int(batch["attention_mask"].sum())
+    batch["n_response_tokens"] = sum(len(r) for _, r in rows)
+    return batch
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

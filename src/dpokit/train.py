@@ -1,0 +1,376 @@
+"""The training loop, explicit and in one place (DPO and its variants; SFT on the chosen responses).
+
+    load config -> models -> data -> (resume) -> for each optimizer step:
+        for each micro-batch: policy log-probs (with grad), reference log-probs (no grad), loss, backward
+        clip, optimizer step (skipped when not finite), scheduler step, log, maybe evaluate, maybe checkpoint
+    -> final checkpoint -> RUN_DIR/final (a plain Hugging Face folder)
+
+The loss of each micro-batch is summed over its pairs and divided by the number of pairs in the whole
+optimizer step, so batch 8 x accumulation 1 and batch 1 x accumulation 8 produce the same gradient.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpokit.checkpoint import export_hf, newest_complete, restore_checkpoint, rotate_checkpoints, save_checkpoint
+from dpokit.config import Config, load_config, save_config
+from dpokit.data import load_preferences
+from dpokit.data.batch import PairStream, collate_pairs, collate_responses, to_device
+from dpokit.errors import ConfigError, DpokitError
+from dpokit.logprobs import batch_logps
+from dpokit.losses import compute_loss
+from dpokit.metrics import MetricsWriter, PairStats, Progress, SftStats
+from dpokit.models import load_models
+from dpokit.reference import FrozenReference, make_reference
+
+Autocast = Callable[[], contextlib.AbstractContextManager]
+
+GUARDED_KEYS = ("model", "data.train", "data.max_length", "data.max_prompt_length", "data.max_rows", "loss",
+                "reference", "train.batch_size", "train.grad_accum", "train.seed", "train.shuffle",
+                "train.optimizer", "train.lr", "train.weight_decay", "train.adam_betas", "train.warmup_steps",
+                "train.scheduler", "train.max_grad_norm", "train.precision")
+"""Settings that change the result of the steps still to come; resuming with any of them changed is refused
+unless forced. (``max_steps`` may grow, e.g. to train longer, unless the schedule decays toward it.)"""
+
+
+# ------------------------------------------------------------------------------------------------ reproducibility
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as JSON-safe values (no pickle)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    raw = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
+    torch.set_rng_state(torch.from_numpy(raw))
+
+
+def fingerprint(source: str) -> str:
+    """Content hash of a data file (or the id itself for a hub dataset), to refuse resuming on other data."""
+    path = Path(source)
+    if not path.is_file():
+        return f"id:{source}"
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------ pieces
+
+def lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of ``train.lr`` for the optimizer step that follows ``done`` completed steps: linear warmup,
+    then constant, linear or cosine decay to zero at ``total_steps``."""
+    warmup, shape = cfg.train.warmup_steps, cfg.train.scheduler
+
+    def factor(done: int) -> float:
+        if done < warmup:
+            return (done + 1) / warmup
+        if shape == "constant":
+            return 1.0
+        progress = (done - warmup) / max(1, total_steps - warmup)
+        if shape == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.train.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.adam_betas,
+                             weight_decay=cfg.train.weight_decay)
+
+
+def autocast_for(cfg: Config, device: torch.device) -> Autocast:
+    enabled = cfg.train.precision == "bf16"
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def pair_forward(policy: torch.nn.Module, reference: FrozenReference, batch: dict[str, Any], cfg: Config,
+                 autocast: Autocast) -> dict[str, torch.Tensor]:
+    """Policy and reference log-probs of a pair batch and the per-pair loss. Shapes: (B,) each."""
+    n = batch["n_pairs"]
+    ref_logps = reference.logps(batch, autocast)
+    with autocast():
+        policy_logps, n_tokens = batch_logps(policy, batch)
+    losses, chosen_rewards, rejected_rewards = compute_loss(
+        cfg.loss, policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:], n_tokens[:n], n_tokens[n:])
+    return {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
+            "chosen_logps": policy_logps[:n], "rejected_logps": policy_logps[n:]}
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def evaluate(policy: torch.nn.Module, reference: FrozenReference, pairs: list[Any], cfg: Config, pad_id: int,
+             device: torch.device) -> dict[str, float]:
+    """Mean pair metrics over held-out pairs (policy in eval mode, restored afterwards)."""
+    was_training = policy.training
+    policy.eval()
+    stats = PairStats()
+    autocast = autocast_for(cfg, device)
+    for chunk in _chunks(list(range(len(pairs))), cfg.eval.batch_size):
+        batch = to_device(collate_pairs([pairs[i] for i in chunk], pad_id), device)
+        out = pair_forward(policy, reference, batch, cfg, autocast)
+        stats.add(out["losses"], out["chosen_rewards"], out["rejected_rewards"], out["chosen_logps"],
+                  out["rejected_logps"], batch["tokens"])
+    policy.train(was_training)
+    return {"tokens": stats.tokens, **stats.means()}
+
+
+# -------------------------------------------------------------------------------------------------- run folder
+
+def _note(message: str) -> None:
+    print(f"dpokit: {message}", file=sys.stderr, flush=True)
+
+
+def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
+    if not cfg.run_dir:
+        raise ConfigError("run_dir: required (where config.yaml, metrics.jsonl and final/ are written)")
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} exists and is not a folder")
+    if run_dir.exists() and any(run_dir.iterdir()) and not resuming:
+        if not cfg.overwrite:
+            raise ConfigError(f"run_dir: {run_dir} already holds a run; resume it with --resume, choose "
+                              "another run_dir or set overwrite=true")
+        for name in ("metrics.jsonl", "config.yaml", "data_report.json", "checkpoints", "final"):
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _dotted(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def check_resume_settings(saved: dict[str, Any], current: Config, data_fingerprint: str,
+                          saved_fingerprint: str | None) -> None:
+    """Refuse to resume when a setting that alters the remaining steps differs from the checkpoint's."""
+    now = current.model_dump(mode="json")
+    keys = list(GUARDED_KEYS)
+    if current.train.scheduler != "constant":
+        keys += ["train.max_steps", "train.epochs"]
+    for key in keys:
+        before, after = _dotted(saved, key), _dotted(now, key)
+        if before != after:
+            raise ConfigError(f"{key}: changed since the checkpoint ({before!r} -> {after!r}); resuming would "
+                              "not continue the same run (use --force to resume anyway)")
+    if saved_fingerprint is not None and saved_fingerprint != data_fingerprint:
+        raise ConfigError("data.train: the file's content changed since the checkpoint (use --force to resume "
+                          "anyway)")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows logged after the checkpoint (they will be logged again) and a half-written last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step", 0) <= last_step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------------- train
+
+def train(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None, *,
+          resume: bool = False, force: bool = False, task: str = "dpo", **kwargs: Any) -> Path:
+    """Train and return the run directory.
+
+    ``config`` is a YAML path, a dict or a Config; ``overrides`` are CLI-style ``key=value`` strings and
+    ``kwargs`` dotted keys written with ``__`` (``train__max_steps=3``). ``resume`` continues from the newest
+    complete checkpoint in ``run_dir``; ``force`` allows resuming with changed settings. ``task`` is ``dpo``
+    (the configured preference loss) or ``sft`` (negative log-likelihood of the chosen responses).
+    """
+    cfg = load_config(config, overrides, **kwargs)
+    if not cfg.data.train:
+        raise ConfigError("data.train: required (a preference file or hub dataset id)")
+    resume = resume or cfg.train.resume == "auto"
+    run_dir = prepare_run_dir(cfg, resume)
+    checkpoint = newest_complete(run_dir, _note) if resume else None
+    if resume and checkpoint is None and (run_dir / "metrics.jsonl").exists():
+        _note(f"no complete checkpoint in {run_dir}; starting from step 0")
+        (run_dir / "metrics.jsonl").unlink()
+    save_config(cfg, run_dir / "config.yaml")
+    seed_everything(cfg.train.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    sft = task == "sft"
+    models = load_models(cfg.model, need_reference=not sft)
+    tokenizer, policy = models.tokenizer, models.policy.to(device)
+    reference = None if sft else make_reference(cfg.reference.mode, models.reference.to(device))
+    if cfg.train.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    train_pairs, train_report = load_preferences(cfg.data.train, tokenizer, cfg.data, cfg.data.train_split)
+    reports = {"train": train_report.to_dict()}
+    eval_pairs: list[Any] = []
+    if cfg.data.eval and not sft:
+        eval_pairs, eval_report = load_preferences(cfg.data.eval, tokenizer, cfg.data, cfg.data.eval_split)
+        reports["eval"] = eval_report.to_dict()
+    (run_dir / "data_report.json").write_text(json.dumps(reports, indent=1))
+    if not train_pairs:
+        raise DpokitError(f"{cfg.data.train}: no usable pairs (see {run_dir / 'data_report.json'})")
+
+    pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum
+    if cfg.train.max_steps is not None:
+        total_steps, total_pairs = cfg.train.max_steps, cfg.train.max_steps * pairs_per_step
+    else:
+        total_pairs = math.ceil(cfg.train.epochs * len(train_pairs))
+        total_steps = math.ceil(total_pairs / pairs_per_step)
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    stream = PairStream(len(train_pairs), cfg.train.seed, cfg.train.shuffle)
+    data_fingerprint = fingerprint(cfg.data.train)
+    start_step = consumed = skipped = 0
+    if checkpoint is not None:
+        state = restore_checkpoint(checkpoint, policy, optimizer, scheduler)
+        if not force:
+            check_resume_settings(state["config"], cfg, data_fingerprint, state.get("data_fingerprint"))
+        start_step, consumed, skipped = state["step"], state["pairs_consumed"], state["skipped_steps"]
+        stream = PairStream(len(train_pairs), cfg.train.seed, cfg.train.shuffle, **state["data_position"])
+        set_rng_state(state["rng"])
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        _note(f"resuming from {checkpoint} (step {start_step} of {total_steps})")
+
+    def trainer_state(step: int) -> dict[str, Any]:
+        return {"step": step, "data_position": stream.position, "pairs_consumed": consumed,
+                "skipped_steps": skipped, "rng": rng_state(), "config": cfg.model_dump(mode="json"),
+                "data_fingerprint": data_fingerprint, "task": task}
+
+    def checkpoint_now(step: int) -> None:
+        save_checkpoint(run_dir, step, policy, optimizer, scheduler, trainer_state(step))
+        if cfg.train.keep_checkpoints:
+            rotate_checkpoints(run_dir, cfg.train.keep_checkpoints)
+
+    autocast = autocast_for(cfg, device)
+    pad_id = tokenizer.pad_token_id
+    max_norm = cfg.train.max_grad_norm or float("inf")
+    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    progress = Progress(total_steps, start_step, enabled=cfg.train.progress)
+    started = time.perf_counter()
+    consecutive_skips = 0
+
+    def log_eval(step: int) -> None:
+        row = evaluate(policy, reference, eval_pairs, cfg, pad_id, device)
+        metrics.write({"step": step, "split": "eval", "elapsed_s": time.perf_counter() - started, **row})
+
+    try:
+        if eval_pairs and start_step == 0:
+            log_eval(0)
+        for step in range(start_step + 1, total_steps + 1):
+            step_start = time.perf_counter()
+            indices = stream.take(min(pairs_per_step, total_pairs - consumed))
+            consumed += len(indices)
+            stats = SftStats() if sft else PairStats()
+            # SFT averages over every response token of the step, DPO over every pair of the step.
+            step_tokens = sum(len(train_pairs[i].chosen_ids) for i in indices)
+            for micro in _chunks(indices, cfg.train.batch_size):
+                chunk = [train_pairs[i] for i in micro]
+                if sft:
+                    batch = to_device(collate_responses([(p.prompt_ids, p.chosen_ids) for p in chunk], pad_id),
+                                      device)
+                    with autocast():
+                        logps, _ = batch_logps(policy, batch)
+                    (-logps.sum() / step_tokens).backward()
+                    stats.add(logps, batch["n_response_tokens"], batch["tokens"])
+                else:
+                    batch = to_device(collate_pairs(chunk, pad_id), device)
+                    out = pair_forward(policy, reference, batch, cfg, autocast)
+                    # Normalize by the pairs of the whole optimizer step, not of the micro-batch.
+                    (out["losses"].sum() / len(indices)).backward()
+                    stats.add(out["losses"], out["chosen_rewards"], out["rejected_rewards"],
+                              out["chosen_logps"], out["rejected_logps"], batch["tokens"])
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            means = stats.means()
+            if math.isfinite(grad_norm) and math.isfinite(means["loss"]):
+                optimizer.step()
+                scheduler.step()
+                consecutive_skips = 0
+            else:
+                # A non-finite step changes nothing: no parameter, optimizer or scheduler update.
+                skipped += 1
+                consecutive_skips += 1
+                _note(f"step {step}: loss or gradients not finite; step skipped")
+                if consecutive_skips >= cfg.train.max_skipped_steps:
+                    raise DpokitError(f"step {step}: loss or gradients not finite for {consecutive_skips} "
+                                      "consecutive steps; lower train.lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            step_time = time.perf_counter() - step_start
+            row = {"step": step, "split": "train", "elapsed_s": time.perf_counter() - started,
+                   "tokens": stats.tokens, **means, "grad_norm": grad_norm, "lr": lr,
+                   "tokens_per_second": stats.tokens / step_time, "skipped_steps": skipped}
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                metrics.write(row)
+            progress.update(step, row)
+            if eval_pairs and cfg.eval.every and step % cfg.eval.every == 0 and step != total_steps:
+                log_eval(step)
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total_steps:
+                checkpoint_now(step)
+        if eval_pairs and start_step < total_steps:
+            log_eval(total_steps)
+    finally:
+        progress.close()
+        metrics.close()
+    if start_step < total_steps:
+        checkpoint_now(total_steps)
+    export_hf(policy, tokenizer, run_dir / "final")
+    return run_dir
+
+
+def sft(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None,
+        **kwargs: Any) -> Path:
+    """Supervised fine-tuning on the chosen responses of a preference file (the paper's pi_SFT stage), with the
+    same loop, data path and run directory as DPO."""
+    return train(config, overrides, task="sft", **kwargs)

@@ -1,0 +1,143 @@
+"""The training loop: accumulation invariance, the CLI end to end, the run-directory contract."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dpokit
+from dpokit.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DPOKIT = [sys.executable, "-m", "dpokit"]
+
+
+def write_pairs(path: Path, n: int = 16) -> Path:
+    moods = [("great, thank you", "terrible, go away"), ("happy to help", "not my problem"),
+             ("a kind answer", "a rude reply"), ("yes, gladly", "no, never")]
+    with path.open("w") as fh:
+        for i in range(n):
+            good, bad = moods[i % len(moods)]
+            prompt = f"Question {i}: can you help me with task {i * 7 % 11}?"
+            fh.write(json.dumps({"prompt": prompt, "chosen": f" {good} {i}", "rejected": f" {bad} {i}"}) + "\n")
+    return path
+
+
+def base_config(tmp_path: Path, **train) -> dict:
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    return {
+        "model": {"name_or_path": "tiny-random-llama"},
+        "data": {"train": str(data), "max_length": 64, "max_prompt_length": 32},
+        "loss": {"name": "sigmoid", "beta": 0.1},
+        "train": {"lr": 1e-3, "max_steps": 3, "seed": 3, "progress": False, **train},
+    }
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+
+
+def test_grad_accumulation_equals_large_batch(tmp_path):
+    big = dpokit.train(base_config(tmp_path, batch_size=8, grad_accum=1), run_dir=str(tmp_path / "big"))
+    small = dpokit.train(base_config(tmp_path, batch_size=1, grad_accum=8), run_dir=str(tmp_path / "small"))
+    rows_big, rows_small = train_rows(big), train_rows(small)
+    assert [r["step"] for r in rows_big] == [1, 2, 3] == [r["step"] for r in rows_small]
+    for a, b in zip(rows_big, rows_small):
+        assert a["tokens"] == b["tokens"]
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    assert rows_big[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # pi == pi_ref at step 1
+    w_big, w_small = final_weights(big), final_weights(small)
+    assert w_big.keys() == w_small.keys()
+    for name in w_big:
+        torch.testing.assert_close(w_big[name], w_small[name], atol=1e-5, rtol=0)
+    # Training moved the weights at all (otherwise equality above would prove nothing).
+    untrained = dpokit.train(base_config(tmp_path, lr=1e-12, max_steps=1), run_dir=str(tmp_path / "untrained"))
+    diffs = [(w_big[k] - final_weights(untrained)[k]).abs().max().item() for k in w_big]
+    assert max(diffs) > 1e-4
+
+
+def test_epochs_visit_every_pair_once_and_last_step_is_partial(tmp_path):
+    cfg = base_config(tmp_path, batch_size=3, grad_accum=2, max_steps=None, epochs=1)
+    run_dir = dpokit.train(cfg, run_dir=str(tmp_path / "epoch"))
+    rows = train_rows(run_dir)
+    assert len(rows) == 3  # 16 pairs, 6 per step -> 6, 6, 4
+    state = json.loads((run_dir / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+    assert state["pairs_consumed"] == 16 and state["data_position"] == {"epoch": 0, "offset": 16}
+
+
+def test_existing_run_dir_is_refused_unless_overwrite(tmp_path):
+    cfg = base_config(tmp_path, max_steps=1)
+    dpokit.train(cfg, run_dir=str(tmp_path / "run"))
+    with pytest.raises(dpokit.load_config.__globals__["ConfigError"], match="already holds a run"):
+        dpokit.train(cfg, run_dir=str(tmp_path / "run"))
+    dpokit.train(cfg, run_dir=str(tmp_path / "run"), overwrite=True)
+
+
+def test_cli_train_tiny_config_end_to_end(tmp_path):
+    run_dir = tmp_path / "tiny"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([*DPOKIT, "train", "configs/tiny.yaml", f"run_dir={run_dir}", "train.max_steps=12",
+                           "train.save_every=6", "eval.every=6"],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for name in ("config.yaml", "metrics.jsonl", "data_report.json", "final/config.json",
+                 "final/model.safetensors", "final/tokenizer.json", "checkpoints/step-6/COMPLETE",
+                 "checkpoints/step-12/COMPLETE", "checkpoints/step-12/manifest.json"):
+        assert (run_dir / name).exists(), name
+    assert not list((run_dir / "checkpoints").glob(".tmp*"))
+    assert not [p for p in run_dir.rglob("*") if p.suffix in (".pt", ".bin", ".pkl")]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    for key in ("step", "elapsed_s", "tokens", "loss", "rewards/chosen", "rewards/rejected",
+                "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr",
+                "tokens_per_second", "skipped_steps"):
+        assert key in train[0], key
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 6, 12]
+    assert "held-out pairs" in proc.stdout
+    report = json.loads((run_dir / "data_report.json").read_text())["train"]
+    assert report["rows_read"] == report["rows_kept"] + sum(report["dropped"].values())
+
+    # final/ is a plain Hugging Face folder: load and generate in a process that never imports dpokit.
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(run_dir / 'final')!r})\n"
+        f"t = AutoTokenizer.from_pretrained({str(run_dir / 'final')!r})\n"
+        "ids = t('Question: can you help', return_tensors='pt').input_ids\n"
+        "out = m.generate(ids, max_new_tokens=5, do_sample=False)\n"
+        "assert out.shape[1] > ids.shape[1]\n"
+        "assert 'dpokit' not in sys.modules\n"
+        "print('generated', out.shape[1] - ids.shape[1])\n")
+    gen = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**env, "HF_HUB_OFFLINE": "1"})
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert "generated" in gen.stdout
+
+
+def test_cli_bad_config_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_dir: x\ntrain:\n  lr: 1e-3\n  warmup: 5\n")
+    proc = subprocess.run([*DPOKIT, "train", str(bad)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "train.warmup: unknown key" in proc.stderr
+
+
+def test_tiny_dpo_learns_the_training_preferences(tmp_path):
+    cfg = base_config(tmp_path, max_steps=30, batch_size=8)
+    run_dir = dpokit.train(cfg, run_dir=str(tmp_path / "learn"))
+    rows = train_rows(run_dir)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.1
+    assert rows[-1]["rewards/accuracies"] >= 0.9
