@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpokit.checkpoint import export_hf, newest_complete, restore_checkpoint, rotate_checkpoints, save_checkpoint
+from dpokit.checkpoint import (
+    export_hf,
+    newest_complete,
+    restore_checkpoint,
+    rotate_checkpoints,
+    save_checkpoint,
+)
 from dpokit.config import Config, load_config, save_config
 from dpokit.data import load_preferences
 from dpokit.data.batch import PairStream, collate_pairs, collate_responses, to_device
