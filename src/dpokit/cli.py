@@ -24,8 +24,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dpokit.train import train
 
-    run_dir = train(args.config, args.overrides)
+    run_dir = train(args.config, args.overrides, resume=args.resume, force=args.force)
     print_before_after(run_dir)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from dpokit.train import train
+
+    run_dir = train(args.config, args.overrides, resume=args.resume, force=args.force, task="sft")
     print(f"run directory: {run_dir}")
     return 0
 
@@ -63,15 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-prompt-length", type=int, default=256)
     check.set_defaults(func=cmd_data_check)
 
-    train = sub.add_parser("train", help="train with DPO (or a variant)")
-    train.add_argument("config", help="YAML config file")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-6 loss.beta=0.2")
-    train.set_defaults(func=cmd_train)
+    for name, func, text in (("train", cmd_train, "train with DPO (or a variant)"),
+                             ("sft", cmd_sft, "supervised fine-tuning on the chosen responses (pi_SFT)")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("config", help="YAML config file")
+        command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-6 loss.beta=0.2")
+        command.add_argument("--resume", action="store_true",
+                             help="continue from the newest complete checkpoint in run_dir")
+        command.add_argument("--force", action="store_true",
+                             help="resume even though settings that change the result differ")
+        command.set_defaults(func=func)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress display is enough
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

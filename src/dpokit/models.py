@@ -203,9 +203,26 @@ def resolve(name_or_path: str, gguf_file: str | None = None, revision: str | Non
     return ModelSource("hub", name_or_path, revision)
 
 
+def check_remote_code(source: ModelSource, trust_remote_code: bool) -> None:
+    """A local model whose architecture exists only as code inside the checkpoint is refused unless trusted:
+    loading it would execute that code."""
+    if trust_remote_code or source.kind != "folder":
+        return
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((Path(source.location) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config itself
+    if config.get("auto_map") and config.get("model_type") not in CONFIG_MAPPING:
+        raise ModelError(f"{source.location}: this model needs its own code to load; set "
+                         "model.trust_remote_code: true only if you trust it")
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     if source.kind == "tiny":
         return tiny_tokenizer()
+    check_remote_code(source, trust_remote_code)
     from transformers import AutoTokenizer
 
     try:
@@ -232,6 +249,7 @@ def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: b
         return tiny_model(vocab_size).to(DTYPES[dtype])
     from transformers import AutoModelForCausalLM
 
+    check_remote_code(source, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.location, revision=source.revision, dtype=DTYPES[dtype],
