@@ -1,7 +1,7 @@
 """Batching: tokenized pairs -> padded tensors, and the seeded order in which pairs are visited.
 
-A pair batch stacks the chosen sequences of every pair and then the rejected ones, so that one forward pass
-computes both (rows 0..B-1 chosen, B..2B-1 rejected).
+A batch holds groups of responses to one prompt (a pair is a group of two, chosen first; a ranking a group of
+K, best first), one row per (prompt, response), so one forward pass scores every response.
 """
 
 from __future__ import annotations
@@ -29,17 +29,45 @@ def pad_sequences(seqs: Sequence[Sequence[int]], response_starts: Sequence[int],
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
-def collate_pairs(pairs: Sequence[Any], pad_id: int, side: Literal["right", "left"] = "right") -> dict[str, Any]:
-    """Pairs (objects with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``) -> one batch of 2B rows.
+def collate_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int,
+                   side: Literal["right", "left"] = "right") -> dict[str, Any]:
+    """(prompt_ids, [response_ids, ...]) groups -> one batch with a row per (prompt, response).
 
-    ``tokens`` counts the non-padding tokens of prompt+chosen and prompt+rejected (the ``tokens`` metric).
+    Rows are ordered group by group. ``slots`` (G, K) maps each group's k-th response to its row (-1 where a
+    group has fewer than K responses) so per-row log-probs regroup as ``logps[slots]``; ``slot_mask`` is
+    ``slots >= 0``. ``tokens`` counts non-padding tokens of every prompt+response row.
     """
-    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
-    starts = [len(p.prompt_ids) for p in pairs] * 2
+    width = max(len(responses) for _, responses in groups)
+    slots = torch.full((len(groups), width), -1, dtype=torch.long)
+    seqs: list[list[int]] = []
+    starts: list[int] = []
+    for g, (prompt, responses) in enumerate(groups):
+        for k, response in enumerate(responses):
+            slots[g, k] = len(seqs)
+            seqs.append(list(prompt) + list(response))
+            starts.append(len(prompt))
     batch: dict[str, Any] = pad_sequences(seqs, starts, pad_id, side)
-    batch["n_pairs"] = len(pairs)
+    batch["slots"] = slots
+    batch["slot_mask"] = slots >= 0
+    batch["n_pairs"] = len(groups)
     batch["tokens"] = int(batch["attention_mask"].sum())
     return batch
+
+
+def collate_pairs(pairs: Sequence[Any], pad_id: int, side: Literal["right", "left"] = "right") -> dict[str, Any]:
+    """Pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) -> groups of two, chosen in slot 0."""
+    return collate_groups([(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in pairs], pad_id, side)
+
+
+def collate_ranked(items: Sequence[Any], pad_id: int, side: Literal["right", "left"] = "right") -> dict[str, Any]:
+    """Rankings (``prompt_ids``, ``responses_ids`` best first) -> groups of K."""
+    return collate_groups([(r.prompt_ids, r.responses_ids) for r in items], pad_id, side)
+
+
+def regroup(values: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """Per-row values (N,) -> per-group (G, K), zero in empty slots."""
+    slots = batch["slots"]
+    return values[slots.clamp(min=0)] * batch["slot_mask"]
 
 
 def collate_responses(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,

@@ -1,0 +1,73 @@
+"""``dpokit data check FILE [--model M]``: validate a preference source and say what training would see."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from dpokit.config import DataConfig
+from dpokit.data.formats import DROP_REASONS
+from dpokit.data.pipeline import DataReport, load_any
+from dpokit.errors import ConfigError
+
+
+def run_check(source: str, model: str = "smollm2", max_length: int = 512, max_prompt_length: int = 256,
+              console: Console | None = None) -> int:
+    """Load and tokenize ``source`` with ``model``'s tokenizer, print the report; 0 if any row is usable, else 1.
+
+    Bad input raises :class:`dpokit.errors.DataError` (the CLI prints it as one line).
+    """
+    from dpokit.models import load_tokenizer, resolve
+
+    try:
+        data_cfg = DataConfig(max_length=max_length, max_prompt_length=max_prompt_length)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "max_prompt_length"
+        raise ConfigError(f"{key}: {first['msg'].removeprefix('Value error, ')}") from None
+    tokenizer = load_tokenizer(resolve(model))
+    _, report = load_any(source, tokenizer, data_cfg)
+    print_report(report, model, data_cfg, console or Console())
+    return 0 if report.rows_kept > 0 else 1
+
+
+def print_report(report: DataReport, model: str, data_cfg: Any, console: Console) -> None:
+    """Counts (rows read = kept + dropped by reason), formats, token-length stats, tokenization audit."""
+    summary = report.to_dict()
+    console.print(f"[bold]{report.source}[/bold]")
+    console.print(f"tokenizer {model}, max_length {data_cfg.max_length}, "
+                  f"max_prompt_length {data_cfg.max_prompt_length}", style="dim")
+
+    counts = Table(show_header=False, box=None, pad_edge=False)
+    counts.add_column(style="bold")
+    counts.add_column(justify="right")
+    counts.add_column(style="dim")
+    counts.add_row("rows read", str(report.rows_read), "")
+    counts.add_row("rows kept", str(report.rows_kept), "")
+    counts.add_row("rows dropped", str(report.rows_dropped), "")
+    for reason, n in sorted(report.dropped.items()):
+        counts.add_row(f"  {reason}", str(n), DROP_REASONS.get(reason, ""))
+    formats = ", ".join(f"{name} ({n})" for name, n in report.formats.items())
+    counts.add_row("formats", formats, "")
+    console.print(counts)
+
+    lengths = Table(title="token lengths (kept rows, after truncation)", title_justify="left")
+    lengths.add_column("")
+    for column in ("count", "min", "mean", "p50", "p95", "max"):
+        lengths.add_column(column, justify="right")
+    for name, key in (("prompt", "prompt_tokens"), ("response", "response_tokens")):
+        stats = summary[key]
+        lengths.add_row(name, *(str(stats[c]) for c in ("count", "min", "mean", "p50", "p95", "max")))
+    console.print(lengths)
+
+    console.print("[bold]tokenization audit[/bold]")
+    # Why the fallback matters: without it the prompt tokens would differ between training and generation.
+    console.print(f"  boundary fallback: {report.boundary_fallback} rows (response tokenized alone)")
+    console.print(f"  truncated: {report.truncated} rows (cut to max_prompt_length / max_length)")
+    if report.rows_kept:
+        console.print(f"[green]OK[/green]: {report.rows_kept} usable rows")
+    else:
+        console.print("[red]no usable rows[/red]")

@@ -1,0 +1,273 @@
+"""Tokenize preference rows in token space, so the prompt ids are *exactly* a prefix of the model input.
+
+For a pair the model sees ``prompt_ids + chosen_ids`` and ``prompt_ids + rejected_ids`` with one shared
+``prompt_ids`` list. The obvious recipe, tokenizing prompt and response separately and concatenating, gives a
+sequence the model never sees at inference, and tokenizing the joint text then cutting at ``len(prompt_ids)``
+silently moves tokens across the join when a BPE merge spans it (a prompt ending in a space: TRL#1679,
+TRL#2054). So:
+
+1. tokenize the prompt text alone and the prompt+response text jointly (``add_special_tokens=False``);
+2. if the joint ids start with the prompt ids, the response ids are the rest (the common case, and then the
+   pair is tokenized exactly as the joint text);
+3. otherwise tokenize the response alone (still decodes to the same text) and count a *boundary fallback*.
+
+Conversational rows are rendered with the tokenizer's chat template: the prompt with the generation prompt
+(``<|im_start|>assistant\\n``), the full conversation without it; the response text is the difference.
+
+Special tokens:
+
+- BOS: exactly one at the start when the tokenizer adds one by default (``tokenizer("a")`` starts with it),
+  none added otherwise, never two (a chat template that renders BOS plus a tokenizer that adds it is the
+  double-BOS bug).
+- end: every response ends with exactly one end token: EOS for plain text; for chat, the token that closes an
+  assistant turn in the template (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3), with the whitespace a
+  template renders after it (ChatML's ``"\\n"``) dropped.
+- an empty prompt (implicit-prompt rows with nothing shared) becomes ``[BOS]`` (or ``[EOS]``), so the first
+  response token has a position to be predicted from.
+
+Truncation: a prompt longer than ``max_prompt_length`` keeps its last tokens (and a leading BOS); each response
+is then cut to ``max_length - len(prompt_ids)``. A cut response loses its end token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpokit.data.formats import Message, Text, drop_reason
+from dpokit.errors import DataError, ModelError
+
+
+@dataclass
+class TokenizedPair:
+    """One preference pair as token ids. The model inputs are ``prompt_ids + chosen_ids`` and
+    ``prompt_ids + rejected_ids``; the loss scores only the response tokens."""
+
+    prompt_ids: list[int]
+    """Shared prompt, BOS included where the tokenizer uses one. Length (P,), 1 <= P <= max_prompt_length."""
+    chosen_ids: list[int]
+    """Preferred response tokens only; ends with the end token unless truncated. Length (C,), C >= 1."""
+    rejected_ids: list[int]
+    """Dispreferred response tokens only, same rules. Length (R,), R >= 1, P + max(C, R) <= max_length."""
+    location: str
+    """Where the row came from: ``path:line`` or ``path:row N``."""
+    boundary_fallback: bool = False
+    """A response was tokenized alone because the joint tokenization merged tokens across the join."""
+    truncated: bool = False
+    """The prompt or a response was cut to fit max_prompt_length / max_length."""
+
+
+@dataclass
+class TokenizedRanked:
+    """One listwise preference as token ids: ``responses_ids`` best first, each scored after ``prompt_ids``."""
+
+    prompt_ids: list[int]
+    responses_ids: list[list[int]]
+    location: str
+    boundary_fallback: bool = False
+    truncated: bool = False
+
+
+@dataclass
+class Encoded:
+    """What :func:`encode_rows` produces for one kept row (any number of responses)."""
+
+    prompt_ids: list[int]
+    responses_ids: list[list[int]]
+    boundary_fallback: bool = False
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class TokenRules:
+    """The special-token facts the BOS / end-token rules need, read once from a tokenizer."""
+
+    bos_id: int | None
+    adds_bos: bool
+    """The tokenizer puts BOS in front by default, so the model was trained with one."""
+    eos_id: int
+    """Closes a plain-text response."""
+    eot_id: int
+    """Closes an assistant turn of the chat template (ChatML: ``<|im_end|>``); ``eos_id`` when there is none."""
+    eot_text: str = field(default="")
+    """``eot_id`` as the template renders it; empty when the template renders no single end-of-turn token."""
+
+
+_PROBE = "dpokit-probe-4f1d"
+
+
+def token_rules(tokenizer: Any) -> TokenRules:
+    """Read BOS/EOS behaviour and the chat template's end-of-turn token from a tokenizer."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ModelError("the tokenizer has no EOS token; every response needs an end token")
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    eot_text, eot_id = "", eos
+    if getattr(tokenizer, "chat_template", None):
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+        try:
+            rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+        except Exception:  # a template that cannot render the probe: conversational rows will say why
+            rendered = ""
+        if isinstance(rendered, str) and _PROBE in rendered:
+            tail = rendered[rendered.rindex(_PROBE) + len(_PROBE):].strip()
+            ids = _encode(tokenizer, [tail])[0] if tail else []
+            if len(ids) == 1:
+                eot_text, eot_id = tail, ids[0]
+    return TokenRules(bos, adds_bos, eos, eot_id, eot_text)
+
+
+def tokenize_pair(prompt: Text, chosen: Text, rejected: Text, tokenizer: Any, max_length: int,
+                  max_prompt_length: int, *, location: str = "") -> TokenizedPair | str:
+    """Tokenize one (already normalized) pair; returns the drop reason instead when the pair is unusable.
+
+    ``prompt``, ``chosen``, ``rejected`` are all ``str`` (plain text) or all message lists (the chat template
+    is applied). An empty prompt is accepted (implicit-prompt rows); the pipeline decides when it is not.
+    """
+    reason = drop_reason(prompt, [chosen, rejected], allow_empty_prompt=True)
+    if reason is not None:
+        return reason
+    result = encode_rows([(prompt, [chosen, rejected])], tokenizer, max_length, max_prompt_length, [location])[0]
+    if isinstance(result, str):
+        return result
+    chosen_ids, rejected_ids = result.responses_ids
+    return TokenizedPair(result.prompt_ids, chosen_ids, rejected_ids, location, result.boundary_fallback,
+                         result.truncated)
+
+
+def encode_rows(items: Sequence[tuple[Text, Sequence[Text]]], tokenizer: Any, max_length: int,
+                max_prompt_length: int, locations: Sequence[str] | None = None,
+                rules: TokenRules | None = None) -> list[Encoded | str]:
+    """Tokenize a chunk of rows ``(prompt, responses)`` at once (one batched tokenizer call for all prompts and
+    one for all joint texts: fast tokenizers run these in parallel in Rust). Each result is an
+    :class:`Encoded` or a drop reason. Content checks (:func:`drop_reason`) are the caller's."""
+    if max_prompt_length < 1 or max_length < 2:
+        raise ValueError("need max_prompt_length >= 1 and max_length >= 2")
+    rules = rules or token_rules(tokenizer)
+    locations = locations or [""] * len(items)
+    prompt_texts: list[str] = []
+    joint_texts: list[str] = []
+    response_texts: list[list[str]] = []
+    ends: list[int] = []
+    for (prompt, responses), location in zip(items, locations):
+        if isinstance(prompt, str):
+            texts = [r for r in responses if isinstance(r, str)]
+            if len(texts) != len(responses):
+                raise DataError(f"{location}: a text prompt needs text responses")
+            prompt_text, joints = prompt, [prompt + r for r in texts]
+            ends.append(rules.eos_id)
+        else:
+            prompt_text, joints = _render_chat(tokenizer, prompt, responses, rules, location)
+            ends.append(rules.eot_id)
+        prompt_texts.append(prompt_text)
+        joint_texts.extend(joints)
+        response_texts.append([j[len(prompt_text):] for j in joints])
+    prompt_ids_all = _encode(tokenizer, prompt_texts)
+    joint_ids_all = iter(_encode(tokenizer, joint_texts))
+
+    results: list[Encoded | str] = []
+    for prompt_ids, texts, end in zip(prompt_ids_all, response_texts, ends):
+        n = len(prompt_ids)
+        responses_ids = []
+        fallback = False
+        for text in texts:
+            joint = next(joint_ids_all)
+            if joint[:n] == prompt_ids:
+                ids = joint[n:]
+            else:  # a merge across the join: keep the prompt's own tokens, tokenize the response alone
+                ids = _encode(tokenizer, [text])[0]
+                fallback = True
+            responses_ids.append(_close(ids, end))
+        results.append(_fit(_fix_bos(prompt_ids, rules), responses_ids, max_length, max_prompt_length, rules,
+                            fallback))
+    return results
+
+
+def _render_chat(tokenizer: Any, prompt: list[Message], responses: Sequence[Text], rules: TokenRules,
+                 location: str) -> tuple[str, list[str]]:
+    """(prompt text with the generation prompt, [full conversation text per response])."""
+    prompt_text = _apply_template(tokenizer, prompt, True, location)
+    joints = []
+    for response in responses:
+        if isinstance(response, str):
+            raise DataError(f"{location}: a message-list prompt needs message-list responses")
+        full = _apply_template(tokenizer, prompt + response, False, location)
+        if not full.startswith(prompt_text):
+            raise DataError(f"{location}: the chat template renders the prompt differently inside the full "
+                            "conversation, so the response cannot be cut out of it")
+        # ChatML renders "<|im_end|>\n": the newline after the end-of-turn token belongs to no response, and a
+        # model trained on it would learn to emit a token after its stop token.
+        stripped = full.rstrip()
+        if rules.eot_text and stripped.endswith(rules.eot_text) and len(stripped) > len(prompt_text):
+            full = stripped
+        joints.append(full)
+    return prompt_text, joints
+
+
+def _apply_template(tokenizer: Any, messages: list[Message], generation_prompt: bool, location: str) -> str:
+    try:
+        # transformers renders templates in a sandboxed jinja environment, offline.
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # missing template, template raising on the roles, ...: one line with the row
+        lines = str(exc).strip().splitlines()
+        raise DataError(f"{location}: chat template failed ({lines[0] if lines else type(exc).__name__})") from None
+    if not isinstance(text, str):
+        raise DataError(f"{location}: chat template did not render text")
+    return text
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    # verbose=False: a long row is truncated later, so "sequence longer than model_max_length" is noise here.
+    return list(tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"])
+
+
+def _close(ids: list[int], end: int) -> list[int]:
+    """Exactly one end token at the end: append it unless present, collapse repeats (text that already ends
+    with the literal end token)."""
+    ids = list(ids)
+    while len(ids) >= 2 and ids[-1] == end and ids[-2] == end:
+        ids.pop()
+    if not ids or ids[-1] != end:
+        ids.append(end)
+    return ids
+
+
+def _fix_bos(prompt_ids: list[int], rules: TokenRules) -> list[int]:
+    """Exactly one BOS when the tokenizer uses one, none added otherwise, never two."""
+    bos = rules.bos_id
+    if bos is None:
+        return prompt_ids
+    lead = 0
+    while lead < len(prompt_ids) and prompt_ids[lead] == bos:
+        lead += 1
+    if rules.adds_bos:
+        return [bos] + prompt_ids[lead:]
+    return prompt_ids[lead - 1:] if lead > 1 else prompt_ids
+
+
+def _fit(prompt_ids: list[int], responses_ids: list[list[int]], max_length: int, max_prompt_length: int,
+         rules: TokenRules, fallback: bool) -> Encoded | str:
+    """Apply the empty-prompt rule and truncation; a response left with zero tokens drops the row."""
+    if not prompt_ids:
+        prompt_ids = [rules.bos_id if rules.bos_id is not None else rules.eos_id]
+    truncated = False
+    if len(prompt_ids) > max_prompt_length:
+        # The end of a prompt is what the response answers; keep it, and keep the BOS the model expects.
+        keep_bos = rules.bos_id is not None and prompt_ids[0] == rules.bos_id
+        if keep_bos:
+            tail = max_prompt_length - 1
+            prompt_ids = prompt_ids[:1] + (prompt_ids[-tail:] if tail else [])
+        else:
+            prompt_ids = prompt_ids[-max_prompt_length:]
+        truncated = True
+    budget = max_length - len(prompt_ids)
+    if budget <= 0:
+        return "empty_response_after_truncation"
+    if any(len(ids) > budget for ids in responses_ids):
+        responses_ids = [ids[:budget] for ids in responses_ids]
+        truncated = True
+    return Encoded(prompt_ids, responses_ids, fallback, truncated)
