@@ -35,11 +35,11 @@ from dpokit.checkpoint import (
     save_checkpoint,
 )
 from dpokit.config import Config, load_config, save_config
-from dpokit.data import load_preferences
-from dpokit.data.batch import PairStream, collate_pairs, collate_responses, to_device
+from dpokit.data import load_preferences, load_ranked
+from dpokit.data.batch import PairStream, collate_pairs, collate_ranked, collate_responses, regroup, to_device
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.logprobs import batch_logps
-from dpokit.losses import compute_loss
+from dpokit.losses import LISTWISE, compute_loss, plackett_luce_loss
 from dpokit.metrics import MetricsWriter, PairStats, Progress, SftStats
 from dpokit.models import load_models
 from dpokit.reference import FrozenReference, make_reference
@@ -128,15 +128,27 @@ def autocast_for(cfg: Config, device: torch.device) -> Autocast:
 
 def pair_forward(policy: torch.nn.Module, reference: FrozenReference, batch: dict[str, Any], cfg: Config,
                  autocast: Autocast) -> dict[str, torch.Tensor]:
-    """Policy and reference log-probs of a pair batch and the per-pair loss. Shapes: (B,) each."""
-    n = batch["n_pairs"]
-    ref_logps = reference.logps(batch, autocast)
+    """Policy and reference log-probs of a batch of pairs (or rankings) and the per-group loss.
+
+    Pairs go through the configured pairwise loss; rankings (``loss.name: plackett_luce``) through the listwise
+    one, reporting the best response as "chosen" and the worst as "rejected". Shapes: (G,) each.
+    """
+    ref_logps = regroup(reference.logps(batch, autocast), batch)  # (G, K)
     with autocast():
-        policy_logps, n_tokens = batch_logps(policy, batch)
+        row_logps, row_tokens = batch_logps(policy, batch)
+    policy_logps, n_tokens = regroup(row_logps, batch), regroup(row_tokens, batch)  # (G, K)
+    if cfg.loss.name in LISTWISE:
+        mask = batch["slot_mask"]
+        losses, rewards = plackett_luce_loss(policy_logps, ref_logps, beta=cfg.loss.beta, mask=mask)
+        worst = mask.sum(-1) - 1  # index of each group's last (worst) response
+        pick = torch.arange(len(worst), device=worst.device)
+        return {"losses": losses, "chosen_rewards": rewards[:, 0], "rejected_rewards": rewards[pick, worst],
+                "chosen_logps": policy_logps[:, 0], "rejected_logps": policy_logps[pick, worst]}
     losses, chosen_rewards, rejected_rewards = compute_loss(
-        cfg.loss, policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:], n_tokens[:n], n_tokens[n:])
+        cfg.loss, policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], n_tokens[:, 0],
+        n_tokens[:, 1])
     return {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
-            "chosen_logps": policy_logps[:n], "rejected_logps": policy_logps[n:]}
+            "chosen_logps": policy_logps[:, 0], "rejected_logps": policy_logps[:, 1]}
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
@@ -146,14 +158,14 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
 
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: FrozenReference, pairs: list[Any], cfg: Config, pad_id: int,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, collate: Callable[..., dict[str, Any]] = collate_pairs) -> dict[str, float]:
     """Mean pair metrics over held-out pairs (policy in eval mode, restored afterwards)."""
     was_training = policy.training
     policy.eval()
     stats = PairStats()
     autocast = autocast_for(cfg, device)
     for chunk in _chunks(list(range(len(pairs))), cfg.eval.batch_size):
-        batch = to_device(collate_pairs([pairs[i] for i in chunk], pad_id), device)
+        batch = to_device(collate([pairs[i] for i in chunk], pad_id), device)
         out = pair_forward(policy, reference, batch, cfg, autocast)
         stats.add(out["losses"], out["chosen_rewards"], out["rejected_rewards"], out["chosen_logps"],
                   out["rejected_logps"], batch["tokens"])
@@ -256,11 +268,14 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
     if cfg.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    train_pairs, train_report = load_preferences(cfg.data.train, tokenizer, cfg.data, cfg.data.train_split)
+    listwise = cfg.loss.name in LISTWISE and not sft
+    load = load_ranked if listwise else load_preferences
+    collate = collate_ranked if listwise else collate_pairs
+    train_pairs, train_report = load(cfg.data.train, tokenizer, cfg.data, cfg.data.train_split)
     reports = {"train": train_report.to_dict()}
     eval_pairs: list[Any] = []
     if cfg.data.eval and not sft:
-        eval_pairs, eval_report = load_preferences(cfg.data.eval, tokenizer, cfg.data, cfg.data.eval_split)
+        eval_pairs, eval_report = load(cfg.data.eval, tokenizer, cfg.data, cfg.data.eval_split)
         reports["eval"] = eval_report.to_dict()
     (run_dir / "data_report.json").write_text(json.dumps(reports, indent=1))
     if not train_pairs:
@@ -308,7 +323,7 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
     consecutive_skips = 0
 
     def log_eval(step: int) -> None:
-        row = evaluate(policy, reference, eval_pairs, cfg, pad_id, device)
+        row = evaluate(policy, reference, eval_pairs, cfg, pad_id, device, collate)
         metrics.write({"step": step, "split": "eval", "elapsed_s": time.perf_counter() - started, **row})
 
     try:
@@ -331,7 +346,7 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
                     (-logps.sum() / step_tokens).backward()
                     stats.add(logps, batch["n_response_tokens"], batch["tokens"])
                 else:
-                    batch = to_device(collate_pairs(chunk, pad_id), device)
+                    batch = to_device(collate(chunk, pad_id), device)
                     out = pair_forward(policy, reference, batch, cfg, autocast)
                     # Normalize by the pairs of the whole optimizer step, not of the micro-batch.
                     (out["losses"].sum() / len(indices)).backward()
