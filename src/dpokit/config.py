@@ -59,6 +59,13 @@ class DataConfig(_Section):
     """Read at most this many rows of each file (handy for quick experiments)."""
     max_line_bytes: int = Field(16 * 1024 * 1024, ge=64)
     """A single JSONL line larger than this is rejected rather than read into memory."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A malformed row (bad JSON, missing key, wrong type, bad message structure): ``raise`` stops with
+    file:line; ``skip`` drops it, counted by reason, up to ``max_bad_fraction`` of the rows read."""
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    """With ``on_error: skip``, stop when more than this fraction of the rows read were malformed."""
+    dedupe: bool = True
+    """Drop exact duplicate rows after the first (counted as ``duplicate``)."""
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:
