@@ -335,7 +335,7 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
             consumed += len(indices)
             stats = SftStats() if sft else PairStats()
             # SFT averages over every response token of the step, DPO over every pair of the step.
-            step_tokens = sum(len(train_pairs[i].chosen_ids) for i in indices)
+            step_tokens = sum(len(train_pairs[i].chosen_ids) for i in indices) if sft else 0
             for micro in _chunks(indices, cfg.train.batch_size):
                 chunk = [train_pairs[i] for i in micro]
                 if sft:
