@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dpokit.errors import DpokitError
 from dpokit.models import detach_quantizer
 
 COMPLETE = "COMPLETE"
@@ -86,7 +87,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     weights = trainable_state(model)
     if not all(torch.isfinite(t).all() for t in weights.values()):
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"refusing to save step {step}: the weights are not finite")
+        raise DpokitError(f"refusing to save a checkpoint at step {step}: the weights are not finite")
     save_file(weights, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))

@@ -1,0 +1,223 @@
+"""Checkpoints and resume: atomic writes, hash checks, rotation, refused setting changes, SIGKILL at any moment
+gives bit-identical weights, non-finite steps change nothing."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import dpokit
+from dpokit.checkpoint import save_checkpoint, verify_checkpoint
+from dpokit.errors import ConfigError, DpokitError
+from dpokit.metrics import read_metrics
+from dpokit.models import tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_pairs(path: Path, n: int = 14) -> Path:
+    with path.open("w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"prompt": f"Item {i}: what do you say?", "chosen": f" Thanks {i}, gladly.",
+                                 "rejected": f" No {i}, never."}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dropout_model(tmp_path_factory) -> Path:
+    """A tiny model folder with attention dropout on, so exact resume must also restore the RNG."""
+    folder = tmp_path_factory.mktemp("dropout-model")
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), seed=5, dropout=0.2)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_config(tmp_path: Path, model: Path, **train) -> Path:
+    cfg = {"model": {"name_or_path": str(model), "disable_dropout": False},
+           "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl")), "max_length": 48,
+                    "max_prompt_length": 24},
+           "train": {"lr": 1e-3, "batch_size": 3, "grad_accum": 1, "max_steps": 10, "seed": 7, "save_every": 1,
+                     "progress": False, "shuffle": True, **train}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpokit", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def kill_when(proc: subprocess.Popen, ready, deadline: float = 120) -> None:
+    end = time.time() + deadline
+    while time.time() < end and proc.poll() is None:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.0005)
+    proc.kill()
+    pytest.fail("the training process ended before it could be killed")
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, dropout_model):
+    cfg = make_config(tmp_path, dropout_model)
+    straight = tmp_path / "straight"
+    assert run_cli("train", str(cfg), f"run_dir={straight}").returncode == 0
+
+    killed = tmp_path / "killed"
+    ckpts = killed / "checkpoints"
+    rng = random.Random(1234)
+    # First kill: the moment a checkpoint's temporary folder appears (mid-write).
+    # Second kill: a random delay after the first complete checkpoint of the resumed run.
+    triggers = [lambda: ckpts.is_dir() and any(p.name.startswith(".tmp") for p in ckpts.iterdir())]
+    delay = rng.uniform(0.0, 1.5)
+    triggers.append(lambda: ckpts.is_dir() and len([p for p in ckpts.iterdir()
+                                                    if (p / "COMPLETE").exists()]) >= 3
+                    and (time.sleep(delay) or True))
+    for trigger in triggers:
+        proc = subprocess.Popen([sys.executable, "-m", "dpokit", "train", str(cfg), f"run_dir={killed}",
+                                 "--resume"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kill_when(proc, trigger)
+    done = run_cli("train", str(cfg), f"run_dir={killed}", "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stderr
+    assert_bit_identical(weights(straight), weights(killed))
+    # The metrics of the killed-and-resumed run read as one run: each step once.
+    steps = [r["step"] for r in read_metrics(killed / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == list(range(1, 11))
+
+
+def test_resume_skips_corrupt_and_incomplete_checkpoints(tmp_path, dropout_model):
+    cfg = make_config(tmp_path, dropout_model, max_steps=6)
+    straight = tmp_path / "straight"
+    assert run_cli("train", str(cfg), f"run_dir={straight}").returncode == 0
+    partial = tmp_path / "partial"
+    assert run_cli("train", str(cfg), f"run_dir={partial}", "train.max_steps=4",
+                   "train.scheduler=constant").returncode == 0
+    (partial / "final").rename(tmp_path / "old-final")
+    step4 = partial / "checkpoints" / "step-4" / "model.safetensors"
+    data = bytearray(step4.read_bytes())
+    data[-1] ^= 0xFF
+    step4.write_bytes(bytes(data))
+    (partial / "checkpoints" / "step-3" / "COMPLETE").unlink()
+    assert "does not match its hash" in verify_checkpoint(partial / "checkpoints" / "step-4")
+    done = run_cli("train", str(cfg), f"run_dir={partial}", "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "skipping checkpoint" in done.stderr and "step-4" in done.stderr and "step-3" in done.stderr
+    assert "resuming from" in done.stderr and "step-2" in done.stderr
+    # Skipped checkpoints are left in place for inspection, not deleted.
+    assert (partial / "checkpoints" / "step-3").is_dir()
+    assert_bit_identical(weights(straight), weights(partial))
+
+
+def test_resume_refuses_changed_settings_unless_forced(tmp_path, dropout_model):
+    cfg = make_config(tmp_path, dropout_model, max_steps=2)
+    run = tmp_path / "run"
+    assert run_cli("train", str(cfg), f"run_dir={run}").returncode == 0
+    for override, key in (("train.batch_size=2", "train.batch_size"), ("train.seed=8", "train.seed"),
+                          ("loss.beta=0.3", "loss"), ("train.grad_accum=2", "train.grad_accum")):
+        proc = run_cli("train", str(cfg), f"run_dir={run}", "train.max_steps=3", override, "--resume")
+        assert proc.returncode == 2
+        assert proc.stderr.strip().count("\n") == 0 and key in proc.stderr and "--force" in proc.stderr
+    (tmp_path / "pairs.jsonl").write_text((tmp_path / "pairs.jsonl").read_text() + "\n")  # same rows
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(pairs.read_text().replace("Thanks 0", "Thanks zero"))
+    proc = run_cli("train", str(cfg), f"run_dir={run}", "train.max_steps=3", "--resume")
+    assert proc.returncode == 2 and "data.train" in proc.stderr
+    proc = run_cli("train", str(cfg), f"run_dir={run}", "train.max_steps=3", "train.batch_size=2", "--resume",
+                   "--force")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+
+
+def test_rotation_keeps_newest_complete(tmp_path, dropout_model):
+    cfg = make_config(tmp_path, dropout_model, max_steps=5, keep_checkpoints=2)
+    run = tmp_path / "rot"
+    assert run_cli("train", str(cfg), f"run_dir={run}").returncode == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-5"]
+    assert all(verify_checkpoint(p) is None for p in (run / "checkpoints").iterdir())
+
+
+def test_checkpoint_holds_no_pickle_and_refuses_non_finite_weights(tmp_path):
+    model = tiny_model(512)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    path = save_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"step": 1})
+    assert sorted(p.name for p in path.iterdir()) == sorted([
+        "COMPLETE", "manifest.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
+        "scheduler.json", "trainer_state.json"])
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(DpokitError, match="not finite"):
+        save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {"step": 2})
+    assert not (tmp_path / "checkpoints" / "step-2").exists()
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_non_finite_step_is_skipped_without_changing_anything(tmp_path, monkeypatch):
+    train_module = sys.modules["dpokit.train"]
+    real = train_module.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        losses, chosen, rejected = real(*args, **kwargs)
+        if calls["n"] == 2:  # the second optimizer step (one micro-batch per step)
+            losses = losses * float("nan")
+        return losses, chosen, rejected
+
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    cfg = {"model": {"name_or_path": "tiny-random-llama"},
+           "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl")), "max_length": 48, "max_prompt_length": 24},
+           "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 3, "save_every": 1, "progress": False}}
+    run = dpokit.train(cfg, run_dir=str(tmp_path / "nan"))
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
+    one, two = run / "checkpoints" / "step-1", run / "checkpoints" / "step-2"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert_bit_identical(load_file(str(one / name)), load_file(str(two / name)))
+    assert json.loads((one / "scheduler.json").read_text())["last_epoch"] == \
+        json.loads((two / "scheduler.json").read_text())["last_epoch"]
+
+    calls["n"] = -10**9  # from now on every step is poisoned
+    monkeypatch.setattr(train_module, "compute_loss",
+                        lambda *a, **k: tuple(t * float("nan") if i == 0 else t
+                                              for i, t in enumerate(real(*a, **k))))
+    with pytest.raises(DpokitError, match="not finite for 3 consecutive steps"):
+        dpokit.train(cfg, run_dir=str(tmp_path / "nan2"), train__max_skipped_steps=3, train__max_steps=5)
+
+
+def test_no_pickle_and_no_unsafe_torch_load_in_package():
+    for path in (ROOT / "src" / "dpokit").rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            assert "import pickle" not in code and "pickle." not in code, f"{path}:{number}"
+            if "torch.load(" in code:
+                assert "weights_only=True" in code, f"{path}:{number}: {line.strip()}"
+
+
+def test_config_error_for_missing_run_dir():
+    with pytest.raises(ConfigError, match="run_dir: required"):
+        dpokit.train({"data": {"train": "x.jsonl"}})
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
