@@ -221,3 +221,34 @@ def test_config_error_for_missing_run_dir():
     with pytest.raises(ConfigError, match="run_dir: required"):
         dpokit.train({"data": {"train": "x.jsonl"}})
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_health_monitor_warns_once_per_interval():
+    from dpokit.metrics import HealthMonitor
+
+    monitor = HealthMonitor(interval=4)
+    warnings = []
+    for step in range(1, 13):
+        row = {"step": step, "logps/chosen": -10.0 - step, "rewards/margins": 0.5 * step,
+               "rewards/chosen": -0.1 * step, "rewards/rejected": -0.6 * step}
+        warnings += [(step, code) for code, _ in monitor.check(row)]
+    assert warnings == [(4, "likelihood_displacement"), (8, "likelihood_displacement"),
+                        (12, "likelihood_displacement")]
+    monitor = HealthMonitor(interval=4)
+    zero = {"logps/chosen": -5.0, "rewards/margins": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}
+    codes = [c for s in range(1, 6) for c, _ in monitor.check({"step": s, **zero})]
+    assert codes == ["zero_rewards"]  # step 2 only; step 1 (pi == pi_ref) is expected to be zero
+    monitor = HealthMonitor(interval=4, max_reward=50)
+    big = {"step": 3, "logps/chosen": -5.0, "rewards/margins": 80.0, "rewards/chosen": 60.0,
+           "rewards/rejected": -20.0}
+    assert [c for c, _ in monitor.check(big)] == ["exploding_rewards"]
+
+
+def test_zero_rewards_warning_reaches_metrics_and_stderr(tmp_path, capsys):
+    cfg = {"model": {"name_or_path": "tiny-random-llama"},
+           "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl")), "max_length": 48, "max_prompt_length": 24},
+           "train": {"lr": 1e-30, "batch_size": 4, "max_steps": 3, "progress": False}}
+    run = dpokit.train(cfg, run_dir=str(tmp_path / "zero"))
+    warnings = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "warning"]
+    assert [w["warning"] for w in warnings] == ["zero_rewards"]
+    assert "exactly 0" in capsys.readouterr().err

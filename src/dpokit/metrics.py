@@ -122,3 +122,52 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+class HealthMonitor:
+    """Watches the training rows for the known ways DPO goes wrong and says so once per ``interval`` steps.
+
+    - likelihood displacement: the chosen log-prob falls while the margin grows (both responses are pushed
+      down, the rejected one faster; Pang et al. 2024, Razin et al. 2024) - ``rpo`` counters it;
+    - exploding margins or log-ratios: |reward| beyond ``max_reward`` nats x beta means the policy has left
+      the reference far behind (lr too high, beta too small);
+    - zero rewards: every reward exactly 0 after the first step means the policy never moved away from the
+      reference (lr 0, frozen weights, or a reference that is the live policy).
+    """
+
+    def __init__(self, interval: int = 20, max_reward: float = 50.0):
+        self.interval = max(2, interval)
+        self.max_reward = max_reward
+        self.history: list[dict[str, Any]] = []
+        self.last_warned: dict[str, int] = {}
+
+    def check(self, row: dict[str, Any]) -> list[tuple[str, str]]:
+        """Feed one training row; returns (code, message) warnings due now."""
+        if "rewards/margins" not in row:
+            return []
+        self.history.append(row)
+        self.history = self.history[-self.interval:]
+        step = row["step"]
+        found = []
+        if len(self.history) >= self.interval:
+            first, last = self.history[0], self.history[-1]
+            if (last["logps/chosen"] < first["logps/chosen"] - 1.0
+                    and last["rewards/margins"] > first["rewards/margins"]):
+                found.append(("likelihood_displacement",
+                              f"chosen log-prob fell {first['logps/chosen']:.2f} -> {last['logps/chosen']:.2f} "
+                              f"while the margin grew {first['rewards/margins']:.2f} -> "
+                              f"{last['rewards/margins']:.2f} (likelihood displacement); consider loss.name=rpo"))
+        if max(abs(row["rewards/chosen"]), abs(row["rewards/rejected"])) > self.max_reward:
+            found.append(("exploding_rewards",
+                          f"implicit rewards reached {row['rewards/chosen']:.1f} / {row['rewards/rejected']:.1f}: "
+                          "the policy is far from the reference; lower train.lr or raise loss.beta"))
+        if (step > 1 and row["rewards/chosen"] == 0.0 and row["rewards/rejected"] == 0.0
+                and row["rewards/margins"] == 0.0):
+            found.append(("zero_rewards",
+                          "every implicit reward is exactly 0: the policy has not moved from the reference "
+                          "(check train.lr, loss.beta and that the reference is a separate frozen model)"))
+        due = [(code, msg) for code, msg in found
+               if step - self.last_warned.get(code, -self.interval) >= self.interval]
+        for code, _ in due:
+            self.last_warned[code] = step
+        return due

@@ -40,7 +40,7 @@ from dpokit.data.batch import PairStream, collate_pairs, collate_ranked, collate
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.logprobs import batch_logps
 from dpokit.losses import LISTWISE, compute_loss, plackett_luce_loss
-from dpokit.metrics import MetricsWriter, PairStats, Progress, SftStats
+from dpokit.metrics import HealthMonitor, MetricsWriter, PairStats, Progress, SftStats
 from dpokit.models import load_models
 from dpokit.reference import FrozenReference, make_reference
 
@@ -319,6 +319,7 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
     max_norm = cfg.train.max_grad_norm or float("inf")
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     progress = Progress(total_steps, start_step, enabled=cfg.train.progress)
+    health = HealthMonitor(interval=cfg.eval.every or 20)
     started = time.perf_counter()
     consecutive_skips = 0
 
@@ -374,6 +375,9 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
                    "tokens_per_second": stats.tokens / step_time, "skipped_steps": skipped}
             if step % cfg.train.log_every == 0 or step == total_steps:
                 metrics.write(row)
+            for code, message in health.check(row):
+                _note(f"warning at step {step}: {message}")
+                metrics.write({"step": step, "split": "warning", "warning": code, "message": message})
             progress.update(step, row)
             if eval_pairs and cfg.eval.every and step % cfg.eval.every == 0 and step != total_steps:
                 log_eval(step)
