@@ -60,3 +60,47 @@ def test_fast_path_equals_plain_path_values_and_gradients():
     for logps, grads in results[1:]:
         torch.testing.assert_close(logps, results[0][0], atol=1e-5, rtol=0)
         torch.testing.assert_close(grads, results[0][1], atol=1e-5, rtol=1e-4)
+
+
+def _groups():
+    return [([1, 9, 8, 7], [[6, 5, 4, 2], [30, 31, 2]]),
+            ([1, 40, 41, 42, 43, 44], [[45, 46, 2], [47, 2]]),
+            ([1, 50], [[51, 52, 53, 54, 55, 56, 2], [57, 58, 2]])]
+
+
+def _grouped(model, layout, pack_length=0, plain=False):
+    from dpokit.data.batch import collate_groups, regroup
+    from dpokit.logprobs import batch_logps
+
+    batch = collate_groups(_groups(), pad_id=0, layout=layout, pack_length=pack_length)
+    logps, n = batch_logps(model, batch, plain=plain)
+    return regroup(logps, batch), regroup(n, batch), batch
+
+
+def test_packed_prefix_shared_layout_equals_padded_layout_values_and_gradients():
+    results = []
+    for layout, pack_length, plain in (("padded", 0, True), ("padded", 0, False), ("packed", 0, False),
+                                       ("packed", 64, False), ("packed", 64, True)):
+        model = _model()
+        logps, n, batch = _grouped(model, layout, pack_length, plain)
+        logps.sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((logps.detach(), n, grads, batch))
+    for logps, n, grads, _ in results[1:]:
+        assert torch.equal(n, results[0][1])
+        torch.testing.assert_close(logps, results[0][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(grads, results[0][2], atol=1e-5, rtol=1e-4)
+    padded, packed_one_row = results[1][3], results[3][3]
+    assert packed_one_row["input_ids"].shape[0] == 1  # everything fits one 64-token row
+    # The prompt is computed once per group: fewer real positions than prompt+response per response.
+    assert packed_one_row["real_positions"] == sum(len(p) + sum(map(len, rs)) for p, rs in _groups())
+    assert padded["real_positions"] == padded["tokens"] == packed_one_row["tokens"]
+    assert packed_one_row["real_positions"] < padded["real_positions"]
+
+
+def test_packed_layout_with_eager_attention_matches_sdpa():
+    eager = _model()
+    eager.config._attn_implementation = "eager"
+    a, _, _ = _grouped(eager, "packed", 64)
+    b, _, _ = _grouped(_model(), "padded")
+    torch.testing.assert_close(a.detach(), b.detach(), atol=1e-5, rtol=0)

@@ -124,6 +124,13 @@ class TrainConfig(_Section):
     """Clip the global gradient norm to this value; unset disables clipping."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """``bf16`` runs forward and backward under bfloat16 autocast (fast on CPUs with AVX512-BF16 and on GPUs)."""
+    layout: Literal["packed", "padded"] = "packed"
+    """Batch layout. ``packed``: the prompt is computed once for chosen and rejected and pairs are packed into
+    rows with a block attention mask (few padded positions). ``padded``: one padded row per prompt+response,
+    the plain layout. Both give the same log-probs (tested)."""
+    pack_length: int = Field(0, ge=0)
+    """``packed`` rows hold up to max(pack_length, longest pair) tokens; 0 packs to the longest pair of the
+    micro-batch, which keeps the attention work per token close to that of unpacked rows."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     shuffle: bool = True

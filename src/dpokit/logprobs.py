@@ -1,8 +1,13 @@
 """THE one function for sequence log-probs: training, reference, scoring and evaluation all call it.
 
-``sequence_logps`` returns, per row, the sum of log pi(y_t | x, y_<t) over response tokens only, and their
-count. The vocabulary projection is applied only at response positions, in chunks, and under activation
-checkpointing, so no (tokens x vocab) tensor of the whole batch is ever held: on SmolLM2 (49k vocabulary) the
+``layout_logps`` returns, per response ("slot"), the sum of log pi(y_t | x, y_<t) over its tokens, and their
+count. It works on any batch *layout* (``dpokit.data.batch``): every target token names the position whose
+hidden state predicts it (``pred_index``), so the same code scores a plainly padded batch (the predecessor is
+the previous position) and a packed batch where chosen and rejected share one computed prompt (the first
+token of each response is predicted from the prompt's last position).
+
+The vocabulary projection is applied only at those predicting positions, in chunks, under activation
+checkpointing, so no (tokens x vocab) tensor of the whole batch is ever held: on SmolLM2 (49k vocabulary)
 prompt and padding positions would otherwise dominate the cost of a step.
 """
 
@@ -33,14 +38,63 @@ def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _supports_fast_path(model: nn.Module) -> bool:
+def supports_fast_path(model: nn.Module) -> bool:
+    """Plain causal LMs: a decoder giving hidden states and an unbiased linear head with no logit
+    post-processing (soft-capping, scaling), so the head can be applied to chosen positions only."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
-    # Models that post-process logits (soft-capping, scaling) or have a biased head take the plain path.
     special = any(getattr(config, name, None) not in (None, 1.0)
                   for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
     return (isinstance(head, nn.Linear) and head.bias is None and not special
             and hasattr(model, "get_decoder") and model.get_decoder() is not None)
+
+
+def _model_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """A 4D boolean mask (True = may attend) is what SDPA takes; eager attention adds a float mask instead."""
+    if mask.dim() != 4 or getattr(model.config, "_attn_implementation", "sdpa") != "eager":
+        return mask
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DEFAULT_CHUNK,
+                 plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs for every slot of a batch layout.
+
+    Batch keys (see ``dpokit.data.batch``): ``input_ids`` (R, L); ``attention_mask`` (R, L) for padded rows or
+    (R, 1, L, L) boolean for packed rows; ``position_ids`` (R, L); ``pred_index`` (M,) flat index into R*L of
+    the position predicting each target token; ``targets`` (M,); ``target_slot`` (M,) the response each
+    target belongs to; ``n_slots``.
+    ``plain`` computes full logits at every position (the reference implementation the fast path is tested
+    against). Returns ``logps`` (S,) float32 and ``n_tokens`` (S,).
+    """
+    input_ids, targets, pred_index = batch["input_ids"], batch["targets"], batch["pred_index"]
+    mask = _model_mask(model, batch["attention_mask"])
+    n_slots = batch["n_slots"]
+    inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": batch["position_ids"],
+              "use_cache": False}
+    if plain or not supports_fast_path(model):
+        logits = model(**inputs).logits  # (R, L, V)
+        logits = logits.reshape(-1, logits.shape[-1])[pred_index].float()  # (M, V)
+        token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    else:
+        hidden = model.get_decoder()(**inputs).last_hidden_state  # (R, L, H)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[pred_index]  # (M, H): predicting positions only
+        weight = model.get_output_embeddings().weight  # (V, H)
+        pieces = []
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+                # Keep only the chunk's hidden states for backward; its logits are recomputed there.
+                pieces.append(checkpoint(_token_logps, h, weight, t, use_reentrant=False))
+            else:
+                pieces.append(_token_logps(h, weight, t))
+        token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    slot = batch["target_slot"]
+    logps = torch.zeros(n_slots, dtype=torch.float32, device=input_ids.device).index_add(0, slot, token_logps)
+    n_tokens = torch.zeros(n_slots, dtype=torch.long, device=input_ids.device).index_add(
+        0, slot, torch.ones_like(slot))
+    return logps, n_tokens
 
 
 def sequence_logps(
@@ -52,50 +106,22 @@ def sequence_logps(
     chunk_size: int = DEFAULT_CHUNK,
     plain: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the response tokens of each row, and how many there are.
+    """Summed log-probs of the response tokens of each padded row, and how many there are.
 
     Args:
         input_ids: (B, T) prompt + response tokens, padded on either side.
         attention_mask: (B, T) 1 for real tokens.
         response_mask: (B, T) True where the token at that position belongs to the response.
-        plain: compute full logits for every position (the reference implementation the fast path is
-            tested against).
     Returns:
         logps: (B,) sum over response tokens of log pi(y_t | y_<t), float32.
         n_tokens: (B,) number of response tokens.
     """
-    position_ids = position_ids_from_mask(attention_mask)
-    # Token t is predicted from the hidden state at t - 1.
-    target_mask = response_mask[:, 1:].bool()  # (B, T-1)
-    targets = input_ids[:, 1:][target_mask]  # (M,)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target_mask)[target_mask]
-    n_tokens = target_mask.sum(-1)
+    from dpokit.data.batch import padded_layout
 
-    if plain or not _supports_fast_path(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits[:, :-1]  # (B, T-1, V)
-        token_logps = torch.log_softmax(logits.float(), dim=-1)[target_mask].gather(-1, targets[:, None])
-        token_logps = token_logps.squeeze(-1)
-    else:
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=position_ids, use_cache=False).last_hidden_state
-        hidden = hidden[:, :-1][target_mask]  # (M, H): response positions only
-        weight = model.get_output_embeddings().weight  # (V, H)
-        pieces = []
-        for start in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-            if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-                # Keep only the chunk's hidden states for backward; its logits are recomputed there.
-                pieces.append(checkpoint(_token_logps, h, weight, t, use_reentrant=False))
-            else:
-                pieces.append(_token_logps(h, weight, t))
-        token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-
-    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    logps = logps.index_add(0, rows, token_logps.float())
-    return logps, n_tokens
+    batch = padded_layout(input_ids, attention_mask, response_mask)
+    return layout_logps(model, batch, chunk_size=chunk_size, plain=plain)
 
 
 def batch_logps(model: nn.Module, batch: dict[str, Any], **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sequence_logps`` on a collated batch (see ``dpokit.data.batch``)."""
-    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], **kwargs)
+    """``layout_logps`` on a collated batch: per-slot summed log-probs (S,) and token counts (S,)."""
+    return layout_logps(model, batch, **kwargs)

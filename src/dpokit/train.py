@@ -165,7 +165,8 @@ def evaluate(policy: torch.nn.Module, reference: FrozenReference, pairs: list[An
     stats = PairStats()
     autocast = autocast_for(cfg, device)
     for chunk in _chunks(list(range(len(pairs))), cfg.eval.batch_size):
-        batch = to_device(collate([pairs[i] for i in chunk], pad_id), device)
+        batch = to_device(collate([pairs[i] for i in chunk], pad_id, layout=cfg.train.layout,
+                                  pack_length=cfg.train.pack_length), device)
         out = pair_forward(policy, reference, batch, cfg, autocast)
         stats.add(out["losses"], out["chosen_rewards"], out["rejected_rewards"], out["chosen_logps"],
                   out["rejected_logps"], batch["tokens"])
@@ -335,22 +336,27 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
             indices = stream.take(min(pairs_per_step, total_pairs - consumed))
             consumed += len(indices)
             stats = SftStats() if sft else PairStats()
+            computed = real = 0
             # SFT averages over every response token of the step, DPO over every pair of the step.
             step_tokens = sum(len(train_pairs[i].chosen_ids) for i in indices) if sft else 0
             for micro in _chunks(indices, cfg.train.batch_size):
                 chunk = [train_pairs[i] for i in micro]
                 if sft:
-                    batch = to_device(collate_responses([(p.prompt_ids, p.chosen_ids) for p in chunk], pad_id),
-                                      device)
+                    batch = to_device(collate_responses([(p.prompt_ids, p.chosen_ids) for p in chunk], pad_id,
+                                                        layout=cfg.train.layout,
+                                                        pack_length=cfg.train.pack_length), device)
                     with autocast():
                         logps, _ = batch_logps(policy, batch)
                     (-logps.sum() / step_tokens).backward()
+                    computed, real = computed + batch["computed_positions"], real + batch["real_positions"]
                     stats.add(logps, batch["n_response_tokens"], batch["tokens"])
                 else:
-                    batch = to_device(collate(chunk, pad_id), device)
+                    batch = to_device(collate(chunk, pad_id, layout=cfg.train.layout,
+                                              pack_length=cfg.train.pack_length), device)
                     out = pair_forward(policy, reference, batch, cfg, autocast)
                     # Normalize by the pairs of the whole optimizer step, not of the micro-batch.
                     (out["losses"].sum() / len(indices)).backward()
+                    computed, real = computed + batch["computed_positions"], real + batch["real_positions"]
                     stats.add(out["losses"], out["chosen_rewards"], out["rejected_rewards"],
                               out["chosen_logps"], out["rejected_logps"], batch["tokens"])
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -372,7 +378,8 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
             step_time = time.perf_counter() - step_start
             row = {"step": step, "split": "train", "elapsed_s": time.perf_counter() - started,
                    "tokens": stats.tokens, **means, "grad_norm": grad_norm, "lr": lr,
-                   "tokens_per_second": stats.tokens / step_time, "skipped_steps": skipped}
+                   "tokens_per_second": stats.tokens / step_time, "skipped_steps": skipped,
+                   "padding_fraction": 1.0 - real / max(computed, 1)}
             if step % cfg.train.log_every == 0 or step == total_steps:
                 metrics.write(row)
             for code, message in health.check(row):

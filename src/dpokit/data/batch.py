@@ -29,14 +29,26 @@ def pad_sequences(seqs: Sequence[Sequence[int]], response_starts: Sequence[int],
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
-def collate_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int,
-                   side: Literal["right", "left"] = "right") -> dict[str, Any]:
-    """(prompt_ids, [response_ids, ...]) groups -> one batch with a row per (prompt, response).
+def padded_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  response_mask: torch.Tensor) -> dict[str, Any]:
+    """The scoring fields of a padded batch, one slot per row: each response token is predicted from the
+    position before it. Shapes: (R, L) in; ``pred_index``, ``targets``, ``target_slot`` (M,) out."""
+    from dpokit.logprobs import position_ids_from_mask
 
-    Rows are ordered group by group. ``slots`` (G, K) maps each group's k-th response to its row (-1 where a
-    group has fewer than K responses) so per-row log-probs regroup as ``logps[slots]``; ``slot_mask`` is
-    ``slots >= 0``. ``tokens`` counts non-padding tokens of every prompt+response row.
-    """
+    rows, width = input_ids.shape
+    target_mask = response_mask.bool().clone()
+    target_mask[:, 0] = False  # nothing predicts the very first position
+    flat = torch.nonzero(target_mask.reshape(-1)).squeeze(-1)
+    return {
+        "input_ids": input_ids, "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+        "pred_index": flat - 1, "targets": input_ids.reshape(-1)[flat], "target_slot": flat // width,
+        "n_slots": rows,
+    }
+
+
+def _padded_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int,
+                   side: Literal["right", "left"]) -> dict[str, Any]:
     width = max(len(responses) for _, responses in groups)
     slots = torch.full((len(groups), width), -1, dtype=torch.long)
     seqs: list[list[int]] = []
@@ -46,36 +58,138 @@ def collate_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]
             slots[g, k] = len(seqs)
             seqs.append(list(prompt) + list(response))
             starts.append(len(prompt))
-    batch: dict[str, Any] = pad_sequences(seqs, starts, pad_id, side)
+    padded = pad_sequences(seqs, starts, pad_id, side)
+    batch = padded_layout(padded["input_ids"], padded["attention_mask"], padded["response_mask"])
     batch["slots"] = slots
-    batch["slot_mask"] = slots >= 0
-    batch["n_pairs"] = len(groups)
-    batch["tokens"] = int(batch["attention_mask"].sum())
+    batch["real_positions"] = int(padded["attention_mask"].sum())
     return batch
 
 
-def collate_pairs(pairs: Sequence[Any], pad_id: int, side: Literal["right", "left"] = "right") -> dict[str, Any]:
+def _packed_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int,
+                   pack_length: int) -> dict[str, Any]:
+    """Prefix sharing + padding-free packing: each group is laid out once as [prompt, response 1, response 2,
+    ...] with positions restarting after the prompt for every response, and groups are packed first-fit into
+    rows of ``max(pack_length, longest group)`` tokens. The 4D mask lets a token see its own segment and its
+    group's prompt (causally), never another response or another group, so every log-prob equals the
+    unshared, unpadded computation while the prompt is computed once and few positions are padding."""
+    lengths = [len(p) + sum(len(r) for r in rs) for p, rs in groups]
+    capacity = max(pack_length, max(lengths))
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for g in sorted(range(len(groups)), key=lambda i: (-lengths[i], i)):  # first-fit decreasing
+        for r, used in enumerate(fill):
+            if used + lengths[g] <= capacity:
+                rows[r].append(g)
+                fill[r] += lengths[g]
+                break
+        else:
+            rows.append([g])
+            fill.append(lengths[g])
+    width = max(fill)
+    n_rows = len(rows)
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    segment = torch.full((n_rows, width), -1, dtype=torch.long)
+    owner = torch.full((n_rows, width), -1, dtype=torch.long)
+    is_prompt = torch.zeros((n_rows, width), dtype=torch.bool)
+    k_max = max(len(rs) for _, rs in groups)
+    slots = torch.full((len(groups), k_max), -1, dtype=torch.long)
+    pred_index: list[int] = []
+    targets: list[int] = []
+    target_slot: list[int] = []
+    n_segments = 0
+    for r, members in enumerate(rows):
+        cursor = 0
+        for g in sorted(members):
+            prompt, responses = groups[g]
+            n_prompt = len(prompt)
+            input_ids[r, cursor:cursor + n_prompt] = torch.tensor(prompt, dtype=torch.long)
+            position_ids[r, cursor:cursor + n_prompt] = torch.arange(n_prompt)
+            segment[r, cursor:cursor + n_prompt] = n_segments
+            owner[r, cursor:cursor + n_prompt] = g
+            is_prompt[r, cursor:cursor + n_prompt] = True
+            n_segments += 1
+            last_prompt = r * width + cursor + n_prompt - 1
+            cursor += n_prompt
+            for k, response in enumerate(responses):
+                n = len(response)
+                slot = g * k_max + k
+                slots[g, k] = slot
+                input_ids[r, cursor:cursor + n] = torch.tensor(response, dtype=torch.long)
+                position_ids[r, cursor:cursor + n] = torch.arange(n_prompt, n_prompt + n)
+                segment[r, cursor:cursor + n] = n_segments
+                owner[r, cursor:cursor + n] = g
+                n_segments += 1
+                # The first response token is predicted from the prompt's last position, the rest from
+                # the previous response position.
+                pred_index.extend([last_prompt] + list(range(r * width + cursor, r * width + cursor + n - 1)))
+                targets.extend(response)
+                target_slot.extend([slot] * n)
+                cursor += n
+    real = segment >= 0
+    same_segment = segment[:, :, None] == segment[:, None, :]
+    group_prompt = is_prompt[:, None, :] & (owner[:, :, None] == owner[:, None, :])
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = (same_segment | group_prompt) & causal & real[:, None, :]
+    mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax rows
+    return {
+        "input_ids": input_ids, "attention_mask": mask[:, None], "position_ids": position_ids,
+        "pred_index": torch.tensor(pred_index, dtype=torch.long),
+        "targets": torch.tensor(targets, dtype=torch.long),
+        "target_slot": torch.tensor(target_slot, dtype=torch.long),
+        "n_slots": len(groups) * k_max, "slots": slots, "real_positions": int(real.sum()),
+    }
+
+
+Layout = Literal["padded", "packed"]
+
+
+def collate_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int,
+                   side: Literal["right", "left"] = "right", layout: Layout = "padded",
+                   pack_length: int = 0) -> dict[str, Any]:
+    """(prompt_ids, [response_ids, ...]) groups -> one batch that scores every response.
+
+    ``layout``: ``padded`` (one row per prompt+response, padded: the plain path) or ``packed`` (prompt computed
+    once per group, groups packed into rows with a block mask). Both give the same log-probs.
+    ``slots`` (G, K) maps each group's k-th response to its slot in the per-slot outputs (-1 where a group has
+    fewer than K responses); ``tokens`` counts prompt+response tokens of every response (a prompt counts once
+    per response, whatever the layout computes); ``computed_positions`` are the positions the model runs on.
+    """
+    if layout == "packed":
+        batch = _packed_groups(groups, pad_id, pack_length)
+    else:
+        batch = _padded_groups(groups, pad_id, side)
+    batch["slot_mask"] = batch["slots"] >= 0
+    batch["n_pairs"] = len(groups)
+    batch["tokens"] = sum(len(p) * len(rs) + sum(len(r) for r in rs) for p, rs in groups)
+    batch["computed_positions"] = int(batch["input_ids"].numel())
+    return batch
+
+
+def collate_pairs(pairs: Sequence[Any], pad_id: int, side: Literal["right", "left"] = "right",
+                  layout: Layout = "padded", pack_length: int = 0) -> dict[str, Any]:
     """Pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) -> groups of two, chosen in slot 0."""
-    return collate_groups([(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in pairs], pad_id, side)
+    return collate_groups([(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in pairs], pad_id, side,
+                          layout, pack_length)
 
 
-def collate_ranked(items: Sequence[Any], pad_id: int, side: Literal["right", "left"] = "right") -> dict[str, Any]:
+def collate_ranked(items: Sequence[Any], pad_id: int, side: Literal["right", "left"] = "right",
+                   layout: Layout = "padded", pack_length: int = 0) -> dict[str, Any]:
     """Rankings (``prompt_ids``, ``responses_ids`` best first) -> groups of K."""
-    return collate_groups([(r.prompt_ids, r.responses_ids) for r in items], pad_id, side)
+    return collate_groups([(r.prompt_ids, r.responses_ids) for r in items], pad_id, side, layout, pack_length)
 
 
 def regroup(values: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """Per-row values (N,) -> per-group (G, K), zero in empty slots."""
+    """Per-slot values (S,) -> per-group (G, K), zero in empty slots."""
     slots = batch["slots"]
     return values[slots.clamp(min=0)] * batch["slot_mask"]
 
 
 def collate_responses(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-                      side: Literal["right", "left"] = "right") -> dict[str, Any]:
-    """(prompt_ids, response_ids) rows -> one batch of N rows (SFT, scoring)."""
-    batch: dict[str, Any] = pad_sequences([list(p) + list(r) for p, r in rows], [len(p) for p, _ in rows],
-                                          pad_id, side)
-    batch["tokens"] = int(batch["attention_mask"].sum())
+                      side: Literal["right", "left"] = "right", layout: Layout = "padded",
+                      pack_length: int = 0) -> dict[str, Any]:
+    """(prompt_ids, response_ids) rows -> one batch with a slot per row (SFT, scoring)."""
+    batch = collate_groups([(p, [r]) for p, r in rows], pad_id, side, layout, pack_length)
     batch["n_response_tokens"] = sum(len(r) for _, r in rows)
     return batch
 
