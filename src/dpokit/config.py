@@ -20,6 +20,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1)
+    """Rank of the low-rank update."""
+    alpha: float = Field(32.0, gt=0)
+    """Scaling numerator: the update is (alpha / r) * B A."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]) or ``all-linear``."""
+
+
 class ModelConfig(_Section):
     name_or_path: str = "smollm2"
     """Policy: a hub id, a local Hugging Face folder, a folder or path holding a GGUF file, ``smollm2`` (the
@@ -40,6 +51,8 @@ class ModelConfig(_Section):
     """Set every dropout probability to zero in policy and reference (the log-ratios are otherwise noisy)."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel; both give the same numbers within float tolerance."""
+    lora: LoraConfig | None = None
+    """Train low-rank adapters (peft) instead of all weights; ``final/`` gets the merged weights."""
 
 
 class DataConfig(_Section):
@@ -158,8 +171,15 @@ class EvalConfig(_Section):
 
 
 class ReferenceConfig(_Section):
-    mode: Literal["model"] = "model"
-    """Where reference log-probs come from: ``model`` (a frozen copy of the reference in memory)."""
+    mode: Literal["model", "adapter", "store"] = "model"
+    """Where reference log-probs come from: ``model`` (a frozen copy in memory), ``adapter`` (with LoRA: the
+    policy with its adapters disabled, no copy), ``store`` (computed once before training, kept on disk and
+    reused by every run on the same reference, data and settings; no reference model in memory while
+    training)."""
+    store_dir: str | None = None
+    """Folder of the reference log-prob store; default ``$DPOKIT_CACHE/refstore`` (``~/.cache/dpokit``)."""
+    batch_size: int = Field(16, ge=1)
+    """Responses per forward pass when precomputing the store."""
 
 
 class Config(_Section):
@@ -179,6 +199,9 @@ class Config(_Section):
         from dpokit.losses import validate_loss_config
 
         validate_loss_config(self.loss)
+        if self.reference.mode == "adapter" and self.model.lora is None:
+            raise ValueError("reference.mode: 'adapter' needs model.lora (the reference is the policy with its "
+                             "adapters disabled)")
         return self
 
 

@@ -296,8 +296,28 @@ class Models:
     reference_source: ModelSource
 
 
-def load_models(model_cfg: Any, need_reference: bool = True) -> Models:
-    """Policy (trainable), reference (frozen) and tokenizer from a ``ModelConfig``."""
+def apply_lora(model: nn.Module, lora_cfg: Any) -> nn.Module:
+    """Wrap a model with peft LoRA adapters; only the adapter weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def base_state_model(model: nn.Module) -> nn.Module:
+    """The model whose weights define pi_ref: for a LoRA policy, the base model (adapter weights excluded by
+    the caller), otherwise the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def load_models(model_cfg: Any, need_reference: bool | str = True) -> Models:
+    """Policy (trainable), reference (frozen) and tokenizer from a ``ModelConfig``.
+
+    ``need_reference``: True loads a frozen reference (a copy of the policy's starting weights when both come
+    from the same place), False none, ``"if_different"`` only when the reference has its own source (the
+    policy's starting weights can then serve as pi_ref before training starts).
+    """
     policy_source = resolve(model_cfg.name_or_path, model_cfg.gguf_file, model_cfg.revision)
     if model_cfg.ref_name_or_path is None:
         reference_source = policy_source
@@ -312,6 +332,8 @@ def load_models(model_cfg: Any, need_reference: bool = True) -> Models:
         disable_dropout(policy)
     policy.train()
     reference = None
+    if need_reference == "if_different":
+        need_reference = reference_source != policy_source
     if need_reference:
         if reference_source == policy_source:
             # Same starting weights: copy in memory instead of reading and converting the files again.
@@ -321,4 +343,6 @@ def load_models(model_cfg: Any, need_reference: bool = True) -> Models:
         else:
             reference = load_model(reference_source, **kwargs)
         freeze(reference)
+    if getattr(model_cfg, "lora", None) is not None:
+        policy = apply_lora(policy, model_cfg.lora)
     return Models(policy, reference, tokenizer, policy_source, reference_source)

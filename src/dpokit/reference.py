@@ -1,36 +1,208 @@
 """Where the reference log-probs log pi_ref(y|x) come from.
 
-``model`` mode: a frozen copy of the reference in memory, run without gradients on the same batch layout and
-through the same log-prob function as the policy, so the two sides of every log-ratio are computed alike.
+- ``model``: a frozen copy of the reference in memory, run without gradients on the same batch layout and
+  through the same log-prob function as the policy, so both sides of every log-ratio are computed alike.
+- ``adapter``: with LoRA, the reference is the policy with its adapters disabled: no second copy of the
+  weights.
+- ``store``: reference log-probs computed once and kept on disk, content-addressed, so runs that differ only in
+  beta, loss or learning rate (the paper sweeps beta) reuse them, and the reference model is not in memory
+  while training.
+
+The store key of a response is sha256(reference weights, precision, prompt token ids, response token ids).
+The token ids are what the tokenizer, the chat template and the truncation settings made of the row, so a
+change in any of them, or in the weights, is a different key and is computed afresh; an interrupted
+precompute keeps every shard it finished and computes only what is missing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import struct
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dpokit.data.batch import collate_responses, regroup, to_device
 from dpokit.logprobs import batch_logps
-from dpokit.models import freeze
+from dpokit.models import cache_dir, freeze
+
+Autocast = Callable[[], AbstractContextManager]
+
+
+def responses_of(item: Any) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, response_ids) of every response of a pair (chosen, rejected) or a ranking (best first)."""
+    if hasattr(item, "responses_ids"):
+        return [(item.prompt_ids, r) for r in item.responses_ids]
+    return [(item.prompt_ids, item.chosen_ids), (item.prompt_ids, item.rejected_ids)]
 
 
 class FrozenReference:
-    """pi_ref as a model in memory. Shape of ``logps``: (2B,) for a pair batch of B pairs."""
+    """pi_ref as a model in memory."""
 
     def __init__(self, model: nn.Module):
         self.model = freeze(model)
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, Any], autocast: Any) -> torch.Tensor:
+    def logps(self, batch: dict[str, Any], items: Sequence[Any], autocast: Autocast) -> torch.Tensor:
+        """Reference log-probs of every response in ``batch``, grouped: (G, K)."""
         with autocast():
             logps, _ = batch_logps(self.model, batch)
-        return logps
+        return regroup(logps, batch)
 
 
-def make_reference(mode: str, model: nn.Module | None) -> FrozenReference:
+class AdapterReference:
+    """pi_ref as the LoRA policy with its adapters switched off (peft's ``disable_adapter``)."""
+
+    def __init__(self, policy: nn.Module):
+        self.policy = policy
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, Any], items: Sequence[Any], autocast: Autocast) -> torch.Tensor:
+        was_training = self.policy.training
+        self.policy.eval()  # the reference side never sees dropout
+        try:
+            with self.policy.disable_adapter(), autocast():
+                logps, _ = batch_logps(self.policy, batch)
+        finally:
+            self.policy.train(was_training)
+        return regroup(logps, batch)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over every tensor of the model's state (names, dtypes, shapes, bytes). LoRA adapter weights are
+    left out and peft's name prefixes removed, so a LoRA run and a full run on the same base share a key."""
+    digest = hashlib.sha256()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name:
+            continue
+        state[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = tensor
+    for name, tensor in sorted(state.items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def response_key(model_key: bytes, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> bytes:
+    digest = hashlib.sha256(model_key)
+    digest.update(struct.pack(f"<I{len(prompt_ids)}i", len(prompt_ids), *prompt_ids))
+    digest.update(struct.pack(f"<I{len(response_ids)}i", len(response_ids), *response_ids))
+    return digest.digest()[:16]
+
+
+class LogpStore:
+    """A folder of shards ``shard-*.safetensors`` with ``keys`` (N, 16) uint8 and ``logps`` (N,) float32.
+
+    Shards are written to a temporary name and renamed, so a crash leaves only whole shards; readers load every
+    shard into one dict. Several processes may add shards to the same folder (names are unique).
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.values: dict[bytes, float] = {}
+        for shard in sorted(self.folder.glob("shard-*.safetensors")):
+            tensors = load_file(str(shard))
+            for key, value in zip(tensors["keys"].numpy(), tensors["logps"].tolist()):
+                self.values[key.tobytes()] = value
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def add(self, keys: Sequence[bytes], logps: Sequence[float]) -> None:
+        if not keys:
+            return
+        name = f"shard-{uuid.uuid4().hex}.safetensors"
+        tmp = self.folder / f".tmp-{name}"
+        key_tensor = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(len(keys), 16)
+        save_file({"keys": key_tensor, "logps": torch.tensor(list(logps), dtype=torch.float32)}, str(tmp))
+        os.replace(tmp, self.folder / name)
+        self.values.update(zip(keys, logps))
+
+
+class StoreReference:
+    """pi_ref read from a ``LogpStore`` (no model in memory)."""
+
+    def __init__(self, store: LogpStore, model_key: bytes):
+        self.store, self.model_key = store, model_key
+
+    def logps(self, batch: dict[str, Any], items: Sequence[Any], autocast: Autocast) -> torch.Tensor:
+        slots = batch["slots"]
+        out = torch.zeros(slots.shape, dtype=torch.float32)
+        for g, item in enumerate(items):
+            for k, (prompt, response) in enumerate(responses_of(item)):
+                out[g, k] = self.store.values[response_key(self.model_key, prompt, response)]
+        return out.to(slots.device)
+
+
+Reference = FrozenReference | AdapterReference | StoreReference
+"""Anything with ``logps(batch, items, autocast) -> (G, K)``."""
+
+
+def precompute(store: LogpStore, model: nn.Module, model_key: bytes, items: Iterable[Any], pad_id: int,
+               autocast: Autocast, device: torch.device, batch_size: int = 16, shard_rows: int = 2048,
+               progress: Callable[[int, int], None] | None = None) -> int:
+    """Compute the reference log-prob of every response of ``items`` missing from ``store``. Returns how many
+    were computed. Finished shards survive an interruption; the next call computes only the rest."""
+    missing: dict[bytes, tuple[list[int], list[int]]] = {}
+    for item in items:
+        for prompt, response in responses_of(item):
+            key = response_key(model_key, prompt, response)
+            if key not in store and key not in missing:
+                missing[key] = (prompt, response)
+    todo = list(missing.items())
+    pending_keys: list[bytes] = []
+    pending_values: list[float] = []
+    was_training = model.training
+    model.eval()  # the reference never sees dropout
+    # A LoRA policy at its starting point is pi_ref with the adapters off.
+    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with torch.no_grad(), adapters_off:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            batch = to_device(collate_responses([rows for _, rows in chunk], pad_id, layout="packed"), device)
+            with autocast():
+                logps, _ = batch_logps(model, batch)
+            pending_keys += [key for key, _ in chunk]
+            pending_values += logps.tolist()
+            if len(pending_keys) >= shard_rows:
+                store.add(pending_keys, pending_values)
+                pending_keys, pending_values = [], []
+            if progress:
+                progress(min(start + batch_size, len(todo)), len(todo))
+    store.add(pending_keys, pending_values)
+    model.train(was_training)
+    return len(todo)
+
+
+def build_reference(cfg: Any, models: Any, items: Sequence[Any], device: torch.device, autocast: Autocast,
+                    note: Callable[[str], None] = print) -> FrozenReference | AdapterReference | StoreReference:
+    """The reference of ``reference.mode``. For ``store``, fills the store first (with the reference model, or
+    with the policy's untouched starting weights when the reference is the same model) and then lets the
+    model go, so training holds no reference weights."""
+    mode = cfg.reference.mode
     if mode == "model":
-        if model is None:
-            raise ValueError("reference.mode=model needs a reference model")
-        return FrozenReference(model)
-    raise ValueError(f"reference.mode: unknown mode '{mode}'")
+        return FrozenReference(models.reference.to(device))
+    if mode == "adapter":
+        return AdapterReference(models.policy)
+    model = models.reference if models.reference is not None else models.policy
+    model_key = hashlib.sha256(f"{weights_fingerprint(model)}|{cfg.train.precision}".encode()).digest()
+    root = Path(cfg.reference.store_dir) if cfg.reference.store_dir else cache_dir() / "refstore"
+    store = LogpStore(root / model_key.hex()[:32])
+    computed = precompute(store, model.to(device), model_key, items, models.tokenizer.pad_token_id, autocast,
+                          device, cfg.reference.batch_size)
+    note(f"reference store {store.folder}: {computed} responses computed, {len(store) - computed} reused")
+    models.reference = None  # the only other reference to a separate reference model: free it
+    return StoreReference(store, model_key)

@@ -42,7 +42,7 @@ from dpokit.logprobs import batch_logps
 from dpokit.losses import LISTWISE, compute_loss, plackett_luce_loss
 from dpokit.metrics import HealthMonitor, MetricsWriter, PairStats, Progress, SftStats
 from dpokit.models import load_models
-from dpokit.reference import FrozenReference, make_reference
+from dpokit.reference import Reference, build_reference
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -126,14 +126,14 @@ def autocast_for(cfg: Config, device: torch.device) -> Autocast:
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def pair_forward(policy: torch.nn.Module, reference: FrozenReference, batch: dict[str, Any], cfg: Config,
-                 autocast: Autocast) -> dict[str, torch.Tensor]:
+def pair_forward(policy: torch.nn.Module, reference: Reference, batch: dict[str, Any], items: list[Any],
+                 cfg: Config, autocast: Autocast) -> dict[str, torch.Tensor]:
     """Policy and reference log-probs of a batch of pairs (or rankings) and the per-group loss.
 
     Pairs go through the configured pairwise loss; rankings (``loss.name: plackett_luce``) through the listwise
     one, reporting the best response as "chosen" and the worst as "rejected". Shapes: (G,) each.
     """
-    ref_logps = regroup(reference.logps(batch, autocast), batch)  # (G, K)
+    ref_logps = reference.logps(batch, items, autocast)  # (G, K)
     with autocast():
         row_logps, row_tokens = batch_logps(policy, batch)
     policy_logps, n_tokens = regroup(row_logps, batch), regroup(row_tokens, batch)  # (G, K)
@@ -157,7 +157,7 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
 
 
 @torch.no_grad()
-def evaluate(policy: torch.nn.Module, reference: FrozenReference, pairs: list[Any], cfg: Config, pad_id: int,
+def evaluate(policy: torch.nn.Module, reference: Reference, pairs: list[Any], cfg: Config, pad_id: int,
              device: torch.device, collate: Callable[..., dict[str, Any]] = collate_pairs) -> dict[str, float]:
     """Mean pair metrics over held-out pairs (policy in eval mode, restored afterwards)."""
     was_training = policy.training
@@ -165,9 +165,10 @@ def evaluate(policy: torch.nn.Module, reference: FrozenReference, pairs: list[An
     stats = PairStats()
     autocast = autocast_for(cfg, device)
     for chunk in _chunks(list(range(len(pairs))), cfg.eval.batch_size):
-        batch = to_device(collate([pairs[i] for i in chunk], pad_id, layout=cfg.train.layout,
-                                  pack_length=cfg.train.pack_length), device)
-        out = pair_forward(policy, reference, batch, cfg, autocast)
+        items = [pairs[i] for i in chunk]
+        batch = to_device(collate(items, pad_id, layout=cfg.train.layout, pack_length=cfg.train.pack_length),
+                          device)
+        out = pair_forward(policy, reference, batch, items, cfg, autocast)
         stats.add(out["losses"], out["chosen_rewards"], out["rejected_rewards"], out["chosen_logps"],
                   out["rejected_logps"], batch["tokens"])
     policy.train(was_training)
@@ -263,9 +264,9 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     sft = task == "sft"
-    models = load_models(cfg.model, need_reference=not sft)
+    need_reference = {"model": True, "adapter": False, "store": "if_different"}[cfg.reference.mode]
+    models = load_models(cfg.model, need_reference=need_reference and not sft)
     tokenizer, policy = models.tokenizer, models.policy.to(device)
-    reference = None if sft else make_reference(cfg.reference.mode, models.reference.to(device))
     if cfg.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -281,6 +282,9 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
     (run_dir / "data_report.json").write_text(json.dumps(reports, indent=1))
     if not train_pairs:
         raise DpokitError(f"{cfg.data.train}: no usable pairs (see {run_dir / 'data_report.json'})")
+    autocast = autocast_for(cfg, device)
+    # Before any checkpoint is restored: the policy still holds its starting weights here.
+    reference = None if sft else build_reference(cfg, models, train_pairs + eval_pairs, device, autocast, _note)
 
     pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum
     if cfg.train.max_steps is not None:
@@ -315,7 +319,6 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
         if cfg.train.keep_checkpoints:
             rotate_checkpoints(run_dir, cfg.train.keep_checkpoints)
 
-    autocast = autocast_for(cfg, device)
     pad_id = tokenizer.pad_token_id
     max_norm = cfg.train.max_grad_norm or float("inf")
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
@@ -353,7 +356,7 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
                 else:
                     batch = to_device(collate(chunk, pad_id, layout=cfg.train.layout,
                                               pack_length=cfg.train.pack_length), device)
-                    out = pair_forward(policy, reference, batch, cfg, autocast)
+                    out = pair_forward(policy, reference, batch, chunk, cfg, autocast)
                     # Normalize by the pairs of the whole optimizer step, not of the micro-batch.
                     (out["losses"].sum() / len(indices)).backward()
                     computed, real = computed + batch["computed_positions"], real + batch["real_positions"]
@@ -397,7 +400,9 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
         metrics.close()
     if start_step < total_steps:
         checkpoint_now(total_steps)
-    export_hf(policy, tokenizer, run_dir / "final")
+    # LoRA: fold the adapters into the base weights so final/ is a plain model.
+    final_model = policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
+    export_hf(final_model, tokenizer, run_dir / "final")
     return run_dir
 
 

@@ -1,0 +1,132 @@
+"""Reference modes give the same training as the in-memory frozen reference; the store is content-addressed,
+reused across runs, resumable, and recomputed when its key changes; LoRA trains and exports merged weights."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dpokit
+from dpokit.metrics import read_metrics
+from dpokit.reference import LogpStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_pairs(path: Path, n: int = 12) -> Path:
+    with path.open("w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"prompt": f"Request {i}: a short reply please.", "chosen": f" Sure {i}, happy to.",
+                                 "rejected": f" No {i}."}) + "\n")
+    return path
+
+
+def config(tmp_path: Path, **sections) -> dict:
+    cfg = {"model": {"name_or_path": "tiny-random-llama"},
+           "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl")), "max_length": 48, "max_prompt_length": 24},
+           "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 4, "seed": 2, "progress": False},
+           "reference": {"store_dir": str(tmp_path / "store")}}
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+
+
+def assert_same_training(a: Path, b: Path, tol: float = 1e-5) -> None:
+    for x, y in zip(train_rows(a), train_rows(b), strict=True):
+        for key in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected"):
+            assert y[key] == pytest.approx(x[key], abs=tol), key
+    wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=tol, rtol=0)
+
+
+def test_store_equals_model_reference_and_is_reused(tmp_path, capsys):
+    model_run = dpokit.train(config(tmp_path, reference={"mode": "model"}), run_dir=str(tmp_path / "model"))
+    store_run = dpokit.train(config(tmp_path, reference={"mode": "store"}), run_dir=str(tmp_path / "store-run"))
+    assert_same_training(model_run, store_run)
+    assert "24 responses computed, 0 reused" in capsys.readouterr().err
+    # A beta sweep on the same data and reference reuses every stored log-prob.
+    dpokit.train(config(tmp_path, reference={"mode": "store"}, loss={"beta": 0.5}), run_dir=str(tmp_path / "b2"))
+    assert "0 responses computed, 24 reused" in capsys.readouterr().err
+    # A changed key (truncation settings change the token ids) computes afresh.
+    dpokit.train(config(tmp_path, reference={"mode": "store"}, data={"max_length": 30, "max_prompt_length": 6}),
+                 run_dir=str(tmp_path / "trunc"))
+    err = capsys.readouterr().err
+    assert "0 responses computed" not in err and "responses computed" in err
+    # bf16 reference log-probs are different numbers: a different key too.
+    dpokit.train(config(tmp_path, reference={"mode": "store"}, train={"precision": "bf16"}),
+                 run_dir=str(tmp_path / "bf16"))
+    assert "24 responses computed, 0 reused" in capsys.readouterr().err
+
+
+def test_interrupted_precompute_resumes(tmp_path, capsys):
+    from dpokit.data import load_preferences
+    from dpokit.models import tiny_model, tiny_tokenizer
+    from dpokit.reference import precompute
+
+    cfg = dpokit.load_config(config(tmp_path))
+    tok = tiny_tokenizer()
+    pairs, _ = load_preferences(cfg.data.train, tok, cfg.data)
+    store = LogpStore(tmp_path / "partial")
+    model = tiny_model(len(tok))
+    calls = {"n": 0}
+
+    def stop_after_first_shard(done, total):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    key = b"k" * 32
+    with pytest.raises(KeyboardInterrupt):
+        precompute(store, model, key, pairs, tok.pad_token_id, lambda: torch.autocast("cpu", enabled=False),
+                   torch.device("cpu"), batch_size=4, shard_rows=4, progress=stop_after_first_shard)
+    again = LogpStore(tmp_path / "partial")
+    assert len(again) == 8  # the two shards finished before the interruption survived
+    assert not list((tmp_path / "partial").glob(".tmp-*"))
+    done = precompute(again, model, key, pairs, tok.pad_token_id, lambda: torch.autocast("cpu", enabled=False),
+                      torch.device("cpu"), batch_size=4)
+    assert done == 16 and len(again) == 24  # only the missing ones were computed
+
+
+def test_lora_with_adapter_reference_and_merged_export(tmp_path):
+    lora = {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
+    adapter = dpokit.train(config(tmp_path, model=lora, reference={"mode": "adapter"}, train={"lr": 1e-2}),
+                           run_dir=str(tmp_path / "adapter"))
+    model = dpokit.train(config(tmp_path, model=lora, reference={"mode": "model"}, train={"lr": 1e-2}),
+                         run_dir=str(tmp_path / "lora-model"))
+    store = dpokit.train(config(tmp_path, model=lora, reference={"mode": "store"}, train={"lr": 1e-2}),
+                         run_dir=str(tmp_path / "lora-store"))
+    assert_same_training(model, adapter)
+    assert_same_training(model, store)
+    rows = train_rows(adapter)
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5) and rows[-1]["loss"] < rows[0]["loss"]
+    # Only adapter weights were trained and checkpointed.
+    ckpt = load_file(str(adapter / "checkpoints" / "step-4" / "model.safetensors"))
+    assert ckpt and all("lora_" in name for name in ckpt)
+    # final/ is a plain model with merged weights: no adapter files, and it reproduces the policy.
+    final = adapter / "final"
+    assert not (final / "adapter_config.json").exists()
+    weights = load_file(str(final / "model.safetensors"))
+    assert not any("lora" in name for name in weights)
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    from dpokit.models import load_models
+
+    base = load_models(dpokit.load_config(config(tmp_path)).model, False).policy
+    moved = [(merged.state_dict()[k] - v).abs().max().item() for k, v in base.state_dict().items()
+             if "q_proj" in k or "v_proj" in k]
+    assert max(moved) > 0  # the adapters' update is in the merged weights
+
+
+def test_adapter_mode_without_lora_is_a_config_error():
+    from dpokit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reference.mode: 'adapter' needs model.lora"):
+        dpokit.load_config({"reference": {"mode": "adapter"}})
