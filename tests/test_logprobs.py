@@ -104,3 +104,23 @@ def test_packed_layout_with_eager_attention_matches_sdpa():
     a, _, _ = _grouped(eager, "packed", 64)
     b, _, _ = _grouped(_model(), "padded")
     torch.testing.assert_close(a.detach(), b.detach(), atol=1e-5, rtol=0)
+
+
+def test_compiled_layers_give_the_same_training(tmp_path):
+    import json
+
+    import dpokit
+    from dpokit.metrics import read_metrics
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i}", "chosen": f" yes {i}", "rejected": f" no {i}"}) + "\n"
+                            for i in range(8)))
+    rows = {}
+    for compiled in (False, True):
+        run = dpokit.train({"model": {"name_or_path": "tiny-random-llama"},
+                            "data": {"train": str(data), "max_length": 32, "max_prompt_length": 16},
+                            "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 2, "compile": compiled,
+                                      "progress": False}}, run_dir=str(tmp_path / str(compiled)))
+        rows[compiled] = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+    for a, b in zip(rows[False], rows[True]):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4

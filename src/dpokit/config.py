@@ -144,6 +144,9 @@ class TrainConfig(_Section):
     pack_length: int = Field(0, ge=0)
     """``packed`` rows hold up to max(pack_length, longest pair) tokens; 0 packs to the longest pair of the
     micro-batch, which keeps the attention work per token close to that of unpacked rows."""
+    compile: bool = False
+    """Compile each decoder layer with ``torch.compile`` (dynamic shapes; the first steps are slower while it
+    compiles). State-dict names are unchanged, so checkpoints and export work as without it."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     shuffle: bool = True

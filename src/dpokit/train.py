@@ -151,6 +151,16 @@ def pair_forward(policy: torch.nn.Module, reference: Reference, batch: dict[str,
             "chosen_logps": policy_logps[:, 0], "rejected_logps": policy_logps[:, 1]}
 
 
+def compile_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` every decoder layer in place (``Module.compile`` keeps parameter names, unlike
+    wrapping the model)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ConfigError("train.compile: this model has no decoder layers to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -269,6 +279,8 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
     tokenizer, policy = models.tokenizer, models.policy.to(device)
     if cfg.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile:
+        compile_layers(policy)
 
     listwise = cfg.loss.name in LISTWISE and not sft
     load = load_ranked if listwise else load_preferences
