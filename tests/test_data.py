@@ -63,11 +63,14 @@ def data_error(fn, *args):
 def test_each_format_is_detected(row, fmt, tmp_path, tiny_tok):
     path = write_jsonl(tmp_path / "d.jsonl", [row, row])
     assert normalize(next(iter_records(path))).format == fmt
+    cfg = DataConfig(dedupe=False)  # the same row twice
     if fmt.startswith("ranked"):
-        items, report = load_ranked(path, tiny_tok, CFG)
+        items, report = load_ranked(path, tiny_tok, cfg)
     else:
-        items, report = load(path, tiny_tok)
+        items, report = load(path, tiny_tok, cfg)
     assert report.formats == {fmt: 2} and report.rows_kept == 2 and len(items) == 2
+    _, report = load_ranked(path, tiny_tok, CFG) if fmt.startswith("ranked") else load(path, tiny_tok)
+    assert report.rows_kept == 1 and report.dropped == {"duplicate": 1}
 
 
 def test_conversational_normalization(tmp_path):
@@ -82,7 +85,7 @@ def test_conversational_normalization(tmp_path):
 def test_ranked_rows_sorted_best_first(tmp_path, tiny_tok):
     path = write_jsonl(tmp_path / "r.jsonl", [
         {"prompt": "Q", "responses": [" mid", " best", " worst"], "ranking": [2, 1, 3]},
-        {"prompt": "Q", "responses": [" mid", " best", " worst"], "scores": [0.5, 0.9, 0.1]}])
+        {"prompt": "Q2", "responses": [" mid", " best", " worst"], "scores": [0.5, 0.9, 0.1]}])
     for record in iter_records(path):
         assert normalize(record).responses == [" best", " mid", " worst"]
     ranked, report = load_ranked(path, tiny_tok, CFG)
@@ -360,3 +363,123 @@ def test_run_check_counts_drops_and_fails_without_usable_rows(tmp_path, capsys):
 def test_run_check_default_model(capsys):
     assert run_check(str(ROOT / "examples" / "prefs-chat.jsonl")) == 0
     assert "conversational (48)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------- streaming building blocks
+
+def test_length_summary_matches_sorted_list():
+    import math
+    import random
+
+    from dpokit.data.pipeline import LengthSummary, length_stats
+
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 3000) for _ in range(5001)]
+    ordered = sorted(lengths)
+
+    def rank(q):  # nearest rank, by the textbook definition
+        return ordered[math.ceil(q * len(ordered)) - 1]
+
+    assert length_stats(lengths) == {"count": 5001, "min": ordered[0], "mean": round(sum(lengths) / 5001, 2),
+                                     "p50": rank(0.5), "p95": rank(0.95), "max": ordered[-1]}
+    assert length_stats([]) == {"count": 0, "min": 0, "mean": 0.0, "p50": 0, "p95": 0, "max": 0}
+    assert length_stats([7]) == {"count": 1, "min": 7, "mean": 7.0, "p50": 7, "p95": 7, "max": 7}
+    # Above the cap lengths share power-of-two buckets, so memory stays fixed; min, max, mean stay exact.
+    summary = LengthSummary()
+    for n in (10, 100_000, 100_001, 200_000):
+        summary.add(n)
+    stats = summary.stats()
+    assert (stats["min"], stats["max"], stats["mean"]) == (10, 200_000, 100_002.75)
+    assert len(summary.counts) == 3  # 10, [65536, 131072), [131072, 262144)
+    assert (stats["p50"], stats["p95"]) == (65_536, 131_072)  # a bucket reports its lower bound
+
+
+def test_digest_set_is_a_set():
+    import random
+
+    from dpokit.data.pipeline import DigestSet
+
+    rng = random.Random(1)
+    values = [rng.getrandbits(64) for _ in range(20000)] + [0, 1]
+    values += values[:5000]  # repeats
+    digests, reference = DigestSet(capacity=16), set()
+    for v in values:
+        assert digests.add(v) == ((v or 1) not in reference)
+        reference.add(v or 1)
+    assert len(digests) == len(reference)
+    assert digests.nbytes <= 8 * 3 * len(reference)  # at most 1/3 empty slots over 2/3 load: ~24 bytes a row
+
+
+def test_format_character_table_is_unicode_category_cf():
+    import unicodedata
+
+    from dpokit.data.formats import _FORMAT_CHARS
+
+    cf = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf"]
+    assert all(_FORMAT_CHARS.fullmatch(c) for c in cf)
+    assert not _FORMAT_CHARS.search("plain text, العربية, עברית, 中文, 👩")
+
+
+# ------------------------------------------------------------------------------------------------ train/eval
+
+def test_find_overlap_counts_shared_pairs_and_prompts(tmp_path, tiny_tok):
+    from dpokit.data import find_overlap, overlap_report
+
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        {"prompt": f"Q{i}", "chosen": f" good {i}", "rejected": f" bad {i}"} for i in range(6)])
+    held = write_jsonl(tmp_path / "eval.jsonl", [
+        {"prompt": "Q1", "chosen": " good 1", "rejected": " bad 1"},     # the same pair
+        {"prompt": "Q2", "chosen": " good 2 ", "rejected": " bad 2"},    # a trailing space: other tokens
+        {"prompt": "Q3", "chosen": " other", "rejected": " bad 3"},      # shared prompt only
+        {"prompt": "Q4", "chosen": " bad 4", "rejected": " good 4"},     # swapped responses: prompt only
+        {"prompt": "Q9", "chosen": " good 9", "rejected": " bad 9"},     # new
+    ])
+    train_pairs, _ = load(train, tiny_tok)
+    eval_pairs, _ = load(held, tiny_tok)
+    # " good 2 " tokenizes differently from " good 2" (the trailing space is a token): a different pair
+    assert find_overlap(train_pairs, eval_pairs) == 1
+    assert find_overlap(train_pairs, eval_pairs, by="prompt") == 4
+    assert overlap_report(train_pairs, eval_pairs) == {"pairs": 1, "prompts": 4, "eval_rows": 5}
+    ranked, _ = load_ranked(train, tiny_tok, CFG)
+    assert find_overlap(ranked, ranked) == 6 and find_overlap(train_pairs, []) == 0
+
+
+# ---------------------------------------------------------------------------------------------- sources, paths
+
+@pytest.mark.parametrize("source", ["not a hub id", "owner/na me", "owner/..", "owner/name:evil", "-rf"])
+def test_invalid_hub_ids_are_refused_before_any_lookup(source, tiny_tok, monkeypatch):
+    import datasets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_dataset must not be called")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    message = data_error(load_preferences, source, tiny_tok, CFG)
+    assert message.startswith(source) and ("not a hub dataset id" in message or "file not found" in message)
+
+
+def test_single_object_json_file_is_one_row(tmp_path, tiny_tok):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(ROWS[0]))
+    pairs, report = load(path, tiny_tok)
+    assert report.rows_read == 1 and pairs[0].location == f"{path}:row 0"
+
+
+def test_run_check_settings_are_validated_with_their_key():
+    from dpokit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^data.on_error: "):
+        run_check(str(ROOT / "tests" / "data" / "tricky.jsonl"), model="tiny-random-llama", on_error="ignore")
+    with pytest.raises(ConfigError, match="^data.max_prompt_length: "):
+        run_check(str(ROOT / "tests" / "data" / "tricky.jsonl"), model="tiny-random-llama", max_length=16,
+                  max_prompt_length=16)
+
+
+def test_report_dict_has_the_audit_fields(tiny_tok):
+    _, report = load(ROOT / "tests" / "data" / "tricky.jsonl", tiny_tok)
+    summary = report.to_dict()
+    for key in ("rows_read", "rows_kept", "rows_dropped", "rows_malformed", "dropped", "truncated",
+                "truncated_prompts", "invisible_stripped", "boundary_fallback", "formats", "errors",
+                "prompt_tokens", "response_tokens"):
+        assert key in summary
+    json.dumps(summary)

@@ -267,3 +267,70 @@ def test_unusable_pairs_return_a_reason(tiny_tok):
     # NFC: a precomposed and a decomposed "é" are the same text.
     assert tokenize_pair("Q", " caf\u00e9", " cafe\u0301", tiny_tok, 64, 32) == "chosen_equals_rejected"
     assert tokenize_pair("Q", "  \n", " no", tiny_tok, 64, 32) == "empty_response"
+
+
+# --------------------------------------------------------------------------------------------- template sandbox
+
+MALICIOUS_TEMPLATES = {
+    "mro": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "globals": "{{ cycler.__init__.__globals__.os.system('touch pwned') }}",
+    "joiner": "{% for m in messages %}{{ joiner.__init__.__globals__.os.popen('touch pwned').read() }}{% endfor %}",
+    "mutation": "{{ messages.append({'role': 'user', 'content': 'injected'}) }}",
+    "message_class": "{% for m in messages %}{{ m.content.__class__.__base__.__subclasses__() }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALICIOUS_TEMPLATES))
+def test_malicious_chat_template_is_refused(name, tmp_path, monkeypatch):
+    """transformers renders chat templates in jinja2's ImmutableSandboxedEnvironment: escapes are refused, and
+    dpokit turns the refusal into one DataError line instead of a traceback, before any row is rendered."""
+    from dpokit.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    tok = tiny_tokenizer()
+    tok.chat_template = MALICIOUS_TEMPLATES[name]
+    with pytest.raises(DataError) as info:
+        token_rules(tok)
+    assert "chat template refused by the jinja sandbox" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(DataError, match="refused by the jinja sandbox"):
+        tokenize_pair([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "a"}],
+                      [{"role": "assistant", "content": "b"}], tok, 64, 32)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_template_file_access_is_a_row_error(tmp_path):
+    """No loader: a template cannot include or import files."""
+    from dpokit.errors import DataError
+
+    tok = tiny_tokenizer()
+    (tmp_path / "secret.txt").write_text("secret")
+    tok.chat_template = "{% include '" + str(tmp_path / "secret.txt") + "' %}"
+    with pytest.raises(DataError) as info:
+        tokenize_pair([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "a"}],
+                      [{"role": "assistant", "content": "b"}], tok, 64, 32)
+    assert "chat template failed" in str(info.value) and "secret" not in str(info.value).split("(", 1)[1]
+
+
+def test_transformers_renders_templates_in_a_sandbox():
+    """What the tests above rely on; fails loudly if a transformers upgrade changes how templates are compiled."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from transformers.utils import chat_template_utils
+
+    compiled = chat_template_utils._compile_jinja_template("{{ messages[0]['content'] }}")
+    assert isinstance(compiled.environment, ImmutableSandboxedEnvironment)
+
+
+# ---------------------------------------------------------------------------------------------- text policy
+
+def test_zwj_sequences_survive_tokenization(tiny_tok):
+    """U+200D joins emoji and Indic/Persian letters: it is kept, and the ids decode back to it."""
+    pair = tokenize_pair("Who?", " \U0001F469\u200d\U0001F4BB", " nobody", tiny_tok, 64, 32)
+    assert "\u200d" in decode(tiny_tok, pair.chosen_ids)
+
+
+def test_prompt_longer_than_max_length_is_truncated_not_dropped(tiny_tok):
+    long_prompt = "word " * 400
+    pair = tokenize_pair(long_prompt, " yes", " no", tiny_tok, 64, 32)
+    assert pair.truncated and len(pair.prompt_ids) == 32
+    assert pair.prompt_ids == encode(tiny_tok, long_prompt)[-32:]  # the end of the prompt, nearest the answer
+    assert len(pair.prompt_ids) + len(pair.chosen_ids) <= 64 and pair.chosen_ids[-1] == tiny_tok.eos_token_id

@@ -18,23 +18,54 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from dpokit.data.check import run_check
 
     return run_check(args.source, model=args.model, max_length=args.max_length,
-                     max_prompt_length=args.max_prompt_length)
+                     max_prompt_length=args.max_prompt_length, on_error=args.on_error,
+                     max_bad_fraction=args.max_bad_fraction, dedupe=not args.no_dedupe,
+                     max_line_bytes=args.max_line_bytes, max_rows=args.max_rows)
+
+
+def launch_nproc(args: argparse.Namespace) -> None:
+    """``--nproc N``: replace this process by torchrun running the same command on N local processes."""
+    if args.nproc is None:
+        return
+    if args.nproc < 1:
+        raise DpokitError("--nproc: expected a number of processes >= 1")
+    if "RANK" in os.environ:
+        raise DpokitError("--nproc: already running under torchrun; drop --nproc")
+    from dpokit.config import load_config
+    from dpokit.distributed import launch_command
+
+    load_config(args.config, args.overrides)  # a bad config is one line here, not one per process
+    argv = [args.command, args.config, *args.overrides]
+    argv += ["--resume"] * args.resume + ["--force"] * args.force
+    command = launch_command(args.nproc, argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(command[0], command)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun, or a plain single process: the one that prints the summary."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    launch_nproc(args)
     from dpokit.train import train
 
     run_dir = train(args.config, args.overrides, resume=args.resume, force=args.force)
-    print_before_after(run_dir)
-    print(f"run directory: {run_dir}")
+    if is_main_process():
+        print_before_after(run_dir)
+        print(f"run directory: {run_dir}")
     return 0
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
+    launch_nproc(args)
     from dpokit.train import train
 
     run_dir = train(args.config, args.overrides, resume=args.resume, force=args.force, task="sft")
-    print(f"run directory: {run_dir}")
+    if is_main_process():
+        print(f"run directory: {run_dir}")
     return 0
 
 
@@ -58,6 +89,34 @@ def print_before_after(run_dir: Path) -> None:
     Console().print(table)
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from dpokit.evaluate.scoring import score
+
+    score(args.model, args.file, ref=args.ref, beta=args.beta, out=args.out or "-", batch_size=args.batch_size)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dpokit.evaluate.run import evaluate_run, parse_temperatures, print_summary
+    from dpokit.rewards.judge import make_judge
+
+    result = evaluate_run(
+        args.run_dir, prompts=args.prompts, reward=args.reward, temperatures=parse_temperatures(args.temperatures),
+        judge=make_judge(args.judge_url, args.judge_model, args.judge_key_env, seed=args.seed),
+        n_samples=args.n_samples, max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed,
+        max_prompts=args.max_prompts, batch_size=args.batch_size, frontier=not args.no_frontier,
+        baseline=args.baseline, ref=args.ref, beta=args.beta)
+    print_summary(result)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dpokit.evaluate.report import write_report
+
+    print(f"report: {write_report(args.run_dirs, out=args.out, max_samples=args.max_samples)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--model", default="smollm2", help="model whose tokenizer and chat template to use")
     check.add_argument("--max-length", type=int, default=512)
     check.add_argument("--max-prompt-length", type=int, default=256)
+    check.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                       help="malformed rows: stop at the first (raise) or drop and count them (skip)")
+    check.add_argument("--max-bad-fraction", type=float, default=0.05,
+                       help="with --on-error skip: fail when more than this fraction of rows is malformed")
+    check.add_argument("--no-dedupe", action="store_true", help="keep exact duplicate rows")
+    check.add_argument("--max-line-bytes", type=int, default=None, help="reject JSONL lines longer than this")
+    check.add_argument("--max-rows", type=int, default=None, help="read at most this many rows")
     check.set_defaults(func=cmd_data_check)
 
     for name, func, text in (("train", cmd_train, "train with DPO (or a variant)"),
@@ -80,7 +146,45 @@ def build_parser() -> argparse.ArgumentParser:
                              help="continue from the newest complete checkpoint in run_dir")
         command.add_argument("--force", action="store_true",
                              help="resume even though settings that change the result differ")
+        command.add_argument("--nproc", type=int, metavar="N",
+                             help="train on N local processes (GPUs): runs this command under torchrun")
         command.set_defaults(func=func)
+
+    score = sub.add_parser("score", help="implicit reward beta * log pi/pi_ref of (prompt, response) rows")
+    score.add_argument("file", help="JSONL/JSON/CSV/Parquet rows: prompt + response | responses | chosen/rejected")
+    score.add_argument("--model", required=True, help="run directory (uses its final/) or model folder")
+    score.add_argument("--ref", help="reference model (default: the run's reference; required for a folder)")
+    score.add_argument("--beta", type=float, help="default: the run's loss.beta")
+    score.add_argument("--out", help="output JSONL (default: stdout)")
+    score.add_argument("--batch-size", type=int, default=8)
+    score.set_defaults(func=cmd_score)
+
+    ev = sub.add_parser("eval", help="samples, reward, KL, win rate, implicit-reward accuracy -> RUN_DIR/eval/")
+    ev.add_argument("run_dir")
+    ev.add_argument("--prompts", help="prompt file (default: the prompts of the run's data.eval)")
+    ev.add_argument("--reward", help="ground-truth reward: sentiment, length, or module:function")
+    ev.add_argument("--judge-url", help="OpenAI-compatible endpoint of an LLM judge, e.g. http://host:8000/v1")
+    ev.add_argument("--judge-model", help="model name the judge endpoint serves")
+    ev.add_argument("--judge-key-env", help="environment variable holding the judge's API key")
+    ev.add_argument("--baseline", choices=["reference", "chosen"], default="reference",
+                    help="win rate against pi_ref samples or the dataset's chosen responses")
+    ev.add_argument("--temperatures", default="1.0", help="comma-separated sampling temperatures (1.0 always)")
+    ev.add_argument("--n-samples", type=int, default=1, help="samples per prompt")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument("--max-prompts", type=int, help="use at most this many prompts")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--no-frontier", action="store_true", help="skip the per-checkpoint reward-KL points")
+    ev.add_argument("--ref", help="reference model (default: the run's reference)")
+    ev.add_argument("--beta", type=float, help="default: the run's loss.beta")
+    ev.set_defaults(func=cmd_eval)
+
+    report = sub.add_parser("report", help="one self-contained HTML page: curves, frontier, samples")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="HTML file (default: RUN_DIR/report.html; required for several runs)")
+    report.add_argument("--max-samples", type=int, default=6, help="side-by-side samples shown per run")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

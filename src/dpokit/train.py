@@ -7,6 +7,10 @@
 
 The loss of each micro-batch is summed over its pairs and divided by the number of pairs in the whole
 optimizer step, so batch 8 x accumulation 1 and batch 1 x accumulation 8 produce the same gradient.
+
+Under ``torchrun`` every process runs this same loop (``dpokit.distributed``): all ranks draw the same global
+pairs of a step and each trains its share, so 2 ranks x batch 4 is 1 rank x batch 8; metrics are reduced over
+ranks and written by rank 0, which alone touches the run folder.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +33,19 @@ import torch
 
 from dpokit.checkpoint import (
     export_hf,
+    full_state_dict,
     newest_complete,
+    read_trainer_state,
     restore_checkpoint,
     rotate_checkpoints,
     save_checkpoint,
 )
 from dpokit.config import Config, load_config, save_config
-from dpokit.data import load_preferences, load_ranked
+from dpokit.data import load_preferences, load_ranked, overlap_report
 from dpokit.data.batch import PairStream, collate_pairs, collate_ranked, collate_responses, regroup, to_device
+from dpokit.distributed import Dist
+from dpokit.distributed import setup as setup_distributed
 from dpokit.errors import ConfigError, DpokitError
-from dpokit.logprobs import batch_logps
 from dpokit.losses import LISTWISE, compute_loss, plackett_luce_loss
 from dpokit.metrics import HealthMonitor, MetricsWriter, PairStats, Progress, SftStats
 from dpokit.models import load_models
@@ -130,12 +137,14 @@ def pair_forward(policy: torch.nn.Module, reference: Reference, batch: dict[str,
                  cfg: Config, autocast: Autocast) -> dict[str, torch.Tensor]:
     """Policy and reference log-probs of a batch of pairs (or rankings) and the per-group loss.
 
-    Pairs go through the configured pairwise loss; rankings (``loss.name: plackett_luce``) through the listwise
-    one, reporting the best response as "chosen" and the worst as "rejected". Shapes: (G,) each.
+    ``policy`` maps a batch to per-slot ``(logps, n_tokens)``: a ``dpokit.distributed.LogpsModule`` (DDP- or
+    FSDP-wrapped under torchrun). Pairs go through the configured pairwise loss; rankings
+    (``loss.name: plackett_luce``) through the listwise one, reporting the best response as "chosen" and the
+    worst as "rejected". Shapes: (G,) each.
     """
     ref_logps = reference.logps(batch, items, autocast)  # (G, K)
     with autocast():
-        row_logps, row_tokens = batch_logps(policy, batch)
+        row_logps, row_tokens = policy(batch)
     policy_logps, n_tokens = regroup(row_logps, batch), regroup(row_tokens, batch)  # (G, K)
     if cfg.loss.name in LISTWISE:
         mask = batch["slot_mask"]
@@ -161,26 +170,27 @@ def compile_layers(model: torch.nn.Module) -> None:
         layer.compile(dynamic=True)
 
 
-def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 @torch.no_grad()
 def evaluate(policy: torch.nn.Module, reference: Reference, pairs: list[Any], cfg: Config, pad_id: int,
-             device: torch.device, collate: Callable[..., dict[str, Any]] = collate_pairs) -> dict[str, float]:
-    """Mean pair metrics over held-out pairs (policy in eval mode, restored afterwards)."""
+             device: torch.device, collate: Callable[..., dict[str, Any]] = collate_pairs,
+             dist: Dist | None = None) -> dict[str, float]:
+    """Mean pair metrics over held-out pairs (policy in eval mode, restored afterwards); under torchrun each
+    rank scores its share and the sums are reduced."""
+    dist = dist or Dist()
     was_training = policy.training
     policy.eval()
     stats = PairStats()
     autocast = autocast_for(cfg, device)
-    for chunk in _chunks(list(range(len(pairs))), cfg.eval.batch_size):
-        items = [pairs[i] for i in chunk]
+    everything = list(range(len(pairs)))
+    for chunk in dist.share(everything, cfg.eval.batch_size):
+        items = [pairs[i] for i in chunk or everything[:1]]  # a placeholder keeps FSDP's calls in step
         batch = to_device(collate(items, pad_id, layout=cfg.train.layout, pack_length=cfg.train.pack_length),
                           device)
         out = pair_forward(policy, reference, batch, items, cfg, autocast)
-        stats.add(out["losses"], out["chosen_rewards"], out["rejected_rewards"], out["chosen_logps"],
-                  out["rejected_logps"], batch["tokens"])
+        if chunk:
+            stats.add(out["losses"], out["chosen_rewards"], out["rejected_rewards"], out["chosen_logps"],
+                      out["rejected_logps"], batch["tokens"])
+    stats.reduce(dist.sum)
     policy.train(was_training)
     return {"tokens": stats.tokens, **stats.means()}
 
@@ -189,6 +199,10 @@ def evaluate(policy: torch.nn.Module, reference: Reference, pairs: list[Any], cf
 
 def _note(message: str) -> None:
     print(f"dpokit: {message}", file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    """Notes of ranks other than 0 (rank 0 says the same)."""
 
 
 def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
@@ -218,8 +232,12 @@ def _dotted(tree: dict[str, Any], key: str) -> Any:
 
 
 def check_resume_settings(saved: dict[str, Any], current: Config, data_fingerprint: str,
-                          saved_fingerprint: str | None) -> None:
-    """Refuse to resume when a setting that alters the remaining steps differs from the checkpoint's."""
+                          saved_fingerprint: str | None, saved_world: int = 1, world: int = 1) -> None:
+    """Refuse to resume when a setting that alters the remaining steps differs from the checkpoint's (the
+    number of processes included: it multiplies the global batch)."""
+    if saved_world != world:
+        raise ConfigError(f"distributed: the number of processes changed since the checkpoint ({saved_world} -> "
+                          f"{world}), which changes the global batch (use --force to resume anyway)")
     now = current.model_dump(mode="json")
     keys = list(GUARDED_KEYS)
     if current.train.scheduler != "constant":
@@ -259,19 +277,36 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
     ``kwargs`` dotted keys written with ``__`` (``train__max_steps=3``). ``resume`` continues from the newest
     complete checkpoint in ``run_dir``; ``force`` allows resuming with changed settings. ``task`` is ``dpo``
     (the configured preference loss) or ``sft`` (negative log-likelihood of the chosen responses).
+    Launched by torchrun, every process calls this (``dpokit.distributed``); a failure on any rank ends every
+    rank with one line naming it.
     """
     cfg = load_config(config, overrides, **kwargs)
+    dist = setup_distributed(cfg.distributed)
+    with dist.failures():
+        run_dir = _train(cfg, dist, resume=resume, force=force, task=task)
+    dist.close()
+    return run_dir
+
+
+def _train(cfg: Config, dist: Dist, *, resume: bool, force: bool, task: str) -> Path:
     if not cfg.data.train:
         raise ConfigError("data.train: required (a preference file or hub dataset id)")
     resume = resume or cfg.train.resume == "auto"
-    run_dir = prepare_run_dir(cfg, resume)
-    checkpoint = newest_complete(run_dir, _note) if resume else None
-    if resume and checkpoint is None and (run_dir / "metrics.jsonl").exists():
-        _note(f"no complete checkpoint in {run_dir}; starting from step 0")
-        (run_dir / "metrics.jsonl").unlink()
-    save_config(cfg, run_dir / "config.yaml")
-    seed_everything(cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    note = _note if dist.is_main else _quiet
+
+    def prepare() -> Path | None:  # rank 0 alone touches the run folder; every rank gets the checkpoint
+        run_dir = prepare_run_dir(cfg, resume)
+        checkpoint = newest_complete(run_dir, _note) if resume else None
+        if resume and checkpoint is None and (run_dir / "metrics.jsonl").exists():
+            _note(f"no complete checkpoint in {run_dir}; starting from step 0")
+            (run_dir / "metrics.jsonl").unlink()
+        save_config(cfg, run_dir / "config.yaml")
+        return checkpoint
+
+    checkpoint = dist.on_main(prepare)
+    run_dir = Path(cfg.run_dir)
+    seed_everything(cfg.train.seed)  # the same on every rank: identical initial (e.g. LoRA) weights
+    device = dist.device
 
     sft = task == "sft"
     need_reference = {"model": True, "adapter": False, "store": "if_different"}[cfg.reference.mode]
@@ -291,56 +326,69 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
     if cfg.data.eval and not sft:
         eval_pairs, eval_report = load(cfg.data.eval, tokenizer, cfg.data, cfg.data.eval_split)
         reports["eval"] = eval_report.to_dict()
-    (run_dir / "data_report.json").write_text(json.dumps(reports, indent=1))
+        reports["overlap"] = overlap_report(train_pairs, eval_pairs)
+        if reports["overlap"]["pairs"]:
+            _note(f"{reports['overlap']['pairs']} of {len(eval_pairs)} eval pairs also appear in the training data")
+    if dist.is_main:
+        (run_dir / "data_report.json").write_text(json.dumps(reports, indent=1))
     if not train_pairs:
         raise DpokitError(f"{cfg.data.train}: no usable pairs (see {run_dir / 'data_report.json'})")
     autocast = autocast_for(cfg, device)
     # Before any checkpoint is restored: the policy still holds its starting weights here.
-    reference = None if sft else build_reference(cfg, models, train_pairs + eval_pairs, device, autocast, _note)
+    reference = None if sft else build_reference(cfg, models, train_pairs + eval_pairs, device, autocast, note,
+                                                 dist)
+    scorer = dist.wrap_policy(policy)  # batch -> (logps, n_tokens); DDP- or FSDP-wrapped under torchrun
+    if dist.rank:  # independent dropout masks per rank; rank 0 keeps the single-process random stream
+        seed_everything(cfg.train.seed + dist.rank)
 
-    pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum
+    pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world  # the global batch
     if cfg.train.max_steps is not None:
         total_steps, total_pairs = cfg.train.max_steps, cfg.train.max_steps * pairs_per_step
     else:
         total_pairs = math.ceil(cfg.train.epochs * len(train_pairs))
         total_steps = math.ceil(total_pairs / pairs_per_step)
 
-    params = [p for p in policy.parameters() if p.requires_grad]
+    params = [p for p in policy.parameters() if p.requires_grad]  # FSDP's shards once wrapped
     optimizer = make_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     stream = PairStream(len(train_pairs), cfg.train.seed, cfg.train.shuffle)
     data_fingerprint = fingerprint(cfg.data.train)
     start_step = consumed = skipped = 0
     if checkpoint is not None:
-        state = restore_checkpoint(checkpoint, policy, optimizer, scheduler)
+        saved = read_trainer_state(checkpoint)
         if not force:
-            check_resume_settings(state["config"], cfg, data_fingerprint, state.get("data_fingerprint"))
+            check_resume_settings(saved["config"], cfg, data_fingerprint, saved.get("data_fingerprint"),
+                                  saved.get("world_size", 1), dist.world)
+        state = restore_checkpoint(checkpoint, policy, optimizer, scheduler, dist)
         start_step, consumed, skipped = state["step"], state["pairs_consumed"], state["skipped_steps"]
         stream = PairStream(len(train_pairs), cfg.train.seed, cfg.train.shuffle, **state["data_position"])
-        set_rng_state(state["rng"])
-        truncate_metrics(run_dir / "metrics.jsonl", start_step)
-        _note(f"resuming from {checkpoint} (step {start_step} of {total_steps})")
+        rngs = [state["rng"], *state.get("rng_other_ranks", [])]
+        set_rng_state(rngs[dist.rank % len(rngs)])
+        if dist.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        note(f"resuming from {checkpoint} (step {start_step} of {total_steps})")
 
     def trainer_state(step: int) -> dict[str, Any]:
+        rngs = dist.gather(rng_state())
         return {"step": step, "data_position": stream.position, "pairs_consumed": consumed,
-                "skipped_steps": skipped, "rng": rng_state(), "config": cfg.model_dump(mode="json"),
-                "data_fingerprint": data_fingerprint, "task": task}
+                "skipped_steps": skipped, "rng": rngs[0], "rng_other_ranks": rngs[1:], "world_size": dist.world,
+                "config": cfg.model_dump(mode="json"), "data_fingerprint": data_fingerprint, "task": task}
 
     def checkpoint_now(step: int) -> None:
-        save_checkpoint(run_dir, step, policy, optimizer, scheduler, trainer_state(step))
-        if cfg.train.keep_checkpoints:
+        save_checkpoint(run_dir, step, policy, optimizer, scheduler, trainer_state(step), dist)
+        if cfg.train.keep_checkpoints and dist.is_main:
             rotate_checkpoints(run_dir, cfg.train.keep_checkpoints)
 
     pad_id = tokenizer.pad_token_id
     max_norm = cfg.train.max_grad_norm or float("inf")
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
-    progress = Progress(total_steps, start_step, enabled=cfg.train.progress)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=dist.is_main)
+    progress = Progress(total_steps, start_step, enabled=cfg.train.progress and dist.is_main)
     health = HealthMonitor(interval=cfg.eval.every or 20)
     started = time.perf_counter()
     consecutive_skips = 0
 
     def log_eval(step: int) -> None:
-        row = evaluate(policy, reference, eval_pairs, cfg, pad_id, device, collate)
+        row = evaluate(scorer, reference, eval_pairs, cfg, pad_id, device, collate, dist)
         metrics.write({"step": step, "split": "eval", "elapsed_s": time.perf_counter() - started, **row})
 
     try:
@@ -348,33 +396,44 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
             log_eval(0)
         for step in range(start_step + 1, total_steps + 1):
             step_start = time.perf_counter()
+            # The same global pairs on every rank (the stream is seeded); each rank trains its share.
             indices = stream.take(min(pairs_per_step, total_pairs - consumed))
             consumed += len(indices)
             stats = SftStats() if sft else PairStats()
             computed = real = 0
             # SFT averages over every response token of the step, DPO over every pair of the step.
             step_tokens = sum(len(train_pairs[i].chosen_ids) for i in indices) if sft else 0
-            for micro in _chunks(indices, cfg.train.batch_size):
-                chunk = [train_pairs[i] for i in micro]
+            micros = dist.share(indices, cfg.train.batch_size)
+            for number, micro in enumerate(micros):
+                # A rank short of pairs (uneven last step) runs a placeholder with zero weight: DDP and FSDP
+                # communicate inside forward and backward, so every rank must make the same calls.
+                chunk = [train_pairs[i] for i in micro or indices[:1]]
+                weight = dist.grad_scale if micro else 0
+                with dist.grad_sync(scorer, sync=number == len(micros) - 1):
+                    if sft:
+                        batch = to_device(collate_responses([(p.prompt_ids, p.chosen_ids) for p in chunk],
+                                                            pad_id, layout=cfg.train.layout,
+                                                            pack_length=cfg.train.pack_length), device)
+                        with autocast():
+                            logps, _ = scorer(batch)
+                        (-logps.sum() * weight / step_tokens).backward()
+                    else:
+                        batch = to_device(collate(chunk, pad_id, layout=cfg.train.layout,
+                                                  pack_length=cfg.train.pack_length), device)
+                        out = pair_forward(scorer, reference, batch, chunk, cfg, autocast)
+                        # Normalize by the pairs of the whole optimizer step (all ranks), not of the micro-batch.
+                        (out["losses"].sum() * weight / len(indices)).backward()
+                if not micro:
+                    continue
+                computed, real = computed + batch["computed_positions"], real + batch["real_positions"]
                 if sft:
-                    batch = to_device(collate_responses([(p.prompt_ids, p.chosen_ids) for p in chunk], pad_id,
-                                                        layout=cfg.train.layout,
-                                                        pack_length=cfg.train.pack_length), device)
-                    with autocast():
-                        logps, _ = batch_logps(policy, batch)
-                    (-logps.sum() / step_tokens).backward()
-                    computed, real = computed + batch["computed_positions"], real + batch["real_positions"]
                     stats.add(logps, batch["n_response_tokens"], batch["tokens"])
                 else:
-                    batch = to_device(collate(chunk, pad_id, layout=cfg.train.layout,
-                                              pack_length=cfg.train.pack_length), device)
-                    out = pair_forward(policy, reference, batch, chunk, cfg, autocast)
-                    # Normalize by the pairs of the whole optimizer step, not of the micro-batch.
-                    (out["losses"].sum() / len(indices)).backward()
-                    computed, real = computed + batch["computed_positions"], real + batch["real_positions"]
                     stats.add(out["losses"], out["chosen_rewards"], out["rejected_rewards"],
                               out["chosen_logps"], out["rejected_logps"], batch["tokens"])
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            stats.reduce(dist.sum)  # sums over every pair of every rank
+            computed, real = dist.sum([computed, real])
+            grad_norm = dist.clip_grad_norm(params, max_norm)  # of the whole gradient: the same on every rank
             lr = optimizer.param_groups[0]["lr"]
             means = stats.means()
             if math.isfinite(grad_norm) and math.isfinite(means["loss"]):
@@ -385,7 +444,7 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
                 # A non-finite step changes nothing: no parameter, optimizer or scheduler update.
                 skipped += 1
                 consecutive_skips += 1
-                _note(f"step {step}: loss or gradients not finite; step skipped")
+                note(f"step {step}: loss or gradients not finite; step skipped")
                 if consecutive_skips >= cfg.train.max_skipped_steps:
                     raise DpokitError(f"step {step}: loss or gradients not finite for {consecutive_skips} "
                                       "consecutive steps; lower train.lr or check the data")
@@ -398,7 +457,7 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
             if step % cfg.train.log_every == 0 or step == total_steps:
                 metrics.write(row)
             for code, message in health.check(row):
-                _note(f"warning at step {step}: {message}")
+                note(f"warning at step {step}: {message}")
                 metrics.write({"step": step, "split": "warning", "warning": code, "message": message})
             progress.update(step, row)
             if eval_pairs and cfg.eval.every and step % cfg.eval.every == 0 and step != total_steps:
@@ -412,9 +471,12 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
         metrics.close()
     if start_step < total_steps:
         checkpoint_now(total_steps)
-    # LoRA: fold the adapters into the base weights so final/ is a plain model.
-    final_model = policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
-    export_hf(final_model, tokenizer, run_dir / "final")
+    # final/ is one plain folder written by rank 0; a sharded (FSDP) policy is gathered whole first.
+    weights = full_state_dict(policy) if dist.sharded else None
+    if dist.is_main:
+        # LoRA: fold the adapters into the base weights so final/ is a plain model.
+        final_model = policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
+        export_hf(final_model, tokenizer, run_dir / "final", weights)
     return run_dir
 
 

@@ -3,17 +3,29 @@
 - ``load``: rows with their ``path:line`` locations from JSONL / JSON / CSV / Parquet / a hub dataset
 - ``formats``: the standard, conversational, implicit-prompt and ranked formats into one shape; drop reasons
 - ``tokenize``: prompt ids exactly a prefix of the model input, one BOS, one end token, truncation
-- ``pipeline``: :func:`load_preferences` / :func:`load_ranked` and the :class:`DataReport`
+- ``pipeline``: :func:`load_preferences` / :func:`load_ranked`, the streaming :func:`iter_tokenized` and the
+  :class:`DataReport`
+- ``overlap``: :func:`find_overlap` between train and eval
 - ``check``: ``dpokit data check``
 """
 
-from dpokit.data.formats import DROP_REASONS, PreferenceRow, RankedRow, normalize, split_implicit
-from dpokit.data.load import Record, iter_records
-from dpokit.data.pipeline import DataReport, load_any, load_preferences, load_ranked
-from dpokit.data.tokenize import TokenizedPair, TokenizedRanked, token_rules, tokenize_pair
+from dpokit.data.formats import (
+    CONTENT_REASONS,
+    DROP_REASONS,
+    MALFORMED_REASONS,
+    PreferenceRow,
+    RankedRow,
+    normalize,
+    split_implicit,
+)
+from dpokit.data.load import Record, RowError, iter_records, scan_records
+from dpokit.data.overlap import find_overlap, overlap_report
+from dpokit.data.pipeline import DataReport, iter_tokenized, load_any, load_preferences, load_ranked
+from dpokit.data.tokenize import TokenizedPair, TokenizedRanked, encode_rows, token_rules, tokenize_pair
 
 __all__ = [
-    "DROP_REASONS", "DataReport", "PreferenceRow", "RankedRow", "Record", "TokenizedPair", "TokenizedRanked",
-    "iter_records", "load_any", "load_preferences", "load_ranked", "normalize", "split_implicit", "token_rules",
-    "tokenize_pair",
+    "CONTENT_REASONS", "DROP_REASONS", "DataReport", "MALFORMED_REASONS", "PreferenceRow", "RankedRow", "Record",
+    "RowError", "TokenizedPair", "TokenizedRanked", "encode_rows", "find_overlap", "iter_records", "iter_tokenized",
+    "load_any", "load_preferences", "load_ranked", "normalize", "overlap_report", "scan_records", "split_implicit",
+    "token_rules", "tokenize_pair",
 ]

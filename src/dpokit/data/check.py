@@ -1,4 +1,9 @@
-"""``dpokit data check FILE [--model M]``: validate a preference source and say what training would see."""
+"""``dpokit data check FILE [--model M]``: validate a preference source and say what training would see.
+
+Streams: rows are tokenized in chunks and forgotten, so a file of any size is checked in constant memory
+(``benchmarks/data_check_memory.py`` measures it). Nothing is printed before the whole source has been read, so
+a check that fails half way prints its one error line and no partial report.
+"""
 
 from __future__ import annotations
 
@@ -9,27 +14,36 @@ from rich.console import Console
 from rich.table import Table
 
 from dpokit.config import DataConfig
-from dpokit.data.formats import DROP_REASONS
-from dpokit.data.pipeline import DataReport, load_any
+from dpokit.data.formats import DROP_REASONS, MALFORMED_REASONS
+from dpokit.data.pipeline import DataReport, iter_tokenized
 from dpokit.errors import ConfigError
 
 
 def run_check(source: str, model: str = "smollm2", max_length: int = 512, max_prompt_length: int = 256,
-              console: Console | None = None) -> int:
+              console: Console | None = None, *, on_error: str = "raise", max_bad_fraction: float = 0.05,
+              dedupe: bool = True, max_line_bytes: int | None = None, max_rows: int | None = None) -> int:
     """Load and tokenize ``source`` with ``model``'s tokenizer, print the report; 0 if any row is usable, else 1.
 
-    Bad input raises :class:`dpokit.errors.DataError` (the CLI prints it as one line).
+    The keyword arguments are the ``data.*`` settings of the same names. Bad input raises
+    :class:`dpokit.errors.DataError` (the CLI prints it as one line).
     """
     from dpokit.models import load_tokenizer, resolve
 
+    settings: dict[str, Any] = {"max_length": max_length, "max_prompt_length": max_prompt_length,
+                                "on_error": on_error, "max_bad_fraction": max_bad_fraction, "dedupe": dedupe,
+                                "max_rows": max_rows}
+    if max_line_bytes is not None:
+        settings["max_line_bytes"] = max_line_bytes
     try:
-        data_cfg = DataConfig(max_length=max_length, max_prompt_length=max_prompt_length)
+        data_cfg = DataConfig(**settings)
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "max_prompt_length"
-        raise ConfigError(f"{key}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise ConfigError(f"data.{key}: {first['msg'].removeprefix('Value error, ')}") from None
     tokenizer = load_tokenizer(resolve(model))
-    _, report = load_any(source, tokenizer, data_cfg)
+    report = DataReport(source=source)
+    for _ in iter_tokenized(source, tokenizer, data_cfg, report, want="any"):
+        pass  # only the report is wanted: each row is forgotten as soon as it is counted
     print_report(report, model, data_cfg, console or Console())
     return 0 if report.rows_kept > 0 else 1
 
@@ -48,11 +62,16 @@ def print_report(report: DataReport, model: str, data_cfg: Any, console: Console
     counts.add_row("rows read", str(report.rows_read), "")
     counts.add_row("rows kept", str(report.rows_kept), "")
     counts.add_row("rows dropped", str(report.rows_dropped), "")
-    for reason, n in sorted(report.dropped.items()):
-        counts.add_row(f"  {reason}", str(n), DROP_REASONS.get(reason, ""))
+    for reason, n in sorted(report.dropped.items(), key=lambda item: (item[0] in MALFORMED_REASONS, item[0])):
+        kind = "malformed: " if reason in MALFORMED_REASONS else ""
+        counts.add_row(f"  {reason}", str(n), kind + DROP_REASONS.get(reason, ""))
     formats = ", ".join(f"{name} ({n})" for name, n in report.formats.items())
-    counts.add_row("formats", formats, "")
+    counts.add_row("formats", "", formats)
     console.print(counts)
+    if report.errors:
+        console.print(f"first malformed rows ({len(report.errors)} of {report.rows_malformed}):")
+        for message in report.errors:
+            console.print(f"  {message}", style="yellow", markup=False, highlight=False)
 
     lengths = Table(title="token lengths (kept rows, after truncation)", title_justify="left")
     lengths.add_column("")
@@ -66,7 +85,9 @@ def print_report(report: DataReport, model: str, data_cfg: Any, console: Console
     console.print("[bold]tokenization audit[/bold]")
     # Why the fallback matters: without it the prompt tokens would differ between training and generation.
     console.print(f"  boundary fallback: {report.boundary_fallback} rows (response tokenized alone)")
-    console.print(f"  truncated: {report.truncated} rows (cut to max_prompt_length / max_length)")
+    console.print(f"  truncated: {report.truncated} rows (cut to max_prompt_length / max_length), "
+                  f"{report.truncated_prompts} in the prompt")
+    console.print(f"  invisible characters removed: {report.invisible_stripped} rows (U+200B, U+2060, U+FEFF)")
     if report.rows_kept:
         console.print(f"[green]OK[/green]: {report.rows_kept} usable rows")
     else:

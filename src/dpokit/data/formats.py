@@ -17,22 +17,43 @@ them):
 ``ranked_conversational``    the same with messages
 ===========================  ====================================================================================
 
-A message is ``{"role": str, "content": str, ...}``; extra keys (``name``, ...) are passed to the chat template.
-Extra row keys (``id``, ``score_chosen``, ...) are ignored. A structurally wrong row (missing key, null, wrong
-type, a prompt not ending in a user turn) is a :class:`DataError` naming ``path:line`` and the key; a
-well-formed but unusable row (empty, or chosen == rejected) is *dropped and counted* by :func:`drop_reason`.
+A message is ``{"role": str, "content": str, ...}`` with a role in :data:`ROLES`; extra keys (``name``, ...) are
+passed to the chat template. Content must be a string: multimodal parts (image URLs, file paths) are refused, so
+nothing in a row can make dpokit open a file or a URL. Extra row keys (``id``, ``score_chosen``, ...) are ignored.
+
+A structurally wrong row is a :class:`~dpokit.data.load.RowError` naming ``path:line`` and the key, with one of
+the :data:`MALFORMED_REASONS` (``data.on_error: skip`` counts it instead of stopping). A well-formed but unusable
+row is *dropped and counted* by :func:`drop_reason` (:data:`CONTENT_REASONS`).
+
+Text policy, per character class (decided here, tested in ``tests/test_bad_input.py``):
+
+- lone surrogates (JSON ``"\\ud800"``) and NUL: not text (no UTF-8 encoding exists for a lone surrogate; NUL is
+  a mark of binary or corrupted data) -> malformed, ``invalid_text``;
+- U+200B ZERO WIDTH SPACE, U+2060 WORD JOINER, U+FEFF (a byte-order mark inside text, left by concatenating
+  files): invisible scraping artifacts a model would learn to emit -> removed, the row counted in the report's
+  ``invisible_stripped``. U+200C/U+200D (ZWNJ/ZWJ) are kept: Persian and Indic spelling and emoji sequences
+  (woman + ZWJ + laptop) need them;
+- U+202D/U+202E (left-to-right / right-to-left OVERRIDE): they make text display in an order other than the one
+  the model reads ("Trojan Source", CVE-2021-42574), so a reviewer cannot see what is trained on -> row dropped,
+  ``bidi_override``. Marks, embeddings and isolates (U+200E/F, U+202A-C, U+2066-9) are ordinary in Arabic and
+  Hebrew text and kept.
+
+"chosen == rejected" compares texts as a reader sees them: NFC (composed and decomposed accents are equal),
+invisible format characters (Unicode category Cf) removed, whitespace runs collapsed and ends stripped. Not NFKC:
+it folds "x²" into "x2" and "½" into "1⁄2", answers a grader tells apart.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from dpokit.data.load import Record, _type_name
-from dpokit.errors import DataError
+from dpokit.data.load import Record, RowError, _type_name
 
 Message = dict[str, Any]
 Text = str | list[Message]
@@ -40,6 +61,10 @@ Text = str | list[Message]
 
 PROMPT_END_ROLES = ("user", "system", "tool")
 """A prompt must end with a turn the assistant answers."""
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+"""Message roles the chat templates of common models know (OpenAI's ``developer``/``function``, Llama 3.1's
+``ipython``); any other role is a malformed row, not something to pass to a template to guess about."""
 
 HH_ASSISTANT = "Assistant:"
 """The turn marker of Anthropic HH-RLHF; implicit-prompt strings are split just after its last occurrence."""
@@ -73,12 +98,14 @@ def normalize(record: Record) -> PreferenceRow | RankedRow:
     if "responses" in row:
         return _ranked(row, loc)
     if "chosen" not in row and "rejected" not in row:
-        raise DataError(f"{loc}: no preference fields; expected 'prompt', 'chosen', 'rejected' (or 'chosen' and "
-                        f"'rejected' alone, or 'responses' with 'ranking'/'scores'); found keys {_keys(row)}")
+        raise RowError(f"{loc}: no preference fields; expected 'prompt', 'chosen', 'rejected' (or 'chosen' and "
+                       f"'rejected' alone, or 'responses' with 'ranking'/'scores'); found keys {_keys(row)}",
+                       "missing_key")
     chosen = _text(row, "chosen", loc)
     rejected = _text(row, "rejected", loc)
     if isinstance(chosen, str) != isinstance(rejected, str):
-        raise DataError(f"{loc}: 'chosen' and 'rejected' must both be strings or both be lists of messages")
+        raise RowError(f"{loc}: 'chosen' and 'rejected' must both be strings or both be lists of messages",
+                       "wrong_type")
     if "prompt" not in row:
         if isinstance(chosen, str):
             assert isinstance(rejected, str)
@@ -140,8 +167,9 @@ def _implicit_messages(chosen: list[Message], rejected: list[Message], loc: str)
     for key, turns in (("chosen", chosen_turns), ("rejected", rejected_turns)):
         for i, message in enumerate(turns):
             if message["role"] != "assistant":
-                raise DataError(f"{loc}: '{key}[{k + i}]' is a '{message['role']}' turn, but chosen and rejected "
-                                f"first differ at message {first_difference}; only final assistant turns may differ")
+                raise RowError(f"{loc}: '{key}[{k + i}]' is a '{message['role']}' turn, but chosen and rejected "
+                               f"first differ at message {first_difference}; only final assistant turns may differ",
+                               "bad_messages")
     _check_turns(prompt, {"chosen": chosen_turns, "rejected": rejected_turns}, loc, offset=k,
                  allow_empty_prompt=True)
     return PreferenceRow(prompt, chosen_turns, rejected_turns, loc, "implicit_conversational")
@@ -157,16 +185,18 @@ def _ranked(row: dict[str, Any], loc: str) -> RankedRow:
     prompt = _text(row, "prompt", loc)
     raw = _value(row, "responses", loc)
     if not isinstance(raw, list) or len(raw) < 2:
-        raise DataError(f"{loc}: 'responses' must be a list of at least 2 responses, got {_describe(raw)}")
+        raise RowError(f"{loc}: 'responses' must be a list of at least 2 responses, got {_describe(raw)}",
+                       "wrong_type")
     responses = [_text_value(value, f"responses[{i}]", loc) for i, value in enumerate(raw)]
     key = "ranking" if "ranking" in row else "scores" if "scores" in row else None
     if key is None:
-        raise DataError(f"{loc}: ranked rows need 'ranking' (rank of each response, lower is better) or "
-                        "'scores' (higher is better)")
+        raise RowError(f"{loc}: ranked rows need 'ranking' (rank of each response, lower is better) or "
+                       "'scores' (higher is better)", "missing_key")
     values = _value(row, key, loc)
     if (not isinstance(values, list) or len(values) != len(responses)
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in values)):
-        raise DataError(f"{loc}: '{key}' must be a list of {len(responses)} numbers, one per response")
+        raise RowError(f"{loc}: '{key}' must be a list of {len(responses)} numbers, one per response",
+                       "wrong_type")
     sign = -1 if key == "scores" else 1
     order = sorted(range(len(responses)), key=lambda i: sign * values[i])  # stable: ties keep file order
     responses = [responses[i] for i in order]
@@ -183,10 +213,10 @@ def _ranked(row: dict[str, Any], loc: str) -> RankedRow:
 
 def _value(row: dict[str, Any], key: str, loc: str) -> Any:
     if key not in row:
-        raise DataError(f"{loc}: missing key '{key}'")
+        raise RowError(f"{loc}: missing key '{key}'", "missing_key")
     value = row[key]
     if value is None:
-        raise DataError(f"{loc}: '{key}' is null")
+        raise RowError(f"{loc}: '{key}' is null", "wrong_type")
     return value
 
 
@@ -197,20 +227,44 @@ def _text(row: dict[str, Any], key: str, loc: str) -> Text:
 def _text_value(value: Any, key: str, loc: str) -> Text:
     """A string, or a list of messages (a single message dict counts as a list of one)."""
     if isinstance(value, str):
+        _check_text(value, key, loc)
         return value
     if isinstance(value, dict) and "role" in value:
         value = [value]
     if not isinstance(value, list):
-        raise DataError(f"{loc}: '{key}' must be a string or a list of messages, got {_describe(value)}")
+        raise RowError(f"{loc}: '{key}' must be a string or a list of messages, got {_describe(value)}",
+                       "wrong_type")
     for i, message in enumerate(value):
         if not isinstance(message, dict):
-            raise DataError(f"{loc}: '{key}[{i}]' must be a message {{'role': ..., 'content': ...}}, "
-                            f"got {_describe(message)}")
+            raise RowError(f"{loc}: '{key}[{i}]' must be a message {{'role': ..., 'content': ...}}, "
+                           f"got {_describe(message)}", "wrong_type")
         for field in ("role", "content"):
             if not isinstance(message.get(field), str):
                 got = "missing" if field not in message else _describe(message[field])
-                raise DataError(f"{loc}: '{key}[{i}].{field}' must be a string, got {got}")
+                raise RowError(f"{loc}: '{key}[{i}].{field}' must be a string, got {got}",
+                               "missing_key" if field not in message else "wrong_type")
+        if message["role"] not in ROLES:
+            raise RowError(f"{loc}: '{key}[{i}].role' is '{_clip(message['role'])}'; expected one of "
+                           f"{', '.join(ROLES)}", "bad_messages")
+        _check_text(message["content"], f"{key}[{i}].content", loc)
     return value
+
+
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def _check_text(text: str, key: str, loc: str) -> None:
+    """Lone surrogates cannot be encoded (the tokenizer would crash on them); NUL marks binary or corrupt data."""
+    bad = _NOT_TEXT.search(text)
+    if bad is not None:
+        char = bad.group()
+        what = "a NUL character (U+0000)" if char == "\x00" else f"a lone surrogate (U+{ord(char):04X})"
+        raise RowError(f"{loc}: '{key}' contains {what} at character {bad.start()}, which is not text",
+                       "invalid_text")
+
+
+def _clip(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def _as_turns(response: Text, prompt: list[Message]) -> list[Message]:
@@ -228,17 +282,17 @@ def _check_turns(prompt: list[Message], responses: dict[str, list[Message]], loc
                  allow_empty_prompt: bool = False) -> None:
     """The prompt ends with a turn the assistant answers; every response is assistant turns only."""
     if not prompt and not allow_empty_prompt:
-        raise DataError(f"{loc}: 'prompt' is an empty list of messages")
+        raise RowError(f"{loc}: 'prompt' is an empty list of messages", "bad_messages")
     if prompt and prompt[-1]["role"] not in PROMPT_END_ROLES:
-        raise DataError(f"{loc}: 'prompt' must end with a user turn (or system/tool), not "
-                        f"'{prompt[-1]['role']}'")
+        raise RowError(f"{loc}: 'prompt' must end with a user turn (or system/tool), not "
+                       f"'{prompt[-1]['role']}'", "bad_messages")
     for key, turns in responses.items():
         if not turns:
-            raise DataError(f"{loc}: '{key}' is an empty list of messages")
+            raise RowError(f"{loc}: '{key}' is an empty list of messages", "bad_messages")
         for i, message in enumerate(turns):
             if message["role"] != "assistant":
-                raise DataError(f"{loc}: '{key}[{i + offset}]' must be an assistant turn, got role "
-                                f"'{message['role']}'")
+                raise RowError(f"{loc}: '{key}[{i + offset}]' must be an assistant turn, got role "
+                               f"'{message['role']}'", "bad_messages")
 
 
 def _describe(value: Any) -> str:
@@ -251,15 +305,46 @@ def _keys(row: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------------ drops
 
-DROP_REASONS = {
+CONTENT_REASONS = {
     "empty_prompt": "prompt is empty or whitespace only (allowed only for implicit-prompt rows)",
     "empty_response": "a response is empty or whitespace only",
-    "chosen_equals_rejected": "chosen and rejected are the same text (after Unicode NFC and whitespace "
-                              "normalization)",
+    "chosen_equals_rejected": "chosen and rejected are the same text (after NFC, invisible characters and "
+                              "whitespace normalization)",
     "duplicate_responses": "two responses of a ranked row are the same text",
+    "bidi_override": "text holds a left-to-right/right-to-left override (U+202D/U+202E): it displays in another "
+                     "order than the model reads it",
+    "duplicate": "the same prompt and responses as an earlier row (data.dedupe)",
     "empty_response_after_truncation": "the prompt fills max_length, leaving no response tokens",
 }
-"""Every reason a well-formed row can be dropped, with what it means (``dpokit data check`` prints these)."""
+"""Why a well-formed row is not trained on. Counted in every ``data.on_error`` mode."""
+
+MALFORMED_REASONS = {
+    "malformed_json": "the line is not valid JSON (truncated, or text after the object)",
+    "malformed_csv": "a CSV record with more fields than the header",
+    "not_utf8": "the line is not valid UTF-8",
+    "line_too_long": "the line is longer than data.max_line_bytes",
+    "not_an_object": "the row is not a JSON object",
+    "missing_key": "a required key is missing",
+    "wrong_type": "a value is null or of the wrong type",
+    "bad_messages": "bad message structure: unknown role, prompt not ending with a user turn, response not "
+                    "from the assistant",
+    "invalid_text": "text with a lone surrogate or a NUL character",
+    "mixed_formats": "the row's format differs from the first row's",
+    "template_error": "the chat template failed to render the row",
+}
+"""Why a row is malformed. ``data.on_error: raise`` stops at the first; ``skip`` counts them, up to
+``data.max_bad_fraction`` of the rows read."""
+
+DROP_REASONS = {**CONTENT_REASONS, **MALFORMED_REASONS}
+"""Every reason a row can be dropped, with what it means (``dpokit data check`` prints these)."""
+
+_INVISIBLE = re.compile("[\u200b\u2060\ufeff]")
+_FORMAT_CHARS = re.compile(
+    "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]")
+"""Unicode category Cf (format characters: zero-width, bidi controls, soft hyphen, tags), as of Unicode 15.1."""
+_BIDI_OVERRIDE = re.compile("[\u202d\u202e]")
 
 
 def drop_reason(prompt: Text, responses: list[Text], allow_empty_prompt: bool = False) -> str | None:
@@ -269,21 +354,70 @@ def drop_reason(prompt: Text, responses: list[Text], allow_empty_prompt: bool = 
         return "empty_prompt"
     if any(_blank(r) for r in responses):
         return "empty_response"
+    if any(_BIDI_OVERRIDE.search(text) for text in _strings([prompt, *responses])):
+        return "bidi_override"
     keys = [_canonical(r) for r in responses]
     if len(set(keys)) < len(keys):
         return "chosen_equals_rejected" if len(keys) == 2 else "duplicate_responses"
     return None
 
 
+def strip_invisible(row: PreferenceRow | RankedRow) -> bool:
+    """Remove zero-width spaces, word joiners and stray BOMs from every text of ``row`` (in place); True if any
+    were found."""
+    texts = _strings([row.prompt, *_responses_of(row)])
+    if not any(_INVISIBLE.search(text) for text in texts):
+        return False
+
+    def clean(value: Text) -> Text:
+        if isinstance(value, str):
+            return _INVISIBLE.sub("", value)
+        return [{**m, "content": _INVISIBLE.sub("", m["content"])} for m in value]
+
+    row.prompt = clean(row.prompt)
+    if isinstance(row, RankedRow):
+        row.responses = [clean(r) for r in row.responses]
+    else:
+        row.chosen, row.rejected = clean(row.chosen), clean(row.rejected)
+    return True
+
+
+def row_digest(row: PreferenceRow | RankedRow) -> int:
+    """A 64-bit digest of the row as a reader sees it (prompt and responses in order, canonical text), for
+    dropping duplicates without keeping the rows."""
+    key = json.dumps([_canonical(row.prompt), [_canonical(r) for r in _responses_of(row)]], ensure_ascii=False)
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _responses_of(row: PreferenceRow | RankedRow) -> list[Text]:
+    return list(row.responses) if isinstance(row, RankedRow) else [row.chosen, row.rejected]
+
+
+def _strings(values: list[Text]) -> list[str]:
+    out: list[str] = []
+    for value in values:
+        if isinstance(value, str):
+            out.append(value)
+        else:
+            out.extend(m["content"] for m in value)
+    return out
+
+
 def _blank(value: Text) -> bool:
     if isinstance(value, str):
-        return not value.strip()
-    return all(not m["content"].strip() for m in value)
+        return not _visible(value).strip()
+    return all(not _visible(m["content"]).strip() for m in value)
+
+
+def _visible(text: str) -> str:
+    """Text without format characters (category Cf: zero-width, bidi marks, soft hyphen); ASCII has none."""
+    return text if text.isascii() else _FORMAT_CHARS.sub("", text)
 
 
 def _canonical(value: Text) -> Any:
-    """Text as a reader sees it: NFC (composed and decomposed accents are equal) and whitespace runs collapsed,
-    so "Yes." and "Yes. " count as the same answer."""
+    """Text as a reader sees it: NFC (composed and decomposed accents are equal), no invisible format
+    characters, whitespace runs collapsed, so "Yes." and "Yes. " count as the same answer."""
     if isinstance(value, str):
-        return " ".join(unicodedata.normalize("NFC", value).split())
+        return " ".join(_visible(unicodedata.normalize("NFC", value)).split())
     return tuple((m["role"], _canonical(m["content"])) for m in value)

@@ -8,9 +8,22 @@ lives, so every later error can point at it:
 - JSON, Parquet: ``path:row N`` (0-based index, as in ``rows[N]`` / ``table.slice(N)``)
 - hub dataset: ``id[split]:row N``
 
-JSONL and Parquet are streamed row by row; a JSONL line is read with a size cap (``max_line_bytes``) so one
-corrupt multi-gigabyte line cannot exhaust memory. JSON documents have no streaming parser in the standard
-library and are read whole.
+JSONL, CSV and Parquet are streamed row by row; a JSONL line is read with a size cap (``max_line_bytes``) so one
+corrupt multi-gigabyte line cannot exhaust memory: the rest of such a line is skipped in 1 MiB reads, never held.
+A ``.json`` file whose first line is a complete JSON object is JSON lines and streamed too; any other JSON
+document has no streaming parser in the standard library and is read whole.
+
+Two kinds of failure:
+
+- the *source* is unusable (missing, a directory, empty, no rows, unknown type, UTF-16, unreadable compressed
+  data, an invalid JSON document): :class:`DataError`, always;
+- one *row* is unusable (invalid JSON on its line, not UTF-8, longer than ``max_line_bytes``, not an object):
+  :class:`RowError`, which carries a drop reason. :func:`iter_records` raises it; :func:`scan_records` yields it
+  in the row's place, so ``data.on_error: skip`` can count the row and go on.
+
+Nothing read from a data file is ever used as a path: rows hold text, and the only file opened is the source.
+A source that is not an existing path is taken as a hub dataset id only if it has a hub id's shape
+(``name`` or ``owner/name``, no ``..``); the ``datasets`` library (>= 4) runs no loading scripts.
 """
 
 from __future__ import annotations
@@ -18,6 +31,9 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
+import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +42,12 @@ from typing import IO, Any
 from dpokit.errors import DataError
 
 _BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_MAGIC = {b"\x1f\x8b": "gzip-compressed (name it .gz)", b"PAR1": "a Parquet file (name it .parquet)",
+          b"PK\x03\x04": "a zip archive"}
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_SKIP_CHUNK = 1 << 20
+"""Bytes read at a time while skipping the rest of an over-long line."""
 _KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
           ".parquet": "parquet", ".pq": "parquet"}
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
@@ -40,6 +62,15 @@ class Record:
     row: dict[str, Any]
 
 
+class RowError(DataError):
+    """A problem confined to one row. The message starts with the row's location; ``reason`` is the drop reason
+    it is counted under when ``data.on_error`` is ``skip`` (see ``dpokit.data.formats.MALFORMED_REASONS``)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def iter_records(source: str, split: str = "train", max_rows: int | None = None,
                  max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[Record]:
     """Yield the rows of ``source`` (a file path, or a hub dataset id when no such path exists).
@@ -48,6 +79,16 @@ def iter_records(source: str, split: str = "train", max_rows: int | None = None,
     one) for a missing file, a directory, an empty file, a file with no rows, a malformed line, or a line longer
     than ``max_line_bytes``.
     """
+    for item in scan_records(source, split, max_rows, max_line_bytes):
+        if isinstance(item, RowError):
+            raise item
+        yield item
+
+
+def scan_records(source: str, split: str = "train", max_rows: int | None = None,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[Record | RowError]:
+    """Like :func:`iter_records`, but a row that cannot be read comes out as a :class:`RowError` in its place
+    (and counts toward ``max_rows``); problems with the source as a whole still raise."""
     path = Path(source).expanduser()
     try:
         exists = path.exists()
@@ -57,6 +98,8 @@ def iter_records(source: str, split: str = "train", max_rows: int | None = None,
         rows = _file_records(path, split, max_line_bytes)
     elif _looks_like_path(source):
         raise DataError(f"{source}: file not found")
+    elif not _HUB_ID.fullmatch(source) or ".." in source:
+        raise DataError(f"{source}: file not found, and not a hub dataset id ('name' or 'owner/name')")
     else:
         rows = _hub_records(source, split)
     count = 0
@@ -79,12 +122,19 @@ def _looks_like_path(source: str) -> bool:
 
 # ------------------------------------------------------------------------------------------------------ files
 
-def _file_records(path: Path, split: str, max_line_bytes: int) -> Iterator[Record]:
+Scanned = Iterator[Record | RowError]
+
+
+def _file_records(path: Path, split: str, max_line_bytes: int) -> Scanned:
     if path.is_dir():
         raise DataError(f"{path}: is a directory; expected a JSONL, JSON, CSV or Parquet file")
-    if path.stat().st_size == 0:
+    if path.stat().st_size == 0:  # also what a FIFO or a device such as /dev/zero reports: never read those
         raise DataError(f"{path}: file is empty")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: not readable (permission denied)")
     kind, opener = _kind(path)
+    if kind != "parquet":
+        _check_text_file(path, opener)
     if kind == "jsonl":
         return _jsonl_records(path, opener, max_line_bytes)
     if kind == "json":
@@ -116,40 +166,89 @@ def _kind(path: Path) -> tuple[str, Opener]:
     return kind, opener
 
 
-def _jsonl_records(path: Path, opener: Opener, max_line_bytes: int) -> Iterator[Record]:
+def _check_text_file(path: Path, opener: Opener) -> None:
+    """Name the usual wrong-file mistakes up front, instead of as 'invalid JSON' on line 1."""
+    with opener(path, "rb") as f:
+        head = _read(f.read, 8, path, 1)
+    for magic, what in _MAGIC.items():
+        if head.startswith(magic):
+            raise DataError(f"{path}: {what}, not text")
+    if head.startswith(_UTF16_BOMS) or b"\x00" in head[:4]:
+        raise DataError(f"{path}: UTF-16 or UTF-32 text (or binary); dpokit reads UTF-8, e.g. convert with "
+                        "iconv -f UTF-16 -t UTF-8")
+
+
+def _read(read: Callable[[int], bytes], size: int, path: Path, lineno: int) -> bytes:
+    """One read; a truncated .gz or a disk error becomes one line naming where reading stopped."""
+    try:
+        return read(size)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}:{lineno}: cannot read the file ({_first_line(exc)})") from None
+
+
+def _jsonl_records(path: Path, opener: Opener, max_line_bytes: int) -> Scanned:
     with opener(path, "rb") as f:
         lineno = 0
         while True:
             # +2 leaves room for "\r\n", so a line of exactly max_line_bytes is read whole in one call and the
             # line count stays right.
-            raw = f.readline(max_line_bytes + 2)
+            raw = _read(f.readline, max_line_bytes + 2, path, lineno + 1)
             if not raw:
                 break
             lineno += 1
+            location = f"{path}:{lineno}"
             if lineno == 1:
                 raw = raw.removeprefix(_BOM)
             content = raw.rstrip(b"\r\n")
             if len(content) > max_line_bytes:
-                raise DataError(f"{path}:{lineno}: line longer than data.max_line_bytes ({max_line_bytes} bytes)")
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line without holding it
+                    raw = _read(f.readline, _SKIP_CHUNK, path, lineno)
+                yield RowError(f"{location}: line longer than data.max_line_bytes ({max_line_bytes} bytes)",
+                               "line_too_long")
+                continue
             try:
                 text = content.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start})") from None
+                yield RowError(f"{location}: not valid UTF-8 (byte 0x{content[exc.start]:02x} at column "
+                               f"{exc.start + 1}); dpokit reads UTF-8 text", "not_utf8")
+                continue
             if not text.strip():
                 continue  # blank lines are layout, not rows
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            yield Record(f"{path}:{lineno}", _as_row(obj, f"{path}:{lineno}"))
+            yield _parse_line(text, location)
 
 
-def _json_records(path: Path, opener: Opener, split: str, max_line_bytes: int) -> Iterator[Record]:
+def _parse_line(text: str, location: str) -> Record | RowError:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # a complete object followed by more text
+            return RowError(f"{location}: invalid JSON (unexpected text after the object at column "
+                            f"{exc.colno})", "malformed_json")
+        return RowError(f"{location}: invalid JSON ({_json_message(exc)})", "malformed_json")
+    except RecursionError:
+        return RowError(f"{location}: invalid JSON (nested too deeply)", "malformed_json")
+    except ValueError:  # the only other: an integer literal longer than Python's int conversion limit
+        return RowError(f"{location}: invalid JSON (a number with too many digits)", "malformed_json")
+    return _as_row(obj, location)
+
+
+def _json_message(exc: json.JSONDecodeError) -> str:
+    # Some messages end in "at" ("Unterminated string starting at") and expect the position after them.
+    return f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+
+
+def _json_records(path: Path, opener: Opener, split: str, max_line_bytes: int) -> Scanned:
+    if _first_line_is_object(path, opener, max_line_bytes):
+        # JSON lines saved as .json: stream them rather than read a possibly huge file whole.
+        yield from _jsonl_records(path, opener, max_line_bytes)
+        return
     try:
         with opener(path, "rt", encoding="utf-8-sig") as f:
             text = f.read()
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read the file ({_first_line(exc)})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -157,7 +256,9 @@ def _json_records(path: Path, opener: Opener, split: str, max_line_bytes: int) -
             del text
             yield from _jsonl_records(path, opener, max_line_bytes)
             return
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({_json_message(exc)})") from None
+    except (RecursionError, ValueError) as exc:
+        raise DataError(f"{path}: invalid JSON ({_first_line(exc)})") from None
     del text
     if isinstance(data, dict):
         for key in (split, "data", "train"):
@@ -172,10 +273,23 @@ def _json_records(path: Path, opener: Opener, split: str, max_line_bytes: int) -
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of rows, got {_type_name(data)}")
     for i, obj in enumerate(data):
-        yield Record(f"{path}:row {i}", _as_row(obj, f"{path}:row {i}"))
+        yield _as_row(obj, f"{path}:row {i}")
 
 
-def _csv_records(path: Path, opener: Opener, delimiter: str, max_line_bytes: int) -> Iterator[Record]:
+def _first_line_is_object(path: Path, opener: Opener, max_line_bytes: int) -> bool:
+    """A complete JSON object on the first line with more text after it: JSON lines."""
+    with opener(path, "rb") as f:
+        first = _read(f.readline, max_line_bytes + 2, path, 1).removeprefix(_BOM).strip()
+        more = bool(_read(f.read, 4096, path, 2).strip())
+    if not (more and first.startswith(b"{")) or len(first) > max_line_bytes:
+        return False
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:  # also UnicodeDecodeError: the whole-document reader names that
+        return False
+
+
+def _csv_records(path: Path, opener: Opener, delimiter: str, max_line_bytes: int) -> Scanned:
     # Long responses exceed csv's default 128 KiB field limit; the line cap is the limit we promise instead.
     csv.field_size_limit(max(csv.field_size_limit(), max_line_bytes))
     with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
@@ -188,7 +302,9 @@ def _csv_records(path: Path, opener: Opener, delimiter: str, max_line_bytes: int
                 if not any(field.strip() for field in fields):
                     continue
                 if len(fields) > len(header):
-                    raise DataError(f"{path}:{start}: {len(fields)} fields but the header names {len(header)}")
+                    yield RowError(f"{path}:{start}: {len(fields)} fields but the header names {len(header)}",
+                                   "malformed_csv")
+                    continue
                 # A short row lacks the trailing columns; the format check then names the missing key.
                 yield Record(f"{path}:{start}", dict(zip(header, fields)))
         except StopIteration:
@@ -197,9 +313,11 @@ def _csv_records(path: Path, opener: Opener, delimiter: str, max_line_bytes: int
             raise DataError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from None
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{path}:{reader.line_num + 1}: cannot read the file ({_first_line(exc)})") from None
 
 
-def _parquet_records(path: Path) -> Iterator[Record]:
+def _parquet_records(path: Path) -> Scanned:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -218,7 +336,7 @@ def _parquet_records(path: Path) -> Iterator[Record]:
 
 # -------------------------------------------------------------------------------------------------------- hub
 
-def _hub_records(source: str, split: str) -> Iterator[Record]:
+def _hub_records(source: str, split: str) -> Scanned:
     try:
         import datasets
 
@@ -227,15 +345,15 @@ def _hub_records(source: str, split: str) -> Iterator[Record]:
         raise DataError(f"{source}: not a local file, and loading it as a hub dataset (split '{split}') "
                         f"failed ({_first_line(exc)})") from None
     for index, obj in enumerate(dataset):
-        yield Record(f"{source}[{split}]:row {index}", _as_row(obj, f"{source}[{split}]:row {index}"))
+        yield _as_row(obj, f"{source}[{split}]:row {index}")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
-def _as_row(obj: Any, location: str) -> dict[str, Any]:
+def _as_row(obj: Any, location: str) -> Record | RowError:
     if not isinstance(obj, dict):
-        raise DataError(f"{location}: expected a JSON object (one row), got {_type_name(obj)}")
-    return obj
+        return RowError(f"{location}: expected a JSON object (one row), got {_type_name(obj)}", "not_an_object")
+    return Record(location, obj)
 
 
 def _type_name(value: Any) -> str:
