@@ -5,6 +5,7 @@ Python API (the CLI is a thin layer over it)::
     import dpokit
     run_dir = dpokit.train("configs/tiny.yaml", train__max_steps=10)
     sft_dir = dpokit.sft("configs/tiny.yaml", run_dir="runs/tiny-sft")
+    rows = dpokit.score(run_dir, "examples/prefs-tiny-eval.jsonl")   # implicit rewards
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 # modules stay importable as ``from dpokit.train import ...``.
 from dpokit.config import load_config  # noqa: E402
 from dpokit.losses import LOSSES  # noqa: E402
+from dpokit.evaluate.scoring import score  # noqa: E402
 from dpokit.train import sft, train  # noqa: E402
 
-__all__ = ["LOSSES", "load_config", "sft", "train"]
+__all__ = ["LOSSES", "load_config", "score", "sft", "train"]

@@ -1,0 +1,409 @@
+"""``dpokit eval RUN_DIR``: what DPO did to the policy, measured the way the paper measures it.
+
+    held-out pairs  -> implicit-reward accuracy and mean margin (r = beta * log pi/pi_ref, chosen vs rejected)
+    eval prompts    -> samples from pi and pi_ref at each temperature
+                    -> kl: KL(pi || pi_ref) on the temperature-1 policy samples (mean summed log-ratio, stderr)
+                    -> reward: mean ground-truth reward of policy and reference samples (with a reward function)
+                    -> win_rate: policy vs reference (or the dataset's chosen response), by reward or LLM judge
+    checkpoints     -> one (kl, reward) frontier point each (the paper's Fig. 2, left), plus pi_ref at kl = 0
+
+Writes ``RUN_DIR/eval/eval.json`` and ``RUN_DIR/eval/samples.jsonl`` (each written whole, then renamed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpokit.checkpoint import load_weights, verify_checkpoint
+from dpokit.data.formats import PreferenceRow, Text, normalize
+from dpokit.data.load import iter_records
+from dpokit.data.pipeline import load_preferences
+from dpokit.errors import DataError, DpokitError
+from dpokit.evaluate.scoring import Scorer, is_run_dir, load_scorer, write_jsonl
+from dpokit.evaluate.stats import WinRate, kl_estimate, mean_stderr
+from dpokit.generate import Sample, SamplingParams, encode_prompts, generate
+from dpokit.models import freeze, load_model
+from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
+from dpokit.rewards.judge import RewardJudge, Verdict
+
+KL_TEMPERATURE = 1.0
+"""KL(pi || pi_ref) needs samples from pi itself, so temperature 1 is always evaluated."""
+
+
+# --------------------------------------------------------------------------------------------------- prompts
+
+@dataclass
+class EvalPrompt:
+    prompt: Text
+    """As the policy receives it: text, or chat messages (rendered with the chat template)."""
+    text: str
+    """As a reward function or a judge reads it."""
+    chosen: str | None = None
+    """The dataset's preferred response, when the prompt came from a preference file."""
+
+
+def text_of(value: Text) -> str:
+    """Plain text of a prompt or a response: a message list reads as its contents (one message: just its
+    content; several: ``role: content`` paragraphs)."""
+    if isinstance(value, str):
+        return value
+    if len(value) == 1:
+        return value[0]["content"]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in value)
+
+
+def load_prompts(source: str, split: str = "test", max_prompts: int | None = None) -> list[EvalPrompt]:
+    """Distinct prompts of a file (or hub dataset): rows of ``{"prompt": ...}`` or any preference format, in
+    file order. A preference row's chosen response is kept as a possible baseline."""
+    prompts: dict[str, EvalPrompt] = {}
+    for record in iter_records(source, split):
+        row = record.row
+        if "chosen" in row or "rejected" in row or "responses" in row:
+            norm = normalize(record)
+            chosen = norm.chosen if isinstance(norm, PreferenceRow) else norm.responses[0]  # ranked: best first
+            item = EvalPrompt(norm.prompt, text_of(norm.prompt), _response_text(chosen))
+        elif "prompt" in row:
+            prompt = row["prompt"]
+            if isinstance(prompt, dict) and "role" in prompt:
+                prompt = [prompt]
+            valid = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
+                for m in prompt))
+            if not valid:
+                raise DataError(f"{record.location}: 'prompt' must be a string or a list of messages")
+            item = EvalPrompt(prompt, text_of(prompt))
+        else:
+            raise DataError(f"{record.location}: no 'prompt' (and no preference fields)")
+        key = json.dumps(item.prompt, sort_keys=True)
+        if key not in prompts and text_of(item.prompt).strip():
+            prompts[key] = item
+        if max_prompts is not None and len(prompts) >= max_prompts:
+            break
+    if not prompts:
+        raise DataError(f"{source}: no usable prompts")
+    return list(prompts.values())
+
+
+def _response_text(value: Text) -> str:
+    if isinstance(value, str):
+        return value
+    return "\n\n".join(m["content"] for m in value if m["role"] == "assistant") or text_of(value)
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+
+def heldout_metrics(scorer: Scorer, source: str, data_cfg: Any, split: str) -> dict[str, Any]:
+    """Implicit-reward accuracy and mean margin on held-out preference pairs, named as the training metrics
+    (``rewards/accuracies``: fraction with r(x, y_w) > r(x, y_l); ``rewards/margins``: mean r(x, y_w) - r(x, y_l))."""
+    pairs, _ = load_preferences(source, scorer.tokenizer, data_cfg, split)
+    if not pairs:
+        raise DpokitError(f"{source}: no usable held-out pairs")
+    prompt_ids = [p.prompt_ids for p in pairs] * 2
+    response_ids = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    rewards = scorer.implicit_rewards(prompt_ids, response_ids)["rewards"]
+    n = len(pairs)
+    chosen, rejected = rewards[:n], rewards[n:]
+    margins = mean_stderr((chosen - rejected).tolist())
+    return {"heldout_pairs": n, "rewards/accuracies": float((chosen > rejected).float().mean()),
+            "rewards/margins": margins.mean, "rewards/margins_stderr": margins.stderr,
+            "rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean())}
+
+
+@dataclass
+class SampleSet:
+    """Samples of one model at one temperature, scored by pi and pi_ref. Tensors have shape (N,)."""
+
+    samples: list[Sample]
+    logratios: torch.Tensor
+    """log pi(y|x) - log pi_ref(y|x) of each sample."""
+    rewards: list[float] | None
+    """Ground-truth reward of each sample, when a reward function is given."""
+
+
+def sample_and_score(scorer: Scorer, model: nn.Module, prompt_ids: Sequence[list[int]], prompts: Sequence[str],
+                     params: SamplingParams, reward_fn: RewardFn | None, reward_label: str,
+                     policy: nn.Module | None = None) -> SampleSet:
+    """Sample from ``model`` and score the samples. ``policy`` is the pi of the log-ratio (default the scorer's;
+    a checkpoint's model for frontier points)."""
+    samples = generate(model, scorer.tokenizer, prompt_ids, params)
+    responses = [s.response_ids for s in samples]
+    policy_logps, _ = scorer.logps(policy if policy is not None else scorer.policy, prompt_ids, responses)
+    ref_logps, _ = scorer.logps(scorer.reference, prompt_ids, responses)
+    rewards = None
+    if reward_fn is not None:
+        rewards = score_texts(reward_fn, list(prompts), [s.text for s in samples], reward_label)
+    return SampleSet(samples, policy_logps - ref_logps, rewards)
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete, hash-verified ``checkpoints/step-N``, oldest first."""
+    found = []
+    root = run_dir / "checkpoints"
+    for path in root.glob("step-*") if root.is_dir() else []:
+        step = path.name.removeprefix("step-")
+        if path.is_dir() and step.isdigit() and verify_checkpoint(path) is None:
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def load_checkpoint_into(model: nn.Module, path: Path) -> None:
+    """Overwrite the trained tensors of ``model`` (holding the run's starting weights) with a checkpoint's.
+    Checkpoints store only trainable tensors, so the rest stay the starting weights, as during training."""
+    weights = load_weights(path)
+    params = dict(model.named_parameters())
+    unknown = [name for name in weights if name not in params]
+    if unknown:
+        raise DpokitError(f"{path}: checkpoint has weights the model lacks, e.g. {unknown[0]}")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+def _stderr_log(message: str) -> None:
+    print(f"eval: {message}", file=sys.stderr, flush=True)
+
+
+def _num(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    prompts: str | None = None,
+    reward: str | RewardFn | None = None,
+    judge: Any = None,
+    temperatures: Sequence[float] = (KL_TEMPERATURE,),
+    n_samples: int = 1,
+    max_new_tokens: int = 64,
+    top_p: float = 1.0,
+    seed: int = 0,
+    max_prompts: int | None = None,
+    batch_size: int = 16,
+    frontier: bool = True,
+    baseline: str = "reference",
+    ref: str | None = None,
+    beta: float | None = None,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = _stderr_log,
+) -> dict[str, Any]:
+    """Evaluate a run; write ``eval.json`` and ``samples.jsonl`` into ``out_dir`` (default ``RUN_DIR/eval``) and
+    return the ``eval.json`` content.
+
+    Args:
+        prompts: prompt file; default the prompts of the run's ``data.eval``.
+        reward: ground-truth reward: ``sentiment``, ``length``, ``module:function`` or a callable.
+        judge: an object with ``compare(prompts, policy_texts, baseline_texts) -> list[Verdict]`` (e.g.
+            :class:`dpokit.rewards.judge.LLMJudge`); default: the reward function, when given.
+        temperatures: sampling temperatures for reward and win rate (1.0 is always added: KL needs it).
+        n_samples: samples per prompt.
+        baseline: ``reference`` (pi_ref samples) or ``chosen`` (the dataset's chosen responses) for the win rate.
+    """
+    log = log or (lambda message: None)
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise DpokitError(f"{run_dir}: not a run directory (no config.yaml)")
+    if n_samples < 1:
+        raise DpokitError(f"--n-samples: must be at least 1, got {n_samples}")
+    if baseline not in ("reference", "chosen"):
+        raise DpokitError(f"--baseline: expected 'reference' or 'chosen', got '{baseline}'")
+    if any(not (t >= 0 and math.isfinite(t)) for t in temperatures):
+        raise DpokitError(f"--temperatures: must be finite and >= 0, got {list(temperatures)}")
+    reward_fn = get_reward(reward) if reward is not None else None
+    reward_label = reward_name(reward) if reward is not None else None
+    if judge is None and reward_fn is not None:
+        judge = RewardJudge(reward_fn, reward_label or "reward")
+    scorer = load_scorer(run_dir, ref, beta, batch_size=batch_size)
+    cfg = scorer.config
+    assert cfg is not None
+
+    result: dict[str, Any] = {"run_dir": str(run_dir), "model": "final", "beta": scorer.beta}
+    if cfg.data.eval:
+        log(f"implicit rewards on held-out pairs of {cfg.data.eval}")
+        result.update(heldout_metrics(scorer, cfg.data.eval, cfg.data, cfg.data.eval_split))
+    prompt_source = prompts or cfg.data.eval
+    if not prompt_source:
+        raise DpokitError(f"{run_dir}: no prompts to sample from; give --prompts FILE or set data.eval")
+    items = load_prompts(prompt_source, cfg.data.eval_split, max_prompts)
+    if baseline == "chosen" and any(item.chosen is None for item in items):
+        raise DpokitError(f"--baseline chosen: {prompt_source} has prompts without a chosen response")
+    ids = encode_prompts(scorer.tokenizer, [item.prompt for item in items], scorer.max_prompt_length,
+                         scorer.max_length)
+    # Sample k of prompt i is row i * n_samples + k.
+    prompt_ids = [p for p in ids for _ in range(n_samples)]
+    prompt_texts = [item.text for item in items for _ in range(n_samples)]
+    chosen_texts = [item.chosen or "" for item in items for _ in range(n_samples)]
+    result.update({"prompts": prompt_source, "n_prompts": len(items), "n_samples": n_samples,
+                   "max_new_tokens": max_new_tokens, "top_p": top_p, "seed": seed, "reward_fn": reward_label,
+                   "judge": getattr(judge, "name", None) if judge is not None else None, "baseline": baseline})
+
+    sample_rows: list[dict[str, Any]] = []
+    per_temperature = []
+    for temperature in sorted(set(temperatures) | {KL_TEMPERATURE}):
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, batch_size)
+        log(f"sampling {len(prompt_ids)} responses from pi and pi_ref at temperature {temperature}")
+        pol = sample_and_score(scorer, scorer.policy, prompt_ids, prompt_texts, params, reward_fn,
+                               reward_label or "")
+        ref_set = sample_and_score(scorer, scorer.reference, prompt_ids, prompt_texts, params, reward_fn,
+                                   reward_label or "")
+        entry: dict[str, Any] = {"temperature": temperature,
+                                 "implicit_reward": scorer.beta * float(pol.logratios.mean()),
+                                 "implicit_reward_reference": scorer.beta * float(ref_set.logratios.mean()),
+                                 "response_tokens": mean_stderr([len(s.response_ids) for s in pol.samples]).mean,
+                                 "response_tokens_reference":
+                                     mean_stderr([len(s.response_ids) for s in ref_set.samples]).mean}
+        if pol.rewards is not None and ref_set.rewards is not None:
+            estimate = mean_stderr(pol.rewards)
+            entry.update(reward=estimate.mean, reward_stderr=estimate.stderr,
+                         reward_reference=mean_stderr(ref_set.rewards).mean)
+        verdicts: list[Verdict] | None = None
+        if judge is not None:
+            baseline_texts = chosen_texts if baseline == "chosen" else [s.text for s in ref_set.samples]
+            log(f"judging {len(prompt_ids)} pairs with {getattr(judge, 'name', 'judge')}")
+            verdicts = judge.compare(prompt_texts, [s.text for s in pol.samples], baseline_texts)
+            entry.update(WinRate.from_outcomes(v.outcome for v in verdicts).to_dict())
+        if temperature == KL_TEMPERATURE:
+            kl = kl_estimate(pol.logratios.tolist())
+            result.update(kl=kl.mean, kl_stderr=kl.stderr)
+            result.update({k: entry[k] for k in ("reward", "reward_stderr", "reward_reference", "win_rate",
+                                                 "win_rate_ci", "implicit_reward") if k in entry})
+            reference_at_1 = ref_set
+        per_temperature.append(entry)
+        sample_rows.extend(_sample_rows(temperature, n_samples, prompt_texts, chosen_texts, pol, ref_set, verdicts,
+                                        scorer.beta, baseline))
+    result["temperatures"] = per_temperature
+
+    if frontier:
+        result["frontier"] = _frontier(scorer, run_dir, prompt_ids, prompt_texts, max_new_tokens, top_p, seed,
+                                       batch_size, reward_fn, reward_label, reference_at_1, log)
+    result["elapsed_s"] = round(time.perf_counter() - started, 3)
+    result = _clean(result)
+
+    out = Path(out_dir) if out_dir is not None else run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(sample_rows, out / "samples.jsonl")
+    tmp = out / f".eval.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(out / "eval.json")
+    log(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")
+    return result
+
+
+def _sample_rows(temperature: float, n_samples: int, prompts: list[str], chosen: list[str], pol: SampleSet,
+                 ref_set: SampleSet, verdicts: list[Verdict] | None, beta: float,
+                 baseline: str) -> list[dict[str, Any]]:
+    """One ``samples.jsonl`` row per (prompt, sample): both responses side by side with their rewards."""
+    rows = []
+    for i, (p, r) in enumerate(zip(pol.samples, ref_set.samples)):
+        row: dict[str, Any] = {
+            "temperature": temperature, "prompt": prompts[i], "sample": i % n_samples,
+            "policy": p.text, "reference": r.text,
+            "policy_implicit_reward": beta * float(pol.logratios[i]),
+            "reference_implicit_reward": beta * float(ref_set.logratios[i]),
+            "policy_tokens": len(p.response_ids), "reference_tokens": len(r.response_ids),
+            "policy_finished": p.finished, "reference_finished": r.finished,
+        }
+        if pol.rewards is not None and ref_set.rewards is not None:
+            row.update(policy_reward=pol.rewards[i], reference_reward=ref_set.rewards[i])
+        if baseline == "chosen":
+            row["chosen"] = chosen[i]
+        if verdicts is not None:
+            row.update(judge=verdicts[i].outcome, judge_swapped=verdicts[i].swapped)
+        rows.append(row)
+    return rows
+
+
+def _frontier(scorer: Scorer, run_dir: Path, prompt_ids: list[list[int]], prompt_texts: list[str],
+              max_new_tokens: int, top_p: float, seed: int, batch_size: int, reward_fn: RewardFn | None,
+              reward_label: str | None, ref_set: SampleSet,
+              log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """(kl, reward) of pi_ref (kl = 0 by definition) and of every complete checkpoint, all on the same prompts,
+    seed and temperature 1."""
+    points = [_point("reference", 0, torch.zeros(len(ref_set.samples)), ref_set.rewards)]
+    checkpoints = complete_checkpoints(run_dir)
+    if not checkpoints:
+        return points
+    cfg = scorer.config
+    assert cfg is not None and scorer.policy_source is not None
+    # One model holding the starting weights; each checkpoint overwrites the same trained tensors.
+    model = load_model(scorer.policy_source, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                       attn_implementation=cfg.model.attn_implementation, vocab_size=len(scorer.tokenizer))
+    model = freeze(model.to(scorer.device))
+    params = SamplingParams(max_new_tokens, KL_TEMPERATURE, top_p, seed, batch_size)
+    for step, path in checkpoints:
+        log(f"frontier point for checkpoint step-{step}")
+        load_checkpoint_into(model, path)
+        sampled = sample_and_score(scorer, model, prompt_ids, prompt_texts, params, reward_fn, reward_label or "",
+                                   policy=model)
+        points.append(_point(f"step-{step}", step, sampled.logratios, sampled.rewards))
+    return points
+
+
+def _point(name: str, step: int, logratios: torch.Tensor, rewards: list[float] | None) -> dict[str, Any]:
+    kl = kl_estimate(logratios.tolist())
+    point: dict[str, Any] = {"checkpoint": name, "step": step, "kl": kl.mean, "kl_stderr": kl.stderr}
+    if rewards is not None:
+        estimate = mean_stderr(rewards)
+        point.update(reward=estimate.mean, reward_stderr=estimate.stderr)
+    return point
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinities become null (JSON has neither)."""
+    if isinstance(value, float):
+        return _num(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def parse_temperatures(text: str) -> list[float]:
+    """``"0.25,0.5,1.0"`` -> [0.25, 0.5, 1.0]; a bad list is a one-line error naming the flag."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise DpokitError(f"--temperatures: expected numbers separated by commas, got '{text}'") from None
+    if not values or any(not (v >= 0 and math.isfinite(v)) for v in values):
+        raise DpokitError(f"--temperatures: expected finite numbers >= 0, got '{text}'")
+    return values
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    """The headline numbers of an ``eval.json`` as a small table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(key: str, digits: int = 4) -> str:
+        value = result.get(key)
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    table = Table(title=f"eval: {result['run_dir']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("rewards/accuracies", num("rewards/accuracies")), ("rewards/margins", num("rewards/margins")),
+            ("kl", f"{num('kl')} ± {num('kl_stderr')}")]
+    if result.get("reward") is not None:
+        rows.append((f"reward ({result['reward_fn']})", f"{num('reward')} (reference {num('reward_reference')})"))
+    if result.get("win_rate") is not None:
+        lo, hi = result.get("win_rate_ci") or (None, None)
+        ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+        rows.append((f"win_rate vs {result['baseline']}", f"{num('win_rate', 3)}{ci}"))
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)

@@ -1,0 +1,196 @@
+"""Batched sampling from the policy pi and the reference pi_ref.
+
+One explicit loop over the model's forward with a KV cache (no ``model.generate``), so that every detail the
+evaluation relies on is visible here:
+
+- prompts are **left-padded**, and position ids count only real tokens (``position_ids_from_mask``), so a padded
+  row sees exactly the positions it would see alone: batched greedy decoding equals unbatched greedy decoding
+  token for token (tested);
+- the vocabulary projection runs only at the last position (``logits_to_keep=1``), never over the prompt;
+- randomness comes from one seeded ``torch.Generator``, so a (seed, batch) pair always gives the same samples;
+- a row stops at its first EOS token, which stays part of its response: the probability of stopping is part of
+  pi(y|x), and the KL estimator and the implicit reward score exactly the tokens that were sampled.
+
+At ``temperature=1`` and ``top_p=1`` the samples are exact draws from pi(y|x) truncated at ``max_new_tokens``;
+that is what the Monte Carlo estimate of KL(pi || pi_ref) needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpokit.data.batch import pad_sequences
+from dpokit.errors import DpokitError
+from dpokit.logprobs import position_ids_from_mask
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``temperature=0`` is greedy decoding."""
+
+    max_new_tokens: int = 64
+    """Response tokens at most (EOS included)."""
+    temperature: float = 1.0
+    """Logits are divided by this; 0 picks the most likely token."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of most likely tokens whose probability reaches ``top_p``."""
+    seed: int = 0
+    """Seed of the ``torch.Generator`` behind every random draw."""
+    batch_size: int = 16
+    """Prompts decoded together."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise DpokitError(f"max_new_tokens: must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise DpokitError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise DpokitError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise DpokitError(f"batch_size: must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class Sample:
+    """One sampled response y ~ pi(. | x)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    """The sampled tokens, ending with the EOS token when the model stopped by itself."""
+    text: str
+    """The response decoded without special tokens."""
+    finished: bool
+    """True when the response ended with EOS, False when ``max_new_tokens`` cut it."""
+
+
+def eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS, the chat template's end-of-turn token (the end token
+    training appends to chat responses; Llama 3's ``<|eot_id|>`` differs from its EOS) and the model's
+    generation-config EOS."""
+    from dpokit.data.tokenize import token_rules
+
+    ids: set[int] = {token_rules(tokenizer).eot_id}
+    for value in (getattr(tokenizer, "eos_token_id", None),
+                  getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Temperature, then nucleus (top-p) filtering: tokens outside the nucleus get -inf.
+    Shape: (B, V) -> (B, V), float32."""
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # A token stays if the probability of the tokens ranked above it is still below top_p, so the most
+        # likely token always stays.
+        mass_before = probs.cumsum(-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """Pick one token per row. Shape: (B, V) -> (B,)."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, params.temperature, params.top_p).softmax(-1)
+    # Draw on the generator's device (CPU unless given otherwise), so a seed means the same on every device.
+    return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def sample_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, pad_id: int,
+                 eos_ids: Sequence[int], generator: torch.Generator) -> list[tuple[list[int], bool]]:
+    """Decode one batch of prompts (token ids). Returns, per prompt, (response ids, finished)."""
+    if any(len(p) == 0 for p in prompts):
+        raise DpokitError("generation: a prompt has no tokens")
+    device = next(model.parameters()).device
+    batch = pad_sequences(prompts, [len(p) for p in prompts], pad_id, side="left")
+    attention_mask = batch["attention_mask"].to(device)  # (B, T)
+    position_ids = position_ids_from_mask(attention_mask)  # (B, T)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    n = len(prompts)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    steps: list[torch.Tensor] = []
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=attention_mask,
+                position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    for t in range(params.max_new_tokens):
+        token = next_tokens(out.logits[:, -1], params, generator)  # (B,)
+        token = token.masked_fill(done, pad_id)
+        steps.append(token)
+        done = done | torch.isin(token, eos)
+        if bool(done.all()) or t == params.max_new_tokens - 1:
+            break
+        # Finished rows keep decoding pad tokens (their outputs are discarded); attending to them is harmless.
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=out.past_key_values, use_cache=True)
+    tokens = torch.stack(steps, dim=1).tolist()  # (B, steps)
+    eos_set = set(eos_ids)
+    results = []
+    for row in tokens:
+        response: list[int] = []
+        finished = False
+        for token_id in row:
+            response.append(token_id)
+            if token_id in eos_set:
+                finished = True
+                break
+        results.append((response, finished))
+    return results
+
+
+def generate(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
+             params: SamplingParams | None = None, eos_ids: Sequence[int] | None = None) -> list[Sample]:
+    """Sample one response per prompt, ``params.batch_size`` prompts at a time.
+
+    ``prompt_ids`` are token lists (see :func:`encode_prompts` for text and chat prompts). To draw several samples
+    per prompt, repeat the prompt. The model is put in eval mode (dropout off while sampling) and restored.
+    """
+    params = params or SamplingParams()
+    eos = eos_token_ids(model, tokenizer) if eos_ids is None else list(eos_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    generator = torch.Generator().manual_seed(params.seed)
+    was_training = model.training
+    model.eval()
+    samples: list[Sample] = []
+    try:
+        for start in range(0, len(prompt_ids), params.batch_size):
+            chunk = [list(p) for p in prompt_ids[start:start + params.batch_size]]
+            for prompt, (response, finished) in zip(chunk, sample_batch(model, chunk, params, pad_id, eos,
+                                                                        generator)):
+                text = tokenizer.decode(response, skip_special_tokens=True)
+                samples.append(Sample(prompt, response, text, finished))
+    finally:
+        model.train(was_training)
+    return samples
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str | list[dict[str, Any]]], max_prompt_length: int,
+                   max_length: int) -> list[list[int]]:
+    """Prompt tokens exactly as training sees them (``dpokit.data.tokenize``): BOS rules, truncation to the last
+    ``max_prompt_length`` tokens, and for a message list the tokenizer's chat template with the generation prompt
+    (the assistant turn header), so the policy continues where its training responses began."""
+    from dpokit.data.tokenize import encode_rows, token_rules
+
+    rules = token_rules(tokenizer)
+    # encode_rows tokenizes (prompt, responses); a one-token placeholder response yields the prompt ids alone.
+    items = [(p, ["x"] if isinstance(p, str) else [[{"role": "assistant", "content": "x"}]]) for p in prompts]
+    encoded = encode_rows(items, tokenizer, max_length, max_prompt_length, rules=rules)
+    out = []
+    for prompt, result in zip(prompts, encoded):
+        if isinstance(result, str):
+            raise DpokitError(f"prompt {str(prompt)[:40]!r}: cannot be encoded ({result})")
+        out.append(result.prompt_ids)
+    return out
