@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 # The functions shadow their modules of the same name on purpose (``dpokit.train(...)`` is the API); the
 # modules stay importable as ``from dpokit.train import ...``.
 from dpokit.config import load_config  # noqa: E402
-from dpokit.losses import LOSSES  # noqa: E402
 from dpokit.evaluate.scoring import score  # noqa: E402
+from dpokit.losses import LOSSES  # noqa: E402
 from dpokit.train import sft, train  # noqa: E402
 
 __all__ = ["LOSSES", "load_config", "score", "sft", "train"]
