@@ -117,6 +117,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dpokit.serve import serve
+
+    serve(args.run_dir, ref=args.ref, host=args.host, port=args.port, reward=args.reward)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="HTML file (default: RUN_DIR/report.html; required for several runs)")
     report.add_argument("--max-samples", type=int, default=6, help="side-by-side samples shown per run")
     report.set_defaults(func=cmd_report)
+
+    serve = sub.add_parser("serve", help="local web page: a prompt, pi_ref and pi side by side, implicit rewards")
+    serve.add_argument("run_dir", metavar="RUN_DIR")
+    serve.add_argument("--ref", help="reference model (default: the run's reference)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
+    serve.add_argument("--reward", help="ground-truth reward shown too: sentiment, length, or module:function")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

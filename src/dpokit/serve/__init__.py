@@ -1,0 +1,30 @@
+"""``dpokit serve RUN_DIR``: a local web page to try a prompt on the reference pi_ref and the DPO policy pi side
+by side, streaming both responses, with their implicit rewards beta * (log pi(y|x) - log pi_ref(y|x)).
+
+- ``sampling``: token-by-token sampling (the loop of ``dpokit.generate``, one step at a time)
+- ``engine``: request checks, the job (sample, stream, score), the one-worker FIFO queue
+- ``app``: the Starlette app and the uvicorn server; ``index.html``: the page
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Limits", "create_app", "load_playground", "serve", "start_in_thread"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing dpokit.serve costs nothing until something is used.
+    if name in ("Limits", "load_playground"):
+        from dpokit.serve import engine
+
+        return getattr(engine, name)
+    if name in ("create_app", "serve", "start_in_thread"):
+        try:
+            from dpokit.serve import app
+        except ImportError as exc:
+            from dpokit.errors import DpokitError
+
+            raise DpokitError(f"dpokit serve needs the package {exc.name} (pip install starlette uvicorn)") from None
+        return getattr(app, name)
+    raise AttributeError(f"module 'dpokit.serve' has no attribute {name!r}")

@@ -1,0 +1,316 @@
+"""The web layer of ``dpokit serve``: a small Starlette app run by uvicorn.
+
+Routes (nothing else; no route takes a path, so no request can name a file):
+
+``GET /``               the page (``index.html``, read once at start-up; inline CSS and JS, no external asset)
+``GET /api/info``       the run, example prompts, limits and defaults, as JSON
+``POST /api/generate``  a JSON request; answered with newline-delimited JSON events (``application/x-ndjson``)
+                        streamed as they happen, or with a 4xx / 503 and ``{"error": message}``
+
+Listening on a loopback address, requests whose ``Host`` is not 127.0.0.1 / localhost are refused (a page on
+another site that points its domain at 127.0.0.1, DNS rebinding, could otherwise use the server as its own).
+
+Streaming: the request handler checks the request (``Playground.prepare``) and queues a job on the one
+``Worker`` thread; the worker's events cross into the event loop with ``call_soon_threadsafe`` onto an asyncio
+queue that the streaming response drains. When the browser goes away (a new run, a closed tab), Starlette
+cancels the response and the ``finally`` below marks the job cancelled: the worker skips it or stops it at its
+next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import ipaddress
+import json
+import re
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from dpokit.errors import DpokitError
+from dpokit.serve.engine import BadRequest, Event, Job, Playground, QueueFull, Worker
+
+DRAIN_BYTES = 1 << 20
+"""An oversized body up to this size is read and dropped before the 413, so the client reads the answer
+instead of a reset connection; a larger one is answered at once."""
+TERMINAL = ("done", "error")
+
+
+def page_and_policy() -> tuple[bytes, str]:
+    """The page, and a Content-Security-Policy that lets it run its own inline script and style and reach
+    nothing but this server."""
+    page = resources.files("dpokit.serve").joinpath("index.html").read_text(encoding="utf-8")
+    scripts = re.findall(r"<script>(.*?)</script>", page, flags=re.S)
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'"
+                      for s in scripts)
+    policy = (f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
+              "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return page.encode("utf-8"), policy
+
+
+def error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+LOCAL_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
+
+
+def host_name(header: str) -> str:
+    """``Host: name:port`` -> ``name`` (``[::1]:7860`` -> ``[::1]``)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[:header.find("]") + 1]
+    return header.split(":", 1)[0]
+
+
+class LocalHostOnly:
+    """Answer only requests addressed to this machine by name. A web page elsewhere can point its own domain
+    name at 127.0.0.1 (DNS rebinding) and then call this server as its own origin; such requests carry that
+    name in ``Host`` and are refused."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(host) not in LOCAL_NAMES:
+                answer = error(f"this server answers requests for 127.0.0.1 or localhost only, not '{host}' "
+                               "(dpokit serve --host chooses where it listens)", 400)
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(playground: Playground, local_only: bool = True) -> Starlette:
+    """The app. Its worker thread starts here; ``app.state.worker.close()`` stops it. ``local_only``: refuse
+    requests not addressed to 127.0.0.1 / localhost (right when listening on a loopback address)."""
+    page, policy = page_and_policy()
+    worker = Worker(playground.limits.max_queue)
+    limit = playground.limits.max_body_bytes
+
+    async def index(request: Request) -> Response:
+        return Response(page, media_type="text/html; charset=utf-8", headers={
+            "Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})
+
+    async def info(request: Request) -> Response:
+        return JSONResponse(playground.info(), headers={"Cache-Control": "no-store"})
+
+    async def generate(request: Request) -> Response:
+        # A JSON content type keeps other web sites out: their pages cannot send it without a CORS preflight,
+        # which this server never grants.
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return error("send the request as JSON (Content-Type: application/json)", 415)
+        try:
+            body = await read_body(request, limit)
+            payload = parse_json(body)
+            checked = await run_in_threadpool(playground.prepare, payload)
+        except BadRequest as exc:
+            return error(str(exc), exc.status)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        cancelled = threading.Event()
+        job = Job(partial(playground.run, checked), partial(emit_threadsafe, loop, events, cancelled), cancelled)
+        try:
+            worker.submit(job)
+        except QueueFull as exc:
+            return error(f"busy: {exc}", 503, {"Retry-After": "5"})
+        return StreamingResponse(stream(events, job), media_type="application/x-ndjson",
+                                 headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return error(exc.detail, exc.status_code, dict(exc.headers or {}))
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        traceback.print_exception(exc, file=sys.stderr)
+        return error(f"internal error ({type(exc).__name__}); see the server log", 500)
+
+    app = Starlette(routes=[Route("/", index, methods=["GET"]), Route("/api/info", info, methods=["GET"]),
+                            Route("/api/generate", generate, methods=["POST"])],
+                    middleware=[Middleware(LocalHostOnly)] if local_only else [],
+                    exception_handlers={HTTPException: http_error, Exception: internal_error})
+    app.state.worker = worker
+    app.state.playground = playground
+    return app
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (declared or sent)."""
+    declared = request.headers.get("content-length")
+    too_large = f"request too large: at most {limit} bytes"
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("invalid Content-Length", 400)
+        if int(declared) > limit:
+            if int(declared) <= DRAIN_BYTES:
+                async for _ in request.stream():
+                    pass
+            raise BadRequest(f"{too_large}, got {int(declared)}", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(too_large, 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    if not body.strip():
+        raise BadRequest("empty request; send a JSON object such as {\"prompt\": \"Hello\"}", 400)
+    try:
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest("invalid request: not UTF-8 text", 400) from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", 400) from None
+    except RecursionError:
+        raise BadRequest("invalid JSON: nested too deeply", 400) from None
+
+
+def emit_threadsafe(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Event], cancelled: threading.Event,
+                    event: Event) -> None:
+    """Hand an event from the worker thread to the event loop; a closed loop means nobody is listening."""
+    try:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+    except RuntimeError:
+        cancelled.set()
+
+
+async def stream(events: asyncio.Queue[Event], job: Job) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            event = await events.get()
+            yield (json.dumps(event, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+            if event["type"] in TERMINAL:
+                return
+    finally:
+        job.cancelled.set()  # after the end, harmless; before it, the client left
+
+
+# ---------------------------------------------------------------------------------------------------- server
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, or one line saying why not."""
+    if not 0 <= port <= 65535:
+        raise DpokitError(f"--port: must be between 0 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise DpokitError(f"--host: cannot resolve '{host}'") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise DpokitError(f"--host {host} --port {port}: cannot listen ({exc.strerror or exc})") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    if host in ("0.0.0.0", "::"):
+        shown = "127.0.0.1"
+    return f"http://{shown}:{port}/"
+
+
+def uvicorn_server(app: Starlette) -> uvicorn.Server:
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none",
+                            http="h11", loop="asyncio", limit_concurrency=256, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=3)
+    return uvicorn.Server(config)
+
+
+@dataclass
+class RunningServer:
+    """A server on a background thread (tests, notebooks): ``url``, and ``stop()``."""
+
+    url: str
+    app: Starlette
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.app.state.worker.close()
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_in_thread(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+    """Serve ``app`` on a background thread; ``port=0`` picks a free port. Returns once it accepts."""
+    sock = bind(host, port)
+    server = uvicorn_server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dpokit-serve-http",
+                              daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise DpokitError("the web server did not start")
+        thread.join(0.02)
+    return RunningServer(url_of(sock), app, server, thread)
+
+
+def serve(run_dir: str, ref: str | None = None, host: str = "127.0.0.1", port: int = 7860,
+          reward: str | None = None, log: Any = print) -> None:
+    """``dpokit serve``: load the run, listen, and serve until interrupted (Ctrl+C)."""
+    from dpokit.rewards import get_reward
+    from dpokit.serve.engine import check_run_dir, load_playground
+
+    check_run_dir(run_dir)
+    if reward is not None:
+        get_reward(reward)
+    sock = bind(host, port)  # a taken port is reported before minutes of model loading
+    try:
+        log(f"loading {run_dir} ...")
+        playground = load_playground(run_dir, ref=ref, reward=reward)
+        app = create_app(playground, local_only=is_loopback(host))
+        if not is_loopback(host):
+            log(f"warning: listening on {host}: anyone who can reach this machine can use the models")
+        log(f"dpokit serve: {url_of(sock)}  (beta={playground.scorer.beta:g}, reference: "
+            f"{playground.reference_name}; Ctrl+C stops)")
+        try:
+            uvicorn_server(app).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C once it has shut down; stopping is the normal end
+            pass
+        finally:
+            app.state.worker.close(timeout=1)
+        log("dpokit serve: stopped")
+    finally:
+        sock.close()

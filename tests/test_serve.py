@@ -1,0 +1,467 @@
+"""``dpokit serve`` on a tiny run: the page in headless Chromium (type, Ctrl+Enter, both columns fill, rewards
+shown and equal to ``dpokit score``), the streamed samples equal ``generate``, 20 concurrent requests answered
+first come first served, bad requests refused with a 4xx and a message, and the command itself."""
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import dpokit
+from dpokit.cli import main
+from dpokit.errors import DpokitError
+from dpokit.generate import SamplingParams, generate
+from dpokit.models import tiny_tokenizer
+from dpokit.serve.app import create_app, host_name, start_in_thread
+from dpokit.serve.engine import Job, QueueFull, Worker, load_playground
+from dpokit.serve.sampling import IncrementalText, stream_batch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared CPU their spin-waits cost ~100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def chat_pairs(path: Path, n: int, offset: int = 0) -> Path:
+    moods = [("Sure, happy to help", "No. Figure it out"), ("Great question, here is how", "Not my problem")]
+    with path.open("w") as fh:
+        for i in range(offset, offset + n):
+            good, bad = moods[i % len(moods)]
+            fh.write(json.dumps({"prompt": [{"role": "user", "content": f"Can you help me with task {i}?"}],
+                                 "chosen": [{"role": "assistant", "content": f"{good} {i}."}],
+                                 "rejected": [{"role": "assistant", "content": f"{bad} {i}."}]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    cfg = {"model": {"name_or_path": "tiny-random-llama"},
+           "data": {"train": str(chat_pairs(root / "train.jsonl", 16)),
+                    "eval": str(chat_pairs(root / "eval.jsonl", 4, offset=100)),
+                    "max_length": 64, "max_prompt_length": 32},
+           "loss": {"beta": 0.1},
+           "train": {"lr": 1e-3, "max_steps": 3, "batch_size": 4, "progress": False}}
+    return dpokit.train(cfg, run_dir=str(root / "run"))
+
+
+@pytest.fixture(scope="module")
+def playground(tiny_run):
+    return load_playground(tiny_run, reward="length")
+
+
+@pytest.fixture(scope="module")
+def server(playground):
+    with start_in_thread(create_app(playground)) as running:
+        yield running
+
+
+def post(url: str, body: bytes, content_type: str = "application/json",
+         timeout: float = 60) -> tuple[int, list[dict] | dict]:
+    """POST to /api/generate: (status, events) for a stream, (status, JSON body) for a refusal."""
+    host, port = re.match(r"http://([^:/]+):(\d+)/", url).groups()
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("POST", "/api/generate", body=body, headers={"Content-Type": content_type})
+        response = conn.getresponse()
+        data = response.read()
+    finally:
+        conn.close()
+    if response.status == 200:
+        return 200, [json.loads(line) for line in data.decode().splitlines()]
+    return response.status, json.loads(data)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+def test_streamed_samples_equal_generate(playground):
+    """The page shows what the rest of dpokit would sample: same seed, same tokens as generate()."""
+    scorer = playground.scorer
+    tok = scorer.tokenizer
+    prompt = tok("Can you help me with task 3?", add_special_tokens=False).input_ids
+    for params in (SamplingParams(max_new_tokens=12, temperature=1.0, seed=3),
+                   SamplingParams(max_new_tokens=12, temperature=0.7, top_p=0.9, seed=5),
+                   SamplingParams(max_new_tokens=12, temperature=0.0)):
+        expected = [s.response_ids for s in generate(scorer.policy, tok, [prompt] * 3, params, eos_ids=[2])]
+        streamed: list[list[int]] = [[], [], []]
+        for step in stream_batch(scorer.policy, [prompt] * 3, params, scorer.pad_id, [2],
+                                 torch.Generator().manual_seed(params.seed)):
+            for row, token in zip(streamed, step):
+                if token is not None:
+                    row.append(token)
+        assert streamed == expected
+
+
+def test_incremental_text_never_shows_half_a_character():
+    tok = tiny_tokenizer()
+    text = "Café ☕ and 😀 done"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) > 8  # the byte-level tokenizer splits multi-byte characters over tokens
+    stream = IncrementalText(tok)
+    shown = ""
+    for token in ids:
+        delta = stream.push(token)
+        if delta is not None:
+            part, replace = delta
+            assert "\ufffd" not in part and not replace
+            shown += part
+    assert stream.flush() is None and shown == text == stream.text
+
+
+# --------------------------------------------------------------------------------------------------- queue
+
+def test_worker_is_fifo_bounded_and_survives_failures():
+    events: list[tuple[int, str]] = []
+    gate = threading.Event()
+
+    def job(name, work=None):
+        j = Job(work or (lambda emit, cancelled: None), emit=lambda e: events.append((name, e["type"])))
+        return j
+
+    worker = Worker(max_queue=2)
+    try:
+        blocker = job("blocker", lambda emit, cancelled: gate.wait(10))
+        worker.submit(blocker)
+        while ("blocker", "start") not in events:
+            time.sleep(0.01)
+        failing = job("failing", lambda emit, cancelled: 1 / 0)
+        worker.submit(failing)
+        skipped = job("skipped")
+        worker.submit(skipped)
+        with pytest.raises(QueueFull):
+            worker.submit(job("rejected"))
+        skipped.cancelled.set()  # the client went away while waiting
+        gate.set()
+        last = job("last")
+        deadline = time.time() + 10
+        while True:
+            try:
+                worker.submit(last)
+                break
+            except QueueFull:
+                assert time.time() < deadline
+                time.sleep(0.01)
+        while ("last", "done") not in events:
+            assert time.time() < deadline
+            time.sleep(0.01)
+    finally:
+        worker.close()
+    assert [blocker.ticket, failing.ticket, skipped.ticket] == [0, 1, 2]
+    assert ("failing", "error") in events  # a crash ends its request, not the server
+    assert not any(name in ("skipped", "rejected") and kind == "start" for name, kind in events)
+    started = [name for name, kind in events if kind == "start"]
+    assert started == ["blocker", "failing", "last"]
+
+
+def test_twenty_concurrent_requests_all_answered_in_order(server):
+    barrier = threading.Barrier(20)
+    results: dict[int, tuple[int, list[dict]]] = {}
+
+    def client(i):
+        body = json.dumps({"prompt": f"Request {i}: hello", "n_samples": 1, "max_new_tokens": 4, "seed": i})
+        barrier.wait()
+        results[i] = post(server.url, body.encode())
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == list(range(20))  # none lost
+    tickets, served = [], []
+    for status, events in results.values():
+        assert status == 200
+        kinds = [e["type"] for e in events]
+        assert kinds[0] == "queued" and kinds[-1] == "done" and kinds.count("final") == 2
+        assert kinds.index("start") < kinds.index("final")
+        done = events[-1]
+        tickets.append(done["ticket"])
+        served.append(done["served"])
+        queued = [e["ahead"] for e in events if e["type"] == "queued"]
+        assert queued == sorted(queued, reverse=True)  # the queue only moves forward
+    assert sorted(tickets) == list(range(min(tickets), min(tickets) + 20))  # each arrival numbered once
+    # Served in order of arrival: the n-th request to arrive is the n-th to run.
+    assert [s - min(served) for _, s in sorted(zip(tickets, served))] == list(range(20))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+BAD = [
+    (b"{not json", "application/json", 400, "invalid JSON at line 1, column 2"),
+    (b"", "application/json", 400, "empty request"),
+    (b"\xff\xfe", "application/json", 400, "not UTF-8"),
+    (b"[" * 50_000, "application/json", 400, "nested too deeply"),
+    (b'{"prompt": "hi"}', "text/plain", 415, "Content-Type: application/json"),
+    (b'["hi"]', "application/json", 422, "must be a JSON object"),
+    (b"{}", "application/json", 422, "prompt: missing"),
+    (b'{"prompt": "   "}', "application/json", 422, "prompt: empty"),
+    (b'{"prompt": 3}', "application/json", 422, "prompt: expected text"),
+    (b'{"prompt": [{"role": "robot", "content": "x"}]}', "application/json", 422, "prompt[0]: expected"),
+    (b'{"prompt": "hi", "n_samples": 99}', "application/json", 422, "n_samples: must be between 1 and 8, got 99"),
+    (b'{"prompt": "hi", "n_samples": true}', "application/json", 422, "n_samples: expected a whole number"),
+    (b'{"prompt": "hi", "max_new_tokens": 0}', "application/json", 422, "max_new_tokens: must be between 1 and"),
+    (b'{"prompt": "hi", "max_new_tokens": 2.5}', "application/json", 422, "max_new_tokens: expected a whole"),
+    (b'{"prompt": "hi", "temperature": -1}', "application/json", 422, "temperature: must be at least 0"),
+    (b'{"prompt": "hi", "temperature": NaN}', "application/json", 422, "temperature: expected a number"),
+    (b'{"prompt": "hi", "temperature": "hot"}', "application/json", 422, "temperature: expected a number, got 'hot'"),
+    (b'{"prompt": "hi", "top_p": 0}', "application/json", 422, "top_p: must be more than 0"),
+    (b'{"prompt": "hi", "seed": -2}', "application/json", 422, "seed: must be between 0"),
+    (b'{"prompt": "hi", "seed": null}', "application/json", 422, "seed: expected a whole number, got nothing"),
+    (b'{"prompt": "hi", "path": "/etc/passwd"}', "application/json", 422, "unknown field 'path'"),
+    (json.dumps({"prompt": "x" * 20_000}).encode(), "application/json", 422, "prompt: 20000 characters"),
+    (json.dumps({"prompt": "x" * 200_000}).encode(), "application/json", 413, "request too large"),
+]
+
+
+@pytest.mark.parametrize("body, content_type, status, message", BAD, ids=[b[3][:24] for b in BAD])
+def test_bad_requests_get_a_4xx_and_a_clear_message(server, body, content_type, status, message):
+    got, answer = post(server.url, body, content_type)
+    assert got == status and message in answer["error"], answer
+
+
+def test_other_routes_and_the_server_after_bad_input(server):
+    host, port = re.match(r"http://([^:/]+):(\d+)/", server.url).groups()
+    for method, path, status in (("GET", "/../../etc/passwd", 404), ("GET", "/api/generate", 405),
+                                 ("GET", "/index.html", 404), ("DELETE", "/", 405)):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request(method, path)
+        response = conn.getresponse()
+        assert response.status == status and "error" in json.loads(response.read())
+        conn.close()
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", "/api/info", headers={"Host": f"rebound.example:{port}"})  # DNS rebinding
+    response = conn.getresponse()
+    assert response.status == 400 and "127.0.0.1 or localhost only" in json.loads(response.read())["error"]
+    conn.close()
+    assert host_name("[::1]:7860") == "[::1]" and host_name("LocalHost:80") == "localhost"
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", "/")
+    response = conn.getresponse()
+    page = response.read().decode()
+    assert response.status == 200 and "DPO in action" in page
+    assert "script-src 'sha256-" in response.getheader("Content-Security-Policy")
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing fetched from anywhere
+    conn.close()
+
+
+def test_a_client_that_leaves_stops_its_job(server, playground, monkeypatch):
+    stopped = threading.Event()
+
+    def endless(request, emit, cancelled):
+        deadline = time.time() + 20
+        while not cancelled.is_set() and time.time() < deadline:
+            emit({"type": "delta", "side": "policy", "deltas": [{"i": 0, "text": "la ", "replace": False}]})
+            time.sleep(0.01)
+        if cancelled.is_set():
+            stopped.set()
+
+    monkeypatch.setattr(playground, "run", endless)
+    host, port = re.match(r"http://([^:/]+):(\d+)/", server.url).groups()
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/api/generate", body=json.dumps({"prompt": "sing"}),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert [json.loads(response.readline())["type"] for _ in range(3)] == ["queued", "start", "delta"]
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    assert stopped.wait(10)  # the worker noticed at its next token
+    monkeypatch.undo()
+    status, events = post(server.url, json.dumps({"prompt": "still there?", "max_new_tokens": 3}).encode())
+    assert status == 200 and events[-1]["type"] == "done"
+
+
+def test_long_prompt_lowers_max_new_tokens_with_a_note(server, playground):
+    status, events = post(server.url, json.dumps({"prompt": "word " * 400, "max_new_tokens": 60,
+                                                  "n_samples": 1}).encode())
+    assert status == 200 and events[-1]["type"] == "done"
+    notes = [e["message"] for e in events if e["type"] == "note"]
+    assert len(notes) == 1 and "max new tokens lowered to" in notes[0] and "data.max_length = 64" in notes[0]
+    final = [e for e in events if e["type"] == "final"]
+    assert all(s["tokens"] <= 64 - playground.scorer.max_prompt_length for e in final for s in e["samples"])
+
+
+# ------------------------------------------------------------------------------------------------- browser
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture
+def driver():
+    """Headless Debian Chromium driven by selenium and the system chromedriver (never a downloaded browser).
+    Skips when absent, except in CI (CI=true), where the browser check must run."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("selenium")
+    if missing:
+        message = f"serve browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tempfile.mkdtemp(prefix="dpokit-chromium-")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1280,1100",
+                 # Any request beyond this server fails (and would log an error): the page must need none.
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    chrome = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(driver, script, timeout=60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: d.execute_script(script))
+
+
+def test_page_in_chromium_streams_both_columns_with_rewards_equal_to_dpokit_score(server, tiny_run, driver,
+                                                                                   tmp_path, capsys):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver.get(server.url)
+    wait_for(driver, "return document.body.dataset.ready === '1'")
+    chips = driver.find_elements(By.CSS_SELECTOR, "#examples .chip")
+    assert [c.text for c in chips] == [f"Can you help me with task {i}?" for i in range(100, 104)]
+    assert "β = 0.1" in driver.find_element(By.ID, "meta").text
+    prompt = "Could you help me plan my week?"
+    box = driver.find_element(By.ID, "prompt")
+    box.send_keys(prompt)
+    for field, value in (("n_samples", "3"), ("max_new_tokens", "12"), ("seed", "7")):
+        element = driver.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+    box.click()
+    # The columns fill while the models generate: record what is on screen at every poll.
+    driver.execute_script("""
+        window.seen = [];
+        new MutationObserver(() => window.seen.push(
+            [...document.querySelectorAll('.sample.streaming .text')].map(e => e.textContent.length)))
+          .observe(document.querySelector('.pair'), {childList: true, subtree: true, characterData: true});""")
+    ActionChains(driver).key_down(Keys.CONTROL).send_keys(Keys.ENTER).key_up(Keys.CONTROL).perform()
+    assert wait_for(driver, "const s = document.body.dataset.state; return s === 'done' || s === 'error' ? s : null")\
+        == "done", driver.find_element(By.ID, "error").text
+    partial = driver.execute_script("return window.seen.filter(lens => lens.some(n => n > 0)).length")
+    assert partial > 3  # text appeared in pieces before the columns were complete
+
+    shown = driver.execute_script("""
+        return ['reference', 'policy'].map(side => [...document.querySelectorAll('#samples-' + side + ' .sample')]
+          .map(card => ({text: card.querySelector('.text').textContent,
+                         value: Number(card.querySelector('.badge.implicit').dataset.value),
+                         label: card.querySelector('.badge.implicit b').textContent,
+                         reward: Number(card.querySelector('.badge.gt').dataset.value),
+                         streaming: card.classList.contains('streaming')})));""")
+    assert [len(column) for column in shown] == [3, 3]
+    samples = [s for column in shown for s in column]
+    assert all(s["text"] and not s["streaming"] for s in samples)
+    assert all(s["label"] == f"{s['value']:+.3f}" for s in samples)
+    assert all(s["reward"] == len(s["text"].split()) for s in samples)  # the length reward of the shown text
+    summaries = [driver.find_element(By.ID, f"summary-{side}").text for side in ("reference", "policy")]
+    for column, summary in zip(shown, summaries):
+        values = [s["value"] for s in column]
+        assert f"implicit r: mean {statistics.fmean(values):+.3f} · sd {statistics.stdev(values):.3f}" in summary
+        assert "length: mean" in summary and "n = 3" in summary
+
+    # The implicit reward on the page is what `dpokit score` prints for the same prompt and text.
+    rows = tmp_path / "shown.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": prompt}], "response": s["text"]})
+                            + "\n" for s in samples))
+    capsys.readouterr()
+    assert main(["score", "--model", str(tiny_run), str(rows)]) == 0
+    scored = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [s["value"] for s in samples] == pytest.approx([r["reward"] for r in scored], abs=1e-6)
+
+    shot = tmp_path / "serve.png"
+    driver.save_screenshot(str(shot))
+    if os.environ.get("DPOKIT_SAVE_SCREENSHOT"):
+        shutil.copy(shot, os.environ["DPOKIT_SAVE_SCREENSHOT"])
+    errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    assert errors == []  # no blocked script (the CSP hash matches), no failed request
+
+    # A bad value gets a clear message on the page, and the server's 422.
+    driver.execute_script("document.getElementById('n_samples').value = '99'")
+    ActionChains(driver).key_down(Keys.CONTROL).send_keys(Keys.ENTER).key_up(Keys.CONTROL).perform()
+    wait_for(driver, "return document.body.dataset.state === 'error'")
+    message = driver.find_element(By.ID, "error")
+    assert message.is_displayed() and message.text == "n_samples: must be between 1 and 8, got 99 (422)"
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
+    _, counts = np.unique(pixels[:, 0] << 16 | pixels[:, 1] << 8 | pixels[:, 2], return_counts=True)
+    assert len(counts) > 300  # text and its anti-aliasing: far from a blank page
+    assert counts.max() / len(pixels) < 0.9
+    accent = (np.abs(pixels - np.array((0x3B, 0x5B, 0xDB))).max(axis=1) <= 20).sum()
+    assert accent > 500  # the run button and the policy column's rule are drawn
+
+
+# ----------------------------------------------------------------------------------------------- the command
+
+def test_serve_command_errors_are_one_line(tmp_path, tiny_run, capsys):
+    assert main(["serve", str(tmp_path / "nowhere")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert main(["serve", str(tiny_run), "--reward", "sentimnet", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reward 'sentimnet': unknown" in err
+    assert main(["serve", str(tiny_run), "--port", "70000"]) == 2
+    assert "--port: must be between 0 and 65535" in capsys.readouterr().err
+    with pytest.raises(DpokitError, match="cannot listen"):
+        with start_in_thread(create_app(load_playground(tiny_run))) as running:
+            port = int(running.url.rsplit(":", 1)[1].strip("/"))
+            start_in_thread(running.app, port=port)
+
+
+def test_dpokit_serve_runs_and_stops_on_ctrl_c(tiny_run):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "dpokit", "serve", str(tiny_run), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url, output = None, []
+        deadline = time.time() + 120
+        while url is None and time.time() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if found := re.search(r"http://127\.0\.0\.1:\d+/", line):
+                url = found.group(0)
+        assert url, "".join(output)
+        status, events = post(url, json.dumps({"prompt": "Hello", "max_new_tokens": 3}).encode())
+        assert status == 200 and events[-1]["type"] == "done"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
