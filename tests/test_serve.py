@@ -23,11 +23,11 @@ import torch
 import dpokit
 from dpokit.cli import main
 from dpokit.errors import DpokitError
-from dpokit.generate import SamplingParams, generate
+from dpokit.generate import SamplingParams, generate, stream_batch
 from dpokit.models import tiny_tokenizer
 from dpokit.serve.app import create_app, host_name, start_in_thread
 from dpokit.serve.engine import Job, QueueFull, Worker, load_playground
-from dpokit.serve.sampling import IncrementalText, stream_batch
+from dpokit.serve.sampling import IncrementalText
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -17,7 +17,7 @@ that is what the Monte Carlo estimate of KL(pi || pi_ref) needs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,9 +109,11 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 
 @torch.no_grad()
-def sample_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, pad_id: int,
-                 eos_ids: Sequence[int], generator: torch.Generator) -> list[tuple[list[int], bool]]:
-    """Decode one batch of prompts (token ids). Returns, per prompt, (response ids, finished)."""
+def stream_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, pad_id: int,
+                 eos_ids: Sequence[int], generator: torch.Generator) -> Iterator[list[int | None]]:
+    """Decode one batch of prompts (token ids), yielding after every step the new token of each row, or None
+    for a row that had already finished (its EOS, part of its response, was yielded the step before).
+    Stops when every row has finished or after ``params.max_new_tokens`` steps."""
     if any(len(p) == 0 for p in prompts):
         raise DpokitError("generation: a prompt has no tokens")
     device = next(model.parameters()).device
@@ -121,34 +123,32 @@ def sample_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: Sam
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     n = len(prompts)
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    steps: list[torch.Tensor] = []
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=attention_mask,
                 position_ids=position_ids, use_cache=True, logits_to_keep=1)
     for t in range(params.max_new_tokens):
         token = next_tokens(out.logits[:, -1], params, generator)  # (B,)
         token = token.masked_fill(done, pad_id)
-        steps.append(token)
+        yield [None if finished else int(tok) for tok, finished in zip(token.tolist(), done.tolist())]
         done = done | torch.isin(token, eos)
         if bool(done.all()) or t == params.max_new_tokens - 1:
-            break
-        # Finished rows keep decoding pad tokens (their outputs are discarded); attending to them is harmless.
+            return
+        # Finished rows keep decoding pad tokens (never yielded); attending to them is harmless.
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)
         position_ids = position_ids[:, -1:] + 1
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
                     past_key_values=out.past_key_values, use_cache=True)
-    tokens = torch.stack(steps, dim=1).tolist()  # (B, steps)
+
+
+def sample_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, pad_id: int,
+                 eos_ids: Sequence[int], generator: torch.Generator) -> list[tuple[list[int], bool]]:
+    """Decode one batch of prompts (token ids). Returns, per prompt, (response ids, finished)."""
     eos_set = set(eos_ids)
-    results = []
-    for row in tokens:
-        response: list[int] = []
-        finished = False
-        for token_id in row:
-            response.append(token_id)
-            if token_id in eos_set:
-                finished = True
-                break
-        results.append((response, finished))
-    return results
+    responses: list[list[int]] = [[] for _ in prompts]
+    for step in stream_batch(model, prompts, params, pad_id, eos_ids, generator):
+        for response, token in zip(responses, step):
+            if token is not None:
+                response.append(token)
+    return [(response, bool(response) and response[-1] in eos_set) for response in responses]
 
 
 def generate(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],

@@ -36,9 +36,9 @@ from dpokit.data.formats import Text
 from dpokit.errors import DpokitError
 from dpokit.evaluate.run import load_prompts, text_of
 from dpokit.evaluate.scoring import Scorer, is_run_dir, load_scorer, score_rows
-from dpokit.generate import SamplingParams, encode_prompts, eos_token_ids
+from dpokit.generate import SamplingParams, encode_prompts, eos_token_ids, stream_batch
 from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
-from dpokit.serve.sampling import IncrementalText, stream_batch
+from dpokit.serve.sampling import IncrementalText
 
 Event = dict[str, Any]
 Emit = Callable[[Event], None]

@@ -1,57 +1,13 @@
-"""Sampling one token at a time, so a page can show a response while it is being generated.
+"""Showing a response while it is being generated.
 
-:func:`stream_batch` is ``dpokit.generate.sample_batch`` turned into a generator: the same left-padded batch,
-the same position ids, the same KV cache, the same ``next_tokens`` draws from the same seeded generator, in the
-same order. So the tokens streamed for a prompt repeated n times at a seed are exactly the samples
-``generate(model, tokenizer, [prompt] * n, SamplingParams(seed=seed))`` returns (tested); the page shows the
-responses the rest of dpokit would produce.
-
+The tokens come from ``dpokit.generate.stream_batch``, the very loop behind ``generate``, so what the page
+streams for a prompt repeated n times at a seed is exactly what ``generate`` returns (tested).
 :class:`IncrementalText` turns the growing token lists into text deltas for the page.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from typing import Any
-
-import torch
-from torch import nn
-
-from dpokit.data.batch import pad_sequences
-from dpokit.errors import DpokitError
-from dpokit.generate import SamplingParams, next_tokens
-from dpokit.logprobs import position_ids_from_mask
-
-
-@torch.no_grad()
-def stream_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, pad_id: int,
-                 eos_ids: Sequence[int], generator: torch.Generator) -> Iterator[list[int | None]]:
-    """Decode one batch of prompts, yielding after every step the new token of each row, or None for a row
-    that had already finished (its EOS, which is part of its response, was yielded the step before).
-    Stops when every row has finished or after ``params.max_new_tokens`` steps."""
-    if any(len(p) == 0 for p in prompts):
-        raise DpokitError("generation: a prompt has no tokens")
-    device = next(model.parameters()).device
-    batch = pad_sequences(prompts, [len(p) for p in prompts], pad_id, side="left")
-    attention_mask = batch["attention_mask"].to(device)  # (B, T)
-    position_ids = position_ids_from_mask(attention_mask)  # (B, T)
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    n = len(prompts)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=attention_mask,
-                position_ids=position_ids, use_cache=True, logits_to_keep=1)
-    for t in range(params.max_new_tokens):
-        token = next_tokens(out.logits[:, -1], params, generator)  # (B,)
-        token = token.masked_fill(done, pad_id)
-        yield [None if finished else int(tok) for tok, finished in zip(token.tolist(), done.tolist())]
-        done = done | torch.isin(token, eos)
-        if bool(done.all()) or t == params.max_new_tokens - 1:
-            return
-        # Finished rows keep decoding pad tokens (never yielded); attending to them is harmless.
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=out.past_key_values, use_cache=True)
 
 
 class IncrementalText:
