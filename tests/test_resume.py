@@ -252,3 +252,23 @@ def test_zero_rewards_warning_reaches_metrics_and_stderr(tmp_path, capsys):
     warnings = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "warning"]
     assert [w["warning"] for w in warnings] == ["zero_rewards"]
     assert "exactly 0" in capsys.readouterr().err
+
+
+def test_a_run_writes_only_inside_run_dir_and_the_cache(tmp_path):
+    home, cache, work, run = (tmp_path / name for name in ("home", "cache", "work", "run"))
+    for folder in (home, work):
+        folder.mkdir()
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    before = {p for p in tmp_path.rglob("*")}
+    env = {**os.environ, "HOME": str(home), "DPOKIT_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "XDG_CACHE_HOME": str(home / ".cache"), "MPLCONFIGDIR": str(home / ".mpl")}
+    env.pop("HF_HOME", None)
+    proc = subprocess.run([sys.executable, "-m", "dpokit", "train", str(ROOT / "configs" / "tiny.yaml"),
+                           f"run_dir={run}", f"data.train={data}", "data.eval=null", "train.max_steps=2",
+                           "reference.mode=store"], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    created = {p for p in tmp_path.rglob("*")} - before
+    outside = [p for p in created if not (p.is_relative_to(run) or p.is_relative_to(cache))]
+    assert outside == [], outside
+    assert any(p.is_relative_to(cache / "refstore") for p in created)
