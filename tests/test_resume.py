@@ -135,20 +135,21 @@ def test_resume_skips_corrupt_and_incomplete_checkpoints(tmp_path, dropout_model
 def test_resume_refuses_changed_settings_unless_forced(tmp_path, dropout_model):
     cfg = make_config(tmp_path, dropout_model, max_steps=2)
     run = tmp_path / "run"
-    assert run_cli("train", str(cfg), f"run_dir={run}").returncode == 0
+    dpokit.train(str(cfg), run_dir=str(run))
     for override, key in (("train.batch_size=2", "train.batch_size"), ("train.seed=8", "train.seed"),
                           ("loss.beta=0.3", "loss"), ("train.grad_accum=2", "train.grad_accum")):
-        proc = run_cli("train", str(cfg), f"run_dir={run}", "train.max_steps=3", override, "--resume")
-        assert proc.returncode == 2
-        assert proc.stderr.strip().count("\n") == 0 and key in proc.stderr and "--force" in proc.stderr
-    (tmp_path / "pairs.jsonl").write_text((tmp_path / "pairs.jsonl").read_text() + "\n")  # same rows
+        with pytest.raises(ConfigError) as err:
+            dpokit.train(str(cfg), [f"run_dir={run}", "train.max_steps=3", override], resume=True)
+        assert key in str(err.value) and "--force" in str(err.value)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(pairs.read_text().replace("Thanks 0", "Thanks zero"))
+    # Through the CLI: one line on stderr, exit 2.
     proc = run_cli("train", str(cfg), f"run_dir={run}", "train.max_steps=3", "--resume")
     assert proc.returncode == 2 and "data.train" in proc.stderr
-    proc = run_cli("train", str(cfg), f"run_dir={run}", "train.max_steps=3", "train.batch_size=2", "--resume",
-                   "--force")
-    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    dpokit.train(str(cfg), [f"run_dir={run}", "train.max_steps=3", "train.batch_size=2"], resume=True, force=True)
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == [1, 2, 3]
 
 
 def test_rotation_keeps_newest_complete(tmp_path, dropout_model):
