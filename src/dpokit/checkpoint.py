@@ -3,6 +3,13 @@
 A checkpoint is written into a temporary folder next to its final place and renamed to
 ``checkpoints/step-N/`` only once every file is written, hashed into ``manifest.json`` and marked ``COMPLETE``;
 a crash mid-write leaves only a ``.tmp-`` folder that readers ignore.
+
+Under torchrun, a DDP run's checkpoint is this same plain format written by rank 0 (every rank holds the same
+weights). An FSDP run's weights and optimizer state are sharded: every rank writes its shards through
+``torch.distributed.checkpoint`` (DCP) into the temporary folder, then rank 0 adds the JSON files, hashes
+every file (DCP's included) into the manifest, marks it ``COMPLETE`` and renames it. DCP's ``.metadata`` file
+is a pickle; it is read only from checkpoints that pass the manifest check, i.e. ones dpokit wrote and
+finished. Do not resume from an FSDP checkpoint of unknown origin.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dpokit.errors import DpokitError
+from dpokit.distributed import Dist
+from dpokit.errors import ConfigError, DpokitError
 from dpokit.models import detach_quantizer
 
 COMPLETE = "COMPLETE"
@@ -75,15 +83,26 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, trainer_state: dict[str, Any]) -> Path:
-    """Write ``checkpoints/step-N/`` atomically. Returns its path."""
-    root = run_dir / "checkpoints"
+def _new_tmp(root: Path, step: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    return tmp
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, trainer_state: dict[str, Any], dist: Dist | None = None) -> Path:
+    """Write ``checkpoints/step-N/`` atomically. Returns its path. Under torchrun every rank calls it: rank 0
+    writes a plain checkpoint alone, every rank writes its shards of a sharded (FSDP) one."""
+    dist = dist or Dist()
+    root = run_dir / "checkpoints"
+    final = root / f"step-{step}"
+    if dist.sharded:
+        return _save_sharded(root, step, model, optimizer, scheduler, trainer_state, dist)
+    if not dist.is_main:
+        return final
+    tmp = _new_tmp(root, step)
     weights = trainable_state(model)
     if not all(torch.isfinite(t).all() for t in weights.values()):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -92,6 +111,41 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     opt_tensors, opt_meta = optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+    return _seal(tmp, final, scheduler, trainer_state)
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The trainable weights and the optimizer state as this rank's DCP shards (keys: parameter names)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    weights = {k: v for k, v in get_model_state_dict(model).items() if k in trainable}
+    return {"model": weights, "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def _save_sharded(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                  trainer_state: dict[str, Any], dist: Dist) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    final = root / f"step-{step}"
+    tmp = Path(dist.on_main(lambda: str(_new_tmp(root, step))))
+    from torch.distributed.tensor import DTensor
+
+    state = _sharded_state(model, optimizer)
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in state["model"].values()]
+    if dist.sum([float(not all(torch.isfinite(t).all() for t in local))])[0]:  # decided alike on every rank
+        dist.barrier()
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise DpokitError(f"refusing to save a checkpoint at step {step}: the weights are not finite")
+    dcp.save(state, checkpoint_id=str(tmp))  # every rank writes its own shard files
+    dist.barrier()
+    return dist.on_main(lambda: _seal(tmp, final, scheduler, trainer_state))
+
+
+def _seal(tmp: Path, final: Path, scheduler: Any, trainer_state: dict[str, Any]) -> Path:
+    """Add the JSON files, hash every file into the manifest, mark COMPLETE and rename into place."""
+    root = final.parent
     (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     manifest = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
@@ -162,9 +216,33 @@ def rotate_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(path)
 
 
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def is_sharded(path: Path) -> bool:
+    """A checkpoint written by an FSDP run (DCP shards) rather than the plain format."""
+    return (path / ".metadata").exists()
+
+
 def restore_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                       scheduler: Any) -> dict[str, Any]:
-    """Load weights, optimizer and scheduler state from a checkpoint; returns its trainer state."""
+                       scheduler: Any, dist: Dist | None = None) -> dict[str, Any]:
+    """Load weights, optimizer and scheduler state from a checkpoint; returns its trainer state. A sharded
+    (FSDP) checkpoint is loaded by every rank through DCP into its own shards; a plain one by every rank."""
+    dist = dist or Dist()
+    if is_sharded(path) != dist.sharded:
+        saved = "an FSDP run (sharded)" if is_sharded(path) else "a single-process or DDP run (plain)"
+        raise ConfigError(f"distributed.strategy: {path} was written by {saved}; resume it the same way")
+    if dist.sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        state = _sharded_state(model, optimizer)
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"], options=_partial())
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+        return read_trainer_state(path)
     weights = load_weights(path)
     params = dict(model.named_parameters())
     missing = [name for name in weights if name not in params]
@@ -176,16 +254,37 @@ def restore_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Opti
     load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")),
                    json.loads((path / "optimizer.json").read_text()))
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    return json.loads((path / "trainer_state.json").read_text())
+    return read_trainer_state(path)
 
 
-def export_hf(model: nn.Module, tokenizer: Any, target: Path) -> Path:
+def _partial() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(strict=False)  # only the trainable weights are checkpointed
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of a sharded (FSDP) model gathered whole, on rank 0's CPU (empty on other ranks). Every
+    rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A tied weight (embeddings = head) is one parameter under two names; the gathered copies no longer share
+    # storage, so keep only the first name, as an unsharded model's export does.
+    aliases = ({name for name, _ in model.named_parameters(remove_duplicate=False)}
+               - {name for name, _ in model.named_parameters()})
+    return {name: tensor for name, tensor in full.items() if name not in aliases}
+
+
+def export_hf(model: nn.Module, tokenizer: Any, target: Path,
+              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``target`` as a plain Hugging Face model folder (safetensors weights, config, tokenizer) that
-    ``AutoModelForCausalLM.from_pretrained`` loads without dpokit. Written atomically like checkpoints."""
+    ``AutoModelForCausalLM.from_pretrained`` loads without dpokit. Written atomically like checkpoints.
+    ``state_dict`` replaces the model's own weights (the gathered weights of a sharded model)."""
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     detach_quantizer(model)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if target.exists():
         shutil.rmtree(target)

@@ -185,6 +185,19 @@ class ReferenceConfig(_Section):
     """Responses per forward pass when precomputing the store."""
 
 
+class DistributedConfig(_Section):
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How the policy is spread over the processes of a ``torchrun`` launch (a plain ``dpokit train`` is one
+    process and uses neither): ``ddp`` keeps a full copy of policy, reference and optimizer state on every
+    process and averages gradients; ``fsdp`` (FSDP2 ``fully_shard`` per decoder layer) shards the weights,
+    gradients and optimizer state of policy and reference across the processes, for models whose training
+    state does not fit on one device. Both give the same result as one process with the same global batch."""
+    timeout_s: float = Field(300.0, gt=0)
+    """Seconds a process waits in a collective (all-reduce, barrier) before giving up, so a rank that died or
+    hangs ends the run with an error instead of a hang. Must exceed the longest work one rank does alone
+    (rank 0 writing a checkpoint of a DDP run)."""
+
+
 class Config(_Section):
     run_dir: str | None = None
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/ are written here."""
@@ -196,6 +209,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     reference: ReferenceConfig = ReferenceConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _loss_is_known(self) -> Config:
@@ -205,6 +219,9 @@ class Config(_Section):
         if self.reference.mode == "adapter" and self.model.lora is None:
             raise ValueError("reference.mode: 'adapter' needs model.lora (the reference is the policy with its "
                              "adapters disabled)")
+        if self.distributed.strategy == "fsdp" and self.model.lora is not None:
+            raise ValueError("distributed.strategy: 'fsdp' with model.lora is not supported; use 'ddp' (LoRA "
+                             "adapters are small, a copy per process costs little)")
         return self
 
 

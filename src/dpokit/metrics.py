@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,13 @@ class PairStats:
     def means(self) -> dict[str, float]:
         return {name: total / max(self.pairs, 1) for name, total in self.sums.items()}
 
+    def reduce(self, sum_across: Callable[[list[float]], list[float]]) -> None:
+        """Replace every sum and count by its total over all ranks (``Dist.sum``): then ``means`` are over
+        every pair of every rank, each pair counted once."""
+        totals = sum_across([*self.sums.values(), self.pairs, self.tokens])
+        self.sums = dict(zip(self.sums, totals))
+        self.pairs, self.tokens = int(totals[-2]), int(totals[-1])
+
 
 class SftStats:
     """Running sums for supervised fine-tuning: ``loss`` is the mean NLL per response token of the step."""
@@ -67,6 +75,12 @@ class SftStats:
     def means(self) -> dict[str, float]:
         return {"loss": self.nll / max(self.response_tokens, 1), "logps/chosen": self.logps / max(self.rows, 1)}
 
+    def reduce(self, sum_across: Callable[[list[float]], list[float]]) -> None:
+        """Replace every sum and count by its total over all ranks (``Dist.sum``)."""
+        self.nll, self.logps, rows, response_tokens, tokens = sum_across(
+            [self.nll, self.logps, self.rows, self.response_tokens, self.tokens])
+        self.rows, self.response_tokens, self.tokens = int(rows), int(response_tokens), int(tokens)
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -75,18 +89,22 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` and flushes, so a crash loses at most a row."""
+    """Appends one JSON object per line to ``metrics.jsonl`` and flushes, so a crash loses at most a row.
+    ``enabled=False`` (every rank but 0 under torchrun) writes nothing: rows are reduced over ranks first."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
-        self._fh = path.open("a", encoding="utf-8")
+        self._fh = path.open("a", encoding="utf-8") if enabled else None
 
     def write(self, row: dict[str, Any]) -> None:
+        if self._fh is None:
+            return
         self._fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dpokit.data.batch import collate_responses, regroup, to_device
+from dpokit.distributed import Dist
 from dpokit.logprobs import batch_logps
 from dpokit.models import cache_dir, freeze
 
@@ -45,16 +46,18 @@ def responses_of(item: Any) -> list[tuple[list[int], list[int]]]:
 
 
 class FrozenReference:
-    """pi_ref as a model in memory."""
+    """pi_ref as a model in memory. Under FSDP it is sharded like the policy (``Dist.wrap_frozen``), so every
+    rank must make the same reference calls: the training loop runs the same micro-batches on every rank."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, dist: Dist | None = None):
         self.model = freeze(model)
+        self.scorer = (dist or Dist()).wrap_frozen(self.model)  # batch -> (logps, n_tokens)
 
     @torch.no_grad()
     def logps(self, batch: dict[str, Any], items: Sequence[Any], autocast: Autocast) -> torch.Tensor:
         """Reference log-probs of every response in ``batch``, grouped: (G, K)."""
         with autocast():
-            logps, _ = batch_logps(self.model, batch)
+            logps, _ = self.scorer(batch)
         return regroup(logps, batch)
 
 
@@ -153,16 +156,20 @@ Reference = FrozenReference | AdapterReference | StoreReference
 
 def precompute(store: LogpStore, model: nn.Module, model_key: bytes, items: Iterable[Any], pad_id: int,
                autocast: Autocast, device: torch.device, batch_size: int = 16, shard_rows: int = 2048,
-               progress: Callable[[int, int], None] | None = None) -> int:
+               progress: Callable[[int, int], None] | None = None, part: tuple[int, int] = (0, 1)) -> int:
     """Compute the reference log-prob of every response of ``items`` missing from ``store``. Returns how many
-    were computed. Finished shards survive an interruption; the next call computes only the rest."""
+    were computed. Finished shards survive an interruption; the next call computes only the rest.
+
+    ``part`` (r, n): compute only every n-th missing response starting at the r-th (rank r of n ranks, each
+    writing its own shards); the missing list is the same on every rank when their stores were read before
+    any rank wrote."""
     missing: dict[bytes, tuple[list[int], list[int]]] = {}
     for item in items:
         for prompt, response in responses_of(item):
             key = response_key(model_key, prompt, response)
             if key not in store and key not in missing:
                 missing[key] = (prompt, response)
-    todo = list(missing.items())
+    todo = list(missing.items())[part[0]::part[1]]
     pending_keys: list[bytes] = []
     pending_values: list[float] = []
     was_training = model.training
@@ -188,21 +195,29 @@ def precompute(store: LogpStore, model: nn.Module, model_key: bytes, items: Iter
 
 
 def build_reference(cfg: Any, models: Any, items: Sequence[Any], device: torch.device, autocast: Autocast,
-                    note: Callable[[str], None] = print) -> FrozenReference | AdapterReference | StoreReference:
+                    note: Callable[[str], None] = print,
+                    dist: Dist | None = None) -> FrozenReference | AdapterReference | StoreReference:
     """The reference of ``reference.mode``. For ``store``, fills the store first (with the reference model, or
     with the policy's untouched starting weights when the reference is the same model) and then lets the
-    model go, so training holds no reference weights."""
+    model go, so training holds no reference weights. Under torchrun the missing responses are split across
+    ranks (each computes its share and writes its own shards), then every rank reads the whole store."""
+    dist = dist or Dist()
     mode = cfg.reference.mode
     if mode == "model":
-        return FrozenReference(models.reference.to(device))
+        return FrozenReference(models.reference.to(device), dist)
     if mode == "adapter":
         return AdapterReference(models.policy)
     model = models.reference if models.reference is not None else models.policy
     model_key = hashlib.sha256(f"{weights_fingerprint(model)}|{cfg.train.precision}".encode()).digest()
     root = Path(cfg.reference.store_dir) if cfg.reference.store_dir else cache_dir() / "refstore"
     store = LogpStore(root / model_key.hex()[:32])
+    dist.barrier()  # every rank has read the store before any rank adds to it: the same missing list
     computed = precompute(store, model.to(device), model_key, items, models.tokenizer.pad_token_id, autocast,
-                          device, cfg.reference.batch_size)
+                          device, cfg.reference.batch_size, part=(dist.rank, dist.world))
+    if dist.active:
+        dist.barrier()  # every rank's shards are written
+        store = LogpStore(store.folder)
+        computed = int(dist.sum([computed])[0])
     note(f"reference store {store.folder}: {computed} responses computed, {len(store) - computed} reused")
     models.reference = None  # the only other reference to a separate reference model: free it
     return StoreReference(store, model_key)

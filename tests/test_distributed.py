@@ -1,0 +1,292 @@
+"""torchrun on 2 CPU processes (gloo): 2 ranks x batch 4 train exactly like 1 rank x batch 8 (DDP and FSDP, uneven
+last steps included, a rank with no pair at all included), metrics cover every pair once, a killed or failing
+rank stops every rank within a minute, and a 2-rank run killed mid-run resumes bit-identically.
+
+Each launch starts two Python processes that import torch and transformers: the tests share launches through
+module-scoped fixtures to stay within a couple of minutes on two cores.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import dpokit
+from dpokit.checkpoint import verify_checkpoint
+from dpokit.distributed import Dist
+from dpokit.errors import ConfigError
+from dpokit.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+       "OMP_NUM_THREADS": "1"}
+TOL = 1e-5
+
+
+def write_pairs(path: Path, n: int) -> Path:
+    moods = [("great, thank you", "terrible, go away"), ("happy to help", "not my problem"),
+             ("a kind answer", "a rude reply"), ("yes, gladly", "no, never")]
+    with path.open("w") as fh:
+        for i in range(n):
+            good, bad = moods[i % len(moods)]
+            fh.write(json.dumps({"prompt": f"Question {i}: can you help me with task {i * 7 % 11}?",
+                                 "chosen": f" {good} {i}", "rejected": f" {bad} {i}"}) + "\n")
+    return path
+
+
+def make_config(folder: Path, n_pairs: int, **sections) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"model": {"name_or_path": "tiny-random-llama"},
+           "data": {"train": str(write_pairs(folder / f"pairs-{n_pairs}.jsonl", n_pairs)), "max_length": 64,
+                    "max_prompt_length": 32},
+           "loss": {"name": "sigmoid", "beta": 0.1},
+           "train": {"lr": 1e-3, "epochs": 1, "seed": 3, "progress": False, "save_every": 1},
+           "distributed": {"timeout_s": 60}}
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(target: str, *args: str) -> list[str]:
+    """2 processes on this machine; ``target`` is ``-m dpokit`` or a script path."""
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(free_port())]
+    return head + (["-m", "dpokit"] if target == "dpokit" else [target]) + list(args)
+
+
+def run(command: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_same_training(one: Path, two: Path) -> None:
+    rows_one, rows_two = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    # Each step (and evaluation) once: rank 0 alone writes.
+    assert [(r["split"], r["step"]) for r in rows_one] == [(r["split"], r["step"]) for r in rows_two]
+    for a, b in zip(rows_one, rows_two):
+        if a["split"] == "warning":
+            assert a["warning"] == b["warning"]
+            continue
+        assert a["tokens"] == b["tokens"]  # every pair counted once over the ranks, none twice
+        for key in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                    "rewards/margins", "logps/chosen", "logps/rejected"):
+            if key not in a:  # eval rows have no grad_norm
+                continue
+            assert abs(a[key] - b[key]) <= TOL * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
+    w_one, w_two = weights(one), weights(two)
+    assert w_one.keys() == w_two.keys()
+    for name in w_one:
+        torch.testing.assert_close(w_one[name], w_two[name], atol=TOL, rtol=0)
+
+
+def test_share_splits_every_step_once_with_equal_micro_batch_counts():
+    for n in range(1, 20):
+        indices = list(range(100, 100 + n))
+        shares = [Dist(rank=r, world=3).share(indices, 2) for r in range(3)]
+        assert len({len(s) for s in shares}) == 1  # same number of micro-batches on every rank
+        flat = sorted(i for share in shares for micro in share for i in micro)
+        assert flat == indices  # every pair exactly once
+        assert all(len(micro) <= 2 for share in shares for micro in share)
+    one = Dist().share(list(range(7)), 3)
+    assert one == [[0, 1, 2], [3, 4, 5], [6]]  # one process: consecutive micro-batches, as always
+    assert Dist(rank=1, world=2).share([], 4) == []  # a step without pairs runs nothing, on every rank
+
+
+# ---------------------------------------------------------------------------------------------------------- DDP
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """17 pairs, epochs 1: global steps of 8, 8 and 1 pair (rank 1 has nothing in the last step). Reference
+    log-probs from the store, precomputed by both ranks."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    single = dpokit.train(make_config(tmp, 17, train={"batch_size": 8},
+                                      reference={"mode": "store", "store_dir": str(tmp / "store-1")}),
+                          run_dir=str(tmp / "single"))
+    cfg = write_yaml(tmp / "ddp.yaml", make_config(tmp, 17, train={"batch_size": 4}, distributed={"strategy": "ddp"},
+                                                   reference={"mode": "store", "store_dir": str(tmp / "store-2")}))
+    started = time.time()
+    # The convenience launcher: `dpokit train --nproc 2` execs torchrun (standalone: it picks a free port).
+    proc = run([sys.executable, "-m", "dpokit", "train", "--nproc", "2", str(cfg), f"run_dir={tmp / 'ddp'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"single": single, "ddp": tmp / "ddp", "proc": proc, "tmp": tmp, "cfg": cfg,
+            "seconds": time.time() - started}
+
+
+def test_ddp_two_ranks_equal_one_rank_with_uneven_last_step(ddp_runs):
+    assert_same_training(ddp_runs["single"], ddp_runs["ddp"])
+    rows = train_rows(ddp_runs["ddp"])
+    assert len(rows) == 3 and sum(r["tokens"] for r in rows) == sum(r["tokens"] for r in train_rows(ddp_runs["single"]))
+    state = json.loads((ddp_runs["ddp"] / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+    assert state["pairs_consumed"] == 17 and state["data_position"] == {"epoch": 0, "offset": 17}
+    assert state["world_size"] == 2 and len(state["rng_other_ranks"]) == 1
+    err = ddp_runs["proc"].stderr
+    # The store was filled by both ranks (34 responses, each rank its own shards) and announced once.
+    assert err.count("34 responses computed, 0 reused") == 1, err[-2000:]
+    assert len(list((ddp_runs["tmp"] / "store-2").rglob("shard-*.safetensors"))) >= 2
+    assert ddp_runs["proc"].stdout.count("run directory:") == 1
+    assert verify_checkpoint(ddp_runs["ddp"] / "checkpoints" / "step-3") is None
+    assert (ddp_runs["ddp"] / "checkpoints" / "step-3" / "model.safetensors").exists()  # plain format
+
+
+def test_changed_world_size_is_refused_unless_forced(ddp_runs, tmp_path):
+    import shutil
+
+    cfg = yaml.safe_load(ddp_runs["cfg"].read_text())
+    run_dir = shutil.copytree(ddp_runs["ddp"], tmp_path / "copy")
+    with pytest.raises(ConfigError, match=r"number of processes changed since the checkpoint \(2 -> 1\)"):
+        dpokit.train(cfg, run_dir=str(run_dir), resume=True)
+    # Forced, the plain DDP checkpoint resumes in one process (with the same global batch: nothing left).
+    dpokit.train(cfg, run_dir=str(run_dir), resume=True, force=True, train__batch_size=8)
+
+
+def test_failing_rank_stops_every_rank_with_one_line(tmp_path):
+    """Rank 1 raises in its second forward; every process exits non-zero quickly, rank 1 saying why in one
+    line. A test-only entry point injects the failure (no hook in dpokit)."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(
+        "import os, sys\n"
+        "import dpokit\n"
+        "loop = sys.modules['dpokit.train']\n"
+        "real, calls = loop.pair_forward, [0]\n"
+        "def failing(*args, **kwargs):\n"
+        "    calls[0] += 1\n"
+        "    if os.environ['RANK'] == '1' and calls[0] == 2:\n"
+        "        raise RuntimeError('injected failure in a bad batch')\n"
+        "    return real(*args, **kwargs)\n"
+        "loop.pair_forward = failing\n"
+        "from dpokit.cli import main\n"
+        "sys.exit(main())\n")
+    cfg = write_yaml(tmp_path / "cfg.yaml", make_config(tmp_path, 16, train={"batch_size": 4, "save_every": None}))
+    started = time.time()
+    proc = run(torchrun(str(script), "train", str(cfg), f"run_dir={tmp_path / 'run'}"), timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - started < 90  # startup included; the failure itself ends the run at once
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dpokit: error: rank 1:")]
+    assert lines == ["dpokit: error: rank 1: RuntimeError: injected failure in a bad batch"], proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "final").exists()
+
+
+# --------------------------------------------------------------------------------------------------------- FSDP
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """21 pairs, epochs 1, batch 2 x accumulation 2 x 2 ranks: global steps of 8, 8 and 5 pairs (3 + 2: rank 1
+    runs a placeholder micro-batch). Policy and reference both sharded. 5 held-out pairs in batches of 2 (rank
+    1 again runs a placeholder), evaluated at steps 0, 2 (just before a checkpoint) and 3."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    held_out = {"data": {"eval": str(write_pairs(tmp / "eval.jsonl", 5))}, "eval": {"every": 2, "batch_size": 2}}
+    single = dpokit.train(make_config(tmp, 21, train={"batch_size": 8}, **held_out), run_dir=str(tmp / "single"))
+    cfg = write_yaml(tmp / "fsdp.yaml", make_config(tmp, 21, train={"batch_size": 2, "grad_accum": 2},
+                                                    distributed={"strategy": "fsdp"}, **held_out))
+    proc = run(torchrun("dpokit", "train", str(cfg), f"run_dir={tmp / 'fsdp'}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"single": single, "fsdp": tmp / "fsdp", "cfg": cfg, "tmp": tmp, "proc": proc}
+
+
+def test_fsdp_two_ranks_equal_one_rank_with_uneven_last_step(fsdp_runs):
+    assert_same_training(fsdp_runs["single"], fsdp_runs["fsdp"])
+    step = fsdp_runs["fsdp"] / "checkpoints" / "step-2"
+    names = {p.name for p in step.iterdir()}
+    assert ".metadata" in names and "model.safetensors" not in names  # DCP shards
+    manifest = json.loads((step / "manifest.json").read_text())
+    assert ".metadata" in manifest and sum(name.endswith(".distcp") for name in manifest) == 2
+    assert verify_checkpoint(step) is None
+    # final/ is one plain Hugging Face folder, loadable without dpokit.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fsdp_runs["fsdp"] / "final")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def rank_pids(parent: int) -> dict[int, int]:
+    """RANK -> pid of the torchrun workers that are children of ``parent`` (Linux /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        ranks = [item[5:] for item in env if item.startswith(b"RANK=")]
+        if ranks:
+            found[int(ranks[0])] = int(entry.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' pids through /proc")
+def test_killed_rank_stops_every_rank_then_resume_is_bit_identical(fsdp_runs):
+    run_dir = fsdp_runs["tmp"] / "killed"
+    proc = subprocess.Popen(torchrun("dpokit", "train", str(fsdp_runs["cfg"]), f"run_dir={run_dir}"), cwd=ROOT,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.time() + 180
+        while not (run_dir / "checkpoints" / "step-1").is_dir():  # renamed into place only when complete
+            assert proc.poll() is None and time.time() < end, "the run ended before a rank could be killed"
+            time.sleep(0.005)
+        workers = rank_pids(proc.pid)
+        assert sorted(workers) == [0, 1]
+        os.kill(workers[1], signal.SIGKILL)
+        killed_at = time.time()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        assert time.time() - killed_at < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for pid in workers.values():  # every rank is gone, not just the launcher
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert not (run_dir / "final").exists()
+
+    done = run(torchrun("dpokit", "train", str(fsdp_runs["cfg"]), f"run_dir={run_dir}", "--resume"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("resuming from") == 1  # rank 0 says it, once
+    straight, resumed = weights(fsdp_runs["fsdp"]), weights(run_dir)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "eval"] == [0, 2, 3]
+
+
+def test_sharded_checkpoint_is_refused_by_a_single_process(fsdp_runs):
+    cfg = yaml.safe_load(fsdp_runs["cfg"].read_text())
+    with pytest.raises(ConfigError, match="written by an FSDP run"):
+        dpokit.train(cfg, run_dir=str(fsdp_runs["fsdp"]), resume=True, force=True)
+
+
+def test_fsdp_with_lora_is_a_config_error():
+    with pytest.raises(ConfigError, match="distributed.strategy: 'fsdp' with model.lora"):
+        dpokit.load_config({"model": {"lora": {"r": 4}}, "distributed": {"strategy": "fsdp"}})
