@@ -225,6 +225,19 @@ def is_sharded(path: Path) -> bool:
     return (path / ".metadata").exists()
 
 
+def load_weights_into(model: nn.Module, path: Path) -> None:
+    """Overwrite the trained tensors of ``model`` (holding the run's starting weights) with a plain
+    checkpoint's. Checkpoints store only trainable tensors, so the rest stay the starting weights."""
+    weights = load_weights(path)
+    params = dict(model.named_parameters())
+    unknown = [name for name in weights if name not in params]
+    if unknown:
+        raise DpokitError(f"{path}: checkpoint has weights the model lacks, e.g. {unknown[0]}")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+
+
 def restore_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                        scheduler: Any, dist: Dist | None = None) -> dict[str, Any]:
     """Load weights, optimizer and scheduler state from a checkpoint; returns its trainer state. A sharded
@@ -243,14 +256,7 @@ def restore_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Opti
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         return read_trainer_state(path)
-    weights = load_weights(path)
-    params = dict(model.named_parameters())
-    missing = [name for name in weights if name not in params]
-    if missing:
-        raise RuntimeError(f"{path}: checkpoint has weights the model lacks, e.g. {missing[0]}")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+    load_weights_into(model, path)
     load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")),
                    json.loads((path / "optimizer.json").read_text()))
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpokit.checkpoint import load_weights, verify_checkpoint
+from dpokit.checkpoint import load_weights_into, verify_checkpoint
 from dpokit.data.formats import PreferenceRow, Text, normalize
 from dpokit.data.load import iter_records
 from dpokit.data.pipeline import load_preferences
@@ -155,19 +155,6 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         if path.is_dir() and step.isdigit() and verify_checkpoint(path) is None:
             found.append((int(step), path))
     return sorted(found)
-
-
-def load_checkpoint_into(model: nn.Module, path: Path) -> None:
-    """Overwrite the trained tensors of ``model`` (holding the run's starting weights) with a checkpoint's.
-    Checkpoints store only trainable tensors, so the rest stay the starting weights, as during training."""
-    weights = load_weights(path)
-    params = dict(model.named_parameters())
-    unknown = [name for name in weights if name not in params]
-    if unknown:
-        raise DpokitError(f"{path}: checkpoint has weights the model lacks, e.g. {unknown[0]}")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -346,7 +333,7 @@ def _frontier(scorer: Scorer, run_dir: Path, prompt_ids: list[list[int]], prompt
     params = SamplingParams(max_new_tokens, KL_TEMPERATURE, top_p, seed, batch_size)
     for step, path in checkpoints:
         log(f"frontier point for checkpoint step-{step}")
-        load_checkpoint_into(model, path)
+        load_weights_into(model, path)
         sampled = sample_and_score(scorer, model, prompt_ids, prompt_texts, params, reward_fn, reward_label or "",
                                    policy=model)
         points.append(_point(f"step-{step}", step, sampled.logratios, sampled.rewards))
