@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import dpokit
+from conftest import chromium, close_chromium
 from dpokit.cli import main
 from dpokit.errors import DpokitError
 from dpokit.evaluate import Scorer, evaluate_run
@@ -28,13 +28,6 @@ from dpokit.rewards.judge import make_judge
 EVAL_ARGS = ["--max-new-tokens", "10", "--batch-size", "8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared CPU their spin-waits cost ~100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------ KL, exactly
@@ -249,42 +242,11 @@ def test_eval_errors_are_one_line(tiny_run, tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------- report in a browser
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-
-def browser():
-    """Headless Debian Chromium driven by selenium and the system chromedriver (never a downloaded browser).
-    Skips when absent, except in CI (CI=true), where the browser check must run."""
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        missing.append("selenium")
-    if missing:
-        message = f"report browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    profile = tempfile.mkdtemp(prefix="dpokit-chromium-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--window-size=1280,1000",
-                 # Any request to the network fails (and would log an error): the page must need none.
-                 "--host-resolver-rules=MAP * ~NOTFOUND"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    return driver, profile
-
-
 def test_report_opens_in_chromium_and_shows_the_plots(evaluated, tmp_path):
     assert main(["report", str(evaluated)]) == 0
     page = evaluated / "report.html"
     assert page.is_file()
-    driver, profile = browser()
+    driver, profile = chromium("MAP * ~NOTFOUND", "1280,1000")
     try:
         # The console check has teeth: a page that logs an error is caught.
         driver.get("data:text/html,<script>console.error('planted')</script>")
@@ -299,8 +261,7 @@ def test_report_opens_in_chromium_and_shows_the_plots(evaluated, tmp_path):
         shot = tmp_path / "report.png"
         driver.save_screenshot(str(shot))
     finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+        close_chromium(driver, profile)
     if os.environ.get("DPOKIT_SAVE_SCREENSHOT"):
         shutil.copy(shot, os.environ["DPOKIT_SAVE_SCREENSHOT"])
 

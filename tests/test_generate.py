@@ -23,14 +23,6 @@ def sharpen(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waits make each forward
-    pass ~100x slower; restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

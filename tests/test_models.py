@@ -1,6 +1,7 @@
 """Model loading: the embedded GGUF default, local folders, clear errors, frozen reference, dropout off."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,8 +88,16 @@ def test_model_needing_remote_code_is_refused(tmp_path):
         load_model(resolve(str(folder)))
 
 
+@pytest.fixture
+def all_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # the real model does gain from threads
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_embedded_gguf_default_trains_two_steps_and_exports(tmp_path):
+def test_embedded_gguf_default_trains_two_steps_and_exports(tmp_path, all_threads):
     gguf = embedded_gguf_path()
     assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     # model.name_or_path + model.gguf_file is the general GGUF route; `smollm2` is a shortcut to this file.

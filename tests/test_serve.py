@@ -12,7 +12,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 import dpokit
+from conftest import chromium, close_chromium
 from dpokit.cli import main
 from dpokit.errors import DpokitError
 from dpokit.generate import SamplingParams, generate, stream_batch
@@ -28,15 +28,6 @@ from dpokit.models import tiny_tokenizer
 from dpokit.serve.app import create_app, host_name, start_in_thread
 from dpokit.serve.engine import Job, QueueFull, Worker, load_playground
 from dpokit.serve.sampling import IncrementalText
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared CPU their spin-waits cost ~100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def chat_pairs(path: Path, n: int, offset: int = 0) -> Path:
@@ -299,40 +290,14 @@ def test_long_prompt_lowers_max_new_tokens_with_a_note(server, playground):
 
 # ------------------------------------------------------------------------------------------------- browser
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-
 @pytest.fixture
 def driver():
-    """Headless Debian Chromium driven by selenium and the system chromedriver (never a downloaded browser).
-    Skips when absent, except in CI (CI=true), where the browser check must run."""
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        missing.append("selenium")
-    if missing:
-        message = f"serve browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    profile = tempfile.mkdtemp(prefix="dpokit-chromium-")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--window-size=1280,1100",
-                 # Any request beyond this server fails (and would log an error): the page must need none.
-                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    chrome = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    # Requests beyond this server fail: the page must need no network.
+    chrome, profile = chromium("MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "1280,1100")
     try:
         yield chrome
     finally:
-        chrome.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+        close_chromium(chrome, profile)
 
 
 def wait_for(driver, script, timeout=60):
