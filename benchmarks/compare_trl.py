@@ -1,0 +1,540 @@
+"""dpokit against Hugging Face TRL's DPOTrainer: same model, same pairs, same batch and length limits, one run.
+
+    .venv/bin/pip install -c constraints.txt -e '.[bench]'      # trl + psutil, benchmark-only
+    .venv/bin/python benchmarks/compare_trl.py --steps 5        # writes benchmarks/RESULTS.md
+
+One invocation:
+
+1. writes seeded synthetic standard-format pairs (prompts 20-60 tokens, responses 10-40, ordinary words) as
+   JSONL, (steps + 1) x batch pairs, which both systems read in file order (no shuffling) so that step k of
+   every system trains on the same 8 pairs;
+2. measures the fp32 and bf16 matrix-product peak (``torch.matmul`` 2048 x 2048) of this machine, now;
+3. runs, each in its own child process one after the other (so each peak RSS is that system's alone):
+   ``trl``         DPOTrainer, fp32, reference model online, no gradient checkpointing
+   ``trl-pre``     DPOTrainer with ``precompute_ref_log_probs=True`` (its precompute time reported apart)
+   ``dpokit-same`` dpokit with TRL's settings: fp32, ``reference.mode: model``, ``train.layout: padded``
+   ``dpokit-fast`` dpokit's fastest fp32 path: ``reference.mode: store``, ``train.layout: packed``
+   ``dpokit-bf16`` the same under ``train.precision: bf16`` autocast
+   The first step of each is a warmup and is not timed; the next ``--steps`` are;
+4. checks that the systems computed the same thing: identical token ids for every pair, and at step 1 (policy ==
+   reference) the same loss (ln 2), mean ``logps/chosen`` / ``logps/rejected`` and ``grad_norm`` within 1e-4
+   relative in fp32;
+5. prints and writes ``--results`` (default benchmarks/RESULTS.md): trained tokens/s, s/step, peak RSS, the
+   ratios against TRL, the first-step numbers, model FLOPs utilization, and the issue's targets, met or not.
+
+Trained tokens are counted the same way for every system: the non-padding tokens of prompt+chosen and
+prompt+rejected of the step's pairs (dpokit's ``tokens`` metric; for TRL the ``attention_mask`` sum of the
+batches its collator built). ``--systems trl,dpokit-fast`` runs a subset (for development).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    ROOT,
+    dpokit_child,
+    dpokit_config,
+    dpokit_layouts,
+    loadavg,
+    machine_info,
+    make_pairs,
+    matmul_gflops,
+    model_dims,
+    proc_status_mb,
+    process_cpu_s,
+    run_child,
+    step_flops,
+    timed_summary,
+    wait_until_quiet,
+    write_jsonl,
+)
+
+SYSTEMS = {
+    "trl": {"kind": "trl", "precompute": False, "label": "TRL DPOTrainer, ref model online"},
+    "trl-pre": {"kind": "trl", "precompute": True, "label": "TRL DPOTrainer, precompute_ref_log_probs"},
+    "dpokit-same": {"kind": "dpokit", "label": "dpokit, TRL's settings (model, padded)",
+                    "train": {"reference_mode": "model", "layout": "padded", "precision": "fp32"}},
+    "dpokit-fast": {"kind": "dpokit", "label": "dpokit fastest fp32 (store, packed)",
+                    "train": {"reference_mode": "store", "layout": "packed", "precision": "fp32"}},
+    "dpokit-bf16": {"kind": "dpokit", "label": "dpokit fastest, bf16 autocast",
+                    "train": {"reference_mode": "store", "layout": "packed", "precision": "bf16"}},
+}
+
+
+# --------------------------------------------------------------------------------------------- TRL child process
+
+def trl_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train with TRL's DPOTrainer in this process. Timing: a callback stamps the end of every optimizer step;
+    the collator is wrapped to record each training batch's shape and non-padding tokens."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    marks: dict[str, Any] = {}
+    original_precompute = DPOTrainer._precompute_ref_logps
+
+    def timed_precompute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = original_precompute(self, *args, **kwargs)
+        marks["precompute_s"] = time.perf_counter() - start
+        return out
+
+    DPOTrainer._precompute_ref_logps = timed_precompute  # a timer around TRL's own method, nothing else changes
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    dataset = load_dataset("json", data_files=spec["data"], split="train", cache_dir=spec["hf_cache"])
+    args = DPOConfig(
+        output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
+        max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=10.0, beta=spec["beta"], loss_type=["sigmoid"],
+        max_length=spec["max_length"], precompute_ref_log_probs=spec["precompute"], bf16=False, fp16=False,
+        use_cpu=True, report_to="none", logging_steps=1, save_strategy="no", gradient_checkpointing=False,
+        dataloader_num_workers=0, dataloader_pin_memory=False, train_sampling_strategy="sequential",
+        seed=spec["seed"], disable_tqdm=True,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    marks["setup_s"] = time.perf_counter() - start
+    marks["rss_after_setup_mb"] = proc_status_mb("VmRSS")
+
+    batches: list[dict[str, int]] = []
+    collate = trainer.data_collator
+
+    def recording_collator(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        out = collate(examples)
+        rows, width = out["input_ids"].shape
+        batches.append({"tokens": int(out["attention_mask"].sum()), "rows": rows, "width": width})
+        return out
+
+    trainer.data_collator = recording_collator
+
+    ends: list[float] = []
+    cpu: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            marks["train_begin"] = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            ends.append(time.perf_counter())
+            cpu.append(process_cpu_s())
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            marks["train_end_hwm_mb"] = proc_status_mb("VmHWM")
+            marks["train_end_rss_mb"] = proc_status_mb("VmRSS")
+
+    trainer.add_callback(StepTimer())
+    trainer.train()
+
+    logs = {row["step"]: row for row in trainer.state.log_history if "loss" in row and "step" in row}
+    steps = []
+    for i, end in enumerate(ends):
+        row = dict(logs.get(i + 1, {}))
+        row.update(step=i + 1, elapsed_s=end - marks["train_begin"], cpu_s=cpu[i], tokens=batches[i]["tokens"],
+                   rows=batches[i]["rows"], width=batches[i]["width"])
+        steps.append(row)
+    ids = [[r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]] for r in trainer.train_dataset]
+    return {"system": spec["name"], "steps": steps, "token_ids": ids, **marks}
+
+
+# ------------------------------------------------------------------------------------------------------ parent
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def fmt(x: float | None, spec: str = ".2f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def analyse(results: dict[str, dict[str, Any]], geometry: dict[str, Any], dims: dict[str, int],
+            peaks: dict[str, float], steps: int) -> dict[str, dict[str, Any]]:
+    """Per system: timed summary, peak RSS, FLOPs per step and MFU."""
+    out = {}
+    for name, res in results.items():
+        if res.get("error"):
+            out[name] = {"error": res["error"]}
+            continue
+        summary = timed_summary(res["steps"])
+        sysdef = SYSTEMS[name]
+        timed = range(1, len(res["steps"]))  # indices of the timed steps
+        flops = []
+        for i in timed:
+            if sysdef["kind"] == "trl":
+                s = res["steps"][i]
+                rows, width = s["rows"], s["width"]
+                # On CPU TRL's fused head scores every shifted position of every row (prompt and padding too).
+                projected = rows * (width - 1)
+                ref = (rows, width, projected) if not sysdef["precompute"] else (0, 0, 0)
+                flops.append(step_flops(dims, rows, width, projected, *ref))
+            else:
+                layout = sysdef["train"]["layout"]
+                g = geometry[layout][i]
+                online = sysdef["train"]["reference_mode"] == "model"
+                ref = (g["rows"], g["width"], g["projected"]) if online else (0, 0, 0)
+                flops.append(step_flops(dims, g["rows"], g["width"], g["projected"], *ref))
+        flops_per_step = sum(flops) / len(flops)
+        precision = sysdef.get("train", {}).get("precision", "fp32")
+        achieved = flops_per_step / summary["s_per_step"] / 1e9
+        out[name] = {
+            **summary,
+            "label": sysdef["label"],
+            "peak_rss_mb": res.get("train_end_hwm_mb"),
+            "process_peak_rss_mb": res.get("ru_maxrss_mb"),
+            "precompute_s": res.get("precompute_s"),
+            "reference_setup_s": res.get("reference_setup_s"),
+            "gflop_per_step": flops_per_step / 1e9,
+            "achieved_gflops": achieved,
+            "mfu": achieved / peaks[precision],
+            "precision": precision,
+            "first": res["steps"][0],
+            "losses": [s.get("loss") for s in res["steps"]],
+        }
+    return out
+
+
+def check_same_math(results: dict[str, Any], summary: dict[str, Any], trl_ids: Any,
+                    dpokit_ids: Any) -> list[str]:
+    lines = []
+    if trl_ids is not None:
+        same = sum(1 for a, b in zip(trl_ids, dpokit_ids) if a == b)
+        lines.append(f"token ids identical for {same} of {len(dpokit_ids)} pairs (TRL's tokenization vs dpokit's)"
+                     + ("" if len(trl_ids) == len(dpokit_ids) else f"; TRL kept {len(trl_ids)} pairs"))
+    return lines
+
+
+def first_step_table(summary: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Step-1 loss, mean logps and grad norm of every system, and their relative difference to TRL."""
+    keys = ["loss", "logps/chosen", "logps/rejected", "grad_norm"]
+    base = summary.get("trl") or summary.get("trl-pre")
+    header = "| system | " + " | ".join(f"step-1 {k}" for k in keys) + " | max rel. diff vs TRL |"
+    lines = [header, "|" + "---|" * (len(keys) + 2)]
+    worst: dict[str, Any] = {}
+    for name, s in summary.items():
+        if "first" not in s:
+            continue
+        values = [s["first"].get(k) for k in keys]
+        diff = None
+        if base is not None and "first" in base:
+            diffs = [rel(v, base["first"][k]) for v, k in zip(values, keys)
+                     if v is not None and base["first"].get(k) is not None]
+            diff = max(diffs) if diffs else None
+        worst[name] = diff
+        cells = " | ".join(fmt(v, ".6f") if v is not None else "n/a" for v in values)
+        lines.append(f"| {name} | {cells} | {fmt(diff, '.1e')} |")
+    return lines, worst
+
+
+def run_system(args: Any, name: str, sysdef: dict[str, Any], workdir: Path, folder: str, data: Path,
+               total_steps: int, store_dir: Path, attempt: int) -> dict[str, Any]:
+    """One measured run of one system in a child process (waiting first for a quiet machine)."""
+    tag = f"{name}-{attempt}"
+    run_dir = workdir / "runs" / tag
+    shutil.rmtree(run_dir, ignore_errors=True)
+    spec: dict[str, Any] = {"name": name, "kind": sysdef["kind"], "run_dir": str(run_dir),
+                            "result": str(workdir / f"{tag}.json")}
+    if sysdef["kind"] == "trl":
+        hf_cache = workdir / "hf-datasets" / tag  # fresh: TRL caches its precompute in the datasets cache
+        shutil.rmtree(hf_cache, ignore_errors=True)
+        spec.update(model=folder, data=str(data), steps=total_steps, batch_size=args.batch_size, lr=args.lr,
+                    beta=args.beta, max_length=args.max_length, seed=args.seed, precompute=sysdef["precompute"],
+                    hf_cache=str(hf_cache))
+    else:
+        # A fresh store per run: each measures its own one-off precompute.
+        spec["config"] = dpokit_config(str(data), folder, total_steps, args.batch_size, args.lr, args.beta,
+                                       args.max_length, args.max_prompt_length, args.seed, str(store_dir / tag),
+                                       **sysdef["train"])
+    spec_path = workdir / f"{tag}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    busy = wait_until_quiet(args.quiet_wait) if args.quiet_wait else float("nan")
+    load = f"{loadavg()}, others {busy:.0%} busy"
+    print(f"[{name}] {sysdef['label']}: running (load {load}) ...", flush=True)
+    proc = run_child(Path(__file__), ["--child", str(spec_path)], workdir / f"{tag}.log")
+    result_path = Path(spec["result"])
+    if proc["rc"] != 0 or not result_path.exists():
+        result = {"error": f"exit code {proc['rc']}, see {workdir / (tag + '.log')}"}
+    else:
+        result = json.loads(result_path.read_text())
+    result.update(ru_maxrss_mb=proc["ru_maxrss_mb"], wall_s=proc["wall_s"], load=load)
+    if result.get("error"):
+        print(f"[{name}] FAILED: {result['error']}", flush=True)
+        return result
+    s = timed_summary(result["steps"])
+    result["cpu_share"] = s["cpu_share"]
+    print(f"[{name}] {s['tokens_per_s']:.1f} tokens/s, {s['s_per_step']:.2f} s/step, CPU share {s['cpu_share']:.0%}, "
+          f"peak RSS {result.get('train_end_hwm_mb', float('nan')):.0f} MB, wall {proc['wall_s']:.0f} s", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per system (one warmup step more)")
+    parser.add_argument("--batch-size", type=int, default=8, help="preference pairs per step")
+    parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-prompt-length", type=int, default=256, help="dpokit only (TRL has none now)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="smollm2", help="dpokit model name or HF folder (default: embedded)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ", ".join(SYSTEMS))
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--workdir", default=None, help="keep data, runs and logs here (default: a temp folder)")
+    parser.add_argument("--quiet-wait", type=float, default=300,
+                        help="before each system, wait up to this many seconds for other processes to leave the "
+                             "CPU (under 15%% busy); 0 disables")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="measure a system again (up to this many times) when its timed steps got less than "
+                             "--min-cpu-share of the cores; the best attempt is reported")
+    parser.add_argument("--min-cpu-share", type=float, default=0.85)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:  # inside a child process: run one system, write its result
+        spec = json.loads(Path(args.child).read_text())
+        try:
+            result = trl_child(spec) if spec["kind"] == "trl" else dpokit_child(spec)
+        except Exception as exc:  # reported by the parent, with the log
+            import traceback
+
+            traceback.print_exc()
+            result = {"system": spec["name"], "error": f"{type(exc).__name__}: {exc}"}
+        Path(spec["result"]).write_text(json.dumps(result))
+        return 0
+
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from dpokit.models import resolve
+
+    names = [n.strip() for n in args.systems.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown system(s) {unknown}; choose from {list(SYSTEMS)}")
+    folder = resolve(args.model).location
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dpokit-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    total_steps = args.steps + 1
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    n_pairs = total_steps * args.batch_size
+    data = workdir / "pairs.jsonl"
+    write_jsonl(make_pairs(tokenizer, n_pairs, seed=args.seed), data)
+    dpokit_ids, geometry = dpokit_layouts(data, folder, args.batch_size, total_steps, args.max_length,
+                                          args.max_prompt_length)
+    lengths = {k: [len(p[i]) for p in dpokit_ids] for i, k in enumerate(("prompt", "chosen", "rejected"))}
+    print(f"{n_pairs} pairs -> {data}; token lengths "
+          + ", ".join(f"{k} {min(v)}-{max(v)} (mean {sum(v) / len(v):.1f})" for k, v in lengths.items()), flush=True)
+
+    info = machine_info()
+    if args.quiet_wait:
+        wait_until_quiet(args.quiet_wait)
+    load_before = loadavg()
+    peaks = {"fp32": matmul_gflops("fp32"), "bf16": matmul_gflops("bf16")}
+    print(f"machine: {info.get('cpu')}, {info['cores']} cores, {info.get('ram_gb')} GB; load {load_before}; "
+          f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)
+    dims = model_dims(folder)
+
+    results: dict[str, dict[str, Any]] = {}
+    loads: dict[str, str] = {}
+    store_dir = workdir / "refstore"
+    shutil.rmtree(store_dir, ignore_errors=True)  # every invocation measures a fresh precompute
+    for name in names:
+        sysdef = SYSTEMS[name]
+        attempts = []
+        for attempt in range(1, args.retries + 2):
+            result = run_system(args, name, sysdef, workdir, folder, data, total_steps, store_dir, attempt)
+            attempts.append(result)
+            if result.get("error") or result["cpu_share"] >= args.min_cpu_share or attempt > args.retries:
+                break
+            print(f"[{name}] only {result['cpu_share']:.0%} of the cores during the timed steps (other processes); "
+                  "measuring again", flush=True)
+        # The attempt that had the cores most to itself; all attempts are listed in the report.
+        valid = [r for r in attempts if not r.get("error")]
+        results[name] = max(valid, key=lambda r: r["cpu_share"]) if valid else attempts[-1]
+        results[name]["attempts"] = [(r.get("cpu_share"), r.get("load")) for r in attempts]
+        loads[name] = results[name].get("load", "")
+    load_after = loadavg()
+
+    summary = analyse(results, geometry, dims, peaks, args.steps)
+    trl_ids = next((r["token_ids"] for r in results.values() if "token_ids" in r), None)
+    report = render(args, info, peaks, dims, summary, results, loads, load_before, load_after, lengths,
+                    geometry, dpokit_ids, trl_ids)
+    print()
+    print(report)
+    Path(args.results).write_text(report)
+    print(f"\nwritten: {args.results} (data, logs and runs in {workdir})")
+    return 0
+
+
+def render(args: Any, info: dict[str, Any], peaks: dict[str, float], dims: dict[str, int],
+           summary: dict[str, Any], results: dict[str, Any], loads: dict[str, str], load_before: str,
+           load_after: str, lengths: dict[str, list[int]], geometry: dict[str, Any], dpokit_ids: Any,
+           trl_ids: Any) -> str:
+    ok = {k: v for k, v in summary.items() if "error" not in v}
+    trl, trl_pre = ok.get("trl"), ok.get("trl-pre")
+    command = "python benchmarks/compare_trl.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k in ("steps",) or (k not in ("child", "results", "workdir", "systems") and v != DEFAULTS.get(k)))
+    if args.systems != ",".join(SYSTEMS):
+        command += f" --systems {args.systems}"
+    out = ["# dpokit vs TRL DPOTrainer", ""]
+    out += [f"Written by `benchmarks/compare_trl.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+            "Regenerate with:", "", "```", f".venv/bin/{command}", "```", ""]
+    out += ["## Machine and software", "",
+            f"- CPU: {info.get('cpu')}, {info['cores']} cores (torch uses {info['torch_threads']} threads), "
+            f"AVX512-BF16: {'yes' if info['avx512_bf16'] else 'no'}, AMX: {'yes' if info['amx'] else 'no'}; "
+            f"RAM {info.get('ram_gb')} GB; no GPU",
+            f"- Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
+            f"trl {info['trl']}",
+            f"- Matrix-product peak measured in this run (best `torch.matmul` 2048x2048): "
+            f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
+            f"- Load average (1, 5, 15 min) at start: {load_before}; before each system: "
+            + ", ".join(f"{k} {v}" for k, v in loads.items()) + f"; at the end: {load_after}. The machine is "
+            "shared: a 1-minute load above the core count means another process took CPU time from these runs.",
+            ""]
+    n_pairs = len(dpokit_ids)
+    pad = geometry["padded"][1:]
+    pack = geometry["packed"][1:]
+    pad_frac = 1 - sum(g["real"] for g in pad) / sum(g["computed"] for g in pad)
+    pack_frac = 1 - sum(g["real"] for g in pack) / sum(g["computed"] for g in pack)
+    out += ["## Setup", "",
+            f"- Model: SmolLM2-135M-Instruct (embedded, fp32 weights; {dims['params'] / 1e6:.1f} M parameters, "
+            f"{dims['non_embedding_params'] / 1e6:.1f} M non-embedding, vocabulary {dims['vocab']})",
+            f"- Data: {n_pairs} synthetic standard-format pairs (seed {args.seed}), token lengths "
+            + ", ".join(f"{k} {min(v)}-{max(v)} (mean {sum(v) / len(v):.1f})" for k, v in lengths.items())
+            + "; visited in file order by every system (TRL `train_sampling_strategy='sequential'`, dpokit "
+            "`train.shuffle: false`), so step k trains on the same pairs everywhere",
+            f"- Batch {args.batch_size} pairs, gradient accumulation 1, max_length {args.max_length} (nothing is "
+            f"truncated), DPO sigmoid loss, beta {args.beta}, AdamW lr {args.lr} constant, grad clip 10, "
+            "dropout off, no gradient checkpointing",
+            f"- 1 warmup step (not timed) + {args.steps} timed steps per system; s/step is the time between the "
+            "ends of consecutive optimizer steps (data, forward, backward, optimizer, logging); tokens/s = "
+            "trained tokens of the timed steps / their time",
+            "- Trained tokens: non-padding tokens of prompt+chosen and prompt+rejected of each step (dpokit's "
+            "`tokens` metric; for TRL the `attention_mask` sum of its collated batches). Both counts agree "
+            "pair for pair, and are the same for every system.",
+            f"- Padding in computed positions: padded layout {pad_frac:.1%}, packed layout {pack_frac:.1%} "
+            "(packed rows also compute each prompt once for chosen and rejected)",
+            "- Peak RSS: `VmHWM` of the system's own process read at the end of its last training step "
+            "(model loading, reference precompute and training included; dpokit's final checkpoint and export "
+            "come after and are excluded); the whole-process `ru_maxrss` is shown beside it",
+            "- TRL runs with its defaults otherwise (e.g. its fused AdamW); TRL 1.x has no max_prompt_length",
+            ""]
+
+    out += ["## Results", "",
+            "| system | tokens/s | s/step | peak RSS MB (process) | precompute s | x TRL tokens/s | "
+            "x TRL-pre tokens/s | RSS / TRL | GFLOP/step | MFU | CPU share |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        if "error" in s:
+            out.append(f"| {name} | failed: {s['error']} | | | | | | | | | |")
+            continue
+        x_trl = s["tokens_per_s"] / trl["tokens_per_s"] if trl else None
+        x_pre = s["tokens_per_s"] / trl_pre["tokens_per_s"] if trl_pre else None
+        rss = s["peak_rss_mb"] / trl["peak_rss_mb"] if trl and s["peak_rss_mb"] else None
+        pre = s.get("precompute_s")
+        if pre is not None and s.get("reference_setup_s") is not None:
+            pre_cell = f"{pre:.1f} (+{s['reference_setup_s'] - pre:.1f} hash)"
+        else:
+            pre_cell = fmt(pre, ".1f") if pre is not None else "-"
+        out.append(
+            f"| {name}: {s['label']} | {s['tokens_per_s']:.1f} | {s['s_per_step']:.2f} | "
+            f"{fmt(s['peak_rss_mb'], '.0f')} ({fmt(s['process_peak_rss_mb'], '.0f')}) | {pre_cell} | "
+            f"{fmt(x_trl)} | {fmt(x_pre)} | {fmt(rss)} | {s['gflop_per_step']:.0f} | "
+            f"{s['mfu']:.1%} of {s['precision']} | {s['cpu_share']:.0%} |")
+    out += ["",
+            "- precompute s: the one-off reference pass over all "
+            f"{n_pairs} pairs before training (TRL: `_precompute_ref_logps`; dpokit: `precompute` into the "
+            "store, plus hashing the reference weights for the store key). A later dpokit run on the same data "
+            "and reference (another beta, loss or lr) reuses the store and pays only the hash.",
+            "- MFU: model FLOPs per step / s per step / the matmul peak of the run's precision. Model FLOPs "
+            "(multiply-add = 2, backward = 2x forward): trained policy 6 x non-embedding params x computed "
+            "positions (padding included) + 6 x hidden x vocab x positions projected to the vocabulary (TRL "
+            "on CPU: every shifted position of every row; dpokit: response tokens only) + 12 x layers x "
+            "attention width x row width^2 per row (the full masked score matrix); an online reference adds "
+            "the same forward-only (2, 2, 4). Recomputation (dpokit's checkpointed LM-head chunks) is not "
+            "counted. A system that skips work (prompt once, no padding, no vocabulary projection at prompt "
+            "positions) needs fewer FLOPs per trained token, so its MFU understates its advantage.",
+            "- CPU share: CPU time the system's process got during its timed steps / (their wall time x torch "
+            "threads). Near 100% means the run had the cores to itself; lower means other processes on this "
+            "shared machine took some (its s/step is then inflated). A system whose share was below "
+            f"{args.min_cpu_share:.0%} was measured again (up to {args.retries} more times) and the attempt with "
+            "the highest share is reported; attempts (share): "
+            + "; ".join(f"{k} " + ", ".join(f"{a[0]:.0%}" if a[0] is not None else "failed"
+                                           for a in results[k].get("attempts", [])) for k in ok) + ".",
+            "- Per-step times: " + "; ".join(f"{k} " + ", ".join(f"{t:.2f}" for t in s["step_times"])
+                                             for k, s in ok.items()),
+            ""]
+
+    lines, worst = first_step_table(ok)
+    out += ["## Same math", "", *check_same_math(results, ok, trl_ids, dpokit_ids), "",
+            "Step 1 (policy == reference, so the loss is ln 2 = 0.693147; means over the step's 8 pairs):", "",
+            *lines, ""]
+    curves = [f"| {k} | " + " | ".join(fmt(x, ".5f") for x in s["losses"]) + " |" for k, s in ok.items()]
+    out += ["Loss per step (step 1 first):", "",
+            "| system | " + " | ".join(str(i + 1) for i in range(args.steps + 1)) + " |",
+            "|---|" + "---|" * (args.steps + 1), *curves, ""]
+
+    out += ["## Targets (issue 4)", ""]
+    out += targets(ok, worst)
+    return "\n".join(out) + "\n"
+
+
+def targets(ok: dict[str, Any], worst: dict[str, Any]) -> list[str]:
+    trl, trl_pre = ok.get("trl"), ok.get("trl-pre")
+    fast, bf16, same = ok.get("dpokit-fast"), ok.get("dpokit-bf16"), ok.get("dpokit-same")
+    lines = ["| target | measured | met |", "|---|---|---|"]
+
+    def row(text: str, value: float | None, bar: float, unit: str = "x", above: bool = True) -> None:
+        if value is None:
+            lines.append(f"| {text} | not measured | - |")
+            return
+        met = value >= bar if above else value <= bar
+        lines.append(f"| {text} | {value:.2f}{unit} | {'yes' if met else '**no**'} |")
+
+    row("dpokit fastest fp32 tokens/s >= 3x TRL (ref model online)",
+        fast["tokens_per_s"] / trl["tokens_per_s"] if fast and trl else None, 3.0)
+    row("dpokit fastest fp32 tokens/s >= 2x TRL with its precomputed reference",
+        fast["tokens_per_s"] / trl_pre["tokens_per_s"] if fast and trl_pre else None, 2.0)
+    row("dpokit (fastest fp32) peak RSS <= 0.6x TRL's",
+        fast["peak_rss_mb"] / trl["peak_rss_mb"] if fast and trl else None, 0.6, above=False)
+    row("dpokit bf16 tokens/s >= 1.5x dpokit fp32 (same path)",
+        bf16["tokens_per_s"] / fast["tokens_per_s"] if bf16 and fast else None, 1.5)
+    if bf16 and fast:
+        diffs = [abs(a - b) for a, b in zip(bf16["losses"], fast["losses"]) if a is not None and b is not None]
+        dev = max(diffs) if diffs else None
+        lines.append(f"| bf16 loss tracks fp32 (max abs. difference over the steps) | {fmt(dev, '.2e')} | "
+                     f"{'yes' if dev is not None and dev < 1e-2 else '**no**'} (bar used: < 1e-2) |")
+    for name in ("dpokit-same", "dpokit-fast"):
+        if name in worst and worst[name] is not None:
+            lines.append(f"| step-1 loss, logps and grad norm of {name} within 1e-4 relative of TRL (fp32) | "
+                         f"{worst[name]:.1e} | {'yes' if worst[name] <= 1e-4 else '**no**'} |")
+    if same and trl:
+        lines.append(f"| (context) dpokit with TRL's exact settings vs TRL | "
+                     f"{same['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s, "
+                     f"{same['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x RSS | - |")
+    lines.append("| the same comparison on GPU in bf16, with MFU | not run: no GPU was available to this session | - |")
+    return lines
+
+
+DEFAULTS = {"steps": 5, "batch_size": 8, "lr": 1e-6, "beta": 0.1, "max_length": 512, "max_prompt_length": 256,
+            "seed": 0, "model": "smollm2", "quiet_wait": 300, "retries": 2, "min_cpu_share": 0.85}
+
+if __name__ == "__main__":
+    sys.exit(main())
