@@ -124,6 +124,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from dpokit.recipes import run_recipe
+
+    run_recipe(args.name, preset=args.preset, overrides=args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
     serve.add_argument("--reward", help="ground-truth reward shown too: sentiment, length, or module:function")
     serve.set_defaults(func=cmd_serve)
+
+    from dpokit.recipes import RECIPES
+
+    recipe = sub.add_parser("recipe", help="an experiment end to end, e.g. the paper's controlled sentiment")
+    recipe.add_argument("name", choices=sorted(RECIPES), help="; ".join(f"{r.name}: {r.summary}"
+                                                                    for r in RECIPES.values()))
+    recipe.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.betas=[0.1,1.0] train.lr=3e-5")
+    recipe.add_argument("--preset", help="demo, paper (configs/recipes/NAME-PRESET.yaml) or a YAML file; "
+                                         "default: the built-in settings, which are the demo's")
+    recipe.set_defaults(func=cmd_recipe)
     return parser
 
 

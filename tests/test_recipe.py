@@ -1,0 +1,152 @@
+"""``dpokit recipe sentiment``: the shipped openings, the presets, the pieces (pairs, Best-of-N, the
+Unlikelihood loss) against hand-derived values, and the whole pipeline on a tiny model, twice (the second run
+finds every stage cached)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpokit.cli import main
+from dpokit.errors import ConfigError
+from dpokit.losses import LOSSES
+from dpokit.recipes import RECIPES, get_recipe
+from dpokit.recipes import sentiment as recipe
+from dpokit.recipes.openings import PROMPTS_FILE, build_openings
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs" / "recipes").glob("sentiment-*.yaml"))
+
+
+# --------------------------------------------------------------------------------------------------- prompts
+
+def test_shipped_openings_are_enough_short_distinct_and_split():
+    rows = [json.loads(line) for line in PROMPTS_FILE.read_text(encoding="utf-8").splitlines()]
+    texts = [r["prompt"] for r in rows]
+    assert len(set(texts)) == len(texts) >= 600
+    assert all(2 <= len(t.split()) <= 8 for t in texts)
+    train, heldout = recipe.load_openings()
+    assert len(heldout) >= 100 and len(train) + len(heldout) == len(texts)
+    assert not set(train) & set(heldout)
+    assert rows == build_openings(), "the file is not what dpokit.recipes.openings makes; rerun it"
+
+
+def test_openings_file_errors_name_the_line(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "A film", "split": "train"}\n{"prompt": "A film", "split": "heldout"}\n')
+    with pytest.raises(Exception, match="both train and held-out"):
+        recipe.load_openings(bad)
+    bad.write_text('{"prompt": "A film", "split": "test"}\n')
+    with pytest.raises(Exception, match=r"p.jsonl:1: split"):
+        recipe.load_openings(bad)
+
+
+# --------------------------------------------------------------------------------------------------- presets
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_presets_load_and_validate(path):
+    cfg = recipe.load_recipe_config(path)
+    assert cfg.dpo.betas
+    specs = recipe.run_specs(cfg, "data", "runs", cfg.model)
+    assert f"dpo-beta{cfg.dpo.betas[0]:g}" in specs
+    assert all(spec.config["reference"]["mode"] == "store" for spec in specs.values())
+
+
+def test_presets_exist_and_resolve_by_name():
+    assert {p.stem for p in PRESETS} >= {"sentiment-demo", "sentiment-paper"}
+    assert recipe.find_preset("demo").name == "sentiment-demo.yaml"
+    assert "sentiment" in RECIPES and get_recipe("sentiment").load() is recipe
+
+
+@pytest.mark.parametrize("override, key", [
+    (["dpo.betaz=[0.1]"], "dpo.betaz"),
+    (["sampling.max_new_tokens=0"], "sampling.max_new_tokens"),
+    (["best_of_n=[16]"], "best_of_n"),
+    (["dpo.train={lr: -1}"], "dpo.train"),
+])
+def test_bad_recipe_config_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        recipe.load_recipe_config(None, override)
+
+
+# ------------------------------------------------------------------------------------------------- the pieces
+
+def test_pairs_all_six_ties_dropped_and_best_worst():
+    rows = [{"prompt": "This film", "responses": [" a", " b", " c", " d"], "rewards": [0.1, 0.9, -0.5, 0.3]},
+            {"prompt": "The plot", "responses": [" e", " f", " g", " h"], "rewards": [0.0, 0.0, 0.5, 0.0]}]
+    pairs = recipe.make_pairs(rows, "all")
+    first = [p for p in pairs if p["prompt"] == "This film"]
+    assert len(first) == 6  # the paper: all 6 pairs of 4 samples
+    assert all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
+    assert len([p for p in pairs if p["prompt"] == "The plot"]) == 3  # the 3 pairs among the zeros are ties
+    best = recipe.make_pairs(rows, "best_worst")
+    assert [(p["chosen"], p["rejected"]) for p in best] == [(" b", " c"), (" g", " e")]  # ties: by text
+    assert recipe.make_pairs(rows, "all", min_margin=0.5) == [p for p in pairs if
+                                                               p["chosen_reward"] - p["rejected_reward"] > 0.5]
+    assert recipe.make_pairs([{"prompt": "x", "responses": [" ", "a\x00"], "rewards": [1.0, 0.0]}]) == []
+
+
+def test_best_of_n_kl():
+    assert recipe.best_of_n_kl(1) == 0.0
+    assert recipe.best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+    assert recipe.best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+
+
+def test_unlikelihood_loss_by_hand():
+    # a_w = -2/2 = -1, a_l = -4/2 = -2: L = 1 - log(1 - e^-2) = 1.1454...
+    pc = torch.tensor([-2.0], requires_grad=True)
+    pr = torch.tensor([-4.0], requires_grad=True)
+    lengths = torch.tensor([2])
+    losses, chosen_r, rejected_r = LOSSES["unlikelihood"](pc, pr, torch.tensor([-3.0]), torch.tensor([-3.0]),
+                                                         beta=0.5, chosen_lengths=lengths,
+                                                         rejected_lengths=lengths, alpha=1.0)
+    assert losses.item() == pytest.approx(1 - math.log(1 - math.exp(-2)), abs=1e-6)
+    assert chosen_r.item() == pytest.approx(0.5) and rejected_r.item() == pytest.approx(-0.5)
+    losses.sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.5)  # raising log pi(y_w) lowers the loss
+    assert pr.grad.item() == pytest.approx(math.exp(-2) / (1 - math.exp(-2)) / 2, abs=1e-6) and pr.grad.item() > 0
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+def tiny_overrides(run_dir: Path) -> list[str]:
+    return [f"run_dir={run_dir}", "model=tiny-random-llama", "prompts.n_train=12", "prompts.n_heldout=6",
+            "sampling.max_new_tokens=12", "sampling.precision=fp32", "sampling.batch_size=16",
+            "pairs.mode=all", "train.lr=1e-3", "train.batch_size=4", "train.save_every=2", "train.progress=false",
+            "train.precision=fp32", "best_of_n=[2, 4]", "eval.batch_size=16"]
+
+
+def test_recipe_end_to_end_on_tiny_model_and_cached_rerun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "sentiment"
+    summary = recipe.run(None, tiny_overrides(run_dir))
+
+    for key in ("reward_ref", "reward_policy", "kl", "implicit_accuracy", "n_heldout"):
+        assert key in summary, key
+    assert summary["n_heldout"] == 6 and summary["headline_run"] == "dpo-beta0.1"
+    assert json.loads((run_dir / "summary.json").read_text())["kl"] == summary["kl"]
+    assert {"dpo-beta0.1", "best-of-2", "best-of-4"} <= set(summary["runs"])
+    page = (run_dir / "report.html").read_text()
+    assert "DPO in action" in page and "Reward vs KL" in page
+    assert (run_dir / "frontier.svg").is_file()
+
+    pairs = [json.loads(line) for line in (run_dir / "data" / "pairs-train.jsonl").read_text().splitlines()]
+    assert pairs and all({"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"} <= set(p)
+                         for p in pairs)
+    ev = json.loads((run_dir / "dpo-beta0.1" / "eval" / "eval.json").read_text())
+    steps = [p["step"] for p in ev["frontier"]]
+    assert steps[0] == 0 and steps[-1] == max(steps) and len(steps) >= 3  # pi_ref, a checkpoint, the final model
+    assert not (run_dir / "dpo-beta0.1" / "checkpoints").exists()  # removed once evaluated
+    assert "table" not in capsys.readouterr().err
+
+    # Second run through the CLI: samples, training and evaluation all come from the caches.
+    final = run_dir / "dpo-beta0.1" / "final" / "model.safetensors"
+    before = final.stat().st_mtime_ns
+    assert main(["recipe", "sentiment", *tiny_overrides(run_dir)]) == 0
+    out = capsys.readouterr()
+    assert "samples cached" in out.err and "trained already (cached)" in out.err
+    assert "evaluated already (cached)" in out.err
+    assert "held-out mean reward" in out.out
+    assert final.stat().st_mtime_ns == before
