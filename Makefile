@@ -21,7 +21,7 @@ $(VENV)/.stamp: $(BIN)/python pyproject.toml constraints.txt
 venv: $(VENV)/.stamp
 
 demo: venv
-	$(BIN)/dpokit train configs/smollm2-demo.yaml overwrite=true
+	$(BIN)/dpokit recipe sentiment --preset demo
 
 test: venv
 	$(BIN)/ruff check src tests
