@@ -200,12 +200,16 @@ def test_failing_rank_stops_every_rank_with_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     """21 pairs, epochs 1, batch 2 x accumulation 2 x 2 ranks: global steps of 8, 8 and 5 pairs (3 + 2: rank 1
-    runs a placeholder micro-batch). Policy and reference both sharded. 5 held-out pairs in batches of 2 (rank
+    runs a placeholder micro-batch), micro-batches cut into passes by ``train.pass_tokens``. Policy and
+    reference both sharded. 5 held-out pairs in batches of 2 (rank
     1 again runs a placeholder), evaluated at steps 0, 2 (just before a checkpoint) and 3."""
     tmp = tmp_path_factory.mktemp("fsdp")
     held_out = {"data": {"eval": str(write_pairs(tmp / "eval.jsonl", 5))}, "eval": {"every": 2, "batch_size": 2}}
     single = dpokit.train(make_config(tmp, 21, train={"batch_size": 8}, **held_out), run_dir=str(tmp / "single"))
-    cfg = write_yaml(tmp / "fsdp.yaml", make_config(tmp, 21, train={"batch_size": 2, "grad_accum": 2},
+    # pass_tokens 95: a micro-batch of two pairs (40-55 positions each) runs as one pass or two, so the ranks'
+    # pass counts differ from step to step and the shorter rank must add placeholder passes.
+    cfg = write_yaml(tmp / "fsdp.yaml", make_config(tmp, 21, train={"batch_size": 2, "grad_accum": 2,
+                                                                     "pass_tokens": 95},
                                                     distributed={"strategy": "fsdp"}, **held_out))
     proc = run(torchrun("dpokit", "train", str(cfg), f"run_dir={tmp / 'fsdp'}"))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -66,6 +66,35 @@ def test_grad_accumulation_equals_large_batch(tmp_path):
     assert max(diffs) > 1e-4
 
 
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_pass_tokens_splits_passes_without_changing_the_result(tmp_path, layout):
+    from dpokit.config import load_config
+    from dpokit.data.batch import split_by_tokens
+    from dpokit.data.tokenize import TokenizedPair
+    from dpokit.distributed import Dist
+    from dpokit.train import forward_passes
+
+    assert split_by_tokens([5, 5, 5, 20, 1], 10) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert split_by_tokens([3], 1) == [(0, 1)] and split_by_tokens([], 8) == []
+    pairs = [TokenizedPair([1] * 20, [2] * 10, [3] * 12, f"x:{i}") for i in range(8)]  # 42 packed, 62 padded
+    cfg = load_config(base_config(tmp_path, layout=layout, pass_tokens=130))
+    passes = forward_passes([list(range(8))], pairs, cfg, Dist())
+    assert passes == ([[0, 1, 2], [3, 4, 5], [6, 7]] if layout == "packed" else [[0, 1], [2, 3], [4, 5], [6, 7]])
+    whole = dpokit.train(base_config(tmp_path, batch_size=8, layout=layout), run_dir=str(tmp_path / "whole"))
+    # A pair is ~52 positions packed, ~75 padded: passes of 3 (packed) or 2 (padded) pairs, the last one shorter.
+    split = dpokit.train(base_config(tmp_path, batch_size=8, layout=layout, pass_tokens=160),
+                         run_dir=str(tmp_path / "split"))
+    rows_whole, rows_split = train_rows(whole), train_rows(split)
+    assert len(rows_whole) == len(rows_split) == 3
+    for a, b in zip(rows_whole, rows_split):
+        assert a["tokens"] == b["tokens"]
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "rewards/accuracies"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    w_whole, w_split = final_weights(whole), final_weights(split)
+    for name in w_whole:
+        torch.testing.assert_close(w_whole[name], w_split[name], atol=1e-5, rtol=0)
+
+
 def test_epochs_visit_every_pair_once_and_last_step_is_partial(tmp_path):
     cfg = base_config(tmp_path, batch_size=3, grad_accum=2, max_steps=None, epochs=1)
     run_dir = dpokit.train(cfg, run_dir=str(tmp_path / "epoch"))

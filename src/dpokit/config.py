@@ -144,6 +144,10 @@ class TrainConfig(_Section):
     pack_length: int = Field(0, ge=0)
     """``packed`` rows hold up to max(pack_length, longest pair) tokens; 0 packs to the longest pair of the
     micro-batch, which keeps the attention work per token close to that of unpacked rows."""
+    pass_tokens: int = Field(0, ge=0)
+    """Cut each micro-batch into forward/backward passes of at most this many computed positions (a pair
+    longer than that gets a pass of its own); their gradients add up to the micro-batch's, so the result is
+    the same while activation memory shrinks with the pass. 0: one pass per micro-batch."""
     compile: bool = False
     """Compile each decoder layer with ``torch.compile`` (dynamic shapes; the first steps are slower while it
     compiles). State-dict names are unchanged, so checkpoints and export work as without it."""

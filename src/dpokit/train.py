@@ -42,7 +42,15 @@ from dpokit.checkpoint import (
 )
 from dpokit.config import Config, load_config, save_config
 from dpokit.data import load_preferences, load_ranked, overlap_report
-from dpokit.data.batch import PairStream, collate_pairs, collate_ranked, collate_responses, regroup, to_device
+from dpokit.data.batch import (
+    PairStream,
+    collate_pairs,
+    collate_ranked,
+    collate_responses,
+    regroup,
+    split_by_tokens,
+    to_device,
+)
 from dpokit.distributed import Dist
 from dpokit.distributed import setup as setup_distributed
 from dpokit.errors import ConfigError, DpokitError
@@ -124,8 +132,11 @@ def lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.train.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    # The fused kernel updates every parameter in one pass: on CPU ~14x faster than the per-tensor loop (0.05 s
+    # against 0.7 s a step for SmolLM2-135M), with no full-size temporaries.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.adam_betas,
-                             weight_decay=cfg.train.weight_decay)
+                             weight_decay=cfg.train.weight_decay, fused=fused or None)
 
 
 def autocast_for(cfg: Config, device: torch.device) -> Autocast:
@@ -158,6 +169,33 @@ def pair_forward(policy: torch.nn.Module, reference: Reference, batch: dict[str,
         n_tokens[:, 1])
     return {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
             "chosen_logps": policy_logps[:, 0], "rejected_logps": policy_logps[:, 1]}
+
+
+def computed_length(item: Any, layout: str, sft: bool = False) -> int:
+    """Positions the model computes for one pair or ranking in a batch ``layout`` (SFT: prompt + chosen)."""
+    responses = ([item.chosen_ids] if sft else [item.chosen_ids, item.rejected_ids]) if hasattr(
+        item, "chosen_ids") else item.responses_ids
+    prompt = len(item.prompt_ids)
+    if layout == "packed":
+        return prompt + sum(len(r) for r in responses)
+    return sum(prompt + len(r) for r in responses)
+
+
+def forward_passes(micros: list[list[int]], pairs: list[Any], cfg: Config, dist: Dist,
+                   sft: bool = False) -> list[list[int]]:
+    """The forward/backward passes of one optimizer step: each micro-batch, cut into consecutive runs of at
+    most ``train.pass_tokens`` computed positions when that is set. Their gradients add up to the micro-batch's
+    (every loss is a sum over pairs), so only the activation memory changes. Under torchrun every rank runs
+    as many passes as the rank with the most; an empty pass is a zero-weight placeholder."""
+    if not cfg.train.pass_tokens:
+        return micros
+    layout = cfg.train.layout
+    passes: list[list[int]] = []
+    for micro in micros:
+        sizes = [computed_length(pairs[i], layout, sft) for i in micro]
+        passes.extend([micro[a:b] for a, b in split_by_tokens(sizes, cfg.train.pass_tokens)] if micro else [[]])
+    longest = max(dist.gather(len(passes))) if dist.active else len(passes)
+    return passes + [[] for _ in range(longest - len(passes))]
 
 
 def compile_layers(model: torch.nn.Module) -> None:
@@ -403,13 +441,13 @@ def _train(cfg: Config, dist: Dist, *, resume: bool, force: bool, task: str) -> 
             computed = real = 0
             # SFT averages over every response token of the step, DPO over every pair of the step.
             step_tokens = sum(len(train_pairs[i].chosen_ids) for i in indices) if sft else 0
-            micros = dist.share(indices, cfg.train.batch_size)
-            for number, micro in enumerate(micros):
+            passes = forward_passes(dist.share(indices, cfg.train.batch_size), train_pairs, cfg, dist, sft)
+            for number, micro in enumerate(passes):
                 # A rank short of pairs (uneven last step) runs a placeholder with zero weight: DDP and FSDP
                 # communicate inside forward and backward, so every rank must make the same calls.
                 chunk = [train_pairs[i] for i in micro or indices[:1]]
                 weight = dist.grad_scale if micro else 0
-                with dist.grad_sync(scorer, sync=number == len(micros) - 1):
+                with dist.grad_sync(scorer, sync=number == len(passes) - 1):
                     if sft:
                         batch = to_device(collate_responses([(p.prompt_ids, p.chosen_ids) for p in chunk],
                                                             pad_id, layout=cfg.train.layout,

@@ -194,6 +194,21 @@ def collate_responses(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_i
     return batch
 
 
+def split_by_tokens(sizes: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Cut a run of items into consecutive ``(start, end)`` spans whose sizes add up to at most ``budget``; an
+    item larger than the budget gets a span of its own. No span is empty; the spans cover every item in order."""
+    spans: list[tuple[int, int]] = []
+    start, used = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and used + size > budget:
+            spans.append((start, i))
+            start, used = i, 0
+        used += size
+    if sizes:
+        spans.append((start, len(sizes)))
+    return spans
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
