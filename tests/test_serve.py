@@ -396,6 +396,16 @@ def test_serve_command_errors_are_one_line(tmp_path, tiny_run, capsys):
     assert "no such run directory" in capsys.readouterr().err
     assert main(["serve", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    # A recipe's experiment folder (runs/demo) stands for its headline run, which summary.json names.
+    from dpokit.serve.engine import check_run_dir
+
+    experiment = tmp_path / "experiment"
+    experiment.mkdir()
+    (experiment / "summary.json").write_text(json.dumps({"headline_run": tiny_run.name}))
+    with pytest.raises(DpokitError, match="not a run directory"):
+        check_run_dir(experiment)  # the named run is not inside it
+    (experiment / tiny_run.name).symlink_to(tiny_run.resolve(), target_is_directory=True)
+    assert check_run_dir(experiment) == experiment / tiny_run.name
     assert main(["serve", str(tiny_run), "--reward", "sentimnet", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "reward 'sentimnet': unknown" in err

@@ -669,10 +669,14 @@ def _set_marker(run_dir: Path, **values: Any) -> None:
     _write_json({**_marker(run_dir), **values}, run_dir / "recipe-stage.json")
 
 
+_RESULT_NEUTRAL = frozenset({"progress", "pass_tokens"})
+"""``train`` keys that change how a run is computed or shown, not its result."""
+
+
 def train_key(spec: RunSpec) -> str:
     """What the run's result depends on: its config (not where it lives) and the content of its data."""
     config = {k: v for k, v in spec.config.items() if k not in ("run_dir", "overwrite")}
-    config["train"] = {k: v for k, v in config["train"].items() if k != "progress"}
+    config["train"] = {k: v for k, v in config["train"].items() if k not in _RESULT_NEUTRAL}
     data = [_file_digest(p) if p and Path(p).is_file() else p for p in (spec.config["data"]["train"],
                                                                         spec.config["data"]["eval"])]
     model = spec.config["model"]["name_or_path"]

@@ -413,8 +413,23 @@ def check_run_dir(run_dir: str | Path) -> Path:
     if not run_dir.is_dir():
         raise DpokitError(f"{run_dir}: no such run directory")
     if not is_run_dir(run_dir):
-        raise DpokitError(f"{run_dir}: not a run directory (no config.yaml)")
+        # An experiment folder of ``dpokit recipe`` (e.g. runs/demo) holds several runs: serve its headline one.
+        headline = _headline_run(run_dir)
+        if headline is None:
+            raise DpokitError(f"{run_dir}: not a run directory (no config.yaml)")
+        return headline
     return run_dir
+
+
+def _headline_run(folder: Path) -> Path | None:
+    """The headline run of a recipe's folder (``summary.json`` names it), if it is a run directory."""
+    import json
+
+    try:
+        name = json.loads((folder / "summary.json").read_text(encoding="utf-8")).get("headline_run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return folder / name if isinstance(name, str) and is_run_dir(folder / name) else None
 
 
 def load_playground(run_dir: str | Path, ref: str | None = None, reward: str | RewardFn | None = None,
