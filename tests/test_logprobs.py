@@ -62,6 +62,30 @@ def test_fast_path_equals_plain_path_values_and_gradients():
         torch.testing.assert_close(grads, results[0][1], atol=1e-5, rtol=1e-4)
 
 
+def test_hand_written_head_backward_equals_autograd_in_fp32_and_bf16():
+    from dpokit.logprobs import _HeadLogps, _token_logps
+
+    gen = torch.Generator().manual_seed(0)
+    hidden0 = torch.randn(37, 16, generator=gen)
+    weight0 = torch.randn(300, 16, generator=gen) * 0.5
+    targets = torch.randint(0, 300, (37,), generator=gen)
+    targets[:3] = 7  # repeated targets: their gradients add up in the same column
+    upstream = torch.randn(37, generator=gen)  # not all ones: the incoming gradient must be applied per row
+    for bf16 in (False, True):
+        outs = []
+        for fn in (_token_logps, _HeadLogps.apply):
+            hidden, weight = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = fn(hidden, weight, targets)
+            (out * upstream).sum().backward()
+            outs.append((out.detach(), hidden.grad, weight.grad))
+        assert outs[1][0].dtype == torch.float32
+        tol = {"atol": 2e-2, "rtol": 2e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-5}
+        for got, want in zip(outs[1], outs[0]):
+            torch.testing.assert_close(got, want, **tol)
+        assert outs[1][1].abs().sum() > 0 and outs[1][2][7].abs().sum() > 0
+
+
 def _groups():
     return [([1, 9, 8, 7], [[6, 5, 4, 2], [30, 31, 2]]),
             ([1, 40, 41, 42, 43, 44], [[45, 46, 2], [47, 2]]),
@@ -104,6 +128,25 @@ def test_packed_layout_with_eager_attention_matches_sdpa():
     a, _, _ = _grouped(eager, "packed", 64)
     b, _, _ = _grouped(_model(), "padded")
     torch.testing.assert_close(a.detach(), b.detach(), atol=1e-5, rtol=0)
+
+
+def test_bf16_eager_attention_matches_sdpa_and_is_what_auto_picks_on_cpu():
+    from types import SimpleNamespace
+
+    from dpokit.models import attention_for
+
+    auto = SimpleNamespace(attn_implementation="auto")
+    assert attention_for(auto, "bf16", torch.device("cpu")) == "eager"
+    assert attention_for(auto, "fp32", torch.device("cpu")) == "sdpa"
+    assert attention_for(auto, "bf16", torch.device("cuda")) == "sdpa"
+    assert attention_for(SimpleNamespace(attn_implementation="sdpa"), "bf16", "cpu") == "sdpa"
+    eager = _model()
+    eager.config._attn_implementation = "eager"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, _, _ = _grouped(eager, "packed")
+        b, _, _ = _grouped(_model(), "packed")
+    a.sum().backward()  # the eager mask and the bf16 matrix products go backward too
+    torch.testing.assert_close(a.detach(), b.detach(), atol=0.1, rtol=0.02)
 
 
 def test_compiled_layers_give_the_same_training(tmp_path):

@@ -49,8 +49,9 @@ class ModelConfig(_Section):
     """Allow model code from the checkpoint to run. Off unless you trust the checkpoint."""
     disable_dropout: bool = True
     """Set every dropout probability to zero in policy and reference (the log-ratios are otherwise noisy)."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel; both give the same numbers within float tolerance."""
+    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
+    """Attention kernel; all give the same numbers within float tolerance. ``auto``: eager for bf16 training on
+    CPU (faster there), SDPA otherwise."""
     lora: LoraConfig | None = None
     """Train low-rank adapters (peft) instead of all weights; ``final/`` gets the merged weights."""
 

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK = 1024
 """Response positions projected to the vocabulary at once: 1024 x 49152 fp32 logits are 200 MB."""
@@ -36,6 +35,45 @@ def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     The log-softmax runs in fp32 even under bf16 autocast: a 49k-way normalizer loses too much in bf16."""
     logits = F.linear(hidden, weight).float()  # (M, V)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+class _HeadLogps(torch.autograd.Function):
+    """``_token_logps`` with a hand-written backward that keeps only the hidden states and the normalizers.
+
+    d log p(t) / d logits = onehot(t) - softmax(logits), so backward recomputes the chunk's logits once, turns
+    them into softmax in place, subtracts the one-hot and multiplies by the incoming gradient: one (M, V)
+    buffer, where autograd through ``gather`` + ``logsumexp`` (under activation checkpointing) builds several
+    and recomputes the forward too. The matrix products run in the autocast dtype when autocast is on,
+    exactly as ``F.linear`` under autocast does, and the softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        with torch.autocast(device, enabled=False):
+            logits = F.linear(hidden.to(dtype), weight.to(dtype)).float()  # (M, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            out = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.compute_dtype = dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        hidden, weight, targets, lse = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            grad = F.linear(h, w).float()  # (M, V): the logits again
+            grad.sub_(lse[:, None]).exp_()  # softmax
+            grad.scatter_add_(-1, targets[:, None], torch.full_like(lse[:, None], -1.0))  # softmax - onehot
+            grad.mul_(-grad_out.float()[:, None])  # d loss / d logits
+            grad = grad.to(dtype)
+            grad_hidden = grad @ w if ctx.needs_input_grad[0] else None
+            grad_weight = grad.t() @ h if ctx.needs_input_grad[1] else None
+        return (grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
+                grad_weight.to(weight.dtype) if grad_weight is not None else None, None)
 
 
 def supports_fast_path(model: nn.Module) -> bool:
@@ -86,7 +124,7 @@ def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
             h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
             if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
                 # Keep only the chunk's hidden states for backward; its logits are recomputed there.
-                pieces.append(checkpoint(_token_logps, h, weight, t, use_reentrant=False))
+                pieces.append(_HeadLogps.apply(h, weight, t))
             else:
                 pieces.append(_token_logps(h, weight, t))
         token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)

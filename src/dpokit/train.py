@@ -56,7 +56,7 @@ from dpokit.distributed import setup as setup_distributed
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.losses import LISTWISE, compute_loss, plackett_luce_loss
 from dpokit.metrics import HealthMonitor, MetricsWriter, PairStats, Progress, SftStats
-from dpokit.models import load_models
+from dpokit.models import attention_for, load_models
 from dpokit.reference import Reference, build_reference
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -348,7 +348,8 @@ def _train(cfg: Config, dist: Dist, *, resume: bool, force: bool, task: str) -> 
 
     sft = task == "sft"
     need_reference = {"model": True, "adapter": False, "store": "if_different"}[cfg.reference.mode]
-    models = load_models(cfg.model, need_reference=need_reference and not sft)
+    models = load_models(cfg.model, need_reference=need_reference and not sft,
+                         attn_implementation=attention_for(cfg.model, cfg.train.precision, device))
     tokenizer, policy = models.tokenizer, models.policy.to(device)
     if cfg.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
