@@ -123,6 +123,10 @@ def expected_apo_down() -> list[float]:
     return [sigmoid(w) + 1 - sigmoid(w - lo) for w, lo in zip(rw, rl)]
 
 
+def expected_unlikelihood(alpha: float = 1.0) -> list[float]:
+    return [-pc / lc - alpha * math.log(1 - math.exp(pr / lr)) for pc, pr, lc, lr in zip(PC, PR, LC, LR)]
+
+
 GOLDEN = {
     "sigmoid": expected_sigmoid,
     "cdpo": expected_cdpo,
@@ -134,6 +138,7 @@ GOLDEN = {
     "nca_pair": expected_nca_pair,
     "apo_zero": expected_apo_zero,
     "apo_down": expected_apo_down,
+    "unlikelihood": expected_unlikelihood,
 }
 
 

@@ -131,6 +131,8 @@ def test_recipe_end_to_end_on_tiny_model_and_cached_rerun(tmp_path, monkeypatch,
     page = (run_dir / "report.html").read_text()
     assert "DPO in action" in page and "Reward vs KL" in page
     assert (run_dir / "frontier.svg").is_file()
+    table = (run_dir / "results.md").read_text()
+    assert "| π_ref |" in table and "| DPO β=0.1 |" in table and "| Best-of-4 |" in table
 
     pairs = [json.loads(line) for line in (run_dir / "data" / "pairs-train.jsonl").read_text().splitlines()]
     assert pairs and all({"prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"} <= set(p)

@@ -95,6 +95,18 @@ def test_pass_tokens_splits_passes_without_changing_the_result(tmp_path, layout)
         torch.testing.assert_close(w_whole[name], w_split[name], atol=1e-5, rtol=0)
 
 
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    plain = dpokit.train(base_config(tmp_path, batch_size=8), run_dir=str(tmp_path / "plain"))
+    ckpt = dpokit.train(base_config(tmp_path, batch_size=8, gradient_checkpointing=True),
+                        run_dir=str(tmp_path / "ckpt"))
+    for a, b in zip(train_rows(plain), train_rows(ckpt), strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    w_plain, w_ckpt = final_weights(plain), final_weights(ckpt)
+    for name in w_plain:
+        torch.testing.assert_close(w_plain[name], w_ckpt[name], atol=1e-5, rtol=0)
+
+
 def test_epochs_visit_every_pair_once_and_last_step_is_partial(tmp_path):
     cfg = base_config(tmp_path, batch_size=3, grad_accum=2, max_steps=None, epochs=1)
     run_dir = dpokit.train(cfg, run_dir=str(tmp_path / "epoch"))

@@ -373,6 +373,38 @@ def apo_down_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
+@register("unlikelihood", {"alpha": _positive})
+def unlikelihood_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    alpha: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Unlikelihood baseline of the DPO paper (Section 6, after Welleck et al. 2019,
+    https://arxiv.org/abs/1908.04319): raise the likelihood of y_w, lower that of y_l,
+
+        L = -a_w - alpha * log(1 - exp(a_l)),   a = log pi(y|x) / |y|  (mean log-prob per response token).
+
+    exp(a_l) is the geometric-mean probability of y_l's tokens, so the second term is Welleck's token-level
+    unlikelihood -log(1 - p) taken at that mean (a pairwise loss sees summed log-probs, not per-token ones). It
+    is bounded, unlike -log pi(y_l|x), and its gradient fades once y_l is unlikely. The reference is not used;
+    rewards are reported as beta * (log pi - log pi_ref) for comparison with DPO. Requires both lengths.
+    Shapes: every input and output is (batch,).
+    """
+    chosen = _per_token(policy_chosen_logps, chosen_lengths, "unlikelihood", "chosen")
+    rejected = _per_token(policy_rejected_logps, rejected_lengths, "unlikelihood", "rejected")
+    # log(1 - e^a) = log(-expm1(a)), exact for a near 0 where 1 - e^a underflows; a < 0 always (a log-prob).
+    unlikely = torch.log(-torch.expm1(rejected.clamp(max=-1e-6)))
+    losses = -chosen - alpha * unlikely
+    return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
+            _rewards(policy_rejected_logps, ref_rejected_logps, beta))
+
+
 @register("plackett_luce")
 def plackett_luce_loss(
     policy_logps: torch.Tensor,

@@ -39,7 +39,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dpokit.config import TrainConfig, _format_error, load_config, parse_override
 from dpokit.errors import ConfigError, DataError
-from dpokit.losses import _per_token, _positive, _rewards, register
 from dpokit.recipes.openings import PROMPTS_FILE
 
 RECIPE = "sentiment"
@@ -47,40 +46,6 @@ PRESET_DIR = Path("configs") / "recipes"
 CACHE_VERSION = 1
 REPORT_BETA = 0.1
 """beta of the implicit rewards reported for runs whose loss has none (Unlikelihood)."""
-
-
-# ------------------------------------------------------------------------------------------- unlikelihood loss
-
-@register("unlikelihood", {"alpha": _positive})
-def unlikelihood_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    beta: float,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-    alpha: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Unlikelihood baseline of the DPO paper (Section 6, after Welleck et al. 2019,
-    https://arxiv.org/abs/1908.04319): raise the likelihood of y_w, lower that of y_l,
-
-        L = -a_w - alpha * log(1 - exp(a_l)),   a = log pi(y|x) / |y|  (mean log-prob per response token).
-
-    exp(a_l) is the geometric-mean probability of y_l's tokens, so the second term is Welleck's token-level
-    unlikelihood -log(1 - p) taken at that mean (a pairwise loss sees summed log-probs, not per-token ones). It
-    is bounded, unlike -log pi(y_l|x), and its gradient fades once y_l is unlikely. The reference is not used;
-    rewards are reported as beta * (log pi - log pi_ref) for comparison with DPO. Requires both lengths.
-    Shapes: every input and output is (batch,).
-    """
-    chosen = _per_token(policy_chosen_logps, chosen_lengths, "unlikelihood", "chosen")
-    rejected = _per_token(policy_rejected_logps, rejected_lengths, "unlikelihood", "rejected")
-    # log(1 - e^a) = log(-expm1(a)), exact for a near 0 where 1 - e^a underflows; a < 0 always (a log-prob).
-    unlikely = torch.log(-torch.expm1(rejected.clamp(max=-1e-6)))
-    losses = -chosen - alpha * unlikely
-    return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
-            _rewards(policy_rejected_logps, ref_rejected_logps, beta))
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -804,6 +769,27 @@ def print_table(summary: dict[str, Any]) -> None:
                       f"{100 * (summary['implicit_accuracy'] or 0):.1f}% on {summary['heldout_pairs']} held-out pairs")
 
 
+def results_markdown(summary: dict[str, Any]) -> str:
+    """The results as a Markdown table (``RUN_DIR/results.md``), for docs: every run's held-out reward and KL."""
+
+    def num(value: Any, stderr: Any = None, digits: int = 3) -> str:
+        if value is None:
+            return "—"
+        return f"{value:.{digits}f}" + (f" ± {stderr:.{digits}f}" if stderr else "")
+
+    lines = [f"{summary['n_heldout']} held-out prompts, one sample each at temperature 1.0 (mean ± standard error).",
+             "", "| method | reward (VADER) | KL(π‖π_ref) nats | implicit-reward accuracy | reward gain over π_ref |",
+             "|---|---|---|---|---|",
+             f"| π_ref | {num(summary['reward_ref'])} | 0 | — | — |"]
+    for name, run in summary["runs"].items():
+        kl = num(run["kl"], run["kl_stderr"], 2) + (" (bound)" if name.startswith("best-of-") else "")
+        acc = f"{100 * run['implicit_accuracy']:.1f}%" if run["implicit_accuracy"] is not None else "—"
+        ref = run.get("reward_reference")
+        gain = f"{run['reward'] - ref:+.3f}" if run.get("reward") is not None and ref is not None else "—"
+        lines.append(f"| {run['label']} | {num(run['reward'], run['reward_stderr'])} | {kl} | {acc} | {gain} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_frontier(results: dict[str, dict[str, Any]], labels: dict[str, str], path: Path) -> Path | None:
     from dpokit.evaluate import plots
 
@@ -887,6 +873,7 @@ def run(preset: str | Path | dict[str, Any] | None = None, overrides: Sequence[s
              "elapsed_s": round(time.perf_counter() - started, 1)}
     summary = summarize(cfg, results, labels, extra)
     _write_json(summary, root / "summary.json")
+    (root / "results.md").write_text(results_markdown(summary), encoding="utf-8")
     print_table(summary)
     print(f"report: {root / 'report.html'}\nsummary: {root / 'summary.json'}")
     return summary
