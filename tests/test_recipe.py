@@ -71,6 +71,13 @@ def test_bad_recipe_config_names_the_key(override, key):
         recipe.load_recipe_config(None, override)
 
 
+def test_overrides_after_the_preset_option_reach_the_config(capsys):
+    assert main(["recipe", "sentiment", "--preset", "demo", "dpo.betaz=[1.0]"]) == 2
+    assert "dpo.betaz" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["recipe", "sentiment", "--preset", "demo", "--no-such-flag"])
+
+
 # ------------------------------------------------------------------------------------------------- the pieces
 
 def test_pairs_all_six_ties_dropped_and_best_worst():

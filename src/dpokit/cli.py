@@ -226,7 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress display is enough
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # key=value overrides may come after options (``recipe sentiment --preset demo train.lr=1e-5``), which
+        # argparse leaves over once the positionals were taken; anything else is reported as argparse does.
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except DpokitError as exc:
