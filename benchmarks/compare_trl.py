@@ -443,7 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report)
     Path(args.results).write_text(report)
-    print(f"\nwritten: {args.results} (data, logs and runs in {workdir})")
+    if args.workdir:
+        print(f"\nwritten: {args.results} (data, logs and runs in {workdir})")
+    else:  # the run folders hold full checkpoints (gigabytes): keep them only when asked to (--workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(f"\nwritten: {args.results} (pass --workdir DIR to keep the data, logs and runs)")
     return 0
 
 

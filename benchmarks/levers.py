@@ -167,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         print(line(name, result), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": info, "steps": args.steps, "results": results}, indent=1))
-    print(f"(runs and logs in {workdir})")
+    if args.workdir:
+        print(f"(runs and logs in {workdir})")
+    else:  # full checkpoints, gigabytes: kept only with --workdir
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
