@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import math
 import random
@@ -39,6 +38,7 @@ from dpokit.checkpoint import (
     restore_checkpoint,
     rotate_checkpoints,
     save_checkpoint,
+    sha256_file,
 )
 from dpokit.config import Config, load_config, save_config
 from dpokit.data import load_preferences, load_ranked, overlap_report
@@ -102,11 +102,7 @@ def fingerprint(source: str) -> str:
     path = Path(source)
     if not path.is_file():
         return f"id:{source}"
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 # ------------------------------------------------------------------------------------------------------ pieces
@@ -173,8 +169,10 @@ def pair_forward(policy: torch.nn.Module, reference: Reference, batch: dict[str,
 
 def computed_length(item: Any, layout: str, sft: bool = False) -> int:
     """Positions the model computes for one pair or ranking in a batch ``layout`` (SFT: prompt + chosen)."""
-    responses = ([item.chosen_ids] if sft else [item.chosen_ids, item.rejected_ids]) if hasattr(
-        item, "chosen_ids") else item.responses_ids
+    if hasattr(item, "responses_ids"):  # a ranking
+        responses = item.responses_ids
+    else:
+        responses = [item.chosen_ids] if sft else [item.chosen_ids, item.rejected_ids]
     prompt = len(item.prompt_ids)
     if layout == "packed":
         return prompt + sum(len(r) for r in responses)

@@ -37,8 +37,10 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dpokit.config import TrainConfig, _format_error, load_config, parse_override
+from dpokit.checkpoint import sha256_file
+from dpokit.config import TrainConfig, _format_error, _set_dotted, load_config, parse_override
 from dpokit.errors import ConfigError, DataError
+from dpokit.evaluate.scoring import write_jsonl
 from dpokit.recipes.openings import PROMPTS_FILE
 
 RECIPE = "sentiment"
@@ -210,17 +212,6 @@ def find_preset(preset: str) -> Path:
                       f"{checkout}); give a YAML file instead")
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: '{key}' is not a section")
-        node = child
-    node[keys[-1]] = value
-
-
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """``update`` over ``base``: a top-level section merges key by key, anything else is replaced."""
     out = dict(base)
@@ -332,25 +323,6 @@ def _say(message: str) -> None:
 
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Written whole to a temporary name, then renamed: never a half-written file under the real name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def _write_json(value: Any, path: Path) -> Path:
@@ -527,7 +499,8 @@ def sample_continuations(policy: Policy, prompts: Sequence[str], k: int, cfg: Se
         group = samples[i * k:(i + 1) * k]
         rows.append({"prompt": prompt, "responses": [x.text for x in group],
                      "finished": [x.finished for x in group], "tokens": [len(x.response_ids) for x in group]})
-    return _read_jsonl(_write_jsonl(rows, path))
+    write_jsonl(rows, path)
+    return _read_jsonl(path)
 
 
 def add_rewards(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -615,7 +588,7 @@ def best_of_n_eval(rows: Sequence[dict[str, Any]], n: int, out_dir: Path) -> dic
     }
     samples = [{"temperature": 1.0, "prompt": r["prompt"], "sample": 0, "policy": text, "reference": r["responses"][0],
                 "policy_reward": value, "reference_reward": r["rewards"][0]} for r, (text, value) in zip(rows, best)]
-    _write_jsonl(samples, out_dir / "eval" / "samples.jsonl")
+    write_jsonl(samples, out_dir / "eval" / "samples.jsonl")
     _write_json(result, out_dir / "eval" / "eval.json")
     return result
 
@@ -642,10 +615,10 @@ def train_key(spec: RunSpec) -> str:
     """What the run's result depends on: its config (not where it lives) and the content of its data."""
     config = {k: v for k, v in spec.config.items() if k not in ("run_dir", "overwrite")}
     config["train"] = {k: v for k, v in config["train"].items() if k not in _RESULT_NEUTRAL}
-    data = [_file_digest(p) if p and Path(p).is_file() else p for p in (spec.config["data"]["train"],
+    data = [sha256_file(Path(p)) if p and Path(p).is_file() else p for p in (spec.config["data"]["train"],
                                                                         spec.config["data"]["eval"])]
     model = spec.config["model"]["name_or_path"]
-    model_key = _file_digest(Path(model) / "model.safetensors") if (Path(model) / "model.safetensors").is_file() else model
+    model_key = sha256_file(Path(model) / "model.safetensors") if (Path(model) / "model.safetensors").is_file() else model
     return _digest(CACHE_VERSION, spec.task, config, data, model_key)
 
 
@@ -680,7 +653,7 @@ def evaluate(spec: RunSpec, cfg: SentimentConfig, prompts_file: Path) -> dict[st
 
     run_dir = Path(spec.config["run_dir"])
     e = cfg.eval
-    settings = {"prompts": _file_digest(prompts_file), "n_samples": e.n_samples, "seed": e.seed,
+    settings = {"prompts": sha256_file(prompts_file), "n_samples": e.n_samples, "seed": e.seed,
                 "max_new_tokens": cfg.sampling.max_new_tokens}
     key = _digest(_marker(run_dir).get("train"), settings)
     eval_path = run_dir / "eval" / "eval.json"
@@ -817,7 +790,8 @@ def run(preset: str | Path | dict[str, Any] | None = None, overrides: Sequence[s
     train_prompts, heldout_prompts = load_openings(cfg.prompts.file)
     train_prompts = train_prompts[:cfg.prompts.n_train]
     heldout_prompts = heldout_prompts[:cfg.prompts.n_heldout]
-    prompts_file = _write_jsonl([{"prompt": p} for p in heldout_prompts], data / "heldout-prompts.jsonl")
+    prompts_file = data / "heldout-prompts.jsonl"
+    write_jsonl([{"prompt": p} for p in heldout_prompts], prompts_file)
     _say(f"{len(train_prompts)} train prompts, {len(heldout_prompts)} held-out prompts -> {root}")
     k, k_heldout = cfg.sampling.samples_per_prompt, cfg.sampling.heldout_samples_per_prompt
 
@@ -832,16 +806,16 @@ def run(preset: str | Path | dict[str, Any] | None = None, overrides: Sequence[s
         heldout_rows = add_rewards(sample_continuations(policy, heldout_prompts, k_heldout, cfg, "heldout",
                                                         cfg.sampling.seed + 1))
     del policy  # training loads its own copies
-    _write_jsonl(train_rows, data / "samples-train.jsonl")
-    _write_jsonl(heldout_rows, data / "samples-heldout.jsonl")
+    write_jsonl(train_rows, data / "samples-train.jsonl")
+    write_jsonl(heldout_rows, data / "samples-heldout.jsonl")
     pairs = make_pairs(train_rows, cfg.pairs.mode, cfg.pairs.min_margin)
     heldout_pairs = make_pairs(heldout_rows, "best_worst", cfg.pairs.min_margin)
     preferred = make_pairs(train_rows, "best_worst", cfg.pairs.min_margin)
     if not pairs or not heldout_pairs:
         raise DataError("pairs: every sample pair tied (no preference data); sample more or longer continuations")
-    _write_jsonl(pairs, data / "pairs-train.jsonl")
-    _write_jsonl(heldout_pairs, data / "pairs-heldout.jsonl")
-    _write_jsonl(preferred, data / "preferred-ft.jsonl")
+    write_jsonl(pairs, data / "pairs-train.jsonl")
+    write_jsonl(heldout_pairs, data / "pairs-heldout.jsonl")
+    write_jsonl(preferred, data / "preferred-ft.jsonl")
     ref_rewards = [r for row in heldout_rows for r in row["rewards"]]
     ref_mean, ref_stderr = _mean_stderr(ref_rewards)
     _say(f"pairs: {len(pairs)} train ({cfg.pairs.mode}), {len(heldout_pairs)} held-out; pi_ref held-out reward "
@@ -892,7 +866,8 @@ def sft_stage(cfg: SentimentConfig, policy: Policy, train_prompts: list[str], da
         with stage("sample", "SFT data: samples of the base model"):
             rows = sample_continuations(policy, train_prompts, cfg.sampling.samples_per_prompt, cfg, "sft",
                                         cfg.sampling.seed + 2)
-        sft_file = str(_write_jsonl(sft_rows(rows), data / "sft.jsonl"))
+        sft_file = str(data / "sft.jsonl")
+        write_jsonl(sft_rows(rows), sft_file)
     else:
         sft_file = cfg.sft.data
     spec = sft_spec(cfg, sft_file, root)
