@@ -9,6 +9,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# ``precision: auto`` would be bf16 on a CPU with AVX512_BF16 and fp32 elsewhere; the suite's verdicts must not
+# depend on the CPU, so auto means fp32 here (tests/test_hardware.py tests auto itself without this).
+os.environ["DPOKIT_PRECISION"] = "fp32"
 
 
 @pytest.fixture(scope="session")

@@ -120,7 +120,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from dpokit.serve import serve
 
-    serve(args.run_dir, ref=args.ref, host=args.host, port=args.port, reward=args.reward)
+    serve(args.run_dir, ref=args.ref, host=args.host, port=args.port, reward=args.reward, precision=args.precision)
     return 0
 
 
@@ -128,6 +128,14 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     from dpokit.recipes import run_recipe
 
     run_recipe(args.name, preset=args.preset, overrides=args.overrides)
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from dpokit.hardware import describe, format_env
+
+    info = describe()
+    print(json.dumps(info, indent=1) if args.json else format_env(info))
     return 0
 
 
@@ -207,7 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
     serve.add_argument("--reward", help="ground-truth reward shown too: sentiment, length, or module:function")
+    serve.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                       help="sampling precision (auto: bf16 only where it is native; rewards are scored in fp32)")
     serve.set_defaults(func=cmd_serve)
+
+    env = sub.add_parser("env", help="versions, devices, measured fp32/bf16 speed and what 'auto' picks (for bug "
+                                     "reports)")
+    env.add_argument("--json", action="store_true", help="print JSON instead of text")
+    env.set_defaults(func=cmd_env)
 
     from dpokit.recipes import RECIPES
 

@@ -49,9 +49,10 @@ class ModelConfig(_Section):
     """Allow model code from the checkpoint to run. Off unless you trust the checkpoint."""
     disable_dropout: bool = True
     """Set every dropout probability to zero in policy and reference (the log-ratios are otherwise noisy)."""
-    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
-    """Attention kernel; all give the same numbers within float tolerance. ``auto``: eager for bf16 training on
-    CPU (faster there), SDPA otherwise."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
+    """Attention kernel; all give the same numbers within float tolerance. ``auto`` (resolved at the start of a
+    run and written into its config.yaml): on CUDA, FlexAttention for the packed layout and SDPA otherwise; on
+    a CPU, whichever of SDPA and eager measured faster at the run's precision (``dpokit env`` shows it)."""
     lora: LoraConfig | None = None
     """Train low-rank adapters (peft) instead of all weights; ``final/`` gets the merged weights."""
 
@@ -136,8 +137,11 @@ class TrainConfig(_Section):
     """Learning-rate shape after warmup: constant, linear decay to 0, or cosine decay to 0."""
     max_grad_norm: float | None = Field(10.0, gt=0)
     """Clip the global gradient norm to this value; unset disables clipping."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """``bf16`` runs forward and backward under bfloat16 autocast (fast on CPUs with AVX512-BF16 and on GPUs)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``bf16`` runs forward and backward under bfloat16 autocast. ``auto`` (resolved at the start of a run and
+    written into its config.yaml) is bf16 only where it is native, CUDA with bf16 or a CPU with AVX512_BF16 or
+    AMX confirmed by a measured matmul probe, and fp32 elsewhere: CPUs without them emulate bf16 at a fraction
+    of fp32's speed. An explicit ``bf16`` where it is slow runs with a warning giving the measured ratio."""
     layout: Literal["packed", "padded"] = "packed"
     """Batch layout. ``packed``: the prompt is computed once for chosen and rejected and pairs are packed into
     rows with a block attention mask (few padded positions). ``padded``: one padded row per prompt+response,

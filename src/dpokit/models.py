@@ -243,7 +243,7 @@ def _short(exc: Exception) -> str:
 
 def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: bool = False,
                attn_implementation: str = "sdpa", vocab_size: int | None = None) -> nn.Module:
-    if attn_implementation == "auto":
+    if attn_implementation == "auto":  # unresolved (no run to resolve it for): PyTorch's fused kernel
         attn_implementation = "sdpa"
     if source.kind == "tiny":
         if vocab_size is None:
@@ -313,15 +313,6 @@ def base_state_model(model: nn.Module) -> nn.Module:
     """The model whose weights define pi_ref: for a LoRA policy, the base model (adapter weights excluded by
     the caller), otherwise the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def attention_for(model_cfg: Any, precision: str, device: Any) -> str:
-    """``model.attn_implementation`` resolved: ``auto`` is eager attention for bf16 on CPU, where PyTorch's
-    fused CPU attention kernel is slow in bf16 (its backward took a fifth of a SmolLM2 step; eager attention
-    made the step ~25% faster), and SDPA everywhere else."""
-    if model_cfg.attn_implementation != "auto":
-        return str(model_cfg.attn_implementation)
-    return "eager" if precision == "bf16" and getattr(device, "type", device) == "cpu" else "sdpa"
 
 
 def load_models(model_cfg: Any, need_reference: bool | str = True, attn_implementation: str | None = None) -> Models:

@@ -54,9 +54,10 @@ from dpokit.data.batch import (
 from dpokit.distributed import Dist
 from dpokit.distributed import setup as setup_distributed
 from dpokit.errors import ConfigError, DpokitError
+from dpokit.hardware import choose_attention, resolve_precision
 from dpokit.losses import LISTWISE, compute_loss, plackett_luce_loss
 from dpokit.metrics import HealthMonitor, MetricsWriter, PairStats, Progress, SftStats
-from dpokit.models import attention_for, load_models
+from dpokit.models import load_models
 from dpokit.reference import Reference, build_reference
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -135,6 +136,16 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim
                              weight_decay=cfg.train.weight_decay, fused=fused or None)
 
 
+def resolve_hardware(cfg: Config, device: torch.device, note: Callable[[str], None]) -> None:
+    """Replace ``auto`` in ``train.precision`` and ``model.attn_implementation`` by what this device runs fast
+    (``dpokit.hardware``), saying so in one line each."""
+    cfg.train.precision = resolve_precision(cfg.train.precision, device, note)
+    if cfg.model.attn_implementation == "auto":
+        choice = choose_attention("auto", cfg.train.precision, device, cfg.train.layout)
+        cfg.model.attn_implementation = choice.value
+        note(f"attn_implementation auto -> {choice.value} ({choice.why})")
+
+
 def autocast_for(cfg: Config, device: torch.device) -> Autocast:
     enabled = cfg.train.precision == "bf16"
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -194,6 +205,16 @@ def forward_passes(micros: list[list[int]], pairs: list[Any], cfg: Config, dist:
         passes.extend([micro[a:b] for a, b in split_by_tokens(sizes, cfg.train.pass_tokens)] if micro else [[]])
     longest = max(dist.gather(len(passes))) if dist.active else len(passes)
     return passes + [[] for _ in range(longest - len(passes))]
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing of every decoder layer (non-reentrant: it works with frozen inputs and with
+    the hand-written head backward). transformers 5.2x renamed the method; older releases have the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def compile_layers(model: torch.nn.Module) -> None:
@@ -339,18 +360,18 @@ def _train(cfg: Config, dist: Dist, *, resume: bool, force: bool, task: str) -> 
         save_config(cfg, run_dir / "config.yaml")
         return checkpoint
 
+    device = dist.device
+    resolve_hardware(cfg, device, note)  # before config.yaml is written: it records what ran
     checkpoint = dist.on_main(prepare)
     run_dir = Path(cfg.run_dir)
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial (e.g. LoRA) weights
-    device = dist.device
 
     sft = task == "sft"
     need_reference = {"model": True, "adapter": False, "store": "if_different"}[cfg.reference.mode]
-    models = load_models(cfg.model, need_reference=need_reference and not sft,
-                         attn_implementation=attention_for(cfg.model, cfg.train.precision, device))
+    models = load_models(cfg.model, need_reference=need_reference and not sft)
     tokenizer, policy = models.tokenizer, models.policy.to(device)
     if cfg.train.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(policy)
     if cfg.train.compile:
         compile_layers(policy)
 

@@ -83,9 +83,9 @@ class SamplingConfig(_Section):
     """Seed of the preference-data samples."""
     batch_size: int = Field(64, ge=1)
     """Sequences decoded together."""
-    precision: Literal["fp32", "bf16"] = "bf16"
-    """Sample the preference data under bf16 autocast (faster on CPUs with AVX512-BF16 and on GPUs). The
-    evaluation always samples and scores in float32, for its KL estimate."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Sample the preference data under bf16 autocast (``bf16``) or in fp32; ``auto`` is bf16 only where it is
+    native (``dpokit env``). The evaluation always samples and scores in float32, for its KL estimate."""
 
 
 class PairsConfig(_Section):
@@ -154,7 +154,7 @@ class SentimentConfig(_Section):
     sampling: SamplingConfig = SamplingConfig()
     pairs: PairsConfig = PairsConfig()
     sft: SftConfig = SftConfig()
-    train: TrainConfig = TrainConfig(lr=5e-5, batch_size=8, epochs=1.0, warmup_steps=4, precision="bf16")
+    train: TrainConfig = TrainConfig(lr=5e-5, batch_size=8, epochs=1.0, warmup_steps=4)
     """Training settings shared by every run (``dpokit.config.TrainConfig``); each method overrides some."""
     dpo: DpoConfig = DpoConfig()
     preferred_ft: BaselineConfig = BaselineConfig()
@@ -249,7 +249,7 @@ def load_recipe_config(preset: str | Path | dict[str, Any] | None = None, overri
         _set_dotted(tree, key.replace("__", "."), value)
     try:
         # Keys a preset or an override leaves out keep the recipe's defaults (not those of the section's class:
-        # ``train.lr=1e-5`` alone must not turn bf16 off).
+        # ``train.epochs=2`` alone must not reset the recipe's learning rate).
         return SentimentConfig.model_validate(_merge(SentimentConfig().model_dump(mode="json"), tree))
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
@@ -443,6 +443,24 @@ class Policy:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
+def recipe_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precisions(cfg: SentimentConfig) -> None:
+    """``auto`` precisions resolved once for the whole experiment, before any cache key is computed: the
+    sample cache and the runs' keys hold what ran, so an ``auto`` that picks bf16 on one machine and fp32 on
+    another never shares a cached result."""
+    from dpokit.hardware import resolve_precision
+
+    device = recipe_device()
+    cfg.sampling.precision = resolve_precision(cfg.sampling.precision, device, _say)
+    cfg.train.precision = resolve_precision(cfg.train.precision, device)
+    for section in (cfg.dpo.train, cfg.preferred_ft.train, cfg.unlikelihood.train, cfg.sft.train):
+        if "precision" in section:
+            section["precision"] = resolve_precision(section["precision"], device)
+
+
 def load_policy(name: str) -> Policy:
     from dpokit.models import freeze, load_model, load_tokenizer, resolve
     from dpokit.reference import weights_fingerprint
@@ -450,7 +468,7 @@ def load_policy(name: str) -> Policy:
     source = resolve(name)
     tokenizer = load_tokenizer(source)
     model = freeze(load_model(source, vocab_size=len(tokenizer)))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = recipe_device()
     return Policy(name, model.to(device), tokenizer, weights_fingerprint(model), device)
 
 
@@ -781,6 +799,7 @@ def run(preset: str | Path | dict[str, Any] | None = None, overrides: Sequence[s
     cfg = load_recipe_config(preset, overrides, **kwargs)
     started = time.perf_counter()
     stage = StageTimer()
+    resolve_precisions(cfg)
     root = Path(cfg.run_dir)
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -288,7 +288,7 @@ def start_in_thread(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> R
 
 
 def serve(run_dir: str, ref: str | None = None, host: str = "127.0.0.1", port: int = 7860,
-          reward: str | None = None, log: Any = print) -> None:
+          reward: str | None = None, precision: str = "auto", log: Any = print) -> None:
     """``dpokit serve``: load the run, listen, and serve until interrupted (Ctrl+C)."""
     from dpokit.rewards import get_reward
     from dpokit.serve.engine import check_run_dir, load_playground
@@ -299,7 +299,7 @@ def serve(run_dir: str, ref: str | None = None, host: str = "127.0.0.1", port: i
     sock = bind(host, port)  # a taken port is reported before minutes of model loading
     try:
         log(f"loading {run_dir} ...")
-        playground = load_playground(run_dir, ref=ref, reward=reward)
+        playground = load_playground(run_dir, ref=ref, reward=reward, precision=precision, note=log)
         app = create_app(playground, local_only=is_loopback(host))
         if not is_loopback(host):
             log(f"warning: listening on {host}: anyone who can reach this machine can use the models")

@@ -106,6 +106,9 @@ class Playground:
     chat: bool = True
     """Typed text is sent as one user message (the run trained on chat data) or as plain text."""
     limits: Limits = field(default_factory=Limits)
+    precision: str = "fp32"
+    """Sampling runs under bf16 autocast when ``bf16``; the implicit rewards are always scored in fp32, so they
+    equal what ``dpokit score`` prints."""
     # The fast tokenizer refuses to encode in one thread while it decodes in another ("Already borrowed"):
     # request checks (web threads) and the worker take turns.
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -211,7 +214,9 @@ class Playground:
                 for side in list(active):
                     if cancelled.is_set():
                         return
-                    step = next(streams[side], None)
+                    with torch.autocast(scorer.device.type, dtype=torch.bfloat16,
+                                        enabled=self.precision == "bf16"):
+                        step = next(streams[side], None)
                     if step is None:
                         active.remove(side)
                         emit(self._final(side, request, texts[side], finished[side]))
@@ -433,9 +438,13 @@ def _headline_run(folder: Path) -> Path | None:
 
 
 def load_playground(run_dir: str | Path, ref: str | None = None, reward: str | RewardFn | None = None,
-                    limits: Limits | None = None, max_examples: int = 6) -> Playground:
+                    limits: Limits | None = None, max_examples: int = 6, precision: str = "auto",
+                    note: Callable[[str], None] | None = None) -> Playground:
     """pi (``RUN_DIR/final``), pi_ref (``ref``, else the run's reference), beta and the token budget from the
-    run's config, a reward function when named, and example prompts from ``data.eval`` (else ``data.train``)."""
+    run's config, a reward function when named, and example prompts from ``data.eval`` (else ``data.train``).
+    ``precision`` of sampling: ``auto`` is bf16 only where it is native (``dpokit.hardware``)."""
+    from dpokit.hardware import resolve_precision
+
     run_dir = check_run_dir(run_dir)
     reward_fn = get_reward(reward) if reward is not None else None  # a bad name fails before models load
     scorer = load_scorer(run_dir, ref)
@@ -450,6 +459,7 @@ def load_playground(run_dir: str | Path, ref: str | None = None, reward: str | R
     else:
         chat = bool(getattr(scorer.tokenizer, "chat_template", None))
     reference = ref or cfg.model.ref_name_or_path or cfg.model.name_or_path
+    precision = resolve_precision(precision, scorer.device, note)
     return Playground(scorer, run_name=run_dir.resolve().name, reference_name=str(reference), reward_fn=reward_fn,
                       reward_label=reward_name(reward) if reward is not None else None, examples=examples, chat=chat,
-                      limits=limits or Limits())
+                      limits=limits or Limits(), precision=precision)

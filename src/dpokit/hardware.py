@@ -1,0 +1,338 @@
+"""What this machine computes fast, decided from its capability and confirmed by measurement.
+
+``precision: auto`` and ``attn_implementation: auto`` resolve here, the same way for training, sampling and
+serving. bf16 is chosen only where it is native: a CUDA device that supports it, or a CPU with AVX512_BF16 or
+AMX. A CPU without them runs bf16 matrix products in emulation (measured: 0.3 GFLOP/s against 80 in fp32 on
+an AVX2 CPU; 62 against 267 on an AVX-512 CPU without BF16), so a capable-looking CPU is also confirmed by a
+short bf16-vs-fp32 matmul probe, cached per machine: kernel limits set by ``ATEN_CPU_CAPABILITY``,
+``ONEDNN_MAX_CPU_ISA`` or ``MKL_ENABLE_INSTRUCTIONS`` make a bf16-capable CPU emulate too, and the probe sees
+it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dpokit.errors import ConfigError
+
+PROBE_VERSION = 1
+"""Bump when the probe's method changes, so cached figures from the old one are not reused."""
+
+BF16_MIN_SPEEDUP = 1.5
+"""bf16 must multiply fp32's matmul throughput by at least this to be chosen. A step is only partly matrix
+products: on SmolLM2 a 2.5x faster bf16 matmul gave a 1.5x faster step (about 56% of the step's time in
+matmuls); at 1.5x the same share predicts a step about 1.2x faster, below that the conversions autocast adds
+can eat the gain."""
+
+KERNEL_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+"""Environment variables that cap the CPU instruction set PyTorch's kernels use."""
+
+PRECISION_ENV = "DPOKIT_PRECISION"
+"""When set (fp32 or bf16), what ``auto`` resolves to on every device: one precision for runs that must match
+across machines (the test suite sets fp32, so its verdicts do not depend on the CPU)."""
+
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@dataclass
+class Probe:
+    """Measured matmul throughput of one device (GFLOP/s) and how it was measured."""
+
+    device: str
+    fp32_gflops: float
+    bf16_gflops: float
+    size: int
+    threads: int
+
+    @property
+    def bf16_speedup(self) -> float:
+        return self.bf16_gflops / self.fp32_gflops if self.fp32_gflops > 0 else 0.0
+
+
+@dataclass
+class Choice:
+    """A resolved ``auto`` setting and the reason, one line for a person."""
+
+    value: str
+    why: str
+
+
+# ---------------------------------------------------------------------------------------------- what the CPU has
+
+def cpu_flags() -> set[str]:
+    """Instruction-set flags of the CPU (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def kernel_limits() -> dict[str, str]:
+    """The kernel-limiting variables that are set, e.g. ``{"ATEN_CPU_CAPABILITY": "avx2"}``."""
+    return {k: os.environ[k] for k in KERNEL_LIMITS if os.environ.get(k)}
+
+
+def bf16_capability(device: torch.device) -> tuple[bool, str]:
+    """Whether the device has native bf16 arithmetic, and what says so."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'lacks'} bf16"
+    if device.type != "cpu":
+        return False, f"{device.type}: bf16 not known to be fast"
+    native = sorted(NATIVE_BF16_FLAGS & cpu_flags())
+    if native:
+        return True, f"CPU has {'+'.join(native)}"
+    return False, f"CPU lacks AVX512_BF16 and AMX (capability {torch.backends.cpu.get_cpu_capability()})"
+
+
+# ------------------------------------------------------------------------------------------------------ probe
+
+def _gflops(device: torch.device, dtype: torch.dtype, size: int, seconds: float) -> float:
+    """Throughput of (size x size) @ (size x size) in dtype: the best of repeated timings, at least 3 and
+    for at least ``seconds`` (the best, not the mean: other work on the machine only ever slows a run)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up: first calls pick and initialize kernels
+    sync()
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < 3 or spent < seconds:
+        start = time.perf_counter()
+        a @ b
+        sync()
+        took = time.perf_counter() - start
+        best, spent, runs = min(best, took), spent + took, runs + 1
+        if spent > 10 * seconds:  # an emulated dtype: a few timings are plenty
+            break
+    return 2 * size**3 / best / 1e9
+
+
+def measure(device: torch.device, size: int | None = None, seconds: float = 0.2) -> Probe:
+    """Measure fp32 and bf16 matmul throughput on ``device`` now (about a second on a CPU)."""
+    size = size or (4096 if device.type == "cuda" else 512)
+    return Probe(device=str(device), fp32_gflops=_gflops(device, torch.float32, size, seconds),
+                 bf16_gflops=_gflops(device, torch.bfloat16, size, seconds), size=size,
+                 threads=torch.get_num_threads())
+
+
+def machine_key(device: torch.device) -> str:
+    """What the probe's figures depend on: the device model, PyTorch, threads and kernel limits."""
+    if device.type == "cuda":
+        what = [torch.cuda.get_device_name(device), torch.version.cuda or ""]
+    else:
+        what = [cpu_name(), platform.machine(), str(sorted(NATIVE_BF16_FLAGS & cpu_flags())),
+                json.dumps(kernel_limits(), sort_keys=True), str(torch.get_num_threads())]
+    what += [torch.__version__, str(PROBE_VERSION)]
+    return hashlib.sha256("|".join(what).encode()).hexdigest()[:16]
+
+
+def probe_path(device: torch.device) -> Path:
+    from dpokit.models import cache_dir
+
+    return cache_dir() / "hardware" / f"{device.type}-{machine_key(device)}.json"
+
+
+def cached_probe(device: torch.device, refresh: bool = False) -> Probe:
+    """The probe of this machine: read from the cache, or measured once and cached (written atomically, so
+    two processes probing at once leave one whole file)."""
+    path = probe_path(device)
+    if not refresh and path.is_file():
+        try:
+            return Probe(**json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError):
+            pass  # a damaged cache file is measured again and replaced
+    probe = measure(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(probe)), encoding="utf-8")
+    os.replace(tmp, path)
+    return probe
+
+
+# ----------------------------------------------------------------------------------------------------- choices
+
+def choose_precision(requested: str, device: torch.device, probe: Callable[[torch.device], Probe] | None = None,
+                     warn: Callable[[str], None] | None = None) -> Choice:
+    """``auto`` resolved to ``bf16`` or ``fp32`` for ``device``, with the reason. An explicit ``bf16`` where it
+    is slow stays ``bf16`` (asked for is asked for) and ``warn`` is told the measured ratio once. ``probe``
+    measures the device (default: the cached probe)."""
+    probe = probe or cached_probe
+    if requested == "auto" and os.environ.get(PRECISION_ENV):
+        forced = os.environ[PRECISION_ENV]
+        if forced not in ("fp32", "bf16"):
+            raise ConfigError(f"{PRECISION_ENV}: expected fp32 or bf16, got {forced!r}")
+        return Choice(forced, f"{PRECISION_ENV}={forced}")
+    capable, why = bf16_capability(device)
+    if requested == "fp32":
+        return Choice("fp32", "asked for")
+    if requested == "bf16":
+        if device.type == "cuda" and not capable and warn is not None:
+            warn(f"precision bf16 asked for, but {why}; 'auto' would pick fp32")
+        if device.type == "cpu":
+            measured = probe(device)
+            if measured.bf16_speedup < BF16_MIN_SPEEDUP and warn is not None:
+                warn(f"precision bf16 asked for, but bf16 is slow on this CPU: {measured.bf16_gflops:.1f} against "
+                     f"{measured.fp32_gflops:.1f} GFLOP/s in fp32 ({_ratio(measured)}); 'auto' would pick fp32")
+        return Choice("bf16", "asked for")
+    if not capable:
+        return Choice("fp32", why)
+    measured = probe(device)
+    if measured.bf16_speedup >= BF16_MIN_SPEEDUP:
+        return Choice("bf16", f"{why}; bf16 matmul {_ratio(measured)}")
+    return Choice("fp32", f"{why}, but bf16 matmul measured {_ratio(measured)} (needs >= {BF16_MIN_SPEEDUP}x)")
+
+
+def _ratio(p: Probe) -> str:
+    r = p.bf16_speedup
+    return f"{r:.2f}x fp32" if r >= 1 else f"{1 / r:.0f}x slower than fp32"
+
+
+def resolve_precision(requested: str, device: torch.device, note: Callable[[str], None] | None = None) -> str:
+    """``choose_precision`` for callers that only need the value; ``note`` gets one line with the choice."""
+    choice = choose_precision(requested, device, warn=(lambda m: note(f"warning: {m}")) if note else None)
+    if note is not None and requested == "auto":
+        note(f"precision auto -> {choice.value} ({choice.why})")
+    return choice.value
+
+
+def _attention_time(kind: str, precision: str, device: torch.device, length: int = 256, repeats: int = 3) -> float:
+    """Seconds of one forward+backward of attention over a packed-style 4D boolean mask, by ``kind``: the
+    fused kernel (``sdpa``) or the plain matmul-softmax-matmul (``eager``). Shapes are SmolLM2's heads
+    (9 x 64) over two rows of ``length`` positions; the best of ``repeats``."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(2, 9, length, 64, generator=gen).to(device).requires_grad_() for _ in range(3))
+    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None].expand(2, 1, -1, -1)
+
+    def run() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if kind == "sdpa":
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            else:
+                # As transformers' eager attention: scores in the compute dtype, softmax in fp32.
+                scores = (q @ k.transpose(-1, -2)) / 8.0
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+                out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype) @ v
+        out.float().sum().backward()
+
+    run()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def cached_attention_times(precision: str, device: torch.device) -> dict[str, float]:
+    """``{"sdpa": s, "eager": s}`` for this machine and precision, measured once and cached beside the probe."""
+    path = probe_path(device).with_name(f"{probe_path(device).stem}-attention-{precision}.json")
+    if path.is_file():
+        try:
+            times = json.loads(path.read_text(encoding="utf-8"))
+            if set(times) == {"sdpa", "eager"}:
+                return times
+        except ValueError:
+            pass
+    times = {kind: _attention_time(kind, precision, device) for kind in ("sdpa", "eager")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(times), encoding="utf-8")
+    os.replace(tmp, path)
+    return times
+
+
+def choose_attention(requested: str, precision: str, device: torch.device, layout: str = "packed",
+                     times: Callable[[str, torch.device], dict[str, float]] | None = None) -> Choice:
+    """``auto`` resolved to an attention implementation. On CUDA: FlexAttention for the packed layout (no
+    dense rows x L x L mask in GPU memory) when this PyTorch has it, SDPA otherwise. On a CPU: whichever of
+    SDPA and eager attention measured faster for this precision (PyTorch's fused CPU kernel is the faster in
+    fp32, but its bf16 backward was measured 4x slower than eager's on an AVX512-BF16 CPU)."""
+    if requested != "auto":
+        return Choice(requested, "asked for")
+    if device.type == "cuda":
+        from dpokit.attention import flex_attention_supported
+
+        if layout == "packed" and flex_attention_supported(device):
+            return Choice("flex_attention", "CUDA, packed layout: block-sparse mask instead of a dense one")
+        return Choice("sdpa", "CUDA: fused attention")
+    measured = (times or cached_attention_times)(precision, device)
+    fastest = min(measured, key=measured.get)
+    slower = max(measured.values()) / max(measured[fastest], 1e-12)
+    return Choice(fastest, f"measured {slower:.2f}x faster than the other in {precision} on this CPU")
+
+
+def describe(device: torch.device | None = None, refresh: bool = True) -> dict[str, Any]:
+    """Everything ``dpokit env`` prints: versions, devices, CPU capability, measured matmul speed, and what
+    ``auto`` picks and why."""
+    import transformers
+
+    import dpokit
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info: dict[str, Any] = {
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "dpokit": dpokit.__version__},
+        "platform": platform.platform(),
+        "cpu": {"name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                "capability": torch.backends.cpu.get_cpu_capability(),
+                "native_bf16_flags": sorted(NATIVE_BF16_FLAGS & cpu_flags()), "kernel_limits": kernel_limits()},
+        "cuda": ([{"index": i, "name": torch.cuda.get_device_name(i),
+                   "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
+                  for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []),
+        "device": str(device),
+    }
+    probe = cached_probe(device, refresh=refresh)
+    info["matmul_gflops"] = {"fp32": round(probe.fp32_gflops, 1), "bf16": round(probe.bf16_gflops, 1),
+                             "size": probe.size, "threads": probe.threads}
+    precision = choose_precision("auto", device, probe=lambda d: probe)
+    attention = choose_attention("auto", precision.value, device)
+    info["auto"] = {"precision": asdict(precision), "attn_implementation": asdict(attention)}
+    return info
+
+
+def format_env(info: dict[str, Any]) -> str:
+    """``describe()`` as the lines ``dpokit env`` prints."""
+    v, cpu, mm, auto = info["versions"], info["cpu"], info["matmul_gflops"], info["auto"]
+    lines = [f"dpokit {v['dpokit']}, torch {v['torch']}, transformers {v['transformers']}, python {v['python']}",
+             f"platform: {info['platform']}",
+             f"cpu: {cpu['name']} ({cpu['cores']} cores, torch threads {cpu['torch_threads']}), capability "
+             f"{cpu['capability']}, native bf16: {'+'.join(cpu['native_bf16_flags']) or 'no'}"]
+    if cpu["kernel_limits"]:
+        lines.append("kernel limits: " + " ".join(f"{k}={x}" for k, x in cpu["kernel_limits"].items()))
+    for gpu in info["cuda"]:
+        lines.append(f"cuda:{gpu['index']}: {gpu['name']} ({gpu['memory_gib']} GiB)")
+    if not info["cuda"]:
+        lines.append("cuda: none")
+    lines.append(f"matmul on {info['device']} ({mm['size']}x{mm['size']}, {mm['threads']} threads): "
+                 f"fp32 {mm['fp32']:.1f} GFLOP/s, bf16 {mm['bf16']:.1f} GFLOP/s")
+    for key in ("precision", "attn_implementation"):
+        lines.append(f"auto {key}: {auto[key]['value']} ({auto[key]['why']})")
+    return "\n".join(lines)
