@@ -17,6 +17,7 @@ that is what the Monte Carlo estimate of KL(pi || pi_ref) needs.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,17 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+def kv_cache_argument(model: nn.Module) -> str:
+    """The name under which a model takes and returns its key/value cache: ``cache`` from transformers 5.2x on
+    (where ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper passes it on
+    forward = getattr(base, "forward", None)
+    try:
+        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
 @torch.no_grad()
 def stream_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, pad_id: int,
                  eos_ids: Sequence[int], generator: torch.Generator) -> Iterator[list[int | None]]:
@@ -123,6 +135,7 @@ def stream_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: Sam
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     n = len(prompts)
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    cache_arg = kv_cache_argument(model)
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=attention_mask,
                 position_ids=position_ids, use_cache=True, logits_to_keep=1)
     for t in range(params.max_new_tokens):
@@ -136,7 +149,7 @@ def stream_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: Sam
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)
         position_ids = position_ids[:, -1:] + 1
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    use_cache=True, **{cache_arg: getattr(out, cache_arg)})
 
 
 def sample_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, pad_id: int,
