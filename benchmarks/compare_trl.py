@@ -438,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = analyse(results, geometry, dims, peaks, args.steps)
     trl_ids = next((r["token_ids"] for r in results.values() if "token_ids" in r), None)
+    from dpokit.hardware import describe, format_env
+
+    info["dpokit_env"] = format_env(describe(refresh=False))  # what auto picks on this machine, for the record
     report = render(args, info, peaks, dims, summary, results, loads, load_before, load_after, lengths,
                     geometry, dpokit_ids, trl_ids, track)
     print()
@@ -465,6 +468,7 @@ def render(args: Any, info: dict[str, Any], peaks: dict[str, float], dims: dict[
     out = ["# dpokit vs TRL DPOTrainer", ""]
     out += [f"Written by `benchmarks/compare_trl.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
             "Regenerate with:", "", "```", f".venv/bin/{command}", "```", ""]
+    out += ["## `dpokit env`", "", "```", info.get("dpokit_env", "(not available)"), "```", ""]
     out += ["## Machine and software", "",
             f"- CPU: {info.get('cpu')}, {info['cores']} cores (torch uses {info['torch_threads']} threads), "
             f"AVX512-BF16: {'yes' if info['avx512_bf16'] else 'no'}, AMX: {'yes' if info['amx'] else 'no'}; "
