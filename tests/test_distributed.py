@@ -25,13 +25,14 @@ from dpokit.checkpoint import verify_checkpoint
 from dpokit.distributed import Dist
 from dpokit.errors import ConfigError
 from dpokit.metrics import read_metrics
+from tolerances import METRIC_REL, assert_same_weights_after_adamw
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
        "OMP_NUM_THREADS": "1"}
-TOL = 1e-5
+LR = 1e-3  # every run here: 3 AdamW steps at this constant rate
 
 
 def write_pairs(path: Path, n: int) -> Path:
@@ -51,7 +52,7 @@ def make_config(folder: Path, n_pairs: int, **sections) -> dict:
            "data": {"train": str(write_pairs(folder / f"pairs-{n_pairs}.jsonl", n_pairs)), "max_length": 64,
                     "max_prompt_length": 32},
            "loss": {"name": "sigmoid", "beta": 0.1},
-           "train": {"lr": 1e-3, "epochs": 1, "seed": 3, "progress": False, "save_every": 1},
+           "train": {"lr": LR, "epochs": 1, "seed": 3, "progress": False, "save_every": 1},
            "distributed": {"timeout_s": 60}}
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
@@ -101,11 +102,11 @@ def assert_same_training(one: Path, two: Path) -> None:
                     "rewards/margins", "logps/chosen", "logps/rejected"):
             if key not in a:  # eval rows have no grad_norm
                 continue
-            assert abs(a[key] - b[key]) <= TOL * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
-    w_one, w_two = weights(one), weights(two)
-    assert w_one.keys() == w_two.keys()
-    for name in w_one:
-        torch.testing.assert_close(w_one[name], w_two[name], atol=TOL, rtol=0)
+            # The ranks' partial sums are added by gloo (all-reduce / reduce-scatter): a different summation
+            # order of the same fp32 terms; the bound is derived in tolerances.py.
+            assert abs(a[key] - b[key]) <= METRIC_REL * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
+    steps = sum(r["split"] == "train" for r in rows_one)
+    assert_same_weights_after_adamw(weights(one), weights(two), LR, steps)  # |dw| <= 2 lr/step, most < lr/100
 
 
 def test_share_splits_every_step_once_with_equal_micro_batch_counts():
@@ -141,6 +142,7 @@ def ddp_runs(tmp_path_factory):
             "seconds": time.time() - started}
 
 
+@pytest.mark.equivalence
 def test_ddp_two_ranks_equal_one_rank_with_uneven_last_step(ddp_runs):
     assert_same_training(ddp_runs["single"], ddp_runs["ddp"])
     rows = train_rows(ddp_runs["ddp"])
@@ -216,6 +218,7 @@ def fsdp_runs(tmp_path_factory):
     return {"single": single, "fsdp": tmp / "fsdp", "cfg": cfg, "tmp": tmp, "proc": proc}
 
 
+@pytest.mark.equivalence
 def test_fsdp_two_ranks_equal_one_rank_with_uneven_last_step(fsdp_runs):
     assert_same_training(fsdp_runs["single"], fsdp_runs["fsdp"])
     step = fsdp_runs["fsdp"] / "checkpoints" / "step-2"
@@ -250,6 +253,7 @@ def rank_pids(parent: int) -> dict[int, int]:
     return found
 
 
+@pytest.mark.equivalence
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' pids through /proc")
 def test_killed_rank_stops_every_rank_then_resume_is_bit_identical(fsdp_runs):
     run_dir = fsdp_runs["tmp"] / "killed"
@@ -279,6 +283,8 @@ def test_killed_rank_stops_every_rank_then_resume_is_bit_identical(fsdp_runs):
     assert done.stderr.count("resuming from") == 1  # rank 0 says it, once
     straight, resumed = weights(fsdp_runs["fsdp"]), weights(run_dir)
     assert straight.keys() == resumed.keys()
+    # Bit-identical, on any hardware: both runs make the same operations on the same shapes with the same
+    # world size on the same machine, so they round identically; resuming must restore every bit of state.
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2, 3]

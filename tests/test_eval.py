@@ -24,6 +24,7 @@ from dpokit.generate import SamplingParams, generate
 from dpokit.metrics import read_metrics
 from dpokit.models import tiny_model, tiny_tokenizer
 from dpokit.rewards.judge import make_judge
+from tolerances import LOGP_TOL
 
 EVAL_ARGS = ["--max-new-tokens", "10", "--batch-size", "8"]
 
@@ -62,6 +63,8 @@ def test_kl_estimate_matches_exact_kl_on_a_tiny_vocabulary():
     support = [(EOS,)] + [(a, b) for a in range(V) if a != EOS for b in range(V)]
     p = {y: math.exp(exact_logp(pi, y)) for y in support}
     q = {y: math.exp(exact_logp(ref, y)) for y in support}
+    # float64 log-softmax (exact to ~1e-16 per row) summed over ~V^2 sequences: ~1e-13 from 1. A missing branch
+    # (EOS first, or no EOS at step 2) would lose a whole probability, >> 1e-9.
     assert sum(p.values()) == pytest.approx(1.0, abs=1e-9) and sum(q.values()) == pytest.approx(1.0, abs=1e-9)
     exact = sum(p[y] * math.log(p[y] / q[y]) for y in support)  # KL(pi || pi_ref) = sum_y p log p/q
 
@@ -152,24 +155,35 @@ def test_eval_writes_the_contract(evaluated):
     policy_at_1 = [s for s in samples if s["temperature"] == 1.0]
     # kl is the mean log-ratio of the temperature-1 policy samples; their implicit rewards are beta times it.
     mean_implicit = sum(s["policy_implicit_reward"] for s in policy_at_1) / len(policy_at_1)
+    # The same log-ratios (|.| <~ 10) times beta, averaged before or after: fp32/float64 rounding of a product,
+    # ~EPS32 * 1 ~ 1e-7. Another beta or other samples would be off by >= 1e-2.
     assert mean_implicit == pytest.approx(0.1 * result["kl"], abs=1e-6)
 
 
+@pytest.mark.equivalence
 def test_heldout_accuracy_matches_training(evaluated):
     """Scoring uses the training tokenization and log-prob function: the final held-out metrics agree."""
     result = json.loads((evaluated / "eval" / "eval.json").read_text())
     last = [r for r in read_metrics(evaluated / "metrics.jsonl") if r["split"] == "eval"][-1]
     assert result["heldout_pairs"] == 5
-    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
-        assert result[key] == pytest.approx(last[key], abs=1e-5), key
+    # The same log-probs in other batch shapes: each reward is beta (0.1) times a difference of two fp32 sums of
+    # |logp| <= ~60, each within LOGP_TOL = 1e-5 + 1e-6 * 60 (tolerances.py), a margin a difference of two
+    # rewards. Accuracy counts margins > 0: exact unless a margin is within 1e-5 of 0 (they are >= 1e-3 here).
+    reward_abs = 0.1 * 2 * (LOGP_TOL["atol"] + LOGP_TOL["rtol"] * 60)
+    for key, tol in (("rewards/accuracies", 0), ("rewards/margins", 2 * reward_abs), ("rewards/chosen", reward_abs),
+                     ("rewards/rejected", reward_abs)):
+        assert result[key] == pytest.approx(last[key], abs=tol), key
 
 
+@pytest.mark.equivalence
 def test_frontier_has_one_point_per_checkpoint(evaluated):
     result = json.loads((evaluated / "eval" / "eval.json").read_text())
     points = result["frontier"]
     assert [p["checkpoint"] for p in points] == ["reference", "step-1", "step-2", "step-3"]
     assert points[0]["kl"] == 0.0 and points[0]["reward"] == result["reward_reference"]
     # step-3 holds the final weights; same prompts and seed give the same samples, hence the same numbers.
+    # Same weights, prompts, seed and batch shapes: the same operations, so the same tokens and, to fp32
+    # round-off of a mean log-ratio (|kl| <~ 10, ulp 1e-6), the same kl; the length reward counts words: exact.
     assert points[-1]["kl"] == pytest.approx(result["kl"], abs=1e-5)
     assert points[-1]["reward"] == pytest.approx(result["reward"], abs=1e-9)
     assert all("reward" in p and p["kl_stderr"] is not None for p in points)

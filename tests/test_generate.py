@@ -61,6 +61,7 @@ def naive_greedy(model, ids, n):
     return seq[len(ids):]
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_batched_greedy_equals_unbatched_and_naive(name, tok, request):
     model = request.getfixturevalue(name)
@@ -68,6 +69,10 @@ def test_batched_greedy_equals_unbatched_and_naive(name, tok, request):
     assert len({len(p) for p in ids}) == len(ids)  # different lengths: real left padding
     params = SamplingParams(max_new_tokens=12, temperature=0, batch_size=len(ids))
     no_eos: list[int] = []
+    # Token ids are compared exactly: batched, unbatched and uncached forwards differ by fp32 round-off
+    # (~1e-6 in a logit), which changes an argmax only at a near-tie; sharpened logits are ~1 apart, so across
+    # 2 x 4 x 12 picks a gap below 1e-5 has odds of ~1e-3 on any hardware. A wrong position or mask changes
+    # the continuation outright (test_wrong_positions_would_be_caught).
     batched = generate(model, tok, ids, params, eos_ids=no_eos)
     for prompt, sample in zip(ids, batched):
         alone = generate(model, tok, [prompt], params, eos_ids=no_eos)[0]
@@ -119,7 +124,9 @@ def test_top_p_keeps_the_nucleus():
     assert kept == [True, True, False, False]  # 0.5 < 0.6, so the second token is needed to reach top_p
     assert torch.isfinite(filter_logits(logits, 1.0, 0.5))[0].tolist() == [True, False, False, False]
     assert torch.isfinite(filter_logits(logits, 1.0, 1.0)).all()
-    # Temperature scales the logits before the softmax.
+    # Temperature scales the logits before the softmax. x / 0.5 and x * 2 are both exact in binary floating
+    # point; assert_close's fp32 default (rtol 1.3e-6 ~ 10 ulps) only allows for an implementation that rounds
+    # x * (1 / T) instead, and a missing or inverted temperature is off by a factor 2 or 4.
     torch.testing.assert_close(filter_logits(logits, 0.5, 1.0), logits * 2)
 
 

@@ -196,6 +196,7 @@ def test_reward_judge_counts_ties_half():
 
 def test_wilson_interval_matches_hand_computed_values():
     lo, hi = wilson_interval(5, 10)
+    # Closed-form float64 (Python floats); abs 1e-4 is the 4 digits the golden values are written with.
     assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
     lo, hi = wilson_interval(0, 10)
     assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-4)

@@ -1,10 +1,12 @@
 """The one log-prob function: response tokens only, padding-independent, fast path == plain path."""
 
+import pytest
 import torch
 
 from dpokit.data.batch import pad_sequences
 from dpokit.logprobs import sequence_logps
 from dpokit.models import tiny_model
+from tolerances import GRAD_TOL, LOGP_TOL
 
 
 def _model(seed=0):
@@ -16,6 +18,7 @@ def _logps(model, seqs, starts, side="right", **kw):
     return sequence_logps(model, b["input_ids"], b["attention_mask"], b["response_mask"], **kw)
 
 
+@pytest.mark.equivalence
 def test_matches_hand_computed_sum_over_response_tokens():
     model = _model()
     seq, start = [5, 17, 33, 90, 211, 2], 3
@@ -25,7 +28,8 @@ def test_matches_hand_computed_sum_over_response_tokens():
     expected = sum(torch.log_softmax(logits[t - 1], -1)[seq[t]].item() for t in range(start, len(seq)))
     logps, n = _logps(model, [seq], [start])
     assert n.tolist() == [3]
-    torch.testing.assert_close(logps, torch.tensor([expected]), atol=1e-5, rtol=0)
+    # The model's own head vs the fused chunked head: fp32 round-off of a 3-token sum (tolerances.LOGP_TOL).
+    torch.testing.assert_close(logps, torch.tensor([expected]), **LOGP_TOL)
 
 
 def test_prompt_tokens_do_not_count():
@@ -36,6 +40,7 @@ def test_prompt_tokens_do_not_count():
     assert n.tolist() == [0] and logps.tolist() == [0.0]
 
 
+@pytest.mark.equivalence
 def test_padding_side_and_neighbours_do_not_change_logps():
     model = _model()
     pair = ([3, 4, 5, 6, 7, 8, 9], 4)
@@ -44,9 +49,10 @@ def test_padding_side_and_neighbours_do_not_change_logps():
     for side in ("right", "left"):
         seqs = [neighbours[0], pair[0], neighbours[1], neighbours[2]]
         logps, _ = _logps(model, seqs, [3, pair[1], 1, 10], side=side)
-        torch.testing.assert_close(logps[1], alone[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logps[1], alone[0], **LOGP_TOL)  # other shapes, other rounding
 
 
+@pytest.mark.equivalence
 def test_fast_path_equals_plain_path_values_and_gradients():
     seqs = [[1, 9, 8, 7, 6, 5, 4, 2], [1, 30, 31, 2], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 2]]
     starts = [3, 2, 6]
@@ -57,11 +63,12 @@ def test_fast_path_equals_plain_path_values_and_gradients():
         logps.sum().backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((logps.detach(), grads))
-    for logps, grads in results[1:]:
-        torch.testing.assert_close(logps, results[0][0], atol=1e-5, rtol=0)
-        torch.testing.assert_close(grads, results[0][1], atol=1e-5, rtol=1e-4)
+    for logps, grads in results[1:]:  # fp32 round-off only: derivations in tolerances.py
+        torch.testing.assert_close(logps, results[0][0], **LOGP_TOL)
+        torch.testing.assert_close(grads, results[0][1], **GRAD_TOL)
 
 
+@pytest.mark.equivalence
 def test_hand_written_head_backward_equals_autograd_in_fp32_and_bf16():
     from dpokit.logprobs import _HeadLogps, _token_logps
 
@@ -80,6 +87,12 @@ def test_hand_written_head_backward_equals_autograd_in_fp32_and_bf16():
             (out * upstream).sum().backward()
             outs.append((out.detach(), hidden.grad, weight.grad))
         assert outs[1][0].dtype == torch.float32
+        # fp32: each output is a sum over <= 37 rows (or 16 columns) of products of size <= ~3, so two orders
+        # differ by <= 37 * EPS32 / 2 * 3 ~ 7e-6 worst case (~1e-6 typical); the softmax itself is exact to a
+        # few ulps. bf16: both paths round the matrix products' inputs and outputs to bf16 (unit round-off
+        # 2^-9 = 2e-3) at different points (autograd casts the gradient of the logits, the hand-written
+        # backward its softmax-minus-onehot), a few roundings of 2e-3 relative: 2e-2 relative and absolute.
+        # A wrong backward (no upstream per row, a missing one-hot, a lost repeated target) is off by O(1).
         tol = {"atol": 2e-2, "rtol": 2e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-5}
         for got, want in zip(outs[1], outs[0]):
             torch.testing.assert_close(got, want, **tol)
@@ -101,6 +114,7 @@ def _grouped(model, layout, pack_length=0, plain=False):
     return regroup(logps, batch), regroup(n, batch), batch
 
 
+@pytest.mark.equivalence
 def test_packed_prefix_shared_layout_equals_padded_layout_values_and_gradients():
     results = []
     for layout, pack_length, plain in (("padded", 0, True), ("padded", 0, False), ("packed", 0, False),
@@ -111,9 +125,9 @@ def test_packed_prefix_shared_layout_equals_padded_layout_values_and_gradients()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((logps.detach(), n, grads, batch))
     for logps, n, grads, _ in results[1:]:
-        assert torch.equal(n, results[0][1])
-        torch.testing.assert_close(logps, results[0][0], atol=1e-5, rtol=0)
-        torch.testing.assert_close(grads, results[0][2], atol=1e-5, rtol=1e-4)
+        assert torch.equal(n, results[0][1])  # token counts are integers: exact
+        torch.testing.assert_close(logps, results[0][0], **LOGP_TOL)  # fp32 round-off: tolerances.py
+        torch.testing.assert_close(grads, results[0][2], **GRAD_TOL)
     padded, packed_one_row = results[1][3], results[3][3]
     assert packed_one_row["input_ids"].shape[0] == 1  # everything fits one 64-token row
     # The prompt is computed once per group: fewer real positions than prompt+response per response.
@@ -122,33 +136,31 @@ def test_packed_prefix_shared_layout_equals_padded_layout_values_and_gradients()
     assert packed_one_row["real_positions"] < padded["real_positions"]
 
 
+@pytest.mark.equivalence
 def test_packed_layout_with_eager_attention_matches_sdpa():
     eager = _model()
     eager.config._attn_implementation = "eager"
     a, _, _ = _grouped(eager, "packed", 64)
     b, _, _ = _grouped(_model(), "padded")
-    torch.testing.assert_close(a.detach(), b.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.detach(), b.detach(), **LOGP_TOL)  # fp32 round-off: tolerances.py
 
 
-def test_bf16_eager_attention_matches_sdpa_and_is_what_auto_picks_on_cpu():
-    from types import SimpleNamespace
-
-    from dpokit.models import attention_for
-
-    auto = SimpleNamespace(attn_implementation="auto")
-    assert attention_for(auto, "bf16", torch.device("cpu")) == "eager"
-    assert attention_for(auto, "fp32", torch.device("cpu")) == "sdpa"
-    assert attention_for(auto, "bf16", torch.device("cuda")) == "sdpa"
-    assert attention_for(SimpleNamespace(attn_implementation="sdpa"), "bf16", "cpu") == "sdpa"
+@pytest.mark.equivalence
+def test_bf16_eager_attention_matches_sdpa():
     eager = _model()
     eager.config._attn_implementation = "eager"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a, _, _ = _grouped(eager, "packed")
         b, _, _ = _grouped(_model(), "packed")
     a.sum().backward()  # the eager mask and the bf16 matrix products go backward too
+    # bf16 rounds every matrix product's inputs to 2^-9 = 2e-3 relative, and eager and SDPA round at different
+    # points (eager rounds the scores and the probabilities, SDPA fuses them). Each token's log-prob (|.| ~ 5)
+    # carries a few such roundings of its logits (~2e-2), a sum of <= 9 tokens ~0.1 absolute, or ~2e-2 relative
+    # of the sum. A wrong mask (a pair attending to its neighbour) changes a sum by ~1 or more.
     torch.testing.assert_close(a.detach(), b.detach(), atol=0.1, rtol=0.02)
 
 
+@pytest.mark.equivalence
 def test_compiled_layers_give_the_same_training(tmp_path):
     import json
 
@@ -165,5 +177,11 @@ def test_compiled_layers_give_the_same_training(tmp_path):
                             "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 2, "compile": compiled,
                                       "progress": False}}, run_dir=str(tmp_path / str(compiled)))
         rows[compiled] = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+    # Inductor fuses each layer into its own kernels (its own vectorized exp and rsqrt, accurate to ~1 ulp, and
+    # its own reduction order): more roundings differ than with a kernel reorder, still fp32 round-off.
+    # Step 1: same weights, loss ln 2 (ulp 6e-8) and grad_norm ~1 summed over ~1e5 squares (sqrt growth:
+    # ~300 * EPS32 / 2 ~ 2e-5 relative at worst). Step 2 starts from weights AdamW may have moved differently
+    # in a few round-off-sized elements, which enter the loss at second order (tolerances.py). A compiled layer
+    # that computes something else (a lost mask, a wrong position) changes the loss by > 1e-3.
     for a, b in zip(rows[False], rows[True]):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4

@@ -23,6 +23,10 @@ from dpokit.losses import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# Exact-math claims, in float64: every tensor here is float64 (``t``) and every golden value comes from ``math``
+# (float64). A few elementwise ops (log, exp, log1p, sigmoid) are each correctly rounded to a few float64 ulps
+# (2.2e-16 relative) whatever the CPU's vector unit, so assert_close's float64 defaults (rtol = atol = 1e-7) sit
+# ~1e8 ulps above round-off and ~1e5 below what a wrong formula gives (values are 1e-2..10).
 
 # A fixed batch of 3 pairs: summed log-probs and response lengths.
 PC = [-10.0, -25.5, -4.0]  # policy, chosen
@@ -283,6 +287,8 @@ def test_zero_flip_rate_is_sigmoid(name: str) -> None:
 
 def test_rpo_with_tiny_alpha_approaches_sigmoid() -> None:
     sig = sigmoid_loss(**batch(), beta=BETA)[0]
+    # rpo adds alpha * NLL per token (-pc/lc = 2.0, 2.125, 2.0): 2.1e-9 at alpha 1e-9, 2.1e-3 at alpha 1e-3;
+    # atol 1e-8 separates the two, and float64 round-off of the sum (~1e-16 * 4) is far below both.
     assert_close(call("rpo", alpha=1e-9)[0], sig, atol=1e-8, rtol=0)
     assert not torch.allclose(call("rpo", alpha=1e-3)[0], sig, atol=1e-8, rtol=0)
 
@@ -291,7 +297,7 @@ def test_ipo_is_zero_at_its_target() -> None:
     # beta = 0.25: target h = 1/(2 * 0.25) = 2. Per-token: policy (-4/4) - (-8/2) = 3, reference (-8/4) - (-6/2) = 1.
     losses, _, _ = LOSSES["ipo"](t([-4.0]), t([-8.0]), t([-8.0]), t([-6.0]), beta=0.25, chosen_lengths=t([4.0]),
                                  rejected_lengths=t([2.0]))
-    assert_close(losses, t([0.0]), atol=1e-12, rtol=0)
+    assert_close(losses, t([0.0]), atol=1e-12, rtol=0)  # (3 - 1 - 2)^2 in float64: exact; 1e-12 for safety
 
 
 def test_ipo_accepts_integer_lengths() -> None:

@@ -109,6 +109,9 @@ def test_unlikelihood_loss_by_hand():
     losses, chosen_r, rejected_r = LOSSES["unlikelihood"](pc, pr, torch.tensor([-3.0]), torch.tensor([-3.0]),
                                                          beta=0.5, chosen_lengths=lengths,
                                                          rejected_lengths=lengths, alpha=1.0)
+    # fp32 inputs (exact small integers) through a few elementwise ops (exp, log1p): each within a few fp32
+    # ulps (1.2e-7 at 1), so 1e-6 absolute and approx's default rel 1e-6 hold on any hardware; a wrong formula
+    # (no length normalization, a missing term) is off by > 1e-2.
     assert losses.item() == pytest.approx(1 - math.log(1 - math.exp(-2)), abs=1e-6)
     assert chosen_r.item() == pytest.approx(0.5) and rejected_r.item() == pytest.approx(-0.5)
     losses.sum().backward()

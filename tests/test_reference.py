@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import dpokit
 from dpokit.metrics import read_metrics
 from dpokit.reference import LogpStore
+from tolerances import assert_same_metrics, assert_same_weights_after_adamw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,15 +38,17 @@ def train_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
 
 
-def assert_same_training(a: Path, b: Path, tol: float = 1e-5) -> None:
-    for x, y in zip(train_rows(a), train_rows(b), strict=True):
-        for key in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected"):
-            assert y[key] == pytest.approx(x[key], abs=tol), key
-    wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=tol, rtol=0)
+def assert_same_training(a: Path, b: Path, lr: float = 1e-3, steps: int = 4) -> None:
+    """The reference log-probs of the store are computed in other batches than the model reference's (fp32
+    round-off); everything downstream is the same arithmetic. Bounds derived in tolerances.py. The weights
+    compared are the trained parameters themselves (the last checkpoint: with LoRA only the adapters, which
+    AdamW updates directly; final/ holds them merged, a product the per-element AdamW bound does not cover)."""
+    assert_same_metrics(train_rows(a), train_rows(b), ("loss", "grad_norm", "rewards/chosen", "rewards/rejected"))
+    last = f"checkpoints/step-{steps}/model.safetensors"
+    assert_same_weights_after_adamw(load_file(str(a / last)), load_file(str(b / last)), lr, steps)
 
 
+@pytest.mark.equivalence
 def test_store_equals_model_reference_and_is_reused(tmp_path, capsys):
     model_run = dpokit.train(config(tmp_path, reference={"mode": "model"}), run_dir=str(tmp_path / "model"))
     store_run = dpokit.train(config(tmp_path, reference={"mode": "store"}), run_dir=str(tmp_path / "store-run"))
@@ -94,6 +97,7 @@ def test_interrupted_precompute_resumes(tmp_path, capsys):
     assert done == 16 and len(again) == 24  # only the missing ones were computed
 
 
+@pytest.mark.equivalence
 def test_lora_with_adapter_reference_and_merged_export(tmp_path):
     lora = {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
     adapter = dpokit.train(config(tmp_path, model=lora, reference={"mode": "adapter"}, train={"lr": 1e-2}),
@@ -102,9 +106,11 @@ def test_lora_with_adapter_reference_and_merged_export(tmp_path):
                          run_dir=str(tmp_path / "lora-model"))
     store = dpokit.train(config(tmp_path, model=lora, reference={"mode": "store"}, train={"lr": 1e-2}),
                          run_dir=str(tmp_path / "lora-store"))
-    assert_same_training(model, adapter)
-    assert_same_training(model, store)
+    assert_same_training(model, adapter, lr=1e-2)
+    assert_same_training(model, store, lr=1e-2)
     rows = train_rows(adapter)
+    # LoRA's B starts at 0, so at step 1 the adapter adds exactly 0: pi == pi_ref bit for bit, every margin is 0
+    # and the loss is ln 2 in fp32 (0.69314718); 1e-5 also covers the 6-digit constant written here.
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5) and rows[-1]["loss"] < rows[0]["loss"]
     # Only adapter weights were trained and checkpointed.
     ckpt = load_file(str(adapter / "checkpoints" / "step-4" / "model.safetensors"))

@@ -81,6 +81,7 @@ def kill_when(proc: subprocess.Popen, ready, deadline: float = 120) -> None:
     pytest.fail("the training process ended before it could be killed")
 
 
+@pytest.mark.equivalence
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, dropout_model):
     cfg = make_config(tmp_path, dropout_model)
     straight = tmp_path / "straight"

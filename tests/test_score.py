@@ -10,8 +10,14 @@ from dpokit.config import load_config, save_config
 from dpokit.errors import DataError, DpokitError
 from dpokit.evaluate import Scorer, load_scorer, score, score_rows
 from dpokit.models import tiny_model, tiny_tokenizer
+from tolerances import LOGP_TOL
 
 BETA = 0.25
+# Log-probs of these rows are fp32 sums of <= 20 tokens with |sum| <= 150, computed in other batch shapes than the
+# float64 sums by hand below: LOGP_TOL (tolerances.py) gives 1e-5 + 1e-6 * 150 per log-prob (measured <= 8.7e-6
+# under AVX-512, AVX2 and scalar kernels). A reward is BETA times the difference of two of them.
+LOGP_ABS = LOGP_TOL["atol"] + LOGP_TOL["rtol"] * 150
+REWARD_ABS = BETA * 2 * LOGP_ABS  # 8e-5; a wrong log-prob (a padding leak, a lost token) moves a reward by > 1e-3
 
 
 
@@ -63,24 +69,26 @@ ROWS = [
 ]
 
 
+@pytest.mark.equivalence
 def test_score_is_beta_times_the_log_ratio(scorer, tok):
     scored = score_rows(scorer, ROWS)
     for row, out in zip(ROWS, scored):
         prompt_ids, response_ids = tokens(tok, row["prompt"], row["response"])
         policy = logp_by_hand(scorer.policy, prompt_ids, response_ids)
         reference = logp_by_hand(scorer.reference, prompt_ids, response_ids)
-        assert out["policy_logp"] == pytest.approx(policy, abs=1e-4)
-        assert out["ref_logp"] == pytest.approx(reference, abs=1e-4)
-        assert out["reward"] == pytest.approx(BETA * (policy - reference), abs=1e-5)
+        assert out["policy_logp"] == pytest.approx(policy, abs=LOGP_ABS)
+        assert out["ref_logp"] == pytest.approx(reference, abs=LOGP_ABS)
+        assert out["reward"] == pytest.approx(BETA * (policy - reference), abs=REWARD_ABS)
         assert out["response_tokens"] == len(response_ids)
         assert {k: out[k] for k in row} == row  # the input fields come back untouched
     assert abs(scored[0]["reward"]) > 1e-3  # the policy differs from the reference: the check is not 0 == 0
 
 
+@pytest.mark.equivalence
 def test_scores_do_not_depend_on_batching(scorer, tok):
     alone = [score_rows(scorer, [row])[0]["reward"] for row in ROWS]
     batched = [row["reward"] for row in score_rows(scorer, ROWS)]
-    assert batched == pytest.approx(alone, abs=1e-5)
+    assert batched == pytest.approx(alone, abs=REWARD_ABS)
 
 
 def test_identical_models_score_zero(tok):
@@ -89,21 +97,23 @@ def test_identical_models_score_zero(tok):
     assert all(row["reward"] == 0.0 for row in score_rows(same, ROWS))
 
 
+@pytest.mark.equivalence
 def test_ranking_and_pairs(scorer):
     responses = [" Paris is the capital of France.", " a rude reply", " I loved this movie", " 1000"]
     ranked = score_rows(scorer, [{"prompt": "Question: what is the capital of France?", "responses": responses}])[0]
     singles = score_rows(scorer, [{"prompt": "Question: what is the capital of France?", "response": r}
                                   for r in responses])
-    assert ranked["rewards"] == pytest.approx([s["reward"] for s in singles], abs=1e-5)
+    assert ranked["rewards"] == pytest.approx([s["reward"] for s in singles], abs=REWARD_ABS)
     assert sorted(ranked["ranking"]) == [0, 1, 2, 3]
     assert [ranked["rewards"][i] for i in ranked["ranking"]] == sorted(ranked["rewards"], reverse=True)
     pair = score_rows(scorer, [{"prompt": "Question: what is the capital of France?", "chosen": responses[0],
                                 "rejected": responses[1]}])[0]
-    assert pair["reward_chosen"] == pytest.approx(singles[0]["reward"], abs=1e-5)
-    assert pair["margin"] == pytest.approx(singles[0]["reward"] - singles[1]["reward"], abs=1e-5)
+    assert pair["reward_chosen"] == pytest.approx(singles[0]["reward"], abs=REWARD_ABS)
+    assert pair["margin"] == pytest.approx(singles[0]["reward"] - singles[1]["reward"], abs=2 * REWARD_ABS)
     assert pair["correct"] == (pair["margin"] > 0)
 
 
+@pytest.mark.equivalence
 def test_chat_rows_use_the_chat_template(scorer, tok):
     messages = [{"role": "user", "content": "Write a haiku about the sea."}]
     chat = score_rows(scorer, [{"prompt": messages, "response": "Waves fold into foam"}])[0]
@@ -114,7 +124,7 @@ def test_chat_rows_use_the_chat_template(scorer, tok):
     assert response_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
     expected = BETA * (logp_by_hand(scorer.policy, prompt_ids, response_ids)
                        - logp_by_hand(scorer.reference, prompt_ids, response_ids))
-    assert chat["reward"] == pytest.approx(expected, abs=1e-5)
+    assert chat["reward"] == pytest.approx(expected, abs=REWARD_ABS)
 
 
 def test_bad_rows_name_the_row(scorer):
@@ -147,12 +157,13 @@ def test_score_from_a_run_directory_writes_jsonl(run_dir, scorer, tmp_path):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines == scored and len(lines) == len(ROWS)
     expected = score_rows(scorer, ROWS)  # same weights, same beta (from config.yaml), same reference
-    assert [r["reward"] for r in lines] == pytest.approx([r["reward"] for r in expected], abs=1e-5)
+    assert [r["reward"] for r in lines] == pytest.approx([r["reward"] for r in expected], abs=REWARD_ABS)
     # --beta overrides the run's beta; rewards scale with it.
     doubled = score(run_dir, source, beta=2 * BETA)
-    assert [r["reward"] for r in doubled] == pytest.approx([2 * r["reward"] for r in expected], abs=1e-5)
+    assert [r["reward"] for r in doubled] == pytest.approx([2 * r["reward"] for r in expected], abs=2 * REWARD_ABS)
 
 
+@pytest.mark.equivalence
 def test_score_from_plain_folders_needs_ref(run_dir, scorer):
     with pytest.raises(DpokitError, match="--ref: required"):
         load_scorer(run_dir / "final")
@@ -160,7 +171,7 @@ def test_score_from_plain_folders_needs_ref(run_dir, scorer):
                         max_prompt_length=32)
     got = score_rows(plain, ROWS[:2])
     assert [r["reward"] for r in got] == pytest.approx([r["reward"] for r in score_rows(scorer, ROWS[:2])],
-                                                       abs=1e-5)
+                                                       abs=REWARD_ABS)
     with pytest.raises(DpokitError, match="does not exist"):
         load_scorer(run_dir / "nope", ref="tiny-random-llama")
 

@@ -10,6 +10,7 @@ import pytest
 import dpokit
 from dpokit.losses import LISTWISE, LOSSES
 from dpokit.metrics import read_metrics
+from tolerances import assert_same_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1}, "simpo": {"beta": 2.0},
@@ -72,11 +73,14 @@ def test_plackett_luce_trains_on_rankings(tmp_path):
     run_dir = dpokit.train(cfg, run_dir=str(tmp_path / "pl"))
     history = rows(run_dir)
     # 3 responses: at step 1 (pi == pi_ref) the ranking NLL is log 3! = log 6.
+    # pi == pi_ref bit for bit (same weights, same batch), so every log-ratio is exactly 0 and the loss is log 6
+    # rounded in fp32 (ulp 1.2e-7); 1e-5 also covers the 10-digit constant.
     assert history[0]["loss"] == pytest.approx(1.791759469, abs=1e-5)
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert history[-1]["rewards/accuracies"] > 0.9  # best response above the worst
 
 
+@pytest.mark.equivalence
 def test_plackett_luce_on_pairs_equals_sigmoid(tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl")
     runs = {}
@@ -84,9 +88,9 @@ def test_plackett_luce_on_pairs_equals_sigmoid(tmp_path):
         cfg = config(data, name=name)
         cfg["train"]["max_steps"] = 4
         runs[name] = rows(dpokit.train(cfg, run_dir=str(tmp_path / name)))
-    for a, b in zip(runs["sigmoid"], runs["plackett_luce"]):
-        for key in ("loss", "grad_norm", "rewards/margins"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    # Equal math (a 2-way log-softmax is a log-sigmoid) rounded differently in fp32; from step 2 on, AdamW may
+    # also have moved a few round-off-sized-gradient weights differently. Bound derived in tolerances.py.
+    assert_same_metrics(runs["sigmoid"], runs["plackett_luce"], ("loss", "grad_norm", "rewards/margins"))
 
 
 def test_sft_command_raises_chosen_likelihood(tmp_path):
