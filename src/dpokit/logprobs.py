@@ -87,9 +87,24 @@ def supports_fast_path(model: nn.Module) -> bool:
             and hasattr(model, "get_decoder") and model.get_decoder() is not None)
 
 
-def _model_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
-    """A 4D boolean mask (True = may attend) is what SDPA takes; eager attention adds a float mask instead."""
-    if mask.dim() != 4 or getattr(model.config, "_attn_implementation", "sdpa") != "eager":
+def _model_mask(model: nn.Module, batch: dict[str, Any]) -> Any:
+    """The batch's mask in the form the model's attention takes. SDPA takes the 4D boolean mask (True = may
+    attend) as it is; eager attention adds a float mask instead; FlexAttention gets the packed layout's
+    ``BlockMask`` (``dpokit.attention``), which skips the tiles where nothing is visible instead of reading an
+    (R, L, L) mask at every layer. A 2D padding mask goes to every implementation unchanged: transformers builds
+    each one's own mask from it."""
+    mask = batch["attention_mask"]
+    implementation = getattr(model.config, "_attn_implementation", "sdpa")
+    if mask.dim() != 4:
+        return mask
+    if implementation == "flex_attention":
+        from dpokit.attention import is_packed, packed_block_mask
+
+        if not is_packed(batch):
+            raise ValueError("flex_attention needs a packed batch with segment_ids and prompt_segment_ids "
+                             "(dpokit.data.batch.collate_groups(layout='packed'))")
+        return packed_block_mask(batch)
+    if implementation != "eager":
         return mask
     dtype = next(model.parameters()).dtype
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
@@ -100,14 +115,15 @@ def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
     """Summed response log-probs for every slot of a batch layout.
 
     Batch keys (see ``dpokit.data.batch``): ``input_ids`` (R, L); ``attention_mask`` (R, L) for padded rows or
-    (R, 1, L, L) boolean for packed rows; ``position_ids`` (R, L); ``pred_index`` (M,) flat index into R*L of
+    (R, 1, L, L) boolean for packed rows, which also carry ``segment_ids`` and ``prompt_segment_ids`` (R, L) for
+    FlexAttention; ``position_ids`` (R, L); ``pred_index`` (M,) flat index into R*L of
     the position predicting each target token; ``targets`` (M,); ``target_slot`` (M,) the response each
     target belongs to; ``n_slots``.
     ``plain`` computes full logits at every position (the reference implementation the fast path is tested
     against). Returns ``logps`` (S,) float32 and ``n_tokens`` (S,).
     """
     input_ids, targets, pred_index = batch["input_ids"], batch["targets"], batch["pred_index"]
-    mask = _model_mask(model, batch["attention_mask"])
+    mask = _model_mask(model, batch)
     n_slots = batch["n_slots"]
     inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": batch["position_ids"],
               "use_cache": False}

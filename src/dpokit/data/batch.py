@@ -90,6 +90,7 @@ def _packed_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]
     input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n_rows, width), dtype=torch.long)
     segment = torch.full((n_rows, width), -1, dtype=torch.long)
+    prompt_segment = torch.full((n_rows, width), -1, dtype=torch.long)
     owner = torch.full((n_rows, width), -1, dtype=torch.long)
     is_prompt = torch.zeros((n_rows, width), dtype=torch.bool)
     k_max = max(len(rs) for _, rs in groups)
@@ -106,6 +107,7 @@ def _packed_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]
             input_ids[r, cursor:cursor + n_prompt] = torch.tensor(prompt, dtype=torch.long)
             position_ids[r, cursor:cursor + n_prompt] = torch.arange(n_prompt)
             segment[r, cursor:cursor + n_prompt] = n_segments
+            prompt_segment[r, cursor:cursor + lengths[g]] = n_segments  # the whole group's prompt
             owner[r, cursor:cursor + n_prompt] = g
             is_prompt[r, cursor:cursor + n_prompt] = True
             n_segments += 1
@@ -138,6 +140,9 @@ def _packed_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]
         "targets": torch.tensor(targets, dtype=torch.long),
         "target_slot": torch.tensor(target_slot, dtype=torch.long),
         "n_slots": len(groups) * k_max, "slots": slots, "real_positions": int(real.sum()),
+        # The mask's rule as per-position ids, for attention kernels that take a rule instead of a dense
+        # mask (``dpokit.attention``): -1 at padding.
+        "segment_ids": segment, "prompt_segment_ids": prompt_segment,
     }
 
 
