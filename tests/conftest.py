@@ -12,6 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # ``precision: auto`` would be bf16 on a CPU with AVX512_BF16 and fp32 elsewhere; the suite's verdicts must not
 # depend on the CPU, so auto means fp32 here (tests/test_hardware.py tests auto itself without this).
 os.environ["DPOKIT_PRECISION"] = "fp32"
+# torch.compile's kernel cache is not keyed by the kernel limits (ATEN_CPU_CAPABILITY, ...): a kernel cached by a
+# run under other limits crashed the compiled test ("corrupted size vs. prev_size"). One cache per setting.
+_limits = "-".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                    "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(k))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) /
+                                                      f"dpokit-inductor-{_limits or 'native'}"))
 
 
 @pytest.fixture(scope="session")

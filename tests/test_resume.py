@@ -144,10 +144,12 @@ def test_resume_refuses_changed_settings_unless_forced(tmp_path, dropout_model):
         assert key in str(err.value) and "--force" in str(err.value)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(pairs.read_text().replace("Thanks 0", "Thanks zero"))
-    # Through the CLI: one line on stderr, exit 2.
+    # Through the CLI: one error line, last, exit 2; before it only the start-up notes (what auto resolved to).
     proc = run_cli("train", str(cfg), f"run_dir={run}", "train.max_steps=3", "--resume")
-    assert proc.returncode == 2 and "data.train" in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("dpokit: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and lines[-1] == errors[0] and "data.train" in errors[0]
+    assert all(line.startswith("dpokit: ") for line in lines) and "Traceback" not in proc.stderr
     dpokit.train(str(cfg), [f"run_dir={run}", "train.max_steps=3", "train.batch_size=2"], resume=True, force=True)
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
     assert steps == [1, 2, 3]
