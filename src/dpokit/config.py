@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dpokit.errors import ConfigError
 
+NEUTRAL: dict[str, Any] = {"result_neutral": True}
+"""Marks a field whose value does not change the numbers a run computes, only how they are computed (layout,
+kernels, passes), shown, logged or stored. Every other field changes the result: a resumed run refuses a change
+to it unless forced, and the recipe's cache keys hold it. A new field is result-altering until marked."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -49,7 +54,7 @@ class ModelConfig(_Section):
     """Allow model code from the checkpoint to run. Off unless you trust the checkpoint."""
     disable_dropout: bool = True
     """Set every dropout probability to zero in policy and reference (the log-ratios are otherwise noisy)."""
-    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = Field("auto", json_schema_extra=NEUTRAL)
     """Attention kernel; all give the same numbers within float tolerance. ``auto`` (resolved at the start of a
     run and written into its config.yaml): on CUDA, FlexAttention for the packed layout and SDPA otherwise; on
     a CPU, whichever of SDPA and eager measured faster at the run's precision (``dpokit env`` shows it)."""
@@ -60,11 +65,11 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     train: str | None = None
     """Training preference data: a JSONL, JSON, CSV or Parquet file, or a hub dataset id (needs network)."""
-    eval: str | None = None
+    eval: str | None = Field(None, json_schema_extra=NEUTRAL)
     """Held-out preference data, same formats."""
     train_split: str = "train"
     """Split to read when ``train`` is a hub dataset id."""
-    eval_split: str = "test"
+    eval_split: str = Field("test", json_schema_extra=NEUTRAL)
     """Split to read when ``eval`` is a hub dataset id."""
     max_length: int = Field(512, ge=2)
     """Maximum tokens of prompt + response. Longer pairs are truncated (prompt first, then responses)."""
@@ -142,43 +147,43 @@ class TrainConfig(_Section):
     written into its config.yaml) is bf16 only where it is native, CUDA with bf16 or a CPU with AVX512_BF16 or
     AMX confirmed by a measured matmul probe, and fp32 elsewhere: CPUs without them emulate bf16 at a fraction
     of fp32's speed. An explicit ``bf16`` where it is slow runs with a warning giving the measured ratio."""
-    layout: Literal["packed", "padded"] = "packed"
+    layout: Literal["packed", "padded"] = Field("packed", json_schema_extra=NEUTRAL)
     """Batch layout. ``packed``: the prompt is computed once for chosen and rejected and pairs are packed into
     rows with a block attention mask (few padded positions). ``padded``: one padded row per prompt+response,
     the plain layout. Both give the same log-probs (tested)."""
-    pack_length: int = Field(0, ge=0)
+    pack_length: int = Field(0, ge=0, json_schema_extra=NEUTRAL)
     """``packed`` rows hold up to max(pack_length, longest pair) tokens; 0 packs to the longest pair of the
     micro-batch, which keeps the attention work per token close to that of unpacked rows."""
-    pass_tokens: int = Field(0, ge=0)
+    pass_tokens: int = Field(0, ge=0, json_schema_extra=NEUTRAL)
     """Cut each micro-batch into forward/backward passes of at most this many computed positions (a pair
     longer than that gets a pass of its own); their gradients add up to the micro-batch's, so the result is
     the same while activation memory shrinks with the pass. 0: one pass per micro-batch."""
-    compile: bool = False
+    compile: bool = Field(False, json_schema_extra=NEUTRAL)
     """Compile each decoder layer with ``torch.compile`` (dynamic shapes; the first steps are slower while it
     compiles). State-dict names are unchanged, so checkpoints and export work as without it."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, json_schema_extra=NEUTRAL)
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     shuffle: bool = True
     """Shuffle the training pairs every epoch (seeded)."""
-    log_every: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1, json_schema_extra=NEUTRAL)
     """Write a metrics row every this many optimizer steps."""
-    save_every: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1, json_schema_extra=NEUTRAL)
     """Save a checkpoint every this many optimizer steps (and always at the end)."""
-    keep_checkpoints: int | None = Field(None, ge=1)
+    keep_checkpoints: int | None = Field(None, ge=1, json_schema_extra=NEUTRAL)
     """Keep only this many newest complete checkpoints (older ones are removed once a newer one is complete)."""
-    resume: Literal["never", "auto"] = "never"
+    resume: Literal["never", "auto"] = Field("never", json_schema_extra=NEUTRAL)
     """``auto``: continue from the newest complete checkpoint in ``run_dir`` when there is one (same as
     ``dpokit train --resume``)."""
-    max_skipped_steps: int = Field(10, ge=1)
+    max_skipped_steps: int = Field(10, ge=1, json_schema_extra=NEUTRAL)
     """Stop after this many consecutive steps whose loss or gradients were not finite (each is skipped)."""
-    progress: bool = True
+    progress: bool = Field(True, json_schema_extra=NEUTRAL)
     """Show a progress bar on an interactive terminal (a line every ~10% otherwise)."""
 
 
 class EvalConfig(_Section):
-    every: int | None = Field(None, ge=1)
+    every: int | None = Field(None, ge=1, json_schema_extra=NEUTRAL)
     """Evaluate on ``data.eval`` every this many optimizer steps (and at the end when ``data.eval`` is set)."""
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, json_schema_extra=NEUTRAL)
     """Pairs per evaluation batch."""
 
 
@@ -188,29 +193,29 @@ class ReferenceConfig(_Section):
     policy with its adapters disabled, no copy), ``store`` (computed once before training, kept on disk and
     reused by every run on the same reference, data and settings; no reference model in memory while
     training)."""
-    store_dir: str | None = None
+    store_dir: str | None = Field(None, json_schema_extra=NEUTRAL)
     """Folder of the reference log-prob store; default ``$DPOKIT_CACHE/refstore`` (``~/.cache/dpokit``)."""
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, json_schema_extra=NEUTRAL)
     """Responses per forward pass when precomputing the store."""
 
 
 class DistributedConfig(_Section):
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", json_schema_extra=NEUTRAL)
     """How the policy is spread over the processes of a ``torchrun`` launch (a plain ``dpokit train`` is one
     process and uses neither): ``ddp`` keeps a full copy of policy, reference and optimizer state on every
     process and averages gradients; ``fsdp`` (FSDP2 ``fully_shard`` per decoder layer) shards the weights,
     gradients and optimizer state of policy and reference across the processes, for models whose training
     state does not fit on one device. Both give the same result as one process with the same global batch."""
-    timeout_s: float = Field(300.0, gt=0)
+    timeout_s: float = Field(300.0, gt=0, json_schema_extra=NEUTRAL)
     """Seconds a process waits in a collective (all-reduce, barrier) before giving up, so a rank that died or
     hangs ends the run with an error instead of a hang. Must exceed the longest work one rank does alone
     (rank 0 writing a checkpoint of a DDP run)."""
 
 
 class Config(_Section):
-    run_dir: str | None = None
+    run_dir: str | None = Field(None, json_schema_extra=NEUTRAL)
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/ are written here."""
-    overwrite: bool = False
+    overwrite: bool = Field(False, json_schema_extra=NEUTRAL)
     """Replace the artifacts of an earlier run in ``run_dir`` instead of refusing to start."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -315,3 +320,42 @@ def load_config(source: str | Path | dict[str, Any] | Config | None = None, over
 
 def save_config(config: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
+def result_neutral_keys(model: type[BaseModel] | None = None, prefix: str = "") -> frozenset[str]:
+    """Dotted keys of the fields marked ``NEUTRAL`` in ``Config`` (or ``model``), sections searched through."""
+    keys: set[str] = set()
+    for name, info in (model or Config).model_fields.items():
+        key = f"{prefix}{name}"
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("result_neutral"):
+            keys.add(key)
+            continue
+        for section in _sections_of(info.annotation):
+            keys |= result_neutral_keys(section, f"{key}.")
+    return frozenset(keys)
+
+
+def _sections_of(annotation: Any) -> list[type[BaseModel]]:
+    """The config sections an annotation holds (``LoraConfig | None`` holds ``LoraConfig``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-6}}`` -> ``{"train.lr": 1e-6}``; any mapping is walked into."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def result_settings(tree: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a dumped config (whole, or some of its sections) that change a run's result, as dotted
+    keys: everything not marked ``NEUTRAL``."""
+    neutral = result_neutral_keys()
+    return {k: v for k, v in flatten(tree).items()
+            if not any(k == n or k.startswith(f"{n}.") for n in neutral)}
