@@ -103,6 +103,27 @@ def test_pairs_load_as_rankings_of_two(tmp_path, tiny_tok):
     assert ranked.responses_ids == [pair.chosen_ids, pair.rejected_ids]
 
 
+def test_tied_rankings_train_only_their_strict_comparisons(tmp_path, tiny_tok, capsys):
+    """Ties never become preferences: a tied ranking is split into the pairs between responses of different
+    levels (best first); a ranking without ties stays one group; an all-tied ranking is dropped and counted."""
+    path = write_jsonl(tmp_path / "t.jsonl", [
+        {"prompt": "Q1", "responses": [" a", " b", " c"], "ranking": [0, 0, 5]},              # a = b > c
+        {"prompt": "Q2", "responses": [" low", " high", " top"], "scores": [0.2, 1.0, 1.0]},  # high = top > low
+        {"prompt": "Q3", "responses": [" x", " y", " z"], "ranking": [3, 1, 2]},              # y > z > x
+        {"prompt": "Q4", "responses": [" same", " level"], "scores": [0.5, 0.5]}])            # nothing to learn
+    groups, report = load_ranked(path, tiny_tok, CFG)
+    texts = [[tiny_tok.decode(ids[:-1]) for ids in g.responses_ids] for g in groups]
+    assert texts == [[" a", " c"], [" b", " c"], [" high", " low"], [" top", " low"], [" y", " z", " x"]]
+    assert [g.location for g in groups] == [f"{path}:1"] * 2 + [f"{path}:2"] * 2 + [f"{path}:3"]
+    assert (report.rows_read, report.rows_kept, report.dropped) == (4, 3, {"all_tied": 1})
+    summary = report.to_dict()
+    assert summary["ties"] == 2  # a = b and high = top: compared nowhere
+    assert summary["groups"] == len(groups) == 5
+    assert run_check(path, model="tiny-random-llama") == 0
+    out = capsys.readouterr().out
+    assert "all_tied" in out and "ties: 2 tied comparisons not trained" in out
+
+
 def test_mixed_formats_name_the_first_differing_row(tmp_path, tiny_tok):
     path = write_jsonl(tmp_path / "m.jsonl", [
         {"prompt": "Hi", "chosen": " a", "rejected": " b"},

@@ -80,6 +80,26 @@ def test_plackett_luce_trains_on_rankings(tmp_path):
     assert history[-1]["rewards/accuracies"] > 0.9  # best response above the worst
 
 
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_plackett_luce_trains_tied_pieces_and_whole_rankings_in_one_batch(tmp_path, layout):
+    """Tied rankings become K = 2 groups next to strict K = 3 rankings in the same batch (ragged K, slot mask)."""
+    path = tmp_path / "tied.jsonl"
+    with path.open("w") as fh:
+        for i in range(2):
+            fh.write(json.dumps({"prompt": f"Rate reply {i}:", "responses": [
+                f" Terrible {i}, go away.", f" Wonderful {i}, thank you!", f" Okay {i}, fine."],
+                "scores": [0.1, 0.9, 0.5]}) + "\n")
+            fh.write(json.dumps({"prompt": f"Rate answer {i}:", "responses": [
+                f" Lovely {i}!", f" Awful {i}.", f" Great {i}!"], "ranking": [1, 2, 1]}) + "\n")  # 2 pairs, 1 tie
+    cfg = config(path, name="plackett_luce")
+    cfg["train"].update(batch_size=6, max_steps=3, layout=layout)  # 2 groups of 3 + 4 pairs: one batch
+    run_dir = dpokit.train(cfg, run_dir=str(tmp_path / layout))
+    report = json.loads((run_dir / "data_report.json").read_text())["train"]
+    assert (report["rows_kept"], report["groups"], report["ties"]) == (4, 6, 2)
+    # pi == pi_ref at step 1: each ranking of 3 costs log 3! and each pair log 2.
+    assert rows(run_dir)[0]["loss"] == pytest.approx((2 * 1.791759469 + 4 * 0.693147181) / 6, abs=1e-5)
+
+
 @pytest.mark.equivalence
 def test_plackett_luce_on_pairs_equals_sigmoid(tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl")

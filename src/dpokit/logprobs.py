@@ -1,10 +1,10 @@
 """THE one function for sequence log-probs: training, reference, scoring and evaluation all call it.
 
 ``layout_logps`` returns, per response ("slot"), the sum of log pi(y_t | x, y_<t) over its tokens, and their
-count. It works on any batch *layout* (``dpokit.data.batch``): every target token names the position whose
-hidden state predicts it (``pred_index``), so the same code scores a plainly padded batch (the predecessor is
-the previous position) and a packed batch where chosen and rejected share one computed prompt (the first
-token of each response is predicted from the prompt's last position).
+count. It works on any batch *layout* (defined in ``dpokit.data.batch``, which imports nothing from here): every
+target token names the position whose hidden state predicts it (``pred_index``), so the same code scores a plainly
+padded batch (the predecessor is the previous position) and a packed batch where chosen and rejected share one
+computed prompt (the first token of each response is predicted from the prompt's last position).
 
 The vocabulary projection is applied only at those predicting positions, in chunks, under activation
 checkpointing, so no (tokens x vocab) tensor of the whole batch is ever held: on SmolLM2 (49k vocabulary)
@@ -19,15 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# position_ids_from_mask is re-exported: dpokit.generate imports it from here.
+from dpokit.data.batch import padded_layout
+from dpokit.data.batch import position_ids_from_mask as position_ids_from_mask
+
 DEFAULT_CHUNK = 1024
 """Response positions projected to the vocabulary at once: 1024 x 49152 fp32 logits are 200 MB."""
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions count only real tokens, so a left-padded row gets the same positions as an unpadded one.
-    Shape: (B, T) -> (B, T)."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.clamp(min=0)
 
 
 def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -170,8 +167,6 @@ def sequence_logps(
         logps: (B,) sum over response tokens of log pi(y_t | y_<t), float32.
         n_tokens: (B,) number of response tokens.
     """
-    from dpokit.data.batch import padded_layout
-
     batch = padded_layout(input_ids, attention_mask, response_mask)
     return layout_logps(model, batch, chunk_size=chunk_size, plain=plain)
 

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dpokit.data.batch import collate_responses, regroup, to_device
+from dpokit.data.tokenize import TokenizedGroup
 from dpokit.distributed import Dist
 from dpokit.logprobs import batch_logps
 from dpokit.models import cache_dir, freeze
@@ -38,11 +39,9 @@ from dpokit.models import cache_dir, freeze
 Autocast = Callable[[], AbstractContextManager]
 
 
-def responses_of(item: Any) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, response_ids) of every response of a pair (chosen, rejected) or a ranking (best first)."""
-    if hasattr(item, "responses_ids"):
-        return [(item.prompt_ids, r) for r in item.responses_ids]
-    return [(item.prompt_ids, item.chosen_ids), (item.prompt_ids, item.rejected_ids)]
+def responses_of(item: TokenizedGroup) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, response_ids) of every response of a group, best first (a pair: chosen, rejected)."""
+    return [(item.prompt_ids, r) for r in item.responses_ids]
 
 
 class FrozenReference:
@@ -54,7 +53,7 @@ class FrozenReference:
         self.scorer = (dist or Dist()).wrap_frozen(self.model)  # batch -> (logps, n_tokens)
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, Any], items: Sequence[Any], autocast: Autocast) -> torch.Tensor:
+    def logps(self, batch: dict[str, Any], items: Sequence[TokenizedGroup], autocast: Autocast) -> torch.Tensor:
         """Reference log-probs of every response in ``batch``, grouped: (G, K)."""
         with autocast():
             logps, _ = self.scorer(batch)
@@ -68,7 +67,7 @@ class AdapterReference:
         self.policy = policy
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, Any], items: Sequence[Any], autocast: Autocast) -> torch.Tensor:
+    def logps(self, batch: dict[str, Any], items: Sequence[TokenizedGroup], autocast: Autocast) -> torch.Tensor:
         was_training = self.policy.training
         self.policy.eval()  # the reference side never sees dropout
         try:
@@ -141,7 +140,7 @@ class StoreReference:
     def __init__(self, store: LogpStore, model_key: bytes):
         self.store, self.model_key = store, model_key
 
-    def logps(self, batch: dict[str, Any], items: Sequence[Any], autocast: Autocast) -> torch.Tensor:
+    def logps(self, batch: dict[str, Any], items: Sequence[TokenizedGroup], autocast: Autocast) -> torch.Tensor:
         slots = batch["slots"]
         out = torch.zeros(slots.shape, dtype=torch.float32)
         for g, item in enumerate(items):
@@ -154,8 +153,8 @@ Reference = FrozenReference | AdapterReference | StoreReference
 """Anything with ``logps(batch, items, autocast) -> (G, K)``."""
 
 
-def precompute(store: LogpStore, model: nn.Module, model_key: bytes, items: Iterable[Any], pad_id: int,
-               autocast: Autocast, device: torch.device, batch_size: int = 16, shard_rows: int = 2048,
+def precompute(store: LogpStore, model: nn.Module, model_key: bytes, items: Iterable[TokenizedGroup],
+               pad_id: int, autocast: Autocast, device: torch.device, batch_size: int = 16, shard_rows: int = 2048,
                progress: Callable[[int, int], None] | None = None, part: tuple[int, int] = (0, 1)) -> int:
     """Compute the reference log-prob of every response of ``items`` missing from ``store``. Returns how many
     were computed. Finished shards survive an interruption; the next call computes only the rest.
@@ -194,8 +193,8 @@ def precompute(store: LogpStore, model: nn.Module, model_key: bytes, items: Iter
     return len(todo)
 
 
-def build_reference(cfg: Any, models: Any, items: Sequence[Any], device: torch.device, autocast: Autocast,
-                    note: Callable[[str], None] = print,
+def build_reference(cfg: Any, models: Any, items: Sequence[TokenizedGroup], device: torch.device,
+                    autocast: Autocast, note: Callable[[str], None] = print,
                     dist: Dist | None = None) -> FrozenReference | AdapterReference | StoreReference:
     """The reference of ``reference.mode``. For ``store``, fills the store first (with the reference model, or
     with the policy's untouched starting weights when the reference is the same model) and then lets the

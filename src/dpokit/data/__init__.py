@@ -1,8 +1,11 @@
 """Preference data: load (files or hub) -> normalize formats -> validate -> tokenize (boundary-safe) -> batch.
 
 - ``load``: rows with their ``path:line`` locations from JSONL / JSON / CSV / Parquet / a hub dataset
-- ``formats``: the standard, conversational, implicit-prompt and ranked formats into one shape; drop reasons
-- ``tokenize``: prompt ids exactly a prefix of the model input, one BOS, one end token, truncation
+- ``formats``: the standard, conversational, implicit-prompt and ranked formats into one
+  :class:`PreferenceRow` (a prompt, its responses best first, tie levels); drop reasons
+- ``tokenize``: a :class:`TokenizedGroup` per row (a pair is K = 2): prompt ids exactly a prefix of the model
+  input, one BOS, one end token, truncation
+- ``batch``: groups -> tensors in the padded or packed layout ``dpokit.logprobs`` scores
 - ``pipeline``: :func:`load_preferences` / :func:`load_ranked`, the streaming :func:`iter_tokenized` and the
   :class:`DataReport`
 - ``overlap``: :func:`find_overlap` between train and eval
@@ -14,18 +17,18 @@ from dpokit.data.formats import (
     DROP_REASONS,
     MALFORMED_REASONS,
     PreferenceRow,
-    RankedRow,
     normalize,
     split_implicit,
+    strict_pairs,
 )
 from dpokit.data.load import Record, RowError, iter_records, scan_records
 from dpokit.data.overlap import find_overlap, overlap_report
 from dpokit.data.pipeline import DataReport, iter_tokenized, load_any, load_preferences, load_ranked
-from dpokit.data.tokenize import TokenizedPair, TokenizedRanked, encode_rows, token_rules, tokenize_pair
+from dpokit.data.tokenize import TokenizedGroup, encode_rows, token_rules, tokenize_pair
 
 __all__ = [
-    "CONTENT_REASONS", "DROP_REASONS", "DataReport", "MALFORMED_REASONS", "PreferenceRow", "RankedRow", "Record",
-    "RowError", "TokenizedPair", "TokenizedRanked", "encode_rows", "find_overlap", "iter_records", "iter_tokenized",
-    "load_any", "load_preferences", "load_ranked", "normalize", "overlap_report", "scan_records", "split_implicit",
-    "token_rules", "tokenize_pair",
+    "CONTENT_REASONS", "DROP_REASONS", "DataReport", "MALFORMED_REASONS", "PreferenceRow", "Record", "RowError",
+    "TokenizedGroup", "encode_rows", "find_overlap", "iter_records", "iter_tokenized", "load_any",
+    "load_preferences", "load_ranked", "normalize", "overlap_report", "scan_records", "split_implicit",
+    "strict_pairs", "token_rules", "tokenize_pair",
 ]

@@ -1,7 +1,8 @@
-"""Batching: tokenized pairs -> padded tensors, and the seeded order in which pairs are visited.
+"""Batching: tokenized groups -> tensors in a batch layout, and the seeded order in which groups are visited.
 
 A batch holds groups of responses to one prompt (a pair is a group of two, chosen first; a ranking a group of
-K, best first), one row per (prompt, response), so one forward pass scores every response.
+K, best first; K may differ within a batch), so one forward pass scores every response. The layouts (padded,
+packed) are defined here and scored by ``dpokit.logprobs``, which imports this module (never the reverse).
 """
 
 from __future__ import annotations
@@ -10,6 +11,15 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+
+from dpokit.data.tokenize import TokenizedGroup
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count only real tokens, so a left-padded row gets the same positions as an unpadded one.
+    Shape: (B, T) -> (B, T)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], response_starts: Sequence[int], pad_id: int,
@@ -33,8 +43,6 @@ def padded_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   response_mask: torch.Tensor) -> dict[str, Any]:
     """The scoring fields of a padded batch, one slot per row: each response token is predicted from the
     position before it. Shapes: (R, L) in; ``pred_index``, ``targets``, ``target_slot`` (M,) out."""
-    from dpokit.logprobs import position_ids_from_mask
-
     rows, width = input_ids.shape
     target_mask = response_mask.bool().clone()
     target_mask[:, 0] = False  # nothing predicts the very first position
@@ -171,17 +179,16 @@ def collate_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]
     return batch
 
 
-def collate_pairs(pairs: Sequence[Any], pad_id: int, side: Literal["right", "left"] = "right",
-                  layout: Layout = "padded", pack_length: int = 0) -> dict[str, Any]:
-    """Pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) -> groups of two, chosen in slot 0."""
-    return collate_groups([(p.prompt_ids, [p.chosen_ids, p.rejected_ids]) for p in pairs], pad_id, side,
-                          layout, pack_length)
+def collate_tokenized(items: Sequence[TokenizedGroup], pad_id: int, side: Literal["right", "left"] = "right",
+                      layout: Layout = "padded", pack_length: int = 0) -> dict[str, Any]:
+    """Tokenized groups -> one batch, each group's responses best first in its slots (a pair: chosen in slot
+    0, rejected in slot 1). Groups of different K mix freely (``slot_mask`` marks the empty slots), as a
+    ranking with ties, split into pairs, sits next to whole rankings."""
+    return collate_groups([(g.prompt_ids, g.responses_ids) for g in items], pad_id, side, layout, pack_length)
 
 
-def collate_ranked(items: Sequence[Any], pad_id: int, side: Literal["right", "left"] = "right",
-                   layout: Layout = "padded", pack_length: int = 0) -> dict[str, Any]:
-    """Rankings (``prompt_ids``, ``responses_ids`` best first) -> groups of K."""
-    return collate_groups([(r.prompt_ids, r.responses_ids) for r in items], pad_id, side, layout, pack_length)
+collate_pairs = collate_ranked = collate_tokenized
+"""The names from when pairs and rankings were two types (``dpokit.train`` imports them); the same function."""
 
 
 def regroup(values: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:

@@ -49,7 +49,8 @@ def run_check(source: str, model: str = "smollm2", max_length: int = 512, max_pr
 
 
 def print_report(report: DataReport, model: str, data_cfg: Any, console: Console) -> None:
-    """Counts (rows read = kept + dropped by reason), formats, token-length stats, tokenization audit."""
+    """Counts (rows read = kept + dropped by reason), formats, token-length stats, tokenization audit, and for
+    rankings the tied comparisons left untrained."""
     summary = report.to_dict()
     console.print(f"[bold]{report.source}[/bold]")
     console.print(f"tokenizer {model}, max_length {data_cfg.max_length}, "
@@ -88,6 +89,10 @@ def print_report(report: DataReport, model: str, data_cfg: Any, console: Console
     console.print(f"  truncated: {report.truncated} rows (cut to max_prompt_length / max_length), "
                   f"{report.truncated_prompts} in the prompt")
     console.print(f"  invisible characters removed: {report.invisible_stripped} rows (U+200B, U+2060, U+FEFF)")
+    if any(name.startswith("ranked") for name in report.formats):
+        # Ties never become preferences: a tied ranking trains only the pairs between its levels.
+        console.print(f"  ties: {report.ties} tied comparisons not trained; {report.groups} groups from "
+                      f"{report.rows_kept} rows (a ranking with ties gives one pair per strict comparison)")
     if report.rows_kept:
         console.print(f"[green]OK[/green]: {report.rows_kept} usable rows")
     else:

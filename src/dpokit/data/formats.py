@@ -17,6 +17,11 @@ them):
 ``ranked_conversational``    the same with messages
 ===========================  ====================================================================================
 
+Every format becomes one :class:`PreferenceRow`: a prompt and its responses in preference order, best first (a
+pair is two responses, chosen first). Ties never become preferences: a ranking with equal ranks or equal scores
+keeps the tie in :attr:`PreferenceRow.levels`, and only its strict comparisons are trained (:func:`strict_pairs`);
+a ranking whose responses are all tied is dropped (``all_tied``).
+
 A message is ``{"role": str, "content": str, ...}`` with a role in :data:`ROLES`; extra keys (``name``, ...) are
 passed to the chat template. Content must be a string: multimodal parts (image URLs, file paths) are refused, so
 nothing in a row can make dpokit open a file or a URL. Extra row keys (``id``, ``score_chosen``, ...) are ignored.
@@ -72,28 +77,32 @@ HH_ASSISTANT = "Assistant:"
 
 @dataclass
 class PreferenceRow:
-    """One pairwise preference, normalized: ``prompt`` and the two responses are all ``str`` (plain text) or all
-    message lists (chat template applied at tokenization)."""
-
-    prompt: Text
-    chosen: Text
-    rejected: Text
-    location: str
-    format: str
-
-
-@dataclass
-class RankedRow:
-    """One listwise preference: ``responses`` sorted best first (ties keep file order)."""
+    """One prompt with K >= 2 responses in preference order, best first; a pair is K = 2, chosen first.
+    ``prompt`` and the responses are all ``str`` (plain text) or all message lists (chat template applied at
+    tokenization)."""
 
     prompt: Text
     responses: list[Text]
+    """Best first. Responses of one tie level keep their file order."""
     location: str
+    """``path:line`` or ``path:row N``."""
     format: str
+    """The format the row was read in (the table above)."""
+    levels: list[int] | None = None
+    """Tie level of each response, best first (``[0, 0, 1]``: the first two tied, both better than the third);
+    None when the order is strict, as for every pair."""
+
+    @property
+    def chosen(self) -> Text:
+        return self.responses[0]
+
+    @property
+    def rejected(self) -> Text:
+        return self.responses[-1]
 
 
-def normalize(record: Record) -> PreferenceRow | RankedRow:
-    """Detect the format of one raw row and bring it to :class:`PreferenceRow` or :class:`RankedRow`."""
+def normalize(record: Record) -> PreferenceRow:
+    """Detect the format of one raw row and bring it to a :class:`PreferenceRow`."""
     row, loc = record.row, record.location
     if "responses" in row:
         return _ranked(row, loc)
@@ -110,11 +119,11 @@ def normalize(record: Record) -> PreferenceRow | RankedRow:
         if isinstance(chosen, str):
             assert isinstance(rejected, str)
             prompt, chosen, rejected = split_implicit(chosen, rejected)
-            return PreferenceRow(prompt, chosen, rejected, loc, "implicit_prompt")
+            return PreferenceRow(prompt, [chosen, rejected], loc, "implicit_prompt")
         return _implicit_messages(chosen, rejected, loc)
     prompt = _text(row, "prompt", loc)
     if isinstance(prompt, str) and isinstance(chosen, str):
-        return PreferenceRow(prompt, chosen, rejected, loc, "standard")
+        return PreferenceRow(prompt, [chosen, rejected], loc, "standard")
     if isinstance(prompt, str):
         assert isinstance(chosen, list) and isinstance(rejected, list)
         if not (chosen and chosen[0]["role"] == "assistant"):
@@ -125,12 +134,7 @@ def normalize(record: Record) -> PreferenceRow | RankedRow:
     assert isinstance(prompt, list)
     chosen, rejected = (_as_turns(r, prompt) for r in (chosen, rejected))
     _check_turns(prompt, {"chosen": chosen, "rejected": rejected}, loc)
-    return PreferenceRow(prompt, chosen, rejected, loc, "conversational")
-
-
-def to_ranked(row: PreferenceRow) -> RankedRow:
-    """A pair is a ranking of two, chosen first (the row keeps its format name: it was read as a pair)."""
-    return RankedRow(row.prompt, [row.chosen, row.rejected], row.location, row.format)
+    return PreferenceRow(prompt, [chosen, rejected], loc, "conversational")
 
 
 # ---------------------------------------------------------------------------------------------- implicit prompt
@@ -172,7 +176,7 @@ def _implicit_messages(chosen: list[Message], rejected: list[Message], loc: str)
                                "bad_messages")
     _check_turns(prompt, {"chosen": chosen_turns, "rejected": rejected_turns}, loc, offset=k,
                  allow_empty_prompt=True)
-    return PreferenceRow(prompt, chosen_turns, rejected_turns, loc, "implicit_conversational")
+    return PreferenceRow(prompt, [chosen_turns, rejected_turns], loc, "implicit_conversational")
 
 
 def _same_message(a: Message, b: Message) -> bool:
@@ -181,7 +185,7 @@ def _same_message(a: Message, b: Message) -> bool:
 
 # ------------------------------------------------------------------------------------------------------ ranked
 
-def _ranked(row: dict[str, Any], loc: str) -> RankedRow:
+def _ranked(row: dict[str, Any], loc: str) -> PreferenceRow:
     prompt = _text(row, "prompt", loc)
     raw = _value(row, "responses", loc)
     if not isinstance(raw, list) or len(raw) < 2:
@@ -200,13 +204,34 @@ def _ranked(row: dict[str, Any], loc: str) -> RankedRow:
     sign = -1 if key == "scores" else 1
     order = sorted(range(len(responses)), key=lambda i: sign * values[i])  # stable: ties keep file order
     responses = [responses[i] for i in order]
+    levels = _tie_levels([values[i] for i in order])
     if isinstance(prompt, str) and all(isinstance(r, str) for r in responses):
-        return RankedRow(prompt, responses, loc, "ranked")
+        return PreferenceRow(prompt, responses, loc, "ranked", levels)
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     turns = [_as_turns(r, prompt) for r in responses]
     _check_turns(prompt, {f"responses[{order[i]}]": t for i, t in enumerate(turns)}, loc)
-    return RankedRow(prompt, list(turns), loc, "ranked_conversational")
+    return PreferenceRow(prompt, list(turns), loc, "ranked_conversational", levels)
+
+
+def _tie_levels(sorted_values: list[float]) -> list[int] | None:
+    """Level of each (sorted) value, counting distinct values: ``[1, 1, 3]`` -> ``[0, 0, 1]``; None if all
+    differ. Values compare exactly: 0.1 + 0.2 and 0.3 are not a tie."""
+    levels = [0]
+    for before, value in zip(sorted_values, sorted_values[1:]):
+        levels.append(levels[-1] + (value != before))
+    return levels if levels[-1] < len(levels) - 1 else None
+
+
+def strict_pairs(levels: list[int]) -> tuple[list[tuple[int, int]], int]:
+    """The comparisons a tied ranking trains: ``(better, worse)`` index pairs between responses of different
+    levels, each once, best first (``[0, 0, 1]`` -> ``[(0, 2), (1, 2)]``), and how many comparisons are tied
+    and so not trained (here 1). Each pair is a K = 2 group, which the Plackett-Luce loss trains exactly as
+    the sigmoid DPO loss. A tie says nothing about which response is better, and putting tied responses in
+    one Plackett-Luce ranking would teach file order as a preference."""
+    k = len(levels)
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k) if levels[i] < levels[j]]
+    return pairs, k * (k - 1) // 2 - len(pairs)
 
 
 # -------------------------------------------------------------------------------------------------- validation
@@ -311,6 +336,7 @@ CONTENT_REASONS = {
     "chosen_equals_rejected": "chosen and rejected are the same text (after NFC, invisible characters and "
                               "whitespace normalization)",
     "duplicate_responses": "two responses of a ranked row are the same text",
+    "all_tied": "every response of a ranked row has the same rank or score: no preference to learn",
     "bidi_override": "text holds a left-to-right/right-to-left override (U+202D/U+202E): it displays in another "
                      "order than the model reads it",
     "duplicate": "the same prompt and responses as an earlier row (data.dedupe)",
@@ -362,10 +388,10 @@ def drop_reason(prompt: Text, responses: list[Text], allow_empty_prompt: bool = 
     return None
 
 
-def strip_invisible(row: PreferenceRow | RankedRow) -> bool:
+def strip_invisible(row: PreferenceRow) -> bool:
     """Remove zero-width spaces, word joiners and stray BOMs from every text of ``row`` (in place); True if any
     were found."""
-    texts = _strings([row.prompt, *_responses_of(row)])
+    texts = _strings([row.prompt, *row.responses])
     if not any(_INVISIBLE.search(text) for text in texts):
         return False
 
@@ -375,23 +401,19 @@ def strip_invisible(row: PreferenceRow | RankedRow) -> bool:
         return [{**m, "content": _INVISIBLE.sub("", m["content"])} for m in value]
 
     row.prompt = clean(row.prompt)
-    if isinstance(row, RankedRow):
-        row.responses = [clean(r) for r in row.responses]
-    else:
-        row.chosen, row.rejected = clean(row.chosen), clean(row.rejected)
+    row.responses = [clean(r) for r in row.responses]
     return True
 
 
-def row_digest(row: PreferenceRow | RankedRow) -> int:
-    """A 64-bit digest of the row as a reader sees it (prompt and responses in order, canonical text), for
-    dropping duplicates without keeping the rows."""
-    key = json.dumps([_canonical(row.prompt), [_canonical(r) for r in _responses_of(row)]], ensure_ascii=False)
+def row_digest(row: PreferenceRow) -> int:
+    """A 64-bit digest of the row as a reader sees it (prompt and responses in order, canonical text, and the
+    tie levels when there are ties), for dropping duplicates without keeping the rows."""
+    parts: list[Any] = [_canonical(row.prompt), [_canonical(r) for r in row.responses]]
+    if row.levels is not None:  # a ranking with ties is not the strict ranking of the same texts
+        parts.append(row.levels)
+    key = json.dumps(parts, ensure_ascii=False)
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little")
-
-
-def _responses_of(row: PreferenceRow | RankedRow) -> list[Text]:
-    return list(row.responses) if isinstance(row, RankedRow) else [row.chosen, row.rejected]
 
 
 def _strings(values: list[Text]) -> list[str]:

@@ -10,33 +10,29 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Literal
+
+from dpokit.data.tokenize import TokenizedGroup
 
 
-def find_overlap(train_items: Iterable[Any], eval_items: Iterable[Any], *,
+def find_overlap(train_items: Iterable[TokenizedGroup], eval_items: Iterable[TokenizedGroup], *,
                  by: Literal["pair", "prompt"] = "pair") -> int:
     """Number of eval items that also occur in train.
 
-    ``by="pair"``: same prompt ids and same response ids in the same order (chosen, rejected; or the ranked
-    responses best first). ``by="prompt"``: same prompt ids, whatever the responses. Items are
-    :class:`~dpokit.data.tokenize.TokenizedPair` or :class:`~dpokit.data.tokenize.TokenizedRanked`.
+    ``by="pair"``: same prompt ids and same response ids in the same order (best first: a pair's chosen, then
+    its rejected). ``by="prompt"``: same prompt ids, whatever the responses. Items are
+    :class:`~dpokit.data.tokenize.TokenizedGroup`.
     """
     key = _pair_key if by == "pair" else _prompt_key
     seen = {key(item) for item in train_items}
     return sum(key(item) in seen for item in eval_items)
 
 
-def overlap_report(train_items: Sequence[Any], eval_items: Sequence[Any]) -> dict[str, int]:
+def overlap_report(train_items: Sequence[TokenizedGroup], eval_items: Sequence[TokenizedGroup]) -> dict[str, int]:
     """``{"pairs": ..., "prompts": ..., "eval_rows": ...}`` for ``data_report.json``."""
     return {"pairs": find_overlap(train_items, eval_items, by="pair"),
             "prompts": find_overlap(train_items, eval_items, by="prompt"),
             "eval_rows": len(eval_items)}
-
-
-def _responses(item: Any) -> list[list[int]]:
-    if hasattr(item, "responses_ids"):
-        return list(item.responses_ids)
-    return [item.chosen_ids, item.rejected_ids]
 
 
 def _digest(parts: list[list[int]]) -> bytes:
@@ -49,9 +45,9 @@ def _digest(parts: list[list[int]]) -> bytes:
     return h.digest()
 
 
-def _pair_key(item: Any) -> bytes:
-    return _digest([item.prompt_ids, *_responses(item)])
+def _pair_key(item: TokenizedGroup) -> bytes:
+    return _digest([item.prompt_ids, *item.responses_ids])
 
 
-def _prompt_key(item: Any) -> bytes:
+def _prompt_key(item: TokenizedGroup) -> bytes:
     return _digest([item.prompt_ids])

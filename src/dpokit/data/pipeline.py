@@ -1,6 +1,10 @@
 """Preference data end to end: load -> normalize formats -> validate -> clean -> dedupe -> tokenize, with a
 report that accounts for every row read (``rows_read == rows_kept + sum(dropped.values())``).
 
+Every kept row becomes :class:`~dpokit.data.tokenize.TokenizedGroup` s (a prompt with its responses best first):
+one group, except that a ranking with ties becomes one K = 2 group per strict comparison (ties never become
+preferences; see :func:`~dpokit.data.formats.strict_pairs`), the tied comparisons counted in ``ties``.
+
 The training loop calls :func:`load_preferences` (pairs); the Plackett-Luce loss calls :func:`load_ranked`.
 Both collect :func:`iter_tokenized`, which streams: ``dpokit data check`` runs it over files of any size in
 constant memory (rows are tokenized in chunks of ``_CHUNK`` and forgotten; lengths go into fixed-size
@@ -13,8 +17,8 @@ Bad rows, per ``data.on_error``:
 - ``skip``: malformed rows are dropped and counted by reason, and at the end the source is refused if more than
   ``data.max_bad_fraction`` of the rows read were malformed (a file that is mostly broken is the wrong file).
 
-Content problems (``formats.CONTENT_REASONS``: empty fields, chosen == rejected, bidi overrides, duplicates, no
-room after truncation) are counted drops in both modes.
+Content problems (``formats.CONTENT_REASONS``: empty fields, chosen == rejected, bidi overrides, duplicates, a
+ranking with every response tied, no room after truncation) are counted drops in both modes.
 """
 
 from __future__ import annotations
@@ -29,15 +33,14 @@ from typing import Any, Literal
 from dpokit.data.formats import (
     MALFORMED_REASONS,
     PreferenceRow,
-    RankedRow,
     drop_reason,
     normalize,
     row_digest,
+    strict_pairs,
     strip_invisible,
-    to_ranked,
 )
 from dpokit.data.load import DEFAULT_MAX_LINE_BYTES, RowError, scan_records
-from dpokit.data.tokenize import Encoded, TokenizedPair, TokenizedRanked, encode_rows, token_rules
+from dpokit.data.tokenize import Encoded, TokenizedGroup, encode_rows, token_rules
 from dpokit.errors import DataError
 
 _CHUNK = 256
@@ -158,6 +161,12 @@ class DataReport:
     """Kept rows cut to fit max_prompt_length / max_length."""
     truncated_prompts: int = 0
     """Kept rows whose prompt was cut (a subset of ``truncated``)."""
+    groups: int = 0
+    """Groups training sees: one per kept row, except a ranking with ties, which gives one pair per strict
+    comparison."""
+    ties: int = 0
+    """Comparisons between tied responses of kept rankings, not trained (a ranking whose responses are all tied
+    is dropped as ``all_tied`` instead)."""
     invisible_stripped: int = 0
     """Rows from which zero-width spaces, word joiners or stray BOMs were removed."""
     formats: dict[str, int] = field(default_factory=dict)
@@ -188,7 +197,8 @@ class DataReport:
             "rows_dropped": self.rows_dropped, "rows_malformed": self.rows_malformed,
             "dropped": dict(sorted(self.dropped.items())),
             "boundary_fallback": self.boundary_fallback, "truncated": self.truncated,
-            "truncated_prompts": self.truncated_prompts, "invisible_stripped": self.invisible_stripped,
+            "truncated_prompts": self.truncated_prompts, "groups": self.groups, "ties": self.ties,
+            "invisible_stripped": self.invisible_stripped,
             "formats": dict(self.formats), "errors": list(self.errors),
             "prompt_tokens": self.prompt_lengths.stats(),
             "response_tokens": self.response_lengths.stats(),
@@ -196,8 +206,8 @@ class DataReport:
 
 
 def load_preferences(source: str, tokenizer: Any, data_cfg: Any,
-                     split: str = "train") -> tuple[list[TokenizedPair], DataReport]:
-    """Read, validate and tokenize a pairwise preference source.
+                     split: str = "train") -> tuple[list[TokenizedGroup], DataReport]:
+    """Read, validate and tokenize a pairwise preference source into groups of two (chosen first).
 
     ``data_cfg`` is a :class:`dpokit.config.DataConfig` (``max_length``, ``max_prompt_length``, ``max_rows``,
     ``max_line_bytes``, ``on_error``, ``max_bad_fraction``, ``dedupe`` are read). Ranked rows are a
@@ -208,20 +218,20 @@ def load_preferences(source: str, tokenizer: Any, data_cfg: Any,
 
 
 def load_ranked(source: str, tokenizer: Any, data_cfg: Any,
-                split: str = "train") -> tuple[list[TokenizedRanked], DataReport]:
+                split: str = "train") -> tuple[list[TokenizedGroup], DataReport]:
     """Like :func:`load_preferences` for listwise rows (``responses`` + ``ranking``/``scores``), responses best
-    first. Pairwise files are accepted too, as rankings of two (chosen first)."""
+    first: a ranking without ties is one group of K, a ranking with ties one group of two per strict
+    comparison, so one batch may mix K. Pairwise files are accepted too, as rankings of two (chosen first)."""
     items, report = _load(source, tokenizer, data_cfg, split, "ranked")
     return items, report
 
 
 def load_any(source: str, tokenizer: Any, data_cfg: Any,
-             split: str = "train") -> tuple[list[TokenizedPair] | list[TokenizedRanked], DataReport]:
+             split: str = "train") -> tuple[list[TokenizedGroup], DataReport]:
     """Pairs or rankings, whichever the source holds (``dpokit data check`` validates both)."""
     return _load(source, tokenizer, data_cfg, split, "any")
 
 
-Row = PreferenceRow | RankedRow
 Want = Literal["pairs", "ranked", "any"]
 
 
@@ -231,16 +241,17 @@ def _load(source: str, tokenizer: Any, data_cfg: Any, split: str, want: Want) ->
 
 
 def iter_tokenized(source: str, tokenizer: Any, data_cfg: Any, report: DataReport, split: str = "train",
-                   want: Want = "any") -> Iterator[TokenizedPair | TokenizedRanked]:
-    """Stream the kept rows of ``source`` tokenized, filling ``report`` as it goes. Holds at most ``_CHUNK``
+                   want: Want = "any") -> Iterator[TokenizedGroup]:
+    """Stream the groups of the kept rows of ``source``, filling ``report`` as it goes. Holds at most ``_CHUNK``
     rows at a time. The report is complete, and the ``max_bad_fraction`` check done, once the iterator is
-    exhausted."""
+    exhausted. ``want="pairs"`` refuses a ranked source (the pairwise losses cannot take it); ``"ranked"`` and
+    ``"any"`` accept every format."""
     skip = getattr(data_cfg, "on_error", "raise") == "skip"
     seen = DigestSet() if getattr(data_cfg, "dedupe", True) else None
     rules = token_rules(tokenizer)
     formats: Counter[str] = Counter()
-    first: Row | None = None
-    pending: list[Row] = []
+    first: PreferenceRow | None = None
+    pending: list[PreferenceRow] = []
 
     def malformed(err: RowError) -> None:
         if not skip:
@@ -249,8 +260,8 @@ def iter_tokenized(source: str, tokenizer: Any, data_cfg: Any, report: DataRepor
         if len(report.errors) < _MAX_ERRORS_KEPT:
             report.errors.append(str(err))
 
-    def flush() -> Iterator[TokenizedPair | TokenizedRanked]:
-        results = encode_rows([(r.prompt, _responses(r)) for r in pending], tokenizer, data_cfg.max_length,
+    def flush() -> Iterator[TokenizedGroup]:
+        results = encode_rows([(r.prompt, r.responses) for r in pending], tokenizer, data_cfg.max_length,
                               data_cfg.max_prompt_length, [r.location for r in pending], rules,
                               on_error="skip" if skip else "raise")
         rows = list(pending)
@@ -261,7 +272,7 @@ def iter_tokenized(source: str, tokenizer: Any, data_cfg: Any, report: DataRepor
             elif isinstance(result, str):
                 report.drop(result)
             else:
-                yield _kept(row, result, report)
+                yield from _kept(row, result, report)
 
     records = scan_records(source, split, getattr(data_cfg, "max_rows", None),
                            getattr(data_cfg, "max_line_bytes", DEFAULT_MAX_LINE_BYTES))
@@ -274,7 +285,7 @@ def iter_tokenized(source: str, tokenizer: Any, data_cfg: Any, report: DataRepor
             row = normalize(record)
             if first is None:
                 first = row
-                if want == "pairs" and isinstance(row, RankedRow):
+                if want == "pairs" and row.format.startswith("ranked"):
                     raise DataError(f"{row.location}: ranked rows (responses + ranking/scores) need "
                                     "loss.name=plackett_luce; pairwise losses take prompt/chosen/rejected rows")
             formats[row.format] += 1
@@ -284,11 +295,10 @@ def iter_tokenized(source: str, tokenizer: Any, data_cfg: Any, report: DataRepor
         except RowError as err:
             malformed(err)
             continue
-        if want == "ranked" or (want == "any" and isinstance(first, RankedRow)):
-            if isinstance(row, PreferenceRow):
-                row = to_ranked(row)
         report.invisible_stripped += strip_invisible(row)
-        reason = drop_reason(row.prompt, _responses(row), allow_empty_prompt=row.format.startswith("implicit"))
+        reason = drop_reason(row.prompt, row.responses, allow_empty_prompt=row.format.startswith("implicit"))
+        if reason is None and row.levels is not None and row.levels[-1] == 0:
+            reason = "all_tied"
         if reason is None and seen is not None and not seen.add(row_digest(row)):
             reason = "duplicate"
         if reason is not None:
@@ -305,7 +315,8 @@ def iter_tokenized(source: str, tokenizer: Any, data_cfg: Any, report: DataRepor
     _check_bad_fraction(report, getattr(data_cfg, "max_bad_fraction", 0.05))
 
 
-def _kept(row: Row, result: Encoded, report: DataReport) -> TokenizedPair | TokenizedRanked:
+def _kept(row: PreferenceRow, result: Encoded, report: DataReport) -> list[TokenizedGroup]:
+    """The groups of one kept row: the row itself, or with ties its strict pairs (responses tokenized once)."""
     report.rows_kept += 1
     report.boundary_fallback += result.boundary_fallback
     report.truncated += result.truncated
@@ -313,12 +324,15 @@ def _kept(row: Row, result: Encoded, report: DataReport) -> TokenizedPair | Toke
     report.prompt_lengths.add(len(result.prompt_ids))
     for ids in result.responses_ids:
         report.response_lengths.add(len(ids))
-    if isinstance(row, RankedRow):
-        return TokenizedRanked(result.prompt_ids, result.responses_ids, row.location, result.boundary_fallback,
-                               result.truncated)
-    chosen_ids, rejected_ids = result.responses_ids
-    return TokenizedPair(result.prompt_ids, chosen_ids, rejected_ids, row.location, result.boundary_fallback,
-                         result.truncated)
+    if row.levels is None:
+        pieces = [result.responses_ids]
+    else:
+        pairs, tied = strict_pairs(row.levels)
+        report.ties += tied
+        pieces = [[result.responses_ids[i], result.responses_ids[j]] for i, j in pairs]
+    report.groups += len(pieces)
+    return [TokenizedGroup(result.prompt_ids, responses, row.location, result.boundary_fallback, result.truncated)
+            for responses in pieces]
 
 
 def _check_bad_fraction(report: DataReport, max_bad_fraction: float) -> None:
@@ -330,7 +344,3 @@ def _check_bad_fraction(report: DataReport, max_bad_fraction: float) -> None:
         raise DataError(f"{report.source}: {bad} of {report.rows_read} rows read are malformed "
                         f"({bad / report.rows_read:.1%}), more than data.max_bad_fraction={max_bad_fraction} "
                         f"({counts}){first}")
-
-
-def _responses(row: Row) -> list[Any]:
-    return list(row.responses) if isinstance(row, RankedRow) else [row.chosen, row.rejected]

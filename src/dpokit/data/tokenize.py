@@ -1,7 +1,7 @@
 """Tokenize preference rows in token space, so the prompt ids are *exactly* a prefix of the model input.
 
-For a pair the model sees ``prompt_ids + chosen_ids`` and ``prompt_ids + rejected_ids`` with one shared
-``prompt_ids`` list. The obvious recipe, tokenizing prompt and response separately and concatenating, gives a
+A row becomes a :class:`TokenizedGroup`: the model sees ``prompt_ids + response_ids`` for each of its responses
+(a pair: ``prompt_ids + chosen_ids`` and ``prompt_ids + rejected_ids``) with one shared ``prompt_ids`` list. The obvious recipe, tokenizing prompt and response separately and concatenating, gives a
 sequence the model never sees at inference, and tokenizing the joint text then cutting at ``len(prompt_ids)``
 silently moves tokens across the join when a BPE merge spans it (a prompt ending in a space: TRL#1679,
 TRL#2054). So:
@@ -49,33 +49,43 @@ from dpokit.errors import DataError, ModelError
 
 
 @dataclass
-class TokenizedPair:
-    """One preference pair as token ids. The model inputs are ``prompt_ids + chosen_ids`` and
-    ``prompt_ids + rejected_ids``; the loss scores only the response tokens."""
+class TokenizedGroup:
+    """A prompt with K >= 2 responses in strict preference order, best first, as token ids; a pair is K = 2
+    (``chosen_ids``, ``rejected_ids``). The model inputs are ``prompt_ids + responses_ids[k]``; the loss scores
+    only the response tokens. The pairwise losses take K = 2 groups, the Plackett-Luce loss any K."""
 
     prompt_ids: list[int]
     """Shared prompt, BOS included where the tokenizer uses one. Length (P,), 1 <= P <= max_prompt_length."""
-    chosen_ids: list[int]
-    """Preferred response tokens only; ends with the end token unless truncated. Length (C,), C >= 1."""
-    rejected_ids: list[int]
-    """Dispreferred response tokens only, same rules. Length (R,), R >= 1, P + max(C, R) <= max_length."""
+    responses_ids: list[list[int]]
+    """Response tokens only, best first; each ends with the end token unless truncated. Lengths (R_k,),
+    R_k >= 1, P + max_k R_k <= max_length."""
     location: str
-    """Where the row came from: ``path:line`` or ``path:row N``."""
+    """Where the row came from: ``path:line`` or ``path:row N`` (several groups share it when a tied ranking
+    was split into its strict pairs)."""
     boundary_fallback: bool = False
     """A response was tokenized alone because the joint tokenization merged tokens across the join."""
     truncated: bool = False
     """The prompt or a response was cut to fit max_prompt_length / max_length."""
 
+    @property
+    def chosen_ids(self) -> list[int]:
+        """The best response (a pair's chosen)."""
+        return self.responses_ids[0]
 
-@dataclass
-class TokenizedRanked:
-    """One listwise preference as token ids: ``responses_ids`` best first, each scored after ``prompt_ids``."""
+    @property
+    def rejected_ids(self) -> list[int]:
+        """The worst response (a pair's rejected)."""
+        return self.responses_ids[-1]
 
-    prompt_ids: list[int]
-    responses_ids: list[list[int]]
-    location: str
-    boundary_fallback: bool = False
-    truncated: bool = False
+    @classmethod
+    def pair(cls, prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], location: str = "",
+             boundary_fallback: bool = False, truncated: bool = False) -> TokenizedGroup:
+        return cls(prompt_ids, [chosen_ids, rejected_ids], location, boundary_fallback, truncated)
+
+
+TokenizedPair = TokenizedGroup.pair
+"""The old name of a pair's constructor, kept while ``tests/test_train.py`` still calls it; new code writes
+``TokenizedGroup.pair``."""
 
 
 @dataclass
@@ -132,7 +142,7 @@ def token_rules(tokenizer: Any) -> TokenRules:
 
 
 def tokenize_pair(prompt: Text, chosen: Text, rejected: Text, tokenizer: Any, max_length: int,
-                  max_prompt_length: int, *, location: str = "") -> TokenizedPair | str:
+                  max_prompt_length: int, *, location: str = "") -> TokenizedGroup | str:
     """Tokenize one (already normalized) pair; returns the drop reason instead when the pair is unusable.
 
     ``prompt``, ``chosen``, ``rejected`` are all ``str`` (plain text) or all message lists (the chat template
@@ -144,9 +154,8 @@ def tokenize_pair(prompt: Text, chosen: Text, rejected: Text, tokenizer: Any, ma
     result = encode_rows([(prompt, [chosen, rejected])], tokenizer, max_length, max_prompt_length, [location])[0]
     if isinstance(result, str):
         return result
-    chosen_ids, rejected_ids = result.responses_ids
-    return TokenizedPair(result.prompt_ids, chosen_ids, rejected_ids, location, result.boundary_fallback,
-                         result.truncated)
+    return TokenizedGroup(result.prompt_ids, result.responses_ids, location, result.boundary_fallback,
+                          result.truncated)
 
 
 def encode_rows(items: Sequence[tuple[Text, Sequence[Text]]], tokenizer: Any, max_length: int,

@@ -183,7 +183,7 @@ def _field(row: dict[str, Any], key: str, location: str) -> Text:
     raise DataError(f"{location}: '{key}' must be a string or a list of messages")
 
 
-def _responses_of(row: dict[str, Any], location: str) -> tuple[str, list[Text]]:
+def _kind_and_responses(row: dict[str, Any], location: str) -> tuple[str, list[Text]]:
     """Which kind of row this is (``response``, ``responses`` or ``pair``) and its responses."""
     if "response" in row:
         return "response", [_field(row, "response", location)]
@@ -214,7 +214,7 @@ def score_rows(scorer: Scorer, rows: Sequence[dict[str, Any]],
     for row, location in zip(rows, locations):
         if not isinstance(row, dict) or "prompt" not in row:
             raise DataError(f"{location}: missing key 'prompt'")
-        kind, responses = _responses_of(row, location)
+        kind, responses = _kind_and_responses(row, location)
         kinds.append(kind)
         items.append((_field(row, "prompt", location), responses))
     encoded = scorer.encode(items, locations)

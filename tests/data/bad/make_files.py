@@ -43,6 +43,11 @@ def chat(i, **fields):
     return json.dumps(r, ensure_ascii=False)
 
 
+def ranked(i, values, key="ranking"):
+    return json.dumps({"prompt": f"Rank these {i}.", "responses": [f" First {i}.", f" Second {i}.", f" Third {i}."],
+                       key: values})
+
+
 def write(name, content, expect):
     """``content``: a list of lines (UTF-8, "\\n" after each) or the exact bytes."""
     data = content if isinstance(content, bytes) else ("\n".join(content) + "\n").encode("utf-8")
@@ -172,6 +177,12 @@ def main():
           drop({}, 2, {"truncated": 1, "truncated_prompts": 1}, config={"max_length": 64, "max_prompt_length": 32}))
     write("bom_crlf_blank_lines.jsonl", b"\xef\xbb\xbf" + f"{good1}\r\n\r\n  \r\n{row(2)}\r\n\n{good3}".encode(),
           drop({}, 3))
+    write("tied_rankings.jsonl", [
+        ranked(1, [1, 2, 3]),                         # strict: one group of three
+        ranked(2, [1, 1, 2]),                         # first = second > third: two pairs, one tie not trained
+        ranked(3, [0.5, 0.5, 0.5], key="scores"),     # all tied: no preference at all
+        ranked(4, [7, 7, 7]),
+    ], drop({"all_tied": 2}, 2, {"ties": 1, "groups": 3}))
 
     (HERE / "EXPECTED.json").write_text(json.dumps(dict(sorted(EXPECTED.items())), indent=1, ensure_ascii=False)
                                         + "\n", encoding="utf-8")
