@@ -113,29 +113,53 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """A rich progress bar on a terminal; on a pipe or in CI, a plain line every ~10% of the run."""
+    """A rich progress bar on a terminal; on a pipe or in CI, a plain line each time another ~10% is done.
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True):
-        self.total = total
+    Training counts optimizer steps and shows the loss (``update``); the recipe counts items under its own
+    ``label``, e.g. continuations decoded (``advance``). ``say`` writes the plain lines (default: stderr)."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, label: str = "train",
+                 say: Callable[[str], None] | None = None):
+        self.total, self.done, self.label = total, start, label
         self.interactive = enabled and sys.stderr.isatty()
         self.enabled = enabled
+        self._say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        # Tenths of the total already reported: whole numbers, so 3 x 10% is 30% (adding 0.1 thrice is not).
+        self._tenths = 10 * start // total if total else 0
         self._bar = None
         if self.interactive:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
             from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
-            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                     transient=False)
+            self._task = self._bar.add_task(label, total=total, completed=start, info="")
             self._bar.start()
 
     def update(self, step: int, row: dict[str, Any]) -> None:
+        """Training reached optimizer step ``step``; ``row`` is its metrics row."""
         info = (f"loss {row.get('loss', float('nan')):.4f}  acc {row.get('rewards/accuracies', 0):.2f}  "
                 f"{row.get('tokens_per_second', 0):.0f} tok/s")
+        self._show(step, info, f"step {step}/{self.total}  {info}")
+
+    def advance(self, n: int = 1) -> None:
+        """``n`` more items done."""
+        self._show(self.done + n, "", f"{self.label} {self.done + n}/{self.total}")
+
+    def _show(self, done: int, info: str, line: str) -> None:
+        self.done = done
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, info=info)
-        elif self.enabled and (step == self.total or step % max(1, self.total // 10) == 0):
-            print(f"step {step}/{self.total}  {info}", file=sys.stderr, flush=True)
+            self._bar.update(self._task, completed=done, info=info)
+        elif self.enabled and self.total and 10 * done >= (self._tenths + 1) * self.total:
+            self._tenths = 10 * done // self.total
+            self._say(line)
 
     def close(self) -> None:
         if self._bar is not None:
