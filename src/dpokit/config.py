@@ -8,7 +8,7 @@ naming the key. The fully resolved config is saved into the run directory as ``c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -239,7 +239,9 @@ class Config(_Section):
         return self
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """``tree["a"]["b"] = value`` for ``a.b``, making the sections on the way; a key through a value that is not a
+    section is a ``ConfigError``."""
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
@@ -268,7 +270,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def format_error(err: ValidationError, source: str) -> str:
+    """The first error of a validation as one line: ``SOURCE: dotted.key: what is wrong``."""
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "config"
     msg = first["msg"]
@@ -295,27 +298,9 @@ def load_config(source: str | Path | dict[str, Any] | Config | None = None, over
     elif isinstance(source, dict):
         tree = dict(source)
     else:
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
-    for key, value in kwargs.items():
-        _set_dotted(tree, key.replace("__", "."), value)
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err, name)) from None
+        name = str(source)
+        tree = read_yaml_tree(source)
+    return validate_tree(Config, apply_overrides(tree, overrides, **kwargs), name)
 
 
 def save_config(config: Config, path: Path) -> None:
@@ -359,3 +344,43 @@ def result_settings(tree: dict[str, Any]) -> dict[str, Any]:
     neutral = result_neutral_keys()
     return {k: v for k, v in flatten(tree).items()
             if not any(k == n or k.startswith(f"{n}.") for n in neutral)}
+
+
+def read_yaml_tree(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping. A missing file, invalid YAML (with its file:line) or a top level that is
+    not a mapping is a one-line ``ConfigError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return tree
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """``key=value`` strings (the CLI's, see ``parse_override``), then ``kwargs`` (dotted keys written with
+    ``__`` from Python, ``train__lr=1e-6``), set into ``tree`` in place; returns it."""
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_dotted(tree, key, value)
+    for key, value in kwargs.items():
+        set_dotted(tree, key.replace("__", "."), value)
+    return tree
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validate_tree(model: type[ModelT], tree: dict[str, Any], source: str) -> ModelT:
+    """``model`` validated from ``tree``; the first error is a one-line ``ConfigError`` naming ``source`` and
+    the key (``format_error``)."""
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_error(err, source)) from None
