@@ -1,79 +1,18 @@
-"""Preference losses: pure tensor functions, one per variant, in one registry.
+"""Pairwise preference losses: one pure function per variant, each with the equation it implements.
 
-Every loss has the signature::
-
-    LOSSES[name](policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-                 beta, chosen_lengths=None, rejected_lengths=None, **params)
-        -> (losses, chosen_rewards, rejected_rewards)
-
-Log-probs are summed over response tokens, lengths are response token counts, and every tensor has shape
-(batch,). The training loop reduces ``losses``; nothing here touches a model.
-
-The one exception is the listwise ``plackett_luce`` loss (names in ``LISTWISE``), which ranks K responses per
-prompt: ``plackett_luce_loss(policy_logps, ref_logps, *, beta)`` on (batch, K) tensors. It is registered so that
-configs can name it, but ``compute_loss`` (pairwise) refuses it.
-"""
+Shapes: every tensor (batch,); log-probs summed over response tokens; lengths are response token counts."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-LOSSES: dict[str, LossFn] = {}
-"""name -> loss function."""
-
-LOSS_PARAMS: dict[str, dict[str, Callable[[Any], str | None]]] = {}
-"""name -> {parameter: check(value) -> error message or None}. A parameter not listed is not used by the loss."""
-
-LOSS_REQUIRED: dict[str, frozenset[str]] = {}
-"""name -> parameters that must be set in the config (the others in LOSS_PARAMS have defaults)."""
-
-LISTWISE: frozenset[str] = frozenset({"plackett_luce"})
-"""Losses over (batch, K) rankings: they take other arguments and cannot go through ``compute_loss``."""
-
-
-def register(
-    name: str, params: dict[str, Callable[[Any], str | None]] | None = None, required: tuple[str, ...] = ()
-) -> Callable[[LossFn], LossFn]:
-    def wrap(fn: LossFn) -> LossFn:
-        LOSSES[name] = fn
-        LOSS_PARAMS[name] = params or {}
-        LOSS_REQUIRED[name] = frozenset(required)
-        return fn
-
-    return wrap
+from dpokit.losses.registry import check_bool, check_flip_rate, check_non_negative, check_positive, register
 
 
 def _rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
     # Rewards are reported, never differentiated: r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)).
     return beta * (policy_logps - ref_logps).detach()
-
-
-def _bool(value: Any) -> str | None:
-    return None if isinstance(value, bool) else "must be true or false"
-
-
-def _is_number(value: Any) -> bool:
-    # bool is an int subclass; `label_smoothing: true` in YAML is a mistake, not eps = 1.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _flip_rate(value: Any) -> str | None:
-    # eps = 0.5 means the labels carry no information (and divides by zero in `robust`).
-    return None if _is_number(value) and 0 <= value < 0.5 else "must be in [0, 0.5)"
-
-
-def _non_negative(value: Any) -> str | None:
-    return None if _is_number(value) and value >= 0 else "must be a number >= 0"
-
-
-def _positive(value: Any) -> str | None:
-    return None if _is_number(value) and value > 0 else "must be a number > 0"
 
 
 def _per_token(logps: torch.Tensor, lengths: torch.Tensor | None, loss: str, which: str) -> torch.Tensor:
@@ -95,7 +34,7 @@ def _margin(
     return pi_logratios - ref_logratios
 
 
-@register("sigmoid", {"reference_free": _bool})
+@register("sigmoid", {"reference_free": check_bool})
 def sigmoid_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -125,7 +64,7 @@ def sigmoid_loss(
             _rewards(policy_rejected_logps, ref_rejected_logps, beta))
 
 
-@register("cdpo", {"label_smoothing": _flip_rate}, required=("label_smoothing",))
+@register("cdpo", {"label_smoothing": check_flip_rate}, required=("label_smoothing",))
 def cdpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -152,7 +91,7 @@ def cdpo_loss(
             _rewards(policy_rejected_logps, ref_rejected_logps, beta))
 
 
-@register("robust", {"label_smoothing": _flip_rate}, required=("label_smoothing",))
+@register("robust", {"label_smoothing": check_flip_rate}, required=("label_smoothing",))
 def robust_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -242,7 +181,7 @@ def hinge_loss(
             _rewards(policy_rejected_logps, ref_rejected_logps, beta))
 
 
-@register("simpo", {"gamma": _non_negative})
+@register("simpo", {"gamma": check_non_negative})
 def simpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -269,7 +208,7 @@ def simpo_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-@register("rpo", {"alpha": _positive})
+@register("rpo", {"alpha": check_positive})
 def rpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -373,7 +312,7 @@ def apo_down_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-@register("unlikelihood", {"alpha": _positive})
+@register("unlikelihood", {"alpha": check_positive})
 def unlikelihood_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -403,118 +342,3 @@ def unlikelihood_loss(
     losses = -chosen - alpha * unlikely
     return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
             _rewards(policy_rejected_logps, ref_rejected_logps, beta))
-
-
-@register("plackett_luce")
-def plackett_luce_loss(
-    policy_logps: torch.Tensor,
-    ref_logps: torch.Tensor,
-    *,
-    beta: float,
-    lengths: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Listwise DPO under the Plackett-Luce model, Appendix A.3 of https://arxiv.org/abs/2305.18290.
-
-    For K responses per prompt ranked best first, with s_k = beta * (log pi(y_k|x) - log pi_ref(y_k|x)):
-
-        L = -sum_{k=0}^{K-2} [s_k - logsumexp(s_k, ..., s_{K-1})]
-          = -sum_{k=0}^{K-2} log sigmoid(s_k - logsumexp(s_{k+1}, ..., s_{K-1})),
-
-    the negative log-likelihood of the ranking (the k = K-1 factor is 1). The second form is the one computed:
-    it is stable, and for K = 2 it is exactly -log sigmoid(s_0 - s_1), i.e. ``sigmoid``.
-
-    Shapes: ``policy_logps``, ``ref_logps`` (batch, K), log-probs summed over response tokens, sorted best
-    first; ``mask`` optional bool (batch, K), False marks padding for prompts with fewer than K responses (the
-    ranking is the order of the True entries; a row with fewer than two gives loss 0). ``lengths`` is accepted
-    for a uniform call but unused: the loss is on summed log-probs. Returns (losses (batch,),
-    rewards (batch, K)), rewards detached and 0 where masked.
-    """
-    if policy_logps.dim() != 2 or policy_logps.shape != ref_logps.shape:
-        raise ValueError(f"plackett_luce: policy_logps and ref_logps must both be (batch, K), "
-                         f"got {tuple(policy_logps.shape)} and {tuple(ref_logps.shape)}")
-    if mask is None:
-        mask = torch.ones_like(policy_logps, dtype=torch.bool)
-    elif mask.shape != policy_logps.shape or mask.dtype != torch.bool:
-        raise ValueError(f"plackett_luce: mask must be a bool tensor of shape {tuple(policy_logps.shape)}")
-    s = beta * (policy_logps - ref_logps)
-    k = s.shape[-1]
-    # later[k, j]: j ranks below k. Entry (b, k, j) of `below` is s_j if y_j is a real response ranked below y_k.
-    later = torch.ones(k, k, dtype=torch.bool, device=s.device).triu(diagonal=1)
-    below_mask = later & mask.unsqueeze(-2)
-    below = torch.where(below_mask, s.unsqueeze(-2), torch.full_like(s, float("-inf")).unsqueeze(-2))
-    # A term exists for every real response with a real one below it (not the last of its row). The where
-    # before the subtraction keeps -inf (and its NaN gradient) out of rows without a term.
-    has_term = mask & below_mask.any(-1)
-    rest = torch.where(has_term, torch.logsumexp(below, dim=-1), torch.zeros_like(s))
-    terms = torch.where(has_term, -F.logsigmoid(s - rest), torch.zeros_like(s))
-    rewards = torch.where(mask, s.detach(), torch.zeros_like(s))
-    return terms.sum(-1), rewards
-
-
-def validate_loss_config(loss: Any) -> None:
-    """Raise ValueError naming the key when the loss name is unknown or a parameter has no effect or is out of
-    range. ``loss`` is a ``dpokit.config.LossConfig``."""
-    names = list(loss.weights) if loss.weights else [loss.name]
-    if loss.weights is not None:
-        if not loss.weights:
-            raise ValueError("loss.weights: give at least one loss")
-        for name, weight in loss.weights.items():
-            if not weight > 0:
-                raise ValueError(f"loss.weights.{name}: weight must be positive, got {weight}")
-    for name in names:
-        if name not in LOSSES:
-            key = f"loss.weights.{name}" if loss.weights else "loss.name"
-            raise ValueError(f"{key}: unknown loss '{name}' (known: {', '.join(sorted(LOSSES))})")
-        if loss.weights and name in LISTWISE:
-            # A listwise loss takes (batch, K) rankings, not the pairs the other terms of a sum take.
-            raise ValueError(f"loss.weights.{name}: the listwise loss '{name}' cannot be combined with others; "
-                             f"use loss.name: {name} alone")
-    given = loss.params()
-    for name in names:
-        missing = sorted(LOSS_REQUIRED[name] - set(given))
-        if missing:
-            raise ValueError(f"loss.{missing[0]}: required by loss {name}")
-    for param, value in given.items():
-        users = [n for n in names if param in LOSS_PARAMS[n]]
-        if not users:
-            raise ValueError(f"loss.{param}: not used by loss {' + '.join(names)}; remove it")
-        for name in users:
-            problem = LOSS_PARAMS[name][param](value)
-            if problem:
-                raise ValueError(f"loss.{param}: {problem}, got {value!r}")
-
-
-def compute_loss(
-    loss: Any,
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Apply the configured loss (or weighted sum of losses) of a ``LossConfig`` to a batch of pairs.
-
-    Rewards reported are those of the first loss. Lengths are passed through; losses that average per token
-    (``ipo``, ``simpo``, ``rpo``) raise ValueError without them. Listwise losses raise ValueError.
-    Shapes: (batch,) in and out.
-    """
-    weights = loss.weights or {loss.name: 1.0}
-    for name in weights:
-        if name in LISTWISE:
-            raise ValueError(f"loss '{name}' is listwise and takes (batch, K) rankings, not pairs: call "
-                             f"dpokit.losses.plackett_luce_loss(policy_logps, ref_logps, beta=...) instead")
-    params = loss.params()
-    total = None
-    rewards: tuple[torch.Tensor, torch.Tensor] | None = None
-    for name, weight in weights.items():
-        own = {k: v for k, v in params.items() if k in LOSS_PARAMS[name]}
-        losses, chosen_rewards, rejected_rewards = LOSSES[name](
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            beta=loss.beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **own)
-        total = weight * losses if total is None else total + weight * losses
-        if rewards is None:
-            rewards = (chosen_rewards, rejected_rewards)
-    assert total is not None and rewards is not None
-    return total, rewards[0], rewards[1]
