@@ -14,7 +14,6 @@ finished. Do not resume from an FSDP checkpoint of unknown origin.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,25 +26,10 @@ from torch import nn
 
 from dpokit.distributed import Dist
 from dpokit.errors import ConfigError, DpokitError
+from dpokit.io import publish_dir, sha256_file, staging_dir
 from dpokit.models import detach_quantizer
 
 COMPLETE = "COMPLETE"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -84,11 +68,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
 
 
 def _new_tmp(root: Path, step: int) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
+    """The hidden folder ``checkpoints/.tmp-step-N-PID`` a checkpoint is written into (never listed)."""
+    return staging_dir(root / f"step-{step}")
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -145,7 +126,6 @@ def _save_sharded(root: Path, step: int, model: nn.Module, optimizer: torch.opti
 
 def _seal(tmp: Path, final: Path, scheduler: Any, trainer_state: dict[str, Any]) -> Path:
     """Add the JSON files, hash every file into the manifest, mark COMPLETE and rename into place."""
-    root = final.parent
     (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     manifest = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
@@ -154,12 +134,7 @@ def _seal(tmp: Path, final: Path, scheduler: Any, trainer_state: dict[str, Any])
         with path.open("rb+") as fh:
             os.fsync(fh.fileno())
     (tmp / COMPLETE).write_text("")
-    _fsync_dir(tmp)
-    if final.exists():  # a re-run of the same step replaces the older copy
-        shutil.rmtree(final)
-    tmp.rename(final)
-    _fsync_dir(root)
-    return final
+    return publish_dir(tmp, final)  # a re-run of the same step replaces the older copy
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -287,12 +262,8 @@ def export_hf(model: nn.Module, tokenizer: Any, target: Path,
     """Write ``target`` as a plain Hugging Face model folder (safetensors weights, config, tokenizer) that
     ``AutoModelForCausalLM.from_pretrained`` loads without dpokit. Written atomically like checkpoints.
     ``state_dict`` replaces the model's own weights (the gathered weights of a sharded model)."""
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_dir(target)
     detach_quantizer(model)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    return target
+    return publish_dir(tmp, target)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dpokit.errors import ConfigError
+from dpokit.io import write_json
 
 PROBE_VERSION = 1
 """Bump when the probe's method changes, so cached figures from the old one are not reused."""
@@ -168,10 +169,7 @@ def cached_probe(device: torch.device, refresh: bool = False) -> Probe:
         except (ValueError, TypeError):
             pass  # a damaged cache file is measured again and replaced
     probe = measure(device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(probe)), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, asdict(probe))
     return probe
 
 
@@ -262,10 +260,7 @@ def cached_attention_times(precision: str, device: torch.device) -> dict[str, fl
         except ValueError:
             pass
     times = {kind: _attention_time(kind, precision, device) for kind in ("sdpa", "eager")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(times), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, times)
     return times
 
 

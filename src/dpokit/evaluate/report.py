@@ -16,7 +16,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +26,7 @@ import yaml
 
 from dpokit.errors import DpokitError
 from dpokit.evaluate import plots
+from dpokit.io import write_text
 
 KL_TEMPERATURE = 1.0  # the temperature whose samples the page shows (pi itself); see dpokit.evaluate.run
 
@@ -386,7 +386,5 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
     page = render_report(runs, max_samples)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    write_text(out, page)
     return out
