@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from dpokit.errors import DpokitError
 
@@ -139,10 +140,8 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_data(sub: Any) -> None:
+    """``dpokit data check``."""
     data = sub.add_parser("data", help="inspect preference data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser("check", help="validate a preference file and audit its tokenization")
@@ -159,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-rows", type=int, default=None, help="read at most this many rows")
     check.set_defaults(func=cmd_data_check)
 
+
+def _add_training(sub: Any) -> None:
+    """``dpokit train`` and ``dpokit sft``."""
     for name, func, text in (("train", cmd_train, "train with DPO (or a variant)"),
                              ("sft", cmd_sft, "supervised fine-tuning on the chosen responses (pi_SFT)")):
         command = sub.add_parser(name, help=text)
@@ -172,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="train on N local processes (GPUs): runs this command under torchrun")
         command.set_defaults(func=func)
 
+
+def _add_score(sub: Any) -> None:
+    """``dpokit score``."""
     score = sub.add_parser("score", help="implicit reward beta * log pi/pi_ref of (prompt, response) rows")
     score.add_argument("file", help="JSONL/JSON/CSV/Parquet rows: prompt + response | responses | chosen/rejected")
     score.add_argument("--model", required=True, help="run directory (uses its final/) or model folder")
@@ -181,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=8)
     score.set_defaults(func=cmd_score)
 
+
+def _add_eval(sub: Any) -> None:
+    """``dpokit eval``."""
     ev = sub.add_parser("eval", help="samples, reward, KL, win rate, implicit-reward accuracy -> RUN_DIR/eval/")
     ev.add_argument("run_dir")
     ev.add_argument("--prompts", help="prompt file (default: the prompts of the run's data.eval)")
@@ -202,12 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--beta", type=float, help="default: the run's loss.beta")
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_report(sub: Any) -> None:
+    """``dpokit report``."""
     report = sub.add_parser("report", help="one self-contained HTML page: curves, frontier, samples")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="HTML file (default: RUN_DIR/report.html; required for several runs)")
     report.add_argument("--max-samples", type=int, default=6, help="side-by-side samples shown per run")
     report.set_defaults(func=cmd_report)
 
+
+def _add_serve(sub: Any) -> None:
+    """``dpokit serve``."""
     serve = sub.add_parser("serve", help="local web page: a prompt, pi_ref and pi side by side, implicit rewards")
     serve.add_argument("run_dir", metavar="RUN_DIR")
     serve.add_argument("--ref", help="reference model (default: the run's reference)")
@@ -219,13 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sampling precision (auto: bf16 only where it is native; rewards are scored in fp32)")
     serve.set_defaults(func=cmd_serve)
 
+
+def _add_env(sub: Any) -> None:
+    """``dpokit env``."""
     env = sub.add_parser("env", help="versions, devices, measured fp32/bf16 speed and what 'auto' picks (for bug "
                                      "reports)")
     env.add_argument("--json", action="store_true", help="print JSON instead of text")
     env.set_defaults(func=cmd_env)
 
-    from dpokit.recipes import RECIPES
 
+def _add_recipe(sub: Any) -> None:
+    """``dpokit recipe``."""
+    from dpokit.recipes import RECIPES
     recipe = sub.add_parser("recipe", help="an experiment end to end, e.g. the paper's controlled sentiment")
     recipe.add_argument("name", choices=sorted(RECIPES), help="; ".join(f"{r.name}: {r.summary}"
                                                                     for r in RECIPES.values()))
@@ -233,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--preset", help="demo, paper (configs/recipes/NAME-PRESET.yaml) or a YAML file; "
                                          "default: the built-in settings, which are the demo's")
     recipe.set_defaults(func=cmd_recipe)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_data, _add_training, _add_score, _add_eval, _add_report, _add_serve, _add_env, _add_recipe):
+        add(sub)
     return parser
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,9 +29,10 @@ from dpokit.data.formats import PreferenceRow, Text, normalize
 from dpokit.data.load import iter_records
 from dpokit.data.pipeline import load_preferences
 from dpokit.errors import DataError, DpokitError
-from dpokit.evaluate.scoring import Scorer, is_run_dir, load_scorer, write_jsonl
+from dpokit.evaluate.scoring import Scorer, is_run_dir, load_scorer
 from dpokit.evaluate.stats import WinRate, kl_estimate, mean_stderr
 from dpokit.generate import Sample, SamplingParams, encode_prompts, generate
+from dpokit.io import write_jsonl, write_text
 from dpokit.models import freeze, load_model
 from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
 from dpokit.rewards.judge import RewardJudge, Verdict
@@ -202,14 +202,7 @@ def evaluate_run(
     log = log or (lambda message: None)
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise DpokitError(f"{run_dir}: not a run directory (no config.yaml)")
-    if n_samples < 1:
-        raise DpokitError(f"--n-samples: must be at least 1, got {n_samples}")
-    if baseline not in ("reference", "chosen"):
-        raise DpokitError(f"--baseline: expected 'reference' or 'chosen', got '{baseline}'")
-    if any(not (t >= 0 and math.isfinite(t)) for t in temperatures):
-        raise DpokitError(f"--temperatures: must be finite and >= 0, got {list(temperatures)}")
+    _check_arguments(run_dir, n_samples, baseline, temperatures)
     reward_fn = get_reward(reward) if reward is not None else None
     reward_label = reward_name(reward) if reward is not None else None
     if judge is None and reward_fn is not None:
@@ -231,9 +224,9 @@ def evaluate_run(
     ids = encode_prompts(scorer.tokenizer, [item.prompt for item in items], scorer.max_prompt_length,
                          scorer.max_length)
     # Sample k of prompt i is row i * n_samples + k.
-    prompt_ids = [p for p in ids for _ in range(n_samples)]
-    prompt_texts = [item.text for item in items for _ in range(n_samples)]
-    chosen_texts = [item.chosen or "" for item in items for _ in range(n_samples)]
+    prompts_in = Prompts([p for p in ids for _ in range(n_samples)],
+                         [item.text for item in items for _ in range(n_samples)],
+                         [item.chosen or "" for item in items for _ in range(n_samples)], n_samples)
     result.update({"prompts": prompt_source, "n_prompts": len(items), "n_samples": n_samples,
                    "max_new_tokens": max_new_tokens, "top_p": top_p, "seed": seed, "reward_fn": reward_label,
                    "judge": getattr(judge, "name", None) if judge is not None else None, "baseline": baseline})
@@ -242,27 +235,8 @@ def evaluate_run(
     per_temperature = []
     for temperature in sorted(set(temperatures) | {KL_TEMPERATURE}):
         params = SamplingParams(max_new_tokens, temperature, top_p, seed, batch_size)
-        log(f"sampling {len(prompt_ids)} responses from pi and pi_ref at temperature {temperature}")
-        pol = sample_and_score(scorer, scorer.policy, prompt_ids, prompt_texts, params, reward_fn,
-                               reward_label or "")
-        ref_set = sample_and_score(scorer, scorer.reference, prompt_ids, prompt_texts, params, reward_fn,
-                                   reward_label or "")
-        entry: dict[str, Any] = {"temperature": temperature,
-                                 "implicit_reward": scorer.beta * float(pol.logratios.mean()),
-                                 "implicit_reward_reference": scorer.beta * float(ref_set.logratios.mean()),
-                                 "response_tokens": mean_stderr([len(s.response_ids) for s in pol.samples]).mean,
-                                 "response_tokens_reference":
-                                     mean_stderr([len(s.response_ids) for s in ref_set.samples]).mean}
-        if pol.rewards is not None and ref_set.rewards is not None:
-            estimate = mean_stderr(pol.rewards)
-            entry.update(reward=estimate.mean, reward_stderr=estimate.stderr,
-                         reward_reference=mean_stderr(ref_set.rewards).mean)
-        verdicts: list[Verdict] | None = None
-        if judge is not None:
-            baseline_texts = chosen_texts if baseline == "chosen" else [s.text for s in ref_set.samples]
-            log(f"judging {len(prompt_ids)} pairs with {getattr(judge, 'name', 'judge')}")
-            verdicts = judge.compare(prompt_texts, [s.text for s in pol.samples], baseline_texts)
-            entry.update(WinRate.from_outcomes(v.outcome for v in verdicts).to_dict())
+        entry, pol, ref_set, verdicts = _at_temperature(scorer, prompts_in, params, reward_fn, reward_label, judge,
+                                                        baseline, log)
         if temperature == KL_TEMPERATURE:
             kl = kl_estimate(pol.logratios.tolist())
             result.update(kl=kl.mean, kl_stderr=kl.stderr)
@@ -270,24 +244,70 @@ def evaluate_run(
                                                  "win_rate_ci", "implicit_reward") if k in entry})
             reference_at_1 = ref_set
         per_temperature.append(entry)
-        sample_rows.extend(_sample_rows(temperature, n_samples, prompt_texts, chosen_texts, pol, ref_set, verdicts,
-                                        scorer.beta, baseline))
+        sample_rows.extend(_sample_rows(temperature, n_samples, prompts_in.texts, prompts_in.chosen, pol, ref_set,
+                                        verdicts, scorer.beta, baseline))
     result["temperatures"] = per_temperature
 
     if frontier:
-        result["frontier"] = _frontier(scorer, run_dir, prompt_ids, prompt_texts, max_new_tokens, top_p, seed,
-                                       batch_size, reward_fn, reward_label, reference_at_1, log)
+        result["frontier"] = _frontier(scorer, run_dir, prompts_in.ids, prompts_in.texts, max_new_tokens, top_p,
+                                       seed, batch_size, reward_fn, reward_label, reference_at_1, log)
     result["elapsed_s"] = round(time.perf_counter() - started, 3)
     result = _clean(result)
 
     out = Path(out_dir) if out_dir is not None else run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     write_jsonl(sample_rows, out / "samples.jsonl")
-    tmp = out / f".eval.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out / "eval.json")
+    write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")
     log(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")
     return result
+
+
+@dataclass
+class Prompts:
+    """The evaluation's prompts, each repeated ``n_samples`` times side by side: token ids, text, and the
+    dataset's chosen response (empty when there is none)."""
+
+    ids: list[list[int]]
+    texts: list[str]
+    chosen: list[str]
+    n_samples: int
+
+
+def _check_arguments(run_dir: Path, n_samples: int, baseline: str, temperatures: Sequence[float]) -> None:
+    if not is_run_dir(run_dir):
+        raise DpokitError(f"{run_dir}: not a run directory (no config.yaml)")
+    if n_samples < 1:
+        raise DpokitError(f"--n-samples: must be at least 1, got {n_samples}")
+    if baseline not in ("reference", "chosen"):
+        raise DpokitError(f"--baseline: expected 'reference' or 'chosen', got '{baseline}'")
+    if any(not (t >= 0 and math.isfinite(t)) for t in temperatures):
+        raise DpokitError(f"--temperatures: must be finite and >= 0, got {list(temperatures)}")
+
+
+def _at_temperature(scorer: Scorer, prompts: Prompts, params: SamplingParams, reward_fn: RewardFn | None,
+                    reward_label: str | None, judge: Any, baseline: str, log: Callable[[str], None],
+                    ) -> tuple[dict[str, Any], SampleSet, SampleSet, list[Verdict] | None]:
+    """Samples of pi and pi_ref at one temperature, their rewards and implicit rewards, and the win rate."""
+    log(f"sampling {len(prompts.ids)} responses from pi and pi_ref at temperature {params.temperature}")
+    pol = sample_and_score(scorer, scorer.policy, prompts.ids, prompts.texts, params, reward_fn, reward_label or "")
+    ref_set = sample_and_score(scorer, scorer.reference, prompts.ids, prompts.texts, params, reward_fn,
+                               reward_label or "")
+    entry: dict[str, Any] = {"temperature": params.temperature,
+                             "implicit_reward": scorer.beta * float(pol.logratios.mean()),
+                             "implicit_reward_reference": scorer.beta * float(ref_set.logratios.mean()),
+                             "response_tokens": mean_stderr([len(s.response_ids) for s in pol.samples]).mean,
+                             "response_tokens_reference":
+                                 mean_stderr([len(s.response_ids) for s in ref_set.samples]).mean}
+    if pol.rewards is not None and ref_set.rewards is not None:
+        estimate = mean_stderr(pol.rewards)
+        entry.update(reward=estimate.mean, reward_stderr=estimate.stderr,
+                     reward_reference=mean_stderr(ref_set.rewards).mean)
+    verdicts: list[Verdict] | None = None
+    if judge is not None:
+        baseline_texts = prompts.chosen if baseline == "chosen" else [s.text for s in ref_set.samples]
+        log(f"judging {len(prompts.ids)} pairs with {getattr(judge, 'name', 'judge')}")
+        verdicts = judge.compare(prompts.texts, [s.text for s in pol.samples], baseline_texts)
+        entry.update(WinRate.from_outcomes(v.outcome for v in verdicts).to_dict())
+    return entry, pol, ref_set, verdicts
 
 
 def _sample_rows(temperature: float, n_samples: int, prompts: list[str], chosen: list[str], pol: SampleSet,
