@@ -129,10 +129,12 @@ def ddp_runs(tmp_path_factory):
     """17 pairs, epochs 1: global steps of 8, 8 and 1 pair (rank 1 has nothing in the last step). Reference
     log-probs from the store, precomputed by both ranks."""
     tmp = tmp_path_factory.mktemp("ddp")
-    single = dpokit.train(make_config(tmp, 17, train={"batch_size": 8},
+    heldout = str(write_pairs(tmp / "heldout.jsonl", 5))  # the first 5 training pairs: an overlap to report
+    single = dpokit.train(make_config(tmp, 17, train={"batch_size": 8}, data={"eval": heldout},
                                       reference={"mode": "store", "store_dir": str(tmp / "store-1")}),
                           run_dir=str(tmp / "single"))
     cfg = write_yaml(tmp / "ddp.yaml", make_config(tmp, 17, train={"batch_size": 4}, distributed={"strategy": "ddp"},
+                                                   data={"eval": heldout},
                                                    reference={"mode": "store", "store_dir": str(tmp / "store-2")}))
     started = time.time()
     # The convenience launcher: `dpokit train --nproc 2` execs torchrun (standalone: it picks a free port).
@@ -177,7 +179,7 @@ def test_failing_rank_stops_every_rank_with_one_line(tmp_path):
     script.write_text(
         "import os, sys\n"
         "import dpokit\n"
-        "loop = sys.modules['dpokit.train']\n"
+        "import dpokit.step as loop\n"
         "real, calls = loop.pair_forward, [0]\n"
         "def failing(*args, **kwargs):\n"
         "    calls[0] += 1\n"

@@ -125,7 +125,7 @@ def test_lora_with_adapter_reference_and_merged_export(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(final)
     from dpokit.models import load_models
 
-    base = load_models(dpokit.load_config(config(tmp_path)).model, False).policy
+    base = load_models(dpokit.load_config(config(tmp_path)).model, reference="never").policy
     moved = [(merged.state_dict()[k] - v).abs().max().item() for k, v in base.state_dict().items()
              if "q_proj" in k or "v_proj" in k]
     assert max(moved) > 0  # the adapters' update is in the merged weights

@@ -155,6 +155,20 @@ def test_resume_refuses_changed_settings_unless_forced(tmp_path, dropout_model):
     assert steps == [1, 2, 3]
 
 
+def test_resume_refuses_a_change_in_which_pairs_are_kept(tmp_path, dropout_model):
+    """``data.dedupe`` changes which pairs train with the same file: refused by the rule (every field not marked
+    result-neutral), not by luck of the file hash, which is the same here."""
+    cfg = make_config(tmp_path, dropout_model, max_steps=2)
+    run = tmp_path / "run"
+    dpokit.train(str(cfg), run_dir=str(run))
+    for override, key in (("data.dedupe=false", "data.dedupe"), ("data.max_line_bytes=4096", "data.max_line_bytes")):
+        with pytest.raises(ConfigError, match=f"{key}: changed since the checkpoint"):
+            dpokit.train(str(cfg), [f"run_dir={run}", "train.max_steps=3", override], resume=True)
+    # Result-neutral settings may change: how often to log or save, passes, the progress display.
+    dpokit.train(str(cfg), [f"run_dir={run}", "train.max_steps=3", "train.log_every=2", "train.pass_tokens=64",
+                            "train.progress=true"], resume=True)
+
+
 def test_rotation_keeps_newest_complete(tmp_path, dropout_model):
     cfg = make_config(tmp_path, dropout_model, max_steps=5, keep_checkpoints=2)
     run = tmp_path / "rot"
@@ -180,7 +194,7 @@ def test_checkpoint_holds_no_pickle_and_refuses_non_finite_weights(tmp_path):
 
 
 def test_non_finite_step_is_skipped_without_changing_anything(tmp_path, monkeypatch):
-    train_module = sys.modules["dpokit.train"]
+    import dpokit.step as train_module  # where the loss is called
     real = train_module.compute_loss
     calls = {"n": 0}
 

@@ -75,13 +75,13 @@ def test_grad_accumulation_equals_large_batch(tmp_path):
 def test_pass_tokens_splits_passes_without_changing_the_result(tmp_path, layout):
     from dpokit.config import load_config
     from dpokit.data.batch import split_by_tokens
-    from dpokit.data.tokenize import TokenizedPair
+    from dpokit.data.tokenize import TokenizedGroup
     from dpokit.distributed import Dist
-    from dpokit.train import forward_passes
+    from dpokit.step import forward_passes
 
     assert split_by_tokens([5, 5, 5, 20, 1], 10) == [(0, 2), (2, 3), (3, 4), (4, 5)]
     assert split_by_tokens([3], 1) == [(0, 1)] and split_by_tokens([], 8) == []
-    pairs = [TokenizedPair([1] * 20, [2] * 10, [3] * 12, f"x:{i}") for i in range(8)]  # 42 packed, 62 padded
+    pairs = [TokenizedGroup.pair([1] * 20, [2] * 10, [3] * 12, f"x:{i}") for i in range(8)]  # 42 packed, 62 padded
     cfg = load_config(base_config(tmp_path, layout=layout, pass_tokens=130))
     passes = forward_passes([list(range(8))], pairs, cfg, Dist())
     assert passes == ([[0, 1, 2], [3, 4, 5], [6, 7]] if layout == "packed" else [[0, 1], [2, 3], [4, 5], [6, 7]])

@@ -1,0 +1,282 @@
+"""One optimizer step, and the state it runs on.
+
+A ``Run`` holds what a training run needs (models, reference, data, optimizer, scheduler, the data stream and
+the counters); ``dpokit.train.setup`` builds it, ``train_step`` advances it by one optimizer step:
+
+    for each pass of the step (micro-batches, cut into passes of train.pass_tokens positions):
+        forward (policy log-probs with grad, reference log-probs without) -> loss -> backward
+    clip -> optimizer and scheduler step (skipped when not finite) -> the step's metrics row
+
+What differs between training kinds is a ``Task``: how a pass's loss is computed and normalized, and which
+statistics it keeps (DPO and its variants: per pair; SFT: per response token). A new kind of training adds a
+``Task`` and reuses the rest.
+
+The loss of each pass is summed over its items and divided by the size of the whole optimizer step (its pairs,
+or its response tokens for SFT, over every rank), so batch 8 x accumulation 1 and batch 1 x accumulation 8,
+or 1 rank and 2, produce the same gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpokit.config import Config
+from dpokit.data.batch import (
+    PairStream,
+    collate_responses,
+    collate_tokenized,
+    regroup,
+    split_by_tokens,
+    to_device,
+)
+from dpokit.distributed import Dist
+from dpokit.errors import DpokitError
+from dpokit.losses import LISTWISE, compute_loss, plackett_luce_loss
+from dpokit.metrics import PairStats, SftStats
+from dpokit.reference import Reference
+
+Autocast = Callable[[], contextlib.AbstractContextManager]
+Record = Callable[[Any], None]
+"""Adds a pass's numbers to the step's statistics."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """What one kind of training computes in a pass. ``forward(run, items)`` returns the pass's summed loss,
+    a ``Record`` of its statistics and the batch; ``normalizer(run, indices)`` is what the step's loss is
+    divided by; ``new_stats()`` starts a step's statistics."""
+
+    name: str
+    forward: Callable[[Run, list[Any]], tuple[torch.Tensor, Record, dict[str, Any]]]
+    normalizer: Callable[[Run, list[int]], int]
+    new_stats: Callable[[], Any]
+    needs_reference: bool
+    chosen_only: bool
+    """The pass computes prompt + chosen only (SFT), not every response."""
+
+
+@dataclass
+class Run:
+    """Everything one training run needs, built once by ``dpokit.train.setup``. ``train_step`` reads it and
+    advances the counters at the end; a checkpoint saves exactly the modules, optimizer, scheduler, stream
+    position and counters held here."""
+
+    cfg: Config
+    dist: Dist
+    task: Task
+    run_dir: Path
+    device: torch.device
+    note: Callable[[str], None]
+    tokenizer: Any
+    policy: nn.Module
+    """The trainable model (peft-wrapped with LoRA): its weights are what checkpoints and final/ hold."""
+    model: nn.Module
+    """The policy as a batch -> (logps, n_tokens) module, DDP- or FSDP-wrapped under torchrun."""
+    reference: Reference | None
+    train_items: list[Any]
+    eval_items: list[Any]
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stream: PairStream
+    pairs_per_step: int
+    """The global batch: train.batch_size x train.grad_accum x processes."""
+    total_steps: int
+    total_pairs: int
+    autocast: Autocast
+    data_fingerprint: str
+    checkpoint: Path | None = None
+    """The checkpoint to resume from, when there is one."""
+    step: int = 0
+    consumed: int = 0
+    """Pairs drawn from the stream so far."""
+    skipped: int = 0
+    consecutive_skips: int = 0
+    started: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------ the losses
+
+def pair_forward(model: nn.Module, reference: Reference, batch: dict[str, Any], items: list[Any],
+                 cfg: Config, autocast: Autocast) -> dict[str, torch.Tensor]:
+    """Policy and reference log-probs of a batch of pairs (or rankings) and the per-group loss.
+
+    ``model`` maps a batch to per-slot ``(logps, n_tokens)``: a ``dpokit.distributed.LogpsModule`` (DDP- or
+    FSDP-wrapped under torchrun). Pairs go through the configured pairwise loss; rankings
+    (``loss.name: plackett_luce``) through the listwise one, reporting the best response as "chosen" and the
+    worst as "rejected". Shapes: (G,) each.
+    """
+    ref_logps = reference.logps(batch, items, autocast)  # (G, K)
+    with autocast():
+        row_logps, row_tokens = model(batch)
+    policy_logps, n_tokens = regroup(row_logps, batch), regroup(row_tokens, batch)  # (G, K)
+    if cfg.loss.name in LISTWISE:
+        mask = batch["slot_mask"]
+        losses, rewards = plackett_luce_loss(policy_logps, ref_logps, beta=cfg.loss.beta, mask=mask)
+        worst = mask.sum(-1) - 1  # index of each group's last (worst) response
+        pick = torch.arange(len(worst), device=worst.device)
+        return {"losses": losses, "chosen_rewards": rewards[:, 0], "rejected_rewards": rewards[pick, worst],
+                "chosen_logps": policy_logps[:, 0], "rejected_logps": policy_logps[pick, worst]}
+    losses, chosen_rewards, rejected_rewards = compute_loss(
+        cfg.loss, policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], n_tokens[:, 0],
+        n_tokens[:, 1])
+    return {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
+            "chosen_logps": policy_logps[:, 0], "rejected_logps": policy_logps[:, 1]}
+
+
+def record_pairs(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> Record:
+    return lambda stats: stats.add(out["losses"], out["chosen_rewards"], out["rejected_rewards"],
+                                   out["chosen_logps"], out["rejected_logps"], batch["tokens"])
+
+
+def _collated(run: Run, items: list[Any]) -> dict[str, Any]:
+    return to_device(collate_tokenized(items, run.tokenizer.pad_token_id, layout=run.cfg.train.layout,
+                                       pack_length=run.cfg.train.pack_length), run.device)
+
+
+def preference_forward(run: Run, items: list[Any]) -> tuple[torch.Tensor, Record, dict[str, Any]]:
+    """DPO or a variant: the configured preference loss, summed over the pass's pairs (or rankings)."""
+    batch = _collated(run, items)
+    out = pair_forward(run.model, run.reference, batch, items, run.cfg, run.autocast)
+    return out["losses"].sum(), record_pairs(out, batch), batch
+
+
+def sft_forward(run: Run, items: list[Any]) -> tuple[torch.Tensor, Record, dict[str, Any]]:
+    """SFT: negative log-likelihood of the chosen responses, summed over their tokens."""
+    cfg = run.cfg.train
+    rows = [(p.prompt_ids, p.chosen_ids) for p in items]
+    batch = to_device(collate_responses(rows, run.tokenizer.pad_token_id, layout=cfg.layout,
+                                        pack_length=cfg.pack_length), run.device)
+    with run.autocast():
+        logps, _ = run.model(batch)
+    return -logps.sum(), lambda stats: stats.add(logps, batch["n_response_tokens"], batch["tokens"]), batch
+
+
+TASKS = {
+    "dpo": Task("dpo", preference_forward, lambda run, indices: len(indices), PairStats, needs_reference=True,
+                chosen_only=False),
+    # SFT averages over every response token of the step, DPO over every pair of the step.
+    "sft": Task("sft", sft_forward, lambda run, indices: sum(len(run.train_items[i].chosen_ids) for i in indices),
+                SftStats, needs_reference=False, chosen_only=True),
+}
+
+
+# ---------------------------------------------------------------------------------------------------- passes
+
+def computed_length(item: Any, layout: str, chosen_only: bool = False) -> int:
+    """Positions the model computes for one group (a pair or a ranking) in a batch ``layout`` (SFT: prompt +
+    chosen)."""
+    responses = item.responses_ids[:1] if chosen_only else item.responses_ids
+    prompt = len(item.prompt_ids)
+    if layout == "packed":
+        return prompt + sum(len(r) for r in responses)
+    return sum(prompt + len(r) for r in responses)
+
+
+def forward_passes(micros: list[list[int]], items: list[Any], cfg: Config, dist: Dist,
+                   chosen_only: bool = False) -> list[list[int]]:
+    """The forward/backward passes of one optimizer step: each micro-batch, cut into consecutive runs of at
+    most ``train.pass_tokens`` computed positions when that is set. Their gradients add up to the micro-batch's
+    (every loss is a sum over pairs), so only the activation memory changes. Under torchrun every rank runs
+    as many passes as the rank with the most; an empty pass is a zero-weight placeholder."""
+    if not cfg.train.pass_tokens:
+        return micros
+    layout = cfg.train.layout
+    passes: list[list[int]] = []
+    for micro in micros:
+        sizes = [computed_length(items[i], layout, chosen_only) for i in micro]
+        passes.extend([micro[a:b] for a, b in split_by_tokens(sizes, cfg.train.pass_tokens)] if micro else [[]])
+    longest = max(dist.gather(len(passes))) if dist.active else len(passes)
+    return passes + [[] for _ in range(longest - len(passes))]
+
+
+def step_passes(run: Run, indices: list[int]) -> Iterator[tuple[list[Any], int, bool]]:
+    """This rank's passes of a step: ``(items, weight, last)``. A rank short of pairs (the uneven last step of
+    an epoch) runs a placeholder of weight 0 (the step's first pair): DDP and FSDP communicate inside forward
+    and backward, so every rank must make the same calls. ``last`` is when gradients are synchronized."""
+    micros = run.dist.share(indices, run.cfg.train.batch_size)
+    passes = forward_passes(micros, run.train_items, run.cfg, run.dist, run.task.chosen_only)
+    for number, micro in enumerate(passes):
+        items = [run.train_items[i] for i in micro or indices[:1]]
+        yield items, (run.dist.grad_scale if micro else 0), number == len(passes) - 1
+
+
+# ------------------------------------------------------------------------------------------------------ step
+
+def train_step(run: Run, step: int) -> dict[str, Any]:
+    """Optimizer step ``step``: forward -> loss -> backward over its passes, then the update. Returns its
+    metrics row (sums over every rank)."""
+    started = time.perf_counter()
+    # The same global pairs on every rank (the stream is seeded); each rank trains its share.
+    indices = run.stream.take(min(run.pairs_per_step, run.total_pairs - run.consumed))
+    run.consumed += len(indices)
+    stats, normalizer = run.task.new_stats(), run.task.normalizer(run, indices)
+    computed = real = 0
+    for items, weight, last in step_passes(run, indices):
+        with run.dist.grad_sync(run.model, sync=last):
+            loss_sum, record, batch = run.task.forward(run, items)
+            (loss_sum * weight / normalizer).backward()
+        if weight:
+            record(stats)
+            computed, real = computed + batch["computed_positions"], real + batch["real_positions"]
+    stats.reduce(run.dist.sum)  # sums over every pair of every rank
+    computed, real = run.dist.sum([computed, real])
+    means = stats.means()
+    grad_norm, lr = apply_update(run, step, means["loss"])
+    run.step = step
+    seconds = time.perf_counter() - started
+    return {"step": step, "split": "train", "elapsed_s": time.perf_counter() - run.started, "tokens": stats.tokens,
+            **means, "grad_norm": grad_norm, "lr": lr, "tokens_per_second": stats.tokens / seconds,
+            "skipped_steps": run.skipped, "padding_fraction": 1.0 - real / max(computed, 1)}
+
+
+def apply_update(run: Run, step: int, loss: float) -> tuple[float, float]:
+    """Clip the whole gradient, then update parameters, optimizer and scheduler, unless the loss or the
+    gradient norm is not finite: such a step changes nothing and is counted; ``train.max_skipped_steps`` in a
+    row stop the run. Returns (gradient norm before clipping, learning rate of the step)."""
+    grad_norm = run.dist.clip_grad_norm(run.params, run.cfg.train.max_grad_norm or float("inf"))
+    lr = run.optimizer.param_groups[0]["lr"]
+    if math.isfinite(grad_norm) and math.isfinite(loss):
+        run.optimizer.step()
+        run.scheduler.step()
+        run.consecutive_skips = 0
+    else:
+        run.skipped += 1
+        run.consecutive_skips += 1
+        run.note(f"step {step}: loss or gradients not finite; step skipped")
+        if run.consecutive_skips >= run.cfg.train.max_skipped_steps:
+            raise DpokitError(f"step {step}: loss or gradients not finite for {run.consecutive_skips} "
+                              "consecutive steps; lower train.lr or check the data")
+    run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+@torch.no_grad()
+def eval_pair_metrics(model: nn.Module, reference: Reference, items: list[Any], cfg: Config, pad_id: int,
+                    device: torch.device, autocast: Autocast, dist: Dist | None = None) -> dict[str, float]:
+    """Mean pair metrics over held-out pairs (policy in eval mode, restored afterwards); under torchrun each
+    rank scores its share and the sums are reduced."""
+    dist = dist or Dist()
+    was_training = model.training
+    model.eval()
+    stats = PairStats()
+    everything = list(range(len(items)))
+    for chunk in dist.share(everything, cfg.eval.batch_size):
+        group = [items[i] for i in chunk or everything[:1]]  # a placeholder keeps FSDP's calls in step
+        batch = to_device(collate_tokenized(group, pad_id, layout=cfg.train.layout,
+                                            pack_length=cfg.train.pack_length), device)
+        out = pair_forward(model, reference, batch, group, cfg, autocast)
+        if chunk:
+            record_pairs(out, batch)(stats)
+    stats.reduce(dist.sum)
+    model.train(was_training)
+    return {"tokens": stats.tokens, **stats.means()}
