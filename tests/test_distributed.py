@@ -144,6 +144,12 @@ def ddp_runs(tmp_path_factory):
             "seconds": time.time() - started}
 
 
+def test_notes_are_printed_once_not_by_every_rank(ddp_runs):
+    err = ddp_runs["proc"].stderr
+    assert err.count("5 of 5 eval pairs also appear in the training data") == 1, err[-2000:]
+    assert err.count("precision auto -> ") == 1
+
+
 @pytest.mark.equivalence
 def test_ddp_two_ranks_equal_one_rank_with_uneven_last_step(ddp_runs):
     assert_same_training(ddp_runs["single"], ddp_runs["ddp"])

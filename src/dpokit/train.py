@@ -153,7 +153,7 @@ def load_items(cfg: Config, tokenizer: Any, task: Task, note: Callable[[str], No
         reports["eval"] = eval_report.to_dict()
         reports["overlap"] = overlap_report(train_items, eval_items)
         if reports["overlap"]["pairs"]:
-            _note(f"{reports['overlap']['pairs']} of {len(eval_items)} eval pairs also appear in the training data")
+            note(f"{reports['overlap']['pairs']} of {len(eval_items)} eval pairs also appear in the training data")
     if dist.is_main:
         write_json(Path(cfg.run_dir) / "data_report.json", reports)
     if not train_items:
