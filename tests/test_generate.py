@@ -156,3 +156,19 @@ def test_bad_sampling_params_are_one_line_errors():
         SamplingParams(temperature=-1)
     with pytest.raises(DpokitError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+
+
+def test_draw_samples_each_token_with_its_probability_and_never_a_zero_one():
+    from dpokit.generate import draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).expand(200_000, -1)
+    picks = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(picks, minlength=6).double() / len(picks)
+    assert freq[[0, 2, 5]].sum() == 0  # probability 0: never, not even at u = 0 or at the top of the range
+    # Each frequency is a mean of 200k Bernoulli draws: standard error sqrt(p (1 - p) / n) <= 1.1e-3, so a
+    # 5-sigma bound of 6e-3 fails a correct sampler with probability < 1e-6 and catches any bias above it.
+    torch.testing.assert_close(freq[[1, 3, 4]], torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), atol=6e-3,
+                               rtol=0)
+    # Rows are independent and unnormalized probabilities work (the total scales the uniform).
+    rows = draw(torch.tensor([[0.0, 2.0], [3.0, 0.0]]), torch.Generator().manual_seed(1))
+    assert rows.tolist() == [1, 0]

@@ -105,8 +105,21 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if params.temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits, params.temperature, params.top_p).softmax(-1)
-    # Draw on the generator's device (CPU unless given otherwise), so a seed means the same on every device.
-    return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(logits.device)
+    return draw(probs, generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One index per row of ``probs`` (B, V), index v with probability probs[b, v]: inverse-CDF sampling, one
+    uniform u per row and the first v whose cumulative probability exceeds u * total. Exact like
+    ``torch.multinomial``, which draws an exponential for every vocabulary entry instead: 3x slower on a
+    49k vocabulary on CPU (measured 100 ms against 31 ms for 64 rows), a tenth of a SmolLM2 decode step.
+    The cumulative sum is in float64 so no probability mass is lost over 49k terms; ``right`` search never
+    picks an entry of probability 0 (its cumulative sum equals its predecessor's). Drawn on the generator's
+    device (CPU unless given otherwise), so a seed means the same on every device. Shape: (B, V) -> (B,)."""
+    cdf = probs.to(generator.device, torch.float64).cumsum(-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=generator.device)
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # (B,)
+    return index.clamp(max=cdf.shape[-1] - 1).to(probs.device)
 
 
 def kv_cache_argument(model: nn.Module) -> str:

@@ -12,8 +12,9 @@ from contextlib import contextmanager
 from typing import Any
 
 RECIPE = "sentiment"
-CACHE_VERSION = 1
-"""Part of every cache key of the recipe; bump it when a cached file would be read wrongly by new code."""
+CACHE_VERSION = 2
+"""Part of every cache key of the recipe; bump it when a cached file would be read wrongly by new code, or when
+the same seed would now give other samples (2: inverse-CDF sampling replaced torch.multinomial)."""
 
 
 def say(message: str) -> None:
