@@ -121,8 +121,15 @@ def test_unlikelihood_loss_by_hand():
 
 # ---------------------------------------------------------------------------------------------- end to end
 
+def letter_share(prompt: str, response: str) -> float:
+    """A reward that separates any two different random continuations: VADER scores a tiny random model's byte
+    soup 0 nearly always (1 sample in 70 here), which would make every pair a tie; the pipeline, not VADER, is
+    under test."""
+    return sum(c.isalpha() for c in response) / max(len(response), 1)
+
+
 def tiny_overrides(run_dir: Path) -> list[str]:
-    return [f"run_dir={run_dir}", "model=tiny-random-llama", "prompts.n_train=12", "prompts.n_heldout=6",
+    return [f"run_dir={run_dir}", "model=tiny-random-llama", f"reward={Path(__file__).resolve()}:letter_share", "prompts.n_train=12", "prompts.n_heldout=6",
             "sampling.max_new_tokens=12", "sampling.precision=fp32", "sampling.batch_size=16",
             "pairs.mode=all", "train.lr=1e-3", "train.batch_size=4", "train.save_every=2", "train.progress=false",
             "train.precision=fp32", "best_of_n=[2, 4]", "eval.batch_size=16"]
@@ -162,3 +169,9 @@ def test_recipe_end_to_end_on_tiny_model_and_cached_rerun(tmp_path, monkeypatch,
     assert "evaluated already (cached)" in out.err
     assert "held-out mean reward" in out.out
     assert final.stat().st_mtime_ns == before
+
+
+def test_a_bad_reward_is_refused_before_any_sampling(capsys):
+    assert main(["recipe", "sentiment", "reward=no_such_module:fn"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("dpokit: error: recipe config: reward: 'no_such_module:fn'")

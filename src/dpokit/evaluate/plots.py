@@ -12,7 +12,7 @@ import io
 import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 PALETTE = ["#3b5bdb", "#e8590c", "#0ca678", "#c2255c", "#7048e8", "#f08c00", "#1098ad", "#5c940d"]
@@ -205,14 +205,24 @@ def frontier(runs: Sequence[tuple[str, dict[str, Any]]], beta_in_label: bool = T
     return _to_svg(fig)
 
 
+def _runs_with(runs: Sequence[tuple[str, dict[str, Any]]], select: Any,
+               at_least: int = 2) -> Iterator[tuple[int, str, list[Any]]]:
+    """(index, name, points) of each run with at least ``at_least`` points picked by ``select(eval)``: a line
+    needs two points; the index keeps a run's colour the same in every plot."""
+    for r, (name, ev) in enumerate(runs):
+        points = select(ev)
+        if len(points) >= at_least:
+            yield r, name, points
+
+
 def kl_by_step(runs: Sequence[tuple[str, dict[str, Any]]]) -> str | None:
     """KL(pi || pi_ref) at each checkpoint, for runs evaluated without a ground-truth reward."""
     fig, ax = _figure()
     drawn = False
-    for r, (name, ev) in enumerate(runs):
-        points = [p for p in ev.get("frontier") or [] if p.get("kl") is not None]
-        if len(points) < 2:
-            continue
+    def measured(ev: dict[str, Any]) -> list[dict[str, Any]]:
+        return [p for p in ev.get("frontier") or [] if p.get("kl") is not None]
+
+    for r, name, points in _runs_with(runs, measured):
         drawn = True
         ax.errorbar([p["step"] for p in points], [p["kl"] for p in points],
                     yerr=[p.get("kl_stderr") or 0 for p in points], color=PALETTE[r % len(PALETTE)], marker="o",
@@ -235,10 +245,10 @@ def win_rate_by_temperature(runs: Sequence[tuple[str, dict[str, Any]]]) -> str |
     (the paper's Fig. 2, right / Fig. 3). None unless some run was judged at two or more temperatures."""
     fig, ax = _figure(5.2, 3.4)
     drawn = False
-    for r, (name, ev) in enumerate(runs):
-        entries = [e for e in ev.get("temperatures") or [] if e.get("win_rate") is not None]
-        if len(entries) < 2:
-            continue
+    def judged(ev: dict[str, Any]) -> list[dict[str, Any]]:
+        return [e for e in ev.get("temperatures") or [] if e.get("win_rate") is not None]
+
+    for r, name, entries in _runs_with(runs, judged):
         drawn = True
         color = PALETTE[r % len(PALETTE)]
         ts = [e["temperature"] for e in entries]

@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -282,17 +283,10 @@ def _samples(runs: list[RunData], max_samples: int) -> str:
     return f"<section><h2>DPO in action</h2><p class=lead>{note}</p>{''.join(blocks)}</section>"
 
 
-CSS = """
-:root { --ink:#212529; --muted:#6c757d; --line:#e9ecef; --bg:#f8f9fa; --card:#fff; --accent:#3b5bdb;
-        --good:#2b8a3e; --bad:#c92a2a; }
-* { box-sizing: border-box; }
-html { -webkit-text-size-adjust: 100%; }
-body { margin: 0; background: var(--bg); color: var(--ink);
-       font: 15px/1.55 Inter, "Segoe UI", -apple-system, BlinkMacSystemFont, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1180px; margin: 0 auto; padding: 28px 28px 64px; }
-header { display: flex; align-items: baseline; justify-content: space-between; gap: 16px; flex-wrap: wrap;
-         border-bottom: 1px solid var(--line); padding-bottom: 14px; margin-bottom: 22px; }
-h1 { font-size: 26px; margin: 0; letter-spacing: -0.02em; }
+PAGE_BASE = resources.files("dpokit").joinpath("page_base.css").read_text(encoding="utf-8")
+"""The look the report shares with ``dpokit serve``'s page (colours, type, header)."""
+
+CSS = PAGE_BASE + """
 h1 small { font-weight: 500; color: var(--muted); font-size: 15px; margin-left: 8px; }
 h2 { font-size: 19px; margin: 34px 0 6px; letter-spacing: -0.01em; }
 .meta { color: var(--muted); font-size: 13px; }

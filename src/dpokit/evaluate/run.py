@@ -218,16 +218,8 @@ def evaluate_run(
     prompt_source = prompts or cfg.data.eval
     if not prompt_source:
         raise DpokitError(f"{run_dir}: no prompts to sample from; give --prompts FILE or set data.eval")
-    items = load_prompts(prompt_source, cfg.data.eval_split, max_prompts)
-    if baseline == "chosen" and any(item.chosen is None for item in items):
-        raise DpokitError(f"--baseline chosen: {prompt_source} has prompts without a chosen response")
-    ids = encode_prompts(scorer.tokenizer, [item.prompt for item in items], scorer.max_prompt_length,
-                         scorer.max_length)
-    # Sample k of prompt i is row i * n_samples + k.
-    prompts_in = Prompts([p for p in ids for _ in range(n_samples)],
-                         [item.text for item in items for _ in range(n_samples)],
-                         [item.chosen or "" for item in items for _ in range(n_samples)], n_samples)
-    result.update({"prompts": prompt_source, "n_prompts": len(items), "n_samples": n_samples,
+    prompts_in = Prompts.load(scorer, prompt_source, cfg.data.eval_split, max_prompts, n_samples, baseline)
+    result.update({"prompts": prompt_source, "n_prompts": len(prompts_in.ids) // n_samples, "n_samples": n_samples,
                    "max_new_tokens": max_new_tokens, "top_p": top_p, "seed": seed, "reward_fn": reward_label,
                    "judge": getattr(judge, "name", None) if judge is not None else None, "baseline": baseline})
 
@@ -270,6 +262,19 @@ class Prompts:
     texts: list[str]
     chosen: list[str]
     n_samples: int
+
+    @classmethod
+    def load(cls, scorer: Scorer, source: str, split: str, max_prompts: int | None, n_samples: int,
+             baseline: str) -> Prompts:
+        """The prompts of ``source`` (at most ``max_prompts``), encoded as the run encodes them; sample k of
+        prompt i is row i * n_samples + k."""
+        items = load_prompts(source, split, max_prompts)
+        if baseline == "chosen" and any(item.chosen is None for item in items):
+            raise DpokitError(f"--baseline chosen: {source} has prompts without a chosen response")
+        ids = encode_prompts(scorer.tokenizer, [item.prompt for item in items], scorer.max_prompt_length,
+                             scorer.max_length)
+        return cls([p for p in ids for _ in range(n_samples)], [item.text for item in items for _ in range(n_samples)],
+                   [item.chosen or "" for item in items for _ in range(n_samples)], n_samples)
 
 
 def _check_arguments(run_dir: Path, n_samples: int, baseline: str, temperatures: Sequence[float]) -> None:

@@ -11,9 +11,6 @@ token budget) or a plain Hugging Face folder (then ``--ref`` is required).
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,7 @@ from dpokit.data.formats import Text
 from dpokit.data.load import iter_records
 from dpokit.data.tokenize import encode_rows, token_rules
 from dpokit.errors import DataError, DpokitError
+from dpokit.io import write_jsonl
 from dpokit.logprobs import sequence_logps
 from dpokit.models import ModelSource, freeze, load_model, load_tokenizer, resolve
 
@@ -264,18 +262,3 @@ def score(model: str | Path, source: str | Path, ref: str | None = None, beta: f
         write_jsonl(scored, out)
     return scored
 
-
-def write_jsonl(rows: Sequence[dict[str, Any]], out: str | Path) -> None:
-    """JSON lines to a file (written to a temporary name, then renamed: never a half-written file) or stdout."""
-    if str(out) == "-":
-        for row in rows:
-            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
-        return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)

@@ -45,6 +45,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dpokit.errors import DpokitError
+from dpokit.evaluate.report import PAGE_BASE
 from dpokit.serve.engine import BadRequest, Event, Job, Playground, QueueFull, Worker
 
 DRAIN_BYTES = 1 << 20
@@ -57,6 +58,7 @@ def page_and_policy() -> tuple[bytes, str]:
     """The page, and a Content-Security-Policy that lets it run its own inline script and style and reach
     nothing but this server."""
     page = resources.files("dpokit.serve").joinpath("index.html").read_text(encoding="utf-8")
+    page = page.replace("/* dpokit:page-base */\n", PAGE_BASE, 1)
     scripts = re.findall(r"<script>(.*?)</script>", page, flags=re.S)
     hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'"
                       for s in scripts)

@@ -104,7 +104,7 @@ def run(preset: str | Path | dict[str, Any] | None = None, overrides: Sequence[s
             results[name] = evaluate(spec, cfg, prompts_file)
     labels = {name: spec.label for name, spec in specs.items()}
     for n in cfg.best_of_n:
-        results[f"best-of-{n}"] = best_of_n_eval(heldout_rows, n, root / f"best-of-{n}")
+        results[f"best-of-{n}"] = best_of_n_eval(heldout_rows, n, root / f"best-of-{n}", cfg.reward)
         labels[f"best-of-{n}"] = f"Best-of-{n}"
 
     with stage("report", f"{root / 'report.html'}"):
@@ -136,9 +136,10 @@ def preference_data(cfg: SentimentConfig, train_prompts: list[str], heldout_prom
         ref_model, policy = sft_stage(cfg, policy, train_prompts, data, root, stage)
 
     with stage("sample", f"{k} samples per train prompt, {k_heldout} per held-out prompt from pi_ref"):
-        train_rows = add_rewards(sample_continuations(policy, train_prompts, k, cfg, "train", cfg.sampling.seed))
+        train_rows = add_rewards(sample_continuations(policy, train_prompts, k, cfg, "train", cfg.sampling.seed),
+                                 cfg.reward)
         heldout_rows = add_rewards(sample_continuations(policy, heldout_prompts, k_heldout, cfg, "heldout",
-                                                        cfg.sampling.seed + 1))
+                                                        cfg.sampling.seed + 1), cfg.reward)
     del policy  # training loads its own copies
     write_jsonl(train_rows, data / "samples-train.jsonl")
     write_jsonl(heldout_rows, data / "samples-heldout.jsonl")

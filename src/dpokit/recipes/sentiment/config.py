@@ -117,6 +117,9 @@ class SentimentConfig(_Section):
     model: str = "smollm2"
     """pi_ref and the starting policy (any ``model.name_or_path`` of dpokit; ``smollm2`` is the embedded
     SmolLM2-135M-Instruct). Prompted with the plain opening, it continues the review."""
+    reward: str = "sentiment"
+    """The ground-truth reward: ``sentiment`` (VADER's compound score of the continuation, the experiment's) or
+    any reward ``dpokit eval --reward`` takes (``module:function``, ``path/to/file.py:function``)."""
     prompts: PromptsConfig = PromptsConfig()
     sampling: SamplingConfig = SamplingConfig()
     pairs: PairsConfig = PairsConfig()
@@ -134,6 +137,13 @@ class SentimentConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> SentimentConfig:
+        from dpokit.errors import DpokitError
+        from dpokit.rewards import get_reward
+
+        try:
+            get_reward(self.reward)  # a bad name fails now, not after the sampling
+        except DpokitError as err:
+            raise ValueError(f"reward: {str(err).removeprefix('--reward: ').removeprefix('reward ')}") from None
         if any(n < 1 for n in self.best_of_n):
             raise ValueError("best_of_n: each N must be >= 1")
         if self.best_of_n and max(self.best_of_n) > self.sampling.heldout_samples_per_prompt:

@@ -149,7 +149,7 @@ def evaluate(spec: RunSpec, cfg: SentimentConfig, prompts_file: Path) -> dict[st
     run_dir = Path(spec.config["run_dir"])
     e = cfg.eval
     settings = {"prompts": sha256_file(prompts_file), "n_samples": e.n_samples, "seed": e.seed,
-                "max_new_tokens": cfg.sampling.max_new_tokens}
+                "max_new_tokens": cfg.sampling.max_new_tokens, "reward": cfg.reward}
     key = digest(_marker(run_dir).get("train"), settings)
     eval_path = run_dir / "eval" / "eval.json"
     cached = read_json(eval_path) if _marker(run_dir).get("eval") == key else None
@@ -159,7 +159,7 @@ def evaluate(spec: RunSpec, cfg: SentimentConfig, prompts_file: Path) -> dict[st
     last = _last_checkpoint(run_dir)
     if last is not None and not e.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints" / f"step-{last}")
-    result = evaluate_run(run_dir, prompts=str(prompts_file), reward="sentiment", n_samples=e.n_samples,
+    result = evaluate_run(run_dir, prompts=str(prompts_file), reward=cfg.reward, n_samples=e.n_samples,
                           max_new_tokens=cfg.sampling.max_new_tokens, seed=e.seed, batch_size=e.batch_size,
                           log=lambda m: say(f"{spec.name}: {m}"))
     # The frontier: pi_ref, every intermediate checkpoint (train.save_every), the final model.
@@ -214,7 +214,7 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def best_of_n_eval(rows: Sequence[dict[str, Any]], n: int, out_dir: Path) -> dict[str, Any]:
+def best_of_n_eval(rows: Sequence[dict[str, Any]], n: int, out_dir: Path, reward: str = "sentiment") -> dict[str, Any]:
     """Best-of-N on the held-out samples of pi_ref: per prompt, the best of the first N samples by the true
     reward. Written as a run folder with ``eval/eval.json`` and ``eval/samples.jsonl`` for the report."""
     best = [max(zip(r["rewards"][:n], r["responses"][:n]))[::-1] for r in rows]
@@ -222,7 +222,7 @@ def best_of_n_eval(rows: Sequence[dict[str, Any]], n: int, out_dir: Path) -> dic
     ref, ref_stderr = mean_stderr([r["rewards"][0] for r in rows])
     kl = best_of_n_kl(n)
     result = {
-        "run_dir": str(out_dir), "model": f"best-of-{n}", "method": "best_of_n", "n": n, "reward_fn": "sentiment",
+        "run_dir": str(out_dir), "model": f"best-of-{n}", "method": "best_of_n", "n": n, "reward_fn": reward,
         "n_prompts": len(rows), "n_samples": 1, "reward": reward, "reward_stderr": stderr,
         "reward_reference": ref, "kl": kl, "kl_stderr": 0.0, "kl_estimator": KL_BEST_OF_N,
         "frontier": [{"checkpoint": "reference", "step": 0, "kl": 0.0, "kl_stderr": 0.0, "reward": ref,

@@ -127,13 +127,13 @@ def sample_continuations(policy: Policy, prompts: Sequence[str], k: int, cfg: Se
     return read_jsonl(path)
 
 
-def add_rewards(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ground-truth reward (VADER compound of the continuation) of every sample."""
+def add_rewards(rows: list[dict[str, Any]], reward: str = "sentiment") -> list[dict[str, Any]]:
+    """The ground-truth reward of every sample (by default VADER's compound score of the continuation)."""
     from dpokit.rewards import get_reward, score_texts
 
-    fn = get_reward("sentiment")
+    fn = get_reward(reward)
     for row in rows:
-        row["rewards"] = score_texts(fn, [row["prompt"]] * len(row["responses"]), row["responses"], "sentiment")
+        row["rewards"] = score_texts(fn, [row["prompt"]] * len(row["responses"]), row["responses"], reward)
     return rows
 
 
