@@ -187,8 +187,8 @@ def collate_tokenized(items: Sequence[TokenizedGroup], pad_id: int, side: Litera
     return collate_groups([(g.prompt_ids, g.responses_ids) for g in items], pad_id, side, layout, pack_length)
 
 
-collate_pairs = collate_ranked = collate_tokenized
-"""The names from when pairs and rankings were two types (``dpokit.train`` imports them); the same function."""
+collate_pairs = collate_tokenized
+"""The name from when pairs were a type of their own (``benchmarks/`` still call it); the same function."""
 
 
 def regroup(values: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:

@@ -83,11 +83,6 @@ class TokenizedGroup:
         return cls(prompt_ids, [chosen_ids, rejected_ids], location, boundary_fallback, truncated)
 
 
-TokenizedPair = TokenizedGroup.pair
-"""The old name of a pair's constructor, kept while ``tests/test_train.py`` still calls it; new code writes
-``TokenizedGroup.pair``."""
-
-
 @dataclass
 class Encoded:
     """What :func:`encode_rows` produces for one kept row (any number of responses)."""
