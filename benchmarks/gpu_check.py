@@ -183,16 +183,12 @@ def _fmt(x: Any) -> str:
 
 def build_model(shape: str, seed: int = 0, attn: str = "sdpa") -> Any:
     """A random Llama of a named shape, fp32, eval mode (no dropout), seeded."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from dpokit.models import seeded_model
+
     config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(state)
+    model = seeded_model(LlamaForCausalLM, config, seed)
     model.config._attn_implementation = attn
     return model.eval()
 

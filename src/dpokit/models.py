@@ -106,13 +106,18 @@ def tiny_model(vocab_size: int, seed: int = 0, dropout: float = 0.0) -> nn.Modul
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         tie_word_embeddings=True, attention_dropout=dropout, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return seeded_model(LlamaForCausalLM, config, seed)
+
+
+def seeded_model(cls: Any, config: Any, seed: int) -> nn.Module:
+    """``cls(config)`` with weights drawn from ``seed``, leaving the global RNG as it was (the caller's stream,
+    e.g. training's, is not consumed)."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = LlamaForCausalLM(config)
+        return cls(config)
     finally:
         torch.random.set_rng_state(generator_state)
-    return model
 
 
 # ------------------------------------------------------------------------------------------------ GGUF support
