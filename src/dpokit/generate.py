@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpokit.data.batch import pad_sequences
+from dpokit.data.batch import pad_sequences, position_ids_from_mask
 from dpokit.errors import DpokitError
-from dpokit.logprobs import position_ids_from_mask
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# position_ids_from_mask is re-exported: dpokit.generate imports it from here.
 from dpokit.data.batch import padded_layout
-from dpokit.data.batch import position_ids_from_mask as position_ids_from_mask
 
 DEFAULT_CHUNK = 1024
 """Response positions projected to the vocabulary at once: 1024 x 49152 fp32 logits are 200 MB."""

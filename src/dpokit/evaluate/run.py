@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from dpokit.checkpoint import load_weights_into, verify_checkpoint
-from dpokit.data.formats import PreferenceRow, Text, normalize
+from dpokit.data.formats import Text, normalize
 from dpokit.data.load import iter_records
 from dpokit.data.pipeline import load_preferences
 from dpokit.errors import DataError, DpokitError
@@ -71,8 +71,7 @@ def load_prompts(source: str, split: str = "test", max_prompts: int | None = Non
         row = record.row
         if "chosen" in row or "rejected" in row or "responses" in row:
             norm = normalize(record)
-            chosen = norm.chosen if isinstance(norm, PreferenceRow) else norm.responses[0]  # ranked: best first
-            item = EvalPrompt(norm.prompt, text_of(norm.prompt), _response_text(chosen))
+            item = EvalPrompt(norm.prompt, text_of(norm.prompt), _response_text(norm.chosen))  # ranked: the best
         elif "prompt" in row:
             prompt = row["prompt"]
             if isinstance(prompt, dict) and "role" in prompt:
