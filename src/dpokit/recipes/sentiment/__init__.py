@@ -56,7 +56,7 @@ from dpokit.recipes.sentiment.runs import (
     RunSpec,
     best_of_n_eval,
     best_of_n_kl,
-    evaluate,
+    evaluate_spec,
     run_specs,
     sft_spec,
     sft_stage,
@@ -101,7 +101,7 @@ def run(preset: str | Path | dict[str, Any] | None = None, overrides: Sequence[s
         with stage(f"train {name}", f"{spec.label} ({spec.task}) -> {spec.config['run_dir']}"):
             train_run(spec)
         with stage(f"eval {name}", f"{spec.label} on {len(heldout_prompts)} held-out prompts"):
-            results[name] = evaluate(spec, cfg, prompts_file)
+            results[name] = evaluate_spec(spec, cfg, prompts_file)
     labels = {name: spec.label for name, spec in specs.items()}
     for n in cfg.best_of_n:
         results[f"best-of-{n}"] = best_of_n_eval(heldout_rows, n, root / f"best-of-{n}", cfg.reward)
@@ -165,7 +165,7 @@ def preference_data(cfg: SentimentConfig, train_prompts: list[str], heldout_prom
 __all__ = [
     "CACHE_VERSION", "RECIPE", "REPORT_BETA", "BaselineConfig", "DpoConfig", "EvalSection", "PairsConfig", "Policy",
     "PromptsConfig", "RunSpec", "SamplingConfig", "SentimentConfig", "SftConfig", "add_rewards", "best_of_n_eval",
-    "best_of_n_kl", "evaluate", "find_preset", "load_openings", "load_policy", "load_recipe_config", "make_pairs",
+    "best_of_n_kl", "evaluate_spec", "find_preset", "load_openings", "load_policy", "load_recipe_config", "make_pairs",
     "preference_data", "print_table", "recipe_device", "resolve_precisions", "results_markdown", "run", "run_specs",
     "sample_continuations", "sft_rows", "sft_spec", "sft_stage", "summarize", "train_key", "train_run", "usable",
     "write_frontier",

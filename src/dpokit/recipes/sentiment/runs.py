@@ -140,7 +140,7 @@ def _last_checkpoint(run_dir: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def evaluate(spec: RunSpec, cfg: SentimentConfig, prompts_file: Path) -> dict[str, Any]:
+def evaluate_spec(spec: RunSpec, cfg: SentimentConfig, prompts_file: Path) -> dict[str, Any]:
     """``evaluate_run`` on the held-out prompts, unless done for the same run and settings. The final
     checkpoint duplicates ``final/``, so unless checkpoints are kept it is removed first and the final model's
     own (KL, reward) closes the frontier."""
