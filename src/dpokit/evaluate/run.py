@@ -32,7 +32,7 @@ from dpokit.errors import DataError, DpokitError
 from dpokit.evaluate.scoring import Scorer, is_run_dir, load_scorer
 from dpokit.evaluate.stats import WinRate, kl_estimate, mean_stderr
 from dpokit.generate import Sample, SamplingParams, encode_prompts, generate
-from dpokit.io import write_jsonl, write_text
+from dpokit.io import write_json, write_jsonl
 from dpokit.models import freeze, load_model
 from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
 from dpokit.rewards.judge import RewardJudge, Verdict
@@ -202,10 +202,7 @@ def evaluate_run(
     started = time.perf_counter()
     run_dir = Path(run_dir)
     _check_arguments(run_dir, n_samples, baseline, temperatures)
-    reward_fn = get_reward(reward) if reward is not None else None
-    reward_label = reward_name(reward) if reward is not None else None
-    if judge is None and reward_fn is not None:
-        judge = RewardJudge(reward_fn, reward_label or "reward")
+    reward_fn, reward_label, judge = _reward_and_judge(reward, judge)
     scorer = load_scorer(run_dir, ref, beta, batch_size=batch_size)
     cfg = scorer.config
     assert cfg is not None
@@ -229,10 +226,7 @@ def evaluate_run(
         entry, pol, ref_set, verdicts = _at_temperature(scorer, prompts_in, params, reward_fn, reward_label, judge,
                                                         baseline, log)
         if temperature == KL_TEMPERATURE:
-            kl = kl_estimate(pol.logratios.tolist())
-            result.update(kl=kl.mean, kl_stderr=kl.stderr)
-            result.update({k: entry[k] for k in ("reward", "reward_stderr", "reward_reference", "win_rate",
-                                                 "win_rate_ci", "implicit_reward") if k in entry})
+            result.update(_headline(entry, pol))
             reference_at_1 = ref_set
         per_temperature.append(entry)
         sample_rows.extend(_sample_rows(temperature, n_samples, prompts_in.texts, prompts_in.chosen, pol, ref_set,
@@ -247,7 +241,7 @@ def evaluate_run(
 
     out = Path(out_dir) if out_dir is not None else run_dir / "eval"
     write_jsonl(sample_rows, out / "samples.jsonl")
-    write_text(out / "eval.json", json.dumps(result, indent=1) + "\n")
+    write_json(out / "eval.json", result)
     log(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")
     return result
 
@@ -274,6 +268,22 @@ class Prompts:
                              scorer.max_length)
         return cls([p for p in ids for _ in range(n_samples)], [item.text for item in items for _ in range(n_samples)],
                    [item.chosen or "" for item in items for _ in range(n_samples)], n_samples)
+
+
+def _headline(entry: dict[str, Any], pol: SampleSet) -> dict[str, Any]:
+    """The numbers eval.json leads with, those at temperature 1: KL(pi || pi_ref) (estimated from the policy's
+    own samples, which exist only there), reward, win rate and implicit reward."""
+    kl = kl_estimate(pol.logratios.tolist())
+    keys = ("reward", "reward_stderr", "reward_reference", "win_rate", "win_rate_ci", "implicit_reward")
+    return {"kl": kl.mean, "kl_stderr": kl.stderr, **{k: entry[k] for k in keys if k in entry}}
+
+
+def _reward_and_judge(reward: str | RewardFn | None, judge: Any) -> tuple[RewardFn | None, str | None, Any]:
+    """The reward function and its label; the judge of the win rate (the reward itself unless one is given)."""
+    if reward is None:
+        return None, None, judge
+    reward_fn, label = get_reward(reward), reward_name(reward)
+    return reward_fn, label, judge if judge is not None else RewardJudge(reward_fn, label or "reward")
 
 
 def _check_arguments(run_dir: Path, n_samples: int, baseline: str, temperatures: Sequence[float]) -> None:
