@@ -195,3 +195,11 @@ def test_precision_env_pins_auto_and_a_bad_value_is_one_clear_error(monkeypatch,
     monkeypatch.setenv("DPOKIT_PRECISION", "fp16")
     with pytest.raises(ConfigError, match="DPOKIT_PRECISION: expected fp32 or bf16"):
         choose_precision("auto", CPU)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without CUDA")
+def test_a_run_resolved_to_flex_attention_on_a_gpu_loads_with_sdpa_without_one(tiny_tok):
+    from dpokit.models import load_model, resolve
+
+    model = load_model(resolve("tiny-random-llama"), attn_implementation="flex_attention", vocab_size=len(tiny_tok))
+    assert model.config._attn_implementation == "sdpa"

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from dpokit.io import read_jsonl
+
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected")
 
@@ -108,8 +110,8 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The rows of a ``metrics.jsonl``."""
+    return read_jsonl(path)
 
 
 class Progress:

@@ -248,6 +248,10 @@ def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: b
                attn_implementation: str = "sdpa", vocab_size: int | None = None) -> nn.Module:
     if attn_implementation == "auto":  # unresolved (no run to resolve it for): PyTorch's fused kernel
         attn_implementation = "sdpa"
+    if attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        # A run trained on a GPU, scored or sampled on a machine without one: FlexAttention needs CUDA to run
+        # fast (and to train); SDPA gives the same numbers within float tolerance.
+        attn_implementation = "sdpa"
     if source.kind == "tiny":
         if vocab_size is None:
             vocab_size = len(tiny_tokenizer())

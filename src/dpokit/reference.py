@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import struct
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -27,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from dpokit.data.batch import collate_responses, regroup, to_device
 from dpokit.data.tokenize import TokenizedGroup
 from dpokit.distributed import Dist
+from dpokit.io import write_bytes
 from dpokit.logprobs import batch_logps
 from dpokit.models import cache_dir, freeze
 
@@ -127,10 +127,8 @@ class LogpStore:
         if not keys:
             return
         name = f"shard-{uuid.uuid4().hex}.safetensors"
-        tmp = self.folder / f".tmp-{name}"
         key_tensor = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(len(keys), 16)
-        save_file({"keys": key_tensor, "logps": torch.tensor(list(logps), dtype=torch.float32)}, str(tmp))
-        os.replace(tmp, self.folder / name)
+        write_bytes(self.folder / name, save({"keys": key_tensor, "logps": torch.tensor(list(logps), dtype=torch.float32)}))
         self.values.update(zip(keys, logps))
 
 
