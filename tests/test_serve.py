@@ -446,3 +446,23 @@ def test_dpokit_serve_runs_and_stops_on_ctrl_c(tiny_run):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_precision_auto_resolves_and_bf16_samples_under_autocast_while_rewards_stay_fp32(tiny_run, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("DPOKIT_PRECISION", "fp32")
+    assert load_playground(tiny_run).precision == "fp32"  # auto, pinned the way the suite pins it
+    bf16 = load_playground(tiny_run, precision="bf16")
+    seen: list[bool] = []
+    decoder = bf16.scorer.policy.get_decoder()  # both decoding and scoring run through it
+    hook = decoder.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    events: list[dict] = []
+    try:
+        bf16.run(bf16.prepare({"prompt": "Hello there", "max_new_tokens": 4, "n_samples": 2}), events.append,
+                 threading.Event())
+    finally:
+        hook.remove()
+    assert sorted(e["side"] for e in events if e["type"] == "final") == ["policy", "reference"]
+    # Decoding ran under bf16 autocast; the implicit rewards were scored without it (what `dpokit score` does).
+    assert seen[0] is True and seen[-1] is False
