@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dpokit.errors import ConfigError
+from dpokit.io import write_text
 
 NEUTRAL: dict[str, Any] = {"result_neutral": True}
 """Marks a field whose value does not change the numbers a run computes, only how they are computed (layout,
@@ -303,8 +304,9 @@ def load_config(source: str | Path | dict[str, Any] | Config | None = None, over
     return validate_tree(Config, apply_overrides(tree, overrides, **kwargs), name)
 
 
-def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+def save_config(config: BaseModel, path: Path) -> None:
+    """A resolved config (a run's ``Config``, a recipe's) as YAML, written atomically."""
+    write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def result_neutral_keys(model: type[BaseModel] | None = None, prefix: str = "") -> frozenset[str]:

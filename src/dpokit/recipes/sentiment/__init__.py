@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from dpokit.config import save_config
 from dpokit.errors import DataError
 from dpokit.io import write_json, write_jsonl, write_text
 from dpokit.recipes.sentiment.common import CACHE_VERSION, RECIPE, StageTimer, mean_stderr, say
@@ -85,7 +85,7 @@ def run(preset: str | Path | dict[str, Any] | None = None, overrides: Sequence[s
     root = Path(cfg.run_dir)
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
-    write_text(root / "recipe.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    save_config(cfg, root / "recipe.yaml")
 
     train_prompts, heldout_prompts = load_openings(cfg.prompts.file)
     train_prompts = train_prompts[:cfg.prompts.n_train]
