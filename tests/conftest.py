@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dpokit.hardware import kernel_limits
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,8 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["DPOKIT_PRECISION"] = "fp32"
 # torch.compile's kernel cache is not keyed by the kernel limits (ATEN_CPU_CAPABILITY, ...): a kernel cached by a
 # run under other limits crashed the compiled test ("corrupted size vs. prev_size"). One cache per setting.
-_limits = "-".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
-                                                    "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(k))
+_limits = "-".join(f"{k}={v}" for k, v in kernel_limits().items())
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) /
                                                       f"dpokit-inductor-{_limits or 'native'}"))
 

@@ -17,7 +17,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dpokit.errors import ConfigError
-from dpokit.io import write_json
+from dpokit.io import read_json, write_json
 
 PROBE_VERSION = 1
 """Bump when the probe's method changes, so cached figures from the old one are not reused."""
@@ -71,26 +71,25 @@ class Choice:
 
 # ---------------------------------------------------------------------------------------------- what the CPU has
 
-def cpu_flags() -> set[str]:
-    """Instruction-set flags of the CPU (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of Linux's ``/proc/cpuinfo`` (None elsewhere, or when absent)."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+        if line.startswith(field):
+            return line.partition(":")[2].strip()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """Instruction-set flags of the CPU (Linux; empty elsewhere)."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def kernel_limits() -> dict[str, str]:
@@ -113,7 +112,7 @@ def bf16_capability(device: torch.device) -> tuple[bool, str]:
 
 # ------------------------------------------------------------------------------------------------------ probe
 
-def _gflops(device: torch.device, dtype: torch.dtype, size: int, seconds: float) -> float:
+def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int, seconds: float) -> float:
     """Throughput of (size x size) @ (size x size) in dtype: the best of repeated timings, at least 3 and
     for at least ``seconds`` (the best, not the mean: other work on the machine only ever slows a run)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -137,8 +136,8 @@ def _gflops(device: torch.device, dtype: torch.dtype, size: int, seconds: float)
 def measure(device: torch.device, size: int | None = None, seconds: float = 0.2) -> Probe:
     """Measure fp32 and bf16 matmul throughput on ``device`` now (about a second on a CPU)."""
     size = size or (4096 if device.type == "cuda" else 512)
-    return Probe(device=str(device), fp32_gflops=_gflops(device, torch.float32, size, seconds),
-                 bf16_gflops=_gflops(device, torch.bfloat16, size, seconds), size=size,
+    return Probe(device=str(device), fp32_gflops=matmul_gflops(device, torch.float32, size, seconds),
+                 bf16_gflops=matmul_gflops(device, torch.bfloat16, size, seconds), size=size,
                  threads=torch.get_num_threads())
 
 
@@ -163,12 +162,10 @@ def cached_probe(device: torch.device, refresh: bool = False) -> Probe:
     """The probe of this machine: read from the cache, or measured once and cached (written atomically, so
     two processes probing at once leave one whole file)."""
     path = probe_path(device)
-    if not refresh and path.is_file():
-        try:
-            return Probe(**json.loads(path.read_text(encoding="utf-8")))
-        except (ValueError, TypeError):
-            pass  # a damaged cache file is measured again and replaced
-    probe = measure(device)
+    cached = None if refresh else read_json(path)
+    if isinstance(cached, dict) and set(cached) == {f.name for f in fields(Probe)}:
+        return Probe(**cached)
+    probe = measure(device)  # none cached yet, or a damaged file: measured again and replaced
     write_json(path, asdict(probe))
     return probe
 
@@ -251,14 +248,11 @@ def _attention_time(kind: str, precision: str, device: torch.device, length: int
 
 def cached_attention_times(precision: str, device: torch.device) -> dict[str, float]:
     """``{"sdpa": s, "eager": s}`` for this machine and precision, measured once and cached beside the probe."""
-    path = probe_path(device).with_name(f"{probe_path(device).stem}-attention-{precision}.json")
-    if path.is_file():
-        try:
-            times = json.loads(path.read_text(encoding="utf-8"))
-            if set(times) == {"sdpa", "eager"}:
-                return times
-        except ValueError:
-            pass
+    probe = probe_path(device)
+    path = probe.with_name(f"{probe.stem}-attention-{precision}.json")
+    cached = read_json(path)
+    if isinstance(cached, dict) and set(cached) == {"sdpa", "eager"}:
+        return cached
     times = {kind: _attention_time(kind, precision, device) for kind in ("sdpa", "eager")}
     write_json(path, times)
     return times
