@@ -121,20 +121,34 @@ def machine_info() -> dict[str, Any]:
 
 
 def matmul_gflops(dtype_name: str, size: int = 2048, seconds: float = 3.0) -> float:
-    """Best-of GFLOP/s of ``torch.matmul`` on two (size x size) matrices: 2*size^3 FLOPs per product."""
+    """Best-of GFLOP/s of (size x size) @ (size x size) on the CPU, measured as ``dpokit env`` measures it."""
     import torch
 
+    from dpokit.hardware import matmul_gflops as measure
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    torch.matmul(a, b)  # warm up (kernel selection, page faults)
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
-    return best
+    return measure(torch.device("cpu"), dtype, size, seconds)
+
+
+def trl_trainer(spec: dict[str, Any], **dpo_args: Any) -> Any:
+    """TRL's DPOTrainer on ``spec``'s model and pairs (a JSON-lines file), a constant learning rate and the
+    sigmoid loss, sequential batches, no saving or logging anywhere: what every TRL run of the benchmarks shares.
+    ``dpo_args`` are the DPOConfig settings a benchmark sets on top (precision, beta, seed, ...)."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    dataset = load_dataset("json", data_files=spec["data"], split="train", cache_dir=spec["hf_cache"])
+    args = DPOConfig(
+        output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
+        max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        loss_type=["sigmoid"], max_length=spec["max_length"], report_to="none", logging_steps=1,
+        save_strategy="no", dataloader_num_workers=0, train_sampling_strategy="sequential", disable_tqdm=True,
+        **dpo_args)
+    return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
 def process_cpu_s() -> float:

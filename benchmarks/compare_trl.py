@@ -59,6 +59,7 @@ from common import (  # noqa: E402
     run_child,
     step_flops,
     timed_summary,
+    trl_trainer,
     wait_until_quiet,
     write_jsonl,
 )
@@ -82,10 +83,8 @@ SYSTEMS = {
 def trl_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Train with TRL's DPOTrainer in this process. Timing: a callback stamps the end of every optimizer step;
     the collator is wrapped to record each training batch's shape and non-padding tokens."""
-    import torch
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from transformers import TrainerCallback
+    from trl import DPOTrainer
 
     marks: dict[str, Any] = {}
     original_precompute = DPOTrainer._precompute_ref_logps
@@ -99,19 +98,9 @@ def trl_child(spec: dict[str, Any]) -> dict[str, Any]:
     DPOTrainer._precompute_ref_logps = timed_precompute  # a timer around TRL's own method, nothing else changes
 
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    dataset = load_dataset("json", data_files=spec["data"], split="train", cache_dir=spec["hf_cache"])
-    args = DPOConfig(
-        output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
-        max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=10.0, beta=spec["beta"], loss_type=["sigmoid"],
-        max_length=spec["max_length"], precompute_ref_log_probs=spec["precompute"], bf16=False, fp16=False,
-        use_cpu=True, report_to="none", logging_steps=1, save_strategy="no", gradient_checkpointing=False,
-        dataloader_num_workers=0, dataloader_pin_memory=False, train_sampling_strategy="sequential",
-        seed=spec["seed"], disable_tqdm=True,
-    )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = trl_trainer(spec, weight_decay=0.0, max_grad_norm=10.0, beta=spec["beta"],
+                          precompute_ref_log_probs=spec["precompute"], bf16=False, fp16=False, use_cpu=True,
+                          gradient_checkpointing=False, dataloader_pin_memory=False, seed=spec["seed"])
     marks["setup_s"] = time.perf_counter() - start
     marks["rss_after_setup_mb"] = proc_status_mb("VmRSS")
 

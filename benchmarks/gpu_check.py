@@ -43,7 +43,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, dpokit_child, dpokit_config, make_pairs, run_child, timed_summary, write_jsonl  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    dpokit_child,
+    dpokit_config,
+    make_pairs,
+    run_child,
+    timed_summary,
+    trl_trainer,
+    write_jsonl,
+)
 
 U_FP32 = 2.0 ** -24
 """Unit round-off of fp32 (24-bit significand): a correctly rounded operation has relative error <= u."""
@@ -382,22 +391,13 @@ def check_fsdp(report: Report, workdir: Path, device_count: int, model_dir: Path
 # ------------------------------------------------------------------------------------------- (c) throughput
 
 def matmul_peak_tflops(device: Any, size: int, seconds: float) -> float:
-    """Best-of bf16 TFLOP/s of (size x size) @ (size x size) on ``device``: 2*size^3 FLOPs per product."""
+    """Best-of bf16 TFLOP/s of (size x size) @ (size x size) on ``device`` (``dpokit.hardware.matmul_gflops``:
+    2*size^3 FLOPs per product, each product synchronized, so at 8192 the launch is under 0.1% of it)."""
     import torch
 
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.matmul(a, b)
-    sync()
-    best, deadline, reps = 0.0, time.perf_counter() + seconds, 10 if device.type == "cuda" else 1
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        for _ in range(reps):
-            torch.matmul(a, b)
-        sync()
-        best = max(best, reps * 2 * size**3 / (time.perf_counter() - start) / 1e12)
-    return best
+    from dpokit.hardware import matmul_gflops
+
+    return matmul_gflops(device, torch.bfloat16, size, seconds) / 1000
 
 
 def mfu(params: int, tokens_per_s: float, peak_tflops: float) -> float:
@@ -429,20 +429,9 @@ def save_model_folder(shape: str, folder: Path) -> int:
 def trl_child(spec: dict[str, Any]) -> dict[str, Any]:
     """TRL's DPOTrainer in bf16 on the GPU (reference model online), steps timed by a callback."""
     import torch
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from transformers import TrainerCallback
 
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    dataset = load_dataset("json", data_files=spec["data"], split="train", cache_dir=spec["hf_cache"])
-    args = DPOConfig(
-        output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
-        max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
-        beta=BETA, loss_type=["sigmoid"], max_length=spec["max_length"], bf16=True, report_to="none",
-        logging_steps=1, save_strategy="no", dataloader_num_workers=0, train_sampling_strategy="sequential",
-        seed=0, disable_tqdm=True)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = trl_trainer(spec, beta=BETA, bf16=True, seed=0)
     tokens: list[int] = []
     collate = trainer.data_collator
 
