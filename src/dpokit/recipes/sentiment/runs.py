@@ -15,6 +15,7 @@ from dpokit.config import flatten, result_settings
 from dpokit.io import read_json, sha256_file, write_json, write_jsonl
 from dpokit.recipes.sentiment.common import CACHE_VERSION, digest, mean_stderr, say
 from dpokit.recipes.sentiment.sampling import Policy, load_policy, sample_continuations, sft_rows
+from dpokit.resume import fingerprint
 
 if TYPE_CHECKING:
     from dpokit.recipes.sentiment.config import SentimentConfig
@@ -110,8 +111,7 @@ def train_key(spec: RunSpec) -> str:
     content of its data and starting weights."""
     flat = flatten(spec.config)
     settings = {**result_settings(spec.config), **{k: flat[k] for k in _FRONTIER_SETTINGS if k in flat}}
-    data = [sha256_file(Path(p)) if p and Path(p).is_file() else p for p in (spec.config["data"]["train"],
-                                                                        spec.config["data"]["eval"])]
+    data = [fingerprint(p) if p else p for p in (spec.config["data"]["train"], spec.config["data"]["eval"])]
     model = spec.config["model"]["name_or_path"]
     model_key = sha256_file(Path(model) / "model.safetensors") if (Path(model) / "model.safetensors").is_file() else model
     return digest(CACHE_VERSION, spec.task, settings, data, model_key)
