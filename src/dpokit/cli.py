@@ -70,6 +70,26 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rm(args: argparse.Namespace) -> int:
+    launch_nproc(args)
+    from dpokit.train import train
+
+    run_dir = train(args.config, args.overrides, resume=args.resume, force=args.force, task="rm")
+    if is_main_process():
+        print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_ppo(args: argparse.Namespace) -> int:
+    launch_nproc(args)
+    from dpokit.ppo import ppo
+
+    run_dir = ppo(args.config, args.overrides, resume=args.resume, force=args.force)
+    if is_main_process():
+        print(f"run directory: {run_dir}")
+    return 0
+
+
 def print_before_after(run_dir: Path) -> None:
     """The held-out metrics at step 0 and at the end, when the run evaluated."""
     from rich.console import Console
@@ -160,9 +180,11 @@ def _add_data(sub: Any) -> None:
 
 
 def _add_training(sub: Any) -> None:
-    """``dpokit train`` and ``dpokit sft``."""
+    """``dpokit train``, ``sft``, ``rm`` and ``ppo``."""
     for name, func, text in (("train", cmd_train, "train with DPO (or a variant)"),
-                             ("sft", cmd_sft, "supervised fine-tuning on the chosen responses (pi_SFT)")):
+                             ("sft", cmd_sft, "supervised fine-tuning on the chosen responses (pi_SFT)"),
+                             ("rm", cmd_rm, "train a reward model (Bradley-Terry) on preference pairs"),
+                             ("ppo", cmd_ppo, "RLHF with PPO: sample, score with a reward, update against pi_ref")):
         command = sub.add_parser(name, help=text)
         command.add_argument("config", help="YAML config file")
         command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-6 loss.beta=0.2")

@@ -141,7 +141,11 @@ class Dist:
 
     def wrap_policy(self, policy: nn.Module) -> nn.Module:
         """The policy as a ``LogpsModule``: plain for one process, DDP- or FSDP-wrapped under torchrun."""
-        module = LogpsModule(policy)
+        return self.wrap_trainable(LogpsModule(policy))
+
+    def wrap_trainable(self, module: nn.Module) -> nn.Module:
+        """A trainable module whose one call computes a pass's outputs: plain for one process, DDP- or
+        FSDP-wrapped under torchrun."""
         if not self.active:
             return module
         if self.strategy == "fsdp":
