@@ -105,6 +105,60 @@ def _model_mask(model: nn.Module, batch: dict[str, Any]) -> Any:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DEFAULT_CHUNK, plain: bool = False,
+                 hidden: bool = False, entropy: bool = False) -> dict[str, torch.Tensor]:
+    """log pi(y_t | x, y_<t) of every target token of a batch layout, in ``pred_index`` order.
+
+    Returns ``logps`` (M,) float32; with ``hidden`` also the final hidden state of each predicting position
+    ``hidden`` (M, H) (what the vocabulary head reads: a value head reads the same features); with ``entropy``
+    the entropy of pi(. | x, y_<t) at each of them, ``entropy`` (M,), computed without gradient.
+    Batch keys: see ``layout_logps``.
+    """
+    input_ids, targets, pred_index = batch["input_ids"], batch["targets"], batch["pred_index"]
+    inputs = {"input_ids": input_ids, "attention_mask": _model_mask(model, batch),
+              "position_ids": batch["position_ids"], "use_cache": False}
+    out: dict[str, torch.Tensor] = {}
+    if plain or not supports_fast_path(model):
+        result = model(**inputs, output_hidden_states=hidden)
+        logits = result.logits  # (R, L, V)
+        logits = logits.reshape(-1, logits.shape[-1])[pred_index].float()  # (M, V)
+        out["logps"] = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        if hidden:
+            states = result.hidden_states[-1]  # after the final norm, as the head reads it
+            out["hidden"] = states.reshape(-1, states.shape[-1])[pred_index]
+        if entropy:
+            with torch.no_grad():
+                out["entropy"] = _entropy(logits)
+        return out
+    states = model.get_decoder()(**inputs).last_hidden_state  # (R, L, H)
+    states = states.reshape(-1, states.shape[-1])[pred_index]  # (M, H): predicting positions only
+    weight = model.get_output_embeddings().weight  # (V, H)
+    pieces, entropies = [], []
+    for start in range(0, states.shape[0], chunk_size):
+        h, t = states[start:start + chunk_size], targets[start:start + chunk_size]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            # Keep only the chunk's hidden states for backward; its logits are recomputed there.
+            pieces.append(_HeadLogps.apply(h, weight, t))
+        else:
+            pieces.append(_token_logps(h, weight, t))
+        if entropy:
+            with torch.no_grad():
+                entropies.append(_entropy(F.linear(h, weight).float()))
+    empty = states.new_zeros(0, dtype=torch.float32)
+    out["logps"] = torch.cat(pieces) if pieces else empty
+    if hidden:
+        out["hidden"] = states
+    if entropy:
+        out["entropy"] = torch.cat(entropies) if entropies else empty
+    return out
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H(softmax(logits)) per row, in fp32. Shape: (M, V) -> (M,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DEFAULT_CHUNK,
                  plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs for every slot of a batch layout.
@@ -117,32 +171,10 @@ def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
     ``plain`` computes full logits at every position (the reference implementation the fast path is tested
     against). Returns ``logps`` (S,) float32 and ``n_tokens`` (S,).
     """
-    input_ids, targets, pred_index = batch["input_ids"], batch["targets"], batch["pred_index"]
-    mask = _model_mask(model, batch)
-    n_slots = batch["n_slots"]
-    inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": batch["position_ids"],
-              "use_cache": False}
-    if plain or not supports_fast_path(model):
-        logits = model(**inputs).logits  # (R, L, V)
-        logits = logits.reshape(-1, logits.shape[-1])[pred_index].float()  # (M, V)
-        token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    else:
-        hidden = model.get_decoder()(**inputs).last_hidden_state  # (R, L, H)
-        hidden = hidden.reshape(-1, hidden.shape[-1])[pred_index]  # (M, H): predicting positions only
-        weight = model.get_output_embeddings().weight  # (V, H)
-        pieces = []
-        for start in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-            if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-                # Keep only the chunk's hidden states for backward; its logits are recomputed there.
-                pieces.append(_HeadLogps.apply(h, weight, t))
-            else:
-                pieces.append(_token_logps(h, weight, t))
-        token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    slot = batch["target_slot"]
-    logps = torch.zeros(n_slots, dtype=torch.float32, device=input_ids.device).index_add(0, slot, token_logps)
-    n_tokens = torch.zeros(n_slots, dtype=torch.long, device=input_ids.device).index_add(
-        0, slot, torch.ones_like(slot))
+    token_logps = target_logps(model, batch, chunk_size=chunk_size, plain=plain)["logps"]
+    device, n_slots, slot = batch["input_ids"].device, batch["n_slots"], batch["target_slot"]
+    logps = torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot, token_logps)
+    n_tokens = torch.zeros(n_slots, dtype=torch.long, device=device).index_add(0, slot, torch.ones_like(slot))
     return logps, n_tokens
 
 

@@ -22,7 +22,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,8 @@ class Run:
     skipped: int = 0
     consecutive_skips: int = 0
     started: float = 0.0
+    task_state: dict[str, Any] = field(default_factory=dict)
+    """JSON state of the training kind itself, saved in checkpoints and restored (PPO: the KL coefficient)."""
 
 
 # ------------------------------------------------------------------------------------------------ the losses

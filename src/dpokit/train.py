@@ -216,6 +216,7 @@ def restore(run: Run, force: bool = False) -> None:
                               saved.get("world_size", 1), run.dist.world)
     state = restore_checkpoint(run.checkpoint, run.policy, run.optimizer, run.scheduler, run.dist)
     run.step, run.consumed, run.skipped = state["step"], state["pairs_consumed"], state["skipped_steps"]
+    run.task_state = state.get("task_state", {})
     run.stream = PairStream(len(run.train_items), run.cfg.train.seed, run.cfg.train.shuffle, **state["data_position"])
     rngs = [state["rng"], *state.get("rng_other_ranks", [])]
     set_rng_state(rngs[run.dist.rank % len(rngs)])
@@ -231,7 +232,7 @@ def trainer_state(run: Run) -> dict[str, Any]:
     return {"step": run.step, "data_position": run.stream.position, "pairs_consumed": run.consumed,
             "skipped_steps": run.skipped, "rng": rngs[0], "rng_other_ranks": rngs[1:], "world_size": run.dist.world,
             "config": run.cfg.model_dump(mode="json"), "data_fingerprint": run.data_fingerprint,
-            "task": run.task.name}
+            "task": run.task.name, "task_state": run.task_state}
 
 
 def save(run: Run) -> None:
