@@ -213,6 +213,52 @@ class DistributedConfig(_Section):
     (rank 0 writing a checkpoint of a DDP run)."""
 
 
+class PpoConfig(_Section):
+    """``dpokit ppo``: RLHF with PPO (Ziegler et al. 2019, Ouyang et al. 2022). Each step samples responses to
+    ``rollout_prompts`` prompts of ``data.train`` from pi, scores them with ``reward``, and makes ``epochs``
+    passes of clipped PPO updates over them in optimizer steps of ``train.batch_size`` x ``train.grad_accum``
+    x processes responses. The value head shares the policy's trunk (see ``dpokit.ppo``)."""
+
+    reward: str | None = None
+    """What a response is worth: ``sentiment``, ``length``, ``module:function``, ``file.py:function``, or the
+    RUN_DIR (or ``final/`` folder) of a ``dpokit rm`` reward model. Required."""
+    rollout_prompts: int = Field(32, ge=1)
+    """Prompts sampled per PPO step, over every process (one response each)."""
+    epochs: int = Field(4, ge=1)
+    """Passes over each step's samples."""
+    max_new_tokens: int = Field(32, ge=1)
+    """Response tokens at most (EOS included)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the rollouts; 1 samples pi itself, which the KL estimate assumes."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling of the rollouts; 1 samples pi itself."""
+    kl_coef: float = Field(0.05, ge=0)
+    """beta of the per-token KL penalty -beta * (log pi - log pi_ref); the initial value when ``kl_target``
+    is set."""
+    kl_target: float | None = Field(None, gt=0)
+    """Adaptive KL control (Ziegler et al. 2019): steer ``kl_coef`` so that KL(pi || pi_ref) per response
+    approaches this many nats; unset keeps ``kl_coef`` fixed."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Responses over which the adaptive controller moves ``kl_coef`` by at most +-20%."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token estimator of the KL penalty: ``k1`` = log pi - log pi_ref (unbiased, the usual RLHF
+    penalty), ``k3`` = exp(-k1) - 1 + k1 (unbiased and never negative)."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount of the per-token rewards."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda: 0 is one-step TD, 1 is the Monte Carlo return."""
+    clip: float = Field(0.2, gt=0)
+    """Clip range of the probability ratio in the policy loss."""
+    value_clip: float = Field(0.2, gt=0)
+    """Clip range of the value change in the value loss."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss beside the policy loss (they share the trunk)."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards over the step's samples before GAE (advantages are always whitened)."""
+    eval_max_prompts: int | None = Field(64, ge=1, json_schema_extra=NEUTRAL)
+    """Held-out prompts (``data.eval``) sampled at each evaluation; null: all."""
+
+
 class Config(_Section):
     run_dir: str | None = Field(None, json_schema_extra=NEUTRAL)
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/ are written here."""
@@ -225,6 +271,7 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     reference: ReferenceConfig = ReferenceConfig()
     distributed: DistributedConfig = DistributedConfig()
+    ppo: PpoConfig = PpoConfig()
 
     @model_validator(mode="after")
     def _loss_is_known(self) -> Config:

@@ -1,0 +1,496 @@
+"""``dpokit ppo``: RLHF with PPO, the method the DPO paper compares against (Section 6.1, Figure 2).
+
+    setup (config -> policy + value head -> pi_ref -> prompts -> reward) -> restore (when resuming)
+    -> for each PPO step:
+         rollout: prompts -> responses sampled from pi (the batched KV-cache sampler, no_grad, eval mode)
+                  -> scores from the reward -> log pi, V and log pi_ref of every sampled token
+                  -> per-token rewards -beta * KL_t (+ the score on the last token) -> GAE -> whitened advantages
+         update:  ppo.epochs passes over the samples in shuffled minibatches: clipped policy loss +
+                  ppo.vf_coef x clipped value loss -> backward -> dpokit.step.apply_update
+         the adaptive KL controller moves beta toward ppo.kl_target; log, maybe evaluate, maybe checkpoint
+    -> final checkpoint -> RUN_DIR/final (the policy alone, a plain Hugging Face folder)
+
+**The value head shares the policy's trunk**: a linear head on the final hidden state, the features the
+vocabulary head reads. One forward pass gives log pi and V, so a step costs one model's compute and memory
+instead of two (a separate critic doubles both, which decides what fits on a CPU or one GPU); the price is that
+the value loss also moves the policy's features, which ``ppo.vf_coef`` (0.1) keeps small next to the policy
+loss, and which is why the value head starts at zero (V = 0: no value gradient is large at the start).
+
+Exact resume: a checkpoint holds the weights (value head included), optimizer, scheduler, the prompt stream
+position and the KL controller; the sampling generator and the minibatch order of step N are seeded from
+(train.seed, N, rank), so a resumed run samples and updates exactly as an uninterrupted one.
+Under torchrun (DDP) each rank samples its share of the step's prompts; whitening statistics, losses and
+metrics are reduced over ranks, so N ranks train as one process with the same global batch does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpokit.checkpoint import export_hf
+from dpokit.config import Config, ConfigError, load_config
+from dpokit.data.batch import PairStream, pad_sequences, padded_layout, to_device
+from dpokit.distributed import Dist
+from dpokit.distributed import setup as setup_distributed
+from dpokit.errors import DpokitError
+from dpokit.evaluate.run import EvalPrompt, load_prompts
+from dpokit.generate import SamplingParams, eos_token_ids, generate
+from dpokit.logprobs import target_logps
+from dpokit.metrics import MetricsWriter, Progress
+from dpokit.models import load_models
+from dpokit.ppo.core import KLController, gae, policy_loss, token_rewards, value_loss, whiten
+from dpokit.resume import fingerprint, seed_everything
+from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
+from dpokit.step import Run, Task, apply_update
+from dpokit.train import (
+    _note,
+    _quiet,
+    autocast_for,
+    enable_checkpointing,
+    lr_lambda,
+    make_optimizer,
+    open_run_dir,
+    resolve_hardware,
+    restore,
+    save,
+)
+
+
+def _no_pass(*_: Any) -> Any:
+    raise DpokitError("ppo: a PPO step is not a pass over preference pairs")
+
+
+PPO_TASK = Task("ppo", forward=_no_pass, normalizer=_no_pass, new_stats=dict, needs_reference=True,
+                chosen_only=False)
+"""PPO as a kind of training: it reuses a ``Run`` (checkpoints, resume, the update) but steps with
+``ppo_step``, not with the pair passes of ``dpokit.step.train_step``."""
+
+
+# ------------------------------------------------------------------------------------------------- the model
+
+class PolicyValue(nn.Module):
+    """pi and its value head as one module call (DDP's hooks see one call): for every target token of a batch
+    layout, log pi(y_t | x, y_<t) and V(x, y_<t), the value of the state the token is sampled from.
+
+    The head reads the final hidden state at the position that predicts the token (``target_logps``), in fp32.
+    """
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.model = policy
+        hidden = policy.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: see the module docstring
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, batch: dict[str, Any], entropy: bool = False) -> dict[str, torch.Tensor]:
+        out = target_logps(self.model, batch, hidden=True, entropy=entropy)
+        hidden = out.pop("hidden")
+        with torch.autocast(hidden.device.type, enabled=False):
+            out["values"] = self.value_head(hidden.float()).squeeze(-1)  # (M,)
+        return out
+
+
+@dataclass
+class PromptItem:
+    prompt: EvalPrompt
+    ids: list[int]
+
+
+@dataclass
+class Ppo:
+    """What a PPO run holds beside the ``Run``: pi_ref, the prompts, the reward, the KL controller."""
+
+    run: Run
+    reference: nn.Module | None
+    """The frozen pi_ref; None with ``reference.mode: adapter`` (the policy with its LoRA adapters off)."""
+    eval_prompts: list[PromptItem]
+    reward: RewardFn
+    reward_label: str
+    controller: KLController
+    eos_ids: list[int]
+
+
+# ----------------------------------------------------------------------------------------------- the rollout
+
+@dataclass
+class Rollout:
+    """This rank's samples of one step. Per-token tensors are right-padded response tokens, (B, T)."""
+
+    rows: list[tuple[list[int], list[int]]]
+    """(prompt ids, response ids) of each sample."""
+    mask: torch.Tensor
+    logps: torch.Tensor
+    ref_logps: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+    scores: torch.Tensor
+    """(B,) the reward of each response."""
+    finished: list[bool]
+
+
+def rows_batch(rows: list[tuple[list[int], list[int]]], pad_id: int,
+               device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
+    """A padded batch of prompt + response rows and the (B, T) mask of their response tokens: the batch's
+    targets (``pred_index`` order) are exactly the mask's True entries in row-major order."""
+    padded = pad_sequences([p + r for p, r in rows], [len(p) for p, _ in rows], pad_id, side="right")
+    batch = padded_layout(padded["input_ids"], padded["attention_mask"], padded["response_mask"])
+    lengths = torch.tensor([len(r) for _, r in rows])
+    mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]  # (B, T)
+    return to_device(batch, device), mask.to(device)
+
+
+def to_grid(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-target values (M,) into their (B, T) places; 0 on padding. Differentiable."""
+    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+
+
+def sample(ppo: Ppo, items: list[PromptItem], seed: int) -> list[tuple[list[int], list[int], bool, str]]:
+    """One response per prompt from pi under no_grad, in eval mode: (prompt ids, response ids, finished, text)."""
+    run = ppo.run
+    cfg = run.cfg.ppo
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            seed=seed, batch_size=max(1, min(len(items), 64)))
+    with run.autocast():
+        samples = generate(run.policy.model, run.tokenizer, [it.ids for it in items], params, ppo.eos_ids)
+    return [(s.prompt_ids, s.response_ids, s.finished, s.text) for s in samples]
+
+
+def score(ppo: Ppo, items: list[PromptItem], texts: list[str]) -> list[float]:
+    prompts = [it.prompt.prompt if getattr(ppo.reward, "accepts_messages", False) else it.prompt.text
+               for it in items]
+    return score_texts(ppo.reward, prompts, texts, ppo.reward_label)
+
+
+@torch.no_grad()
+def evaluate_rows(ppo: Ppo, rows: list[tuple[list[int], list[int]]], with_values: bool = True) -> dict[str, torch.Tensor]:
+    """log pi, V, entropy and log pi_ref of every response token of ``rows``, in micro-batches of
+    ``train.batch_size``; (B, T) each, plus ``mask``."""
+    run = ppo.run
+    pad = run.tokenizer.pad_token_id
+    _, mask = rows_batch(rows, pad, torch.device("cpu"))
+    width = mask.shape[1]
+    parts: dict[str, list[torch.Tensor]] = {"logps": [], "values": [], "entropy": [], "ref_logps": []}
+    size = run.cfg.train.batch_size
+    policy_was_training = run.policy.training
+    run.policy.eval()
+    try:
+        for start in range(0, len(rows), size):
+            batch, m = rows_batch(rows[start:start + size], pad, run.device)
+            with run.autocast():
+                out = run.policy(batch, entropy=True) if with_values else target_logps(
+                    run.policy.model, batch, entropy=True)
+                ref = reference_logps(ppo, batch)
+            grids = {"logps": out["logps"], "entropy": out["entropy"], "ref_logps": ref}
+            if with_values:
+                grids["values"] = out["values"]
+            for key, flat in grids.items():
+                grid = to_grid(flat.float(), m)
+                parts[key].append(torch.nn.functional.pad(grid, (0, width - grid.shape[1])))
+    finally:
+        run.policy.train(policy_was_training)
+    result = {key: torch.cat(value) for key, value in parts.items() if value}
+    result["mask"] = mask.to(run.device)
+    return result
+
+
+def reference_logps(ppo: Ppo, batch: dict[str, Any]) -> torch.Tensor:
+    """log pi_ref of every target token, (M,): the frozen copy, or the LoRA policy with its adapters off."""
+    if ppo.reference is not None:
+        return target_logps(ppo.reference, batch)["logps"]
+    with ppo.run.policy.model.disable_adapter():
+        return target_logps(ppo.run.policy.model, batch)["logps"]
+
+
+def rollout(ppo: Ppo, items: list[PromptItem], seed: int) -> tuple[Rollout, dict[str, float]]:
+    """Sample, score and evaluate this rank's prompts; returns the rollout and its timings."""
+    started = time.perf_counter()
+    samples = sample(ppo, items, seed)
+    sampled = time.perf_counter()
+    scores = score(ppo, items, [s[3] for s in samples])
+    scored = time.perf_counter()
+    rows = [(p, r) for p, r, _, _ in samples]
+    out = evaluate_rows(ppo, rows)
+    device = ppo.run.device
+    result = Rollout(rows=rows, mask=out["mask"], logps=out["logps"], ref_logps=out["ref_logps"],
+                     values=out["values"], entropy=out["entropy"],
+                     scores=torch.tensor(scores, dtype=torch.float32, device=device),
+                     finished=[s[2] for s in samples])
+    timings = {"sample_s": sampled - started, "score_s": scored - sampled,
+               "forward_s": time.perf_counter() - scored}
+    return result, timings
+
+
+# -------------------------------------------------------------------------------------------------- the step
+
+def step_seed(seed: int, step: int, rank: int, stream: int) -> int:
+    """The seed of one random stream (0: sampling, 1 + e: minibatch order of epoch e) of step ``step`` on
+    ``rank``: a function of these numbers alone, so a resumed run draws exactly what the first one did."""
+    return (seed * 1_000_003 + step) * 1_009 + rank * 101 + stream
+
+
+def ppo_step(ppo: Ppo, step: int) -> dict[str, Any]:
+    """PPO step ``step``: rollout, advantages, ``ppo.epochs`` passes of clipped updates. Returns its metrics
+    row (means over every rank's samples)."""
+    run, cfg, dist = ppo.run, ppo.run.cfg, ppo.run.dist
+    started = time.perf_counter()
+    indices = run.stream.take(cfg.ppo.rollout_prompts)
+    run.consumed += len(indices)
+    items = [run.train_items[i] for i in indices[dist.rank::dist.world]]
+    ro, timings = rollout(ppo, items, step_seed(cfg.train.seed, step, dist.rank, 0))
+    mask = ro.mask.float()
+    beta = ppo.controller.value
+    rewards, kl = token_rewards(ro.scores, ro.logps, ro.ref_logps, mask, beta, cfg.ppo.kl_estimator)
+    if cfg.ppo.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False, sums=dist.sum) * mask
+    advantages, returns = gae(rewards, ro.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+    advantages = whiten(advantages, mask, sums=dist.sum) * mask
+    train_started = time.perf_counter()
+    update = ppo_update(ppo, step, ro, advantages, returns)
+    train_s = time.perf_counter() - train_started
+
+    # Step metrics: sums over every rank's samples, then means.
+    n_tokens = mask.sum(-1)
+    seq_kl = (kl * mask).sum(-1)
+    residual = (returns - ro.values) * mask
+    sums = dist.sum([
+        float(len(ro.rows)), float(mask.sum()), float(ro.scores.sum()), float((ro.scores ** 2).sum()),
+        float(seq_kl.sum()), float((ro.entropy * mask).sum()), float(sum(ro.finished)),
+        float((returns * mask).sum()), float((returns ** 2 * mask).sum()), float(residual.sum()),
+        float((residual ** 2).sum()), float((ro.values * mask).sum()), float(n_tokens.sum()),
+    ])
+    (n, tokens, score_sum, score_sq, kl_sum, entropy_sum, finished, ret_sum, ret_sq, res_sum, res_sq,
+     value_sum, _) = sums
+    ppo.controller.update(kl_sum / n, int(n))
+    run.task_state = {"kl_controller": ppo.controller.state_dict()}
+    run.step = step
+    return_var = ret_sq / tokens - (ret_sum / tokens) ** 2
+    residual_var = res_sq / tokens - (res_sum / tokens) ** 2
+    seconds = time.perf_counter() - started
+    timings = dist.sum([timings["sample_s"], timings["score_s"], timings["forward_s"]])
+    return {
+        "step": step, "split": "train", "elapsed_s": time.perf_counter() - run.started, "tokens": int(tokens),
+        "reward": score_sum / n, "reward_std": math.sqrt(max(score_sq / n - (score_sum / n) ** 2, 0.0)),
+        "kl": kl_sum / n, "kl_coef": beta, "non_score_reward": -beta * kl_sum / n,
+        "entropy": entropy_sum / tokens, "response_length": tokens / n, "eos_fraction": finished / n,
+        **update,
+        "value/mean": value_sum / tokens,
+        "value/explained_variance": 1.0 - residual_var / return_var if return_var > 0 else float("nan"),
+        "tokens_per_second": tokens / seconds, "sample_s": timings[0] / dist.world,
+        "score_s": timings[1] / dist.world, "train_s": train_s + timings[2] / dist.world,
+        "skipped_steps": run.skipped,
+    }
+
+
+def ppo_update(ppo: Ppo, step: int, ro: Rollout, advantages: torch.Tensor,
+               returns: torch.Tensor) -> dict[str, float]:
+    """``ppo.epochs`` passes over the rollout in shuffled minibatches of ``train.batch_size`` x
+    ``train.grad_accum`` samples per rank, one optimizer step each. A minibatch's loss is the sum over its
+    response tokens (every rank's) divided by their number, so the gradient does not depend on how the
+    samples are split into micro-batches or ranks."""
+    run, cfg, dist = ppo.run, ppo.run.cfg, ppo.run.dist
+    pad = run.tokenizer.pad_token_id
+    size, micro = cfg.train.batch_size * cfg.train.grad_accum, cfg.train.batch_size
+    totals = torch.zeros(6, dtype=torch.float64)  # tokens, policy loss, value loss, clipfrac, vclipfrac, approx kl
+    grad_norms: list[float] = []
+    lr = run.optimizer.param_groups[0]["lr"]
+    for epoch in range(cfg.ppo.epochs):
+        generator = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, dist.rank, 1 + epoch))
+        order = torch.randperm(len(ro.rows), generator=generator).tolist()
+        for start in range(0, len(order), size):
+            minibatch = order[start:start + size]
+            normalizer = dist.sum([float(ro.mask[minibatch].sum())])[0]
+            minibatch_loss = 0.0
+            for first in range(0, len(minibatch), micro):
+                chosen = minibatch[first:first + micro]
+                last = first + micro >= len(minibatch)
+                batch, m = rows_batch([ro.rows[i] for i in chosen], pad, run.device)
+                width = m.shape[1]
+                pick = torch.tensor(chosen, device=run.device)
+                old_logps, old_values = ro.logps[pick, :width], ro.values[pick, :width]
+                advantage, target = advantages[pick, :width], returns[pick, :width]
+                with run.dist.grad_sync(run.model, sync=last):
+                    with run.autocast():
+                        out = run.model(batch)
+                    logps, values = to_grid(out["logps"].float(), m), to_grid(out["values"].float(), m)
+                    pg, clipped, approx_kl = policy_loss(logps, old_logps, advantage, cfg.ppo.clip)
+                    vl, vclipped = value_loss(values, old_values, target, cfg.ppo.value_clip)
+                    mf = m.float()
+                    loss_sum = ((pg + cfg.ppo.vf_coef * vl) * mf).sum()
+                    (loss_sum * dist.grad_scale / normalizer).backward()
+                with torch.no_grad():
+                    totals += torch.tensor([float(mf.sum()), float((pg * mf).sum()), float((vl * mf).sum()),
+                                            float((clipped * mf).sum()), float((vclipped * mf).sum()),
+                                            float((approx_kl * mf).sum())], dtype=torch.float64)
+                minibatch_loss += float(loss_sum.detach())
+            grad_norm, lr = apply_update(run, step, dist.sum([minibatch_loss])[0] / normalizer)
+            grad_norms.append(grad_norm)
+    t = dist.sum(totals.tolist())
+    tokens = max(t[0], 1.0)
+    return {"loss": (t[1] + cfg.ppo.vf_coef * t[2]) / tokens, "policy/loss": t[1] / tokens,
+            "value/loss": t[2] / tokens, "policy/clipfrac": t[3] / tokens, "value/clipfrac": t[4] / tokens,
+            "policy/approx_kl": t[5] / tokens, "grad_norm": sum(grad_norms) / len(grad_norms), "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(ppo: Ppo) -> dict[str, float]:
+    """Held-out prompts: one response each from pi (the same seed at every evaluation), its reward and the
+    Monte Carlo estimate of KL(pi || pi_ref) = E_y~pi[sum_t log pi - log pi_ref]."""
+    run, dist = ppo.run, ppo.run.dist
+    items = ppo.eval_prompts[dist.rank::dist.world]
+    if not items:
+        raise ConfigError(f"data.eval: {len(ppo.eval_prompts)} held-out prompts for {dist.world} processes; "
+                          "give at least one per process")
+    samples = sample(ppo, items, step_seed(run.cfg.train.seed, 0, dist.rank, 10_000))
+    scores = score(ppo, items, [s[3] for s in samples])
+    out = evaluate_rows(ppo, [(p, r) for p, r, _, _ in samples], with_values=False)
+    seq_kl = ((out["logps"] - out["ref_logps"]) * out["mask"]).sum(-1)
+    n, reward, reward_sq, kl, tokens = dist.sum([float(len(items)), float(sum(scores)),
+                                                 float(sum(s * s for s in scores)), float(seq_kl.sum()),
+                                                 float(out["mask"].sum())])
+    return {"reward": reward / n, "reward_std": math.sqrt(max(reward_sq / n - (reward / n) ** 2, 0.0)),
+            "kl": kl / n, "response_length": tokens / n}
+
+
+# ------------------------------------------------------------------------------------------------------ setup
+
+def check_config(cfg: Config, dist: Dist) -> None:
+    """Settings PPO cannot run with, each as one line naming the key."""
+    if not cfg.data.train:
+        raise ConfigError("data.train: required (a prompt file, or a preference file whose prompts are used)")
+    if not cfg.ppo.reward:
+        raise ConfigError("ppo.reward: required (sentiment, length, module:function, or the RUN_DIR of a "
+                          "dpokit rm reward model)")
+    if cfg.reference.mode == "store":
+        raise ConfigError("reference.mode: 'store' holds log-probs of fixed responses; PPO samples new ones "
+                          "at every step: use 'model' (or 'adapter' with LoRA)")
+    if dist.sharded:
+        raise ConfigError("distributed.strategy: ppo runs with 'ddp' (sampling from an FSDP-sharded policy "
+                          "is not supported yet)")
+    if not cfg.model.disable_dropout:
+        raise ConfigError("model.disable_dropout: ppo needs dropout off (the probability ratios compare the "
+                          "policy with itself at sampling time)")
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * dist.world
+    if cfg.ppo.rollout_prompts % global_batch:
+        raise ConfigError(f"ppo.rollout_prompts: {cfg.ppo.rollout_prompts} is not a multiple of train.batch_size "
+                          f"x train.grad_accum x processes = {global_batch} (the samples of an optimizer step)")
+
+
+def prompt_items(source: str, split: str, tokenizer: Any, cfg: Config,
+                 max_prompts: int | None = None) -> list[PromptItem]:
+    from dpokit.generate import encode_prompts
+
+    prompts = load_prompts(source, split, max_prompts)
+    ids = encode_prompts(tokenizer, [p.prompt for p in prompts], cfg.data.max_prompt_length, cfg.data.max_length)
+    return [PromptItem(p, i) for p, i in zip(prompts, ids)]
+
+
+def setup(cfg: Config, dist: Dist, resume: bool = False) -> Ppo:
+    check_config(cfg, dist)
+    note = _note if dist.is_main else _quiet
+    device = dist.device
+    reward = get_reward(cfg.ppo.reward)  # a bad reward fails now, not after the models are loaded
+    resolve_hardware(cfg, device, note)
+    checkpoint = dist.on_main(lambda: open_run_dir(cfg, resume))
+    seed_everything(cfg.train.seed)
+    models = load_models(cfg.model, reference="always" if cfg.reference.mode == "model" else "never")
+    policy = PolicyValue(models.policy).to(device)
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(models.policy)
+    reference = models.reference.to(device) if models.reference is not None else None
+    tokenizer = models.tokenizer
+    prompts = prompt_items(cfg.data.train, cfg.data.train_split, tokenizer, cfg)
+    eval_prompts = (prompt_items(cfg.data.eval, cfg.data.eval_split, tokenizer, cfg, cfg.ppo.eval_max_prompts)
+                    if cfg.data.eval else [])
+    note(f"ppo: {len(prompts)} training prompts, {len(eval_prompts)} held-out; reward {reward_name(cfg.ppo.reward)}")
+    model = dist.wrap_trainable(policy)
+    if dist.rank:
+        seed_everything(cfg.train.seed + dist.rank)
+    if cfg.train.max_steps is not None:
+        total_steps = cfg.train.max_steps
+    else:
+        total_steps = math.ceil(cfg.train.epochs * len(prompts) / cfg.ppo.rollout_prompts)
+    per_step = cfg.ppo.epochs * cfg.ppo.rollout_prompts // (cfg.train.batch_size * cfg.train.grad_accum * dist.world)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    # The schedule (and train.warmup_steps) counts optimizer steps: ppo.epochs x minibatches per PPO step.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps * per_step))
+    run = Run(cfg=cfg, dist=dist, task=PPO_TASK, run_dir=Path(cfg.run_dir), device=device, note=note,
+              tokenizer=tokenizer, policy=policy, model=model, reference=None, train_items=prompts,
+              eval_items=eval_prompts, params=params, optimizer=optimizer, scheduler=scheduler,
+              stream=PairStream(len(prompts), cfg.train.seed, cfg.train.shuffle),
+              pairs_per_step=cfg.ppo.rollout_prompts, total_steps=total_steps,
+              total_pairs=total_steps * cfg.ppo.rollout_prompts, autocast=autocast_for(cfg, device),
+              data_fingerprint=fingerprint(cfg.data.train), checkpoint=checkpoint)
+    controller = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+    return Ppo(run=run, reference=reference, eval_prompts=eval_prompts, reward=reward,
+               reward_label=reward_name(cfg.ppo.reward), controller=controller,
+               eos_ids=eos_token_ids(models.policy, tokenizer))
+
+
+def export_policy(run: Run) -> None:
+    """RUN_DIR/final: the policy alone (no value head), one plain Hugging Face folder written by rank 0; LoRA
+    adapters are folded into the base weights."""
+    lm = run.policy.model
+    if run.dist.is_main:
+        export_hf(lm.merge_and_unload() if hasattr(lm, "merge_and_unload") else lm, run.tokenizer,
+                  run.run_dir / "final")
+
+
+# ------------------------------------------------------------------------------------------------------ train
+
+def ppo(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None, *,
+        resume: bool = False, force: bool = False, **kwargs: Any) -> Path:
+    """Train a policy with PPO and return the run directory (arguments as ``dpokit.train.train``)."""
+    cfg = load_config(config, overrides, **kwargs)
+    dist = setup_distributed(cfg.distributed)
+    with dist.failures():
+        run_dir = _ppo(cfg, dist, resume=resume or cfg.train.resume == "auto", force=force)
+    dist.close()
+    return run_dir
+
+
+def _ppo(cfg: Config, dist: Dist, *, resume: bool, force: bool) -> Path:
+    ppo_run = setup(cfg, dist, resume=resume)
+    run = ppo_run.run
+    if run.checkpoint is not None:
+        restore(run, force)
+        ppo_run.controller.load_state_dict(run.task_state["kl_controller"])
+    first, every, save_every = run.step, cfg.eval.every, cfg.train.save_every
+    metrics = MetricsWriter(run.run_dir / "metrics.jsonl", enabled=dist.is_main)
+    progress = Progress(run.total_steps, first, enabled=cfg.train.progress and dist.is_main)
+    run.started = time.perf_counter()
+
+    def log_eval() -> None:
+        metrics.write({"step": run.step, "split": "eval", "elapsed_s": time.perf_counter() - run.started,
+                       **evaluate(ppo_run)})
+
+    try:
+        if ppo_run.eval_prompts and first == 0:
+            log_eval()
+        for step in range(first + 1, run.total_steps + 1):
+            row = ppo_step(ppo_run, step)
+            if step % cfg.train.log_every == 0 or step == run.total_steps:
+                metrics.write(row)
+            progress.update(step, row)
+            if ppo_run.eval_prompts and every and step % every == 0 and step != run.total_steps:
+                log_eval()
+            if save_every and step % save_every == 0 and step != run.total_steps:
+                save(run)
+        if ppo_run.eval_prompts and first < run.total_steps:
+            log_eval()
+    finally:
+        progress.close()
+        metrics.close()
+    if first < run.total_steps:
+        save(run)
+    export_policy(run)
+    return run.run_dir
+

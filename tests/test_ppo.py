@@ -1,0 +1,197 @@
+"""dpokit ppo end to end on a tiny random model: it learns its reward, resumes bit-identically after SIGKILL,
+gives the same update for any split into micro-batches, scores the sampled tokens exactly, and refuses settings
+it cannot run with in one line."""
+
+import math
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dpokit.config import ConfigError, load_config
+from dpokit.distributed import Dist
+from dpokit.metrics import read_metrics
+from dpokit.models import tiny_model
+from test_resume import assert_bit_identical, kill_when
+from tolerances import METRIC_REL, assert_same_metrics, assert_same_weights_after_adamw
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny-ppo.yaml"
+TRAIN_KEYS = ["reward", "kl", "kl_coef", "entropy", "policy/clipfrac", "policy/approx_kl", "policy/loss",
+              "value/loss", "value/clipfrac", "value/explained_variance", "tokens", "elapsed_s", "sample_s",
+              "score_s", "train_s", "grad_norm", "lr", "response_length", "eos_fraction"]
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpokit", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def small_config(tmp_path: Path, **sections) -> dict:
+    """configs/tiny-ppo.yaml, shorter, with the given sections' keys replaced."""
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["run_dir"] = str(tmp_path / "run")
+    cfg["train"].update(max_steps=3, progress=False, save_every=None)
+    cfg["ppo"]["reward"] = str(ROOT / "examples" / "rewards.py") + ":letter_e"
+    for key in ("train", "eval"):
+        cfg["data"][key] = str(ROOT / cfg["data"][key])
+    cfg["eval"] = {}
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def test_tiny_ppo_config_learns_its_reward_and_writes_a_plain_policy(tmp_path):
+    run_dir = tmp_path / "run"
+    done = run_cli("ppo", str(TINY), f"run_dir={run_dir}", "train.progress=false")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in rows if r["split"] == "train"]
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, 21))
+    assert [r["step"] for r in evals] == [0, 5, 10, 15, 20]
+    for key in TRAIN_KEYS:
+        assert all(key in r for r in train), key
+    # Step 1 samples from pi = pi_ref (a frozen copy of the same weights, the same computation): KL is 0.
+    assert train[0]["kl"] == 0.0
+    # The held-out reward must rise by more than three standard errors of the difference of two means over
+    # the 16 held-out prompts (each estimate's standard error is reward_std / sqrt(16)): chance cannot do that.
+    first, last = evals[0], evals[-1]
+    stderr = math.sqrt((first["reward_std"] ** 2 + last["reward_std"] ** 2) / 16)
+    assert last["reward"] - first["reward"] > 3 * stderr, (first, last)
+    assert last["kl"] > 0.1  # it paid for the reward in KL(pi || pi_ref)
+    # final/ is the policy alone, a plain Hugging Face causal LM folder.
+    code = ("import sys, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+            "assert 'dpokit' not in sys.modules; print(type(m).__name__)")
+    plain = subprocess.run([sys.executable, "-c", code, str(run_dir / "final")], capture_output=True, text=True,
+                           timeout=120)
+    assert plain.returncode == 0 and "ForCausalLM" in plain.stdout, plain.stderr[-1000:]
+    assert not any("value_head" in k for k in load_file(str(run_dir / "final" / "model.safetensors")))
+
+
+@pytest.mark.equivalence
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
+    cfg = small_config(tmp_path, train={"max_steps": 6, "save_every": 1},
+                       ppo={"kl_target": 0.5, "kl_horizon": 50})  # the adaptive KL coefficient must resume too
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    straight = tmp_path / "straight"
+    done = run_cli("ppo", str(path), f"run_dir={straight}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed = tmp_path / "killed"
+    ckpts = killed / "checkpoints"
+    delay = random.Random(7).uniform(0.0, 0.5)
+    triggers = [lambda: ckpts.is_dir() and any(p.name.startswith(".tmp") for p in ckpts.iterdir()),
+                lambda: ckpts.is_dir() and len([p for p in ckpts.iterdir() if (p / "COMPLETE").exists()]) >= 3
+                and (time.sleep(delay) or True)]
+    for trigger in triggers:
+        proc = subprocess.Popen([sys.executable, "-m", "dpokit", "ppo", str(path), f"run_dir={killed}", "--resume"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kill_when(proc, trigger)
+    done = run_cli("ppo", str(path), f"run_dir={killed}", "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stderr
+    weights = [load_file(str(d / "final" / "model.safetensors")) for d in (straight, killed)]
+    assert_bit_identical(*weights)
+    rows = [[r for r in read_metrics(d / "metrics.jsonl") if r["split"] == "train"] for d in (straight, killed)]
+    assert [r["step"] for r in rows[1]] == list(range(1, 7))
+    for a, b in zip(*rows):
+        assert a["kl_coef"] == b["kl_coef"] and a["reward"] == b["reward"]
+    assert len({r["kl_coef"] for r in rows[0]}) > 1  # the controller did move
+
+
+@pytest.mark.equivalence
+def test_micro_batches_give_the_same_update(tmp_path):
+    """One minibatch of 8 samples as 1 x 8, 2 x 4 and 4 x 2: the same loss normalization (every response token
+    of the minibatch), so the same gradients up to fp32 summation order."""
+    from dpokit.ppo import ppo
+
+    runs = []
+    for batch_size, accum in ((8, 1), (4, 2), (2, 4)):
+        cfg = small_config(tmp_path / f"b{batch_size}", train={"batch_size": batch_size, "grad_accum": accum})
+        runs.append(ppo(cfg))
+    rows = [[r for r in read_metrics(d / "metrics.jsonl") if r["split"] == "train"] for d in runs]
+    weights = [load_file(str(d / "checkpoints" / "step-3" / "model.safetensors")) for d in runs]
+    for other_rows, other_weights in zip(rows[1:], weights[1:]):
+        assert_same_metrics(rows[0], other_rows, ["reward", "kl", "policy/loss", "value/loss", "grad_norm"],
+                            rel=METRIC_REL)
+        # 3 PPO steps x 2 epochs x 2 minibatches = 12 AdamW steps at lr 1e-3.
+        assert_same_weights_after_adamw(weights[0], other_weights, lr=1e-3, steps=12)
+
+
+def test_rollout_scores_each_sampled_token_as_a_plain_forward_does(tiny_tok):
+    """The right-padded rollout grid holds, at [row, t], log pi of response token t computed from full logits
+    of that row alone, and the value head reads the same position; zeros on padding."""
+    from dpokit.ppo.trainer import PolicyValue, rows_batch, to_grid
+
+    torch.manual_seed(0)
+    lm = tiny_model(len(tiny_tok), seed=3)
+    model = PolicyValue(lm)
+    torch.nn.init.normal_(model.value_head.weight)  # a non-zero head, so the values say where they were read
+    rows = [([5, 6, 7], [8, 9]), ([10], [11, 12, 13, 14]), ([15, 16], [17])]
+    batch, mask = rows_batch(rows, tiny_tok.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        out = model(batch, entropy=True)
+        logps, values = to_grid(out["logps"], mask), to_grid(out["values"], mask)
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, True], [True, False, False, False]]
+    for i, (prompt, response) in enumerate(rows):
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            result = lm(ids, output_hidden_states=True)
+        logits, hidden = result.logits[0].double(), result.hidden_states[-1][0]
+        for t, token in enumerate(response):
+            position = len(prompt) + t - 1  # the position that predicts response token t
+            expected = torch.log_softmax(logits[position], -1)[token].item()
+            # One log-softmax over 512 fp32 logits of size ~5: round-off ~512 * 2^-24 * 5 < 2e-4 absolute.
+            assert abs(logps[i, t].item() - expected) < 2e-4
+            value = model.value_head(hidden[position]).item()
+            assert abs(values[i, t].item() - value) < 1e-4 * max(1.0, abs(value))
+        assert torch.all(logps[i, len(response):] == 0) and torch.all(values[i, len(response):] == 0)
+
+
+def test_value_head_starts_at_zero_and_the_reference_matches_the_policy_at_step_1(tmp_path):
+    """With LoRA and reference.mode adapter (pi_ref = the policy with its adapters off) as with a frozen copy,
+    pi = pi_ref at step 1: the KL of the first rollout is exactly 0."""
+    from dpokit.ppo import ppo
+
+    lora = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+    for name, model, reference in (("copy", {}, {"mode": "model"}), ("lora", {"lora": lora}, {"mode": "adapter"})):
+        cfg = small_config(tmp_path / name, train={"max_steps": 2}, model=model, reference=reference)
+        run_dir = ppo(cfg)
+        train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+        assert train[0]["kl"] == 0.0 and train[0]["value/mean"] == 0.0, name
+        assert train[1]["kl"] != 0.0, name  # the first update moved pi
+        assert (run_dir / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"ppo": {"reward": None}}, "ppo.reward: required"),
+    ({"reference": {"mode": "store"}}, "reference.mode: 'store'"),
+    ({"ppo": {"rollout_prompts": 12}}, "ppo.rollout_prompts: 12 is not a multiple"),
+    ({"model": {"disable_dropout": False}}, "model.disable_dropout"),
+    ({"data": {"train": None}}, "data.train: required"),
+])
+def test_settings_ppo_cannot_run_with_are_one_line(tmp_path, override, message):
+    from dpokit.ppo.trainer import check_config
+
+    cfg = small_config(tmp_path)
+    for section, values in override.items():
+        cfg.setdefault(section, {}).update(values)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        check_config(load_config(cfg), Dist())
+
+
+def test_bad_reward_and_unknown_key_exit_2_with_one_line(tmp_path):
+    for extra, expected in ((["ppo.reward=nosuchreward"], "reward 'nosuchreward': unknown"),
+                            (["ppo.kl_cof=0.1"], "ppo.kl_cof")):
+        done = run_cli("ppo", str(TINY), f"run_dir={tmp_path / 'r'}", *extra)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], done.stderr
+        assert "Traceback" not in done.stderr
