@@ -73,6 +73,13 @@ def test_tiny_ppo_config_learns_its_reward_and_writes_a_plain_policy(tmp_path):
                            timeout=120)
     assert plain.returncode == 0 and "ForCausalLM" in plain.stdout, plain.stderr[-1000:]
     assert not any("value_head" in k for k in load_file(str(run_dir / "final" / "model.safetensors")))
+    # dpokit eval reads the run like any other: its checkpoints (policy + value head) are frontier points.
+    from dpokit.evaluate.run import evaluate_run
+
+    result = evaluate_run(run_dir, reward=str(ROOT / "examples" / "rewards.py") + ":letter_e", max_new_tokens=16,
+                          max_prompts=8, batch_size=8, log=None)
+    assert [p["step"] for p in result["frontier"]] == [0, 10, 20]
+    assert result["frontier"][-1]["reward"] > result["frontier"][0]["reward"]
 
 
 @pytest.mark.equivalence

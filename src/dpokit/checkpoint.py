@@ -200,10 +200,26 @@ def is_sharded(path: Path) -> bool:
     return (path / ".metadata").exists()
 
 
-def load_weights_into(model: nn.Module, path: Path) -> None:
-    """Overwrite the trained tensors of ``model`` (holding the run's starting weights) with a plain
-    checkpoint's. Checkpoints store only trainable tensors, so the rest stay the starting weights."""
+VALUE_HEAD = "value_head."
+"""Prefix of the value head's tensors in a PPO checkpoint, whose policy tensors sit under ``model.``
+(``dpokit.ppo.trainer.PolicyValue``)."""
+
+
+def policy_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The causal LM's trained tensors of a checkpoint, under the LM's own names: a PPO checkpoint holds the
+    policy and its value head together, and only the policy is a language model."""
     weights = load_weights(path)
+    if read_trainer_state(path).get("task") != "ppo":
+        return weights
+    return {name.removeprefix("model."): tensor for name, tensor in weights.items()
+            if not name.startswith(VALUE_HEAD)}
+
+
+def load_weights_into(model: nn.Module, path: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Overwrite the trained tensors of ``model`` (holding the run's starting weights) with a plain
+    checkpoint's (or with ``weights`` read from it). Checkpoints store only trainable tensors, so the rest stay
+    the starting weights."""
+    weights = load_weights(path) if weights is None else weights
     params = dict(model.named_parameters())
     unknown = [name for name in weights if name not in params]
     if unknown:

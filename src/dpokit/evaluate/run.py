@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpokit.checkpoint import load_weights_into, verify_checkpoint
+from dpokit.checkpoint import load_weights_into, policy_weights, verify_checkpoint
 from dpokit.data.formats import Text, normalize
 from dpokit.data.load import iter_records
 from dpokit.data.pipeline import load_preferences
@@ -191,7 +191,8 @@ def evaluate_run(
 
     Args:
         prompts: prompt file; default the prompts of the run's ``data.eval``.
-        reward: ground-truth reward: ``sentiment``, ``length``, ``module:function`` or a callable.
+        reward: ground-truth reward: ``sentiment``, ``length``, ``module:function``, a reward model's run
+            directory (``dpokit rm``) or a callable.
         judge: an object with ``compare(prompts, policy_texts, baseline_texts) -> list[Verdict]`` (e.g.
             :class:`dpokit.rewards.judge.LLMJudge`); default: the reward function, when given.
         temperatures: sampling temperatures for reward and win rate (1.0 is always added: KL needs it).
@@ -367,7 +368,7 @@ def _frontier(scorer: Scorer, run_dir: Path, prompt_ids: list[list[int]], prompt
     params = SamplingParams(max_new_tokens, KL_TEMPERATURE, top_p, seed, batch_size)
     for step, path in checkpoints:
         log(f"frontier point for checkpoint step-{step}")
-        load_weights_into(model, path)
+        load_weights_into(model, path, policy_weights(path))
         sampled = sample_and_score(scorer, model, prompt_ids, prompt_texts, params, reward_fn, reward_label or "",
                                    policy=model)
         points.append(_point(f"step-{step}", step, sampled.logratios, sampled.rewards))
