@@ -5,6 +5,7 @@ Python API (the CLI is a thin layer over it)::
     import dpokit
     run_dir = dpokit.train("configs/tiny.yaml", train__max_steps=10)
     sft_dir = dpokit.sft("configs/tiny.yaml", run_dir="runs/tiny-sft")
+    rm_dir = dpokit.rm("configs/tiny-rm.yaml")                        # a Bradley-Terry reward model
     rows = dpokit.score(run_dir, "examples/prefs-tiny-eval.jsonl")   # implicit rewards
 """
 
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 from dpokit.config import load_config  # noqa: E402
 from dpokit.evaluate.scoring import score  # noqa: E402
 from dpokit.losses import LOSSES  # noqa: E402
-from dpokit.train import sft, train  # noqa: E402
+from dpokit.train import rm, sft, train  # noqa: E402
 
-__all__ = ["LOSSES", "load_config", "score", "sft", "train"]
+__all__ = ["LOSSES", "load_config", "rm", "score", "sft", "train"]

@@ -3,7 +3,8 @@
 Names are shared with the DPO reference repo, TRL and torchtune so dashboards carry over: ``loss``,
 ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
 ``logps/rejected``, ``grad_norm``, ``lr``, ``tokens_per_second``, ``skipped_steps``; each row also has ``step``,
-``elapsed_s`` and ``tokens``.
+``elapsed_s`` and ``tokens``. A reward model (``dpokit rm``) logs ``loss``, ``accuracy``, ``margin``,
+``rewards/chosen`` and ``rewards/rejected`` instead of the pair metrics.
 """
 
 from __future__ import annotations
@@ -21,28 +22,26 @@ from dpokit.io import read_jsonl
 
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected")
+REWARD_MODEL_METRICS = ("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected")
+"""A reward model's (``dpokit rm``): Bradley-Terry loss, r_c > r_r, mean r_c - r_r, and the scalar rewards."""
 
 
-class PairStats:
-    """Running sums over pairs, so a step's metrics are means over every pair of the step whatever the
-    micro-batching (and, summed across ranks, over every pair of every rank)."""
+class MeanStats:
+    """Running sums of per-pair values, so a step's metrics are means over every pair of the step whatever the
+    micro-batching (and, summed across ranks, over every pair of every rank). ``names`` are the metrics."""
+
+    names: tuple[str, ...] = ()
 
     def __init__(self) -> None:
-        self.sums = dict.fromkeys(PAIR_METRICS, 0.0)
+        self.sums = dict.fromkeys(self.names, 0.0)
         self.pairs = 0
         self.tokens = 0
 
-    def add(self, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-            chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, tokens: int) -> None:
-        values = {
-            "loss": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "logps/chosen": chosen_logps, "logps/rejected": rejected_logps,
-        }
+    def add_values(self, values: dict[str, torch.Tensor], tokens: int) -> None:
+        """One pass's per-pair values (each (G,)) and its non-padding tokens."""
         for name, value in values.items():
             self.sums[name] += float(value.detach().float().sum())
-        self.pairs += int(losses.shape[0])
+        self.pairs += int(values["loss"].shape[0])
         self.tokens += tokens
 
     def means(self) -> dict[str, float]:
@@ -54,6 +53,35 @@ class PairStats:
         totals = sum_across([*self.sums.values(), self.pairs, self.tokens])
         self.sums = dict(zip(self.sums, totals))
         self.pairs, self.tokens = int(totals[-2]), int(totals[-1])
+
+
+class PairStats(MeanStats):
+    """DPO and its variants: the implicit rewards and the policy's log-probs of each pair."""
+
+    names = PAIR_METRICS
+
+    def add(self, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+            chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, tokens: int) -> None:
+        self.add_values({
+            "loss": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": chosen_logps, "logps/rejected": rejected_logps,
+        }, tokens)
+
+
+class RewardModelStats(MeanStats):
+    """A Bradley-Terry reward model: the scalar rewards r_c, r_r of each pair."""
+
+    names = REWARD_MODEL_METRICS
+
+    def add(self, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+            tokens: int) -> None:
+        self.add_values({
+            "loss": losses, "accuracy": (chosen_rewards > rejected_rewards).float(),
+            "margin": chosen_rewards - rejected_rewards,
+            "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+        }, tokens)
 
 
 class SftStats:
@@ -147,7 +175,8 @@ class Progress:
 
     def update(self, step: int, row: dict[str, Any]) -> None:
         """Training reached optimizer step ``step``; ``row`` is its metrics row."""
-        info = (f"loss {row.get('loss', float('nan')):.4f}  acc {row.get('rewards/accuracies', 0):.2f}  "
+        accuracy = row.get("rewards/accuracies", row.get("accuracy", 0))
+        info = (f"loss {row.get('loss', float('nan')):.4f}  acc {accuracy:.2f}  "
                 f"{row.get('tokens_per_second', 0):.0f} tok/s")
         self._show(step, info, f"step {step}/{self.total}  {info}")
 

@@ -222,6 +222,21 @@ def check_remote_code(source: ModelSource, trust_remote_code: bool) -> None:
                          "model.trust_remote_code: true only if you trust it")
 
 
+def refuse_reward_model(source: ModelSource) -> None:
+    """A reward model's folder (``dpokit rm``'s final/) is not a policy: transformers would load its backbone as
+    a causal LM with whatever head it finds (a tied or a random one) and sample nonsense without a word."""
+    if source.kind != "folder":
+        return
+    try:
+        config = json.loads((Path(source.location) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config itself
+    architecture = str((config.get("architectures") or [""])[0])
+    if architecture.endswith("ForSequenceClassification"):
+        raise ModelError(f"{source.location}: a reward model ({architecture}), not a causal LM; give it as a "
+                         "reward (--reward), not as a policy")
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     if source.kind == "tiny":
         return tiny_tokenizer()
@@ -261,6 +276,7 @@ def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: b
     from transformers import AutoModelForCausalLM
 
     check_remote_code(source, trust_remote_code)
+    refuse_reward_model(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.location, revision=source.revision, dtype=DTYPES[dtype],
@@ -307,12 +323,15 @@ class Models:
     reference_source: ModelSource
 
 
-def apply_lora(model: nn.Module, lora_cfg: Any) -> nn.Module:
-    """Wrap a model with peft LoRA adapters; only the adapter weights train."""
+def apply_lora(model: nn.Module, lora_cfg: Any, task_type: str = "CAUSAL_LM",
+               modules_to_save: list[str] | None = None) -> nn.Module:
+    """Wrap a model with peft LoRA adapters; only the adapter weights train, and the modules named in
+    ``modules_to_save`` (a reward model's score head, ``task_type="SEQ_CLS"``) train whole."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM")
+                        target_modules=lora_cfg.target_modules, task_type=task_type,
+                        modules_to_save=modules_to_save)
     return get_peft_model(model, config)
 
 

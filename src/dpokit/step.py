@@ -38,15 +38,23 @@ from dpokit.data.batch import (
     split_by_tokens,
     to_device,
 )
-from dpokit.distributed import Dist
+from dpokit.distributed import Dist, LogpsModule
 from dpokit.errors import DpokitError
 from dpokit.losses import LISTWISE, compute_loss, plackett_luce_loss
-from dpokit.metrics import PairStats, SftStats
+from dpokit.metrics import PairStats, RewardModelStats, SftStats
+from dpokit.models import Models, load_models
 from dpokit.reference import Reference
+from dpokit.reward_model import RewardModule, load_reward_models, reward_forward
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 Record = Callable[[Any], None]
 """Adds a pass's numbers to the step's statistics."""
+
+
+def load_policy(cfg: Config, reference: str, note: Callable[[str], None]) -> Models:
+    """The policy as a causal LM (LoRA-wrapped when configured), the reference per ``reference`` (``always``,
+    ``never``, ``if_different``: see ``load_models``) and the tokenizer."""
+    return load_models(cfg.model, reference=reference)
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,14 @@ class Task:
     needs_reference: bool
     chosen_only: bool
     """The pass computes prompt + chosen only (SFT), not every response."""
+    evaluates: bool = False
+    """Held-out metrics on ``data.eval``: the task's forward without gradients (``held_out_metrics``)."""
+    load: Callable[[Config, str, Callable[[str], None]], Models] = load_policy
+    """``(cfg, reference, note) -> Models``: how the trainable model is built."""
+    module: Callable[[nn.Module], nn.Module] = LogpsModule
+    """The policy as the batch -> outputs module the pass calls (what DDP / FSDP wrap)."""
+    layouts: tuple[str, ...] = ("packed", "padded")
+    """The batch layouts the task computes; another ``train.layout`` is replaced by the first (said once)."""
 
 
 @dataclass
@@ -163,12 +179,19 @@ def sft_forward(run: Run, items: list[Any]) -> tuple[torch.Tensor, Record, dict[
     return -logps.sum(), lambda stats: stats.add(logps, batch["n_response_tokens"], batch["tokens"]), batch
 
 
+def pairs_of_step(run: Run, indices: list[int]) -> int:
+    return len(indices)
+
+
 TASKS = {
-    "dpo": Task("dpo", preference_forward, lambda run, indices: len(indices), PairStats, needs_reference=True,
-                chosen_only=False),
-    # SFT averages over every response token of the step, DPO over every pair of the step.
+    "dpo": Task("dpo", preference_forward, pairs_of_step, PairStats, needs_reference=True, chosen_only=False,
+                evaluates=True),
+    # SFT averages over every response token of the step, DPO and the reward model over every pair of the step.
     "sft": Task("sft", sft_forward, lambda run, indices: sum(len(run.train_items[i].chosen_ids) for i in indices),
                 SftStats, needs_reference=False, chosen_only=True),
+    # A Bradley-Terry reward model (dpokit.reward_model): padded rows only, the reward is read at a row's end.
+    "rm": Task("rm", reward_forward, pairs_of_step, RewardModelStats, needs_reference=False, chosen_only=False,
+               evaluates=True, load=load_reward_models, module=RewardModule, layouts=("padded",)),
 }
 
 
@@ -263,22 +286,19 @@ def apply_update(run: Run, step: int, loss: float) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def eval_pair_metrics(model: nn.Module, reference: Reference, items: list[Any], cfg: Config, pad_id: int,
-                    device: torch.device, autocast: Autocast, dist: Dist | None = None) -> dict[str, float]:
-    """Mean pair metrics over held-out pairs (policy in eval mode, restored afterwards); under torchrun each
-    rank scores its share and the sums are reduced."""
-    dist = dist or Dist()
+def held_out_metrics(run: Run) -> dict[str, float]:
+    """The task's mean metrics over the held-out groups: its training forward without gradients, the model in
+    eval mode (restored afterwards). Under torchrun each rank scores its share and the sums are reduced."""
+    model, items = run.model, run.eval_items
     was_training = model.training
     model.eval()
-    stats = PairStats()
+    stats = run.task.new_stats()
     everything = list(range(len(items)))
-    for chunk in dist.share(everything, cfg.eval.batch_size):
+    for chunk in run.dist.share(everything, run.cfg.eval.batch_size):
         group = [items[i] for i in chunk or everything[:1]]  # a placeholder keeps FSDP's calls in step
-        batch = to_device(collate_tokenized(group, pad_id, layout=cfg.train.layout,
-                                            pack_length=cfg.train.pack_length), device)
-        out = pair_forward(model, reference, batch, group, cfg, autocast)
+        _, record, _ = run.task.forward(run, group)
         if chunk:
-            record_pairs(out, batch)(stats)
-    stats.reduce(dist.sum)
+            record(stats)
+    stats.reduce(run.dist.sum)
     model.train(was_training)
     return {"tokens": stats.tokens, **stats.means()}

@@ -40,7 +40,6 @@ from dpokit.hardware import choose_attention, resolve_precision
 from dpokit.io import write_json
 from dpokit.losses import LISTWISE
 from dpokit.metrics import HealthMonitor, MetricsWriter, Progress
-from dpokit.models import load_models
 from dpokit.reference import build_reference
 from dpokit.resume import (
     check_resume_settings,
@@ -51,7 +50,7 @@ from dpokit.resume import (
     set_rng_state,
     truncate_metrics,
 )
-from dpokit.step import TASKS, Autocast, Run, Task, eval_pair_metrics, train_step
+from dpokit.step import TASKS, Autocast, Run, Task, held_out_metrics, train_step
 
 # ------------------------------------------------------------------------------------------------------ pieces
 
@@ -148,7 +147,7 @@ def load_items(cfg: Config, tokenizer: Any, task: Task, note: Callable[[str], No
     train_items, train_report = load(cfg.data.train, tokenizer, cfg.data, cfg.data.train_split)
     reports = {"train": train_report.to_dict()}
     eval_items: list[Any] = []
-    if cfg.data.eval and task.needs_reference:
+    if cfg.data.eval and task.evaluates:
         eval_items, eval_report = load(cfg.data.eval, tokenizer, cfg.data, cfg.data.eval_split)
         reports["eval"] = eval_report.to_dict()
         reports["overlap"] = overlap_report(train_items, eval_items)
@@ -169,11 +168,14 @@ def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False) -> Run:
     note = _note if dist.is_main else _quiet
     device = dist.device
     resolve_hardware(cfg, device, note)  # before config.yaml is written: it records what ran
+    if cfg.train.layout not in task.layouts:  # a NEUTRAL setting: the numbers are the same in any layout
+        note(f"train.layout {cfg.train.layout} -> {task.layouts[0]} (what dpokit {task.name} computes)")
+        cfg.train.layout = task.layouts[0]
     checkpoint = dist.on_main(lambda: open_run_dir(cfg, resume))  # every rank gets the checkpoint
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial (e.g. LoRA) weights
     mode = cfg.reference.mode if task.needs_reference else "none"
     reference_copy = {"model": "always", "adapter": "never", "store": "if_different", "none": "never"}[mode]
-    models = load_models(cfg.model, reference=reference_copy)
+    models = task.load(cfg, reference_copy, note)
     policy = models.policy.to(device)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(policy)
@@ -184,7 +186,7 @@ def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False) -> Run:
     # Before any checkpoint is restored: the policy still holds its starting weights here.
     reference = (build_reference(cfg, models, train_items + eval_items, device, autocast, note, dist)
                  if task.needs_reference else None)
-    model = dist.wrap_policy(policy)  # batch -> (logps, n_tokens); DDP- or FSDP-wrapped under torchrun
+    model = dist.wrap_trainable(task.module(policy))  # batch -> (logps, n_tokens) or rewards; DDP/FSDP-wrapped
     if dist.rank:  # independent dropout masks per rank; rank 0 keeps the single-process random stream
         seed_everything(cfg.train.seed + dist.rank)
     pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world  # the global batch
@@ -211,6 +213,9 @@ def restore(run: Run, force: bool = False) -> None:
     """Continue from ``run.checkpoint``: weights, optimizer, scheduler, data position, counters and RNG state,
     after refusing settings that would not continue the same run (unless ``force``)."""
     saved = read_trainer_state(run.checkpoint)
+    if saved.get("task", "dpo") != run.task.name:  # other weights altogether (a policy's, a reward model's)
+        raise ConfigError(f"run_dir: {run.run_dir} holds a dpokit {saved.get('task', 'dpo')} run; it cannot be "
+                          f"resumed by dpokit {run.task.name}")
     if not force:
         check_resume_settings(saved["config"], run.cfg, run.data_fingerprint, saved.get("data_fingerprint"),
                               saved.get("world_size", 1), run.dist.world)
@@ -261,7 +266,8 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
     ``config`` is a YAML path, a dict or a Config; ``overrides`` are CLI-style ``key=value`` strings and
     ``kwargs`` dotted keys written with ``__`` (``train__max_steps=3``). ``resume`` continues from the newest
     complete checkpoint in ``run_dir``; ``force`` allows resuming with changed settings. ``task`` is ``dpo``
-    (the configured preference loss) or ``sft`` (negative log-likelihood of the chosen responses).
+    (the configured preference loss), ``sft`` (negative log-likelihood of the chosen responses) or ``rm`` (a
+    Bradley-Terry reward model, ``dpokit.reward_model``; ``final/`` is a ``*ForSequenceClassification``).
     Launched by torchrun, every process calls this (``dpokit.distributed``); a failure on any rank ends every
     rank with one line naming it.
     """
@@ -309,9 +315,8 @@ def _train(cfg: Config, dist: Dist, *, resume: bool, force: bool, task: Task) ->
 
 
 def log_eval(run: Run, metrics: MetricsWriter) -> None:
-    """Held-out pair metrics at the current step, as a ``split: eval`` row."""
-    row = eval_pair_metrics(run.model, run.reference, run.eval_items, run.cfg, run.tokenizer.pad_token_id,
-                          run.device, run.autocast, run.dist)
+    """Held-out metrics at the current step, as a ``split: eval`` row."""
+    row = held_out_metrics(run)
     metrics.write({"step": run.step, "split": "eval", "elapsed_s": time.perf_counter() - run.started, **row})
 
 
@@ -320,3 +325,11 @@ def sft(config: str | Path | dict[str, Any] | Config | None = None, overrides: l
     """Supervised fine-tuning on the chosen responses of a preference file (the paper's pi_SFT stage), with the
     same loop, data path and run directory as DPO."""
     return train(config, overrides, task="sft", **kwargs)
+
+
+def rm(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None,
+       **kwargs: Any) -> Path:
+    """A Bradley-Terry reward model on the same preference data, loop and run directory (``dpokit rm``);
+    ``RUN_DIR/final`` loads with ``AutoModelForSequenceClassification`` and serves as a reward
+    (``dpokit.rewards.get_reward(RUN_DIR)``)."""
+    return train(config, overrides, task="rm", **kwargs)

@@ -9,7 +9,11 @@ A reward function has the signature ``f(prompt: str, response: str) -> float`` (
 ``length``     number of whitespace-separated words of the response
 =============  ====================================================================================
 
-Anything else is named ``module:function`` (an importable module) or ``path/to/file.py:function``.
+Anything else is named ``module:function`` (an importable module) or ``path/to/file.py:function``, or is a
+trained reward model: the run directory of ``dpokit rm`` (its ``final/``) or a Hugging Face folder of a
+``*ForSequenceClassification`` with one label (``dpokit.reward_model.load_reward_model``). A reward may also
+offer ``batch(prompts, responses) -> list[float]``, which ``score_texts`` then uses (a reward model scores
+many rows per forward pass).
 Judges (``dpokit.rewards.judge``) compare two responses instead of scoring one.
 """
 
@@ -86,8 +90,10 @@ def _import_callable(spec: str) -> RewardFn:
 
 
 def get_reward(spec: str | RewardFn) -> RewardFn:
-    """A reward function from a built-in name, ``module:function``, ``file.py:function`` or a callable.
-    Raises :class:`DpokitError` (one line) for an unknown name or a callable that does not import."""
+    """A reward function from a built-in name, ``module:function``, ``file.py:function``, a reward model's
+    folder (an ``rm`` run directory or a ``*ForSequenceClassification`` folder: the model is loaded, once) or a
+    callable. Raises :class:`DpokitError` (one line) for an unknown name, a callable that does not import, or a
+    folder that holds no reward model (e.g. a DPO policy's run)."""
     if callable(spec):
         return spec
     if spec in REWARDS:
@@ -95,27 +101,48 @@ def get_reward(spec: str | RewardFn) -> RewardFn:
         if fn is sentiment:
             _vader()  # fail now, not after minutes of generation
         return fn
+    if Path(spec).expanduser().is_dir():
+        from dpokit.reward_model import load_reward_model
+
+        return load_reward_model(spec)
     if ":" not in spec:
-        raise DpokitError(f"reward '{spec}': unknown; built-in rewards are {', '.join(sorted(REWARDS))}, "
-                          "or give module:function")
+        where = " (no such folder)" if "/" in spec else ""
+        raise DpokitError(f"reward '{spec}': unknown{where}; built-in rewards are {', '.join(sorted(REWARDS))}, "
+                          "or give module:function or a reward model's run directory")
     return _import_callable(spec)
 
 
 def reward_name(spec: str | RewardFn) -> str:
+    """How a reward is named in outputs: the spec as given, a callable's own ``name`` (a reward model's), or
+    ``module:qualname``."""
     if isinstance(spec, str):
         return spec
+    name = getattr(spec, "name", None)
+    if isinstance(name, str):
+        return name
     return f"{getattr(spec, '__module__', '?')}:{getattr(spec, '__qualname__', repr(spec))}"
 
 
 def score_texts(fn: RewardFn, prompts: list[str], responses: list[str], name: str = "reward") -> list[float]:
-    """``fn`` on each (prompt, response); a failure or a non-number is a one-line error naming the sample."""
-    values = []
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+    """``fn`` on each (prompt, response), through ``fn.batch(prompts, responses)`` when ``fn`` has it (one call
+    for all rows); a failure or a non-number is a one-line error naming the sample (or the batch)."""
+    batch = getattr(fn, "batch", None)
+    if callable(batch):
         try:
-            value = float(fn(prompt, response))
+            values = [float(v) for v in batch(list(prompts), list(responses))]
         except Exception as exc:  # user code: any exception is a bad reward function, not a dpokit bug
-            raise DpokitError(f"reward '{name}' failed on sample {i} ({type(exc).__name__}: {exc})") from None
+            raise DpokitError(f"reward '{name}' failed on a batch of {len(prompts)} samples "
+                              f"({type(exc).__name__}: {exc})") from None
+        if len(values) != len(prompts):
+            raise DpokitError(f"reward '{name}' returned {len(values)} values for {len(prompts)} samples")
+    else:
+        values = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            try:
+                values.append(float(fn(prompt, response)))
+            except Exception as exc:  # user code: any exception is a bad reward function, not a dpokit bug
+                raise DpokitError(f"reward '{name}' failed on sample {i} ({type(exc).__name__}: {exc})") from None
+    for i, value in enumerate(values):
         if not math.isfinite(value):
             raise DpokitError(f"reward '{name}' returned {value} on sample {i}; rewards must be finite numbers")
-        values.append(value)
     return values
