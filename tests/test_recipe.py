@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dpokit.cli import main
 from dpokit.errors import ConfigError
@@ -175,3 +176,27 @@ def test_a_bad_reward_is_refused_before_any_sampling(capsys):
     assert main(["recipe", "sentiment", "reward=no_such_module:fn"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("dpokit: error: recipe config: reward: 'no_such_module:fn'")
+
+
+def test_figure_2_runs_ppo_gt_and_ppo_with_a_reward_model_on_the_same_frontier(tmp_path, monkeypatch):
+    """The RLHF side of Figure 2 on a tiny model: a reward model trained on the recipe's pairs, PPO on it and
+    PPO-GT on the true reward, each evaluated like DPO (same prompts, seed, reward) and on the same plot."""
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "sentiment"
+    overrides = [*tiny_overrides(run_dir), "best_of_n=[2]", "ppo.ground_truth=true", "ppo.reward_model=true",
+                 "ppo.kl_targets=[2.0]", "ppo.train={max_steps: 2, batch_size: 4}",
+                 "ppo.settings={rollout_prompts: 4, epochs: 1}", "reward_model.train={epochs: 1}"]
+    summary = recipe.run(None, overrides)
+    assert {"dpo-beta0.1", "ppo-gt-kl2", "ppo-kl2"} <= set(summary["runs"])
+    assert summary["reward-model"]["accuracy"] is not None  # held-out pair accuracy of the reward model
+    ppo_config = yaml.safe_load((run_dir / "ppo-kl2" / "config.yaml").read_text())
+    assert ppo_config["ppo"]["reward"] == str(run_dir / "reward-model") and ppo_config["ppo"]["kl_target"] == 2.0
+    gt_config = yaml.safe_load((run_dir / "ppo-gt-kl2" / "config.yaml").read_text())
+    assert gt_config["ppo"]["reward"].endswith(":letter_share")
+    for name in ("ppo-gt-kl2", "ppo-kl2"):
+        run = summary["runs"][name]
+        assert run["kl"] is not None and run["reward"] is not None
+        assert [p["step"] for p in run["frontier"]][0] == 0  # pi_ref opens every frontier
+    table = (run_dir / "results.md").read_text()
+    assert "| PPO-GT KL→2 |" in table and "| PPO KL→2 |" in table
+    assert "PPO-GT KL→2" in (run_dir / "frontier.svg").read_text()

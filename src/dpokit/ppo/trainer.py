@@ -257,17 +257,16 @@ def ppo_step(ppo: Ppo, step: int) -> dict[str, Any]:
     train_s = time.perf_counter() - train_started
 
     # Step metrics: sums over every rank's samples, then means.
-    n_tokens = mask.sum(-1)
     seq_kl = (kl * mask).sum(-1)
     residual = (returns - ro.values) * mask
     sums = dist.sum([
         float(len(ro.rows)), float(mask.sum()), float(ro.scores.sum()), float((ro.scores ** 2).sum()),
         float(seq_kl.sum()), float((ro.entropy * mask).sum()), float(sum(ro.finished)),
         float((returns * mask).sum()), float((returns ** 2 * mask).sum()), float(residual.sum()),
-        float((residual ** 2).sum()), float((ro.values * mask).sum()), float(n_tokens.sum()),
+        float((residual ** 2).sum()), float((ro.values * mask).sum()), float(sum(len(p) for p, _ in ro.rows)),
     ])
     (n, tokens, score_sum, score_sq, kl_sum, entropy_sum, finished, ret_sum, ret_sq, res_sum, res_sq,
-     value_sum, _) = sums
+     value_sum, prompt_tokens) = sums
     ppo.controller.update(kl_sum / n, int(n))
     run.task_state = {"kl_controller": ppo.controller.state_dict()}
     run.step = step
@@ -277,6 +276,7 @@ def ppo_step(ppo: Ppo, step: int) -> dict[str, Any]:
     timings = dist.sum([timings["sample_s"], timings["score_s"], timings["forward_s"]])
     return {
         "step": step, "split": "train", "elapsed_s": time.perf_counter() - run.started, "tokens": int(tokens),
+        "prompt_tokens": int(prompt_tokens),
         "reward": score_sum / n, "reward_std": math.sqrt(max(score_sq / n - (score_sum / n) ** 2, 0.0)),
         "kl": kl_sum / n, "kl_coef": beta, "non_score_reward": -beta * kl_sum / n,
         "entropy": entropy_sum / tokens, "response_length": tokens / n, "eos_fraction": finished / n,

@@ -52,11 +52,13 @@ from dpokit.recipes.sentiment.config import (
 )
 from dpokit.recipes.sentiment.report import print_table, results_markdown, summarize, write_frontier
 from dpokit.recipes.sentiment.runs import (
+    PPO_PROMPTS,
     REPORT_BETA,
     RunSpec,
     best_of_n_eval,
     best_of_n_kl,
     evaluate_spec,
+    reward_model_metrics,
     run_specs,
     sft_spec,
     sft_stage,
@@ -77,8 +79,18 @@ from dpokit.recipes.sentiment.sampling import (
 
 def run(preset: str | Path | dict[str, Any] | None = None, overrides: Sequence[str] | None = None,
         **kwargs: Any) -> dict[str, Any]:
-    """Run the experiment; returns the summary (also in ``RUN_DIR/summary.json``)."""
+    """Run the experiment; returns the summary (also in ``RUN_DIR/summary.json``). With ``claims.seeds``, the
+    experiment once per seed and the claims measured across them (``RUN_DIR/claims.json``)."""
     cfg = load_recipe_config(preset, overrides, **kwargs)
+    if cfg.claims.seeds:
+        from dpokit.recipes.sentiment.claims import run_claims
+
+        return run_claims(cfg, experiment)
+    return experiment(cfg)
+
+
+def experiment(cfg: SentimentConfig) -> dict[str, Any]:
+    """One experiment: every stage of the module docstring; returns the summary."""
     started = time.perf_counter()
     stage = StageTimer()
     resolve_precisions(cfg)
@@ -92,6 +104,7 @@ def run(preset: str | Path | dict[str, Any] | None = None, overrides: Sequence[s
     heldout_prompts = heldout_prompts[:cfg.prompts.n_heldout]
     prompts_file = data / "heldout-prompts.jsonl"
     write_jsonl([{"prompt": p} for p in heldout_prompts], prompts_file)
+    write_jsonl([{"prompt": p} for p in train_prompts], data / PPO_PROMPTS)
     say(f"{len(train_prompts)} train prompts, {len(heldout_prompts)} held-out prompts -> {root}")
     ref_model, heldout_rows, extra = preference_data(cfg, train_prompts, heldout_prompts, data, root, stage)
 
@@ -100,6 +113,9 @@ def run(preset: str | Path | dict[str, Any] | None = None, overrides: Sequence[s
     for name, spec in specs.items():
         with stage(f"train {name}", f"{spec.label} ({spec.task}) -> {spec.config['run_dir']}"):
             train_run(spec)
+        if not spec.is_policy:
+            extra[name] = reward_model_metrics(Path(spec.config["run_dir"]))
+            continue
         with stage(f"eval {name}", f"{spec.label} on {len(heldout_prompts)} held-out prompts"):
             results[name] = evaluate_spec(spec, cfg, prompts_file)
     labels = {name: spec.label for name, spec in specs.items()}

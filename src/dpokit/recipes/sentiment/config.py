@@ -97,6 +97,54 @@ class BaselineConfig(_Section):
     """Overrides of ``train`` for this baseline."""
 
 
+class RewardModelSection(_Section):
+    train: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of ``train`` for the reward model that ``ppo.reward_model`` optimizes: ``dpokit rm`` on the
+    DPO runs' pairs (the RLHF pipeline's first stage)."""
+
+
+class PpoSection(_Section):
+    """PPO, the RLHF baseline of Figure 2: PPO-GT optimizes the true reward itself, PPO a reward model trained
+    on the same pairs DPO trains on. Both start from pi_ref and sample the recipe's train prompts."""
+
+    ground_truth: bool = False
+    """PPO-GT: PPO with ``reward`` (VADER) as its reward: the paper's upper reference for RLHF."""
+    reward_model: bool = False
+    """PPO with a reward model trained on the recipe's pairs (``reward_model``): RLHF as practised."""
+    kl_targets: list[float] = Field(default_factory=list)
+    """One run per KL target (nats per response; beta adapts to reach it): points along the frontier. Empty:
+    one run at the fixed ``settings.kl_coef``."""
+    settings: dict[str, Any] = Field(default_factory=dict)
+    """dpokit's ``ppo`` section for these runs (``rollout_prompts``, ``epochs``, ``kl_coef``, ...);
+    ``max_new_tokens`` is the recipe's ``sampling.max_new_tokens`` unless given here."""
+    train: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of ``train`` for the PPO runs (``max_steps`` counts PPO steps)."""
+
+    @model_validator(mode="after")
+    def _targets(self) -> PpoSection:
+        if any(not t > 0 for t in self.kl_targets):
+            raise ValueError("kl_targets: each target must be > 0")
+        return self
+
+
+class ClaimsSection(_Section):
+    """Popular claims about DPO against PPO, measured (``dpokit.recipes.sentiment.claims``): the whole
+    experiment once per seed, then compute, stability, efficiency and output variance side by side."""
+
+    seeds: list[int] = Field(default_factory=list)
+    """Run the experiment once per seed (its preference samples and every run's training) and write
+    ``claims.json``; empty: one experiment, no claims. At least 3 for a spread."""
+    target_reward: float | None = None
+    """Held-out reward whose cost (FLOPs, seconds) to reach is compared; unset: halfway between pi_ref's and
+    the lowest of the methods' mean final rewards, so that every method reaches it on average."""
+
+    @model_validator(mode="after")
+    def _seeds(self) -> ClaimsSection:
+        if self.seeds and (len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError("seeds: give at least 2 distinct seeds (3 or more for a meaningful spread)")
+        return self
+
+
 class EvalSection(_Section):
     n_samples: int = Field(1, ge=1)
     """Samples per held-out prompt for reward and KL."""
@@ -131,6 +179,9 @@ class SentimentConfig(_Section):
     """Preferred-FT: SFT on the best of each train prompt's K samples."""
     unlikelihood: BaselineConfig = BaselineConfig()
     """Unlikelihood: raise y_w, push y_l down (loss ``unlikelihood`` above), on the DPO pairs."""
+    reward_model: RewardModelSection = RewardModelSection()
+    ppo: PpoSection = PpoSection()
+    claims: ClaimsSection = ClaimsSection()
     best_of_n: list[int] = Field(default_factory=lambda: [4])
     """Best-of-N baselines: the best of N pi_ref samples by the true reward (the paper: N = 4, 16 ...)."""
     eval: EvalSection = EvalSection()
@@ -170,7 +221,7 @@ class SentimentConfig(_Section):
 
 
 _SECTION_KEYS = frozenset({"prompts", "sampling", "pairs", "sft", "train", "dpo", "preferred_ft", "unlikelihood",
-                           "eval"})
+                           "reward_model", "ppo", "claims", "eval"})
 """Sections of the recipe config; free-form dicts inside them (e.g. ``dpo.train`` overrides) are replaced whole."""
 
 
@@ -233,7 +284,8 @@ def resolve_precisions(cfg: SentimentConfig) -> None:
     device = recipe_device()
     cfg.sampling.precision = resolve_precision(cfg.sampling.precision, device, say)
     cfg.train.precision = resolve_precision(cfg.train.precision, device)
-    for section in (cfg.dpo.train, cfg.preferred_ft.train, cfg.unlikelihood.train, cfg.sft.train):
+    for section in (cfg.dpo.train, cfg.preferred_ft.train, cfg.unlikelihood.train, cfg.sft.train,
+                    cfg.reward_model.train, cfg.ppo.train):
         if "precision" in section:
             section["precision"] = resolve_precision(section["precision"], device)
 

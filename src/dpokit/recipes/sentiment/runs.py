@@ -33,8 +33,13 @@ class RunSpec:
     """As tables and plots show it."""
     section: str
     """The recipe config section it comes from."""
-    task: Literal["dpo", "sft"]
+    task: Literal["dpo", "sft", "rm", "ppo"]
     config: dict[str, Any]
+
+    @property
+    def is_policy(self) -> bool:
+        """A run that trains a policy, evaluated on the held-out prompts (the reward model is not one)."""
+        return self.task != "rm"
 
 
 def _train_settings(cfg: SentimentConfig, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +85,39 @@ def run_specs(cfg: SentimentConfig, data_dir: str | Path, run_root: str | Path, 
         config["loss"] = {"name": "unlikelihood", "beta": REPORT_BETA,
                           "alpha": cfg.unlikelihood.alpha if cfg.unlikelihood.alpha is not None else 1.0}
         specs["unlikelihood"] = RunSpec("unlikelihood", "Unlikelihood", "unlikelihood", "dpo", config)
+    specs.update(ppo_specs(cfg, data, root, ref_model))
     return specs
+
+
+REWARD_MODEL = "reward-model"
+"""Folder and name of the recipe's reward model run (``dpokit rm`` on the DPO pairs)."""
+
+
+def ppo_specs(cfg: SentimentConfig, data: Path, root: Path, ref_model: str) -> dict[str, RunSpec]:
+    """The reward model (when PPO needs one), then PPO-GT and PPO per KL target."""
+    specs: dict[str, RunSpec] = {}
+    if cfg.ppo.reward_model:
+        config = _base_config(cfg, root / REWARD_MODEL, ref_model, str(data / "pairs-train.jsonl"),
+                              str(data / "pairs-heldout.jsonl"), cfg.reward_model.train)
+        del config["reference"]  # a reward model has none
+        specs[REWARD_MODEL] = RunSpec(REWARD_MODEL, "Reward model", "reward_model", "rm", config)
+    kinds = [("ppo-gt", "PPO-GT", cfg.reward)] if cfg.ppo.ground_truth else []
+    if cfg.ppo.reward_model:
+        kinds.append(("ppo", "PPO", str(root / REWARD_MODEL)))
+    for prefix, label, reward in kinds:
+        for target in cfg.ppo.kl_targets or [None]:
+            name = prefix if target is None else f"{prefix}-kl{target:g}"
+            config = _base_config(cfg, root / name, ref_model, str(data / PPO_PROMPTS), None, cfg.ppo.train)
+            config["reference"] = {"mode": "model"}  # responses are sampled afresh: no store
+            config["ppo"] = {"reward": reward, "max_new_tokens": cfg.sampling.max_new_tokens, **cfg.ppo.settings,
+                             **({"kl_target": target} if target is not None else {})}
+            shown = label if target is None else f"{label} KL→{target:g}"
+            specs[name] = RunSpec(name, shown, "ppo", "ppo", config)
+    return specs
+
+
+PPO_PROMPTS = "train-prompts.jsonl"
+"""The train prompts PPO samples, one ``{"prompt"}`` row each, in ``data/``."""
 
 
 def sft_spec(cfg: SentimentConfig, sft_file: str, root: str | Path) -> RunSpec:
@@ -112,6 +149,9 @@ def train_key(spec: RunSpec) -> str:
     flat = flatten(spec.config)
     settings = {**result_settings(spec.config), **{k: flat[k] for k in _FRONTIER_SETTINGS if k in flat}}
     data = [fingerprint(p) if p else p for p in (spec.config["data"]["train"], spec.config["data"]["eval"])]
+    reward = spec.config.get("ppo", {}).get("reward")
+    if reward and Path(reward).is_dir():  # a reward model of this recipe: its own training key
+        data.append(_marker(Path(reward)).get("train"))
     model = spec.config["model"]["name_or_path"]
     model_key = sha256_file(Path(model) / "model.safetensors") if (Path(model) / "model.safetensors").is_file() else model
     return digest(CACHE_VERSION, spec.task, settings, data, model_key)
@@ -119,6 +159,7 @@ def train_key(spec: RunSpec) -> str:
 
 def train_run(spec: RunSpec) -> tuple[Path, bool]:
     """Train unless the run folder holds a finished run of the same key. Returns (run_dir, trained)."""
+    from dpokit.ppo import ppo
     from dpokit.train import train
 
     run_dir = Path(spec.config["run_dir"])
@@ -129,9 +170,21 @@ def train_run(spec: RunSpec) -> tuple[Path, bool]:
     if (run_dir / "recipe-stage.json").exists():
         (run_dir / "recipe-stage.json").unlink()
     shutil.rmtree(run_dir / "eval", ignore_errors=True)
-    train(spec.config, task=spec.task)
+    if spec.task == "ppo":
+        ppo(spec.config)
+    else:
+        train(spec.config, task=spec.task)
     _set_marker(run_dir, train=key)
     return run_dir, True
+
+
+def reward_model_metrics(run_dir: Path) -> dict[str, Any]:
+    """The reward model's held-out pair metrics at the end of its training (its last ``eval`` row)."""
+    from dpokit.metrics import read_metrics
+
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "eval"]
+    last = rows[-1] if rows else {}
+    return {key: last.get(key) for key in ("step", "loss", "accuracy", "margin")}
 
 
 def _last_checkpoint(run_dir: Path) -> int | None:
