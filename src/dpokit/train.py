@@ -160,6 +160,14 @@ def load_items(cfg: Config, tokenizer: Any, task: Task, note: Callable[[str], No
     return train_items, eval_items
 
 
+def fit_layout(cfg: Config, task: Task, note: Callable[[str], None]) -> None:
+    """``train.layout`` as the task computes it, said once when it changes; before ``resolve_hardware``, whose
+    attention choice depends on the layout. A NEUTRAL setting: the numbers are the same in any layout."""
+    if cfg.train.layout not in task.layouts:
+        note(f"train.layout {cfg.train.layout} -> {task.layouts[0]} (what dpokit {task.name} computes)")
+        cfg.train.layout = task.layouts[0]
+
+
 def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False) -> Run:
     """Everything a run needs, in one ``Run``: the run folder, models (the policy wrapped for DDP / FSDP), the
     data, the reference, optimizer, scheduler and data stream, and the checkpoint to resume from."""
@@ -167,10 +175,8 @@ def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False) -> Run:
         raise ConfigError("data.train: required (a preference file or hub dataset id)")
     note = _note if dist.is_main else _quiet
     device = dist.device
+    fit_layout(cfg, task, note)
     resolve_hardware(cfg, device, note)  # before config.yaml is written: it records what ran
-    if cfg.train.layout not in task.layouts:  # a NEUTRAL setting: the numbers are the same in any layout
-        note(f"train.layout {cfg.train.layout} -> {task.layouts[0]} (what dpokit {task.name} computes)")
-        cfg.train.layout = task.layouts[0]
     checkpoint = dist.on_main(lambda: open_run_dir(cfg, resume))  # every rank gets the checkpoint
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial (e.g. LoRA) weights
     mode = cfg.reference.mode if task.needs_reference else "none"

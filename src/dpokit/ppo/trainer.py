@@ -54,6 +54,7 @@ from dpokit.train import (
     _quiet,
     autocast_for,
     enable_checkpointing,
+    fit_layout,
     lr_lambda,
     make_optimizer,
     open_run_dir,
@@ -68,7 +69,7 @@ def _no_pass(*_: Any) -> Any:
 
 
 PPO_TASK = Task("ppo", forward=_no_pass, normalizer=_no_pass, new_stats=dict, needs_reference=True,
-                chosen_only=False)
+                chosen_only=False, layouts=("padded",))
 """PPO as a kind of training: it reuses a ``Run`` (checkpoints, resume, the update) but steps with
 ``ppo_step``, not with the pair passes of ``dpokit.step.train_step``."""
 
@@ -397,6 +398,7 @@ def setup(cfg: Config, dist: Dist, resume: bool = False) -> Ppo:
     note = _note if dist.is_main else _quiet
     device = dist.device
     reward = get_reward(cfg.ppo.reward)  # a bad reward fails now, not after the models are loaded
+    fit_layout(cfg, PPO_TASK, note)  # rollouts are padded rows
     resolve_hardware(cfg, device, note)
     checkpoint = dist.on_main(lambda: open_run_dir(cfg, resume))
     seed_everything(cfg.train.seed)
