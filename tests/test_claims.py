@@ -77,3 +77,12 @@ def test_default_target_is_halfway_to_the_weakest_method_and_a_claim_can_fail():
     assert claims["efficiency"]["vs PPO"]["holds"] is False
     assert claims["variance"]["vs PPO"]["holds"] is False  # 0.4 / 0.2 = 2 > 0.85
     assert claims["compute"]["vs PPO"]["ratio"] == pytest.approx(1.0) and not claims["compute"]["vs PPO"]["holds"]
+
+
+def test_default_target_when_a_method_ends_below_the_reference():
+    seeds = {s: seed(0.5, (0.3, 1.0, 1e15, [(10, 0.3, 1e15)], 0.1), (0.9, 1.0, 1e15, [(10, 0.9, 1e15)], 0.1))
+             for s in (0, 1)}
+    result = analyse(seeds, target=None)
+    assert result["target_reward"] == pytest.approx(0.7)  # halfway to the strongest: 0.5 + 0.5 * 0.4
+    assert result["methods"]["DPO"]["reached"] == 0 and result["methods"]["PPO"]["reached"] == 2
+    assert result["methods"]["DPO"]["diverged"] == 2  # 0.3 is far below pi_ref's 0.5

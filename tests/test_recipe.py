@@ -52,7 +52,9 @@ def test_presets_load_and_validate(path):
     assert cfg.dpo.betas
     specs = recipe.run_specs(cfg, "data", "runs", cfg.model)
     assert f"dpo-beta{cfg.dpo.betas[0]:g}" in specs
-    assert all(spec.config["reference"]["mode"] == "store" for spec in specs.values())
+    # Offline methods share the reference store; PPO samples afresh (a frozen copy); a reward model has none.
+    expected = {"dpo": "store", "sft": "store", "ppo": "model", "rm": None}
+    assert all(spec.config.get("reference", {}).get("mode") == expected[spec.task] for spec in specs.values())
 
 
 def test_presets_exist_and_resolve_by_name():
@@ -200,3 +202,30 @@ def test_figure_2_runs_ppo_gt_and_ppo_with_a_reward_model_on_the_same_frontier(t
     table = (run_dir / "results.md").read_text()
     assert "| PPO-GT KL→2 |" in table and "| PPO KL→2 |" in table
     assert "PPO-GT KL→2" in (run_dir / "frontier.svg").read_text()
+
+
+def test_claims_preset_pipeline_on_a_tiny_model(tmp_path, monkeypatch):
+    """claims.seeds runs the whole experiment per seed and measures each quoted claim from those runs."""
+    from dpokit.recipes.sentiment.claims import QUOTED
+
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "claims"
+    overrides = [*tiny_overrides(run_dir), "best_of_n=[]", "ppo.ground_truth=true", "ppo.reward_model=true",
+                 "ppo.kl_targets=[2.0]", "ppo.train={max_steps: 4, batch_size: 4, save_every: 2}",
+                 "ppo.settings={rollout_prompts: 4, epochs: 1}", "reward_model.train={epochs: 1}",
+                 "claims.seeds=[0, 1]", "eval.n_samples=2"]
+    result = recipe.run(None, overrides)
+    assert json.loads((run_dir / "claims.json").read_text())["claims"] == result["claims"]
+    assert set(result["claims"]) == set(QUOTED)
+    for seed in (0, 1):
+        assert (run_dir / f"seed-{seed}" / "summary.json").is_file()
+        measured = result["per_seed"][str(seed)] if str(seed) in result["per_seed"] else result["per_seed"][seed]
+        for method in ("DPO", "PPO", "PPO-GT"):
+            m = measured["methods"][method]
+            flops = [p["flops"] for p in m["frontier"]]
+            assert flops == sorted(flops) and flops[-1] > 0  # cumulative compute grows along the frontier
+            assert m["per_prompt_std"] is not None  # 2 samples per held-out prompt
+        # PPO (reward model) pays for the preference data and the reward model before its first step.
+        assert measured["methods"]["PPO"]["frontier"][1]["flops"] > measured["methods"]["PPO-GT"]["frontier"][1]["flops"]
+    text = (run_dir / "claims.md").read_text()
+    assert "50% less compute" in text and "| PPO-GT |" in text

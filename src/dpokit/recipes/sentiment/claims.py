@@ -193,7 +193,11 @@ def analyse(seeds: dict[int, dict[str, Any]], target: float | None) -> dict[str,
     ref = _mean([s["reward_ref"] for s in seeds.values()])
     finals = {m: [s["methods"][m]["reward"] for s in seeds.values()] for m in methods}
     if target is None:
-        target = ref + 0.5 * (min(_mean(v) for v in finals.values()) - ref)  # type: ignore[operator]
+        means = [_mean(v) for v in finals.values()]
+        gains = [m - ref for m in means if m is not None and ref is not None]
+        # Halfway to the weakest method's final reward, so that each reaches it on average; if some method
+        # ends below pi_ref, halfway to the strongest (the weak one then does not reach it, as it should).
+        target = ref + 0.5 * (min(gains) if min(gains) > 0 else max(gains))  # type: ignore[operator]
     agg: dict[str, dict[str, Any]] = {}
     for m in methods:
         runs = [s["methods"][m] for s in seeds.values()]

@@ -136,7 +136,8 @@ class ClaimsSection(_Section):
     ``claims.json``; empty: one experiment, no claims. At least 3 for a spread."""
     target_reward: float | None = None
     """Held-out reward whose cost (FLOPs, seconds) to reach is compared; unset: halfway between pi_ref's and
-    the lowest of the methods' mean final rewards, so that every method reaches it on average."""
+    the lowest of the methods' mean final rewards, so that every method reaches it on average (halfway to the
+    highest when a method ends below pi_ref)."""
 
     @model_validator(mode="after")
     def _seeds(self) -> ClaimsSection:
