@@ -202,3 +202,17 @@ def test_bad_reward_and_unknown_key_exit_2_with_one_line(tmp_path):
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_two_processes_sample_their_shares_and_reduce_over_both(tmp_path):
+    """torchrun (DDP, gloo on CPU): each rank samples half of the step's prompts; the metrics count both
+    halves, the first rollout's KL is exactly 0 on both, and rank 0 writes one final/."""
+    run_dir = tmp_path / "ddp"
+    done = run_cli("ppo", str(TINY), f"run_dir={run_dir}", "train.max_steps=2", "train.progress=false",
+                   "ppo.max_new_tokens=8", "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    train = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    # 16 rollouts of at most 8 tokens: more than one rank's 8 x 8 = 64 tokens means both ranks were counted.
+    assert 64 < train[0]["tokens"] <= 128 and train[0]["kl"] == 0.0
+    assert (run_dir / "final" / "model.safetensors").is_file()
