@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from dpokit.config import ConfigError, load_config
 from dpokit.distributed import Dist
 from dpokit.metrics import read_metrics
-from dpokit.models import tiny_model
+from dpokit.models import tiny_model, tiny_tokenizer
 from test_resume import assert_bit_identical, kill_when
 from tolerances import METRIC_REL, assert_same_metrics, assert_same_weights_after_adamw
 
@@ -216,3 +216,42 @@ def test_two_processes_sample_their_shares_and_reduce_over_both(tmp_path):
     # 16 rollouts of at most 8 tokens: more than one rank's 8 x 8 = 64 tokens means both ranks were counted.
     assert 64 < train[0]["tokens"] <= 128 and train[0]["kl"] == 0.0
     assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_an_llm_judge_as_the_reward_against_the_chosen_responses(tmp_path):
+    """ppo.judge_url: each sampled response is judged against its prompt's chosen response (a local scripted
+    judge here); a win is 1, a loss 0, and a malformed verdict 0.5 and counted, never dropped."""
+    from dpokit.ppo import ppo
+    from test_judge import Judge, reply
+
+    def prefers_e(a, b, n):  # the answer with more letters "e" wins; every 5th reply names neither answer
+        if n % 5 == 0:
+            return reply("Comparison: both fine.")
+        return reply("More helpful: " + ("A" if a.count("e") > b.count("e") else "B"))
+
+    with Judge(prefers_e) as judge:
+        cfg = small_config(tmp_path, train={"max_steps": 2},
+                           ppo={"reward": None, "judge_url": judge.url, "judge_model": "scripted"})
+        run_dir = ppo(cfg)
+        requests = len(judge.requests)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in rows if r["split"] == "train"]
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert requests == 2 * 16 + 2 * 16  # every rollout and every held-out sample, once each
+    assert all(0.0 <= r["reward"] <= 1.0 for r in rows if "reward" in r) and len(evals) == 2
+    assert sum(r["judge/malformed"] for r in train) > 0  # counted, scored 0.5
+
+
+def test_a_judge_needs_chosen_responses_and_excludes_a_reward(tmp_path):
+    from dpokit.ppo.trainer import judge_baselines, prompt_items
+
+    cfg = small_config(tmp_path, ppo={"judge_url": "http://127.0.0.1:9/v1", "judge_model": "m"})
+    with pytest.raises(ConfigError, match="either ppo.reward or an LLM judge"):
+        from dpokit.ppo.trainer import check_config
+
+        check_config(load_config(cfg), Dist())
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    items = prompt_items(str(prompts), "train", tiny_tokenizer(), load_config(cfg))
+    with pytest.raises(ConfigError, match="has none for prompt 'hello'"):
+        judge_baselines(items, str(prompts))

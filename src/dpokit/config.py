@@ -221,7 +221,15 @@ class PpoConfig(_Section):
 
     reward: str | None = None
     """What a response is worth: ``sentiment``, ``length``, ``module:function``, ``file.py:function``, or the
-    RUN_DIR (or ``final/`` folder) of a ``dpokit rm`` reward model. Required."""
+    RUN_DIR (or ``final/`` folder) of a ``dpokit rm`` reward model. Required unless ``judge_url`` is set."""
+    judge_url: str | None = None
+    """Reward from an LLM judge instead (an OpenAI-compatible endpoint, e.g. ``http://host:8000/v1``): each
+    response against the chosen response of its prompt in ``data.train`` (a preference file), 1 win, 0.5 tie,
+    0 loss (``dpokit.rewards.judge.JudgeReward``). Exclusive with ``reward``."""
+    judge_model: str | None = None
+    """The model name the judge endpoint serves (required with ``judge_url``)."""
+    judge_key_env: str | None = Field(None, json_schema_extra=NEUTRAL)
+    """Environment variable holding the judge's API key; unset sends none."""
     rollout_prompts: int = Field(32, ge=1)
     """Prompts sampled per PPO step, over every process (one response each)."""
     epochs: int = Field(4, ge=1)

@@ -48,6 +48,7 @@ from dpokit.models import load_models
 from dpokit.ppo.core import KLController, gae, policy_loss, token_rewards, value_loss, whiten
 from dpokit.resume import fingerprint, seed_everything
 from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
+from dpokit.rewards.judge import JudgeReward, make_judge
 from dpokit.step import Run, Task, apply_update
 from dpokit.train import (
     _note,
@@ -164,9 +165,13 @@ def sample(ppo: Ppo, items: list[PromptItem], seed: int) -> list[tuple[list[int]
     return [(s.prompt_ids, s.response_ids, s.finished, s.text) for s in samples]
 
 
-def score(ppo: Ppo, items: list[PromptItem], texts: list[str]) -> list[float]:
+def score(ppo: Ppo, items: list[PromptItem], texts: list[str], seed: int) -> list[float]:
+    """The reward of each response; a reward model reads chat prompts as messages, anything else as text."""
     prompts = [it.prompt.prompt if getattr(ppo.reward, "accepts_messages", False) else it.prompt.text
                for it in items]
+    if isinstance(ppo.reward, JudgeReward):
+        ppo.reward.reseed(seed)
+        ppo.reward.malformed = 0  # the step's count
     return score_texts(ppo.reward, prompts, texts, ppo.reward_label)
 
 
@@ -215,7 +220,7 @@ def rollout(ppo: Ppo, items: list[PromptItem], seed: int) -> tuple[Rollout, dict
     started = time.perf_counter()
     samples = sample(ppo, items, seed)
     sampled = time.perf_counter()
-    scores = score(ppo, items, [s[3] for s in samples])
+    scores = score(ppo, items, [s[3] for s in samples], seed)
     scored = time.perf_counter()
     rows = [(p, r) for p, r, _, _ in samples]
     out = evaluate_rows(ppo, rows)
@@ -287,6 +292,8 @@ def ppo_step(ppo: Ppo, step: int) -> dict[str, Any]:
         "tokens_per_second": tokens / seconds, "sample_s": timings[0] / dist.world,
         "score_s": timings[1] / dist.world, "train_s": train_s + timings[2] / dist.world,
         "skipped_steps": run.skipped,
+        **({"judge/malformed": int(dist.sum([float(ppo.reward.malformed)])[0])}
+           if isinstance(ppo.reward, JudgeReward) else {}),
     }
 
 
@@ -349,8 +356,9 @@ def evaluate(ppo: Ppo) -> dict[str, float]:
     if not items:
         raise ConfigError(f"data.eval: {len(ppo.eval_prompts)} held-out prompts for {dist.world} processes; "
                           "give at least one per process")
-    samples = sample(ppo, items, step_seed(run.cfg.train.seed, 0, dist.rank, 10_000))
-    scores = score(ppo, items, [s[3] for s in samples])
+    seed = step_seed(run.cfg.train.seed, 0, dist.rank, 10_000)
+    samples = sample(ppo, items, seed)
+    scores = score(ppo, items, [s[3] for s in samples], seed)
     out = evaluate_rows(ppo, [(p, r) for p, r, _, _ in samples], with_values=False)
     seq_kl = ((out["logps"] - out["ref_logps"]) * out["mask"]).sum(-1)
     n, reward, reward_sq, kl, tokens = dist.sum([float(len(items)), float(sum(scores)),
@@ -366,9 +374,11 @@ def check_config(cfg: Config, dist: Dist) -> None:
     """Settings PPO cannot run with, each as one line naming the key."""
     if not cfg.data.train:
         raise ConfigError("data.train: required (a prompt file, or a preference file whose prompts are used)")
-    if not cfg.ppo.reward:
+    if not cfg.ppo.reward and not cfg.ppo.judge_url:
         raise ConfigError("ppo.reward: required (sentiment, length, module:function, or the RUN_DIR of a "
-                          "dpokit rm reward model)")
+                          "dpokit rm reward model), or ppo.judge_url for an LLM judge")
+    if cfg.ppo.reward and cfg.ppo.judge_url:
+        raise ConfigError("ppo.judge_url: give either ppo.reward or an LLM judge, not both")
     if cfg.reference.mode == "store":
         raise ConfigError("reference.mode: 'store' holds log-probs of fixed responses; PPO samples new ones "
                           "at every step: use 'model' (or 'adapter' with LoRA)")
@@ -384,6 +394,15 @@ def check_config(cfg: Config, dist: Dist) -> None:
                           f"x train.grad_accum x processes = {global_batch} (the samples of an optimizer step)")
 
 
+def judge_baselines(items: list[PromptItem], source: str) -> dict[str, str]:
+    """The chosen response of each prompt: what the LLM judge compares a sampled response with."""
+    missing = [it for it in items if it.prompt.chosen is None]
+    if missing:
+        raise ConfigError(f"ppo.judge_url: the judge compares each response with its prompt's chosen response, and "
+                          f"{source} has none for prompt {missing[0].prompt.text[:40]!r} (give a preference file)")
+    return {it.prompt.text: it.prompt.chosen for it in items}  # type: ignore[misc]
+
+
 def prompt_items(source: str, split: str, tokenizer: Any, cfg: Config,
                  max_prompts: int | None = None) -> list[PromptItem]:
     from dpokit.generate import encode_prompts
@@ -397,7 +416,8 @@ def setup(cfg: Config, dist: Dist, resume: bool = False) -> Ppo:
     check_config(cfg, dist)
     note = _note if dist.is_main else _quiet
     device = dist.device
-    reward = get_reward(cfg.ppo.reward)  # a bad reward fails now, not after the models are loaded
+    judge = make_judge(cfg.ppo.judge_url, cfg.ppo.judge_model, cfg.ppo.judge_key_env, seed=cfg.train.seed)
+    reward = get_reward(cfg.ppo.reward) if judge is None else None  # a bad reward fails now, before the models
     fit_layout(cfg, PPO_TASK, note)  # rollouts are padded rows
     resolve_hardware(cfg, device, note)
     checkpoint = dist.on_main(lambda: open_run_dir(cfg, resume))
@@ -411,7 +431,10 @@ def setup(cfg: Config, dist: Dist, resume: bool = False) -> Ppo:
     prompts = prompt_items(cfg.data.train, cfg.data.train_split, tokenizer, cfg)
     eval_prompts = (prompt_items(cfg.data.eval, cfg.data.eval_split, tokenizer, cfg, cfg.ppo.eval_max_prompts)
                     if cfg.data.eval else [])
-    note(f"ppo: {len(prompts)} training prompts, {len(eval_prompts)} held-out; reward {reward_name(cfg.ppo.reward)}")
+    if judge is not None:
+        reward = JudgeReward(judge, judge_baselines(prompts + eval_prompts, cfg.data.train))
+    label = reward_name(cfg.ppo.reward) if cfg.ppo.reward else reward.name
+    note(f"ppo: {len(prompts)} training prompts, {len(eval_prompts)} held-out; reward {label}")
     model = dist.wrap_trainable(policy)
     if dist.rank:
         seed_everything(cfg.train.seed + dist.rank)
@@ -432,8 +455,8 @@ def setup(cfg: Config, dist: Dist, resume: bool = False) -> Ppo:
               total_pairs=total_steps * cfg.ppo.rollout_prompts, autocast=autocast_for(cfg, device),
               data_fingerprint=fingerprint(cfg.data.train), checkpoint=checkpoint)
     controller = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
-    return Ppo(run=run, reference=reference, eval_prompts=eval_prompts, reward=reward,
-               reward_label=reward_name(cfg.ppo.reward), controller=controller,
+    return Ppo(run=run, reference=reference, eval_prompts=eval_prompts, reward=reward, reward_label=label,
+               controller=controller,
                eos_ids=eos_token_ids(models.policy, tokenizer))
 
 

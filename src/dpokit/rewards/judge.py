@@ -183,3 +183,29 @@ def make_judge(url: str | None, model: str | None, api_key_env: str | None = Non
     if not model:
         raise DpokitError("--judge-model: required with --judge-url (the model name the endpoint serves)")
     return LLMJudge(url, model, api_key_env, seed=seed)
+
+
+class JudgeReward:
+    """A pairwise judge as a scalar reward (``dpokit ppo`` with ``ppo.judge_url``): each response against a
+    baseline response to the same prompt, 1 for a win, 0.5 for a tie, 0 for a loss. A malformed verdict scores
+    0.5, the value that states no preference, and is counted (``malformed``), never dropped silently."""
+
+    VALUES = {"win": 1.0, "tie": 0.5, "loss": 0.0, "malformed": 0.5}
+    accepts_messages = False
+
+    def __init__(self, judge: LLMJudge, baselines: dict[str, str]):
+        self.judge, self.baselines = judge, baselines
+        self.name = f"{judge.name} against the data's chosen responses"
+        self.malformed = 0
+
+    def reseed(self, seed: int) -> None:
+        """Answer orders drawn from ``seed`` alone: a resumed run shows the judge what the first run did."""
+        self.judge.rng = random.Random(seed)
+
+    def batch(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        verdicts = self.judge.compare(prompts, responses, [self.baselines[p] for p in prompts])
+        self.malformed += sum(v.outcome == "malformed" for v in verdicts)
+        return [self.VALUES[v.outcome] for v in verdicts]
+
+    def __call__(self, prompt: str, response: str) -> float:
+        return self.batch([prompt], [response])[0]
