@@ -147,3 +147,24 @@ def test_crashed_run_and_bad_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DpokitError, match="not a run directory"):
         load_run(tmp_path / "empty")
+
+
+def test_ppo_and_reward_model_runs_get_their_own_curves(tmp_path):
+    """A PPO run's page plots its reward, KL, beta, entropy, clip fractions and value head; a reward model's its
+    accuracy and margin; the DPO-only panels (implicit rewards, log-probs) are left out where nothing logs them."""
+    ppo, rm = tmp_path / "ppo", tmp_path / "rm"
+    for run, rows in ((ppo, [{"step": s, "split": "train", "loss": 0.1, "reward": 0.1 * s, "kl": 0.2 * s,
+                              "kl_coef": 0.05, "entropy": 3.0, "policy/clipfrac": 0.1, "value/clipfrac": 0.0,
+                              "value/explained_variance": 0.3, "grad_norm": 1.0} for s in range(1, 6)]),
+                      (rm, [{"step": s, "split": split, "loss": 0.6, "accuracy": 0.7, "margin": 0.2 * s,
+                             "grad_norm": 1.0} for s in range(1, 6) for split in ("train", "eval")])):
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": "tiny-random-llama"}}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = render_report([load_run(ppo)])
+    for title in ("Reward of the sampled responses", "KL(π‖π_ref) per response", "KL coefficient β",
+                  "Clipped fraction", "Value head"):
+        assert title in page, title
+    assert "Implicit rewards" not in page and "Reward-model accuracy" not in page
+    page = render_report([load_run(rm)])
+    assert "Reward-model accuracy" in page and "Reward-model margin" in page and "Clipped fraction" not in page

@@ -212,11 +212,23 @@ def _curves(runs: list[RunData]) -> str:
                     "Implicit rewards  β·log π/π_ref", hline=0.0),
         plots.curve(series, [("logps/chosen", "chosen"), ("logps/rejected", "rejected")],
                     "Log-probs  log π(y|x)"),
+        # A reward model (dpokit rm): its own reward's accuracy and margin on pairs.
+        plots.curve(series, [("accuracy", "accuracy")], "Reward-model accuracy  r(y_w) > r(y_l)",
+                    ylim=(-0.03, 1.03), hline=0.5),
+        plots.curve(series, [("margin", "margin")], "Reward-model margin  r(y_w) − r(y_l)", hline=0.0),
+        # PPO (dpokit ppo): the reward it climbs, what it pays in KL, and the health of its updates.
+        plots.curve(series, [("reward", "reward")], "Reward of the sampled responses"),
+        plots.curve(series, [("kl", "KL")], "KL(π‖π_ref) per response, nats", hline=0.0),
+        plots.curve(series, [("kl_coef", "β")], "KL coefficient β"),
+        plots.curve(series, [("entropy", "entropy")], "Entropy of π per token, nats"),
+        plots.curve(series, [("policy/clipfrac", "policy"), ("value/clipfrac", "value")], "Clipped fraction"),
+        plots.curve(series, [("value/explained_variance", "explained variance")], "Value head", hline=0.0),
         plots.curve(series, [("grad_norm", "grad norm")], "Gradient norm"),
     ]
     cells = "".join(f"<figure class=plot>{svg}</figure>" for svg in figures if svg)
-    note = ("Solid: training steps; dashed diamonds: held-out pairs. The dotted line on the loss is ln 2, the "
-            "loss of every pair while π = π<sub>ref</sub>.")
+    note = ("Solid: training steps; dashed diamonds: held-out data. The dotted line on the loss is ln 2, the "
+            "loss of every pair while π = π<sub>ref</sub> (DPO) or while the reward model scores both responses "
+            "alike.")
     return f"<section><h2>Training</h2><p class=lead>{note}</p><div class=grid>{cells}</div></section>"
 
 
