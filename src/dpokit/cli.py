@@ -6,6 +6,7 @@ Every expected failure (bad config, bad data, missing model) ends with one line 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -49,43 +50,20 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, task: str = "dpo") -> int:
+    """``dpokit train`` (DPO), ``sft``, ``rm`` and ``ppo``: the same options, one library call each."""
     launch_nproc(args)
-    from dpokit.train import train
+    if task == "ppo":
+        from dpokit.ppo import ppo
 
-    run_dir = train(args.config, args.overrides, resume=args.resume, force=args.force)
+        run_dir = ppo(args.config, args.overrides, resume=args.resume, force=args.force)
+    else:
+        from dpokit.train import train
+
+        run_dir = train(args.config, args.overrides, resume=args.resume, force=args.force, task=task)
     if is_main_process():
-        print_before_after(run_dir)
-        print(f"run directory: {run_dir}")
-    return 0
-
-
-def cmd_sft(args: argparse.Namespace) -> int:
-    launch_nproc(args)
-    from dpokit.train import train
-
-    run_dir = train(args.config, args.overrides, resume=args.resume, force=args.force, task="sft")
-    if is_main_process():
-        print(f"run directory: {run_dir}")
-    return 0
-
-
-def cmd_rm(args: argparse.Namespace) -> int:
-    launch_nproc(args)
-    from dpokit.train import train
-
-    run_dir = train(args.config, args.overrides, resume=args.resume, force=args.force, task="rm")
-    if is_main_process():
-        print(f"run directory: {run_dir}")
-    return 0
-
-
-def cmd_ppo(args: argparse.Namespace) -> int:
-    launch_nproc(args)
-    from dpokit.ppo import ppo
-
-    run_dir = ppo(args.config, args.overrides, resume=args.resume, force=args.force)
-    if is_main_process():
+        if task == "dpo":
+            print_before_after(run_dir)
         print(f"run directory: {run_dir}")
     return 0
 
@@ -181,10 +159,10 @@ def _add_data(sub: Any) -> None:
 
 def _add_training(sub: Any) -> None:
     """``dpokit train``, ``sft``, ``rm`` and ``ppo``."""
-    for name, func, text in (("train", cmd_train, "train with DPO (or a variant)"),
-                             ("sft", cmd_sft, "supervised fine-tuning on the chosen responses (pi_SFT)"),
-                             ("rm", cmd_rm, "train a reward model (Bradley-Terry) on preference pairs"),
-                             ("ppo", cmd_ppo, "RLHF with PPO: sample, score with a reward, update against pi_ref")):
+    for name, task, text in (("train", "dpo", "train with DPO (or a variant)"),
+                             ("sft", "sft", "supervised fine-tuning on the chosen responses (pi_SFT)"),
+                             ("rm", "rm", "train a reward model (Bradley-Terry) on preference pairs"),
+                             ("ppo", "ppo", "RLHF with PPO: sample, score with a reward, update against pi_ref")):
         command = sub.add_parser(name, help=text)
         command.add_argument("config", help="YAML config file")
         command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-6 loss.beta=0.2")
@@ -194,7 +172,7 @@ def _add_training(sub: Any) -> None:
                              help="resume even though settings that change the result differ")
         command.add_argument("--nproc", type=int, metavar="N",
                              help="train on N local processes (GPUs): runs this command under torchrun")
-        command.set_defaults(func=func)
+        command.set_defaults(func=functools.partial(cmd_train, task=task))
 
 
 def _add_score(sub: Any) -> None:

@@ -289,41 +289,50 @@ def _train(cfg: Config, dist: Dist, *, resume: bool, force: bool, task: Task) ->
     run = setup(cfg, dist, task, resume=resume or cfg.train.resume == "auto")
     if run.checkpoint is not None:
         restore(run, force)
+    return loop(run, train_step, (lambda: held_out_metrics(run)) if run.eval_items else None, export_final)
+
+
+def loop(run: Run, step: Callable[[Run, int], dict[str, Any]], held_out: Callable[[], dict[str, Any]] | None,
+         export: Callable[[Run], None]) -> Path:
+    """The loop every training command shares, from ``run.step`` on: ``step(run, n)`` gives step n's metrics
+    row; ``held_out()`` (when given) the held-out metrics, logged at the start, every ``eval.every`` steps and
+    at the end; a checkpoint every ``train.save_every`` steps and at the end; then ``export(run)`` (final/)."""
+    cfg = run.cfg
     first, every, save_every = run.step, cfg.eval.every, cfg.train.save_every
-    metrics = MetricsWriter(run.run_dir / "metrics.jsonl", enabled=dist.is_main)
-    progress = Progress(run.total_steps, first, enabled=cfg.train.progress and dist.is_main)
+    metrics = MetricsWriter(run.run_dir / "metrics.jsonl", enabled=run.dist.is_main)
+    progress = Progress(run.total_steps, first, enabled=cfg.train.progress and run.dist.is_main)
     health = HealthMonitor(interval=every or 20)
     run.started = time.perf_counter()
+
+    def log_eval() -> None:
+        assert held_out is not None
+        metrics.write({"step": run.step, "split": "eval", "elapsed_s": time.perf_counter() - run.started,
+                       **held_out()})
+
     try:
-        if run.eval_items and first == 0:
-            log_eval(run, metrics)
-        for step in range(first + 1, run.total_steps + 1):
-            row = train_step(run, step)
-            if step % cfg.train.log_every == 0 or step == run.total_steps:
+        if held_out and first == 0:
+            log_eval()
+        for n in range(first + 1, run.total_steps + 1):
+            row = step(run, n)
+            if n % cfg.train.log_every == 0 or n == run.total_steps:
                 metrics.write(row)
             for code, message in health.check(row):
-                run.note(f"warning at step {step}: {message}")
-                metrics.write({"step": step, "split": "warning", "warning": code, "message": message})
-            progress.update(step, row)
-            if run.eval_items and every and step % every == 0 and step != run.total_steps:
-                log_eval(run, metrics)
-            if save_every and step % save_every == 0 and step != run.total_steps:
+                run.note(f"warning at step {n}: {message}")
+                metrics.write({"step": n, "split": "warning", "warning": code, "message": message})
+            progress.update(n, row)
+            if held_out and every and n % every == 0 and n != run.total_steps:
+                log_eval()
+            if save_every and n % save_every == 0 and n != run.total_steps:
                 save(run)
-        if run.eval_items and first < run.total_steps:
-            log_eval(run, metrics)
+        if held_out and first < run.total_steps:
+            log_eval()
     finally:
         progress.close()
         metrics.close()
     if first < run.total_steps:
         save(run)
-    export_final(run)
+    export(run)
     return run.run_dir
-
-
-def log_eval(run: Run, metrics: MetricsWriter) -> None:
-    """Held-out metrics at the current step, as a ``split: eval`` row."""
-    row = held_out_metrics(run)
-    metrics.write({"step": run.step, "split": "eval", "elapsed_s": time.perf_counter() - run.started, **row})
 
 
 def sft(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None,

@@ -43,7 +43,6 @@ from dpokit.errors import DpokitError
 from dpokit.evaluate.run import EvalPrompt, load_prompts
 from dpokit.generate import SamplingParams, eos_token_ids, generate
 from dpokit.logprobs import target_logps
-from dpokit.metrics import MetricsWriter, Progress
 from dpokit.models import load_models
 from dpokit.ppo.core import KLController, gae, policy_loss, token_rewards, value_loss, whiten
 from dpokit.resume import fingerprint, seed_everything
@@ -56,12 +55,12 @@ from dpokit.train import (
     autocast_for,
     enable_checkpointing,
     fit_layout,
+    loop,
     lr_lambda,
     make_optimizer,
     open_run_dir,
     resolve_hardware,
     restore,
-    save,
 )
 
 
@@ -488,34 +487,5 @@ def _ppo(cfg: Config, dist: Dist, *, resume: bool, force: bool) -> Path:
     if run.checkpoint is not None:
         restore(run, force)
         ppo_run.controller.load_state_dict(run.task_state["kl_controller"])
-    first, every, save_every = run.step, cfg.eval.every, cfg.train.save_every
-    metrics = MetricsWriter(run.run_dir / "metrics.jsonl", enabled=dist.is_main)
-    progress = Progress(run.total_steps, first, enabled=cfg.train.progress and dist.is_main)
-    run.started = time.perf_counter()
-
-    def log_eval() -> None:
-        metrics.write({"step": run.step, "split": "eval", "elapsed_s": time.perf_counter() - run.started,
-                       **evaluate(ppo_run)})
-
-    try:
-        if ppo_run.eval_prompts and first == 0:
-            log_eval()
-        for step in range(first + 1, run.total_steps + 1):
-            row = ppo_step(ppo_run, step)
-            if step % cfg.train.log_every == 0 or step == run.total_steps:
-                metrics.write(row)
-            progress.update(step, row)
-            if ppo_run.eval_prompts and every and step % every == 0 and step != run.total_steps:
-                log_eval()
-            if save_every and step % save_every == 0 and step != run.total_steps:
-                save(run)
-        if ppo_run.eval_prompts and first < run.total_steps:
-            log_eval()
-    finally:
-        progress.close()
-        metrics.close()
-    if first < run.total_steps:
-        save(run)
-    export_policy(run)
-    return run.run_dir
-
+    held_out = (lambda: evaluate(ppo_run)) if ppo_run.eval_prompts else None
+    return loop(run, lambda _, n: ppo_step(ppo_run, n), held_out, export_policy)
