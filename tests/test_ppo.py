@@ -178,7 +178,6 @@ def test_value_head_starts_at_zero_and_the_reference_matches_the_policy_at_step_
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"ppo": {"reward": None}}, "ppo.reward: required"),
     ({"reference": {"mode": "store"}}, "reference.mode: 'store'"),
     ({"ppo": {"rollout_prompts": 12}}, "ppo.rollout_prompts: 12 is not a multiple"),
     ({"model": {"disable_dropout": False}}, "model.disable_dropout"),
@@ -242,16 +241,15 @@ def test_an_llm_judge_as_the_reward_against_the_chosen_responses(tmp_path):
     assert sum(r["judge/malformed"] for r in train) > 0  # counted, scored 0.5
 
 
-def test_a_judge_needs_chosen_responses_and_excludes_a_reward(tmp_path):
-    from dpokit.ppo.trainer import judge_baselines, prompt_items
+def test_a_reward_or_a_judge_exactly_and_the_judge_needs_chosen_responses(tmp_path):
+    from dpokit.rollout import judge_reward, load_reward, prompt_items
 
-    cfg = small_config(tmp_path, ppo={"judge_url": "http://127.0.0.1:9/v1", "judge_model": "m"})
+    with pytest.raises(ConfigError, match="ppo.reward: required"):
+        load_reward(None, None, None, None, 0, "ppo")
     with pytest.raises(ConfigError, match="either ppo.reward or an LLM judge"):
-        from dpokit.ppo.trainer import check_config
-
-        check_config(load_config(cfg), Dist())
+        load_reward("length", "http://127.0.0.1:9/v1", "m", None, 0, "ppo")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hello"}\n')
-    items = prompt_items(str(prompts), "train", tiny_tokenizer(), load_config(cfg))
+    items = prompt_items(str(prompts), "train", tiny_tokenizer(), load_config(small_config(tmp_path)).data)
     with pytest.raises(ConfigError, match="has none for prompt 'hello'"):
-        judge_baselines(items, str(prompts))
+        judge_reward("http://127.0.0.1:9/v1", "m", None, 0, items, str(prompts), "ppo")

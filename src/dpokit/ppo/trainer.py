@@ -36,18 +36,29 @@ from torch import nn
 
 from dpokit.checkpoint import export_hf
 from dpokit.config import Config, ConfigError, load_config
-from dpokit.data.batch import PairStream, pad_sequences, padded_layout, to_device
+from dpokit.data.batch import PairStream
 from dpokit.distributed import Dist
 from dpokit.distributed import setup as setup_distributed
 from dpokit.errors import DpokitError
-from dpokit.evaluate.run import EvalPrompt, load_prompts
-from dpokit.generate import SamplingParams, eos_token_ids, generate
+from dpokit.generate import Sample, SamplingParams, eos_token_ids
 from dpokit.logprobs import target_logps
 from dpokit.models import load_models
 from dpokit.ppo.core import KLController, gae, policy_loss, token_rewards, value_loss, whiten
 from dpokit.resume import fingerprint, seed_everything
-from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
-from dpokit.rewards.judge import JudgeReward, make_judge
+from dpokit.rewards import RewardFn
+from dpokit.rewards.judge import JudgeReward
+from dpokit.rollout import (
+    PromptItem,
+    judge_reward,
+    load_reward,
+    prompt_items,
+    reward_label,
+    rows_batch,
+    score,
+    step_seed,
+    to_grid,
+)
+from dpokit.rollout import sample as rollout_sample
 from dpokit.step import Run, Task, apply_update
 from dpokit.train import (
     _note,
@@ -100,12 +111,6 @@ class PolicyValue(nn.Module):
 
 
 @dataclass
-class PromptItem:
-    prompt: EvalPrompt
-    ids: list[int]
-
-
-@dataclass
 class Ppo:
     """What a PPO run holds beside the ``Run``: pi_ref, the prompts, the reward, the KL controller."""
 
@@ -137,41 +142,12 @@ class Rollout:
     finished: list[bool]
 
 
-def rows_batch(rows: list[tuple[list[int], list[int]]], pad_id: int,
-               device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
-    """A padded batch of prompt + response rows and the (B, T) mask of their response tokens: the batch's
-    targets (``pred_index`` order) are exactly the mask's True entries in row-major order."""
-    padded = pad_sequences([p + r for p, r in rows], [len(p) for p, _ in rows], pad_id, side="right")
-    batch = padded_layout(padded["input_ids"], padded["attention_mask"], padded["response_mask"])
-    lengths = torch.tensor([len(r) for _, r in rows])
-    mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]  # (B, T)
-    return to_device(batch, device), mask.to(device)
-
-
-def to_grid(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-target values (M,) into their (B, T) places; 0 on padding. Differentiable."""
-    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
-
-
-def sample(ppo: Ppo, items: list[PromptItem], seed: int) -> list[tuple[list[int], list[int], bool, str]]:
-    """One response per prompt from pi under no_grad, in eval mode: (prompt ids, response ids, finished, text)."""
-    run = ppo.run
-    cfg = run.cfg.ppo
+def sample(ppo: Ppo, items: list[PromptItem], seed: int) -> list[Sample]:
+    """One response per prompt from pi (``dpokit.rollout.sample``) at the rollout settings."""
+    run, cfg = ppo.run, ppo.run.cfg.ppo
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             seed=seed, batch_size=max(1, min(len(items), 64)))
-    with run.autocast():
-        samples = generate(run.policy.model, run.tokenizer, [it.ids for it in items], params, ppo.eos_ids)
-    return [(s.prompt_ids, s.response_ids, s.finished, s.text) for s in samples]
-
-
-def score(ppo: Ppo, items: list[PromptItem], texts: list[str], seed: int) -> list[float]:
-    """The reward of each response; a reward model reads chat prompts as messages, anything else as text."""
-    prompts = [it.prompt.prompt if getattr(ppo.reward, "accepts_messages", False) else it.prompt.text
-               for it in items]
-    if isinstance(ppo.reward, JudgeReward):
-        ppo.reward.reseed(seed)
-        ppo.reward.malformed = 0  # the step's count
-    return score_texts(ppo.reward, prompts, texts, ppo.reward_label)
+    return rollout_sample(run.policy.model, run.tokenizer, items, params, ppo.eos_ids, run.autocast)
 
 
 @torch.no_grad()
@@ -219,27 +195,21 @@ def rollout(ppo: Ppo, items: list[PromptItem], seed: int) -> tuple[Rollout, dict
     started = time.perf_counter()
     samples = sample(ppo, items, seed)
     sampled = time.perf_counter()
-    scores = score(ppo, items, [s[3] for s in samples], seed)
+    scores = score(ppo.reward, ppo.reward_label, items, [s.text for s in samples], seed)
     scored = time.perf_counter()
-    rows = [(p, r) for p, r, _, _ in samples]
+    rows = [(s.prompt_ids, s.response_ids) for s in samples]
     out = evaluate_rows(ppo, rows)
     device = ppo.run.device
     result = Rollout(rows=rows, mask=out["mask"], logps=out["logps"], ref_logps=out["ref_logps"],
                      values=out["values"], entropy=out["entropy"],
                      scores=torch.tensor(scores, dtype=torch.float32, device=device),
-                     finished=[s[2] for s in samples])
+                     finished=[s.finished for s in samples])
     timings = {"sample_s": sampled - started, "score_s": scored - sampled,
                "forward_s": time.perf_counter() - scored}
     return result, timings
 
 
 # -------------------------------------------------------------------------------------------------- the step
-
-def step_seed(seed: int, step: int, rank: int, stream: int) -> int:
-    """The seed of one random stream (0: sampling, 1 + e: minibatch order of epoch e) of step ``step`` on
-    ``rank``: a function of these numbers alone, so a resumed run draws exactly what the first one did."""
-    return (seed * 1_000_003 + step) * 1_009 + rank * 101 + stream
-
 
 def ppo_step(ppo: Ppo, step: int) -> dict[str, Any]:
     """PPO step ``step``: rollout, advantages, ``ppo.epochs`` passes of clipped updates. Returns its metrics
@@ -357,8 +327,8 @@ def evaluate(ppo: Ppo) -> dict[str, float]:
                           "give at least one per process")
     seed = step_seed(run.cfg.train.seed, 0, dist.rank, 10_000)
     samples = sample(ppo, items, seed)
-    scores = score(ppo, items, [s[3] for s in samples], seed)
-    out = evaluate_rows(ppo, [(p, r) for p, r, _, _ in samples], with_values=False)
+    scores = score(ppo.reward, ppo.reward_label, items, [s.text for s in samples], seed)
+    out = evaluate_rows(ppo, [(s.prompt_ids, s.response_ids) for s in samples], with_values=False)
     seq_kl = ((out["logps"] - out["ref_logps"]) * out["mask"]).sum(-1)
     n, reward, reward_sq, kl, tokens = dist.sum([float(len(items)), float(sum(scores)),
                                                  float(sum(s * s for s in scores)), float(seq_kl.sum()),
@@ -373,11 +343,6 @@ def check_config(cfg: Config, dist: Dist) -> None:
     """Settings PPO cannot run with, each as one line naming the key."""
     if not cfg.data.train:
         raise ConfigError("data.train: required (a prompt file, or a preference file whose prompts are used)")
-    if not cfg.ppo.reward and not cfg.ppo.judge_url:
-        raise ConfigError("ppo.reward: required (sentiment, length, module:function, or the RUN_DIR of a "
-                          "dpokit rm reward model), or ppo.judge_url for an LLM judge")
-    if cfg.ppo.reward and cfg.ppo.judge_url:
-        raise ConfigError("ppo.judge_url: give either ppo.reward or an LLM judge, not both")
     if cfg.reference.mode == "store":
         raise ConfigError("reference.mode: 'store' holds log-probs of fixed responses; PPO samples new ones "
                           "at every step: use 'model' (or 'adapter' with LoRA)")
@@ -393,30 +358,12 @@ def check_config(cfg: Config, dist: Dist) -> None:
                           f"x train.grad_accum x processes = {global_batch} (the samples of an optimizer step)")
 
 
-def judge_baselines(items: list[PromptItem], source: str) -> dict[str, str]:
-    """The chosen response of each prompt: what the LLM judge compares a sampled response with."""
-    missing = [it for it in items if it.prompt.chosen is None]
-    if missing:
-        raise ConfigError(f"ppo.judge_url: the judge compares each response with its prompt's chosen response, and "
-                          f"{source} has none for prompt {missing[0].prompt.text[:40]!r} (give a preference file)")
-    return {it.prompt.text: it.prompt.chosen for it in items}  # type: ignore[misc]
-
-
-def prompt_items(source: str, split: str, tokenizer: Any, cfg: Config,
-                 max_prompts: int | None = None) -> list[PromptItem]:
-    from dpokit.generate import encode_prompts
-
-    prompts = load_prompts(source, split, max_prompts)
-    ids = encode_prompts(tokenizer, [p.prompt for p in prompts], cfg.data.max_prompt_length, cfg.data.max_length)
-    return [PromptItem(p, i) for p, i in zip(prompts, ids)]
-
-
 def setup(cfg: Config, dist: Dist, resume: bool = False) -> Ppo:
     check_config(cfg, dist)
     note = _note if dist.is_main else _quiet
     device = dist.device
-    judge = make_judge(cfg.ppo.judge_url, cfg.ppo.judge_model, cfg.ppo.judge_key_env, seed=cfg.train.seed)
-    reward = get_reward(cfg.ppo.reward) if judge is None else None  # a bad reward fails now, before the models
+    p = cfg.ppo
+    reward = load_reward(p.reward, p.judge_url, p.judge_model, p.judge_key_env, cfg.train.seed, "ppo")
     fit_layout(cfg, PPO_TASK, note)  # rollouts are padded rows
     resolve_hardware(cfg, device, note)
     checkpoint = dist.on_main(lambda: open_run_dir(cfg, resume))
@@ -427,12 +374,13 @@ def setup(cfg: Config, dist: Dist, resume: bool = False) -> Ppo:
         enable_checkpointing(models.policy)
     reference = models.reference.to(device) if models.reference is not None else None
     tokenizer = models.tokenizer
-    prompts = prompt_items(cfg.data.train, cfg.data.train_split, tokenizer, cfg)
-    eval_prompts = (prompt_items(cfg.data.eval, cfg.data.eval_split, tokenizer, cfg, cfg.ppo.eval_max_prompts)
+    prompts = prompt_items(cfg.data.train, cfg.data.train_split, tokenizer, cfg.data)
+    eval_prompts = (prompt_items(cfg.data.eval, cfg.data.eval_split, tokenizer, cfg.data, p.eval_max_prompts)
                     if cfg.data.eval else [])
-    if judge is not None:
-        reward = JudgeReward(judge, judge_baselines(prompts + eval_prompts, cfg.data.train))
-    label = reward_name(cfg.ppo.reward) if cfg.ppo.reward else reward.name
+    if reward is None:
+        reward = judge_reward(p.judge_url, p.judge_model, p.judge_key_env, cfg.train.seed, prompts + eval_prompts,
+                              cfg.data.train, "ppo")
+    label = reward_label(p.reward, reward)
     note(f"ppo: {len(prompts)} training prompts, {len(eval_prompts)} held-out; reward {label}")
     model = dist.wrap_trainable(policy)
     if dist.rank:
