@@ -135,9 +135,8 @@ class ClaimsSection(_Section):
     """Run the experiment once per seed (its preference samples and every run's training) and write
     ``claims.json``; empty: one experiment, no claims. At least 3 for a spread."""
     target_reward: float | None = None
-    """Held-out reward whose cost (FLOPs, seconds) to reach is compared; unset: halfway between pi_ref's and
-    the lowest of the methods' mean final rewards, so that every method reaches it on average (halfway to the
-    highest when a method ends below pi_ref)."""
+    """Held-out reward whose cost (FLOPs, seconds) to reach is compared; unset: pi_ref's reward plus half of the
+    best method's mean gain (a method that never reaches it has no cost to compare, and is reported so)."""
 
     @model_validator(mode="after")
     def _seeds(self) -> ClaimsSection:
