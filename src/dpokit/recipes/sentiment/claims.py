@@ -67,11 +67,11 @@ def parameter_count(model_dir: Path) -> int:
 
 def sample_positions(rows: list[dict[str, Any]], tokenizer: Any) -> int:
     """Positions computed to sample the preference data: prompt + response of each sample (prefill, then one
-    decode step per response token)."""
+    decode step per sampled token, as the cached rows count them)."""
     total = 0
     for row in rows:
         prompt = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
-        total += sum(prompt + len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in row["responses"])
+        total += sum(prompt + n for n in row["tokens"])
     return total
 
 
@@ -114,12 +114,13 @@ def measure_seed(cfg: SentimentConfig, root: Path, summary: dict[str, Any], toke
     n = parameter_count(root / beta_name(cfg.dpo.betas[0]) / "final")
     data = root / "data"
     train_samples = list(read_jsonl(data / "samples-train.jsonl"))
-    heldout_samples = list(read_jsonl(data / "samples-heldout.jsonl"))
     sampled = sample_positions(train_samples, tokenizer)
-    share = sum(len(r["responses"]) for r in train_samples) / max(
-        1, sum(len(r["responses"]) for r in train_samples + heldout_samples))
-    stages = summary.get("stage_seconds", {})
-    data_flops, data_seconds = 2 * n * sampled, stages.get("sample", 0.0) * share
+    # Seconds: the sampling of the preference data (kept with the cached samples) and each training loop (its
+    # metrics' elapsed_s), so a re-run that reads everything from the caches measures the same; model loading
+    # and DPO's one-off reference precompute are left out of the seconds (the precompute is in the FLOPs).
+    kept = [r.get("seconds") for r in train_samples]
+    data_seconds = sum(kept) if kept and all(v is not None for v in kept) else None
+    data_flops = 2 * n * sampled
     dpo_samples = list(read_jsonl(root / beta_name(cfg.dpo.betas[0]) / "eval" / "samples.jsonl"))
     ref_rewards = [r["reference_reward"] for r in dpo_samples if r.get("temperature") == 1.0]
     out: dict[str, Any] = {"parameters": n, "reward_ref": summary["reward_ref"],
@@ -129,27 +130,25 @@ def measure_seed(cfg: SentimentConfig, root: Path, summary: dict[str, Any], toke
     if cfg.ppo.reward_model:
         rm_rows = train_rows(root / REWARD_MODEL)
         rm_flops = 6 * n * sum(r["tokens"] for r in rm_rows)
-        rm_seconds = stages.get(f"train {REWARD_MODEL}", 0.0)
+        rm_seconds = rm_rows[-1]["elapsed_s"] if rm_rows else 0.0
     for method, name in method_runs(cfg).items():
         run_dir = root / name
         rows = train_rows(run_dir)
         ev = read_json(run_dir / "eval" / "eval.json")
-        train_seconds = stages.get(f"train {name}", 0.0)
-        setup_seconds = max(0.0, train_seconds - (rows[-1]["elapsed_s"] if rows else 0.0))
         if method == "DPO":
             # The store computes each response's reference log-probs with its prompt, once, before step 1.
             pairs = list(read_jsonl(data / "pairs-train.jsonl"))
             reference = 2 * n * sum(r["tokens"] for r in rows) * len(pairs) / max(1, _pairs_seen(rows, cfg, len(pairs)))
             upfront, step_flops = data_flops + reference, [6 * n * r["tokens"] for r in rows]
-            upfront_seconds = data_seconds + setup_seconds
+            upfront_seconds = data_seconds
         else:
             epochs = cfg.ppo.settings.get("epochs", 4)
             per_position = (2 + 2 + 2 + 6 * epochs) * n + (2 * n if method == "PPO" else 0)
             step_flops = [per_position * (r["tokens"] + r["prompt_tokens"]) for r in rows]
             upfront = data_flops + rm_flops if method == "PPO" else 0.0
-            upfront_seconds = setup_seconds + (data_seconds + rm_seconds if method == "PPO" else 0.0)
+            upfront_seconds = 0.0 if method == "PPO-GT" else None if data_seconds is None else data_seconds + rm_seconds
         flops = [upfront + f for f in cumulative(step_flops)]
-        seconds = [upfront_seconds + r["elapsed_s"] for r in rows]
+        seconds = [None if upfront_seconds is None else upfront_seconds + r["elapsed_s"] for r in rows]
         frontier = []
         for point in ev.get("frontier") or []:
             step = point["step"]

@@ -87,7 +87,7 @@ def sample_cache_dir() -> Path:
 def sample_continuations(policy: Policy, prompts: Sequence[str], k: int, cfg: SentimentConfig, label: str,
                          seed: int) -> list[dict[str, Any]]:
     """K continuations of every prompt from ``policy``: rows ``{"prompt", "responses", "finished",
-    "tokens"}``. Cached under a hash of the weights, the prompts, K and every sampling parameter, so a re-run
+    "tokens", "seconds"}``. Cached under a hash of the weights, the prompts, K and every sampling parameter, so a re-run
     (or another run folder) with the same inputs reads the file instead of sampling."""
     from dpokit.generate import SamplingParams, encode_prompts, generate
 
@@ -121,8 +121,11 @@ def sample_continuations(policy: Policy, prompts: Sequence[str], k: int, cfg: Se
     rows = []
     for i, prompt in enumerate(prompts):
         group = samples[i * k:(i + 1) * k]
+        # "seconds": this prompt's share of the sampling wall-clock, kept with the cached samples so that the
+        # cost of the data is known when a later run reads them from the cache (the claims' compute).
         rows.append({"prompt": prompt, "responses": [x.text for x in group],
-                     "finished": [x.finished for x in group], "tokens": [len(x.response_ids) for x in group]})
+                     "finished": [x.finished for x in group], "tokens": [len(x.response_ids) for x in group],
+                     "seconds": seconds / len(prompts)})
     write_jsonl(rows, path)
     return read_jsonl(path)
 
