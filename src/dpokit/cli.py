@@ -79,12 +79,13 @@ def print_before_after(run_dir: Path) -> None:
     if len(rows) < 2:
         return
     before, after = rows[0], rows[-1]
-    table = Table(title=f"held-out pairs: step {before['step']} -> step {after['step']}")
+    table = Table(title=f"held-out: step {before['step']} -> step {after['step']}")
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
-        table.add_row(name, f"{before[name]:.4f}", f"{after[name]:.4f}")
+    for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "reward", "kl"):
+        if name in before and name in after:  # online DPO evaluates its samples: reward and kl
+            table.add_row(name, f"{before[name]:.4f}", f"{after[name]:.4f}")
     Console().print(table)
 
 

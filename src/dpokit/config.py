@@ -267,6 +267,48 @@ class PpoConfig(_Section):
     """Held-out prompts (``data.eval``) sampled at each evaluation; null: all."""
 
 
+class OnlineConfig(_Section):
+    """Online and semi-online DPO (``dpokit train`` with ``reward`` or ``judge_url`` set; ``dpokit.online``).
+    Each step samples ``samples_per_prompt`` responses to each of train.batch_size x train.grad_accum x
+    processes prompts of ``data.train`` from a generator copy of the policy refreshed every ``sync_every``
+    steps, scores them with ``reward``, pairs them (``pairs``; ties dropped and counted) and trains on the
+    pairs with the configured preference loss against pi_ref (``loss``, ``reference``)."""
+
+    reward: str | None = None
+    """What a response is worth: ``sentiment``, ``length``, ``module:function``, ``file.py:function``, or the
+    RUN_DIR (or ``final/`` folder) of a ``dpokit rm`` reward model. Setting it (or ``judge_url``) makes
+    ``dpokit train`` online."""
+    judge_url: str | None = None
+    """Reward from an LLM judge instead (an OpenAI-compatible endpoint): each response against the chosen
+    response of its prompt in ``data.train`` (a preference file), 1 win, 0.5 tie, 0 loss. Exclusive with
+    ``reward``."""
+    judge_model: str | None = None
+    """The model name the judge endpoint serves (required with ``judge_url``)."""
+    judge_key_env: str | None = Field(None, json_schema_extra=NEUTRAL)
+    """Environment variable holding the judge's API key; unset sends none."""
+    sync_every: int = Field(1, ge=1)
+    """The generator is the policy as it was at the start of step 1, 1 + s, 1 + 2s, ... (s = this): 1 is fully
+    online (every step samples the current weights), larger is semi-online (arXiv 2506.21495). With s > 1,
+    ``train.save_every`` must be a multiple of s, so every checkpoint ends just before a refresh and the
+    generator's weights need not be saved."""
+    samples_per_prompt: int = Field(4, ge=2)
+    """Responses sampled per prompt (k); pairs are formed among them."""
+    pairs: Literal["best_worst", "all"] = "best_worst"
+    """``best_worst``: one pair per prompt, its highest- against its lowest-scored response; ``all``: every
+    pair of responses whose scores differ (up to k(k-1)/2 per prompt)."""
+    min_margin: float = Field(0.0, ge=0)
+    """A pair whose scores differ by this much or less is a tie: dropped and counted (``online/ties``)."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Response tokens sampled at most (EOS included); a response cut here has no end token and is trained
+    as sampled."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; 1 samples the generator itself."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling; 1 samples the generator itself."""
+    eval_max_prompts: int | None = Field(64, ge=1, json_schema_extra=NEUTRAL)
+    """Held-out prompts (``data.eval``) sampled at each evaluation; null: all."""
+
+
 class Config(_Section):
     run_dir: str | None = Field(None, json_schema_extra=NEUTRAL)
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/ are written here."""
@@ -280,6 +322,7 @@ class Config(_Section):
     reference: ReferenceConfig = ReferenceConfig()
     distributed: DistributedConfig = DistributedConfig()
     ppo: PpoConfig = PpoConfig()
+    online: OnlineConfig = OnlineConfig()
 
     @model_validator(mode="after")
     def _loss_is_known(self) -> Config:

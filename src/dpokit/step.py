@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,9 +244,23 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     # The same global pairs on every rank (the stream is seeded); each rank trains its share.
     indices = run.stream.take(min(run.pairs_per_step, run.total_pairs - run.consumed))
     run.consumed += len(indices)
-    stats, normalizer = run.task.new_stats(), run.task.normalizer(run, indices)
+    stats, computed, real = backward_passes(run, step_passes(run, indices), run.task.normalizer(run, indices))
+    means = stats.means()
+    grad_norm, lr = apply_update(run, step, means["loss"])
+    run.step = step
+    seconds = time.perf_counter() - started
+    return {"step": step, "split": "train", "elapsed_s": time.perf_counter() - run.started, "tokens": stats.tokens,
+            **means, "grad_norm": grad_norm, "lr": lr, "tokens_per_second": stats.tokens / seconds,
+            "skipped_steps": run.skipped, "padding_fraction": 1.0 - real / max(computed, 1)}
+
+
+def backward_passes(run: Run, passes: Iterable[tuple[list[Any], int, bool]], normalizer: float) -> tuple[Any, int, int]:
+    """Forward -> loss -> backward over a step's passes ``(items, weight, last)`` (``step_passes``): each pass's
+    summed loss x weight / ``normalizer``, gradients synchronized on the last. Returns the step's statistics
+    reduced over every rank, and its computed and real (non-padding) positions summed over every rank."""
+    stats = run.task.new_stats()
     computed = real = 0
-    for items, weight, last in step_passes(run, indices):
+    for items, weight, last in passes:
         with run.dist.grad_sync(run.model, sync=last):
             loss_sum, record, batch = run.task.forward(run, items)
             (loss_sum * weight / normalizer).backward()
@@ -255,13 +269,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
             computed, real = computed + batch["computed_positions"], real + batch["real_positions"]
     stats.reduce(run.dist.sum)  # sums over every pair of every rank
     computed, real = run.dist.sum([computed, real])
-    means = stats.means()
-    grad_norm, lr = apply_update(run, step, means["loss"])
-    run.step = step
-    seconds = time.perf_counter() - started
-    return {"step": step, "split": "train", "elapsed_s": time.perf_counter() - run.started, "tokens": stats.tokens,
-            **means, "grad_norm": grad_norm, "lr": lr, "tokens_per_second": stats.tokens / seconds,
-            "skipped_steps": run.skipped, "padding_fraction": 1.0 - real / max(computed, 1)}
+    return stats, int(computed), int(real)
 
 
 def apply_update(run: Run, step: int, loss: float) -> tuple[float, float]:

@@ -168,9 +168,12 @@ def fit_layout(cfg: Config, task: Task, note: Callable[[str], None]) -> None:
         cfg.train.layout = task.layouts[0]
 
 
-def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False) -> Run:
+def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False,
+          items: Callable[[Any], tuple[list[Any], list[Any]]] | None = None) -> Run:
     """Everything a run needs, in one ``Run``: the run folder, models (the policy wrapped for DDP / FSDP), the
-    data, the reference, optimizer, scheduler and data stream, and the checkpoint to resume from."""
+    data, the reference, optimizer, scheduler and data stream, and the checkpoint to resume from. ``items``
+    (``tokenizer -> (train items, eval items)``) replaces the preference pairs of ``data.train`` / ``data.eval``
+    (online DPO: prompts); a step then draws ``pairs_per_step`` of them."""
     if not cfg.data.train:
         raise ConfigError("data.train: required (a preference file or hub dataset id)")
     note = _note if dist.is_main else _quiet
@@ -187,7 +190,8 @@ def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False) -> Run:
         enable_checkpointing(policy)
     if cfg.train.compile:
         compile_layers(policy)
-    train_items, eval_items = load_items(cfg, models.tokenizer, task, note, dist)
+    train_items, eval_items = (items(models.tokenizer) if items else
+                               load_items(cfg, models.tokenizer, task, note, dist))
     autocast = autocast_for(cfg, device)
     # Before any checkpoint is restored: the policy still holds its starting weights here.
     reference = (build_reference(cfg, models, train_items + eval_items, device, autocast, note, dist)
@@ -272,7 +276,8 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
     ``config`` is a YAML path, a dict or a Config; ``overrides`` are CLI-style ``key=value`` strings and
     ``kwargs`` dotted keys written with ``__`` (``train__max_steps=3``). ``resume`` continues from the newest
     complete checkpoint in ``run_dir``; ``force`` allows resuming with changed settings. ``task`` is ``dpo``
-    (the configured preference loss), ``sft`` (negative log-likelihood of the chosen responses) or ``rm`` (a
+    (the configured preference loss; online DPO on its own samples when ``online.reward`` or
+    ``online.judge_url`` is set, ``dpokit.online``), ``sft`` (negative log-likelihood of the chosen responses) or ``rm`` (a
     Bradley-Terry reward model, ``dpokit.reward_model``; ``final/`` is a ``*ForSequenceClassification``).
     Launched by torchrun, every process calls this (``dpokit.distributed``); a failure on any rank ends every
     rank with one line naming it.
@@ -280,7 +285,12 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
     cfg = load_config(config, overrides, **kwargs)
     dist = setup_distributed(cfg.distributed)
     with dist.failures():
-        run_dir = _train(cfg, dist, resume=resume, force=force, task=TASKS[task])
+        if task == "dpo" and (cfg.online.reward or cfg.online.judge_url):  # online DPO: it samples its pairs
+            from dpokit.online import train_online
+
+            run_dir = train_online(cfg, dist, resume=resume or cfg.train.resume == "auto", force=force)
+        else:
+            run_dir = _train(cfg, dist, resume=resume, force=force, task=TASKS[task])
     dist.close()
     return run_dir
 
