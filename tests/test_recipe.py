@@ -52,9 +52,11 @@ def test_presets_load_and_validate(path):
     assert cfg.dpo.betas
     specs = recipe.run_specs(cfg, "data", "runs", cfg.model)
     assert f"dpo-beta{cfg.dpo.betas[0]:g}" in specs
-    # Offline methods share the reference store; PPO samples afresh (a frozen copy); a reward model has none.
+    # Offline methods share the reference store; PPO and online DPO sample afresh (a frozen copy); a reward
+    # model has none.
     expected = {"dpo": "store", "sft": "store", "ppo": "model", "rm": None}
-    assert all(spec.config.get("reference", {}).get("mode") == expected[spec.task] for spec in specs.values())
+    assert all(spec.config.get("reference", {}).get("mode") ==
+               ("model" if "online" in spec.config else expected[spec.task]) for spec in specs.values())
 
 
 def test_presets_exist_and_resolve_by_name():
@@ -202,6 +204,34 @@ def test_figure_2_runs_ppo_gt_and_ppo_with_a_reward_model_on_the_same_frontier(t
     table = (run_dir / "results.md").read_text()
     assert "| PPO-GT KL→2 |" in table and "| PPO KL→2 |" in table
     assert "PPO-GT KL→2" in (run_dir / "frontier.svg").read_text()
+
+
+def test_online_runs_take_the_offline_runs_steps_on_their_own_samples(tmp_path, monkeypatch):
+    """online.sync_every: one online DPO run per s beside offline DPO, from pi_ref with its loss and as many
+    gradient steps, sampling its own pairs (the generator refreshed every s steps), checkpoints on the sync
+    grid, evaluated on the same frontier; results.md gives each run's wall-clock."""
+    from dpokit.recipes.sentiment.runs import train_rows
+
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "online"
+    summary = recipe.run(None, [*tiny_overrides(run_dir), "best_of_n=[]", "online.sync_every=[1, 3]"])
+    offline = train_rows(run_dir / "dpo-beta0.1")
+    for s in (1, 3):
+        name = f"online-s{s}"
+        rows = train_rows(run_dir / name)
+        assert [r["step"] for r in rows] == [r["step"] for r in offline]  # the same number of gradient steps
+        assert [r["online/generator_step"] for r in rows] == [1 + s * ((n - 1) // s) for n in range(1, len(rows) + 1)]
+        config = yaml.safe_load((run_dir / name / "config.yaml").read_text())
+        assert config["online"]["sync_every"] == s and config["reference"]["mode"] == "model"
+        assert config["loss"]["beta"] == 0.1 and config["online"]["samples_per_prompt"] == 4
+        assert config["train"]["save_every"] == {1: 2, 3: 3}[s]  # train.save_every=2 rounded up to the sync grid
+        run = summary["runs"][name]
+        assert run["reward"] is not None and [p["step"] for p in run["frontier"]][0] == 0
+        seconds = run["seconds"]
+        assert seconds["data_s"] == 0 and 0 < seconds["sample_s"] < seconds["train_s"]  # it samples while training
+    assert summary["runs"]["dpo-beta0.1"]["seconds"]["data_s"] > 0  # offline DPO's cost starts with pi_ref's samples
+    table = (run_dir / "results.md").read_text()
+    assert "| Online DPO |" in table and "| Semi-online DPO s=3 |" in table
 
 
 def test_claims_preset_pipeline_on_a_tiny_model(tmp_path, monkeypatch):

@@ -9,6 +9,8 @@
                written as a standard preference file with the rewards: RUN_DIR/data/pairs-train.jsonl
     dpo        one run per beta; reference log-probs computed once, in the content-addressed store
     baselines  Preferred-FT (SFT on each prompt's best sample), Unlikelihood, Best-of-N by the true reward
+    rlhf       a reward model on the pairs, PPO on it and PPO-GT on the true reward (``ppo``)
+    online     online / semi-online DPO on the policy's own samples, one run per sync interval (``online``)
     eval       held-out prompts, samples at temperature 1: mean reward and KL(pi || pi_ref) per run and per
                checkpoint (``dpokit.evaluate.evaluate_run``), implicit-reward accuracy on held-out pairs
     report     RUN_DIR/report.html, RUN_DIR/frontier.svg, RUN_DIR/summary.json and a before/after table
@@ -64,6 +66,7 @@ from dpokit.recipes.sentiment.runs import (
     sft_stage,
     train_key,
     train_run,
+    wall_clock,
 )
 from dpokit.recipes.sentiment.sampling import (
     Policy,
@@ -117,7 +120,7 @@ def experiment(cfg: SentimentConfig) -> dict[str, Any]:
             extra[name] = reward_model_metrics(Path(spec.config["run_dir"]))
             continue
         with stage(f"eval {name}", f"{spec.label} on {len(heldout_prompts)} held-out prompts"):
-            results[name] = evaluate_spec(spec, cfg, prompts_file)
+            results[name] = {**evaluate_spec(spec, cfg, prompts_file), "seconds": wall_clock(spec, data)}
     labels = {name: spec.label for name, spec in specs.items()}
     for n in cfg.best_of_n:
         results[f"best-of-{n}"] = best_of_n_eval(heldout_rows, n, root / f"best-of-{n}", cfg.reward)

@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpokit.io import read_json, read_jsonl, write_json, write_text
-from dpokit.metrics import read_metrics
 from dpokit.recipes.sentiment.common import say
-from dpokit.recipes.sentiment.runs import REWARD_MODEL, beta_name
+from dpokit.recipes.sentiment.runs import REWARD_MODEL, beta_name, train_rows
 
 if TYPE_CHECKING:
     from dpokit.recipes.sentiment.config import SentimentConfig
@@ -73,10 +72,6 @@ def sample_positions(rows: list[dict[str, Any]], tokenizer: Any) -> int:
         prompt = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
         total += sum(prompt + n for n in row["tokens"])
     return total
-
-
-def train_rows(run_dir: Path) -> list[dict[str, Any]]:
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "train"]
 
 
 def cumulative(values: list[float]) -> list[float]:

@@ -127,6 +127,29 @@ class PpoSection(_Section):
         return self
 
 
+class OnlineSection(_Section):
+    """Online and semi-online DPO (``dpokit.online``) beside offline DPO: DPO on the policy's own samples of
+    the train prompts, scored by ``reward`` as they are drawn, from pi_ref, with the first DPO run's loss, beta,
+    batch and number of gradient steps, evaluated on the same held-out prompts."""
+
+    sync_every: list[int] = Field(default_factory=list)
+    """One run per s: the generator is refreshed from the policy every s steps (1: fully online; more:
+    semi-online, arXiv 2506.21495). Empty: no online runs."""
+    settings: dict[str, Any] = Field(default_factory=dict)
+    """dpokit's ``online`` section for these runs; ``samples_per_prompt``, ``max_new_tokens``, ``temperature``
+    and ``top_p`` are the recipe's ``sampling`` ones and ``pairs`` / ``min_margin`` its ``pairs`` ones unless
+    given here, so each step draws its pairs as the offline data was drawn, from the current policy."""
+    train: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of ``train`` for the online runs, over ``dpo.train`` (``max_steps`` is set to the first DPO
+    run's step count)."""
+
+    @model_validator(mode="after")
+    def _sync(self) -> OnlineSection:
+        if any(s < 1 for s in self.sync_every) or len(set(self.sync_every)) != len(self.sync_every):
+            raise ValueError("sync_every: distinct values >= 1 (1 is fully online)")
+        return self
+
+
 class ClaimsSection(_Section):
     """Popular claims about DPO against PPO, measured (``dpokit.recipes.sentiment.claims``): the whole
     experiment once per seed, then compute, stability, efficiency and output variance side by side."""
@@ -181,6 +204,7 @@ class SentimentConfig(_Section):
     """Unlikelihood: raise y_w, push y_l down (loss ``unlikelihood`` above), on the DPO pairs."""
     reward_model: RewardModelSection = RewardModelSection()
     ppo: PpoSection = PpoSection()
+    online: OnlineSection = OnlineSection()
     claims: ClaimsSection = ClaimsSection()
     best_of_n: list[int] = Field(default_factory=lambda: [4])
     """Best-of-N baselines: the best of N pi_ref samples by the true reward (the paper: N = 4, 16 ...)."""
@@ -221,7 +245,7 @@ class SentimentConfig(_Section):
 
 
 _SECTION_KEYS = frozenset({"prompts", "sampling", "pairs", "sft", "train", "dpo", "preferred_ft", "unlikelihood",
-                           "reward_model", "ppo", "claims", "eval"})
+                           "reward_model", "ppo", "online", "claims", "eval"})
 """Sections of the recipe config; free-form dicts inside them (e.g. ``dpo.train`` overrides) are replaced whole."""
 
 
@@ -285,7 +309,7 @@ def resolve_precisions(cfg: SentimentConfig) -> None:
     cfg.sampling.precision = resolve_precision(cfg.sampling.precision, device, say)
     cfg.train.precision = resolve_precision(cfg.train.precision, device)
     for section in (cfg.dpo.train, cfg.preferred_ft.train, cfg.unlikelihood.train, cfg.sft.train,
-                    cfg.reward_model.train, cfg.ppo.train):
+                    cfg.reward_model.train, cfg.ppo.train, cfg.online.train):
         if "precision" in section:
             section["precision"] = resolve_precision(section["precision"], device)
 

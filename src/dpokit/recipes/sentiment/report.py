@@ -39,6 +39,7 @@ def summarize(cfg: SentimentConfig, results: dict[str, dict[str, Any]], labels: 
         runs[name] = {"label": labels[name], "reward": ev.get("reward"), "reward_stderr": ev.get("reward_stderr"),
                       "reward_reference": ev.get("reward_reference"), "kl": ev.get("kl"),
                       "kl_stderr": ev.get("kl_stderr"), "implicit_accuracy": ev.get("rewards/accuracies"),
+                      **({"seconds": ev["seconds"]} if ev.get("seconds") else {}),
                       "frontier": [{k: p.get(k) for k in ("checkpoint", "step", "kl", "reward")}
                                    for p in ev.get("frontier") or []]}
     reward_ref, reward_policy = main.get("reward_reference"), main.get("reward")
@@ -74,17 +75,29 @@ def print_table(summary: dict[str, Any]) -> None:
                       f"{100 * (summary['implicit_accuracy'] or 0):.1f}% on {summary['heldout_pairs']} held-out pairs")
 
 
+def _seconds(run: dict[str, Any]) -> str:
+    """Wall-clock of a run: the sampling of its data (pi_ref's preference samples, or its own samples during
+    training) and its training loop (``runs.wall_clock``); ``—`` where not recorded."""
+    s = run.get("seconds") or {}
+    if s.get("train_s") is None or s.get("data_s") is None:
+        return "—"
+    sampling = s["data_s"] + s["sample_s"]
+    return f"{s['data_s'] + s['train_s']:.0f} ({sampling:.0f})"
+
+
 def results_markdown(summary: dict[str, Any]) -> str:
-    """The results as a Markdown table (``RUN_DIR/results.md``), for docs: every run's held-out reward and KL."""
-    lines = [f"{summary['n_heldout']} held-out prompts, one sample each at temperature 1.0 (mean ± standard error).",
-             "", "| method | reward (VADER) | KL(π‖π_ref) nats | implicit-reward accuracy | reward gain over π_ref |",
-             "|---|---|---|---|---|",
-             f"| π_ref | {_num(summary['reward_ref'])} | 0 | — | — |"]
+    """The results as a Markdown table (``RUN_DIR/results.md``), for docs: every run's held-out reward and KL,
+    and its wall-clock."""
+    lines = [f"{summary['n_heldout']} held-out prompts at temperature 1.0 (mean ± standard error). Seconds: "
+             "sampling the data a run trains on plus its training loop (sampling alone in brackets).",
+             "", "| method | reward (VADER) | KL(π‖π_ref) nats | implicit-reward accuracy | reward gain over π_ref "
+             "| seconds (sampling) |", "|---|---|---|---|---|---|",
+             f"| π_ref | {_num(summary['reward_ref'])} | 0 | — | — | — |"]
     for name, run in summary["runs"].items():
         reward, kl, acc = _cells(name, run)
         ref = run.get("reward_reference")
         gain = f"{run['reward'] - ref:+.3f}" if run.get("reward") is not None and ref is not None else "—"
-        lines.append(f"| {run['label']} | {reward} | {kl} | {acc} | {gain} |")
+        lines.append(f"| {run['label']} | {reward} | {kl} | {acc} | {gain} | {_seconds(run)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -86,6 +86,7 @@ def run_specs(cfg: SentimentConfig, data_dir: str | Path, run_root: str | Path, 
                           "alpha": cfg.unlikelihood.alpha if cfg.unlikelihood.alpha is not None else 1.0}
         specs["unlikelihood"] = RunSpec("unlikelihood", "Unlikelihood", "unlikelihood", "dpo", config)
     specs.update(ppo_specs(cfg, data, root, ref_model))
+    specs.update(online_specs(cfg, data, root, ref_model, specs))
     return specs
 
 
@@ -117,7 +118,55 @@ def ppo_specs(cfg: SentimentConfig, data: Path, root: Path, ref_model: str) -> d
 
 
 PPO_PROMPTS = "train-prompts.jsonl"
-"""The train prompts PPO samples, one ``{"prompt"}`` row each, in ``data/``."""
+"""The train prompts PPO and online DPO sample, one ``{"prompt"}`` row each, in ``data/``."""
+
+
+def online_name(s: int) -> str:
+    """The folder and summary name of the online DPO run refreshing its generator every ``s`` steps."""
+    return f"online-s{s}"
+
+
+def offline_steps(config: dict[str, Any]) -> int | None:
+    """Gradient steps of an offline run's config (as ``dpokit.train.setup`` counts them); None before its pair
+    file exists (a config validated ahead of the sampling)."""
+    t = config["train"]
+    if t.get("max_steps"):
+        return int(t["max_steps"])
+    path = Path(config["data"]["train"])
+    if not path.is_file():
+        return None
+    with path.open() as f:
+        pairs = sum(1 for line in f if line.strip())
+    per_step = t.get("batch_size", 8) * t.get("grad_accum", 1)
+    return math.ceil(math.ceil(t.get("epochs", 1.0) * pairs) / per_step)
+
+
+def online_specs(cfg: SentimentConfig, data: Path, root: Path, ref_model: str,
+                 offline: dict[str, RunSpec]) -> dict[str, RunSpec]:
+    """Online DPO per ``online.sync_every``: the first DPO run's loss, beta and training settings, as many
+    gradient steps, on pairs it samples itself (``dpokit.online``). A checkpoint must fall just before a
+    generator refresh, so ``train.save_every`` (the frontier's spacing) is rounded up to a multiple of s."""
+    specs: dict[str, RunSpec] = {}
+    if not cfg.online.sync_every:
+        return specs
+    dpo = offline[beta_name(cfg.dpo.betas[0])].config
+    steps = offline_steps(dpo)
+    sampling = {"samples_per_prompt": cfg.sampling.samples_per_prompt, "max_new_tokens": cfg.sampling.max_new_tokens,
+                "temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
+                "pairs": cfg.pairs.mode, "min_margin": cfg.pairs.min_margin}
+    for s in cfg.online.sync_every:
+        name = online_name(s)
+        train = {**cfg.dpo.train, **cfg.online.train, **({"max_steps": steps} if steps else {})}
+        every = train.get("save_every", cfg.train.save_every)
+        if every:
+            train["save_every"] = s * math.ceil(every / s)
+        config = _base_config(cfg, root / name, ref_model, str(data / PPO_PROMPTS), None, train)
+        config["loss"] = dict(dpo["loss"])
+        config["reference"] = {"mode": "model"}  # the responses are new at every step: no store
+        config["online"] = {"reward": cfg.reward, **sampling, "sync_every": s, **cfg.online.settings}
+        label = "Online DPO" if s == 1 else f"Semi-online DPO s={s}"
+        specs[name] = RunSpec(name, label, "online", "dpo", config)
+    return specs
 
 
 def sft_spec(cfg: SentimentConfig, sft_file: str, root: str | Path) -> RunSpec:
@@ -149,7 +198,7 @@ def train_key(spec: RunSpec) -> str:
     flat = flatten(spec.config)
     settings = {**result_settings(spec.config), **{k: flat[k] for k in _FRONTIER_SETTINGS if k in flat}}
     data = [fingerprint(p) if p else p for p in (spec.config["data"]["train"], spec.config["data"]["eval"])]
-    reward = spec.config.get("ppo", {}).get("reward")
+    reward = spec.config.get("ppo", spec.config.get("online", {})).get("reward")
     if reward and Path(reward).is_dir():  # a reward model of this recipe: its own training key
         data.append(_marker(Path(reward)).get("train"))
     model = spec.config["model"]["name_or_path"]
@@ -229,11 +278,32 @@ def evaluate_spec(spec: RunSpec, cfg: SentimentConfig, prompts_file: Path) -> di
     return result
 
 
-def _final_step(run_dir: Path) -> int:
+def train_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The training rows of a run's ``metrics.jsonl``."""
     from dpokit.metrics import read_metrics
 
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "train"]
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "train"]
+
+
+def _final_step(run_dir: Path) -> int:
+    rows = train_rows(run_dir)
     return int(rows[-1]["step"]) if rows else 0
+
+
+def wall_clock(spec: RunSpec, data: Path) -> dict[str, float | None]:
+    """What a run cost in seconds: ``train_s``, its training loop (``elapsed_s``: sampling included for PPO and
+    online DPO, model loading and a reference precompute not); ``sample_s``, the part of it spent sampling; and
+    ``data_s``, the sampling of pi_ref's preference data a run trains on (kept with the cached samples; None
+    when a cache predates that record). A reward model's training is not counted in PPO's."""
+    rows = train_rows(Path(spec.config["run_dir"]))
+    sample_s = sum(r.get("online/sample_s", r.get("sample_s", 0.0)) for r in rows)
+    data_s: float | None = 0.0
+    if spec.task != "ppo" and "online" not in spec.config:
+        from dpokit.io import read_jsonl
+
+        kept = [r.get("seconds") for r in read_jsonl(data / "samples-train.jsonl")]
+        data_s = sum(kept) if all(v is not None for v in kept) else None
+    return {"train_s": rows[-1]["elapsed_s"] if rows else None, "sample_s": sample_s, "data_s": data_s}
 
 
 def sft_stage(cfg: SentimentConfig, policy: Policy, train_prompts: list[str], data: Path, root: Path,
