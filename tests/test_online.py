@@ -1,8 +1,10 @@
 """Online and semi-online DPO (``dpokit train`` with ``online.reward``) on a tiny random model: it learns its
 reward, samples from the weights ``online.sync_every`` says, resumes bit-identically after SIGKILL, counts ties
 and updates nothing on a step without pairs, gives the same update for any split into micro-batches, and
-refuses settings it cannot run with in one line."""
+refuses settings it cannot run with in one line; under torchrun each rank samples its share of the step's
+prompts and the metrics count both; an LLM judge and a reward model's run directory serve as the reward."""
 
+import json
 import math
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from tolerances import METRIC_REL, assert_same_metrics, assert_same_weights_afte
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny-online.yaml"
 LETTER_E = str(ROOT / "examples" / "rewards.py") + ":letter_e"
+TRAIN_PREFS, EVAL_PREFS = ROOT / "examples" / "prefs-tiny.jsonl", ROOT / "examples" / "prefs-tiny-eval.jsonl"
 ONLINE_KEYS = ["online/reward_mean", "online/reward_std", "online/pairs", "online/ties", "online/sample_s",
                "online/score_s", "online/generator_step", "online/response_length", "online/eos_fraction"]
 DPO_KEYS = [*PAIR_METRICS, "step", "elapsed_s", "tokens", "grad_norm", "lr", "tokens_per_second",
@@ -249,3 +252,193 @@ def test_bad_online_settings_exit_2_with_one_line(tmp_path, extra, expected):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], done.stderr
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------- processes, an LLM judge, a reward model
+
+LOGGED_LETTER_E = '''\
+import json
+import os
+from pathlib import Path
+
+
+def letter_e(prompt, response):
+    """examples/rewards.py:letter_e, every call appended to scored-<RANK>.jsonl beside this file."""
+    with Path(__file__).with_name(f"scored-{os.environ.get('RANK', 'single')}.jsonl").open("a") as log:
+        log.write(json.dumps([prompt, response]) + "\\n")
+    return float(response.count("e"))
+'''
+
+
+def prefs_column(path: Path, key: str) -> list[str]:
+    return [json.loads(line)[key] for line in path.read_text().splitlines()]
+
+
+def logged_calls(path: Path, held_out: set[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """The (prompt, response) pairs a ``LOGGED_LETTER_E`` process scored, in order: training draws, held-out ones."""
+    calls = [json.loads(line) for line in path.read_text().splitlines()]
+    return [c for c in calls if c[0] not in held_out], [c for c in calls if c[0] in held_out]
+
+
+def record_pairs(monkeypatch) -> list[tuple[str, str]]:
+    """The (chosen, rejected) response texts of every pair the run trains, in order."""
+    import dpokit.online as online_module
+
+    pairs: list[tuple[str, str]] = []
+    to_group = online_module.to_group
+
+    def recording_to_group(chosen, rejected, max_length, location):
+        pairs.append((chosen.text, rejected.text))
+        return to_group(chosen, rejected, max_length, location)
+
+    monkeypatch.setattr(online_module, "to_group", recording_to_group)
+    return pairs
+
+
+@pytest.mark.equivalence
+def test_two_processes_sample_their_shares_of_the_step_prompts_and_count_both(tmp_path):
+    """torchrun (DDP, gloo on CPU), 2 processes x batch 8 against 1 process x batch 16: the same 16 prompts a step
+    (one seeded stream, whatever the world size); each rank samples 8 of them, the other rank the other 8, and
+    every metric counts both shares. A rank's draws are seeded by (seed, step, rank), so the samples, and all
+    computed from them (rewards, pairs, losses after step 1), differ from the one-process run's and are not
+    compared with it; each run's metrics are checked against the responses its reward was called with."""
+    from dpokit.online import make_pairs
+    from dpokit.train import train
+
+    reward = tmp_path / "logged.py"
+    reward.write_text(LOGGED_LETTER_E)
+    k = 4  # samples a prompt, k(k - 1)/2 = 6 pairs of them (pairs: all); equal counts of "e" are common: ties
+    online = {"reward": f"{reward}:letter_e", "samples_per_prompt": k, "pairs": "all"}
+    cfg = small_config(tmp_path / "ddp", online=online, distributed={"timeout_s": 60})  # a lost rank fails fast
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    done = run_cli("train", str(path), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = Path(cfg["run_dir"])
+    single = train(small_config(tmp_path / "single", train={"batch_size": 16}, online=online, data={"eval": None}))
+    held_out = set(prefs_column(EVAL_PREFS, "prompt"))
+    (train0, eval0), (train1, eval1), (train_single, _) = [
+        logged_calls(tmp_path / f"scored-{rank}.jsonl", held_out) for rank in ("0", "1", "single")]
+    assert (len(train0), len(train1), len(train_single)) == (3 * 8 * k, 3 * 8 * k, 3 * 16 * k)
+    rows, single_rows = train_rows(run_dir), train_rows(single)
+    assert [r["step"] for r in rows] == [r["step"] for r in single_rows] == [1, 2, 3]
+    for n, row in enumerate(rows):
+        shares = [calls[8 * k * n:8 * k * (n + 1)] for calls in (train0, train1)]
+        prompts = [{p for p, _ in share} for share in shares]
+        assert [len(p) for p in prompts] == [8, 8] and not prompts[0] & prompts[1], n
+        assert prompts[0] | prompts[1] == {p for p, _ in train_single[16 * k * n:16 * k * (n + 1)]}, n
+        scores = [[r.count("e") for _, r in share] for share in shares]
+        made = [make_pairs(s, k, "all", 0.0) for s in scores]
+        assert row["online/pairs"] == sum(len(pairs) for pairs, _ in made), n
+        assert row["online/ties"] == sum(ties for _, ties in made), n
+        for r in (row, single_rows[n]):  # each of the step's 16 prompts: 6 pairs or ties
+            assert r["online/pairs"] + r["online/ties"] == 16 * 6, n
+        assert row["online/reward_mean"] == sum(scores[0] + scores[1]) / (16 * k), n  # integer sums: exact
+    assert all(sum(r[key] for r in rows) > 0 for key in ("online/pairs", "online/ties"))  # both cases occurred
+    # Step 1, pi = pi_ref on both ranks: every pair's loss is fp32(log 2) (2e-8 from log 2), and so is the mean
+    # when the ranks' sums are added and divided by the pairs of both (one rank's sum alone would be a fraction).
+    for first in (rows[0], single_rows[0]):
+        assert first["rewards/chosen"] == 0.0 and abs(first["loss"] - math.log(2)) < 1e-6
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3] and len(eval0) == len(eval1) == 2 * 8
+    for i, row in enumerate(evals):  # the 16 held-out prompts, 8 on each rank
+        shares = [calls[8 * i:8 * (i + 1)] for calls in (eval0, eval1)]
+        assert {p for p, _ in shares[0]} | {p for p, _ in shares[1]} == held_out
+        assert row["reward"] == sum(r.count("e") for share in shares for _, r in share) / 16
+    # KL(pi || pi_ref) is exactly 0 on both ranks before training; 3 updates moved pi (its sign, an estimate from
+    # 16 samples, is not asserted).
+    assert evals[0]["kl"] == 0.0 and evals[1]["kl"] != 0.0
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_an_llm_judge_as_the_reward_scores_every_sample_and_its_verdicts_make_the_pairs(tmp_path, monkeypatch):
+    """online.judge_url (online.reward null): every sampled response, and every held-out one, is judged against
+    its prompt's chosen response by a local scripted judge, shown in either order; a win is 1, a loss 0, a
+    malformed verdict 0.5 and counted in judge/malformed; each prompt's better verdict is paired with its worse,
+    and a prompt whose 2 verdicts are equal is a tie."""
+    from dpokit.train import train
+    from test_judge import Judge, reply
+
+    train_chosen = set(prefs_column(TRAIN_PREFS, "chosen"))
+    chosen = train_chosen | set(prefs_column(EVAL_PREFS, "chosen"))
+
+    def verdict(response):  # 2 or more letters "e" win; a length divisible by 5 gets a reply that names neither
+        return 0.5 if len(response) % 5 == 0 else 1.0 if response.count("e") >= 2 else 0.0
+
+    def scripted(a, b, n):
+        response = b if a in chosen else a
+        if verdict(response) == 0.5:
+            return reply("Comparison: both fine.")
+        return reply("More helpful: " + ("A" if (verdict(response) == 1.0) == (response == a) else "B"))
+
+    trained = record_pairs(monkeypatch)
+    with Judge(scripted) as judge:
+        online = {"reward": None, "judge_url": judge.url, "judge_model": "scripted", "samples_per_prompt": 2}
+        run_dir = train(small_config(tmp_path, train={"max_steps": 2}, online=online))
+    requests = [(r["b"], r["a"]) if r["a"] in chosen else (r["a"], r["b"]) for r in judge.requests]
+    assert len(requests) == 2 * 16 + 2 * 16  # 2 samples of 8 prompts a step, 16 held-out prompts twice, once each
+    assert all(r["model"] == "scripted" for r in judge.requests)
+    assert sum(r["a"] in chosen for r in judge.requests) not in (0, len(requests))  # both orders shown
+    drawn = [(response, baseline) for response, baseline in requests if baseline in train_chosen]
+    rows = train_rows(run_dir)
+    for n, row in enumerate(rows):  # a step's requests come after the previous step's (arrival order within)
+        step = drawn[16 * n:16 * (n + 1)]
+        by_prompt: dict[str, list[float]] = {}
+        for response, baseline in step:
+            by_prompt.setdefault(baseline, []).append(verdict(response))
+        assert sorted(len(v) for v in by_prompt.values()) == [2] * 8, n
+        pairs = sum(max(v) > min(v) for v in by_prompt.values())
+        assert (row["online/pairs"], row["online/ties"]) == (pairs, 8 - pairs), n
+        assert row["judge/malformed"] == sum(verdict(r) == 0.5 for r, _ in step), n
+        assert row["online/reward_mean"] == sum(verdict(r) for r, _ in step) / 16, n
+    for key in ("judge/malformed", "online/pairs", "online/ties"):  # the script did exercise each case
+        assert sum(r[key] for r in rows) > 0, key
+    assert len(trained) == sum(r["online/pairs"] for r in rows)
+    assert all(verdict(c) > verdict(r) for c, r in trained)  # the better verdict chosen
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "eval"]
+    held_out = [verdict(response) for response, baseline in requests if baseline not in train_chosen]
+    assert [r["reward"] for r in evals] == [sum(held_out[:16]) / 16, sum(held_out[16:]) / 16]
+
+
+def test_a_reward_model_run_dir_is_a_reward(tmp_path, monkeypatch):
+    """online.reward = the RUN_DIR of a dpokit rm run (configs/tiny-rm.yaml cut to 3 steps): every sampled and
+    held-out response is scored by the reward model in RUN_DIR/final as it scores on its own (rows tokenized
+    with the run's lengths), and each prompt's highest-scored sample is trained against its lowest."""
+    import dpokit.online as online_module
+    from dpokit.online import make_pairs
+    from dpokit.reward_model import load_reward_model
+    from dpokit.rollout import step_seed
+    from dpokit.train import rm, train
+
+    rm_cfg = yaml.safe_load((ROOT / "configs" / "tiny-rm.yaml").read_text())
+    rm_cfg["data"].update(train=str(TRAIN_PREFS), eval=None)
+    rm_cfg["train"].update(max_steps=3, warmup_steps=1, save_every=None, progress=False, precision="fp32")
+    rm_dir = rm(rm_cfg, run_dir=str(tmp_path / "rm"))
+    calls: list[tuple[int, list, list[str], list[float]]] = []
+    score = online_module.score
+
+    def recording_score(reward, label, items, texts, seed):
+        values = score(reward, label, items, texts, seed)
+        calls.append((seed, [it.prompt.prompt for it in items], list(texts), values))
+        return values
+
+    monkeypatch.setattr(online_module, "score", recording_score)
+    trained = record_pairs(monkeypatch)
+    run_dir = train(small_config(tmp_path, train={"max_steps": 2}, online={"reward": str(rm_dir)}))
+    # Another copy of the model, loaded from final/ (the run's lengths from its config.yaml): the same rows in the
+    # same batches on the same kernels give the same floats.
+    scorer = load_reward_model(rm_dir / "final", device="cpu")
+    for _, prompts, texts, values in calls:
+        assert values == scorer.batch(prompts, texts)
+    seeds = [step_seed(0, 0, 0, 10_000), step_seed(0, 1, 0, 0), step_seed(0, 2, 0, 0), step_seed(0, 0, 0, 10_000)]
+    assert [seed for seed, *_ in calls] == seeds  # held-out, step 1, step 2, held-out
+    rows = train_rows(run_dir)
+    expected = []
+    for row, (_, _, texts, values) in zip(rows, calls[1:3]):
+        pairs, ties = make_pairs(values, 8, "best_worst", 0.0)
+        assert (row["online/pairs"], row["online/ties"]) == (len(pairs), ties)
+        assert row["online/reward_mean"] == sum(values) / len(values)
+        expected += [(texts[c], texts[r]) for c, r in pairs]
+    assert trained == expected and len(trained) > 0
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "eval"]
+    assert [r["reward"] for r in evals] == [sum(c[3]) / len(c[3]) for c in (calls[0], calls[3])]
