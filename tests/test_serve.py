@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,64 @@ def test_twenty_concurrent_requests_all_answered_in_order(server):
     assert [s - min(served) for _, s in sorted(zip(tickets, served))] == list(range(20))
 
 
+LOAD_SECONDS = float(os.environ.get("DPOKIT_SERVE_LOAD_SECONDS", "4"))
+"""How long the load test runs; ``benchmarks/serve_load.py`` runs the same clients for 60 s."""
+
+
+def load_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_load", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "serve_load.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fifty_clients_get_answers_or_503_with_retry_after_and_nothing_leaks(playground, capfd):
+    """50 clients press Run back to back against a queue of 8: every answer is a complete stream or a 503 with
+    Retry-After, no queued request is told more than 8 are ahead, nothing is left behind (no waiting job, no Job
+    object alive, resident memory flat after warm-up), and the server still answers."""
+    import dataclasses
+    import gc
+
+    from dpokit.serve.engine import Limits
+
+    bench = load_benchmark()
+    busy = dataclasses.replace(playground, limits=Limits(max_queue=8))
+    refusals: list[tuple[int, dict, bytes]] = []
+
+    def check(status, headers, body):
+        if status != 200:
+            refusals.append((status, headers, body))
+
+    with start_in_thread(create_app(busy)) as running:
+        warm = bench.load(running.url, clients=50, seconds=min(1.0, LOAD_SECONDS / 4), retry_cap=0.1)
+        rss_start = bench.rss_mb()
+        result = bench.load(running.url, clients=50, seconds=LOAD_SECONDS, retry_cap=0.1, on_answer=check)
+        rss_end = bench.rss_mb()
+        worker = running.app.state.worker
+        assert not worker._waiting  # the queue drained
+        status, events = post(running.url, json.dumps({"prompt": "after the rush", "max_new_tokens": 3}).encode())
+        assert status == 200 and events[-1]["type"] == "done"
+        deadline = time.time() + 30
+        while [o for o in gc.get_objects() if type(o) is Job] and time.time() < deadline:  # hang guard only
+            time.sleep(0.1)
+            gc.collect()
+        assert [o for o in gc.get_objects() if type(o) is Job] == []  # no request is held on to
+    counts = result["counts"]
+    assert set(counts) == {"200", "503"} and set(warm["counts"]) <= {"200", "503"}, (counts, warm["counts"])
+    assert counts["200"] >= 10 and counts["503"] >= 1 and result["stuck_clients"] == 0
+    assert result["max_ahead"] <= 8  # the queue is bounded
+    for status, headers, body in refusals:
+        assert status == 503 and headers["retry-after"] == "5" and json.loads(body)["error"].startswith("busy:")
+    # Warm-up grew the thread pools and allocator arenas; after it, memory must not grow with the number of
+    # requests (the run answers over a thousand): a request held on to is caught above, kept tensors or caches here.
+    assert rss_end - rss_start < 64, (rss_start, rss_end)
+    log = capfd.readouterr()
+    assert "Traceback" not in log.err + log.out
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 BAD = [
@@ -219,6 +278,16 @@ BAD = [
     (b'{"prompt": "hi", "path": "/etc/passwd"}', "application/json", 422, "unknown field 'path'"),
     (json.dumps({"prompt": "x" * 20_000}).encode(), "application/json", 422, "prompt: 20000 characters"),
     (json.dumps({"prompt": "x" * 200_000}).encode(), "application/json", 413, "request too large"),
+    # Valid JSON that is not text: the tokenizer cannot encode a lone surrogate (it was a 500 with a traceback).
+    (b'{"prompt": "\\ud800"}', "application/json", 422,
+     "prompt: contains a lone surrogate (U+D800) at character 0, which is not text"),
+    (b'{"prompt": "ok \\udfff"}', "application/json", 422, "lone surrogate (U+DFFF) at character 3"),
+    (b'{"prompt": [{"role": "user", "content": "a\\u0000b"}]}', "application/json", 422,
+     "prompt[0].content: contains a NUL character (U+0000) at character 1"),
+    (b'{"prompt": "hi", "\\ud800": 1}', "application/json", 422, "unknown field '\\ud800'"),
+    (b'{"prompt": "hi", "temperature": 1' + b"0" * 400 + b"}", "application/json", 422,
+     "temperature: must be at least 0 and at most 2, got 1000000000000000000000000000000000000..."),
+    (b'{"prompt": "hi", "seed": ' + b"9" * 5000 + b"}", "application/json", 400, "a number with too many digits"),
 ]
 
 
@@ -226,6 +295,142 @@ BAD = [
 def test_bad_requests_get_a_4xx_and_a_clear_message(server, body, content_type, status, message):
     got, answer = post(server.url, body, content_type)
     assert got == status and message in answer["error"], answer
+
+
+FIELDS = ("temperature", "max_new_tokens", "n_samples", "seed", "top_p")
+
+
+def junk_text(rng) -> str:
+    """Random text: ASCII, accents, emoji, NUL, lone surrogates, quotes and backslashes."""
+    pool = ["a", "Z", " ", "é", "😀", "\x00", "\ud800", "\udfff", '"', "\\", "\n", "\u202e", "{", "]"]
+    return "".join(rng.choice(pool) for _ in range(rng.randint(0, 12)))
+
+
+def junk_value(rng, depth: int = 0):
+    """A random JSON value of any type."""
+    kinds = ["null", "bool", "int", "huge", "float", "text"] + (["list", "dict"] if depth < 3 else [])
+    kind = rng.choice(kinds)
+    if kind == "list":
+        return [junk_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    if kind == "dict":
+        return {junk_text(rng): junk_value(rng, depth + 1) for _ in range(rng.randint(0, 3))}
+    return {"null": None, "bool": rng.random() < 0.5, "int": rng.randint(-5, 5),
+            "huge": rng.choice([-1, 1]) * 10 ** rng.randint(20, 4000), "float": rng.uniform(-1e308, 1e308),
+            "text": junk_text(rng)}[kind]
+
+
+def bad_number(rng):
+    """A value no numeric field accepts: another type, an integer or float far out of every range, or a
+    non-finite number."""
+    value = junk_value(rng)
+    while isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10 ** 20:
+        value = junk_value(rng)
+    if isinstance(value, float):
+        value = rng.choice([-1, 1]) * (1e300 + abs(value)) if rng.random() < 0.8 else rng.choice(
+            [float("nan"), float("inf"), float("-inf")])
+    return value
+
+
+def bad_prompt(rng):
+    """A prompt the server refuses: another type, text that is not text, blank or too long, or broken messages."""
+    text = "Hello there, " + junk_text(rng)
+    choices = [
+        lambda: junk_value(rng) if rng.random() < 0.5 else rng.choice([None, 3, True, {}, []]),
+        lambda: text[:rng.randint(0, len(text))] + rng.choice(["\ud800", "\udbff", "\udc00", "\x00"]) + text,
+        lambda: " \n\t " * rng.randint(0, 5),
+        lambda: "x" * rng.randint(16_001, 30_000),
+        lambda: [{"role": rng.choice(["robot", "", "USER", None, 1]), "content": "hi"}],
+        lambda: [{"role": "user", "content": bad_number(rng)}],
+        lambda: [{"role": "user"}],
+        lambda: [{"role": "user", "content": "hi", junk_text(rng) + "x": 1}],
+        lambda: [{"role": "user", "content": "hi"}, junk_value(rng) if rng.random() < 0.5 else "hi"],
+        lambda: [{"role": "user", "content": text + "\ud800"}],
+        lambda: [{"role": "user", "content": "hi"}] * rng.randint(33, 200),
+    ]
+    return rng.choice(choices)()
+
+
+def fuzzed_requests(seed: int, n: int) -> list[tuple[str, bytes, str]]:
+    """``n`` malformed requests (route, body, content type), each a good request broken in one way drawn from a
+    seeded generator: a field of the wrong type or out of range, a prompt that is not text, an unknown or missing
+    field, deep nesting, a body that is not a JSON object, not JSON, not UTF-8, truncated, with raw NUL bytes or
+    huge number literals, too large, of another content type, or sent to another route."""
+    import random
+
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(n):
+        good = {"prompt": "Hello", "n_samples": 1, "max_new_tokens": 2}
+        route, content_type = "/api/generate", "application/json"
+        kind = rng.choice(["field", "field", "prompt", "prompt", "unknown", "missing", "nested", "not_object",
+                           "bytes", "truncated", "nul", "number_literal", "content_type", "route", "large"])
+        body = None
+        if kind == "field":
+            good[rng.choice(FIELDS)] = bad_number(rng)
+        elif kind == "prompt":
+            good["prompt"] = bad_prompt(rng)
+        elif kind == "unknown":
+            good[junk_text(rng) + "_"] = junk_value(rng)
+        elif kind == "missing":
+            del good["prompt"]
+        elif kind == "nested":
+            depth = rng.choice([rng.randint(2, 50), rng.randint(900, 1100), rng.randint(5_000, 30_000)])
+            open_, close = rng.choice([("[", "]"), ('{"a":', "}")])
+            target = rng.choice(["prompt", *FIELDS])
+            body = (f'{{"prompt": "Hello", "{target}": ' if target != "prompt" else '{"prompt": ').encode() + \
+                open_.encode() * depth + b"1" + close.encode() * depth + b"}"
+        elif kind == "not_object":
+            body = json.dumps(rng.choice([[good], "Hello", 3, None, True, junk_text(rng)])).encode()
+        elif kind == "bytes":
+            raw = bytearray(json.dumps(good).encode())
+            for _ in range(rng.randint(1, 5)):
+                raw.insert(rng.randint(0, len(raw)), rng.randint(0x80, 0xFF))
+            body = bytes(raw) if rng.random() < 0.8 else rng.randbytes(rng.randint(1, 200))
+        elif kind == "truncated":
+            whole = json.dumps(good).encode()
+            body = whole[:rng.randint(0, len(whole) - 1)]
+        elif kind == "nul":
+            body = json.dumps(good).encode().replace(b"Hello", b"Hel\x00lo")
+        elif kind == "number_literal":
+            target = rng.choice(FIELDS)
+            literal = rng.choice([b"9" * rng.randint(4_301, 20_000), b"1e999999", b"-1e999999", b"NaN",
+                                  b"Infinity", b"-Infinity", b"0x10", b"1_000", b"+1", b".5", b"01"])
+            body = f'{{"prompt": "Hello", "{target}": '.encode() + literal + b"}"
+        elif kind == "content_type":
+            content_type = rng.choice(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                       "", "application/jsonx", "json"])
+        elif kind == "route":
+            route = rng.choice(["/", "/api/info", "/api/generate/", "/api/../api/generate", "/%00"])
+        elif kind == "large":
+            body = json.dumps({"prompt": "x" * rng.randint(70_000, 200_000)}).encode()
+        if body is None:
+            body = json.dumps(good, ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
+        requests.append((route, body, content_type))
+    return requests
+
+
+def test_fuzzed_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(server, capfd):
+    """Hundreds of seeded malformed requests: each answered with a 4xx and a JSON message, none with a 5xx or a
+    traceback in the log, and a good request works afterwards."""
+    host, port = re.match(r"http://([^:/]+):(\d+)/", server.url).groups()
+    statuses = []
+    for route, body, content_type in fuzzed_requests(seed=20, n=400):
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            conn.request("POST", route, body=body, headers={"Content-Type": content_type} if content_type else {})
+            response = conn.getresponse()
+            answer = response.read()
+        finally:
+            conn.close()
+        assert 400 <= response.status < 500, (route, body[:200], response.status, answer[:200])
+        message = json.loads(answer)["error"]
+        assert isinstance(message, str) and message.strip(), (body[:200], answer[:200])
+        statuses.append(response.status)
+    assert set(statuses) == {400, 404, 405, 413, 415, 422}  # every kind of refusal was reached
+    status, events = post(server.url, json.dumps({"prompt": "still there?", "max_new_tokens": 3}).encode())
+    assert status == 200 and events[-1]["type"] == "done"
+    log = capfd.readouterr()
+    assert "Traceback" not in log.err + log.out and "internal error" not in log.err + log.out
 
 
 def test_other_routes_and_the_server_after_bad_input(server):
@@ -417,6 +622,8 @@ def test_serve_command_errors_are_one_line(tmp_path, tiny_run, capsys):
     assert err.count("\n") == 1 and "reward 'sentimnet': unknown" in err
     assert main(["serve", str(tiny_run), "--port", "70000"]) == 2
     assert "--port: must be between 0 and 65535" in capsys.readouterr().err
+    assert main(["serve", str(tiny_run), "--max-queue", "-1"]) == 2
+    assert "--max-queue: must be 0 or more, got -1" in capsys.readouterr().err
     with pytest.raises(DpokitError, match="cannot listen"):
         with start_in_thread(create_app(load_playground(tiny_run))) as running:
             port = int(running.url.rsplit(":", 1)[1].strip("/"))
@@ -425,7 +632,8 @@ def test_serve_command_errors_are_one_line(tmp_path, tiny_run, capsys):
 
 def test_dpokit_serve_runs_and_stops_on_ctrl_c(tiny_run):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "dpokit", "serve", str(tiny_run), "--port", "0"],
+    process = subprocess.Popen([sys.executable, "-m", "dpokit", "serve", str(tiny_run), "--port", "0",
+                                "--max-queue", "3"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url, output = None, []
@@ -440,6 +648,8 @@ def test_dpokit_serve_runs_and_stops_on_ctrl_c(tiny_run):
         assert url, "".join(output)
         status, events = post(url, json.dumps({"prompt": "Hello", "max_new_tokens": 3}).encode())
         assert status == 200 and events[-1]["type"] == "done"
+        with urllib.request.urlopen(url + "api/info", timeout=30) as response:
+            assert json.loads(response.read())["limits"]["max_queue"] == 3  # --max-queue reached the server
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0
     finally:

@@ -120,7 +120,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from dpokit.serve import serve
 
-    serve(args.run_dir, ref=args.ref, host=args.host, port=args.port, reward=args.reward, precision=args.precision)
+    serve(args.run_dir, ref=args.ref, host=args.host, port=args.port, reward=args.reward, precision=args.precision,
+          max_queue=args.max_queue)
     return 0
 
 
@@ -223,6 +224,7 @@ def _add_report(sub: Any) -> None:
 
 def _add_serve(sub: Any) -> None:
     """``dpokit serve``."""
+    from dpokit.serve import MAX_QUEUE  # the package itself imports nothing heavy
     serve = sub.add_parser("serve", help="local web page: a prompt, pi_ref and pi side by side, implicit rewards")
     serve.add_argument("run_dir", metavar="RUN_DIR")
     serve.add_argument("--ref", help="reference model (default: the run's reference)")
@@ -232,6 +234,9 @@ def _add_serve(sub: Any) -> None:
     serve.add_argument("--reward", help="ground-truth reward shown too: sentiment, length, or module:function")
     serve.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                        help="sampling precision (auto: bf16 only where it is native; rewards are scored in fp32)")
+    serve.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                       help=f"requests waiting behind the running one; more get 503 with Retry-After "
+                            f"(default {MAX_QUEUE})")
     serve.set_defaults(func=cmd_serve)
 
 

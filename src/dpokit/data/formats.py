@@ -278,14 +278,22 @@ def _text_value(value: Any, key: str, loc: str) -> Text:
 _NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
-def _check_text(text: str, key: str, loc: str) -> None:
-    """Lone surrogates cannot be encoded (the tokenizer would crash on them); NUL marks binary or corrupt data."""
+def not_text(text: str) -> str | None:
+    """What makes ``text`` not text, e.g. "a lone surrogate (U+D800) at character 3", or None. Lone surrogates
+    cannot be encoded (the tokenizer would crash on them); NUL marks binary or corrupt data. ``dpokit serve``
+    refuses the same characters in a request."""
     bad = _NOT_TEXT.search(text)
-    if bad is not None:
-        char = bad.group()
-        what = "a NUL character (U+0000)" if char == "\x00" else f"a lone surrogate (U+{ord(char):04X})"
-        raise RowError(f"{loc}: '{key}' contains {what} at character {bad.start()}, which is not text",
-                       "invalid_text")
+    if bad is None:
+        return None
+    char = bad.group()
+    what = "a NUL character (U+0000)" if char == "\x00" else f"a lone surrogate (U+{ord(char):04X})"
+    return f"{what} at character {bad.start()}"
+
+
+def _check_text(text: str, key: str, loc: str) -> None:
+    problem = not_text(text)
+    if problem is not None:
+        raise RowError(f"{loc}: '{key}' contains {problem}, which is not text", "invalid_text")
 
 
 def _clip(text: str, n: int = 40) -> str:

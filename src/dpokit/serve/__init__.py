@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Limits", "create_app", "load_playground", "serve", "start_in_thread"]
+__all__ = ["MAX_QUEUE", "Limits", "create_app", "load_playground", "serve", "start_in_thread"]
+
+MAX_QUEUE = 32
+"""Requests waiting behind the running one (``dpokit serve --max-queue``); more get 503 with Retry-After.
+Waiting costs a connection and a slot, no model memory: one job runs at a time."""
 
 
 def __getattr__(name: str) -> Any:

@@ -46,12 +46,16 @@ from starlette.routing import Route
 
 from dpokit.errors import DpokitError
 from dpokit.evaluate.report import PAGE_BASE
+from dpokit.serve import MAX_QUEUE
 from dpokit.serve.engine import BadRequest, Event, Job, Playground, QueueFull, Worker
 
 DRAIN_BYTES = 1 << 20
 """An oversized body up to this size is read and dropped before the 413, so the client reads the answer
 instead of a reset connection; a larger one is answered at once."""
 TERMINAL = ("done", "error")
+RETRY_AFTER_S = 5
+"""``Retry-After`` of a 503 (the queue is full): about the time a few requests of the page's defaults take on a
+CPU, so a client that honours it neither hammers the server nor waits long after a slot frees up."""
 
 
 def page_and_policy() -> tuple[bytes, str]:
@@ -67,8 +71,16 @@ def page_and_policy() -> tuple[bytes, str]:
     return page.encode("utf-8"), policy
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a message may quote a request's text, and a lone surrogate
+    in it (valid in JSON, not in UTF-8) must not turn a 4xx into a crash."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return AsciiJSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 LOCAL_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
@@ -134,7 +146,7 @@ def create_app(playground: Playground, local_only: bool = True) -> Starlette:
         try:
             worker.submit(job)
         except QueueFull as exc:
-            return error(f"busy: {exc}", 503, {"Retry-After": "5"})
+            return error(f"busy: {exc}", 503, {"Retry-After": str(RETRY_AFTER_S)})
         return StreamingResponse(stream(events, job), media_type="application/x-ndjson",
                                  headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
 
@@ -150,6 +162,7 @@ def create_app(playground: Playground, local_only: bool = True) -> Starlette:
                             Route("/api/generate", generate, methods=["POST"])],
                     middleware=[Middleware(LocalHostOnly)] if local_only else [],
                     exception_handlers={HTTPException: http_error, Exception: internal_error})
+    app.router.redirect_slashes = False  # "/api/generate/" is no route: a 404, not a redirect to one
     app.state.worker = worker
     app.state.playground = playground
     return app
@@ -160,7 +173,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     too_large = f"request too large: at most {limit} bytes"
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise BadRequest("invalid Content-Length", 400)
         if int(declared) > limit:
             if int(declared) <= DRAIN_BYTES:
@@ -187,6 +200,8 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", 400) from None
     except RecursionError:
         raise BadRequest("invalid JSON: nested too deeply", 400) from None
+    except ValueError:  # the only other: an integer literal longer than Python's int conversion limit
+        raise BadRequest("invalid JSON: a number with too many digits", 400) from None
 
 
 def emit_threadsafe(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Event], cancelled: threading.Event,
@@ -290,18 +305,22 @@ def start_in_thread(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> R
 
 
 def serve(run_dir: str, ref: str | None = None, host: str = "127.0.0.1", port: int = 7860,
-          reward: str | None = None, precision: str = "auto", log: Any = print) -> None:
+          reward: str | None = None, precision: str = "auto", max_queue: int = MAX_QUEUE,
+          log: Any = print) -> None:
     """``dpokit serve``: load the run, listen, and serve until interrupted (Ctrl+C)."""
     from dpokit.rewards import get_reward
-    from dpokit.serve.engine import check_run_dir, load_playground
+    from dpokit.serve.engine import Limits, check_run_dir, load_playground
 
+    if max_queue < 0:
+        raise DpokitError(f"--max-queue: must be 0 or more, got {max_queue}")
     check_run_dir(run_dir)
     if reward is not None:
         get_reward(reward)
     sock = bind(host, port)  # a taken port is reported before minutes of model loading
     try:
         log(f"loading {run_dir} ...")
-        playground = load_playground(run_dir, ref=ref, reward=reward, precision=precision, note=log)
+        playground = load_playground(run_dir, ref=ref, reward=reward, precision=precision,
+                                     limits=Limits(max_queue=max_queue), note=log)
         app = create_app(playground, local_only=is_loopback(host))
         if not is_loopback(host):
             log(f"warning: listening on {host}: anyone who can reach this machine can use the models")

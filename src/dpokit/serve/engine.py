@@ -32,12 +32,13 @@ from typing import Any
 
 import torch
 
-from dpokit.data.formats import Text
+from dpokit.data.formats import Text, not_text
 from dpokit.errors import DpokitError
 from dpokit.evaluate.run import load_prompts, text_of
 from dpokit.evaluate.scoring import Scorer, is_run_dir, load_scorer, score_rows
 from dpokit.generate import SamplingParams, encode_prompts, eos_token_ids, stream_batch
 from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
+from dpokit.serve import MAX_QUEUE
 from dpokit.serve.sampling import IncrementalText
 
 Event = dict[str, Any]
@@ -60,8 +61,8 @@ class Limits:
     """Also never more than the run's ``data.max_length`` minus the prompt: the scorer reads no further."""
     max_samples: int = 8
     max_temperature: float = 2.0
-    max_queue: int = 32
-    """Requests waiting behind the running one; more get 503."""
+    max_queue: int = MAX_QUEUE
+    """Requests waiting behind the running one; more get 503 with Retry-After (``--max-queue``)."""
 
 
 class BadRequest(Exception):
@@ -142,7 +143,7 @@ class Playground:
         defaults = self.defaults()
         unknown = sorted(set(payload) - {"prompt", *defaults})
         if unknown:
-            raise BadRequest(f"unknown field '{unknown[0]}'; expected prompt, {', '.join(defaults)}")
+            raise BadRequest(f"unknown field {_show(unknown[0])}; expected prompt, {', '.join(defaults)}")
         if "prompt" not in payload:
             raise BadRequest("prompt: missing")
         values = {**defaults, **payload}
@@ -176,6 +177,7 @@ class Playground:
                 raise BadRequest("prompt: empty; type a prompt or pick an example")
             if len(value) > limit:
                 raise BadRequest(f"prompt: {len(value)} characters; at most {limit}")
+            _check_text(value, "prompt")
             return [{"role": "user", "content": value}] if self.chat else value
         if not isinstance(value, list) or not value:
             raise BadRequest("prompt: expected text or a non-empty list of {\"role\", \"content\"} messages")
@@ -191,6 +193,8 @@ class Playground:
             raise BadRequest(f"prompt: {total} characters; at most {limit}")
         if not any(m["content"].strip() for m in value):
             raise BadRequest("prompt: every message is empty")
+        for i, message in enumerate(value):
+            _check_text(message["content"], f"prompt[{i}].content")
         return [dict(m) for m in value]
 
     # ---------------------------------------------------------------------------------------------- the job
@@ -277,9 +281,21 @@ def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def _check_text(text: str, key: str) -> None:
+    # The tokenizer cannot encode a lone surrogate (valid JSON: "\ud800"); the data pipeline refuses the same.
+    problem = not_text(text)
+    if problem is not None:
+        raise BadRequest(f"{key}: contains {problem}, which is not text")
+
+
 def _number(values: dict[str, Any], key: str, low: float, high: float, low_open: bool = False) -> float:
     value = values[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{key}: expected a number, got {_show(value)}")
+    if isinstance(value, int) and not low <= value <= high:  # a JSON integer may be too large for a float
+        raise BadRequest(f"{key}: must be {'more than' if low_open else 'at least'} {low:g} and at most {high:g}, "
+                         f"got {_show(value)}")
+    if not math.isfinite(value):
         raise BadRequest(f"{key}: expected a number, got {_show(value)}")
     if value > high or value < low or (low_open and value == low):
         bound = f"more than {low:g}" if low_open else f"at least {low:g}"
@@ -294,7 +310,7 @@ def _integer(values: dict[str, Any], key: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"{key}: expected a whole number, got {_show(value)}")
     if not low <= value <= high:
-        raise BadRequest(f"{key}: must be between {low} and {high}, got {value}")
+        raise BadRequest(f"{key}: must be between {low} and {high}, got {_show(value)}")
     return value
 
 
@@ -378,21 +394,24 @@ class Worker:
 
     def _loop(self) -> None:
         while (item := self._next()) is not None:
-            job, served = item
-            started = time.perf_counter()
-            job.emit({"type": "start", "ticket": job.ticket, "served": served})
-            try:
-                job.work(job.emit, job.cancelled)
-                job.emit({"type": "done", "ticket": job.ticket, "served": served,
-                          "elapsed_s": round(time.perf_counter() - started, 3)})
-            except DpokitError as exc:
-                job.emit({"type": "error", "message": str(exc)})
-            except Exception as exc:  # a bug must end this request, not the server
-                traceback.print_exc(file=sys.stderr)
-                job.emit({"type": "error", "message": f"internal error ({type(exc).__name__}); see the server log"})
-            finally:
-                with self._cond:
-                    self._busy = False
+            self._run(*item)
+            del item  # while the queue is empty, no finished job (its request, its events) stays referenced
+
+    def _run(self, job: Job, served: int) -> None:
+        started = time.perf_counter()
+        job.emit({"type": "start", "ticket": job.ticket, "served": served})
+        try:
+            job.work(job.emit, job.cancelled)
+            job.emit({"type": "done", "ticket": job.ticket, "served": served,
+                      "elapsed_s": round(time.perf_counter() - started, 3)})
+        except DpokitError as exc:
+            job.emit({"type": "error", "message": str(exc)})
+        except Exception as exc:  # a bug must end this request, not the server
+            traceback.print_exc(file=sys.stderr)
+            job.emit({"type": "error", "message": f"internal error ({type(exc).__name__}); see the server log"})
+        finally:
+            with self._cond:
+                self._busy = False
 
 
 # ------------------------------------------------------------------------------------------------- loading
