@@ -2,7 +2,8 @@
 
 A checkpoint is written into a temporary folder next to its final place and renamed to
 ``checkpoints/step-N/`` only once every file is written, hashed into ``manifest.json`` and marked ``COMPLETE``;
-a crash mid-write leaves only a ``.tmp-`` folder that readers ignore.
+a crash mid-write leaves only a ``.tmp-`` folder that readers ignore, and a failed write (disk full, the
+file-size limit, a permission) removes it and ends with one line naming the checkpoint and the cause.
 
 Under torchrun, a DDP run's checkpoint is this same plain format written by rank 0 (every rank holds the same
 weights). An FSDP run's weights and optimizer state are sharded: every rank writes its shards through
@@ -26,7 +27,7 @@ from torch import nn
 
 from dpokit.distributed import Dist
 from dpokit.errors import ConfigError, DpokitError
-from dpokit.io import publish_dir, sha256_file, staging_dir
+from dpokit.io import publish_dir, sha256_file, staging_dir, staging_path, writing
 from dpokit.models import detach_quantizer
 
 COMPLETE = "COMPLETE"
@@ -83,16 +84,16 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
         return _save_sharded(root, step, model, optimizer, scheduler, trainer_state, dist)
     if not dist.is_main:
         return final
-    tmp = _new_tmp(root, step)
     weights = trainable_state(model)
     if not all(torch.isfinite(t).all() for t in weights.values()):
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DpokitError(f"refusing to save a checkpoint at step {step}: the weights are not finite")
-    save_file(weights, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = optimizer_tensors(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    return _seal(tmp, final, scheduler, trainer_state)
+    with writing(final, "checkpoint", cleanup=staging_path(final)):
+        tmp = _new_tmp(root, step)
+        save_file(weights, str(tmp / "model.safetensors"))
+        opt_tensors, opt_meta = optimizer_tensors(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        return _seal(tmp, final, scheduler, trainer_state)
 
 
 def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -121,7 +122,12 @@ def _save_sharded(root: Path, step: int, model: nn.Module, optimizer: torch.opti
         raise DpokitError(f"refusing to save a checkpoint at step {step}: the weights are not finite")
     dcp.save(state, checkpoint_id=str(tmp))  # every rank writes its own shard files
     dist.barrier()
-    return dist.on_main(lambda: _seal(tmp, final, scheduler, trainer_state))
+
+    def seal() -> Path:
+        with writing(final, "checkpoint", cleanup=tmp):
+            return _seal(tmp, final, scheduler, trainer_state)
+
+    return dist.on_main(seal)  # a WriteError is raised on every rank
 
 
 def _seal(tmp: Path, final: Path, scheduler: Any, trainer_state: dict[str, Any]) -> Path:
@@ -278,8 +284,9 @@ def export_hf(model: nn.Module, tokenizer: Any, target: Path,
     """Write ``target`` as a plain Hugging Face model folder (safetensors weights, config, tokenizer) that
     ``AutoModelForCausalLM.from_pretrained`` loads without dpokit. Written atomically like checkpoints.
     ``state_dict`` replaces the model's own weights (the gathered weights of a sharded model)."""
-    tmp = staging_dir(target)
     detach_quantizer(model)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    return publish_dir(tmp, target)
+    with writing(target, "model folder", cleanup=staging_path(target)):
+        tmp = staging_dir(target)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        return publish_dir(tmp, target)

@@ -15,3 +15,8 @@ class DataError(DpokitError):
 
 class ModelError(DpokitError):
     """A model that cannot be found or loaded."""
+
+
+class WriteError(DpokitError):
+    """A file dpokit writes could not be written (disk full, file-size limit, permissions). The message names
+    the path and the cause; nothing partial is left looking complete (``dpokit.io.writing``)."""

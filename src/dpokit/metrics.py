@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from dpokit.io import read_jsonl
+from dpokit.io import read_jsonl, writing
 
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected")
@@ -124,17 +124,23 @@ class MetricsWriter:
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path = path
-        self._fh = path.open("a", encoding="utf-8") if enabled else None
+        self._fh = None
+        if enabled:
+            with writing(path, "metrics"):
+                self._fh = path.open("a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
         if self._fh is None:
             return
-        self._fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        self._fh.flush()
+        with writing(self.path, "metrics"):
+            self._fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+            self._fh.flush()
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            fh, self._fh = self._fh, None
+            with writing(self.path, "metrics"):  # what a failed write left buffered is flushed (and fails) again
+                fh.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ from torch import nn
 from dpokit.data.batch import collate_responses, regroup, to_device
 from dpokit.data.tokenize import TokenizedGroup
 from dpokit.distributed import Dist
-from dpokit.io import write_bytes
+from dpokit.io import write_bytes, writing
 from dpokit.logprobs import batch_logps
 from dpokit.models import cache_dir, freeze
 
@@ -110,7 +110,8 @@ class LogpStore:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with writing(folder, "reference store"):
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.values: dict[bytes, float] = {}
         for shard in sorted(self.folder.glob("shard-*.safetensors")):
             tensors = load_file(str(shard))
