@@ -189,18 +189,25 @@ def test_frontier_has_one_point_per_checkpoint(evaluated):
     assert all("reward" in p and p["kl_stderr"] is not None for p in points)
 
 
-def test_eval_with_an_llm_judge_and_chosen_baseline(tiny_run, tmp_path, monkeypatch):
+def test_eval_with_an_llm_judge_and_chosen_baseline(tiny_run, tmp_path, monkeypatch, capsys):
+    """eval.json counts what the win rate leaves out: a malformed reply, a comparison that failed after its
+    retries, and the retried requests; samples.jsonl marks the failed comparison."""
     seen = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append((self.headers.get("Authorization"), body["model"]))
-            # Every third reply is unusable; the rest always pick the first answer shown.
-            text = "no idea" if len(seen) % 3 == 0 else "Comparison: fine.\nMore helpful: A"
-            data = json.dumps({"choices": [{"message": {"content": text}}]}).encode()
-            self.send_response(200)
+            # One request at a time, in order: comparison 1 is answered on its second attempt, comparison 2
+            # never (503, then 500), comparison 3's reply names neither answer; the rest pick the first shown.
+            n = len(seen)
+            status, text = {1: (503, None), 3: (503, None), 4: (500, None), 5: (200, "no idea")}.get(
+                n, (200, "Comparison: fine.\nMore helpful: A"))
+            data = json.dumps({"choices": [{"message": {"content": text}}]} if text else {"error": "busy"}).encode()
+            self.send_response(status)
             self.send_header("Content-Length", str(len(data)))
+            if status == 503:
+                self.send_header("Retry-After", "0")
             self.end_headers()
             self.wfile.write(data)
 
@@ -210,20 +217,28 @@ def test_eval_with_an_llm_judge_and_chosen_baseline(tiny_run, tmp_path, monkeypa
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("JUDGE_KEY_FOR_TEST", "k-1")
+    judge = make_judge(f"http://127.0.0.1:{server.server_address[1]}/v1", "judge-m", "JUDGE_KEY_FOR_TEST")
+    judge.concurrency, judge.retries, judge.backoff = 1, 1, 0.0
     try:
         out = tmp_path / "judged"
-        result = evaluate_run(tiny_run, judge=make_judge(
-            f"http://127.0.0.1:{server.server_address[1]}/v1", "judge-m", "JUDGE_KEY_FOR_TEST"),
-            baseline="chosen", frontier=False, out_dir=out, max_new_tokens=8, log=None)
+        result = evaluate_run(tiny_run, judge=judge, baseline="chosen", frontier=False, out_dir=out,
+                              max_new_tokens=8, log=None)
     finally:
         server.shutdown()
         server.server_close()
-    assert set(seen) == {("Bearer k-1", "judge-m")} and len(seen) == 5
+    assert set(seen) == {("Bearer k-1", "judge-m")} and len(seen) == 7  # 5 comparisons, 2 retried
     at_1 = result["temperatures"][0]
-    assert at_1["malformed"] == 1 and at_1["wins"] + at_1["ties"] + at_1["losses"] == 4
+    assert (at_1["malformed"], at_1["failed"], at_1["judge_retries"]) == (1, 1, 2)
+    assert at_1["wins"] + at_1["ties"] + at_1["losses"] == 3
+    assert json.loads((out / "eval.json").read_text())["temperatures"][0]["failed"] == 1
     assert result["judge"] == "llm:judge-m" and result["baseline"] == "chosen" and "frontier" not in result
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert all(r["chosen"].startswith(" ") for r in rows)  # the dataset's chosen responses were the baseline
+    assert [r["judge"] for r in rows][1:3] == ["failed", "malformed"]
+    from dpokit.evaluate.run import print_summary
+
+    print_summary(result)
+    assert "judge: malformed / failed / retries" in capsys.readouterr().out
 
 
 def test_eval_custom_reward_and_chat_prompts(tiny_run, tmp_path, monkeypatch):

@@ -1,9 +1,15 @@
 """Judges and win rates: an OpenAI-compatible judge served by a local HTTP server started here (127.0.0.1), answer
-order randomized, malformed replies counted, ties half; reward judges; Wilson intervals; reward registry."""
+order randomized, malformed replies counted, ties half; a judge that misbehaves (sleeps past the timeout, closes
+the connection, answers 429 or 503 with Retry-After, sends garbage or its reply a byte at a time) is retried,
+counted, and never hangs; reward judges; Wilson intervals; reward registry."""
 
+import email.utils
 import json
 import re
+import socket
 import threading
+import time
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -11,13 +17,23 @@ import pytest
 from dpokit.errors import DpokitError
 from dpokit.evaluate.stats import WinRate, kl_estimate, mean_stderr, wilson_interval
 from dpokit.rewards import get_reward, length, sentiment
-from dpokit.rewards.judge import LLMJudge, RewardJudge, make_judge, parse_reply
+from dpokit.rewards.judge import (
+    JudgeReward,
+    LLMJudge,
+    RewardJudge,
+    make_judge,
+    parse_reply,
+    retry_after_seconds,
+)
 
 ANSWERS = re.compile(r"Response A:\n(.*?)\n\nResponse B:\n(.*?)\n\nFIRST", re.S)
 
 
 class Judge:
-    """A scripted judge server. ``policy`` decides each reply from (a, b); every request is recorded."""
+    """A scripted judge server. ``policy`` decides each reply from (a, b, n), n counting requests from 1: a
+    ``(status, payload)`` or ``(status, payload, headers)``, or a misbehaviour: ``("close",)`` drops the connection
+    without a reply, ``("sleep", seconds, reply)`` answers late, ``("trickle", seconds)`` sends a reply one byte
+    every ``seconds``. Every request is recorded."""
 
     def __init__(self, policy):
         self.policy = policy
@@ -32,11 +48,38 @@ class Judge:
                 with judge.lock:
                     judge.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                            "model": body["model"], "a": a, "b": b})
-                status, payload = judge.policy(a, b, len(judge.requests))
+                    n = len(judge.requests)
+                action = judge.policy(a, b, n)
+                try:
+                    self.act(action)
+                except OSError:  # the client gave up on us (a timeout): expected here
+                    pass
+
+            def act(self, action):
+                if action[0] == "close":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if action[0] == "sleep":
+                    time.sleep(action[1])
+                    action = action[2]
+                if action[0] == "trickle":
+                    data = json.dumps(reply("More helpful: A")[1]).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    for byte in data:  # each byte well within the client's socket timeout
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(action[1])
+                    return
+                status, payload, *extra = action
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in (extra[0] if extra else {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -99,13 +142,12 @@ def test_position_bias_is_cancelled_by_randomization():
 
 
 def test_malformed_replies_are_counted_not_fatal():
+    """A chat completion whose text names neither answer is malformed: counted, left out of the rate, and not
+    retried (at temperature 0 the judge would say the same again)."""
     replies = [
-        (200, b"this is not json"),
-        (200, {"no_choices": True}),
-        (200, {"choices": []}),
         reply("I cannot decide between them."),
         reply("More helpful: C"),
-        (200, {"choices": [{"message": {"content": None}}]}),
+        reply(""),
         reply("Comparison: equally good.\nMore helpful: tie"),
         reply("B"),
     ]
@@ -118,34 +160,123 @@ def test_malformed_replies_are_counted_not_fatal():
     judge = LLMJudge("http://127.0.0.1:1/v1", "m", concurrency=1)  # one at a time: replies in order
     with Judge(script) as server:
         judge.endpoint = server.url + "/chat/completions"
-        verdicts = judge.compare(PROMPTS[:12], POLICY[:12], BASELINE[:12])
+        verdicts = judge.compare(PROMPTS[:9], POLICY[:9], BASELINE[:9])
+    assert len(server.requests) == 9  # none retried
     outcomes = [v.outcome for v in verdicts]
-    assert outcomes[:6] == ["malformed"] * 6
-    assert outcomes[6] == "tie"
-    assert outcomes[7] == ("win" if verdicts[7].swapped else "loss")  # "B" is the policy only when swapped
-    assert outcomes[8:] == ["win"] * 4
+    assert outcomes[:3] == ["malformed"] * 3
+    assert outcomes[3] == "tie"
+    assert outcomes[4] == ("win" if verdicts[4].swapped else "loss")  # "B" is the policy only when swapped
+    assert outcomes[5:] == ["win"] * 4
     rate = WinRate.from_outcomes(outcomes)
-    assert (rate.malformed, rate.ties, rate.judged) == (6, 1, 6)
+    assert (rate.malformed, rate.failed, rate.ties, rate.judged) == (3, 0, 1, 6)
     assert rate.rate == pytest.approx((rate.wins + 0.5) / 6)
-    assert rate.to_dict()["malformed"] == 6
+    assert rate.to_dict()["malformed"] == 3
 
 
-def test_server_errors_are_retried_then_counted():
-    failures = {"left": 2}
+# ------------------------------------------------------------------------------------ a judge that misbehaves
 
-    def flaky(a, b, n):
-        if failures["left"]:
-            failures["left"] -= 1
-            return 503, {"error": "busy"}
-        return prefers_good(a, b, n)
+def within(seconds, fn):
+    """fn(), failing instead of hanging when it takes longer than ``seconds`` (a generous hang guard)."""
+    result: dict = {}
 
-    with Judge(flaky) as server:
-        verdicts = LLMJudge(server.url, "m", concurrency=1, retries=2).compare(PROMPTS[:2], POLICY[:2],
-                                                                                BASELINE[:2])
+    def run():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 (raised again below, in the test's thread)
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def flaky_judge(url, retries=2, **kwargs):
+    """A judge with small timeouts whose retry waits are recorded, not slept."""
+    judge = LLMJudge(url, "m", concurrency=1, timeout=0.5, retries=retries, backoff=0.01, max_wait=30,
+                     **kwargs)
+    judge.waits = []
+    judge.sleep = judge.waits.append
+    return judge
+
+
+PAST = email.utils.format_datetime(datetime(2001, 1, 1, tzinfo=timezone.utc), usegmt=True)
+MISBEHAVIOURS = {
+    # name: (what the server does, why the client gave up on it, the waits before the two retries)
+    "sleeps past the timeout": (("sleep", 3, reply("More helpful: A")), "no reply within 0.5 s", [0.01, 0.02]),
+    "closes the connection": (("close",), "connection lost", [0.01, 0.02]),
+    "429 with Retry-After": ((429, {"error": "slow down"}, {"Retry-After": "7"}), "HTTP 429", [7.0, 7.0]),
+    "503 with Retry-After over the cap": ((503, {"error": "busy"}, {"Retry-After": "120"}), "HTTP 503", [30, 30]),
+    "503 with a Retry-After date": ((503, {"error": "busy"}, {"Retry-After": PAST}), "HTTP 503", [0.0, 0.0]),
+    "503 without Retry-After": ((503, {"error": "busy"}), "HTTP 503", [0.01, 0.02]),
+    "garbage JSON": ((200, b"<html>502 Bad Gateway</html>"), "no chat completion", [0.01, 0.02]),
+    "no choices": ((200, {"choices": []}), "no chat completion", [0.01, 0.02]),
+    "trickles its reply": (("trickle", 0.1), "no reply within 0.5 s", [0.01, 0.02]),
+}
+
+
+@pytest.mark.parametrize("name", MISBEHAVIOURS)
+def test_a_misbehaving_judge_is_retried_with_backoff_and_the_retries_counted(name):
+    """Twice misbehaving, then a good answer: the verdict stands, with 2 retries after the waits Retry-After
+    asked for (capped at max_wait) or else the doubling backoff."""
+    action, _, waits = MISBEHAVIOURS[name]
+    with Judge(lambda a, b, n: action if n <= 2 else prefers_good(a, b, n)) as server:
+        judge = flaky_judge(server.url)
+        verdicts = within(60, lambda: judge.compare(PROMPTS[:2], POLICY[:2], BASELINE[:2]))
     assert [v.outcome for v in verdicts] == ["win", "win"]
-    with Judge(lambda a, b, n: (500, {"error": "down"})) as server:
-        verdicts = LLMJudge(server.url, "m", retries=0).compare(PROMPTS[:3], POLICY[:3], BASELINE[:3])
-    assert [v.outcome for v in verdicts] == ["malformed"] * 3
+    assert [v.retries for v in verdicts] == [2, 0] and len(server.requests) == 4
+    assert judge.waits == pytest.approx(waits)
+
+
+@pytest.mark.parametrize("name", MISBEHAVIOURS)
+def test_a_comparison_that_keeps_failing_is_a_counted_failure_scored_half(name):
+    """A prompt the judge never answers: after its retries the comparison is ``failed`` (why, and how many
+    retries, recorded), left out of the win rate, scored 0.5 as a reward and counted; the others are judged."""
+    action, why, _ = MISBEHAVIOURS[name]
+    with Judge(lambda a, b, n: action if "answer 1" in a + b else prefers_good(a, b, n)) as server:
+        judge = flaky_judge(server.url, retries=1)
+        verdicts = within(60, lambda: judge.compare(PROMPTS[:3], POLICY[:3], BASELINE[:3]))
+        reward = JudgeReward(flaky_judge(server.url, retries=1), dict(zip(PROMPTS, BASELINE)))
+        scores = within(60, lambda: reward.batch(PROMPTS[:3], POLICY[:3]))
+    assert [v.outcome for v in verdicts] == ["win", "failed", "win"]
+    assert [v.retries for v in verdicts] == [0, 1, 0] and why in verdicts[1].reply
+    rate = WinRate.from_outcomes(v.outcome for v in verdicts)
+    assert (rate.wins, rate.failed, rate.judged, rate.rate) == (2, 1, 2, 1.0)
+    assert scores == [1.0, 0.5, 1.0]
+    assert reward.counts() == {"judge/malformed": 0, "judge/failures": 1, "judge/retries": 1}
+    reward.reset_counts()
+    assert reward.counts() == {"judge/malformed": 0, "judge/failures": 0, "judge/retries": 0}
+
+
+def test_a_judge_that_is_down_is_one_error_line_not_a_hang():
+    # Every comparison of a batch failed: every verdict would be a failure.
+    with Judge(lambda a, b, n: (503, {"error": "down"}, {"Retry-After": "1"})) as server:
+        judge = flaky_judge(server.url, retries=1)
+        with pytest.raises(DpokitError, match=r"all 3 requests failed, each after 1 retries \(last: HTTP 503"):
+            within(60, lambda: judge.compare(PROMPTS[:3], POLICY[:3], BASELINE[:3]))
+    # Failures in a row stop the batch early rather than waiting out every request.
+    with Judge(lambda a, b, n: ("close",)) as server:
+        judge = flaky_judge(server.url, retries=1, max_failures_in_a_row=3)
+        with pytest.raises(DpokitError, match=r"3 requests in a row failed.*connection lost"):
+            within(60, lambda: judge.compare(PROMPTS, POLICY, BASELINE))
+    assert len(server.requests) == 3 * 2  # 3 comparisons of 2 attempts each, then nothing more was sent
+    # One success in between resets the count.
+    with Judge(lambda a, b, n: prefers_good(a, b, n) if n % 4 == 0 else (500, {"error": "x"})) as server:
+        judge = flaky_judge(server.url, retries=1, max_failures_in_a_row=2)
+        verdicts = within(60, lambda: judge.compare(PROMPTS[:6], POLICY[:6], BASELINE[:6]))
+    assert [v.outcome for v in verdicts] == ["failed", "win"] * 3
+
+
+def test_retry_after_seconds():
+    assert retry_after_seconds("3") == 3.0 and retry_after_seconds("1.5") == 1.5
+    assert retry_after_seconds("-4") == 0.0 and retry_after_seconds(PAST) == 0.0
+    assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
+    assert retry_after_seconds("nan") is None and retry_after_seconds("") is None
+    later = email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(seconds=600), usegmt=True)
+    assert 500 < retry_after_seconds(later) <= 600
 
 
 def test_api_key_comes_from_the_environment(monkeypatch):
@@ -163,11 +294,14 @@ def test_setup_errors_are_one_line():
     with Judge(lambda a, b, n: (401, {"error": "bad key"})) as server:
         with pytest.raises(DpokitError, match="HTTP 401"):
             LLMJudge(server.url, "m").compare(PROMPTS[:1], POLICY[:1], BASELINE[:1])
-    # A port with nothing listening: bind one, close it, connect.
+    assert len(server.requests) == 1  # no retry can fix a refused key
+    # A port with nothing listening: bind one, close it, connect (retried, as a restarting judge would be).
     with Judge(prefers_good) as server:
         url = server.url
+    with pytest.raises(DpokitError, match=r"the request failed, each after 2 retries \(last: cannot connect"):
+        flaky_judge(url).compare(PROMPTS[:1], POLICY[:1], BASELINE[:1])
     with pytest.raises(DpokitError, match="cannot connect"):
-        LLMJudge(url, "m").compare(PROMPTS[:1], POLICY[:1], BASELINE[:1])
+        LLMJudge("http://no-such-host.invalid/v1", "m").compare(PROMPTS[:1], POLICY[:1], BASELINE[:1])
     with pytest.raises(DpokitError, match="--judge-model"):
         make_judge("http://127.0.0.1:9/v1", None)
     with pytest.raises(DpokitError, match="http"):

@@ -390,6 +390,7 @@ def test_an_llm_judge_as_the_reward_scores_every_sample_and_its_verdicts_make_th
         pairs = sum(max(v) > min(v) for v in by_prompt.values())
         assert (row["online/pairs"], row["online/ties"]) == (pairs, 8 - pairs), n
         assert row["judge/malformed"] == sum(verdict(r) == 0.5 for r, _ in step), n
+        assert (row["judge/failures"], row["judge/retries"]) == (0, 0), n  # a judge that always answers
         assert row["online/reward_mean"] == sum(verdict(r) for r, _ in step) / 16, n
     for key in ("judge/malformed", "online/pairs", "online/ties"):  # the script did exercise each case
         assert sum(r[key] for r in rows) > 0, key

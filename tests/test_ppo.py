@@ -219,11 +219,14 @@ def test_two_processes_sample_their_shares_and_reduce_over_both(tmp_path):
 
 def test_an_llm_judge_as_the_reward_against_the_chosen_responses(tmp_path):
     """ppo.judge_url: each sampled response is judged against its prompt's chosen response (a local scripted
-    judge here); a win is 1, a loss 0, and a malformed verdict 0.5 and counted, never dropped."""
+    judge here); a win is 1, a loss 0, and a malformed verdict 0.5 and counted, never dropped; a request the
+    judge refuses with 503 is retried and counted in judge/retries."""
     from dpokit.ppo import ppo
     from test_judge import Judge, reply
 
     def prefers_e(a, b, n):  # the answer with more letters "e" wins; every 5th reply names neither answer
+        if n % 7 == 0:
+            return 503, {"error": "busy"}, {"Retry-After": "0"}
         if n % 5 == 0:
             return reply("Comparison: both fine.")
         return reply("More helpful: " + ("A" if a.count("e") > b.count("e") else "B"))
@@ -236,9 +239,12 @@ def test_an_llm_judge_as_the_reward_against_the_chosen_responses(tmp_path):
     rows = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in rows if r["split"] == "train"]
     evals = [r for r in rows if r["split"] == "eval"]
-    assert requests == 2 * 16 + 2 * 16  # every rollout and every held-out sample, once each
+    refused = requests // 7  # the 503s (every 7th request), each followed by one more request
+    assert requests - refused == 2 * 16 + 2 * 16  # every rollout and every held-out sample, answered once each
     assert all(0.0 <= r["reward"] <= 1.0 for r in rows if "reward" in r) and len(evals) == 2
     assert sum(r["judge/malformed"] for r in train) > 0  # counted, scored 0.5
+    # The training steps' share of the retries is counted (the held-out ones are not logged); none failed.
+    assert 0 < sum(r["judge/retries"] for r in train) <= refused and all(r["judge/failures"] == 0 for r in train)
 
 
 def test_a_reward_or_a_judge_exactly_and_the_judge_needs_chosen_responses(tmp_path):

@@ -1,6 +1,8 @@
 """``dpokit <command>``: one small function per command; the work happens in the library.
 
-Every expected failure (bad config, bad data, missing model) ends with one line on stderr and exit code 2.
+Every expected failure (bad config, bad data, missing model, a file that cannot be written) ends with one line
+on stderr and exit code 2. A training command stopped by SIGTERM or SIGINT saves a checkpoint, prints where and
+the command that resumes, and exits 128 + the signal's number: 143 (SIGTERM) or 130 (SIGINT).
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ import argparse
 import functools
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, Preempted
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -66,6 +69,18 @@ def cmd_train(args: argparse.Namespace, task: str = "dpo") -> int:
             print_before_after(run_dir)
         print(f"run directory: {run_dir}")
     return 0
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues a run this command stopped: the same one with ``--resume`` (``--force`` is
+    not needed: the checkpoint holds this command's settings), on as many local processes under torchrun."""
+    argv = ["dpokit", args.command, args.config, *args.overrides, "--resume"]
+    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE")
+    if world != "1" and local == world:
+        argv += ["--nproc", world]
+    elif world != "1":
+        return f"{shlex.join(argv)} (on every node, under torchrun as before)"
+    return shlex.join(argv)
 
 
 def print_before_after(run_dir: Path) -> None:
@@ -284,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except Preempted as exc:  # a checkpoint is saved: say where, and how to go on (rank 0 only)
+        if is_main_process():
+            resume = f"; resume with: {resume_command(args)}" if hasattr(args, "config") else ""
+            print(f"dpokit: {exc}{resume}", file=sys.stderr)
+        return exc.exit_code
     except DpokitError as exc:
         print(f"dpokit: error: {exc}", file=sys.stderr)
         return 2

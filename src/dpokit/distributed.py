@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, Preempted
 from dpokit.logprobs import batch_logps
 
 T = TypeVar("T")
@@ -215,10 +215,10 @@ class Dist:
             return
         try:
             yield
+        except (Preempted, KeyboardInterrupt):
+            raise  # every rank stopped together on purpose: no failure to name
         except DpokitError as exc:
             raise DpokitError(f"rank {self.rank}: {exc}") from exc
-        except KeyboardInterrupt:
-            raise
         except Exception as exc:  # a collective or a step failed: one line per rank, never a hang
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             if _is_peer_failure(exc):

@@ -20,3 +20,17 @@ class ModelError(DpokitError):
 class WriteError(DpokitError):
     """A file dpokit writes could not be written (disk full, file-size limit, permissions). The message names
     the path and the cause; nothing partial is left looking complete (``dpokit.io.writing``)."""
+
+
+class Preempted(DpokitError):
+    """Training stopped on SIGTERM or SIGINT after the step in flight, with a complete checkpoint saved
+    (``dpokit.preempt``). The process exits with ``exit_code``, 128 + the signal's number (the code a shell
+    gives a process its signal ended): 143 for SIGTERM, 130 for SIGINT."""
+
+    def __init__(self, message: str, signum: int, checkpoint: str):
+        super().__init__(message)
+        self.signum, self.checkpoint = signum, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -61,8 +61,16 @@ from dpokit.logprobs import batch_logps
 from dpokit.losses import LISTWISE
 from dpokit.metrics import PairStats
 from dpokit.rewards import RewardFn
-from dpokit.rewards.judge import JudgeReward
-from dpokit.rollout import PromptItem, judge_reward, load_reward, prompt_items, reward_label, score, step_seed
+from dpokit.rollout import (
+    PromptItem,
+    judge_counts,
+    judge_reward,
+    load_reward,
+    prompt_items,
+    reward_label,
+    score,
+    step_seed,
+)
 from dpokit.rollout import sample as rollout_sample
 from dpokit.step import (
     Run,
@@ -246,8 +254,7 @@ def online_step(online: Online, step: int) -> dict[str, Any]:
         "online/sample_s": sample_s / dist.world, "online/score_s": score_s / dist.world,
         "online/generator_step": online.generator.synced_at,
         "online/response_length": lengths / n, "online/eos_fraction": finished / n,
-        **({"judge/malformed": int(dist.sum([float(online.reward.malformed)])[0])}
-           if isinstance(online.reward, JudgeReward) else {}),
+        **judge_counts(online.reward, dist),
     })
     return row
 

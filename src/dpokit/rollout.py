@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dpokit.data.batch import pad_sequences, padded_layout, to_device
+from dpokit.distributed import Dist
 from dpokit.errors import ConfigError
 from dpokit.evaluate.run import EvalPrompt, load_prompts
 from dpokit.generate import Sample, SamplingParams, generate
@@ -88,12 +89,22 @@ def reward_label(spec: str | None, reward: RewardFn) -> str:
 
 def score(reward: RewardFn, label: str, items: Sequence[PromptItem], texts: Sequence[str], seed: int) -> list[float]:
     """The reward of each response to its prompt; a reward model reads chat prompts as messages, anything else
-    as text. A judge draws its answer orders from ``seed`` and counts this call's malformed verdicts."""
+    as text. A judge draws its answer orders from ``seed`` and counts this call's malformed verdicts, failed
+    comparisons and retried requests (``judge_counts``)."""
     prompts = [it.prompt.prompt if getattr(reward, "accepts_messages", False) else it.prompt.text for it in items]
     if isinstance(reward, JudgeReward):
         reward.reseed(seed)
-        reward.malformed = 0
+        reward.reset_counts()
     return score_texts(reward, prompts, list(texts), label)
+
+
+def judge_counts(reward: RewardFn | None, dist: Dist) -> dict[str, int]:
+    """``judge/malformed``, ``judge/failures`` and ``judge/retries`` of the last ``score``, summed over every
+    rank; nothing for a reward that is no judge."""
+    if not isinstance(reward, JudgeReward):
+        return {}
+    counts = reward.counts()
+    return {name: int(total) for name, total in zip(counts, dist.sum([float(v) for v in counts.values()]))}
 
 
 # ---------------------------------------------------------------------------------------------- sampling

@@ -40,6 +40,7 @@ from dpokit.hardware import choose_attention, resolve_precision
 from dpokit.io import write_json
 from dpokit.losses import LISTWISE
 from dpokit.metrics import HealthMonitor, MetricsWriter, Progress
+from dpokit.preempt import stop_on_signals
 from dpokit.reference import build_reference
 from dpokit.resume import (
     check_resume_settings,
@@ -303,10 +304,12 @@ def _train(cfg: Config, dist: Dist, *, resume: bool, force: bool, task: Task) ->
 
 
 def loop(run: Run, step: Callable[[Run, int], dict[str, Any]], held_out: Callable[[], dict[str, Any]] | None,
-         export: Callable[[Run], None]) -> Path:
+         export: Callable[[Run], None], stop_every: int = 1) -> Path:
     """The loop every training command shares, from ``run.step`` on: ``step(run, n)`` gives step n's metrics
     row; ``held_out()`` (when given) the held-out metrics, logged at the start, every ``eval.every`` steps and
-    at the end; a checkpoint every ``train.save_every`` steps and at the end; then ``export(run)`` (final/)."""
+    at the end; a checkpoint every ``train.save_every`` steps and at the end; then ``export(run)`` (final/).
+    SIGTERM or SIGINT stops it with a checkpoint after the step in flight, or after the next multiple of
+    ``stop_every`` when checkpoints must fall on it (``dpokit.preempt``)."""
     cfg = run.cfg
     first, every, save_every = run.step, cfg.eval.every, cfg.train.save_every
     metrics = MetricsWriter(run.run_dir / "metrics.jsonl", enabled=run.dist.is_main)
@@ -319,29 +322,34 @@ def loop(run: Run, step: Callable[[Run, int], dict[str, Any]], held_out: Callabl
         metrics.write({"step": run.step, "split": "eval", "elapsed_s": time.perf_counter() - run.started,
                        **held_out()})
 
-    try:
-        if held_out and first == 0:
-            log_eval()
-        for n in range(first + 1, run.total_steps + 1):
-            row = step(run, n)
-            if n % cfg.train.log_every == 0 or n == run.total_steps:
-                metrics.write(row)
-            for code, message in health.check(row):
-                run.note(f"warning at step {n}: {message}")
-                metrics.write({"step": n, "split": "warning", "warning": code, "message": message})
-            progress.update(n, row)
-            if held_out and every and n % every == 0 and n != run.total_steps:
+    with stop_on_signals(run.dist, stop_every) as preemption:
+        try:
+            if held_out and first == 0:
                 log_eval()
-            if save_every and n % save_every == 0 and n != run.total_steps:
-                save(run)
-        if held_out and first < run.total_steps:
-            log_eval()
-    finally:
-        progress.close()
-        metrics.close()
-    if first < run.total_steps:
-        save(run)
-    export(run)
+            for n in range(first + 1, run.total_steps + 1):
+                row = step(run, n)
+                if n % cfg.train.log_every == 0 or n == run.total_steps:
+                    metrics.write(row)
+                for code, message in health.check(row):
+                    run.note(f"warning at step {n}: {message}")
+                    metrics.write({"step": n, "split": "warning", "warning": code, "message": message})
+                progress.update(n, row)
+                if held_out and every and n % every == 0 and n != run.total_steps:
+                    log_eval()
+                # SIGTERM / SIGINT: stop here, saved as save_every saves (after the last step the run just ends)
+                stop = preemption.requested(n) if n != run.total_steps else None
+                if stop or (save_every and n % save_every == 0 and n != run.total_steps):
+                    save(run)
+                if stop:
+                    raise preemption.stopped(stop, run.run_dir, n, run.total_steps)
+            if held_out and first < run.total_steps:
+                log_eval()
+        finally:
+            progress.close()
+            metrics.close()
+        if first < run.total_steps:
+            save(run)
+        export(run)
     return run.run_dir
 
 

@@ -264,7 +264,8 @@ def _samples(runs: list[RunData], max_samples: int) -> str:
         for s in rows[:max_samples]:
             outcome = s.get("judge")
             verdict = {"win": ("policy preferred", "win"), "loss": ("reference preferred", "loss"),
-                       "tie": ("tie", "tie"), "malformed": ("judge reply unreadable", "tie")}.get(outcome or "")
+                       "tie": ("tie", "tie"), "malformed": ("judge reply unreadable", "tie"),
+                       "failed": ("judge request failed", "tie")}.get(outcome or "")
             if verdict and baseline_is_chosen:
                 verdict = (verdict[0].replace("reference", "dataset's chosen"), verdict[1])
             judged = f"<span class='verdict {verdict[1]}'>{verdict[0]}</span>" if verdict else ""

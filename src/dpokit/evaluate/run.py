@@ -321,7 +321,8 @@ def _at_temperature(scorer: Scorer, prompts: Prompts, params: SamplingParams, re
         baseline_texts = prompts.chosen if baseline == "chosen" else [s.text for s in ref_set.samples]
         log(f"judging {len(prompts.ids)} pairs with {getattr(judge, 'name', 'judge')}")
         verdicts = judge.compare(prompts.texts, [s.text for s in pol.samples], baseline_texts)
-        entry.update(WinRate.from_outcomes(v.outcome for v in verdicts).to_dict())
+        entry.update(WinRate.from_outcomes(v.outcome for v in verdicts).to_dict(),
+                     judge_retries=sum(v.retries for v in verdicts))
     return entry, pol, ref_set, verdicts
 
 
@@ -426,6 +427,10 @@ def print_summary(result: dict[str, Any]) -> None:
         lo, hi = result.get("win_rate_ci") or (None, None)
         ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
         rows.append((f"win_rate vs {result['baseline']}", f"{num('win_rate', 3)}{ci}"))
+    counts = [sum(entry.get(key, 0) for entry in result.get("temperatures") or [])
+              for key in ("malformed", "failed", "judge_retries")]
+    if any(counts):  # what the win rate leaves out, and what it took, shown rather than dropped
+        rows.append(("judge: malformed / failed / retries", " / ".join(map(str, counts))))
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)

@@ -58,18 +58,21 @@ def wilson_interval(score: float, n: int, z: float = 1.96) -> tuple[float, float
 @dataclass
 class WinRate:
     """Outcomes of policy-vs-baseline comparisons. ``rate = (wins + ties / 2) / (wins + ties + losses)``;
-    malformed judge replies are counted but left out of the rate."""
+    malformed judge replies, and comparisons that got no reply after their retries (``failed``), are counted but
+    left out of the rate."""
 
     wins: int = 0
     ties: int = 0
     losses: int = 0
     malformed: int = 0
+    failed: int = 0
 
     @classmethod
     def from_outcomes(cls, outcomes: Iterable[str]) -> WinRate:
         result = cls()
         for outcome in outcomes:
-            name = {"win": "wins", "tie": "ties", "loss": "losses", "malformed": "malformed"}[outcome]
+            name = {"win": "wins", "tie": "ties", "loss": "losses", "malformed": "malformed",
+                    "failed": "failed"}[outcome]
             setattr(result, name, getattr(result, name) + 1)
         return result
 

@@ -46,9 +46,9 @@ from dpokit.models import load_models
 from dpokit.ppo.core import KLController, gae, policy_loss, token_rewards, value_loss, whiten
 from dpokit.resume import fingerprint, seed_everything
 from dpokit.rewards import RewardFn
-from dpokit.rewards.judge import JudgeReward
 from dpokit.rollout import (
     PromptItem,
+    judge_counts,
     judge_reward,
     load_reward,
     prompt_items,
@@ -261,8 +261,7 @@ def ppo_step(ppo: Ppo, step: int) -> dict[str, Any]:
         "tokens_per_second": tokens / seconds, "sample_s": timings[0] / dist.world,
         "score_s": timings[1] / dist.world, "train_s": train_s + timings[2] / dist.world,
         "skipped_steps": run.skipped,
-        **({"judge/malformed": int(dist.sum([float(ppo.reward.malformed)])[0])}
-           if isinstance(ppo.reward, JudgeReward) else {}),
+        **judge_counts(ppo.reward, dist),
     }
 
 
