@@ -351,4 +351,5 @@ def train_online(cfg: Config, dist: Dist, *, resume: bool, force: bool) -> Path:
                                   f"with --force to refresh the generator at step {run.step + 1}")
             run.note(f"the generator is refreshed at step {run.step + 1}, off its every-{s}-steps grid")
     held_out = (lambda: evaluate(online)) if run.eval_items else None
-    return loop(run, lambda _, n: online_step(online, n), held_out, export_final)
+    # A signal stops semi-online DPO at a generator refresh too: only there is a checkpoint exactly resumable.
+    return loop(run, lambda _, n: online_step(online, n), held_out, export_final, stop_every=cfg.online.sync_every)
