@@ -16,6 +16,7 @@ from dpokit.losses import (
     LISTWISE,
     LOSS_PARAMS,
     LOSSES,
+    cdpo_loss,
     compute_loss,
     plackett_luce_loss,
     sigmoid_loss,
@@ -131,6 +132,34 @@ def expected_unlikelihood(alpha: float = 1.0) -> list[float]:
     return [-pc / lc - alpha * math.log(1 - math.exp(pr / lr)) for pc, pr, lc, lr in zip(PC, PR, LC, LR)]
 
 
+def expected_exo_pair(eps: float = 1e-3) -> list[float]:
+    # KL(p || q), p = (sigmoid(z), sigmoid(-z)) over (y_w, y_l), q = (1 - eps, eps), z = beta * h.
+    out = []
+    for h in margins():
+        p_w, p_l = sigmoid(BETA * h), sigmoid(-BETA * h)
+        out.append(p_w * math.log(p_w / (1 - eps)) + p_l * math.log(p_l / eps))
+    return out
+
+
+def expected_sppo_hard() -> list[float]:
+    # (a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2 on summed log-ratios; 1/(2 beta) = 5.
+    return [(pc - rc - 5.0) ** 2 + (pr - rr + 5.0) ** 2 for pc, pr, rc, rr in zip(PC, PR, RC, RR)]
+
+
+def expected_discopop(tau: float = 0.05) -> list[float]:
+    out = []
+    for h in margins():
+        z = BETA * h
+        m = sigmoid(z / tau)
+        out.append((1 - m) * -log_sigmoid(z) + m * math.exp(-z))
+    return out
+
+
+def expected_sigmoid_norm() -> list[float]:
+    return [-log_sigmoid(BETA * ((pc - rc) / lc - (pr - rr) / lr))
+            for pc, pr, rc, rr, lc, lr in zip(PC, PR, RC, RR, LC, LR)]
+
+
 GOLDEN = {
     "sigmoid": expected_sigmoid,
     "cdpo": expected_cdpo,
@@ -143,6 +172,10 @@ GOLDEN = {
     "apo_zero": expected_apo_zero,
     "apo_down": expected_apo_down,
     "unlikelihood": expected_unlikelihood,
+    "exo_pair": expected_exo_pair,
+    "sppo_hard": expected_sppo_hard,
+    "discopop": expected_discopop,
+    "sigmoid_norm": expected_sigmoid_norm,
 }
 
 
@@ -176,6 +209,8 @@ def test_simpo_gamma_and_alpha_change_the_value() -> None:
     assert_close(call("rpo", alpha=0.3)[0], t(expected_rpo(alpha=0.3)))
     assert_close(call("cdpo", label_smoothing=0.3)[0], t(expected_cdpo(eps=0.3)))
     assert_close(call("robust", label_smoothing=0.3)[0], t(expected_robust(eps=0.3)))
+    assert_close(call("exo_pair", label_smoothing=0.2)[0], t(expected_exo_pair(eps=0.2)))
+    assert_close(call("discopop", discopop_tau=0.5)[0], t(expected_discopop(tau=0.5)))
 
 
 @pytest.mark.parametrize("name", PAIRWISE)
@@ -218,8 +253,9 @@ def test_reference_free_equals_sigmoid_with_zero_reference() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Gradient signs: raising the chosen log-prob lowers the loss, raising the rejected one raises it. The fixed batch
-# is where every loss is in its "still learning" region (hinge below the margin, ipo below its target, nca_pair
-# below r_w = ln 2), where these signs hold.
+# is where every loss is in its "still learning" region (hinge below the margin, ipo and sppo_hard below their
+# targets, nca_pair below r_w = ln 2, exo_pair below its optimum), where these signs hold. discopop is the
+# exception by design: its margin z = 0.05 lies on the bump where it rises (tested below).
 
 
 def grads(name: str, **params: Any) -> dict[str, torch.Tensor]:
@@ -229,12 +265,12 @@ def grads(name: str, **params: Any) -> dict[str, torch.Tensor]:
     return {k: v.grad for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("name", [n for n in PAIRWISE if n != "apo_down"])
+@pytest.mark.parametrize("name", [n for n in PAIRWISE if n not in ("apo_down", "discopop")])
 def test_raising_chosen_lowers_the_loss(name: str) -> None:
     assert (grads(name)["policy_chosen_logps"] < 0).all()
 
 
-@pytest.mark.parametrize("name", PAIRWISE)
+@pytest.mark.parametrize("name", [n for n in PAIRWISE if n != "discopop"])
 def test_raising_rejected_raises_the_loss(name: str) -> None:
     assert (grads(name)["policy_rejected_logps"] > 0).all()
 
@@ -306,10 +342,132 @@ def test_ipo_accepts_integer_lengths() -> None:
     assert_close(losses, t(expected_ipo()))
 
 
-@pytest.mark.parametrize("name", ["ipo", "simpo", "rpo"])
+@pytest.mark.parametrize("name", ["ipo", "simpo", "rpo", "sigmoid_norm"])
 def test_per_token_losses_require_lengths(name: str) -> None:
     with pytest.raises(ValueError, match="chosen_lengths"):
         LOSSES[name](**batch(), beta=BETA)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The TRL-named variants: exo_pair, sppo_hard, discopop, sigmoid_norm
+
+
+def one_pair(pc: list[float], pr: list[float], rc: list[float] | None = None, rr: list[float] | None = None,
+             grad: bool = False) -> list[torch.Tensor]:
+    zeros = [0.0] * len(pc)
+    pc_t = t(pc).requires_grad_(grad)
+    return [pc_t, t(pr), t(rc if rc is not None else zeros), t(rr if rr is not None else zeros)]
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.2])
+def test_exo_pair_and_cdpo_share_their_optimum(eps: float) -> None:
+    # EXO is KL(p || q) and cDPO is KL(q || p) + H(q) for p = sigmoid(z), q = 1 - eps: both are stationary at
+    # sigmoid(z*) = 1 - eps, z* = log((1 - eps) / eps), where EXO is 0 and cDPO is the entropy H(q).
+    # In float64 log sigmoid(z*) - log(1 - eps) cancels to a few ulps of |log eps| <= 7: atol 1e-12.
+    beta = 0.5
+    h_star = math.log((1 - eps) / eps) / beta
+    for fn, value in ((LOSSES["exo_pair"], 0.0),
+                      (cdpo_loss, -eps * math.log(eps) - (1 - eps) * math.log(1 - eps))):
+        pc, *rest = one_pair([h_star], [0.0], grad=True)
+        losses, _, _ = fn(pc, *rest, beta=beta, label_smoothing=eps)
+        losses.sum().backward()
+        assert_close(losses, t([value]), atol=1e-12, rtol=0)
+        assert abs(pc.grad.item()) < 1e-12
+
+
+def test_exo_pair_gradient_in_closed_form() -> None:
+    # dL/dz = p (1 - p) (z - z*) for L = KL(p || q), since d/dz log(p / (1 - p)) = 1; dL/dh = beta * that.
+    eps = 1e-3
+    z_star = math.log((1 - eps) / eps)
+    want = [BETA * sigmoid(BETA * h) * sigmoid(-BETA * h) * (BETA * h - z_star) for h in margins()]
+    assert_close(grads("exo_pair")["policy_chosen_logps"], t(want))
+
+
+def test_sppo_hard_is_half_ipo_plus_a_symmetry_term() -> None:
+    # (a_w - 1/(2b))^2 + (a_l + 1/(2b))^2 = 1/2 (a_w - a_l - 1/b)^2 + 1/2 (a_w + a_l)^2 (parallelogram law).
+    want = [0.5 * (h - 1 / BETA) ** 2 + 0.5 * (pc - rc + pr - rr) ** 2
+            for h, pc, pr, rc, rr in zip(margins(), PC, PR, RC, RR)]
+    assert_close(call("sppo_hard")[0], t(want))
+    # With a_l = -a_w the second term vanishes: sppo_hard at beta is half of ipo at beta / 2 on one-token
+    # responses, (h - 1/beta)^2 with h = 2 a_w.
+    a = [1.0, -2.0, 3.5]
+    sppo = LOSSES["sppo_hard"](*one_pair(a, [-x for x in a]), beta=BETA)[0]
+    ipo = LOSSES["ipo"](*one_pair(a, [-x for x in a]), beta=BETA / 2, chosen_lengths=t([1.0] * 3),
+                        rejected_lengths=t([1.0] * 3))[0]
+    assert_close(sppo, 0.5 * ipo)
+
+
+def test_sppo_hard_is_zero_at_its_targets_and_pulls_back_past_them() -> None:
+    # Targets a_w = 1/(2 beta) = 5, a_l = -5: loss exactly 0 (5.0 - 5.0 is exact). At a_w = 8 the chosen
+    # log-prob is pushed back down: dL/da_w = 2 (8 - 5) = 6.
+    losses, _, _ = LOSSES["sppo_hard"](*one_pair([5.0], [-5.0]), beta=BETA)
+    assert losses.item() == 0.0
+    pc, *rest = one_pair([8.0], [-5.0], grad=True)
+    LOSSES["sppo_hard"](pc, *rest, beta=BETA)[0].sum().backward()
+    assert_close(pc.grad, t([6.0]))
+
+
+@pytest.mark.parametrize("tau, slope_sign", [(0.05, 1), (0.2, -1)])
+def test_discopop_slope_at_zero_margin(tau: float, slope_sign: int) -> None:
+    # At z = 0: L = (ln 2 + 1) / 2 for any tau, and dL/dz = (1 - ln 2) / (4 tau) - 3/4 (the switch's slope
+    # 1 / (4 tau) times exp(0) - ln 2, minus the mean of the two components' slopes 1/2 and 1). It is positive
+    # below tau = (1 - ln 2) / 3 ~ 0.102: at the first step (pi = pi_ref, z = 0) DiscoPOP with the default tau
+    # pushes margins down. beta = 1, so dL/dh = dL/dz.
+    pc, *rest = one_pair([0.0], [0.0], grad=True)
+    losses, _, _ = LOSSES["discopop"](pc, *rest, beta=1.0, discopop_tau=tau)
+    losses.sum().backward()
+    assert_close(losses, t([(math.log(2) + 1) / 2]))
+    slope = (1 - math.log(2)) / (4 * tau) - 0.75
+    assert_close(pc.grad, t([slope]))
+    assert math.copysign(1, slope) == slope_sign
+
+
+def test_discopop_rises_only_on_its_bump() -> None:
+    # tau = 0.05: the loss rises with the margin on -0.119 < z < 0.072 and falls outside it.
+    pc, *rest = one_pair([-1.0, -0.5, -0.05, 0.05, 0.5, 3.0], [0.0] * 6, grad=True)
+    LOSSES["discopop"](pc, *rest, beta=1.0)[0].sum().backward()
+    assert pc.grad.sign().tolist() == [-1.0, -1.0, 1.0, 1.0, -1.0, -1.0]
+
+
+def test_discopop_limits_of_tau() -> None:
+    z = [BETA * h for h in margins()]
+    # tau -> infinity: the switch sits at 1/2 (off by z / (4 tau) ~ 5e-12), the plain average of the two terms.
+    average = [0.5 * -log_sigmoid(x) + 0.5 * math.exp(-x) for x in z]
+    assert_close(call("discopop", discopop_tau=1e10)[0], t(average), atol=1e-9, rtol=0)
+    # tau -> 0: a hard switch; every z here is > 0, so the exponential loss (sigmoid(z / 1e-4) = 1 - e^-1500).
+    assert_close(call("discopop", discopop_tau=1e-4)[0], t([math.exp(-x) for x in z]))
+
+
+def test_discopop_is_finite_far_from_zero_in_fp32() -> None:
+    # exp(-z) alone overflows fp32 at z < -88; the switch's weight is 0 there and the loss is the logistic one.
+    pc = torch.tensor([-2000.0, 2000.0], requires_grad=True)
+    losses, _, _ = LOSSES["discopop"](pc, torch.zeros(2), torch.zeros(2), torch.zeros(2), beta=0.1)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(pc.grad).all()
+    assert_close(losses, torch.tensor([200.0, 0.0]))
+
+
+def test_sigmoid_norm_with_equal_lengths_is_sigmoid_with_beta_over_length() -> None:
+    b = batch()
+    four = t([4.0, 4.0, 4.0])
+    norm = LOSSES["sigmoid_norm"](**b, beta=BETA, chosen_lengths=four, rejected_lengths=four)[0]
+    assert_close(norm, sigmoid_loss(**b, beta=BETA / 4)[0])
+
+
+def split(name: str, parts: list[slice]) -> torch.Tensor:
+    both = {**batch(), **lengths()}
+    return torch.cat([LOSSES[name](**{k: v[part] for k, v in both.items()}, beta=BETA, **PARAMS.get(name, {}))[0]
+                      for part in parts])
+
+
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_each_pairs_loss_depends_on_that_pair_alone(name: str) -> None:
+    # The step's gradient is the sum of these terms over its pairs divided by the step's pair count (end to end
+    # for sigmoid in test_train.py), so a loss whose term depends on its own pair alone trains batch 8 x
+    # accumulation 1 and batch 1 x accumulation 8 (or 2 ranks) alike. Batch of 3 against 2 + 1 and 1 + 1 + 1.
+    full = call(name)[0]
+    assert_close(split(name, [slice(0, 2), slice(2, 3)]), full)
+    assert_close(split(name, [slice(i, i + 1) for i in range(3)]), full)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,7 +536,7 @@ def loss_config(**fields: Any) -> Any:
     try:
         from dpokit.config import LossConfig
     except Exception:  # config.py may be mid-edit; a stand-in with the same attributes will do
-        keys = ("label_smoothing", "gamma", "alpha", "reference_free")
+        keys = ("label_smoothing", "gamma", "alpha", "reference_free", "discopop_tau")
         ns = SimpleNamespace(**{"name": "sigmoid", "beta": 0.1, "weights": None, **dict.fromkeys(keys), **fields})
         ns.params = lambda: {k: getattr(ns, k) for k in keys if getattr(ns, k) is not None}
         return ns
@@ -398,6 +556,10 @@ def loss_config(**fields: Any) -> Any:
         ({"name": "rpo", "alpha": 0.0}, "loss.alpha"),
         ({"weights": {"sigmoid": 1.0, "plackett_luce": 1.0}}, "loss.weights.plackett_luce"),
         ({"weights": {"sigmoid": 1.0, "nope": 1.0}}, "loss.weights.nope"),
+        ({"name": "exo_pair", "label_smoothing": 0.0}, "loss.label_smoothing"),
+        ({"name": "exo_pair", "label_smoothing": 0.5}, "loss.label_smoothing"),
+        ({"name": "discopop", "discopop_tau": 0.0}, "loss.discopop_tau"),
+        ({"name": "sigmoid", "discopop_tau": 0.05}, "loss.discopop_tau"),
     ],
 )
 def test_validate_loss_config_names_the_key(fields: dict[str, Any], key: str) -> None:
@@ -410,6 +572,8 @@ def test_validate_loss_config_error_texts() -> None:
         validate_loss_config(loss_config(name="cdpo", label_smoothing=0.5))
     with pytest.raises(ValueError, match="not used by loss ipo"):
         validate_loss_config(loss_config(name="ipo", label_smoothing=0.1))
+    with pytest.raises(ValueError, match=r"must be in \(0, 0.5\); eps = 0 makes log\(eps\) infinite"):
+        validate_loss_config(loss_config(name="exo_pair", label_smoothing=0.0))
 
 
 @pytest.mark.parametrize(
@@ -422,6 +586,8 @@ def test_validate_loss_config_error_texts() -> None:
         {"name": "rpo", "alpha": 0.5},
         {"name": "sigmoid", "reference_free": True},
         {"weights": {"sigmoid": 1.0, "rpo": 0.5}, "alpha": 2.0},
+        {"name": "exo_pair", "label_smoothing": 0.01},
+        {"name": "discopop", "discopop_tau": 1.0},
     ],
 )
 def test_validate_loss_config_accepts(fields: dict[str, Any]) -> None:

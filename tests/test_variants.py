@@ -45,6 +45,8 @@ def test_every_pairwise_variant_learns_the_training_pairs(tmp_path, name):
     assert len(history) == 25
     assert history[-1]["rewards/accuracies"] > 0.9, history[-1]
     assert history[-1]["loss"] < history[0]["loss"]
+    if name == "discopop":  # its slope at zero margin is positive for tau < 0.102: step 1 lowers the margins
+        assert history[1]["rewards/margins"] < 0 < history[-1]["rewards/margins"]
 
 
 def test_weighted_combination_of_losses(tmp_path):

@@ -101,19 +101,23 @@ class LossConfig(_Section):
     beta: float = Field(0.1, gt=0)
     """Strength of the KL penalty toward the reference (the paper's beta); reward = beta * log-ratio."""
     label_smoothing: float | None = None
-    """Assumed label-flip rate eps for ``cdpo`` and ``robust``, in [0, 0.5)."""
+    """Label smoothing eps: the assumed label-flip rate of ``cdpo`` and ``robust`` (required, in [0, 0.5)); the
+    mass the target of ``exo_pair`` gives the rejected response (in (0, 0.5), default 1e-3; 0 is refused, it
+    makes EXO's loss infinite)."""
     gamma: float | None = None
     """Target reward margin of ``simpo``."""
     alpha: float | None = None
     """Weight of the chosen-response NLL term of ``rpo``."""
     reference_free: bool | None = None
     """``sigmoid`` only: treat the reference log-probs as zero."""
+    discopop_tau: float | None = None
+    """Temperature tau of ``discopop``'s switch between its logistic and exponential terms (default 0.05)."""
     weights: dict[str, float] | None = None
     """Combine several losses, e.g. ``{sigmoid: 1.0, rpo: 0.5}``; replaces ``name``."""
 
     def params(self) -> dict[str, Any]:
         """The variant-specific parameters that were set (None means 'not given')."""
-        keys = ("label_smoothing", "gamma", "alpha", "reference_free")
+        keys = ("label_smoothing", "gamma", "alpha", "reference_free", "discopop_tau")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 

@@ -22,13 +22,17 @@ from dpokit.losses.pairwise import (
     apo_down_loss,
     apo_zero_loss,
     cdpo_loss,
+    discopop_loss,
+    exo_pair_loss,
     hinge_loss,
     ipo_loss,
     nca_pair_loss,
     robust_loss,
     rpo_loss,
     sigmoid_loss,
+    sigmoid_norm_loss,
     simpo_loss,
+    sppo_hard_loss,
     unlikelihood_loss,
 )
 from dpokit.losses.registry import (
@@ -43,5 +47,6 @@ from dpokit.losses.registry import (
 )
 
 __all__ = ["LISTWISE", "LOSSES", "LOSS_PARAMS", "LOSS_REQUIRED", "LossFn", "apo_down_loss", "apo_zero_loss",
-           "cdpo_loss", "compute_loss", "hinge_loss", "ipo_loss", "nca_pair_loss", "plackett_luce_loss", "register",
-           "robust_loss", "rpo_loss", "sigmoid_loss", "simpo_loss", "unlikelihood_loss", "validate_loss_config"]
+           "cdpo_loss", "compute_loss", "discopop_loss", "exo_pair_loss", "hinge_loss", "ipo_loss", "nca_pair_loss",
+           "plackett_luce_loss", "register", "robust_loss", "rpo_loss", "sigmoid_loss", "sigmoid_norm_loss",
+           "simpo_loss", "sppo_hard_loss", "unlikelihood_loss", "validate_loss_config"]

@@ -4,10 +4,19 @@ Shapes: every tensor (batch,); log-probs summed over response tokens; lengths ar
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from dpokit.losses.registry import check_bool, check_flip_rate, check_non_negative, check_positive, register
+from dpokit.losses.registry import (
+    check_bool,
+    check_flip_rate,
+    check_non_negative,
+    check_positive,
+    check_smoothed_flip_rate,
+    register,
+)
 
 
 def _rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
@@ -340,5 +349,142 @@ def unlikelihood_loss(
     # log(1 - e^a) = log(-expm1(a)), exact for a near 0 where 1 - e^a underflows; a < 0 always (a log-prob).
     unlikely = torch.log(-torch.expm1(rejected.clamp(max=-1e-6)))
     losses = -chosen - alpha * unlikely
+    return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
+            _rewards(policy_rejected_logps, ref_rejected_logps, beta))
+
+
+@register("exo_pair", {"label_smoothing": check_smoothed_flip_rate})
+def exo_pair_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    label_smoothing: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EXO for pairs (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment",
+    https://arxiv.org/abs/2402.00856), its objective with K = 2 responses per prompt: the *reverse* KL from
+    the policy's preference distribution p = (sigmoid(beta * h), sigmoid(-beta * h)) over (y_w, y_l) to the
+    label distribution q = (1 - eps, eps),
+
+        L = KL(p || q) = sigmoid(beta * h) * [log sigmoid(beta * h) - log(1 - eps)]
+                       + sigmoid(-beta * h) * [log sigmoid(-beta * h) - log eps],   h as in ``cdpo``.
+
+    DPO with label smoothing (``cdpo``) minimizes the forward KL(q || p) (plus q's entropy); EXO's reverse KL
+    is mode-seeking, which is the paper's argument for it. Both are minimized where sigmoid(beta * h) = 1 - eps,
+    where EXO is 0. eps (``label_smoothing``, default 1e-3, the value the EXO authors' pairwise setting uses)
+    must be > 0: with hard labels (eps = 0) q gives y_l no mass, log eps is -inf and the loss is infinite at
+    every finite margin, so eps = 0 is refused rather than silently replaced. Shapes: every input and output is
+    (batch,).
+    """
+    logits = beta * _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    log_p_w, log_p_l = F.logsigmoid(logits), F.logsigmoid(-logits)
+    losses = (log_p_w.exp() * (log_p_w - math.log(1 - label_smoothing))
+              + log_p_l.exp() * (log_p_l - math.log(label_smoothing)))
+    return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
+            _rewards(policy_rejected_logps, ref_rejected_logps, beta))
+
+
+@register("sppo_hard")
+def sppo_hard_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPPO with hard labels (Wu et al. 2024, "Self-Play Preference Optimization for Language Model
+    Alignment", https://arxiv.org/abs/2405.00675): the squared loss of the paper's Algorithm 1,
+    (log pi(y|x)/pi_ref(y|x) - eta * (P(y beats pi_ref | x) - 1/2))^2, with eta = 1/beta and the win
+    probability P set to 1 for y_w and 0 for y_l instead of estimated by a preference model:
+
+        L = (a_w - 1/(2 * beta))^2 + (a_l + 1/(2 * beta))^2,   a = log pi(y|x) - log pi_ref(y|x) (summed).
+
+    Each response's log-ratio is regressed onto its own target, +-1/(2 beta), rather than only their
+    difference: L = 1/2 * (h - 1/beta)^2 + 1/2 * (a_w + a_l)^2, i.e. half an IPO loss on summed log-probs
+    with target 1/beta plus a term holding the two log-ratios symmetric about 0. Past its target a log-ratio is
+    pulled back. Shapes: every input and output is (batch,).
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    losses = (chosen_logratios - 1 / (2 * beta)) ** 2 + (rejected_logratios + 1 / (2 * beta)) ** 2
+    return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
+            _rewards(policy_rejected_logps, ref_rejected_logps, beta))
+
+
+@register("discopop", {"discopop_tau": check_positive})
+def discopop_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    discopop_tau: float = 0.05,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DiscoPOP, the log-ratio modulated loss (LRML) found by LLM-driven search in Chris Lu et al. 2024,
+    "Discovering Preference Optimization Algorithms with and for Large Language Models"
+    (https://arxiv.org/abs/2406.08414): with z = beta * h (h as in ``cdpo``) and m = sigmoid(z / tau),
+
+        L = (1 - m) * -log sigmoid(z) + m * exp(-z),
+
+    a blend of DPO's logistic loss (pairs ranked wrongly, z << 0) and the exponential loss (pairs ranked
+    right, z >> 0), switched by the sign of z at a sharpness set by tau (``discopop_tau``, default 0.05, the
+    paper's). At z = 0 it is (ln 2 + 1) / 2 whatever tau; tau -> infinity gives the plain average of the two.
+
+    The blend is not monotone (the paper calls it non-convex): near z = 0 the weight moves onto the exponential
+    term, which is the larger one there, so raising the margin *raises* the loss. Its slope at z = 0 is
+    dL/dz = (1 - ln 2) / (4 tau) - 3/4, positive for tau < (1 - ln 2) / 3 ~ 0.102: at tau = 0.05 the loss rises
+    on -0.119 < z < 0.072 and has a local minimum at z ~ -0.119, a pair ranked the wrong way. Every pair starts
+    at z = 0 (pi = pi_ref), so the first step lowers every margin; whether training then leaves the bump depends
+    on the step size (the tiny test model with AdamW is past it by step 4, then learns as DPO does). A run whose
+    margins hover just below zero is this, not a bug. m * exp(-z) is computed as exp(log sigmoid(z / tau) - z),
+    finite where exp(-z) alone overflows. Shapes: every input and output is (batch,).
+    """
+    logits = beta * _margin(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    modulation = torch.sigmoid(logits / discopop_tau)
+    exponential = torch.exp(F.logsigmoid(logits / discopop_tau) - logits)
+    losses = (1 - modulation) * -F.logsigmoid(logits) + exponential
+    return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
+            _rewards(policy_rejected_logps, ref_rejected_logps, beta))
+
+
+@register("sigmoid_norm")
+def sigmoid_norm_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Length-normalized DPO: Eq. 7 of Rafailov et al. 2023 (https://arxiv.org/abs/2305.18290) on log-ratios
+    averaged per response token,
+
+        L = -log sigmoid(beta * [a_w / |y_w| - a_l / |y_l|]),   a = log pi(y|x) - log pi_ref(y|x) (summed),
+
+    the per-token margin of ``ipo`` inside DPO's logistic loss (the normalization SimPO, Meng et al. 2024,
+    https://arxiv.org/abs/2405.14734, argues for, here with the reference kept). Summed log-ratios let a long
+    response move the margin by more than a short one; averaging removes that length bias. When both responses
+    have n tokens it is ``sigmoid`` with beta / n. Rewards are reported on summed log-probs, as for ``ipo``.
+    Requires both lengths. Shapes: every input and output is (batch,).
+    """
+    h = _margin(
+        _per_token(policy_chosen_logps, chosen_lengths, "sigmoid_norm", "chosen"),
+        _per_token(policy_rejected_logps, rejected_lengths, "sigmoid_norm", "rejected"),
+        _per_token(ref_chosen_logps, chosen_lengths, "sigmoid_norm", "chosen"),
+        _per_token(ref_rejected_logps, rejected_lengths, "sigmoid_norm", "rejected"),
+    )
+    losses = -F.logsigmoid(beta * h)
     return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
             _rewards(policy_rejected_logps, ref_rejected_logps, beta))

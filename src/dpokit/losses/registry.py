@@ -49,6 +49,13 @@ def check_flip_rate(value: Any) -> str | None:
     return None if _is_number(value) and 0 <= value < 0.5 else "must be in [0, 0.5)"
 
 
+def check_smoothed_flip_rate(value: Any) -> str | None:
+    # exo_pair takes log(eps): eps = 0 makes the target distribution put no mass on y_l, and the reverse KL
+    # to it infinite at every finite margin.
+    ok = _is_number(value) and 0 < value < 0.5
+    return None if ok else "must be in (0, 0.5); eps = 0 makes log(eps) infinite"
+
+
 def check_non_negative(value: Any) -> str | None:
     return None if _is_number(value) and value >= 0 else "must be a number >= 0"
 
