@@ -12,11 +12,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from dpokit.errors import ConfigError
 from dpokit.losses import (
+    BATCHWISE,
     LISTWISE,
     LOSS_PARAMS,
     LOSSES,
+    advance_loss_state,
     cdpo_loss,
+    check_training_setup,
     compute_loss,
     plackett_luce_loss,
     sigmoid_loss,
@@ -141,9 +145,29 @@ def expected_exo_pair(eps: float = 1e-3) -> list[float]:
     return out
 
 
+def expected_bco_pair(delta: float = 0.0) -> list[float]:
+    rw, rl = dpo_rewards()
+    return [-log_sigmoid(w - delta) - log_sigmoid(-(lo - delta)) for w, lo in zip(rw, rl)]
+
+
 def expected_sppo_hard() -> list[float]:
     # (a_w - 1/(2 beta))^2 + (a_l + 1/(2 beta))^2 on summed log-ratios; 1/(2 beta) = 5.
     return [(pc - rc - 5.0) ** 2 + (pr - rr + 5.0) ** 2 for pc, pr, rc, rr in zip(PC, PR, RC, RR)]
+
+
+def expected_aot(eps: float = 0.0) -> list[float]:
+    # Both sorts put the pairs in the same order here (aot is then sigmoid, permuted); the hand test below
+    # takes a batch where they differ.
+    pi = sorted(pc - pr for pc, pr in zip(PC, PR))  # [-1.5, 2, 5]
+    ref = sorted(rc - rr for rc, rr in zip(RC, RR))  # [-2, 0.5, 3]
+    return [(1 - eps) * -log_sigmoid(BETA * (u - v)) + eps * -log_sigmoid(-BETA * (u - v)) for u, v in zip(pi, ref)]
+
+
+def expected_aot_unpaired(eps: float = 0.0) -> list[float]:
+    chosen = sorted(pc - rc for pc, rc in zip(PC, RC))  # [-0.5, 1, 1]
+    rejected = sorted(pr - rr for pr, rr in zip(PR, RR))  # [-1, -1, -0.5]
+    return [(1 - eps) * -log_sigmoid(BETA * (c - d)) + eps * -log_sigmoid(-BETA * (c - d))
+            for c, d in zip(chosen, rejected)]
 
 
 def expected_discopop(tau: float = 0.05) -> list[float]:
@@ -173,7 +197,10 @@ GOLDEN = {
     "apo_down": expected_apo_down,
     "unlikelihood": expected_unlikelihood,
     "exo_pair": expected_exo_pair,
+    "bco_pair": expected_bco_pair,
     "sppo_hard": expected_sppo_hard,
+    "aot": expected_aot,
+    "aot_unpaired": expected_aot_unpaired,
     "discopop": expected_discopop,
     "sigmoid_norm": expected_sigmoid_norm,
 }
@@ -210,7 +237,10 @@ def test_simpo_gamma_and_alpha_change_the_value() -> None:
     assert_close(call("cdpo", label_smoothing=0.3)[0], t(expected_cdpo(eps=0.3)))
     assert_close(call("robust", label_smoothing=0.3)[0], t(expected_robust(eps=0.3)))
     assert_close(call("exo_pair", label_smoothing=0.2)[0], t(expected_exo_pair(eps=0.2)))
+    assert_close(call("aot", label_smoothing=0.2)[0], t(expected_aot(eps=0.2)))
+    assert_close(call("aot_unpaired", label_smoothing=0.2)[0], t(expected_aot_unpaired(eps=0.2)))
     assert_close(call("discopop", discopop_tau=0.5)[0], t(expected_discopop(tau=0.5)))
+    assert_close(call("bco_pair", delta=0.07)[0], t(expected_bco_pair(delta=0.07)))
 
 
 @pytest.mark.parametrize("name", PAIRWISE)
@@ -349,7 +379,7 @@ def test_per_token_losses_require_lengths(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The TRL-named variants: exo_pair, sppo_hard, discopop, sigmoid_norm
+# The TRL-named variants: exo_pair, bco_pair, sppo_hard, discopop, sigmoid_norm, aot, aot_unpaired
 
 
 def one_pair(pc: list[float], pr: list[float], rc: list[float] | None = None, rr: list[float] | None = None,
@@ -381,6 +411,31 @@ def test_exo_pair_gradient_in_closed_form() -> None:
     z_star = math.log((1 - eps) / eps)
     want = [BETA * sigmoid(BETA * h) * sigmoid(-BETA * h) * (BETA * h - z_star) for h in margins()]
     assert_close(grads("exo_pair")["policy_chosen_logps"], t(want))
+
+
+def test_bco_pair_is_invariant_to_a_common_shift_of_rewards_and_delta() -> None:
+    # r_w - delta and r_l - delta are all the loss sees: shifting every reward and delta by c = 0.3 (the
+    # policy log-probs by c / beta = 3) changes nothing beyond float64 round-off.
+    b = batch()
+    shifted = LOSSES["bco_pair"](b["policy_chosen_logps"] + 3.0, b["policy_rejected_logps"] + 3.0,
+                                 b["ref_chosen_logps"], b["ref_rejected_logps"], beta=BETA, delta=0.3 + 0.07)
+    assert_close(shifted[0], call("bco_pair", delta=0.07)[0])
+
+
+def test_bco_pair_reward_shift_is_the_running_mean_of_rewards() -> None:
+    # Three steps by hand: mean (chosen + rejected) / 2 of 0.05 over 8 pairs, 0.1 over 8, 0.5 over 4;
+    # the mean over all 20 pairs is (0.05 * 8 + 0.1 * 8 + 0.5 * 4) / 20 = 0.16. Python floats: 1e-12 is loose.
+    cfg = loss_config(name="bco_pair", beta=BETA)
+    state: dict[str, Any] = {}
+    for chosen, rejected, pairs in ((0.2, -0.1, 8), (0.4, -0.2, 8), (1.0, 0.0, 4)):
+        state = advance_loss_state(cfg, state, chosen, rejected, pairs)
+    assert state["bco_pair"]["pairs"] == 20
+    assert state["bco_pair"]["reward_mean"] == pytest.approx(0.16, abs=1e-12)
+    # compute_loss feeds the state's mean as delta; without a state delta is 0 (the first step).
+    losses, _, _ = compute_loss(cfg, *batch().values(), *lengths().values(), state=state)
+    assert_close(losses, t(expected_bco_pair(delta=state["bco_pair"]["reward_mean"])))
+    assert_close(compute_loss(cfg, *batch().values())[0], t(expected_bco_pair()))
+    assert advance_loss_state(loss_config(name="sigmoid"), {}, 0.2, -0.1, 8) == {}
 
 
 def test_sppo_hard_is_half_ipo_plus_a_symmetry_term() -> None:
@@ -454,13 +509,43 @@ def test_sigmoid_norm_with_equal_lengths_is_sigmoid_with_beta_over_length() -> N
     assert_close(norm, sigmoid_loss(**b, beta=BETA / 4)[0])
 
 
+def test_aot_sorts_policy_and_reference_log_ratios_apart() -> None:
+    # Policy log-ratios [3, 1, 2] and reference [0, 2, 1]: sorted [1, 2, 3] against [0, 1, 2], so every quantile
+    # has u - v = 1 although the pairs' own margins are [3, -1, 1]. Every chosen log-prob sits in one quantile:
+    # dL/dpc = -beta * sigmoid(-beta) for each.
+    beta = 0.5
+    pc, *rest = one_pair([3.0, 1.0, 2.0], [0.0] * 3, [0.0, 2.0, 1.0], [0.0] * 3, grad=True)
+    losses, _, _ = LOSSES["aot"](pc, *rest, beta=beta)
+    losses.sum().backward()
+    assert_close(losses, t([-log_sigmoid(beta)] * 3))
+    assert_close(pc.grad, t([-beta * sigmoid(-beta)] * 3))
+    per_pair = LOSSES["sigmoid"](*one_pair([3.0, 1.0, 2.0], [0.0] * 3, [0.0, 2.0, 1.0], [0.0] * 3), beta=beta)[0]
+    assert abs(per_pair.sum().item() - losses.sum().item()) > 0.1
+
+
+def test_aot_unpaired_sorts_chosen_and_rejected_rewards_apart() -> None:
+    # Chosen log-ratios [0, 2, 1], rejected [1, -1, 0]: sorted [0, 1, 2] against [-1, 0, 1], c - d = 1 for every
+    # quantile; the pairs' own differences are [-1, 3, 1].
+    beta = 0.5
+    losses, _, _ = LOSSES["aot_unpaired"](*one_pair([0.0, 2.0, 1.0], [1.0, -1.0, 0.0]), beta=beta)
+    assert_close(losses, t([-log_sigmoid(beta)] * 3))
+
+
+@pytest.mark.parametrize("name", sorted(BATCHWISE))
+def test_batchwise_losses_of_one_pair_are_sigmoid_and_cdpo(name: str) -> None:
+    b = {k: v[:1] for k, v in batch().items()}
+    assert_close(LOSSES[name](**b, beta=BETA)[0], sigmoid_loss(**b, beta=BETA)[0])
+    assert_close(LOSSES[name](**b, beta=BETA, label_smoothing=0.2)[0],
+                 cdpo_loss(**b, beta=BETA, label_smoothing=0.2)[0])
+
+
 def split(name: str, parts: list[slice]) -> torch.Tensor:
     both = {**batch(), **lengths()}
     return torch.cat([LOSSES[name](**{k: v[part] for k, v in both.items()}, beta=BETA, **PARAMS.get(name, {}))[0]
                       for part in parts])
 
 
-@pytest.mark.parametrize("name", PAIRWISE)
+@pytest.mark.parametrize("name", [n for n in PAIRWISE if n not in BATCHWISE])
 def test_each_pairs_loss_depends_on_that_pair_alone(name: str) -> None:
     # The step's gradient is the sum of these terms over its pairs divided by the step's pair count (end to end
     # for sigmoid in test_train.py), so a loss whose term depends on its own pair alone trains batch 8 x
@@ -468,6 +553,54 @@ def test_each_pairs_loss_depends_on_that_pair_alone(name: str) -> None:
     full = call(name)[0]
     assert_close(split(name, [slice(0, 2), slice(2, 3)]), full)
     assert_close(split(name, [slice(i, i + 1) for i in range(3)]), full)
+
+
+@pytest.mark.parametrize("name", sorted(BATCHWISE))
+def test_batchwise_losses_change_when_the_batch_is_split(name: str) -> None:
+    # Why grad_accum > 1, pass_tokens and torchrun are refused for them. Policy log-ratios [2, 2, 1.5] against
+    # reference [-0.5, 2, 2]: whole, the quantile gaps are [2, 0, 0]; split 2 + 1, [2.5, 0] and [-0.5]. (For
+    # aot_unpaired, chosen [3, -1, 1] against rejected [0.5, -1, 1.5]: [0, 0.5, 1.5], then [0, 2.5] and [-0.5].)
+    logps = one_pair([3.0, 1.0, 2.0], [1.0, -1.0, 0.5], [0.0, 2.0, 1.0], [0.5, 0.0, -1.0])
+    whole = LOSSES[name](*logps, beta=0.5)[0].sum()
+    parts = sum(LOSSES[name](*[x[part] for x in logps], beta=0.5)[0].sum() for part in (slice(0, 2), slice(2, 3)))
+    gaps = {"aot": ([2.0, 0.0, 0.0], [2.5, 0.0, -0.5]), "aot_unpaired": ([0.0, 0.5, 1.5], [0.0, 2.5, -0.5])}[name]
+    want_whole, want_parts = (sum(-log_sigmoid(0.5 * g) for g in gs) for gs in gaps)
+    assert_close(whole, t([want_whole])[0])
+    assert_close(parts, t([want_parts])[0])
+    assert abs(want_whole - want_parts) > 0.05  # 0.072 and 0.115: far above float64 round-off
+
+
+@pytest.mark.parametrize(
+    "tree, key",
+    [
+        ({"loss": {"name": "aot"}, "train": {"grad_accum": 2}}, "train.grad_accum"),
+        ({"loss": {"name": "aot_unpaired"}, "train": {"pass_tokens": 256}}, "train.pass_tokens"),
+        ({"loss": {"weights": {"sigmoid": 1.0, "aot": 0.5}}, "train": {"grad_accum": 4}}, "train.grad_accum"),
+        ({"loss": {"name": "aot"}, "online": {"reward": "length"}}, "loss.name"),
+        ({"loss": {"name": "bco_pair"}, "online": {"reward": "length"}}, "loss.name"),
+    ],
+)
+def test_config_refuses_what_a_loss_cannot_train_under(tree: dict[str, Any], key: str) -> None:
+    from dpokit.config import load_config
+
+    with pytest.raises(ConfigError, match=re.escape(key) + ":"):
+        load_config(tree)
+    ok = load_config({"loss": {"name": "aot"}, "train": {"grad_accum": 1, "batch_size": 16}})
+    assert ok.loss.name == "aot"
+
+
+def test_setup_refuses_a_batchwise_loss_over_several_processes() -> None:
+    from dpokit.config import load_config
+    from dpokit.step import TASKS
+    from dpokit.train import setup
+
+    with pytest.raises(ConfigError, match=r"loss.name: loss aot sorts .* torchrun splits them over 2 processes"):
+        check_training_setup(loss_config(name="aot"), world=2)
+    cfg = load_config({"loss": {"name": "aot"}, "data": {"train": "pairs.jsonl"}})
+    # The check comes before anything is loaded, so a stand-in for the process group is enough.
+    with pytest.raises(ConfigError, match="torchrun splits"):
+        setup(cfg, SimpleNamespace(world=2, is_main=True), TASKS["dpo"])
+    check_training_setup(loss_config(name="bco_pair"), world=2)  # state is the same on every rank: allowed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -558,8 +691,11 @@ def loss_config(**fields: Any) -> Any:
         ({"weights": {"sigmoid": 1.0, "nope": 1.0}}, "loss.weights.nope"),
         ({"name": "exo_pair", "label_smoothing": 0.0}, "loss.label_smoothing"),
         ({"name": "exo_pair", "label_smoothing": 0.5}, "loss.label_smoothing"),
+        ({"name": "aot", "label_smoothing": 0.5}, "loss.label_smoothing"),
+        ({"name": "bco_pair", "label_smoothing": 0.1}, "loss.label_smoothing"),
         ({"name": "discopop", "discopop_tau": 0.0}, "loss.discopop_tau"),
         ({"name": "sigmoid", "discopop_tau": 0.05}, "loss.discopop_tau"),
+        ({"weights": {"sigmoid": 1.0, "bco_pair": 1.0}}, "loss.weights.bco_pair"),
     ],
 )
 def test_validate_loss_config_names_the_key(fields: dict[str, Any], key: str) -> None:
@@ -587,7 +723,10 @@ def test_validate_loss_config_error_texts() -> None:
         {"name": "sigmoid", "reference_free": True},
         {"weights": {"sigmoid": 1.0, "rpo": 0.5}, "alpha": 2.0},
         {"name": "exo_pair", "label_smoothing": 0.01},
+        {"name": "aot", "label_smoothing": 0.0},
+        {"name": "aot_unpaired", "label_smoothing": 0.1},
         {"name": "discopop", "discopop_tau": 1.0},
+        {"weights": {"bco_pair": 1.0, "sigmoid": 0.5}},
     ],
 )
 def test_validate_loss_config_accepts(fields: dict[str, Any]) -> None:

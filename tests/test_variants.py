@@ -1,4 +1,5 @@
-"""Every loss variant trains end to end; Plackett-Luce on ranked data; SFT on chosen responses."""
+"""Every loss variant trains end to end; bco_pair's state across accumulation and resume; Plackett-Luce on
+ranked data; SFT on chosen responses."""
 
 import json
 import subprocess
@@ -6,11 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import dpokit
+from dpokit.checkpoint import read_trainer_state
 from dpokit.losses import LISTWISE, LOSSES
 from dpokit.metrics import read_metrics
-from tolerances import assert_same_metrics
+from tolerances import METRIC_REL, assert_same_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1}, "simpo": {"beta": 2.0},
@@ -47,6 +51,41 @@ def test_every_pairwise_variant_learns_the_training_pairs(tmp_path, name):
     assert history[-1]["loss"] < history[0]["loss"]
     if name == "discopop":  # its slope at zero margin is positive for tau < 0.102: step 1 lowers the margins
         assert history[1]["rewards/margins"] < 0 < history[-1]["rewards/margins"]
+
+
+def bco_state(run_dir: Path, step: int) -> dict:
+    return read_trainer_state(run_dir / "checkpoints" / f"step-{step}")["task_state"]["loss"]["bco_pair"]
+
+
+@pytest.mark.equivalence
+def test_bco_pair_reward_shift_is_step_state_kept_in_checkpoints(tmp_path):
+    """delta is the running mean reward of the steps before: the same with batch 8 x 1 and 4 x 2, saved in
+    every checkpoint, and restored by --resume (3 + 3 steps give the weights of 6 straight, bit for bit)."""
+    data = write_pairs(tmp_path / "pairs.jsonl")
+
+    def run(name: str, steps: int, resume: bool = False, **train) -> Path:
+        cfg = config(data, name="bco_pair")
+        cfg["train"].update(max_steps=steps, **train)
+        return dpokit.train(cfg, run_dir=str(tmp_path / name), resume=resume)
+
+    straight = run("straight", 6)
+    state = bco_state(straight, 6)
+    assert state["pairs"] == 48
+    means = [(r["rewards/chosen"] + r["rewards/rejected"]) / 2 for r in rows(straight)]
+    # The running mean after step 6 is the mean of the steps' means (8 pairs each); the rows hold them to
+    # fp32 round-off of the reward sums (tolerances.METRIC_REL). Step 1 is exactly 0 (pi == pi_ref).
+    assert means[0] == 0.0
+    assert abs(state["reward_mean"] - sum(means) / 6) <= METRIC_REL * max(1.0, abs(state["reward_mean"]))
+    assert abs(state["reward_mean"]) > 1e-3  # delta moved, so restoring it matters below
+    accumulated = run("accumulated", 6, batch_size=4, grad_accum=2)
+    assert_same_metrics(rows(straight), rows(accumulated), ("loss", "grad_norm", "rewards/margins"))
+    assert abs(bco_state(accumulated, 6)["reward_mean"] - state["reward_mean"]) <= METRIC_REL
+    run("resumed", 3)
+    resumed = run("resumed", 6, resume=True)
+    assert bco_state(resumed, 3)["pairs"] == 24
+    assert bco_state(resumed, 6) == state
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_weighted_combination_of_losses(tmp_path):

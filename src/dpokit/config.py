@@ -101,9 +101,9 @@ class LossConfig(_Section):
     beta: float = Field(0.1, gt=0)
     """Strength of the KL penalty toward the reference (the paper's beta); reward = beta * log-ratio."""
     label_smoothing: float | None = None
-    """Label smoothing eps: the assumed label-flip rate of ``cdpo`` and ``robust`` (required, in [0, 0.5)); the
-    mass the target of ``exo_pair`` gives the rejected response (in (0, 0.5), default 1e-3; 0 is refused, it
-    makes EXO's loss infinite)."""
+    """Label smoothing eps: the assumed label-flip rate of ``cdpo`` and ``robust`` (required, in [0, 0.5)) and
+    of ``aot`` and ``aot_unpaired`` (in [0, 0.5), default 0); the mass the target of ``exo_pair`` gives the
+    rejected response (in (0, 0.5), default 1e-3; 0 is refused, it makes EXO's loss infinite)."""
     gamma: float | None = None
     """Target reward margin of ``simpo``."""
     alpha: float | None = None
@@ -330,9 +330,11 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _loss_is_known(self) -> Config:
-        from dpokit.losses import validate_loss_config
+        from dpokit.losses import check_training_setup, validate_loss_config
 
         validate_loss_config(self.loss)
+        check_training_setup(self.loss, grad_accum=self.train.grad_accum, pass_tokens=self.train.pass_tokens,
+                             world=1, online=bool(self.online.reward or self.online.judge_url))
         if self.reference.mode == "adapter" and self.model.lora is None:
             raise ValueError("reference.mode: 'adapter' needs model.lora (the reference is the policy with its "
                              "adapters disabled)")

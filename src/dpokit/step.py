@@ -40,7 +40,7 @@ from dpokit.data.batch import (
 )
 from dpokit.distributed import Dist, LogpsModule
 from dpokit.errors import DpokitError
-from dpokit.losses import LISTWISE, compute_loss, plackett_luce_loss
+from dpokit.losses import LISTWISE, advance_loss_state, compute_loss, plackett_luce_loss
 from dpokit.metrics import PairStats, RewardModelStats, SftStats
 from dpokit.models import Models, load_models
 from dpokit.reference import Reference
@@ -119,19 +119,21 @@ class Run:
     consecutive_skips: int = 0
     started: float = 0.0
     task_state: dict[str, Any] = field(default_factory=dict)
-    """JSON state of the training kind itself, saved in checkpoints and restored (PPO: the KL coefficient)."""
+    """JSON state of the training kind itself, saved in checkpoints and restored (PPO: the KL coefficient; DPO
+    with a loss that carries state, e.g. ``bco_pair``: ``{"loss": {name: state}}``)."""
 
 
 # ------------------------------------------------------------------------------------------------ the losses
 
 def pair_forward(model: nn.Module, reference: Reference, batch: dict[str, Any], items: list[Any],
-                 cfg: Config, autocast: Autocast) -> dict[str, torch.Tensor]:
+                 cfg: Config, autocast: Autocast,
+                 loss_state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Policy and reference log-probs of a batch of pairs (or rankings) and the per-group loss.
 
     ``model`` maps a batch to per-slot ``(logps, n_tokens)``: a ``dpokit.distributed.LogpsModule`` (DDP- or
-    FSDP-wrapped under torchrun). Pairs go through the configured pairwise loss; rankings
-    (``loss.name: plackett_luce``) through the listwise one, reporting the best response as "chosen" and the
-    worst as "rejected". Shapes: (G,) each.
+    FSDP-wrapped under torchrun). Pairs go through the configured pairwise loss (``loss_state``: the state of a
+    loss that carries one, ``Run.task_state["loss"]``); rankings (``loss.name: plackett_luce``) through the
+    listwise one, reporting the best response as "chosen" and the worst as "rejected". Shapes: (G,) each.
     """
     ref_logps = reference.logps(batch, items, autocast)  # (G, K)
     with autocast():
@@ -146,7 +148,7 @@ def pair_forward(model: nn.Module, reference: Reference, batch: dict[str, Any], 
                 "chosen_logps": policy_logps[:, 0], "rejected_logps": policy_logps[pick, worst]}
     losses, chosen_rewards, rejected_rewards = compute_loss(
         cfg.loss, policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], n_tokens[:, 0],
-        n_tokens[:, 1])
+        n_tokens[:, 1], state=loss_state)
     return {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
             "chosen_logps": policy_logps[:, 0], "rejected_logps": policy_logps[:, 1]}
 
@@ -164,7 +166,7 @@ def _collated(run: Run, items: list[Any]) -> dict[str, Any]:
 def preference_forward(run: Run, items: list[Any]) -> tuple[torch.Tensor, Record, dict[str, Any]]:
     """DPO or a variant: the configured preference loss, summed over the pass's pairs (or rankings)."""
     batch = _collated(run, items)
-    out = pair_forward(run.model, run.reference, batch, items, run.cfg, run.autocast)
+    out = pair_forward(run.model, run.reference, batch, items, run.cfg, run.autocast, run.task_state.get("loss"))
     return out["losses"].sum(), record_pairs(out, batch), batch
 
 
@@ -247,11 +249,22 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     stats, computed, real = backward_passes(run, step_passes(run, indices), run.task.normalizer(run, indices))
     means = stats.means()
     grad_norm, lr = apply_update(run, step, means["loss"])
+    if not run.consecutive_skips:  # an applied step: a loss's state (bco_pair's reward shift) takes it in
+        advance_task_loss_state(run, means, len(indices))
     run.step = step
     seconds = time.perf_counter() - started
     return {"step": step, "split": "train", "elapsed_s": time.perf_counter() - run.started, "tokens": stats.tokens,
             **means, "grad_norm": grad_norm, "lr": lr, "tokens_per_second": stats.tokens / seconds,
             "skipped_steps": run.skipped, "padding_fraction": 1.0 - real / max(computed, 1)}
+
+
+def advance_task_loss_state(run: Run, means: dict[str, float], pairs: int) -> None:
+    """Fold an applied step's mean rewards (over every pair of every rank, so the same on every rank) into the
+    state of a configured loss that carries one; ``run.task_state`` is untouched for the others."""
+    state = advance_loss_state(run.cfg.loss, run.task_state.get("loss", {}), means["rewards/chosen"],
+                               means["rewards/rejected"], pairs)
+    if state:
+        run.task_state["loss"] = state
 
 
 def backward_passes(run: Run, passes: Iterable[tuple[list[Any], int, bool]], normalizer: float) -> tuple[Any, int, int]:

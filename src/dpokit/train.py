@@ -38,7 +38,7 @@ from dpokit.distributed import setup as setup_distributed
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.hardware import choose_attention, resolve_precision
 from dpokit.io import write_json
-from dpokit.losses import LISTWISE
+from dpokit.losses import LISTWISE, check_training_setup
 from dpokit.metrics import HealthMonitor, MetricsWriter, Progress
 from dpokit.preempt import stop_on_signals
 from dpokit.reference import build_reference
@@ -177,6 +177,7 @@ def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False,
     (online DPO: prompts); a step then draws ``pairs_per_step`` of them."""
     if not cfg.data.train:
         raise ConfigError("data.train: required (a preference file or hub dataset id)")
+    check_training_setup(cfg.loss, world=dist.world)  # the config checked the rest; the processes are known now
     note = _note if dist.is_main else _quiet
     device = dist.device
     fit_layout(cfg, task, note)

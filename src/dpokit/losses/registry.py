@@ -1,12 +1,16 @@
-"""The loss registry: name -> function, each loss's parameters and how they are checked, and the two
-functions the rest of dpokit calls (``validate_loss_config`` for the config, ``compute_loss`` for a batch)."""
+"""The loss registry: name -> function, each loss's parameters and how they are checked, the state a loss
+carries between optimizer steps, and the functions the rest of dpokit calls (``validate_loss_config`` and
+``check_training_setup`` for the config, ``compute_loss`` for a batch, ``advance_loss_state`` after a step)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from dpokit.errors import ConfigError
 
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -22,14 +26,40 @@ LOSS_REQUIRED: dict[str, frozenset[str]] = {}
 LISTWISE: frozenset[str] = frozenset({"plackett_luce"})
 """Losses over (batch, K) rankings: they take other arguments and cannot go through ``compute_loss``."""
 
+BATCHWISE: frozenset[str] = frozenset({"aot", "aot_unpaired"})
+"""Losses whose value for one pair depends on the other pairs of the batch (they sort across it). Gradient
+accumulation, ``train.pass_tokens`` and torchrun would each split a step's pairs into batches sorted apart, a
+different objective from the whole step's, so ``check_training_setup`` refuses them for these losses."""
+
+
+@dataclass(frozen=True)
+class LossState:
+    """What a loss carries from one optimizer step to the next (``bco_pair``: the running mean reward).
+
+    The state is a JSON dict: it is saved in every checkpoint (``Run.task_state["loss"][name]``) and restored
+    on resume. ``inputs(state)`` gives the loss's extra keyword arguments for every pair of a step; after an
+    applied step, ``update(state, chosen_reward_mean, rejected_reward_mean, pairs)`` folds in the step's mean
+    rewards, which are sums over every pair of every rank, so each rank computes the same state."""
+
+    initial: Callable[[], dict[str, Any]]
+    inputs: Callable[[dict[str, Any]], dict[str, Any]]
+    update: Callable[[dict[str, Any], float, float, int], dict[str, Any]]
+
+
+LOSS_STATE: dict[str, LossState] = {}
+"""name -> its ``LossState``, for the losses that carry one."""
+
 
 def register(
-    name: str, params: dict[str, Callable[[Any], str | None]] | None = None, required: tuple[str, ...] = ()
+    name: str, params: dict[str, Callable[[Any], str | None]] | None = None, required: tuple[str, ...] = (),
+    state: LossState | None = None,
 ) -> Callable[[LossFn], LossFn]:
     def wrap(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
         LOSS_PARAMS[name] = params or {}
         LOSS_REQUIRED[name] = frozenset(required)
+        if state is not None:
+            LOSS_STATE[name] = state
         return fn
 
     return wrap
@@ -67,7 +97,7 @@ def check_positive(value: Any) -> str | None:
 def validate_loss_config(loss: Any) -> None:
     """Raise ValueError naming the key when the loss name is unknown or a parameter has no effect or is out of
     range. ``loss`` is a ``dpokit.config.LossConfig``."""
-    names = list(loss.weights) if loss.weights else [loss.name]
+    names = _names(loss)
     if loss.weights is not None:
         if not loss.weights:
             raise ValueError("loss.weights: give at least one loss")
@@ -82,6 +112,10 @@ def validate_loss_config(loss: Any) -> None:
             # A listwise loss takes (batch, K) rankings, not the pairs the other terms of a sum take.
             raise ValueError(f"loss.weights.{name}: the listwise loss '{name}' cannot be combined with others; "
                              f"use loss.name: {name} alone")
+        if loss.weights and name in LOSS_STATE and name != names[0]:
+            # Its state is updated from the step's reported rewards, which are the first loss's (simpo's differ).
+            raise ValueError(f"loss.weights.{name}: put {name} first; its state follows the rewards reported, "
+                             "which are the first loss's")
     given = loss.params()
     for name in names:
         missing = sorted(LOSS_REQUIRED[name] - set(given))
@@ -97,6 +131,54 @@ def validate_loss_config(loss: Any) -> None:
                 raise ValueError(f"loss.{param}: {problem}, got {value!r}")
 
 
+def _names(loss: Any) -> list[str]:
+    return list(loss.weights) if loss.weights else [loss.name]
+
+
+def check_training_setup(loss: Any, *, grad_accum: int = 1, pass_tokens: int = 0, world: int = 1,
+                         online: bool = False) -> None:
+    """Raise ConfigError (a ValueError) naming the setting that a configured loss cannot train under. The
+    config checks all but ``world``, which the training setup checks once the processes are known.
+
+    A ``BATCHWISE`` loss must see an optimizer step's pairs at once: sorted per micro-batch, per pass or per
+    rank, its quantiles would be those of each part, not of the step, and batch 8 x accumulation 1 would no
+    longer equal batch 4 x accumulation 2. Online DPO (``online``) does not carry a loss's state between its
+    steps, and trains its sampled pairs in micro-batches; both kinds are refused there."""
+    names = _names(loss)
+
+    def key(name: str) -> str:
+        return f"loss.weights.{name}" if loss.weights else "loss.name"
+
+    stateful = [n for n in names if n in LOSS_STATE]
+    if online and stateful:
+        raise ConfigError(f"{key(stateful[0])}: loss {stateful[0]} carries state between steps, which online DPO "
+                          "does not keep; use another loss")
+    batchwise = [n for n in names if n in BATCHWISE]
+    if not batchwise:
+        return
+    name = batchwise[0]
+    why = f"loss {name} sorts the pairs of a batch against each other and needs a step's pairs in one pass"
+    if grad_accum > 1:
+        raise ConfigError(f"train.grad_accum: {why}; set it to 1 and raise train.batch_size instead")
+    if pass_tokens:
+        raise ConfigError(f"train.pass_tokens: {why}; set it to 0")
+    if world > 1:
+        raise ConfigError(f"{key(name)}: {why}, but torchrun splits them over {world} processes; run one process")
+    if online:
+        raise ConfigError(f"{key(name)}: {why}; online DPO trains its sampled pairs in micro-batches, use another "
+                          "loss")
+
+
+def advance_loss_state(loss: Any, state: dict[str, Any], chosen_reward_mean: float, rejected_reward_mean: float,
+                       pairs: int) -> dict[str, Any]:
+    """The states of the configured losses that carry one (``LOSS_STATE``), after an applied optimizer step of
+    ``pairs`` pairs with these mean rewards (over every pair of every rank). ``state``: name -> state, as kept in
+    ``Run.task_state["loss"]``; empty when no configured loss carries state."""
+    return {name: LOSS_STATE[name].update(state.get(name) or LOSS_STATE[name].initial(), chosen_reward_mean,
+                                          rejected_reward_mean, pairs)
+            for name in _names(loss) if name in LOSS_STATE}
+
+
 def compute_loss(
     loss: Any,
     policy_chosen_logps: torch.Tensor,
@@ -105,12 +187,14 @@ def compute_loss(
     ref_rejected_logps: torch.Tensor,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    state: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Apply the configured loss (or weighted sum of losses) of a ``LossConfig`` to a batch of pairs.
 
     Rewards reported are those of the first loss. Lengths are passed through; losses that average per token
-    (``ipo``, ``simpo``, ``rpo``) raise ValueError without them. Listwise losses raise ValueError.
-    Shapes: (batch,) in and out.
+    (``ipo``, ``simpo``, ``rpo``, ``sigmoid_norm``) raise ValueError without them. ``state`` (name -> state, see
+    ``advance_loss_state``) feeds the losses that carry one; a missing entry is the initial state. Listwise
+    losses raise ValueError. Shapes: (batch,) in and out.
     """
     weights = loss.weights or {loss.name: 1.0}
     for name in weights:
@@ -122,6 +206,8 @@ def compute_loss(
     rewards: tuple[torch.Tensor, torch.Tensor] | None = None
     for name, weight in weights.items():
         own = {k: v for k, v in params.items() if k in LOSS_PARAMS[name]}
+        if name in LOSS_STATE:
+            own.update(LOSS_STATE[name].inputs((state or {}).get(name) or LOSS_STATE[name].initial()))
         losses, chosen_rewards, rejected_rewards = LOSSES[name](
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
             beta=loss.beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **own)
