@@ -52,7 +52,8 @@ def start(command: list[str], log: Path, **kwargs) -> subprocess.Popen:
     """``dpokit ...`` as printed by dpokit (or any command), its stderr into ``log``."""
     if command[0] == "dpokit":
         command = [sys.executable, "-m", "dpokit", *command[1:]]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"), **kwargs)
+    with log.open("w") as err:  # the child holds its own copy of the file
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, **kwargs)
 
 
 def wait_for(proc: subprocess.Popen, ready, deadline: float = 120) -> None:
