@@ -676,3 +676,63 @@ def test_precision_auto_resolves_and_bf16_samples_under_autocast_while_rewards_s
     assert sorted(e["side"] for e in events if e["type"] == "final") == ["policy", "reference"]
     # Decoding ran under bf16 autocast; the implicit rewards were scored without it (what `dpokit score` does).
     assert seen[0] is True and seen[-1] is False
+
+
+class StubPlayground:
+    """Enough of a Playground for the web layer's own checks (no model)."""
+
+    limits = __import__("dpokit.serve.engine", fromlist=["Limits"]).Limits()
+
+    def info(self):
+        return {"stub": True}
+
+
+def test_token_is_required_by_header_query_or_cookie_and_bad_tokens_are_refused():
+    from dpokit.serve.app import check_token
+
+    token = "s3cret-token-0123456789"
+    with start_in_thread(create_app(StubPlayground(), local_only=False, token=token)) as running:
+        host, port = re.match(r"http://([^:/]+):(\d+)/", running.url).groups()
+
+        def get(path, headers=None):
+            conn = http.client.HTTPConnection(host, int(port), timeout=30)
+            conn.request("GET", path, headers=headers or {})
+            response = conn.getresponse()
+            body = response.read()
+            conn.close()
+            return response, body
+
+        for path, headers in (("/api/info", {}), ("/api/info?token=wrong", {}),
+                              ("/api/info", {"Authorization": "Bearer " + token[:-1]}),
+                              ("/api/info", {"X-Dpokit-Token": token + "x"})):
+            response, body = get(path, headers)
+            assert response.status == 401 and "access token" in json.loads(body)["error"]
+        for path, headers in (("/api/info?token=" + token, {}), ("/api/info", {"Authorization": f"Bearer {token}"}),
+                              ("/api/info", {"X-Dpokit-Token": token}),
+                              ("/api/info", {"Cookie": f"dpokit_token={token}"})):
+            response, body = get(path, headers)
+            assert response.status == 200 and json.loads(body) == {"stub": True}
+        response, _ = get("/?token=" + token)  # the page keeps the token for its own requests
+        assert response.status == 200 and "SameSite=Strict" in response.getheader("Set-Cookie")
+    with pytest.raises(DpokitError, match="--token: use at least 16"):
+        check_token("short")
+
+
+def test_serve_beyond_loopback_makes_up_a_token_and_prints_it(monkeypatch):
+    from dpokit.serve import app as app_module
+
+    seen = {}
+    monkeypatch.setattr("dpokit.serve.engine.check_run_dir", lambda run_dir: None)
+    monkeypatch.setattr("dpokit.serve.engine.load_playground", lambda *a, **k: StubPlayground())
+
+    def fake_create_app(playground, local_only, token):
+        seen.update(local_only=local_only, token=token)
+        raise KeyboardInterrupt  # stop before serving
+
+    monkeypatch.setattr(app_module, "create_app", fake_create_app)
+    with pytest.raises(KeyboardInterrupt):
+        app_module.serve("RUN", host="0.0.0.0", port=0, log=lambda line: None)
+    assert seen["local_only"] is False and len(seen["token"]) >= 16
+    with pytest.raises(KeyboardInterrupt):
+        app_module.serve("RUN", host="127.0.0.1", port=0, log=lambda line: None)
+    assert seen == {"local_only": True, "token": None}

@@ -85,10 +85,10 @@ def resume_command(args: argparse.Namespace) -> str:
 
 def print_before_after(run_dir: Path) -> None:
     """The held-out metrics at step 0 and at the end, when the run evaluated."""
-    from rich.console import Console
     from rich.table import Table
 
     from dpokit.metrics import read_metrics
+    from dpokit.terminal import console
 
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "eval"]
     if len(rows) < 2:
@@ -101,7 +101,7 @@ def print_before_after(run_dir: Path) -> None:
     for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "reward", "kl"):
         if name in before and name in after:  # online DPO evaluates its samples: reward and kl
             table.add_row(name, f"{before[name]:.4f}", f"{after[name]:.4f}")
-    Console().print(table)
+    console().print(table)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -136,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dpokit.serve import serve
 
     serve(args.run_dir, ref=args.ref, host=args.host, port=args.port, reward=args.reward, precision=args.precision,
-          max_queue=args.max_queue)
+          max_queue=args.max_queue, token=args.token or os.environ.get("DPOKIT_SERVE_TOKEN") or None)
     return 0
 
 
@@ -252,6 +252,9 @@ def _add_serve(sub: Any) -> None:
     serve.add_argument("--max-queue", type=int, default=MAX_QUEUE,
                        help=f"requests waiting behind the running one; more get 503 with Retry-After "
                             f"(default {MAX_QUEUE})")
+    serve.add_argument("--token", help="access token every request must carry (?token=, 'Authorization: Bearer' "
+                                       "or X-Dpokit-Token); default: $DPOKIT_SERVE_TOKEN, else one made up and "
+                                       "printed when --host is not loopback, none on loopback")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -276,7 +279,10 @@ def _add_recipe(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dpokit import __version__
+
     parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
+    parser.add_argument("--version", action="version", version=f"dpokit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_data, _add_training, _add_score, _add_eval, _add_report, _add_serve, _add_env, _add_recipe):
         add(sub)

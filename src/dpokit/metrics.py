@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from dpokit.io import read_jsonl, writing
+from dpokit.terminal import console, is_interactive
 
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected")
@@ -157,7 +158,7 @@ class Progress:
     def __init__(self, total: int, start: int = 0, enabled: bool = True, label: str = "train",
                  say: Callable[[str], None] | None = None):
         self.total, self.done, self.label = total, start, label
-        self.interactive = enabled and sys.stderr.isatty()
+        self.interactive = enabled and is_interactive(sys.stderr)
         self.enabled = enabled
         self._say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         # Tenths of the total already reported: whole numbers, so 3 x 10% is 30% (adding 0.1 thrice is not).
@@ -175,7 +176,7 @@ class Progress:
 
             self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     transient=False)
+                                     transient=False, console=console(stderr=True))
             self._task = self._bar.add_task(label, total=total, completed=start, info="")
             self._bar.start()
 

@@ -17,6 +17,7 @@ from dpokit.config import DataConfig
 from dpokit.data.formats import DROP_REASONS, MALFORMED_REASONS
 from dpokit.data.pipeline import DataReport, iter_tokenized
 from dpokit.errors import ConfigError
+from dpokit.terminal import console as make_console
 
 
 def run_check(source: str, model: str = "smollm2", max_length: int = 512, max_prompt_length: int = 256,
@@ -44,7 +45,7 @@ def run_check(source: str, model: str = "smollm2", max_length: int = 512, max_pr
     report = DataReport(source=source)
     for _ in iter_tokenized(source, tokenizer, data_cfg, report, want="any"):
         pass  # only the report is wanted: each row is forgotten as soon as it is counted
-    print_report(report, model, data_cfg, console or Console())
+    print_report(report, model, data_cfg, console or make_console())
     return 0 if report.rows_kept > 0 else 1
 
 

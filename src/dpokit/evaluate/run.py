@@ -409,8 +409,9 @@ def parse_temperatures(text: str) -> list[float]:
 
 def print_summary(result: dict[str, Any]) -> None:
     """The headline numbers of an ``eval.json`` as a small table on stdout."""
-    from rich.console import Console
     from rich.table import Table
+
+    from dpokit.terminal import console
 
     def num(key: str, digits: int = 4) -> str:
         value = result.get(key)
@@ -433,4 +434,4 @@ def print_summary(result: dict[str, Any]) -> None:
         rows.append(("judge: malformed / failed / retries", " / ".join(map(str, counts))))
     for name, value in rows:
         table.add_row(name, value)
-    Console().print(table)
+    console().print(table)

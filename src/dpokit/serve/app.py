@@ -9,6 +9,9 @@ Routes (nothing else; no route takes a path, so no request can name a file):
 
 Listening on a loopback address, requests whose ``Host`` is not 127.0.0.1 / localhost are refused (a page on
 another site that points its domain at 127.0.0.1, DNS rebinding, could otherwise use the server as its own).
+Listening beyond loopback, every request must carry the access token (``dpokit serve --token``, or one made up
+at start and printed with the URL): ``?token=...`` in the URL (the page then keeps it in a same-site cookie), an
+``Authorization: Bearer ...`` or an ``X-Dpokit-Token`` header. Tokens are compared in constant time.
 
 Streaming: the request handler checks the request (``Playground.prepare``) and queues a job on the one
 ``Worker`` thread; the worker's events cross into the event loop with ``call_soon_threadsafe`` onto an asyncio
@@ -22,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import ipaddress
 import json
 import re
+import secrets
 import socket
 import sys
 import threading
@@ -113,9 +118,70 @@ class LocalHostOnly:
         await self.app(scope, receive, send)
 
 
-def create_app(playground: Playground, local_only: bool = True) -> Starlette:
+TOKEN_COOKIE = "dpokit_token"
+MIN_TOKEN_CHARS = 16
+
+
+def check_token(token: str) -> str:
+    """A usable access token, or one line saying why not (a short one is guessable over the network)."""
+    if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
+        raise DpokitError(f"--token: use at least {MIN_TOKEN_CHARS} printable ASCII characters without spaces "
+                          "(or leave it out: dpokit serve makes one up and prints it)")
+    return token
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class TokenRequired:
+    """Answer only requests that carry the access token: in the query (``?token=``), a bearer
+    ``Authorization`` header, an ``X-Dpokit-Token`` header, or the cookie the page got with its first load. The
+    comparison takes the same time whatever the guess (``hmac.compare_digest``)."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.token = token.encode("ascii")
+
+    def offered(self, scope: Any) -> list[str]:
+        request = Request(scope)
+        auth = request.headers.get("authorization", "")
+        return [request.query_params.get("token", ""), request.headers.get("x-dpokit-token", ""),
+                auth[7:] if auth[:7].lower() == "bearer " else "", request.cookies.get(TOKEN_COOKIE, "")]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        offered = self.offered(scope)
+        # Every candidate is compared (no early exit), so the time taken says nothing about which one matched.
+        ok = False
+        for candidate in offered:
+            ok |= hmac.compare_digest(candidate.encode("utf-8", "surrogateescape"), self.token)
+        if not ok:
+            answer = error("this server needs its access token: open the URL dpokit serve printed (?token=...) "
+                           "or send the header 'Authorization: Bearer TOKEN'", 401,
+                           {"WWW-Authenticate": 'Bearer realm="dpokit serve"'})
+            await answer(scope, receive, send)
+            return
+        if not offered[0]:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_cookie(message: Any) -> None:
+            # The page's own requests carry no query: a strict same-site cookie carries the token for them.
+            if message["type"] == "http.response.start":
+                cookie = (f"{TOKEN_COOKIE}={self.token.decode()}; Path=/; HttpOnly; SameSite=Strict").encode()
+                message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)
+
+
+def create_app(playground: Playground, local_only: bool = True, token: str | None = None) -> Starlette:
     """The app. Its worker thread starts here; ``app.state.worker.close()`` stops it. ``local_only``: refuse
-    requests not addressed to 127.0.0.1 / localhost (right when listening on a loopback address)."""
+    requests not addressed to 127.0.0.1 / localhost (right when listening on a loopback address). ``token``:
+    refuse requests that do not carry it (``TokenRequired``)."""
     page, policy = page_and_policy()
     worker = Worker(playground.limits.max_queue)
     limit = playground.limits.max_body_bytes
@@ -160,7 +226,8 @@ def create_app(playground: Playground, local_only: bool = True) -> Starlette:
 
     app = Starlette(routes=[Route("/", index, methods=["GET"]), Route("/api/info", info, methods=["GET"]),
                             Route("/api/generate", generate, methods=["POST"])],
-                    middleware=[Middleware(LocalHostOnly)] if local_only else [],
+                    middleware=([Middleware(LocalHostOnly)] if local_only else [])
+                    + ([Middleware(TokenRequired, token=token)] if token else []),
                     exception_handlers={HTTPException: http_error, Exception: internal_error})
     app.router.redirect_slashes = False  # "/api/generate/" is no route: a 404, not a redirect to one
     app.state.worker = worker
@@ -306,14 +373,19 @@ def start_in_thread(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> R
 
 def serve(run_dir: str, ref: str | None = None, host: str = "127.0.0.1", port: int = 7860,
           reward: str | None = None, precision: str = "auto", max_queue: int = MAX_QUEUE,
-          log: Any = print) -> None:
-    """``dpokit serve``: load the run, listen, and serve until interrupted (Ctrl+C)."""
+          token: str | None = None, log: Any = print) -> None:
+    """``dpokit serve``: load the run, listen, and serve until interrupted (Ctrl+C). Beyond loopback every
+    request needs ``token`` (made up here when not given); on loopback only when one is given."""
     from dpokit.rewards import get_reward
     from dpokit.serve.engine import Limits, check_run_dir, load_playground
 
     if max_queue < 0:
         raise DpokitError(f"--max-queue: must be 0 or more, got {max_queue}")
     check_run_dir(run_dir)
+    if token is not None:
+        check_token(token)
+    elif not is_loopback(host):
+        token = new_token()
     if reward is not None:
         get_reward(reward)
     sock = bind(host, port)  # a taken port is reported before minutes of model loading
@@ -321,10 +393,11 @@ def serve(run_dir: str, ref: str | None = None, host: str = "127.0.0.1", port: i
         log(f"loading {run_dir} ...")
         playground = load_playground(run_dir, ref=ref, reward=reward, precision=precision,
                                      limits=Limits(max_queue=max_queue), note=log)
-        app = create_app(playground, local_only=is_loopback(host))
+        app = create_app(playground, local_only=is_loopback(host), token=token)
         if not is_loopback(host):
-            log(f"warning: listening on {host}: anyone who can reach this machine can use the models")
-        log(f"dpokit serve: {url_of(sock)}  (beta={playground.scorer.beta:g}, reference: "
+            log(f"note: listening on {host}: only requests carrying the access token are answered")
+        url = url_of(sock) + (f"?token={token}" if token else "")
+        log(f"dpokit serve: {url}  (beta={playground.scorer.beta:g}, reference: "
             f"{playground.reference_name}; Ctrl+C stops)")
         try:
             uvicorn_server(app).run(sockets=[sock])

@@ -56,8 +56,9 @@ def summarize(cfg: SentimentConfig, results: dict[str, dict[str, Any]], labels: 
 
 def print_table(summary: dict[str, Any]) -> None:
     """The before/after table: pi_ref and every run on the held-out prompts."""
-    from rich.console import Console
     from rich.table import Table
+
+    from dpokit.terminal import console as make_console
 
     table = Table(title=f"controlled sentiment: {summary['n_heldout']} held-out prompts, temperature 1.0")
     for column, justify in (("model", "left"), ("reward (VADER)", "right"), ("KL(π‖π_ref)", "right"),
@@ -66,7 +67,7 @@ def print_table(summary: dict[str, Any]) -> None:
     table.add_row("π_ref (before)", _num(summary["reward_ref"]), "0", "—")
     for name, run in summary["runs"].items():
         table.add_row(run["label"] + (" (after)" if name == summary["headline_run"] else ""), *_cells(name, run))
-    console = Console()
+    console = make_console()
     console.print(table)
     gain = summary.get("reward_gain")
     if gain is not None:
