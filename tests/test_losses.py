@@ -45,7 +45,8 @@ BETA = 0.1
 
 PAIRWISE = sorted(set(LOSSES) - LISTWISE)
 # The smallest set of parameters each loss needs to run.
-PARAMS: dict[str, dict[str, Any]] = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1}}
+PARAMS: dict[str, dict[str, Any]] = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1},
+                                     "f_dpo": {"f_divergence": "js_divergence"}}
 
 
 def t(values: list[float]) -> torch.Tensor:
@@ -184,6 +185,22 @@ def expected_sigmoid_norm() -> list[float]:
             for pc, pr, rc, rr, lc, lr in zip(PC, PR, RC, RR, LC, LR)]
 
 
+def expected_f_dpo(divergence: str = "js_divergence", alpha: float = 1.0) -> list[float]:
+    # -log sigmoid(beta * [f'(u_w) - f'(u_l)]), u = exp(a), a = log pi - log pi_ref; a_w = [1, -0.5, 1],
+    # a_l = [-0.5, -1, -1] here.
+    derivative = {
+        "reverse_kl": lambda u: math.log(u) + 1,
+        "forward_kl": lambda u: -1 / u,
+        "js_divergence": lambda u: math.log(2 * u / (1 + u)),
+        "alpha_divergence": lambda u: (1 - u ** -alpha) / alpha,
+    }[divergence]
+    out = []
+    for pc, pr, rc, rr in zip(PC, PR, RC, RR):
+        u_w, u_l = math.exp(pc - rc), math.exp(pr - rr)
+        out.append(-log_sigmoid(BETA * (derivative(u_w) - derivative(u_l))))
+    return out
+
+
 GOLDEN = {
     "sigmoid": expected_sigmoid,
     "cdpo": expected_cdpo,
@@ -203,6 +220,7 @@ GOLDEN = {
     "aot_unpaired": expected_aot_unpaired,
     "discopop": expected_discopop,
     "sigmoid_norm": expected_sigmoid_norm,
+    "f_dpo": expected_f_dpo,
 }
 
 
@@ -502,6 +520,45 @@ def test_discopop_is_finite_far_from_zero_in_fp32() -> None:
     assert_close(losses, torch.tensor([200.0, 0.0]))
 
 
+@pytest.mark.parametrize("divergence, alpha", [("reverse_kl", 1.0), ("forward_kl", 1.0), ("js_divergence", 1.0),
+                                               ("alpha_divergence", 0.3), ("alpha_divergence", 2.5)])
+def test_f_dpo_golden_values_and_gradient_signs(divergence: str, alpha: float) -> None:
+    params = {"f_divergence": divergence, "f_alpha_divergence_coef": alpha}
+    assert_close(call("f_dpo", **params)[0], t(expected_f_dpo(divergence, alpha)))
+    g = grads("f_dpo", **params)  # f is convex, so f' increases: y_w pulled up, y_l pushed down
+    assert (g["policy_chosen_logps"] < 0).all() and (g["policy_rejected_logps"] > 0).all()
+
+
+def test_f_dpo_reverse_kl_is_sigmoid_exactly() -> None:
+    for got, want in zip(call("f_dpo", f_divergence="reverse_kl"), call("sigmoid")):
+        assert torch.equal(got, want)
+
+
+def test_f_dpo_alpha_divergence_limits() -> None:
+    # alpha = 1 is forward KL, exactly; alpha -> 0 tends to reverse KL (DPO): (1 - u^-alpha) / alpha -> log u,
+    # off by O(alpha * a^2), a <= 1 here.
+    forward = call("f_dpo", f_divergence="forward_kl")[0]
+    assert torch.equal(call("f_dpo", f_divergence="alpha_divergence")[0], forward)
+    assert torch.equal(call("f_dpo", f_divergence="alpha_divergence", f_alpha_divergence_coef=1.0)[0], forward)
+    assert_close(call("f_dpo", f_divergence="alpha_divergence", f_alpha_divergence_coef=1e-7)[0],
+                 call("sigmoid")[0], rtol=1e-6, atol=1e-6)
+
+
+def test_f_dpo_js_at_pi_equal_to_ref_is_ln2() -> None:
+    logps = t([-3.0, -40.0])
+    losses, _, _ = LOSSES["f_dpo"](logps, logps - 2, logps, logps - 2, beta=0.5, f_divergence="js_divergence")
+    assert_close(losses, torch.full_like(losses, math.log(2)))
+
+
+def test_f_dpo_alpha_divergence_stays_finite_in_fp32() -> None:
+    # a_l = -500: u_l^-1 = e^500 overflows fp32; capped, the loss is finite and has no gradient through y_l.
+    pc, pr = torch.tensor([-1.0], requires_grad=True), torch.tensor([-600.0], requires_grad=True)
+    losses, _, _ = LOSSES["f_dpo"](pc, pr, torch.tensor([-1.0]), torch.tensor([-100.0]), beta=0.1,
+                                   f_divergence="forward_kl")
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(pr.grad).all() and pr.grad.item() == 0.0
+
+
 def test_sigmoid_norm_with_equal_lengths_is_sigmoid_with_beta_over_length() -> None:
     b = batch()
     four = t([4.0, 4.0, 4.0])
@@ -669,7 +726,8 @@ def loss_config(**fields: Any) -> Any:
     try:
         from dpokit.config import LossConfig
     except Exception:  # config.py may be mid-edit; a stand-in with the same attributes will do
-        keys = ("label_smoothing", "gamma", "alpha", "reference_free", "discopop_tau")
+        keys = ("label_smoothing", "gamma", "alpha", "reference_free", "discopop_tau", "f_divergence",
+                "f_alpha_divergence_coef")
         ns = SimpleNamespace(**{"name": "sigmoid", "beta": 0.1, "weights": None, **dict.fromkeys(keys), **fields})
         ns.params = lambda: {k: getattr(ns, k) for k in keys if getattr(ns, k) is not None}
         return ns
@@ -696,6 +754,13 @@ def loss_config(**fields: Any) -> Any:
         ({"name": "discopop", "discopop_tau": 0.0}, "loss.discopop_tau"),
         ({"name": "sigmoid", "discopop_tau": 0.05}, "loss.discopop_tau"),
         ({"weights": {"sigmoid": 1.0, "bco_pair": 1.0}}, "loss.weights.bco_pair"),
+        ({"name": "f_dpo"}, "loss.f_divergence"),
+        ({"name": "f_dpo", "f_divergence": "kl"}, "loss.f_divergence"),
+        ({"name": "sigmoid", "f_divergence": "js_divergence"}, "loss.f_divergence"),
+        ({"name": "f_dpo", "f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 0.0},
+         "loss.f_alpha_divergence_coef"),
+        ({"name": "f_dpo", "f_divergence": "js_divergence", "f_alpha_divergence_coef": 0.5},
+         "loss.f_alpha_divergence_coef"),
     ],
 )
 def test_validate_loss_config_names_the_key(fields: dict[str, Any], key: str) -> None:
@@ -727,6 +792,8 @@ def test_validate_loss_config_error_texts() -> None:
         {"name": "aot_unpaired", "label_smoothing": 0.1},
         {"name": "discopop", "discopop_tau": 1.0},
         {"weights": {"bco_pair": 1.0, "sigmoid": 0.5}},
+        {"name": "f_dpo", "f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+        {"name": "f_dpo", "f_divergence": "reverse_kl"},
     ],
 )
 def test_validate_loss_config_accepts(fields: dict[str, Any]) -> None:

@@ -18,7 +18,11 @@ from tolerances import METRIC_REL, assert_same_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1}, "simpo": {"beta": 2.0},
-          "ipo": {"beta": 0.5}}
+          "ipo": {"beta": 0.5}, "f_dpo": {"f_divergence": "js_divergence"}}
+# Further settings of a loss that change what it optimizes, each trained end to end as well.
+CASES = [(name, PARAMS.get(name, {})) for name in sorted(set(LOSSES) - LISTWISE)] + [
+    ("f_dpo", {"f_divergence": "forward_kl"}), ("f_dpo", {"f_divergence": "reverse_kl"}),
+    ("f_dpo", {"f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 0.5})]
 
 
 def write_pairs(path: Path, n: int = 16) -> Path:
@@ -41,10 +45,10 @@ def config(data: Path, **loss) -> dict:
             "train": {"lr": 2e-3, "batch_size": 8, "max_steps": 25, "seed": 1, "progress": False}}
 
 
-@pytest.mark.parametrize("name", sorted(set(LOSSES) - LISTWISE))
-def test_every_pairwise_variant_learns_the_training_pairs(tmp_path, name):
+@pytest.mark.parametrize("name, params", CASES, ids=["-".join([n, *map(str, p.values())]) for n, p in CASES])
+def test_every_pairwise_variant_learns_the_training_pairs(tmp_path, name, params):
     data = write_pairs(tmp_path / "pairs.jsonl")
-    run_dir = dpokit.train(config(data, name=name, **PARAMS.get(name, {})), run_dir=str(tmp_path / name))
+    run_dir = dpokit.train(config(data, name=name, **params), run_dir=str(tmp_path / name))
     history = rows(run_dir)
     assert len(history) == 25
     assert history[-1]["rewards/accuracies"] > 0.9, history[-1]

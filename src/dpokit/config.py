@@ -112,12 +112,19 @@ class LossConfig(_Section):
     """``sigmoid`` only: treat the reference log-probs as zero."""
     discopop_tau: float | None = None
     """Temperature tau of ``discopop``'s switch between its logistic and exponential terms (default 0.05)."""
+    f_divergence: str | None = None
+    """The divergence toward the reference of ``f_dpo`` (required there): ``reverse_kl`` (DPO), ``forward_kl``,
+    ``js_divergence`` or ``alpha_divergence``."""
+    f_alpha_divergence_coef: float | None = None
+    """alpha of ``f_dpo`` with ``f_divergence: alpha_divergence`` (> 0, default 1.0, TRL's; 1.0 is forward KL,
+    alpha -> 0 reverse KL)."""
     weights: dict[str, float] | None = None
     """Combine several losses, e.g. ``{sigmoid: 1.0, rpo: 0.5}``; replaces ``name``."""
 
     def params(self) -> dict[str, Any]:
         """The variant-specific parameters that were set (None means 'not given')."""
-        keys = ("label_smoothing", "gamma", "alpha", "reference_free", "discopop_tau")
+        keys = ("label_smoothing", "gamma", "alpha", "reference_free", "discopop_tau", "f_divergence",
+                "f_alpha_divergence_coef")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 

@@ -30,6 +30,7 @@ from dpokit.losses.pairwise import (
     cdpo_loss,
     discopop_loss,
     exo_pair_loss,
+    f_dpo_loss,
     hinge_loss,
     ipo_loss,
     nca_pair_loss,
@@ -44,6 +45,7 @@ from dpokit.losses.pairwise import (
 from dpokit.losses.registry import (
     BATCHWISE,
     LISTWISE,
+    LOSS_CHECKS,
     LOSS_PARAMS,
     LOSS_REQUIRED,
     LOSS_STATE,
@@ -58,9 +60,9 @@ from dpokit.losses.registry import (
 )
 from dpokit.losses.stateful import bco_pair_loss
 
-__all__ = ["BATCHWISE", "LISTWISE", "LOSSES", "LOSS_PARAMS", "LOSS_REQUIRED", "LOSS_STATE", "LossFn",
+__all__ = ["BATCHWISE", "LISTWISE", "LOSSES", "LOSS_CHECKS", "LOSS_PARAMS", "LOSS_REQUIRED", "LOSS_STATE", "LossFn",
            "LossState", "advance_loss_state", "aot_loss", "aot_unpaired_loss", "apo_down_loss", "apo_zero_loss",
            "bco_pair_loss", "cdpo_loss", "check_training_setup", "compute_loss", "discopop_loss", "exo_pair_loss",
-           "hinge_loss", "ipo_loss", "nca_pair_loss", "plackett_luce_loss", "register", "robust_loss", "rpo_loss",
+           "f_dpo_loss", "hinge_loss", "ipo_loss", "nca_pair_loss", "plackett_luce_loss", "register", "robust_loss", "rpo_loss",
            "sigmoid_loss", "sigmoid_norm_loss", "simpo_loss", "sppo_hard_loss", "unlikelihood_loss",
            "validate_loss_config"]

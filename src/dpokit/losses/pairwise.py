@@ -5,6 +5,7 @@ Shapes: every tensor (batch,); log-probs summed over response tokens; lengths ar
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -486,5 +487,97 @@ def sigmoid_norm_loss(
         _per_token(ref_rejected_logps, rejected_lengths, "sigmoid_norm", "rejected"),
     )
     losses = -F.logsigmoid(beta * h)
+    return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
+            _rewards(policy_rejected_logps, ref_rejected_logps, beta))
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+"""The f-divergences of ``f_dpo`` (TRL's ``f_divergence_type`` values, plus ``forward_kl``)."""
+
+
+def check_f_divergence(value: object) -> str | None:
+    return None if value in F_DIVERGENCES else f"must be one of {', '.join(F_DIVERGENCES)}"
+
+
+def check_f_dpo(params: dict[str, object]) -> tuple[str, str] | None:
+    # The coefficient shapes alpha_divergence only; set beside another divergence it would be silently ignored.
+    if "f_alpha_divergence_coef" in params and params.get("f_divergence") != "alpha_divergence":
+        return "f_alpha_divergence_coef", (f"used only by f_divergence: alpha_divergence, not "
+                                           f"{params.get('f_divergence')}; remove it")
+    return None
+
+
+def _alpha_derivative_difference(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
+                                 alpha: float) -> torch.Tensor:
+    """f'(u_w) - f'(u_l) for the alpha-divergence, f'(u) = (1 - u^-alpha) / alpha, u = exp(a):
+    (u_l^-alpha - u_w^-alpha) / alpha, written with expm1 so that alpha -> 0 tends to a_w - a_l (reverse KL)
+    without cancellation. The exponent -alpha * a is capped so that neither term nor their difference overflows
+    (a log-ratio far below zero: the policy gave the response almost no mass); past the cap that response's term
+    has no gradient, as TRL's ``cap_exp`` does."""
+    dtype = chosen_logratios.dtype
+    cap = math.log(torch.finfo(dtype).max) + min(0.0, math.log(alpha)) - math.log(4.0)
+    w = torch.expm1(torch.clamp(-alpha * chosen_logratios, max=cap))
+    lo = torch.expm1(torch.clamp(-alpha * rejected_logratios, max=cap))
+    return (lo - w) / alpha
+
+
+def _js_logits(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, alpha: float) -> torch.Tensor:
+    # f'(u) = log 2 + a - softplus(a): the log 2 cancels between y_w and y_l.
+    return _margin(pc, pr, rc, rr) - (F.softplus(pc - rc) - F.softplus(pr - rr))
+
+
+_F_DPO_LOGITS: dict[str, Callable[..., torch.Tensor]] = {
+    # f'(u_w) - f'(u_l) from the four summed log-probs; reverse_kl is DPO's margin, computed as ``sigmoid`` does.
+    "reverse_kl": lambda pc, pr, rc, rr, alpha: _margin(pc, pr, rc, rr),
+    "forward_kl": lambda pc, pr, rc, rr, alpha: _alpha_derivative_difference(pc - rc, pr - rr, 1.0),
+    "js_divergence": _js_logits,
+    "alpha_divergence": lambda pc, pr, rc, rr, alpha: _alpha_derivative_difference(pc - rc, pr - rr, alpha),
+}
+
+
+@register("f_dpo", {"f_divergence": check_f_divergence, "f_alpha_divergence_coef": check_positive},
+          required=("f_divergence",), check=check_f_dpo)
+def f_dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    f_divergence: str,
+    f_alpha_divergence_coef: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """f-DPO (Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
+    Divergence Constraints", https://arxiv.org/abs/2309.16240): DPO with the reverse-KL penalty toward pi_ref
+    replaced by an f-divergence D_f(pi || pi_ref). The optimal policy then satisfies
+    r(x, y) = beta * f'(pi(y|x) / pi_ref(y|x)) + const, and the Bradley-Terry likelihood gives the paper's loss
+
+        L = -log sigmoid(beta * [f'(u_w) - f'(u_l)]),   u = pi(y|x) / pi_ref(y|x) = exp(a),
+        a = log pi(y|x) - log pi_ref(y|x) (summed),
+
+    with f' for each ``f_divergence``:
+
+        reverse_kl        f(u) = u log u                        f'(u) = log u + 1          (DPO: ``sigmoid``)
+        forward_kl        f(u) = -log u                         f'(u) = -1/u
+        js_divergence     f(u) = u log u - (1+u) log((1+u)/2)   f'(u) = log(2u / (1+u))
+        alpha_divergence  f(u) = (u^(1-alpha) - (1-alpha) u - alpha) / (alpha (alpha-1))
+                                                                f'(u) = (1 - u^-alpha) / alpha
+
+    so the logit beta * [f'(u_w) - f'(u_l)] is beta * h for reverse_kl (constants cancel; h as in ``cdpo``),
+    beta * (exp(-a_l) - exp(-a_w)) for forward_kl, beta * (h - softplus(a_w) + softplus(a_l)) for
+    js_divergence, and beta * (exp(-alpha a_l) - exp(-alpha a_w)) / alpha for alpha_divergence with
+    alpha = ``f_alpha_divergence_coef`` (> 0, default 1.0 as in TRL, where it *is* forward_kl; alpha -> 0
+    tends to reverse_kl). The paper's point: divergences other than reverse KL keep more of pi_ref's diversity
+    at a similar reward. Each f is convex, so f' increases and every variant raises y_w and lowers y_l. The
+    exponentials are capped (``_alpha_derivative_difference``) so the loss stays finite. Shapes: every input
+    and output is (batch,).
+    """
+    if f_divergence not in _F_DPO_LOGITS:
+        raise ValueError(f"f_divergence: unknown '{f_divergence}' (known: {', '.join(F_DIVERGENCES)})")
+    logits = _F_DPO_LOGITS[f_divergence](policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                         ref_rejected_logps, f_alpha_divergence_coef)
+    losses = -F.logsigmoid(beta * logits)
     return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
             _rewards(policy_rejected_logps, ref_rejected_logps, beta))

@@ -23,6 +23,10 @@ LOSS_PARAMS: dict[str, dict[str, Callable[[Any], str | None]]] = {}
 LOSS_REQUIRED: dict[str, frozenset[str]] = {}
 """name -> parameters that must be set in the config (the others in LOSS_PARAMS have defaults)."""
 
+LOSS_CHECKS: dict[str, Callable[[dict[str, Any]], tuple[str, str] | None]] = {}
+"""name -> check(the loss's given parameters) -> (parameter, error message) or None, for rules that tie
+parameters together (``f_dpo``: the alpha coefficient only with the alpha-divergence)."""
+
 LISTWISE: frozenset[str] = frozenset({"plackett_luce"})
 """Losses over (batch, K) rankings: they take other arguments and cannot go through ``compute_loss``."""
 
@@ -52,12 +56,14 @@ LOSS_STATE: dict[str, LossState] = {}
 
 def register(
     name: str, params: dict[str, Callable[[Any], str | None]] | None = None, required: tuple[str, ...] = (),
-    state: LossState | None = None,
+    state: LossState | None = None, check: Callable[[dict[str, Any]], tuple[str, str] | None] | None = None,
 ) -> Callable[[LossFn], LossFn]:
     def wrap(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
         LOSS_PARAMS[name] = params or {}
         LOSS_REQUIRED[name] = frozenset(required)
+        if check is not None:
+            LOSS_CHECKS[name] = check
         if state is not None:
             LOSS_STATE[name] = state
         return fn
@@ -129,6 +135,11 @@ def validate_loss_config(loss: Any) -> None:
             problem = LOSS_PARAMS[name][param](value)
             if problem:
                 raise ValueError(f"loss.{param}: {problem}, got {value!r}")
+    for name in names:
+        combined = LOSS_CHECKS[name]({k: v for k, v in given.items() if k in LOSS_PARAMS[name]}) \
+            if name in LOSS_CHECKS else None
+        if combined:
+            raise ValueError(f"loss.{combined[0]}: {combined[1]}")
 
 
 def _names(loss: Any) -> list[str]:
