@@ -185,3 +185,26 @@ def test_compiled_layers_give_the_same_training(tmp_path):
     # that computes something else (a lost mask, a wrong position) changes the loss by > 1e-3.
     for a, b in zip(rows[False], rows[True]):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
+
+
+def test_target_weight_scales_each_token_before_the_sum():
+    """LD-DPO's weights: a slot's sum is front + alpha * rear, from the per-token log-probs by hand."""
+    from dpokit.data.batch import collate_groups
+    from dpokit.logprobs import layout_logps, target_logps
+    from dpokit.losses.tokens import length_desensitized_weights
+
+    model = _model()
+    batch = collate_groups(_groups(), pad_id=0, layout="packed")
+    with torch.no_grad():
+        tokens = target_logps(model, batch)["logps"].tolist()
+        batch["target_weight"] = length_desensitized_weights(batch["target_slot"], batch["slots"],
+                                                             batch["n_slots"], 0.5)
+        weighted, n = layout_logps(model, batch)
+    public = {0: 3, 1: 2, 2: 3}  # the shorter response of each pair of _groups()
+    want = [0.0] * batch["n_slots"]
+    seen = [0] * batch["n_slots"]
+    for value, slot in zip(tokens, batch["target_slot"].tolist()):
+        want[slot] += value if seen[slot] < public[slot // 2] else 0.5 * value
+        seen[slot] += 1
+    assert n.tolist() == seen
+    torch.testing.assert_close(weighted, torch.tensor(want), **LOGP_TOL)

@@ -847,3 +847,42 @@ def test_every_loss_is_in_the_readme_table() -> None:
         if line.lstrip().startswith("|") and cells and (m := re.fullmatch(r"`([a-z_]+)`", cells[0])):
             names.add(m.group(1))
     assert names == set(LOSSES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LD-DPO's token weights (loss.ld_alpha): 1 up to the shorter response's length, alpha past it
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_length_desensitized_weights_by_hand(layout: str) -> None:
+    from dpokit.data.batch import collate_groups, regroup
+    from dpokit.losses.tokens import length_desensitized_weights
+
+    # Response lengths (4, 3), (3, 2), (7, 3) and a ranking (2, 5, 4): public lengths 3, 2, 3, 2.
+    groups = [([1, 9], [[6, 5, 4, 2], [30, 31, 2]]), ([1, 40], [[45, 46, 2], [47, 2]]),
+              ([1, 50], [[51, 52, 53, 54, 55, 56, 2], [57, 58, 2]]), ([1, 60], [[61, 2], [62, 63, 64, 65, 2],
+                                                                                 [66, 67, 68, 2]])]
+    batch = collate_groups(groups, pad_id=0, layout=layout)
+    alpha = 0.25
+    weights = length_desensitized_weights(batch["target_slot"], batch["slots"], batch["n_slots"], alpha)
+    assert weights.dtype == torch.float32 and weights.shape == batch["target_slot"].shape
+    per_slot = torch.zeros(batch["n_slots"]).index_add(0, batch["target_slot"], weights)
+    want = [[3 + alpha, 3, 0], [2 + alpha, 2, 0], [3 + 4 * alpha, 3, 0], [2, 2 + 3 * alpha, 2 + 2 * alpha]]
+    assert regroup(per_slot, batch).tolist() == want
+    # Within a response the weights are 1 first, then alpha: the longest response of the batch, token by token.
+    longest = batch["slots"][2, 0]
+    assert weights[batch["target_slot"] == longest].tolist() == [1.0] * 3 + [alpha] * 4
+    ones = length_desensitized_weights(batch["target_slot"], batch["slots"], batch["n_slots"], 1.0)
+    assert torch.equal(ones, torch.ones_like(ones))
+
+
+def test_ld_alpha_config() -> None:
+    from dpokit.config import Config
+
+    assert Config(loss={"ld_alpha": 0.5}).loss.ld_alpha == 0.5
+    Config(loss={"name": "ipo", "ld_alpha": 0.0})  # a modifier of the log-probs: any loss takes it
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="ld_alpha"):
+            Config(loss={"ld_alpha": bad})
+    with pytest.raises(ValueError, match=r"loss\.ld_alpha: the reference store"):
+        Config(loss={"ld_alpha": 0.5}, reference={"mode": "store"})

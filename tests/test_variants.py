@@ -22,7 +22,8 @@ PARAMS = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1}, 
 # Further settings of a loss that change what it optimizes, each trained end to end as well.
 CASES = [(name, PARAMS.get(name, {})) for name in sorted(set(LOSSES) - LISTWISE)] + [
     ("f_dpo", {"f_divergence": "forward_kl"}), ("f_dpo", {"f_divergence": "reverse_kl"}),
-    ("f_dpo", {"f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 0.5})]
+    ("f_dpo", {"f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 0.5}),
+    ("sigmoid", {"ld_alpha": 0.5})]
 
 
 def write_pairs(path: Path, n: int = 16) -> Path:
@@ -45,7 +46,7 @@ def config(data: Path, **loss) -> dict:
             "train": {"lr": 2e-3, "batch_size": 8, "max_steps": 25, "seed": 1, "progress": False}}
 
 
-@pytest.mark.parametrize("name, params", CASES, ids=["-".join([n, *map(str, p.values())]) for n, p in CASES])
+@pytest.mark.parametrize("name, params", CASES, ids=["-".join([n, *(f"{k}={v}" for k, v in p.items())]) for n, p in CASES])
 def test_every_pairwise_variant_learns_the_training_pairs(tmp_path, name, params):
     data = write_pairs(tmp_path / "pairs.jsonl")
     run_dir = dpokit.train(config(data, name=name, **params), run_dir=str(tmp_path / name))
@@ -55,6 +56,31 @@ def test_every_pairwise_variant_learns_the_training_pairs(tmp_path, name, params
     assert history[-1]["loss"] < history[0]["loss"]
     if name == "discopop":  # its slope at zero margin is positive for tau < 0.102: step 1 lowers the margins
         assert history[1]["rewards/margins"] < 0 < history[-1]["rewards/margins"]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def test_ld_alpha_one_is_the_plain_loss_and_alpha_below_one_starts_at_zero_reward(tmp_path):
+    """LD-DPO with alpha = 1 weighs every token 1.0: bit for bit the plain run. With alpha < 1 policy and
+    reference get the same split, so the first step (pi = pi_ref) has zero rewards, and training differs."""
+    data = write_pairs(tmp_path / "pairs.jsonl", n=8)
+
+    def run(name: str, **loss) -> Path:
+        cfg = config(data, **loss)
+        cfg["train"].update(max_steps=3)
+        return dpokit.train(cfg, run_dir=str(tmp_path / name))
+
+    plain, one, half = run("plain"), run("one", ld_alpha=1.0), run("half", ld_alpha=0.5)
+    a, b, c = final_weights(plain), final_weights(one), final_weights(half)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    first = rows(half)[0]
+    assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+    # The longer response's excess tokens count half: its (negative) log-prob rises; the shorter's is unchanged.
+    gains = [first[k] - rows(plain)[0][k] for k in ("logps/chosen", "logps/rejected")]
+    assert min(gains) >= 0 < max(gains)
 
 
 def bco_state(run_dir: Path, step: int) -> dict:

@@ -118,6 +118,10 @@ class LossConfig(_Section):
     f_alpha_divergence_coef: float | None = None
     """alpha of ``f_dpo`` with ``f_divergence: alpha_divergence`` (> 0, default 1.0, TRL's; 1.0 is forward KL,
     alpha -> 0 reverse KL)."""
+    ld_alpha: float | None = Field(None, ge=0, le=1)
+    """LD-DPO (Liu et al. 2024), with any loss: in policy and reference log-probs, the tokens of a response past
+    the shorter response's length count alpha times (in [0, 1]; 1 is the plain loss). Needs a live reference
+    (``reference.mode: model`` or ``adapter``): the store keeps whole-response sums."""
     weights: dict[str, float] | None = None
     """Combine several losses, e.g. ``{sigmoid: 1.0, rpo: 0.5}``; replaces ``name``."""
 
@@ -342,6 +346,9 @@ class Config(_Section):
         validate_loss_config(self.loss)
         check_training_setup(self.loss, grad_accum=self.train.grad_accum, pass_tokens=self.train.pass_tokens,
                              world=1, online=bool(self.online.reward or self.online.judge_url))
+        if self.loss.ld_alpha is not None and self.reference.mode == "store":
+            raise ValueError("loss.ld_alpha: the reference store keeps whole-response log-probs, not LD-DPO's split "
+                             "at the shorter response's length; use reference.mode: model (or adapter with LoRA)")
         if self.reference.mode == "adapter" and self.model.lora is None:
             raise ValueError("reference.mode: 'adapter' needs model.lora (the reference is the policy with its "
                              "adapters disabled)")

@@ -169,9 +169,12 @@ def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
     the position predicting each target token; ``targets`` (M,); ``target_slot`` (M,) the response each
     target belongs to; ``n_slots``.
     ``plain`` computes full logits at every position (the reference implementation the fast path is tested
-    against). Returns ``logps`` (S,) float32 and ``n_tokens`` (S,).
+    against). An optional ``target_weight`` (M,) multiplies each token's log-prob before the sum (LD-DPO:
+    ``dpokit.losses.tokens``). Returns ``logps`` (S,) float32 and ``n_tokens`` (S,).
     """
     token_logps = target_logps(model, batch, chunk_size=chunk_size, plain=plain)["logps"]
+    if "target_weight" in batch:
+        token_logps = token_logps * batch["target_weight"]
     device, n_slots, slot = batch["input_ids"].device, batch["n_slots"], batch["target_slot"]
     logps = torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot, token_logps)
     n_tokens = torch.zeros(n_slots, dtype=torch.long, device=device).index_add(0, slot, torch.ones_like(slot))

@@ -41,6 +41,7 @@ from dpokit.data.batch import (
 from dpokit.distributed import Dist, LogpsModule
 from dpokit.errors import DpokitError
 from dpokit.losses import LISTWISE, advance_loss_state, compute_loss, plackett_luce_loss
+from dpokit.losses.tokens import length_desensitized_weights
 from dpokit.metrics import PairStats, RewardModelStats, SftStats
 from dpokit.models import Models, load_models
 from dpokit.reference import Reference
@@ -133,8 +134,12 @@ def pair_forward(model: nn.Module, reference: Reference, batch: dict[str, Any], 
     ``model`` maps a batch to per-slot ``(logps, n_tokens)``: a ``dpokit.distributed.LogpsModule`` (DDP- or
     FSDP-wrapped under torchrun). Pairs go through the configured pairwise loss (``loss_state``: the state of a
     loss that carries one, ``Run.task_state["loss"]``); rankings (``loss.name: plackett_luce``) through the
-    listwise one, reporting the best response as "chosen" and the worst as "rejected". Shapes: (G,) each.
+    listwise one, reporting the best response as "chosen" and the worst as "rejected". With ``loss.ld_alpha``
+    every log-prob, the reported ones too, is LD-DPO's length-desensitized one. Shapes: (G,) each.
     """
+    if cfg.loss.ld_alpha is not None:  # LD-DPO: policy and reference sum the same weighted token log-probs
+        batch["target_weight"] = length_desensitized_weights(batch["target_slot"], batch["slots"],
+                                                             batch["n_slots"], cfg.loss.ld_alpha)
     ref_logps = reference.logps(batch, items, autocast)  # (G, K)
     with autocast():
         row_logps, row_tokens = model(batch)
