@@ -56,6 +56,9 @@ def test_tiny_ppo_config_learns_its_reward_and_writes_a_plain_policy(tmp_path):
     evals = [r for r in rows if r["split"] == "eval"]
     assert [r["step"] for r in train] == list(range(1, 21))
     assert [r["step"] for r in evals] == [0, 5, 10, 15, 20]
+    card = (run_dir / "final" / "README.md").read_text()  # Hub-ready, as every final/
+    assert "- ppo" in card and "## Held-out metrics (step 20)" in card
+    assert (run_dir / "final" / "generation_config.json").is_file()
     for key in TRAIN_KEYS:
         assert all(key in r for r in train), key
     # Step 1 samples from pi = pi_ref (a frozen copy of the same weights, the same computation): KL is 0.

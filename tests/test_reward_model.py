@@ -151,6 +151,10 @@ def test_tiny_config_learns_logs_the_metrics_and_writes_the_run_folder(tiny_rm):
 
 
 def test_final_loads_in_plain_transformers_and_scores_as_dpokit_does(tiny_rm):
+    from dpokit.hub import front_matter
+
+    meta = front_matter((tiny_rm / "final" / "README.md").read_text())
+    assert meta["pipeline_tag"] == "text-classification" and {"dpokit", "reward-model"} <= set(meta["tags"])
     prompts = ["What is two plus two?", "How do I make tea?", "Hi"]
     responses = [" Two plus two is four. Glad to help!", " Figure it out yourself.", ""]
     scorer = get_reward(str(tiny_rm))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -280,13 +281,17 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_hf(model: nn.Module, tokenizer: Any, target: Path,
-              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+              state_dict: dict[str, torch.Tensor] | None = None,
+              add: Callable[[Path, nn.Module, Any], None] | None = None) -> Path:
     """Write ``target`` as a plain Hugging Face model folder (safetensors weights, config, tokenizer) that
     ``AutoModelForCausalLM.from_pretrained`` loads without dpokit. Written atomically like checkpoints.
-    ``state_dict`` replaces the model's own weights (the gathered weights of a sharded model)."""
+    ``state_dict`` replaces the model's own weights (the gathered weights of a sharded model); ``add(folder,
+    model, tokenizer)`` writes more files into the staged folder (the model card: ``dpokit.hub.hub_files``)."""
     detach_quantizer(model)
     with writing(target, "model folder", cleanup=staging_path(target)):
         tmp = staging_dir(target)
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+        if add is not None:
+            add(tmp, model, tokenizer)
         return publish_dir(tmp, target)

@@ -140,6 +140,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dpokit.hub import export_run
+
+    print(f"exported: {export_run(args.run_dir, args.to, checkpoint=args.checkpoint)}")
+    return 0
+
+
 def cmd_recipe(args: argparse.Namespace) -> int:
     from dpokit.recipes import run_recipe
 
@@ -266,6 +273,17 @@ def _add_env(sub: Any) -> None:
     env.set_defaults(func=cmd_env)
 
 
+def _add_export(sub: Any) -> None:
+    """``dpokit export``."""
+    export = sub.add_parser("export", help="a run's model as a Hub-ready folder: weights, tokenizer, generation "
+                                           "config, model card (no network)")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--to", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
+    export.add_argument("--checkpoint", metavar="step-N",
+                        help="export this checkpoint (LoRA merged) instead of final/")
+    export.set_defaults(func=cmd_export)
+
+
 def _add_recipe(sub: Any) -> None:
     """``dpokit recipe``."""
     from dpokit.recipes import RECIPES
@@ -284,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
     parser.add_argument("--version", action="version", version=f"dpokit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_training, _add_score, _add_eval, _add_report, _add_serve, _add_env, _add_recipe):
+    for add in (_add_data, _add_training, _add_score, _add_eval, _add_report, _add_serve, _add_env, _add_recipe,
+                _add_export):
         add(sub)
     return parser
 

@@ -261,12 +261,15 @@ def save(run: Run) -> None:
 
 def export_final(run: Run) -> None:
     """RUN_DIR/final: one plain Hugging Face folder written by rank 0 (a sharded FSDP policy is gathered whole
-    first; LoRA adapters are folded into the base weights)."""
+    first; LoRA adapters are folded into the base weights), Hub-ready: a model card and a generation config
+    (``dpokit.hub``)."""
+    from dpokit.hub import hub_files
+
     weights = full_state_dict(run.policy) if run.dist.sharded else None
     if run.dist.is_main:
         policy = run.policy
         export_hf(policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy, run.tokenizer,
-                  run.run_dir / "final", weights)
+                  run.run_dir / "final", weights, add=hub_files(run.run_dir, run.task.name))
 
 
 # ------------------------------------------------------------------------------------------------------- train

@@ -244,6 +244,10 @@ def evaluate_run(
     write_jsonl(sample_rows, out / "samples.jsonl")
     write_json(out / "eval.json", result)
     log(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")
+    if out == run_dir / "eval":  # the model card of final/ now shows reward, KL and win rate
+        from dpokit.hub import refresh_card
+
+        refresh_card(run_dir)
     return result
 
 
