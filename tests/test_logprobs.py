@@ -1,5 +1,7 @@
 """The one log-prob function: response tokens only, padding-independent, fast path == plain path."""
 
+import math
+
 import pytest
 import torch
 
@@ -208,3 +210,38 @@ def test_target_weight_scales_each_token_before_the_sum():
         seen[slot] += 1
     assert n.tolist() == seen
     torch.testing.assert_close(weighted, torch.tensor(want), **LOGP_TOL)
+
+
+def test_wpo_log_weights_by_hand_on_both_paths():
+    """WPO's per-response log-weight: the mean over its tokens of log p(y_t) - log sum_v p(v)^2, from the model's
+    full logits by hand; the fast (chunked) path and the plain path agree, and it carries no gradient."""
+    from dpokit.data.batch import collate_groups, regroup
+    from dpokit.logprobs import layout_logps
+
+    model = _model()
+    groups = [([1, 9, 8], [[6, 5, 4, 2], [30, 31, 2]])]
+    want = []
+    with torch.no_grad():
+        for prompt, responses in groups:
+            for response in responses:
+                seq = prompt + response
+                logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+                terms = [logp[t - 1, seq[t]].item() - torch.logsumexp(2 * logp[t - 1], -1).item()
+                         for t in range(len(prompt), len(seq))]
+                want.append(sum(terms) / len(terms))
+    for plain in (False, True):
+        batch = collate_groups(groups, pad_id=0, layout="packed")
+        logps, n, log_weights = layout_logps(model, batch, plain=plain, wpo=True)
+        assert logps.requires_grad and not log_weights.requires_grad
+        torch.testing.assert_close(regroup(log_weights, batch)[0], torch.tensor(want, dtype=torch.float32),
+                                   **LOGP_TOL)
+
+
+def test_wpo_log_weight_of_a_uniform_policy_is_zero():
+    # p(y_t) = 1/V = sum_v (1/V)^2: a policy that samples uniformly finds every response as likely as its own.
+    from dpokit.logprobs import _log_sum_squares
+
+    vocab = 512
+    assert abs(_log_sum_squares(torch.zeros(3, vocab)) - math.log(1 / vocab)).max() < 1e-6
+    # A one-hot policy: its token has p = 1 = sum_v p^2.
+    assert abs(_log_sum_squares(torch.tensor([[0.0, -1e4, -1e4]]))).max() < 1e-6

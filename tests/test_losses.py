@@ -886,3 +886,32 @@ def test_ld_alpha_config() -> None:
             Config(loss={"ld_alpha": bad})
     with pytest.raises(ValueError, match=r"loss\.ld_alpha: the reference store"):
         Config(loss={"ld_alpha": 0.5}, reference={"mode": "store"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WPO's pair weights (loss.use_weighting)
+
+
+def test_wpo_pair_weights_by_hand() -> None:
+    from dpokit.losses.tokens import wpo_pair_weights
+
+    chosen = torch.tensor([-0.3, 0.2, 0.0, -2.0], requires_grad=True)
+    rejected = torch.tensor([-0.5, 0.1, 0.0, -1.0], requires_grad=True)
+    weights = wpo_pair_weights(chosen, rejected)
+    want = [math.exp(-0.8), 1.0, 1.0, math.exp(-3.0)]  # exp(0.3) > 1 is capped; log-weights 0 give 1
+    assert_close(weights, torch.tensor(want, dtype=torch.float32))
+    assert not weights.requires_grad  # a constant factor of each pair's loss: no gradient through it
+    # Weighted DPO's gradient is the weight times DPO's: d(w * L)/d logp = w * dL/d logp, signs kept.
+    logps = {k: v.clone().requires_grad_() for k, v in batch().items()}
+    losses, _, _ = sigmoid_loss(**logps, beta=BETA)
+    (losses * t([0.5, 1.0, 0.25])).sum().backward()
+    g = grads("sigmoid")
+    assert_close(logps["policy_chosen_logps"].grad, g["policy_chosen_logps"] * t([0.5, 1.0, 0.25]))
+
+
+def test_use_weighting_config() -> None:
+    from dpokit.config import Config
+
+    assert Config(loss={"name": "ipo", "use_weighting": True}).loss.use_weighting
+    with pytest.raises(ValueError, match=r"loss\.use_weighting: WPO weighs pairs"):
+        Config(loss={"name": "plackett_luce", "use_weighting": True})

@@ -23,7 +23,7 @@ PARAMS = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1}, 
 CASES = [(name, PARAMS.get(name, {})) for name in sorted(set(LOSSES) - LISTWISE)] + [
     ("f_dpo", {"f_divergence": "forward_kl"}), ("f_dpo", {"f_divergence": "reverse_kl"}),
     ("f_dpo", {"f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 0.5}),
-    ("sigmoid", {"ld_alpha": 0.5})]
+    ("sigmoid", {"ld_alpha": 0.5}), ("sigmoid", {"use_weighting": True})]
 
 
 def write_pairs(path: Path, n: int = 16) -> Path:
@@ -81,6 +81,41 @@ def test_ld_alpha_one_is_the_plain_loss_and_alpha_below_one_starts_at_zero_rewar
     # The longer response's excess tokens count half: its (negative) log-prob rises; the shorter's is unchanged.
     gains = [first[k] - rows(plain)[0][k] for k in ("logps/chosen", "logps/rejected")]
     assert min(gains) >= 0 < max(gains)
+
+
+def test_wpo_weights_each_pairs_loss_in_the_training_forward():
+    """pair_forward with loss.use_weighting: each pair's loss is the plain one times min(1, w_w * w_l), the
+    log-weights being the policy's per-response ones (tests/test_logprobs.py checks those by hand)."""
+    import contextlib
+    import copy
+
+    from dpokit.config import Config
+    from dpokit.data.batch import collate_groups, regroup
+    from dpokit.distributed import LogpsModule
+    from dpokit.logprobs import layout_logps
+    from dpokit.models import tiny_model
+    from dpokit.reference import FrozenReference
+    from dpokit.step import pair_forward
+
+    torch.manual_seed(0)
+    policy = tiny_model(512, seed=0)
+    reference = FrozenReference(copy.deepcopy(policy))
+    with torch.no_grad():  # move the policy off the reference so that the plain losses differ from ln 2
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    groups = [([1, 9, 8], [[6, 5, 4, 2], [30, 31, 2]]), ([1, 40], [[45, 46, 2], [47, 48, 49, 2]])]
+    out = {}
+    for weighting in (False, True):
+        batch = collate_groups(groups, pad_id=0, layout="packed")
+        cfg = Config(loss={"name": "sigmoid", "use_weighting": weighting})
+        out[weighting] = pair_forward(LogpsModule(policy), reference, batch, [], cfg, contextlib.nullcontext)
+    with torch.no_grad():
+        _, _, log_weights = layout_logps(policy, collate_groups(groups, pad_id=0, layout="packed"), wpo=True)
+    log_weights = regroup(log_weights, collate_groups(groups, pad_id=0, layout="packed"))
+    weights = torch.exp(log_weights[:, 0] + log_weights[:, 1]).clamp(max=1)
+    assert (weights < 1).any()
+    torch.testing.assert_close(out[True]["losses"], out[False]["losses"] * weights)
+    assert torch.equal(out[True]["chosen_rewards"], out[False]["chosen_rewards"])  # rewards are not weighted
 
 
 def bco_state(run_dir: Path, step: int) -> dict:

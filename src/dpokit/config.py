@@ -122,6 +122,10 @@ class LossConfig(_Section):
     """LD-DPO (Liu et al. 2024), with any loss: in policy and reference log-probs, the tokens of a response past
     the shorter response's length count alpha times (in [0, 1]; 1 is the plain loss). Needs a live reference
     (``reference.mode: model`` or ``adapter``): the store keeps whole-response sums."""
+    use_weighting: bool = False
+    """WPO (Zhou et al. 2024), with any pairwise loss: each pair's loss is multiplied by
+    min(1, w(y_w) * w(y_l)), w from the policy's own per-token probabilities (length-normalized, no gradient),
+    so pairs the policy would itself generate count more."""
     weights: dict[str, float] | None = None
     """Combine several losses, e.g. ``{sigmoid: 1.0, rpo: 0.5}``; replaces ``name``."""
 
@@ -341,7 +345,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _loss_is_known(self) -> Config:
-        from dpokit.losses import check_training_setup, validate_loss_config
+        from dpokit.losses import LISTWISE, check_training_setup, validate_loss_config
 
         validate_loss_config(self.loss)
         check_training_setup(self.loss, grad_accum=self.train.grad_accum, pass_tokens=self.train.pass_tokens,
@@ -349,6 +353,9 @@ class Config(_Section):
         if self.loss.ld_alpha is not None and self.reference.mode == "store":
             raise ValueError("loss.ld_alpha: the reference store keeps whole-response log-probs, not LD-DPO's split "
                              "at the shorter response's length; use reference.mode: model (or adapter with LoRA)")
+        if self.loss.use_weighting and self.loss.name in LISTWISE and not self.loss.weights:
+            raise ValueError(f"loss.use_weighting: WPO weighs pairs; the listwise loss {self.loss.name} takes "
+                             "rankings, use a pairwise loss")
         if self.reference.mode == "adapter" and self.model.lora is None:
             raise ValueError("reference.mode: 'adapter' needs model.lora (the reference is the policy with its "
                              "adapters disabled)")

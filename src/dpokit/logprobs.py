@@ -106,13 +106,15 @@ def _model_mask(model: nn.Module, batch: dict[str, Any]) -> Any:
 
 
 def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DEFAULT_CHUNK, plain: bool = False,
-                 hidden: bool = False, entropy: bool = False) -> dict[str, torch.Tensor]:
+                 hidden: bool = False, entropy: bool = False,
+                 log_sum_squares: bool = False) -> dict[str, torch.Tensor]:
     """log pi(y_t | x, y_<t) of every target token of a batch layout, in ``pred_index`` order.
 
     Returns ``logps`` (M,) float32; with ``hidden`` also the final hidden state of each predicting position
     ``hidden`` (M, H) (what the vocabulary head reads: a value head reads the same features); with ``entropy``
-    the entropy of pi(. | x, y_<t) at each of them, ``entropy`` (M,), computed without gradient.
-    Batch keys: see ``layout_logps``.
+    the entropy of pi(. | x, y_<t) at each of them, ``entropy`` (M,), computed without gradient; with
+    ``log_sum_squares`` log sum_v pi(v | x, y_<t)^2 at each of them (WPO's normalizer), ``log_sum_squares`` (M,),
+    without gradient. Batch keys: see ``layout_logps``.
     """
     input_ids, targets, pred_index = batch["input_ids"], batch["targets"], batch["pred_index"]
     inputs = {"input_ids": input_ids, "attention_mask": _model_mask(model, batch),
@@ -129,11 +131,14 @@ def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
         if entropy:
             with torch.no_grad():
                 out["entropy"] = _entropy(logits)
+        if log_sum_squares:
+            with torch.no_grad():
+                out["log_sum_squares"] = _log_sum_squares(logits)
         return out
     states = model.get_decoder()(**inputs).last_hidden_state  # (R, L, H)
     states = states.reshape(-1, states.shape[-1])[pred_index]  # (M, H): predicting positions only
     weight = model.get_output_embeddings().weight  # (V, H)
-    pieces, entropies = [], []
+    pieces, entropies, squares = [], [], []
     for start in range(0, states.shape[0], chunk_size):
         h, t = states[start:start + chunk_size], targets[start:start + chunk_size]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
@@ -141,15 +146,21 @@ def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
             pieces.append(_HeadLogps.apply(h, weight, t))
         else:
             pieces.append(_token_logps(h, weight, t))
-        if entropy:
+        if entropy or log_sum_squares:
             with torch.no_grad():
-                entropies.append(_entropy(F.linear(h, weight).float()))
+                logits = F.linear(h, weight).float()  # (chunk, V) once more: only these statistics, no grad
+                if entropy:
+                    entropies.append(_entropy(logits))
+                if log_sum_squares:
+                    squares.append(_log_sum_squares(logits))
     empty = states.new_zeros(0, dtype=torch.float32)
     out["logps"] = torch.cat(pieces) if pieces else empty
     if hidden:
         out["hidden"] = states
     if entropy:
         out["entropy"] = torch.cat(entropies) if entropies else empty
+    if log_sum_squares:
+        out["log_sum_squares"] = torch.cat(squares) if squares else empty
     return out
 
 
@@ -159,8 +170,14 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def _log_sum_squares(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_v softmax(logits)_v^2 per row, in fp32: the log of the probability that two samples of the
+    distribution agree. Shape: (M, V) -> (M,)."""
+    return torch.logsumexp(2 * torch.log_softmax(logits.float(), dim=-1), dim=-1)
+
+
 def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DEFAULT_CHUNK,
-                 plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 plain: bool = False, wpo: bool = False) -> tuple[torch.Tensor, ...]:
     """Summed response log-probs for every slot of a batch layout.
 
     Batch keys (see ``dpokit.data.batch``): ``input_ids`` (R, L); ``attention_mask`` (R, L) for padded rows or
@@ -170,15 +187,21 @@ def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
     target belongs to; ``n_slots``.
     ``plain`` computes full logits at every position (the reference implementation the fast path is tested
     against). An optional ``target_weight`` (M,) multiplies each token's log-prob before the sum (LD-DPO:
-    ``dpokit.losses.tokens``). Returns ``logps`` (S,) float32 and ``n_tokens`` (S,).
+    ``dpokit.losses.tokens``). Returns ``logps`` (S,) float32 and ``n_tokens`` (S,); with ``wpo`` also each
+    response's WPO log-weight (S,), without gradient: the mean over its tokens of
+    log pi(y_t | x, y_<t) - log sum_v pi(v | x, y_<t)^2 (``dpokit.losses.tokens.wpo_pair_weights``).
     """
-    token_logps = target_logps(model, batch, chunk_size=chunk_size, plain=plain)["logps"]
-    if "target_weight" in batch:
-        token_logps = token_logps * batch["target_weight"]
+    out = target_logps(model, batch, chunk_size=chunk_size, plain=plain, log_sum_squares=wpo)
+    token_logps = out["logps"]
     device, n_slots, slot = batch["input_ids"].device, batch["n_slots"], batch["target_slot"]
-    logps = torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot, token_logps)
     n_tokens = torch.zeros(n_slots, dtype=torch.long, device=device).index_add(0, slot, torch.ones_like(slot))
-    return logps, n_tokens
+    weighted = token_logps * batch["target_weight"] if "target_weight" in batch else token_logps
+    logps = torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot, weighted)
+    if not wpo:
+        return logps, n_tokens
+    per_token = token_logps.detach() - out["log_sum_squares"]
+    summed = torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot, per_token)
+    return logps, n_tokens, summed / n_tokens.clamp(min=1)
 
 
 def sequence_logps(
@@ -204,6 +227,7 @@ def sequence_logps(
     return layout_logps(model, batch, chunk_size=chunk_size, plain=plain)
 
 
-def batch_logps(model: nn.Module, batch: dict[str, Any], **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``layout_logps`` on a collated batch: per-slot summed log-probs (S,) and token counts (S,)."""
+def batch_logps(model: nn.Module, batch: dict[str, Any], **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    """``layout_logps`` on a collated batch: per-slot summed log-probs (S,) and token counts (S,) (and, with
+    ``wpo=True``, WPO's per-response log-weights (S,))."""
     return layout_logps(model, batch, **kwargs)

@@ -41,7 +41,7 @@ from dpokit.data.batch import (
 from dpokit.distributed import Dist, LogpsModule
 from dpokit.errors import DpokitError
 from dpokit.losses import LISTWISE, advance_loss_state, compute_loss, plackett_luce_loss
-from dpokit.losses.tokens import length_desensitized_weights
+from dpokit.losses.tokens import length_desensitized_weights, wpo_pair_weights
 from dpokit.metrics import PairStats, RewardModelStats, SftStats
 from dpokit.models import Models, load_models
 from dpokit.reference import Reference
@@ -135,14 +135,15 @@ def pair_forward(model: nn.Module, reference: Reference, batch: dict[str, Any], 
     FSDP-wrapped under torchrun). Pairs go through the configured pairwise loss (``loss_state``: the state of a
     loss that carries one, ``Run.task_state["loss"]``); rankings (``loss.name: plackett_luce``) through the
     listwise one, reporting the best response as "chosen" and the worst as "rejected". With ``loss.ld_alpha``
-    every log-prob, the reported ones too, is LD-DPO's length-desensitized one. Shapes: (G,) each.
+    every log-prob, the reported ones too, is LD-DPO's length-desensitized one; with ``loss.use_weighting`` each
+    pair's loss is multiplied by its WPO weight. Shapes: (G,) each.
     """
     if cfg.loss.ld_alpha is not None:  # LD-DPO: policy and reference sum the same weighted token log-probs
         batch["target_weight"] = length_desensitized_weights(batch["target_slot"], batch["slots"],
                                                              batch["n_slots"], cfg.loss.ld_alpha)
     ref_logps = reference.logps(batch, items, autocast)  # (G, K)
     with autocast():
-        row_logps, row_tokens = model(batch)
+        row_logps, row_tokens, *row_log_weights = model(batch, wpo=True) if cfg.loss.use_weighting else model(batch)
     policy_logps, n_tokens = regroup(row_logps, batch), regroup(row_tokens, batch)  # (G, K)
     if cfg.loss.name in LISTWISE:
         mask = batch["slot_mask"]
@@ -154,6 +155,9 @@ def pair_forward(model: nn.Module, reference: Reference, batch: dict[str, Any], 
     losses, chosen_rewards, rejected_rewards = compute_loss(
         cfg.loss, policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], n_tokens[:, 0],
         n_tokens[:, 1], state=loss_state)
+    if row_log_weights:  # WPO: each pair's loss weighted by how likely the policy itself finds the pair
+        log_weights = regroup(row_log_weights[0], batch)  # (G, K)
+        losses = losses * wpo_pair_weights(log_weights[:, 0], log_weights[:, 1])
     return {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
             "chosen_logps": policy_logps[:, 0], "rejected_logps": policy_logps[:, 1]}
 

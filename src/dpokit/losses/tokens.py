@@ -47,3 +47,24 @@ def length_desensitized_weights(target_slot: torch.Tensor, slots: torch.Tensor, 
     beyond = position >= slot_public[target_slot]
     return torch.where(beyond, torch.tensor(alpha, dtype=torch.float32, device=beyond.device),
                        torch.tensor(1.0, dtype=torch.float32, device=beyond.device))
+
+
+def wpo_pair_weights(chosen_log_weights: torch.Tensor, rejected_log_weights: torch.Tensor) -> torch.Tensor:
+    """WPO's weight of each pair (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference
+    Optimization", https://arxiv.org/abs/2406.11827): off-policy pairs are reweighted toward what the current
+    policy would itself generate. Per response, with its n tokens (the length-normalized, "aligned" form of the
+    paper's Eq. 2, as TRL's ``use_weighting`` computes it),
+
+        log w(x, y) = 1/n * sum_t [log pi(y_t | x, y_<t) - log sum_v pi(v | x, y_<t)^2],
+
+    each token's probability measured against sum_v pi(v)^2, the probability the policy's own sampling gives its
+    sampled token on average, so a response as likely as the policy's own samples has log w ~ 0 whatever the
+    entropy of the distributions. The pair's weight is w(x, y_w) * w(x, y_l), capped at 1:
+
+        weight = min(1, exp(log w(x, y_w) + log w(x, y_l))),
+
+    and the pair's loss is multiplied by it. The weight is a constant: no gradient flows through it (the inputs
+    are detached here as well). Per-response log-weights come from ``dpokit.logprobs.layout_logps(wpo=True)``.
+    Shapes: (batch,) in and out.
+    """
+    return torch.exp(chosen_log_weights.detach() + rejected_log_weights.detach()).clamp(max=1.0)
