@@ -136,3 +136,66 @@ def test_adapter_mode_without_lora_is_a_config_error():
 
     with pytest.raises(ConfigError, match="reference.mode: 'adapter' needs model.lora"):
         dpokit.load_config({"reference": {"mode": "adapter"}})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TR-DPO: reference.sync updates pi_ref from the policy every `every` steps
+
+
+def test_sync_reference_soft_hard_and_none_by_hand():
+    from dpokit.reference import sync_reference
+
+    def linear(value: float) -> torch.nn.Linear:
+        layer = torch.nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        return layer
+
+    policy = linear(3.0)
+    for alpha, want in ((0.0, 1.0), (0.25, 1.5), (0.5, 2.0), (1.0, 3.0)):  # (1 - alpha) * 1 + alpha * 3
+        reference = linear(1.0)
+        sync_reference(reference, policy, alpha)
+        assert reference.weight.tolist() == [[want, want]]
+    # The hard update copies: pi_ref is then exactly pi, even where ref + (pi - ref) would round differently.
+    reference, policy = linear(1e-8), linear(0.1 + 1e-7)
+    sync_reference(reference, policy, 1.0)
+    assert torch.equal(reference.weight, policy.weight)
+
+
+def final_reference(run_dir: Path) -> dict[str, torch.Tensor]:
+    steps = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return load_file(str(steps[-1] / "reference.safetensors"))
+
+
+def test_reference_sync_hard_makes_pi_ref_the_policy_and_alpha_zero_changes_nothing(tmp_path):
+    plain = dpokit.train(config(tmp_path), run_dir=str(tmp_path / "plain"))
+    never = dpokit.train(config(tmp_path, reference={"sync": {"every": 1, "alpha": 0.0}}),
+                         run_dir=str(tmp_path / "never"))
+    hard = dpokit.train(config(tmp_path, reference={"sync": {"every": 2, "alpha": 1.0}}),
+                        run_dir=str(tmp_path / "hard"))
+    policy = lambda d: load_file(str(d / "final" / "model.safetensors"))  # noqa: E731
+    # alpha = 0: pi_ref never moves, so the run is the plain one bit for bit, and its saved reference is pi_ref.
+    a, b = policy(plain), policy(never)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Hard sync at step 4 (the last): the saved reference is the final policy, tensor for tensor.
+    ref, final = final_reference(hard), policy(hard)
+    assert all(torch.equal(ref[k], final[k]) for k in final)
+    # pi_ref moved at step 2 (to the policy after step 2's update), so step 3's rewards differ from the plain run's.
+    assert train_rows(hard)[2]["rewards/margins"] != train_rows(plain)[2]["rewards/margins"]
+
+
+@pytest.mark.parametrize("tree, says", [
+    ({"reference": {"mode": "store", "sync": {"every": 2}}}, "needs reference.mode: model"),
+    ({"reference": {"mode": "adapter", "sync": {"every": 2}}, "model": {"lora": {"r": 4}}},
+     "needs reference.mode: model"),
+    ({"reference": {"sync": {"every": 2}}, "model": {"lora": {"r": 4}}}, "model.lora"),
+    ({"reference": {"sync": {"every": 2}}, "distributed": {"strategy": "fsdp"}}, "fsdp"),
+    ({"reference": {"sync": {"every": 0}}}, "every"),
+    ({"reference": {"sync": {"alpha": 1.5}}}, "alpha"),
+])
+def test_reference_sync_refusals_are_one_line(tree, says):
+    from dpokit.config import Config
+
+    with pytest.raises(ValueError, match=says) as caught:
+        Config(**tree)
+    assert "reference.sync" in str(caught.value)

@@ -290,3 +290,30 @@ def test_a_run_writes_only_inside_run_dir_and_the_cache(tmp_path):
     outside = [p for p in created if not (p.is_relative_to(run) or p.is_relative_to(cache))]
     assert outside == [], outside
     assert any(p.is_relative_to(cache / "refstore") for p in created)
+
+
+@pytest.mark.equivalence
+def test_sigkill_then_resume_with_reference_sync_is_bit_identical(tmp_path, dropout_model):
+    """TR-DPO (reference.sync): pi_ref is state. Killed after a sync had moved it, the resumed run reads it back
+    from the checkpoint and ends with the straight run's policy and reference, bit for bit."""
+    cfg = make_config(tmp_path, dropout_model, max_steps=8)
+    sync = ["reference.sync.every=2", "reference.sync.alpha=0.5"]
+    straight = tmp_path / "straight"
+    done = run_cli("train", str(cfg), f"run_dir={straight}", *sync)
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed = tmp_path / "killed"
+    ckpts = killed / "checkpoints"
+    delay = random.Random(99).uniform(0.0, 0.5)
+    proc = subprocess.Popen([sys.executable, "-m", "dpokit", "train", str(cfg), f"run_dir={killed}", *sync],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, lambda: (ckpts / "step-3" / "COMPLETE").exists() and (time.sleep(delay) or True))
+    saved = sorted(p for p in ckpts.iterdir() if (p / "COMPLETE").exists())
+    first = load_file(str(ckpts / "step-1" / "reference.safetensors"))
+    moved = load_file(str(ckpts / "step-3" / "reference.safetensors"))  # after the sync at step 2
+    assert saved and any(not torch.equal(first[k], moved[k]) for k in first)
+    done = run_cli("train", str(cfg), f"run_dir={killed}", "--resume", *sync)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stderr
+    assert_bit_identical(weights(straight), weights(killed))
+    reference = lambda d: load_file(str(d / "checkpoints" / "step-8" / "reference.safetensors"))  # noqa: E731
+    assert_bit_identical(reference(straight), reference(killed))

@@ -75,13 +75,17 @@ def _new_tmp(root: Path, step: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, trainer_state: dict[str, Any], dist: Dist | None = None) -> Path:
+                    scheduler: Any, trainer_state: dict[str, Any], dist: Dist | None = None,
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write ``checkpoints/step-N/`` atomically. Returns its path. Under torchrun every rank calls it: rank 0
-    writes a plain checkpoint alone, every rank writes its shards of a sharded (FSDP) one."""
+    writes a plain checkpoint alone, every rank writes its shards of a sharded (FSDP) one. ``extra``: further
+    safetensors files of a plain checkpoint, file name -> tensors (TR-DPO: ``reference.safetensors``)."""
     dist = dist or Dist()
     root = run_dir / "checkpoints"
     final = root / f"step-{step}"
     if dist.sharded:
+        if extra:
+            raise DpokitError("extra checkpoint files are written only in the plain format, not by FSDP")
         return _save_sharded(root, step, model, optimizer, scheduler, trainer_state, dist)
     if not dist.is_main:
         return final
@@ -91,6 +95,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     with writing(final, "checkpoint", cleanup=staging_path(final)):
         tmp = _new_tmp(root, step)
         save_file(weights, str(tmp / "model.safetensors"))
+        for name, tensors in (extra or {}).items():
+            save_file(tensors, str(tmp / name))
         opt_tensors, opt_meta = optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))

@@ -207,6 +207,17 @@ class EvalConfig(_Section):
     """Pairs per evaluation batch."""
 
 
+class ReferenceSyncConfig(_Section):
+    """TR-DPO (Gorbatovski et al. 2024): every ``every`` optimizer steps, pi_ref <- alpha * pi + (1 - alpha) *
+    pi_ref, weight by weight. TRL's ``ref_model_sync_steps`` and ``ref_model_mixup_alpha``; their defaults."""
+
+    every: int = Field(512, ge=1)
+    """Optimizer steps between updates of the reference (the paper's tau)."""
+    alpha: float = Field(0.6, ge=0, le=1)
+    """Weight of the policy in the update: 1 is the hard update (pi_ref becomes pi), below 1 the soft one,
+    0 never changes pi_ref."""
+
+
 class ReferenceConfig(_Section):
     mode: Literal["model", "adapter", "store"] = "model"
     """Where reference log-probs come from: ``model`` (a frozen copy in memory), ``adapter`` (with LoRA: the
@@ -217,6 +228,9 @@ class ReferenceConfig(_Section):
     """Folder of the reference log-prob store; default ``$DPOKIT_CACHE/refstore`` (``~/.cache/dpokit``)."""
     batch_size: int = Field(16, ge=1, json_schema_extra=NEUTRAL)
     """Responses per forward pass when precomputing the store."""
+    sync: ReferenceSyncConfig | None = None
+    """Update the reference from the policy during training (TR-DPO), e.g. ``{every: 64, alpha: 0.6}``; needs
+    ``mode: model`` (the reference's weights become checkpoint state), full fine-tuning and one process or DDP."""
 
 
 class DistributedConfig(_Section):
@@ -356,6 +370,7 @@ class Config(_Section):
         if self.loss.use_weighting and self.loss.name in LISTWISE and not self.loss.weights:
             raise ValueError(f"loss.use_weighting: WPO weighs pairs; the listwise loss {self.loss.name} takes "
                              "rankings, use a pairwise loss")
+        self._reference_sync_fits()
         if self.reference.mode == "adapter" and self.model.lora is None:
             raise ValueError("reference.mode: 'adapter' needs model.lora (the reference is the policy with its "
                              "adapters disabled)")
@@ -363,6 +378,23 @@ class Config(_Section):
             raise ValueError("distributed.strategy: 'fsdp' with model.lora is not supported; use 'ddp' (LoRA "
                              "adapters are small, a copy per process costs little)")
         return self
+
+
+    def _reference_sync_fits(self) -> None:
+        if self.reference.sync is None:
+            return
+        if self.reference.mode != "model":
+            why = ("a store holds fixed log-probs" if self.reference.mode == "store" else
+                   "the adapter reference is the policy's base weights, shared with the policy")
+            raise ValueError(f"reference.sync: needs reference.mode: model (a reference model to update); "
+                             f"{why}")
+        if self.model.lora is not None:
+            raise ValueError("reference.sync: with model.lora the policy's weights are base + adapter; train "
+                             "without model.lora to update the reference from the policy")
+        if self.distributed.strategy == "fsdp":
+            raise ValueError("reference.sync: not supported with distributed.strategy: fsdp; use ddp")
+        if self.online.reward or self.online.judge_url:
+            raise ValueError("reference.sync: online DPO does not update its reference; remove one of them")
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 from dpokit.data.batch import collate_responses, regroup, to_device
 from dpokit.data.tokenize import TokenizedGroup
 from dpokit.distributed import Dist
+from dpokit.errors import ConfigError
 from dpokit.io import write_bytes, writing
 from dpokit.logprobs import batch_logps
 from dpokit.models import cache_dir, freeze
@@ -146,6 +147,53 @@ class StoreReference:
             for k, (prompt, response) in enumerate(responses_of(item)):
                 out[g, k] = self.store.values[response_key(self.model_key, prompt, response)]
         return out.to(slots.device)
+
+
+@torch.no_grad()
+def sync_reference(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
+    """TR-DPO's update of the reference (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good
+    Alignment", https://arxiv.org/abs/2404.09656), weight by weight:
+
+        theta_ref <- alpha * theta + (1 - alpha) * theta_ref,
+
+    the soft update for alpha < 1 and the hard update theta_ref <- theta for alpha = 1 (copied, so pi_ref is
+    then exactly pi); alpha = 0 leaves pi_ref as it is. The training step calls it every ``reference.sync.every``
+    optimizer steps, so pi_ref trails the policy and the KL penalty anchors to a recent policy instead of the
+    starting one. ``reference`` and ``policy`` have the same parameter names and shapes
+    (``check_sync_compatible``)."""
+    if alpha == 0:
+        return
+    policy_params = dict(policy.named_parameters())
+    for name, ref_param in reference.named_parameters():
+        source = policy_params[name].detach().to(ref_param.dtype)
+        if alpha == 1:
+            ref_param.copy_(source)
+        else:
+            ref_param.lerp_(source, alpha)
+
+
+def check_sync_compatible(reference: nn.Module, policy: nn.Module) -> None:
+    """Raise ConfigError naming ``reference.sync`` unless the two models have the same weights by name and
+    shape (a reference of another architecture cannot take the policy's weights)."""
+    ref = {n: tuple(p.shape) for n, p in reference.named_parameters()}
+    pol = {n: tuple(p.shape) for n, p in policy.named_parameters()}
+    if ref != pol:
+        differ = sorted(set(ref) ^ set(pol)) or sorted(n for n in ref if ref[n] != pol[n])
+        raise ConfigError(f"reference.sync: the reference and the policy have different weights (e.g. "
+                          f"{differ[0]}); sync needs the same architecture")
+
+
+def reference_weights(reference: nn.Module) -> dict[str, torch.Tensor]:
+    """The reference's parameters, contiguous on CPU, for a checkpoint (tied weights once, as named_parameters
+    lists them)."""
+    return {name: p.detach().to("cpu").contiguous() for name, p in reference.named_parameters()}
+
+
+@torch.no_grad()
+def load_reference_weights(reference: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(reference.named_parameters())
+    for name, tensor in weights.items():
+        params[name].copy_(tensor)
 
 
 Reference = FrozenReference | AdapterReference | StoreReference

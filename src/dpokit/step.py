@@ -44,7 +44,7 @@ from dpokit.losses import LISTWISE, advance_loss_state, compute_loss, plackett_l
 from dpokit.losses.tokens import length_desensitized_weights, wpo_pair_weights
 from dpokit.metrics import PairStats, RewardModelStats, SftStats
 from dpokit.models import Models, load_models
-from dpokit.reference import Reference
+from dpokit.reference import FrozenReference, Reference, sync_reference
 from dpokit.reward_model import RewardModule, load_reward_models, reward_forward
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -260,6 +260,10 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     grad_norm, lr = apply_update(run, step, means["loss"])
     if not run.consecutive_skips:  # an applied step: a loss's state (bco_pair's reward shift) takes it in
         advance_task_loss_state(run, means, len(indices))
+    sync = run.cfg.reference.sync
+    if sync is not None and run.task.needs_reference and step % sync.every == 0:  # TR-DPO, on the step grid
+        assert isinstance(run.reference, FrozenReference)  # the config allows sync with reference.mode: model only
+        sync_reference(run.reference.model, run.policy, sync.alpha)
     run.step = step
     seconds = time.perf_counter() - started
     return {"step": step, "split": "train", "elapsed_s": time.perf_counter() - run.started, "tokens": stats.tokens,

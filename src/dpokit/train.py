@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from torch import nn
 
 from dpokit.checkpoint import (
     export_hf,
@@ -41,7 +43,13 @@ from dpokit.io import write_json
 from dpokit.losses import LISTWISE, check_training_setup
 from dpokit.metrics import HealthMonitor, MetricsWriter, Progress
 from dpokit.preempt import stop_on_signals
-from dpokit.reference import build_reference
+from dpokit.reference import (
+    FrozenReference,
+    build_reference,
+    check_sync_compatible,
+    load_reference_weights,
+    reference_weights,
+)
 from dpokit.resume import (
     check_resume_settings,
     fingerprint,
@@ -198,6 +206,8 @@ def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False,
     # Before any checkpoint is restored: the policy still holds its starting weights here.
     reference = (build_reference(cfg, models, train_items + eval_items, device, autocast, note, dist)
                  if task.needs_reference else None)
+    if cfg.reference.sync is not None and isinstance(reference, FrozenReference):
+        check_sync_compatible(reference.model, policy)
     model = dist.wrap_trainable(task.module(policy))  # batch -> (logps, n_tokens) or rewards; DDP/FSDP-wrapped
     if dist.rank:  # independent dropout masks per rank; rank 0 keeps the single-process random stream
         seed_everything(cfg.train.seed + dist.rank)
@@ -234,6 +244,12 @@ def restore(run: Run, force: bool = False) -> None:
     state = restore_checkpoint(run.checkpoint, run.policy, run.optimizer, run.scheduler, run.dist)
     run.step, run.consumed, run.skipped = state["step"], state["pairs_consumed"], state["skipped_steps"]
     run.task_state = state.get("task_state", {})
+    reference = synced_reference(run)
+    if reference is not None:  # TR-DPO: the reference has moved since the start; take it as saved
+        if not (run.checkpoint / REFERENCE_FILE).is_file():
+            raise ConfigError(f"reference.sync: {run.checkpoint} has no {REFERENCE_FILE} (the run did not update "
+                              "its reference); resume it without reference.sync")
+        load_reference_weights(reference, load_file(str(run.checkpoint / REFERENCE_FILE)))
     run.stream = PairStream(len(run.train_items), run.cfg.train.seed, run.cfg.train.shuffle, **state["data_position"])
     rngs = [state["rng"], *state.get("rng_other_ranks", [])]
     set_rng_state(rngs[run.dist.rank % len(rngs)])
@@ -252,9 +268,24 @@ def trainer_state(run: Run) -> dict[str, Any]:
             "task": run.task.name, "task_state": run.task_state}
 
 
+REFERENCE_FILE = "reference.safetensors"
+"""The reference's weights in a checkpoint of a run that updates them (``reference.sync``, TR-DPO)."""
+
+
+def synced_reference(run: Run) -> nn.Module | None:
+    """The reference model when the run updates it from the policy (``reference.sync``), else None."""
+    if run.cfg.reference.sync is None or not isinstance(run.reference, FrozenReference):
+        return None
+    return run.reference.model
+
+
 def save(run: Run) -> None:
-    """A checkpoint of the run as it is now (``checkpoints/step-N``), then rotation."""
-    save_checkpoint(run.run_dir, run.step, run.policy, run.optimizer, run.scheduler, trainer_state(run), run.dist)
+    """A checkpoint of the run as it is now (``checkpoints/step-N``), then rotation. A run that updates its
+    reference saves the reference's weights too: they are state like the optimizer's."""
+    reference = synced_reference(run)
+    extra = {REFERENCE_FILE: reference_weights(reference)} if reference is not None and run.dist.is_main else None
+    save_checkpoint(run.run_dir, run.step, run.policy, run.optimizer, run.scheduler, trainer_state(run), run.dist,
+                    extra=extra)
     if run.cfg.train.keep_checkpoints and run.dist.is_main:
         rotate_checkpoints(run.run_dir, run.cfg.train.keep_checkpoints)
 
