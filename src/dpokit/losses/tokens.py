@@ -1,8 +1,9 @@
 """Per-token modifiers of the log-probs every loss sees: pure functions over a batch's targets.
 
 A preference loss takes log-probs summed over response tokens. Some variants change what is summed rather
-than the loss on top: LD-DPO (``loss.ld_alpha``) scales the tokens past the shorter response's length. Such a
-variant is a weight per target token, ``batch["target_weight"]`` (M,), which ``dpokit.logprobs.layout_logps``
+than the loss on top: LD-DPO (``loss.ld_alpha``) scales the tokens past the shorter response's length. WPO
+(``loss.use_weighting``) weighs each pair's loss by the policy's own per-token probabilities
+(``wpo_pair_weights``). LD-DPO is a weight per target token, ``batch["target_weight"]`` (M,), which ``dpokit.logprobs.layout_logps``
 multiplies into the token log-probs before summing; the policy and a live reference (``reference.mode:
 model`` or ``adapter``) score the same batch, so both sides of every log-ratio get the same weights.
 Shapes follow ``dpokit.data.batch``: ``target_slot`` (M,) the response of each target token, in order
