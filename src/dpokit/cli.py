@@ -147,6 +147,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_from_trl(args: argparse.Namespace) -> int:
+    from dpokit.from_trl import from_trl, render
+
+    translation = from_trl(args.file, out=args.out)
+    if args.out is None:
+        print(render(translation, args.file), end="")
+    else:
+        print(f"wrote {args.out}")
+    for key, reason in translation.unmapped.items():
+        print(f"dpokit: not carried over: {key}: {reason}", file=sys.stderr)
+    return 0
+
+
 def cmd_recipe(args: argparse.Namespace) -> int:
     from dpokit.recipes import run_recipe
 
@@ -273,6 +286,17 @@ def _add_env(sub: Any) -> None:
     env.set_defaults(func=cmd_env)
 
 
+def _add_config(sub: Any) -> None:
+    """``dpokit config from-trl``."""
+    config = sub.add_parser("config", help="config tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    trl = config_sub.add_parser("from-trl", help="a TRL DPOConfig (YAML or JSON of its fields) as a dpokit config; "
+                                                 "keys that cannot be mapped are named with the reason")
+    trl.add_argument("file", help="YAML or JSON file of DPOConfig fields")
+    trl.add_argument("--out", help="write the dpokit config here (default: stdout)")
+    trl.set_defaults(func=cmd_config_from_trl)
+
+
 def _add_export(sub: Any) -> None:
     """``dpokit export``."""
     export = sub.add_parser("export", help="a run's model as a Hub-ready folder: weights, tokenizer, generation "
@@ -303,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dpokit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_data, _add_training, _add_score, _add_eval, _add_report, _add_serve, _add_env, _add_recipe,
-                _add_export):
+                _add_export, _add_config):
         add(sub)
     return parser
 
