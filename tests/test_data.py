@@ -504,3 +504,63 @@ def test_report_dict_has_the_audit_fields(tiny_tok):
                 "prompt_tokens", "response_tokens"):
         assert key in summary
     json.dumps(summary)
+
+
+# ---------------------------------------------------------------------------------------------------- unpaired
+
+@pytest.mark.parametrize("row, fmt", [
+    ({"prompt": "Hi", "completion": " yes", "label": True}, "unpaired"),
+    ({"prompt": user("Hi"), "completion": assistant("yes"), "label": False}, "unpaired_conversational"),
+    ({"prompt": "Hi", "completion": assistant("yes"), "label": True}, "unpaired_conversational"),
+    ({"prompt": user("Hi"), "completion": "yes", "label": False}, "unpaired_conversational"),
+])
+def test_unpaired_rows_are_detected_and_keep_their_label(row, fmt, tmp_path, tiny_tok):
+    from dpokit.data import load_unpaired
+
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    parsed = normalize(next(iter_records(path)))
+    assert parsed.format == fmt and parsed.label is row["label"] and len(parsed.responses) == 1
+    items, report = load_unpaired(path, tiny_tok, CFG)
+    assert len(items) == 1 and len(items[0].responses_ids) == 1 and items[0].label is row["label"]
+    assert (report.desirable, report.undesirable) == ((1, 0) if row["label"] else (0, 1))
+
+
+def test_unpaired_counts_refusals_and_labels(tmp_path, tiny_tok):
+    from dpokit.data import load_unpaired
+
+    rows = [{"prompt": f"Q{i}", "completion": f" A{i}", "label": i % 3 != 0} for i in range(6)]
+    rows.append({"prompt": "Q0", "completion": " A0", "label": True})  # the same text labelled the other way
+    rows.append({"prompt": "Q1", "completion": " A1", "label": True})  # a duplicate
+    path = write_jsonl(tmp_path / "u.jsonl", rows)
+    items, report = load_unpaired(path, tiny_tok, CFG)
+    assert report.rows_read == 8 and report.rows_kept == 7 and report.dropped == {"duplicate": 1}
+    assert (report.desirable, report.undesirable) == (5, 2) and len(items) == 7
+    assert report.to_dict()["desirable"] == 5
+    # Unpaired and pairwise files are each refused by the other kind of loss, with one line.
+    assert "need loss.name=kto" in data_error(load_preferences, path, tiny_tok, CFG)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "chosen": " a", "rejected": " b"}])
+    assert "loss.name=kto takes unpaired rows" in data_error(load_unpaired, pairs, tiny_tok, CFG)
+
+
+@pytest.mark.parametrize("row, needle", [
+    ({"prompt": "Hi", "completion": " yes", "label": "yes"}, "'label' must be true or false"),
+    ({"prompt": "Hi", "completion": " yes", "label": 1}, "'label' must be true or false"),
+    ({"prompt": "Hi", "completion": " yes"}, "missing 'label'"),
+    ({"completion": " yes", "label": True}, "missing 'prompt'"),
+    ({"prompt": "Hi", "label": True}, "missing 'completion'"),
+])
+def test_bad_unpaired_rows_name_line_and_key(row, needle, tmp_path, tiny_tok):
+    from dpokit.data import load_unpaired
+
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    message = data_error(load_unpaired, path, tiny_tok, CFG)
+    assert "d.jsonl:1" in message and needle in message
+
+
+def test_data_check_prints_label_counts(tmp_path, capsys):
+    rows = [{"prompt": f"Q{i}", "completion": f" A{i}", "label": i < 3} for i in range(4)]
+    path = write_jsonl(tmp_path / "u.jsonl", rows)
+    from dpokit.cli import main
+
+    assert main(["data", "check", path, "--model", "tiny-random-llama"]) in (0, None)
+    assert "labels: 3 desirable, 1 undesirable" in capsys.readouterr().out

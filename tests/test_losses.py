@@ -18,6 +18,7 @@ from dpokit.losses import (
     LISTWISE,
     LOSS_PARAMS,
     LOSSES,
+    UNPAIRED,
     advance_loss_state,
     cdpo_loss,
     check_training_setup,
@@ -43,7 +44,7 @@ LR = [6.0, 10.0, 4.0]  # rejected lengths
 BETA = 0.1
 # h = (pc - pr) - (rc - rr) = [1.5, 0.5, 2.0]
 
-PAIRWISE = sorted(set(LOSSES) - LISTWISE)
+PAIRWISE = sorted(set(LOSSES) - LISTWISE - UNPAIRED)
 # The smallest set of parameters each loss needs to run.
 PARAMS: dict[str, dict[str, Any]] = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1},
                                      "f_dpo": {"f_divergence": "js_divergence"}}
@@ -727,7 +728,7 @@ def loss_config(**fields: Any) -> Any:
         from dpokit.config import LossConfig
     except Exception:  # config.py may be mid-edit; a stand-in with the same attributes will do
         keys = ("label_smoothing", "gamma", "alpha", "reference_free", "discopop_tau", "f_divergence",
-                "f_alpha_divergence_coef")
+                "f_alpha_divergence_coef", "desirable_weight", "undesirable_weight")
         ns = SimpleNamespace(**{"name": "sigmoid", "beta": 0.1, "weights": None, **dict.fromkeys(keys), **fields})
         ns.params = lambda: {k: getattr(ns, k) for k in keys if getattr(ns, k) is not None}
         return ns
@@ -915,3 +916,50 @@ def test_use_weighting_config() -> None:
     assert Config(loss={"name": "ipo", "use_weighting": True}).loss.use_weighting
     with pytest.raises(ValueError, match=r"loss\.use_weighting: WPO weighs pairs"):
         Config(loss={"name": "plackett_luce", "use_weighting": True})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KTO on unpaired examples
+
+
+def test_kto_golden_values_by_hand() -> None:
+    from dpokit.losses import kto_kl_baseline, kto_loss
+
+    # r = beta * (pi - ref) = [0.1, -0.05, 0.2, -0.1]; z_0 = max(0, mean of the mismatched log-ratios) = 0.5
+    policy, ref = t([-10.0, -20.5, -3.0, -7.0]), t([-11.0, -20.0, -5.0, -6.0])
+    labels = torch.tensor([True, True, False, False])
+    kl = kto_kl_baseline(t([-4.0, -6.0]), t([-4.5, -6.5]))
+    assert kl.item() == 0.5
+    losses, rewards = kto_loss(policy, ref, labels, kl, beta=BETA, desirable_weight=1.0, undesirable_weight=2.0)
+    z = BETA * 0.5
+    want = [1 - sigmoid(0.1 - z), 1 - sigmoid(-0.05 - z), 2 * (1 - sigmoid(z - 0.2)), 2 * (1 - sigmoid(z + 0.1))]
+    assert_close(losses, t(want))
+    assert_close(rewards, t([0.1, -0.05, 0.2, -0.1]))
+    # The KL estimate is clamped at 0 and carries no gradient.
+    assert kto_kl_baseline(t([-5.0]), t([-4.0])).item() == 0.0
+    assert not kto_kl_baseline(t([-4.0]).requires_grad_(), t([-5.0])).requires_grad
+
+
+def test_kto_gradient_signs_and_limits() -> None:
+    from dpokit.losses import kto_loss
+
+    policy = t([-10.0, -10.0]).requires_grad_()
+    losses, rewards = kto_loss(policy, t([-10.0, -10.0]), torch.tensor([True, False]), 0.0, beta=BETA)
+    assert_close(losses, t([0.5, 0.5]))  # pi = pi_ref, z = 0: 1 - sigmoid(0) for both kinds
+    losses.sum().backward()
+    assert policy.grad[0] < 0 < policy.grad[1]  # raise the desirable response, lower the undesirable one
+    assert not rewards.requires_grad
+    # Saturation: far past the reference point an example stops pulling.
+    far = t([90.0]).requires_grad_()
+    kto_loss(far, t([0.0]), torch.tensor([True]), 0.0, beta=1.0)[0].sum().backward()
+    assert abs(far.grad.item()) < 1e-30
+
+
+def test_kto_is_refused_by_compute_loss_and_in_sums() -> None:
+    with pytest.raises(ValueError, match="kto_loss"):
+        compute_loss(loss_config(name="kto"), *batch().values(), *lengths().values())
+    with pytest.raises(ValueError, match=r"loss\.weights\.kto:"):
+        validate_loss_config(loss_config(weights={"sigmoid": 1.0, "kto": 1.0}))
+    with pytest.raises(ValueError, match=r"loss\.desirable_weight: not used by loss sigmoid"):
+        validate_loss_config(loss_config(name="sigmoid", desirable_weight=2.0))
+    validate_loss_config(loss_config(name="kto", desirable_weight=1.33, undesirable_weight=1.0))

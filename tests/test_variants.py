@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import dpokit
 from dpokit.checkpoint import read_trainer_state
-from dpokit.losses import LISTWISE, LOSSES
+from dpokit.losses import LISTWISE, LOSSES, UNPAIRED
 from dpokit.metrics import read_metrics
 from tolerances import METRIC_REL, assert_same_metrics
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1}, "simpo": {"beta": 2.0},
           "ipo": {"beta": 0.5}, "f_dpo": {"f_divergence": "js_divergence"}}
 # Further settings of a loss that change what it optimizes, each trained end to end as well.
-CASES = [(name, PARAMS.get(name, {})) for name in sorted(set(LOSSES) - LISTWISE)] + [
+CASES = [(name, PARAMS.get(name, {})) for name in sorted(set(LOSSES) - LISTWISE - UNPAIRED)] + [
     ("f_dpo", {"f_divergence": "forward_kl"}), ("f_dpo", {"f_divergence": "reverse_kl"}),
     ("f_dpo", {"f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 0.5}),
     ("sigmoid", {"ld_alpha": 0.5}), ("sigmoid", {"use_weighting": True})]
@@ -232,3 +232,74 @@ def test_sft_command_raises_chosen_likelihood(tmp_path):
     assert history[-1]["logps/chosen"] > history[0]["logps/chosen"]
     assert "rewards/margins" not in history[0]  # no preference metrics without a preference loss
     assert (tmp_path / "sft" / "final" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KTO on unpaired examples
+
+
+def write_unpaired(path: Path, n: int = 16) -> Path:
+    with path.open("w") as fh:
+        for i in range(n):
+            prompt = f"Question {i}: please help with item {i}."
+            fh.write(json.dumps({"prompt": prompt, "completion": f" Gladly, here is help {i}.", "label": True}) + "\n")
+            fh.write(json.dumps({"prompt": prompt, "completion": f" No {i}. Go away now.", "label": False}) + "\n")
+    return path
+
+
+def test_kto_learns_unpaired_examples(tmp_path):
+    data = write_unpaired(tmp_path / "kto.jsonl")
+    run_dir = dpokit.train(config(data, name="kto", desirable_weight=1.0, undesirable_weight=1.0),
+                           run_dir=str(tmp_path / "kto"))
+    history = rows(run_dir)
+    assert len(history) == 25
+    assert history[0]["loss"] == 0.5 and history[0]["rewards/chosen"] == 0.0  # pi = pi_ref: 1 - sigmoid(0)
+    assert history[-1]["rewards/accuracies"] > 0.9, history[-1]
+    assert history[-1]["rewards/chosen"] > 0 > history[-1]["rewards/rejected"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert all(r["kl"] >= 0 for r in history)
+    report = json.loads((run_dir / "data_report.json").read_text())["train"]
+    assert (report["desirable"], report["undesirable"]) == (16, 16)
+
+
+def test_kto_mismatched_pairs_and_stats_by_hand():
+    from dpokit.data.tokenize import TokenizedGroup
+    from dpokit.metrics import KtoStats
+    from dpokit.step import mismatched
+
+    items = [TokenizedGroup([1, 2], [[10, 11, 12]], "a", label=True), TokenizedGroup([3], [[20]], "b", label=False),
+             TokenizedGroup([4, 5, 6], [[30, 31]], "c", label=True)]
+    kl_items = mismatched(items, max_length=5)
+    assert [(g.prompt_ids, g.responses_ids) for g in kl_items] == [([1, 2], [[20]]), ([3], [[30, 31]]),
+                                                                   ([4, 5, 6], [[10, 11]])]  # cut to fit 5
+    stats = KtoStats()
+    stats.add(torch.tensor([0.2, 0.4, 0.6]), torch.tensor([0.3, -0.1, 0.05]), torch.tensor([True, False, True]),
+              torch.tensor([-5.0, -7.0, -3.0]), torch.tensor(0.5), 0.1, tokens=9)
+    means = stats.means()
+    assert means["rewards/chosen"] == pytest.approx(0.175) and means["rewards/rejected"] == pytest.approx(-0.1)
+    assert means["rewards/margins"] == pytest.approx(0.275) and means["logps/chosen"] == pytest.approx(-4.0)
+    assert means["rewards/accuracies"] == pytest.approx(2 / 3)  # z = 0.05: 0.3 > z, -0.1 < z, 0.05 is not > z
+    assert means["loss"] == pytest.approx(0.4) and means["kl"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("tree, key", [
+    ({"loss": {"name": "kto"}, "reference": {"mode": "store"}}, "loss.name"),
+    ({"loss": {"name": "kto", "ld_alpha": 0.5}}, "loss.ld_alpha"),
+    ({"loss": {"name": "kto", "use_weighting": True}}, "loss.use_weighting"),
+    ({"loss": {"name": "kto", "desirable_weight": 0.0}}, "loss.desirable_weight"),
+    ({"loss": {"name": "sigmoid", "undesirable_weight": 1.0}}, "loss.undesirable_weight"),
+])
+def test_kto_config_refusals_name_the_key(tree, key):
+    from dpokit.config import Config
+
+    with pytest.raises(ValueError, match=key.replace(".", r"\.") + ":"):
+        Config(**tree)
+
+
+def test_kto_refuses_a_pairwise_file_in_one_line(tmp_path):
+    cfg = tmp_path / "kto.yaml"
+    cfg.write_text(json.dumps(config(write_pairs(tmp_path / "pairs.jsonl"), name="kto")))  # JSON is YAML
+    result = subprocess.run([sys.executable, "-m", "dpokit", "train", str(cfg), f"run_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "loss.name=kto takes unpaired rows" in result.stderr

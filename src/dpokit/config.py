@@ -118,6 +118,10 @@ class LossConfig(_Section):
     f_alpha_divergence_coef: float | None = None
     """alpha of ``f_dpo`` with ``f_divergence: alpha_divergence`` (> 0, default 1.0, TRL's; 1.0 is forward KL,
     alpha -> 0 reverse KL)."""
+    desirable_weight: float | None = None
+    """``kto``: weight lambda_D of the losses of desirable examples (label true), default 1.0."""
+    undesirable_weight: float | None = None
+    """``kto``: weight lambda_U of the losses of undesirable examples (label false), default 1.0."""
     ld_alpha: float | None = Field(None, ge=0, le=1)
     """LD-DPO (Liu et al. 2024), with any loss: in policy and reference log-probs, the tokens of a response past
     the shorter response's length count alpha times (in [0, 1]; 1 is the plain loss). Needs a live reference
@@ -132,7 +136,7 @@ class LossConfig(_Section):
     def params(self) -> dict[str, Any]:
         """The variant-specific parameters that were set (None means 'not given')."""
         keys = ("label_smoothing", "gamma", "alpha", "reference_free", "discopop_tau", "f_divergence",
-                "f_alpha_divergence_coef")
+                "f_alpha_divergence_coef", "desirable_weight", "undesirable_weight")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -371,6 +375,15 @@ class Config(_Section):
             raise ValueError(f"loss.use_weighting: WPO weighs pairs; the listwise loss {self.loss.name} takes "
                              "rankings, use a pairwise loss")
         self._reference_sync_fits()
+        if self.loss.name == "kto" and not self.loss.weights:
+            if self.reference.mode == "store":
+                raise ValueError("loss.name: kto scores mismatched prompt/completion pairs the reference store does "
+                                 "not hold; use reference.mode: model (or adapter with LoRA)")
+            for key in ("ld_alpha", "use_weighting"):
+                if getattr(self.loss, key) not in (None, False):
+                    raise ValueError(f"loss.{key}: works on pairs; loss kto takes single responses, remove it")
+            if self.online.reward or self.online.judge_url:
+                raise ValueError("loss.name: kto trains on a file of labelled responses, not online DPO's pairs")
         if self.reference.mode == "adapter" and self.model.lora is None:
             raise ValueError("reference.mode: 'adapter' needs model.lora (the reference is the policy with its "
                              "adapters disabled)")

@@ -71,6 +71,43 @@ class PairStats(MeanStats):
         }, tokens)
 
 
+KTO_METRICS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
+               "logps/rejected", "desirable", "undesirable")
+"""KTO's (unpaired examples): chosen = desirable, rejected = undesirable, each averaged over its own kind."""
+
+
+class KtoStats(MeanStats):
+    """KTO: each example is one response, desirable or not. ``rewards/chosen`` and ``logps/chosen`` are means over
+    the desirable examples, the ``rejected`` ones over the undesirable; ``rewards/margins`` is their difference;
+    ``rewards/accuracies`` the fraction of examples on their side of the reference point z (a desirable
+    reward above it, an undesirable one below); ``kl`` the mean KL estimate z_0 the examples saw."""
+
+    names = KTO_METRICS
+
+    def add(self, losses: torch.Tensor, rewards: torch.Tensor, labels: torch.Tensor, logps: torch.Tensor,
+            kl: torch.Tensor, beta: float, tokens: int) -> None:
+        desirable = labels.float()
+        undesirable = 1.0 - desirable
+        z = beta * kl
+        right_side = torch.where(labels, rewards > z, rewards < z).float()
+        self.add_values({
+            "loss": losses, "kl": kl.expand_as(losses), "rewards/chosen": rewards * desirable,
+            "rewards/rejected": rewards * undesirable, "rewards/accuracies": right_side,
+            "logps/chosen": logps * desirable, "logps/rejected": logps * undesirable,
+            "desirable": desirable, "undesirable": undesirable,
+        }, tokens)
+
+    def means(self) -> dict[str, float]:
+        n = max(self.pairs, 1)
+        n_d, n_u = max(self.sums["desirable"], 1.0), max(self.sums["undesirable"], 1.0)
+        out = {name: self.sums[name] / n for name in ("loss", "kl", "rewards/accuracies")}
+        out.update({"rewards/chosen": self.sums["rewards/chosen"] / n_d,
+                    "rewards/rejected": self.sums["rewards/rejected"] / n_u,
+                    "logps/chosen": self.sums["logps/chosen"] / n_d, "logps/rejected": self.sums["logps/rejected"] / n_u})
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return out
+
+
 class RewardModelStats(MeanStats):
     """A Bradley-Terry reward model: the scalar rewards r_c, r_r of each pair."""
 

@@ -38,11 +38,19 @@ from dpokit.data.batch import (
     split_by_tokens,
     to_device,
 )
+from dpokit.data.tokenize import TokenizedGroup
 from dpokit.distributed import Dist, LogpsModule
 from dpokit.errors import DpokitError
-from dpokit.losses import LISTWISE, advance_loss_state, compute_loss, plackett_luce_loss
+from dpokit.losses import (
+    LISTWISE,
+    advance_loss_state,
+    compute_loss,
+    kto_kl_baseline,
+    kto_loss,
+    plackett_luce_loss,
+)
 from dpokit.losses.tokens import length_desensitized_weights, wpo_pair_weights
-from dpokit.metrics import PairStats, RewardModelStats, SftStats
+from dpokit.metrics import KtoStats, PairStats, RewardModelStats, SftStats
 from dpokit.models import Models, load_models
 from dpokit.reference import FrozenReference, Reference, sync_reference
 from dpokit.reward_model import RewardModule, load_reward_models, reward_forward
@@ -179,6 +187,42 @@ def preference_forward(run: Run, items: list[Any]) -> tuple[torch.Tensor, Record
     return out["losses"].sum(), record_pairs(out, batch), batch
 
 
+def mismatched(items: list[Any], max_length: int) -> list[TokenizedGroup]:
+    """KTO's KL examples: each prompt with the next example's completion (the last with the first), cut to fit
+    max_length. A pass of one example pairs it with itself (then z_0 is that example's own log-ratio)."""
+    out = []
+    for j, item in enumerate(items):
+        completion = items[(j + 1) % len(items)].responses_ids[0]
+        out.append(TokenizedGroup(item.prompt_ids, [completion[:max(1, max_length - len(item.prompt_ids))]],
+                                  item.location))
+    return out
+
+
+def kto_forward(run: Run, items: list[Any]) -> tuple[torch.Tensor, Record, dict[str, Any]]:
+    """KTO on unpaired examples (``dpokit.losses.kto_loss``): policy and reference log-probs of each example's
+    response, and z_0 (``kto_kl_baseline``) from the pass's mismatched prompt/completion pairs, scored by both
+    models without gradient. z_0 is estimated per pass, as TRL does per micro-batch (and per process here), so
+    batch 8 x accumulation 1 and 4 x 2 see slightly different reference points."""
+    batch = _collated(run, items)
+    kl_items = mismatched(items, run.cfg.data.max_length)
+    kl_batch = _collated(run, kl_items)
+    ref_logps = run.reference.logps(batch, items, run.autocast)[:, 0]
+    ref_kl_logps = run.reference.logps(kl_batch, kl_items, run.autocast)[:, 0]
+    with run.autocast():
+        row_logps, _ = run.model(batch)
+        with torch.no_grad():
+            row_kl_logps, _ = run.model(kl_batch)
+    logps, kl_logps = regroup(row_logps, batch)[:, 0], regroup(row_kl_logps, kl_batch)[:, 0]
+    kl = kto_kl_baseline(kl_logps, ref_kl_logps)
+    labels = torch.tensor([bool(item.label) for item in items], device=logps.device)
+    loss = run.cfg.loss
+    params = {k: v for k, v in loss.params().items() if k in ("desirable_weight", "undesirable_weight")}
+    losses, rewards = kto_loss(logps, ref_logps, labels, kl, beta=loss.beta, **params)
+    record: Record = lambda stats: stats.add(losses, rewards, labels, logps.detach(), kl, loss.beta,  # noqa: E731
+                                             batch["tokens"])
+    return losses.sum(), record, batch
+
+
 def sft_forward(run: Run, items: list[Any]) -> tuple[torch.Tensor, Record, dict[str, Any]]:
     """SFT: negative log-likelihood of the chosen responses, summed over their tokens."""
     cfg = run.cfg.train
@@ -198,6 +242,9 @@ TASKS = {
     "dpo": Task("dpo", preference_forward, pairs_of_step, PairStats, needs_reference=True, chosen_only=False,
                 evaluates=True),
     # SFT averages over every response token of the step, DPO and the reward model over every pair of the step.
+    # KTO (loss.name: kto): unpaired examples, one response each, averaged over every example of the step.
+    "kto": Task("kto", kto_forward, pairs_of_step, KtoStats, needs_reference=True, chosen_only=False,
+                evaluates=True),
     "sft": Task("sft", sft_forward, lambda run, indices: sum(len(run.train_items[i].chosen_ids) for i in indices),
                 SftStats, needs_reference=False, chosen_only=True),
     # A Bradley-Terry reward model (dpokit.reward_model): padded rows only, the reward is read at a row's end.

@@ -33,14 +33,14 @@ from dpokit.checkpoint import (
     save_checkpoint,
 )
 from dpokit.config import Config, load_config, save_config
-from dpokit.data import load_preferences, load_ranked, overlap_report
+from dpokit.data import load_preferences, load_ranked, load_unpaired, overlap_report
 from dpokit.data.batch import PairStream
 from dpokit.distributed import Dist
 from dpokit.distributed import setup as setup_distributed
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.hardware import choose_attention, resolve_precision
 from dpokit.io import write_json
-from dpokit.losses import LISTWISE, check_training_setup
+from dpokit.losses import LISTWISE, UNPAIRED, check_training_setup
 from dpokit.metrics import HealthMonitor, MetricsWriter, Progress
 from dpokit.preempt import stop_on_signals
 from dpokit.reference import (
@@ -152,7 +152,7 @@ def load_items(cfg: Config, tokenizer: Any, task: Task, note: Callable[[str], No
                dist: Dist) -> tuple[list[Any], list[Any]]:
     """Training and held-out groups (pairs, or rankings for a listwise loss), and RUN_DIR/data_report.json (rows read = kept + dropped by reason, and the train/eval overlap)."""
     listwise = cfg.loss.name in LISTWISE and task.needs_reference
-    load = load_ranked if listwise else load_preferences
+    load = load_ranked if listwise else load_unpaired if task.name == "kto" else load_preferences
     train_items, train_report = load(cfg.data.train, tokenizer, cfg.data, cfg.data.train_split)
     reports = {"train": train_report.to_dict()}
     eval_items: list[Any] = []
@@ -326,7 +326,8 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
 
             run_dir = train_online(cfg, dist, resume=resume or cfg.train.resume == "auto", force=force)
         else:
-            run_dir = _train(cfg, dist, resume=resume, force=force, task=TASKS[task])
+            kind = "kto" if task == "dpo" and cfg.loss.name in UNPAIRED else task  # unpaired examples
+            run_dir = _train(cfg, dist, resume=resume, force=force, task=TASKS[kind])
     dist.close()
     return run_dir
 

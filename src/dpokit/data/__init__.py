@@ -23,12 +23,19 @@ from dpokit.data.formats import (
 )
 from dpokit.data.load import Record, RowError, iter_records, scan_records
 from dpokit.data.overlap import find_overlap, overlap_report
-from dpokit.data.pipeline import DataReport, iter_tokenized, load_any, load_preferences, load_ranked
+from dpokit.data.pipeline import (
+    DataReport,
+    iter_tokenized,
+    load_any,
+    load_preferences,
+    load_ranked,
+    load_unpaired,
+)
 from dpokit.data.tokenize import TokenizedGroup, encode_rows, token_rules, tokenize_pair
 
 __all__ = [
     "CONTENT_REASONS", "DROP_REASONS", "DataReport", "MALFORMED_REASONS", "PreferenceRow", "Record", "RowError",
     "TokenizedGroup", "encode_rows", "find_overlap", "iter_records", "iter_tokenized", "load_any",
-    "load_preferences", "load_ranked", "normalize", "overlap_report", "scan_records", "split_implicit",
+    "load_preferences", "load_ranked", "load_unpaired", "normalize", "overlap_report", "scan_records", "split_implicit",
     "strict_pairs", "token_rules", "tokenize_pair",
 ]

@@ -94,6 +94,8 @@ def print_report(report: DataReport, model: str, data_cfg: Any, console: Console
         # Ties never become preferences: a tied ranking trains only the pairs between its levels.
         console.print(f"  ties: {report.ties} tied comparisons not trained; {report.groups} groups from "
                       f"{report.rows_kept} rows (a ranking with ties gives one pair per strict comparison)")
+    if any(name.startswith("unpaired") for name in report.formats):
+        console.print(f"  labels: {report.desirable} desirable, {report.undesirable} undesirable (KTO)")
     if report.rows_kept:
         console.print(f"[green]OK[/green]: {report.rows_kept} usable rows")
     else:

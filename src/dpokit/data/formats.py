@@ -15,6 +15,9 @@ them):
                              where the lists are the source of truth
 ``ranked``                   ``{"prompt": str, "responses": [str, ...], "ranking" | "scores": [...]}``
 ``ranked_conversational``    the same with messages
+``unpaired``                 ``{"prompt": str, "completion": str, "label": true | false}``: one response, desirable
+                             (true) or not (KTO); ``label`` must be a JSON boolean
+``unpaired_conversational``  the same with messages (a string completion is one assistant turn)
 ===========================  ====================================================================================
 
 Every format becomes one :class:`PreferenceRow`: a prompt and its responses in preference order, best first (a
@@ -91,6 +94,8 @@ class PreferenceRow:
     levels: list[int] | None = None
     """Tie level of each response, best first (``[0, 0, 1]``: the first two tied, both better than the third);
     None when the order is strict, as for every pair."""
+    label: bool | None = None
+    """Unpaired rows only (K = 1): whether the one response is desirable."""
 
     @property
     def chosen(self) -> Text:
@@ -106,6 +111,8 @@ def normalize(record: Record) -> PreferenceRow:
     row, loc = record.row, record.location
     if "responses" in row:
         return _ranked(row, loc)
+    if "completion" in row or "label" in row:
+        return _unpaired(row, loc)
     if "chosen" not in row and "rejected" not in row:
         raise RowError(f"{loc}: no preference fields; expected 'prompt', 'chosen', 'rejected' (or 'chosen' and "
                        f"'rejected' alone, or 'responses' with 'ranking'/'scores'); found keys {_keys(row)}",
@@ -135,6 +142,26 @@ def normalize(record: Record) -> PreferenceRow:
     chosen, rejected = (_as_turns(r, prompt) for r in (chosen, rejected))
     _check_turns(prompt, {"chosen": chosen, "rejected": rejected}, loc)
     return PreferenceRow(prompt, [chosen, rejected], loc, "conversational")
+
+
+def _unpaired(row: dict[str, Any], loc: str) -> PreferenceRow:
+    """``{"prompt", "completion", "label"}``: one response labelled desirable (true) or undesirable (false)."""
+    for key in ("prompt", "completion", "label"):
+        if key not in row:
+            raise RowError(f"{loc}: unpaired rows need 'prompt', 'completion' and 'label'; missing '{key}' "
+                           f"(found keys {_keys(row)})", "missing_key")
+    label = row["label"]
+    if not isinstance(label, bool):
+        raise RowError(f"{loc}: 'label' must be true or false, got {_describe(label)} {_clip(repr(label))}",
+                       "wrong_type")
+    prompt, completion = _text(row, "prompt", loc), _text(row, "completion", loc)
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return PreferenceRow(prompt, [completion], loc, "unpaired", label=label)
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    turns = _as_turns(completion, prompt)
+    _check_turns(prompt, {"completion": turns}, loc)
+    return PreferenceRow(prompt, [turns], loc, "unpaired_conversational", label=label)
 
 
 # ---------------------------------------------------------------------------------------------- implicit prompt
@@ -419,6 +446,8 @@ def row_digest(row: PreferenceRow) -> int:
     parts: list[Any] = [_canonical(row.prompt), [_canonical(r) for r in row.responses]]
     if row.levels is not None:  # a ranking with ties is not the strict ranking of the same texts
         parts.append(row.levels)
+    if row.label is not None:  # an unpaired response labelled both ways is two rows, not a duplicate
+        parts.append(row.label)
     key = json.dumps(parts, ensure_ascii=False)
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little")

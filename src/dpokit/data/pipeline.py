@@ -169,6 +169,10 @@ class DataReport:
     is dropped as ``all_tied`` instead)."""
     invisible_stripped: int = 0
     """Rows from which zero-width spaces, word joiners or stray BOMs were removed."""
+    desirable: int = 0
+    """Kept unpaired rows labelled true (KTO)."""
+    undesirable: int = 0
+    """Kept unpaired rows labelled false (KTO)."""
     formats: dict[str, int] = field(default_factory=dict)
     """Well-formed rows read per format (more than one key only with ``data.on_error: skip``, where the rows
     whose format differs from the first row's are dropped as ``mixed_formats``)."""
@@ -199,6 +203,7 @@ class DataReport:
             "boundary_fallback": self.boundary_fallback, "truncated": self.truncated,
             "truncated_prompts": self.truncated_prompts, "groups": self.groups, "ties": self.ties,
             "invisible_stripped": self.invisible_stripped,
+            "desirable": self.desirable, "undesirable": self.undesirable,
             "formats": dict(self.formats), "errors": list(self.errors),
             "prompt_tokens": self.prompt_lengths.stats(),
             "response_tokens": self.response_lengths.stats(),
@@ -226,13 +231,20 @@ def load_ranked(source: str, tokenizer: Any, data_cfg: Any,
     return items, report
 
 
+def load_unpaired(source: str, tokenizer: Any, data_cfg: Any,
+                  split: str = "train") -> tuple[list[TokenizedGroup], DataReport]:
+    """Like :func:`load_preferences` for unpaired rows (``prompt``, ``completion``, ``label``): one group of one
+    response per row, its ``label`` kept (KTO). Other formats are a :class:`DataError` here."""
+    return _load(source, tokenizer, data_cfg, split, "unpaired")
+
+
 def load_any(source: str, tokenizer: Any, data_cfg: Any,
              split: str = "train") -> tuple[list[TokenizedGroup], DataReport]:
     """Pairs or rankings, whichever the source holds (``dpokit data check`` validates both)."""
     return _load(source, tokenizer, data_cfg, split, "any")
 
 
-Want = Literal["pairs", "ranked", "any"]
+Want = Literal["pairs", "ranked", "unpaired", "any"]
 
 
 def _load(source: str, tokenizer: Any, data_cfg: Any, split: str, want: Want) -> tuple[Any, DataReport]:
@@ -288,6 +300,13 @@ def iter_tokenized(source: str, tokenizer: Any, data_cfg: Any, report: DataRepor
                 if want == "pairs" and row.format.startswith("ranked"):
                     raise DataError(f"{row.location}: ranked rows (responses + ranking/scores) need "
                                     "loss.name=plackett_luce; pairwise losses take prompt/chosen/rejected rows")
+                unpaired = row.format.startswith("unpaired")
+                if want == "unpaired" and not unpaired:
+                    raise DataError(f"{row.location}: loss.name=kto takes unpaired rows (prompt, completion, "
+                                    f"label); this file holds {row.format} rows")
+                if want in ("pairs", "ranked") and unpaired:
+                    raise DataError(f"{row.location}: unpaired rows (prompt, completion, label) need "
+                                    "loss.name=kto; the other losses take preference pairs or rankings")
             formats[row.format] += 1
             if row.format != first.format:
                 raise RowError(f"{row.location}: format '{row.format}' differs from '{first.format}' of the "
@@ -331,7 +350,11 @@ def _kept(row: PreferenceRow, result: Encoded, report: DataReport) -> list[Token
         report.ties += tied
         pieces = [[result.responses_ids[i], result.responses_ids[j]] for i, j in pairs]
     report.groups += len(pieces)
-    return [TokenizedGroup(result.prompt_ids, responses, row.location, result.boundary_fallback, result.truncated)
+    if row.label is not None:
+        report.desirable += row.label
+        report.undesirable += not row.label
+    return [TokenizedGroup(result.prompt_ids, responses, row.location, result.boundary_fallback, result.truncated,
+                           label=row.label)
             for responses in pieces]
 
 

@@ -66,6 +66,8 @@ class TokenizedGroup:
     """A response was tokenized alone because the joint tokenization merged tokens across the join."""
     truncated: bool = False
     """The prompt or a response was cut to fit max_prompt_length / max_length."""
+    label: bool | None = None
+    """Unpaired examples (KTO) only: one response (K = 1), desirable or not."""
 
     @property
     def chosen_ids(self) -> list[int]:

@@ -30,6 +30,10 @@ parameters together (``f_dpo``: the alpha coefficient only with the alpha-diverg
 LISTWISE: frozenset[str] = frozenset({"plackett_luce"})
 """Losses over (batch, K) rankings: they take other arguments and cannot go through ``compute_loss``."""
 
+UNPAIRED: frozenset[str] = frozenset({"kto"})
+"""Losses on single labelled responses (``{"prompt", "completion", "label"}`` rows), not pairs: they take other
+arguments and cannot go through ``compute_loss``."""
+
 BATCHWISE: frozenset[str] = frozenset({"aot", "aot_unpaired"})
 """Losses whose value for one pair depends on the other pairs of the batch (they sort across it). Gradient
 accumulation, ``train.pass_tokens`` and torchrun would each split a step's pairs into batches sorted apart, a
@@ -114,6 +118,9 @@ def validate_loss_config(loss: Any) -> None:
         if name not in LOSSES:
             key = f"loss.weights.{name}" if loss.weights else "loss.name"
             raise ValueError(f"{key}: unknown loss '{name}' (known: {', '.join(sorted(LOSSES))})")
+        if loss.weights and name in UNPAIRED:
+            raise ValueError(f"loss.weights.{name}: the unpaired loss '{name}' cannot be combined with others; "
+                             f"use loss.name: {name} alone")
         if loss.weights and name in LISTWISE:
             # A listwise loss takes (batch, K) rankings, not the pairs the other terms of a sum take.
             raise ValueError(f"loss.weights.{name}: the listwise loss '{name}' cannot be combined with others; "
@@ -209,6 +216,9 @@ def compute_loss(
     """
     weights = loss.weights or {loss.name: 1.0}
     for name in weights:
+        if name in UNPAIRED:
+            raise ValueError(f"loss '{name}' takes single labelled responses, not pairs: call "
+                             f"dpokit.losses.kto_loss(policy_logps, ref_logps, labels, kl, beta=...) instead")
         if name in LISTWISE:
             raise ValueError(f"loss '{name}' is listwise and takes (batch, K) rankings, not pairs: call "
                              f"dpokit.losses.plackett_luce_loss(policy_logps, ref_logps, beta=...) instead")
