@@ -43,6 +43,7 @@ from dpokit.distributed import Dist, LogpsModule
 from dpokit.errors import DpokitError
 from dpokit.losses import (
     LISTWISE,
+    LOSS_STATE,
     advance_loss_state,
     compute_loss,
     kto_kl_baseline,
@@ -321,6 +322,9 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
 def advance_task_loss_state(run: Run, means: dict[str, float], pairs: int) -> None:
     """Fold an applied step's mean rewards (over every pair of every rank, so the same on every rank) into the
     state of a configured loss that carries one; ``run.task_state`` is untouched for the others."""
+    loss = run.cfg.loss
+    if run.task.name != "dpo" or not any(name in LOSS_STATE for name in (loss.weights or [loss.name])):
+        return  # SFT, the reward model and KTO log no pair rewards; most losses carry no state
     state = advance_loss_state(run.cfg.loss, run.task_state.get("loss", {}), means["rewards/chosen"],
                                means["rewards/rejected"], pairs)
     if state:
