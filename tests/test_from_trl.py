@@ -66,6 +66,8 @@ def test_what_trl_ignores_or_dpokit_lacks_is_named_with_the_reason():
     for key in ("loss_type", "fp16", "warmup_ratio", "lr_scheduler_type", "optim", "max_completion_length",
                 "some_new_field", "truncation_mode"):
         assert key in odd.unmapped, key
+    trackers = translate({"report_to": ["wandb", "comet_ml"], "run_name": "x"})
+    assert trackers.config["log"] == {"report_to": ["wandb"], "run_name": "x"} and "comet_ml" in trackers.unmapped["report_to"]
     constant = translate({"lr_scheduler_type": "constant", "warmup_steps": 10})
     assert constant.config["train"]["warmup_steps"] == 0 and "ignores warmup" in constant.unmapped["warmup_steps"]
 

@@ -346,6 +346,25 @@ class OnlineConfig(_Section):
     """Held-out prompts (``data.eval``) sampled at each evaluation; null: all."""
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+"""Experiment trackers ``log.report_to`` can name; each is an optional extra (``pip install 'dpokit[wandb]'``)."""
+
+
+class LogConfig(_Section):
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, json_schema_extra=NEUTRAL)
+    """Experiment trackers that receive every metrics row (the names of ``metrics.jsonl``, which is always
+    written), the warnings and the resolved config, from rank 0: ``tensorboard`` (event files in
+    RUN_DIR/tensorboard), ``wandb``, ``mlflow`` (``$MLFLOW_TRACKING_URI``, else RUN_DIR/mlruns), ``trackio``. A
+    tracker that fails warns once and is dropped; training goes on."""
+    run_name: str | None = Field(None, json_schema_extra=NEUTRAL)
+    """The run's name in the trackers (default: the run directory's name)."""
+    project: str = Field("dpokit", json_schema_extra=NEUTRAL)
+    """Project (W&B, Trackio) or experiment (MLflow) the run is filed under."""
+    tags: list[str] = Field(default_factory=list, json_schema_extra=NEUTRAL)
+    """Tags of the run (W&B and MLflow tags; TensorBoard and Trackio record them with the config)."""
+
+
 class Config(_Section):
     run_dir: str | None = Field(None, json_schema_extra=NEUTRAL)
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/ are written here."""
@@ -360,6 +379,7 @@ class Config(_Section):
     distributed: DistributedConfig = DistributedConfig()
     ppo: PpoConfig = PpoConfig()
     online: OnlineConfig = OnlineConfig()
+    log: LogConfig = LogConfig()
 
     @model_validator(mode="after")
     def _loss_is_known(self) -> Config:

@@ -158,10 +158,12 @@ def _clean(value: Any) -> Any:
 
 class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl`` and flushes, so a crash loses at most a row.
-    ``enabled=False`` (every rank but 0 under torchrun) writes nothing: rows are reduced over ranks first."""
+    ``enabled=False`` (every rank but 0 under torchrun) writes nothing: rows are reduced over ranks first.
+    ``trackers`` (``dpokit.trackers.Trackers``, ``log.report_to``) get every row written, after the file."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, trackers: Any = None):
         self.path = path
+        self.trackers = trackers if enabled else None
         self._fh = None
         if enabled:
             with writing(path, "metrics"):
@@ -173,8 +175,13 @@ class MetricsWriter:
         with writing(self.path, "metrics"):
             self._fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
             self._fh.flush()
+        if self.trackers is not None:
+            self.trackers.write(row)
 
     def close(self) -> None:
+        if self.trackers is not None:
+            trackers, self.trackers = self.trackers, None
+            trackers.close()
         if self._fh is not None:
             fh, self._fh = self._fh, None
             with writing(self.path, "metrics"):  # what a failed write left buffered is flushed (and fails) again

@@ -60,6 +60,7 @@ from dpokit.resume import (
     truncate_metrics,
 )
 from dpokit.step import TASKS, Autocast, Run, Task, held_out_metrics, train_step
+from dpokit.trackers import open_trackers
 
 # ------------------------------------------------------------------------------------------------------ pieces
 
@@ -348,7 +349,8 @@ def loop(run: Run, step: Callable[[Run, int], dict[str, Any]], held_out: Callabl
     ``stop_every`` when checkpoints must fall on it (``dpokit.preempt``)."""
     cfg = run.cfg
     first, every, save_every = run.step, cfg.eval.every, cfg.train.save_every
-    metrics = MetricsWriter(run.run_dir / "metrics.jsonl", enabled=run.dist.is_main)
+    metrics = MetricsWriter(run.run_dir / "metrics.jsonl", enabled=run.dist.is_main,
+                            trackers=open_trackers(run.run_dir, cfg, enabled=run.dist.is_main))
     progress = Progress(run.total_steps, first, enabled=cfg.train.progress and run.dist.is_main)
     health = HealthMonitor(interval=every or 20)
     run.started = time.perf_counter()

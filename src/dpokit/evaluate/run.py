@@ -248,6 +248,9 @@ def evaluate_run(
         from dpokit.hub import refresh_card
 
         refresh_card(run_dir)
+    from dpokit.trackers import report_eval
+
+    report_eval(run_dir, cfg, result)  # the run's log.report_to trackers, when it has any
     return result
 
 

@@ -1,0 +1,186 @@
+"""Experiment trackers (``log.report_to``): the rows of metrics.jsonl under the same names, from rank 0, the
+config; a missing extra is one line; a failing tracker warns once and training goes on. Offline: each real
+tracker's test reads back what it wrote with the tracker's own reader, and skips (saying why) when its extra is
+not installed."""
+
+import importlib.util
+import os
+
+import pytest
+
+import dpokit
+from dpokit.config import load_config
+from dpokit.errors import ConfigError
+from dpokit.metrics import MetricsWriter, read_metrics
+from dpokit.trackers import Trackers, check_installed, report_eval, scalars
+from test_train import base_config
+
+
+def needs(module: str):
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"{module} is not installed (pip install 'dpokit[{module}]')")
+
+
+class Recorder:
+    name = "recorder"
+
+    def __init__(self, run_dir, cfg, config):
+        self.rows, self.warnings, self.config, self.closed = [], [], config, False
+
+    def log(self, step, values):
+        self.rows.append((step, values))
+
+    def warn(self, step, code, message):
+        self.warnings.append((step, code))
+
+    def close(self):
+        self.closed = True
+
+
+class Broken(Recorder):
+    name = "broken"
+
+    def log(self, step, values):
+        raise OSError("disk full")
+
+
+def test_rows_reach_every_tracker_and_a_failing_one_warns_once_and_is_dropped(tmp_path):
+    cfg = load_config({"log": {"report_to": ["tensorboard", "wandb"]}}).log
+    said = []
+    trackers = Trackers(tmp_path, cfg, {"loss": {"beta": 0.1}}, say=said.append,
+                        kinds={"tensorboard": Recorder, "wandb": Broken})
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", trackers=trackers)
+    recorder = trackers.active[0]
+    for step in (1, 2, 3):
+        writer.write({"step": step, "split": "train", "loss": 0.5, "rewards/chosen": 0.1, "lr": 1e-6})
+    writer.write({"step": 3, "split": "eval", "loss": 0.6, "rewards/accuracies": 1.0})
+    writer.write({"step": 3, "split": "warning", "warning": "zero_rewards", "message": "m"})
+    writer.close()
+    assert len(said) == 1 and "tracker wandb failed (OSError: disk full)" in said[0]
+    assert [t.name for t in trackers.active] == [] and recorder.closed
+    assert recorder.rows[0] == (1, {"loss": 0.5, "rewards/chosen": 0.1, "lr": 1e-6})
+    assert recorder.rows[-1] == (3, {"eval/loss": 0.6, "eval/rewards/accuracies": 1.0})
+    assert recorder.warnings == [(3, "zero_rewards")] and recorder.config == {"loss": {"beta": 0.1}}
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 5  # the file has every row whatever the trackers did
+
+
+def test_a_tracker_that_cannot_start_is_dropped_and_other_ranks_report_nothing(tmp_path):
+    class CannotStart(Recorder):
+        def __init__(self, *args):
+            raise ConnectionError("network down")
+
+    said = []
+    cfg = load_config({"log": {"report_to": ["wandb"]}}).log
+    assert Trackers(tmp_path, cfg, {}, say=said.append, kinds={"wandb": CannotStart}).active == []
+    assert "network down" in said[0]
+    trackers = Trackers(tmp_path, cfg, {}, kinds={"wandb": Recorder})
+    writer = MetricsWriter(tmp_path / "m.jsonl", enabled=False, trackers=trackers)  # rank 1
+    writer.write({"step": 1, "split": "train", "loss": 1.0})
+    assert trackers.active[0].rows == []
+
+
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"log.report_to: mlflow is not installed; pip install 'dpokit\[mlflow\]'"):
+        check_installed(["mlflow"])
+    with pytest.raises(ConfigError, match="log.report_to"):
+        load_config({"log": {"report_to": ["comet"]}})
+    assert scalars({"step": 2, "split": "train", "loss": 1, "flag": True, "note": "x"}) == {"loss": 1.0}
+
+
+def tiny_run(tmp_path, tracker, **log):
+    cfg = base_config(tmp_path, max_steps=3, batch_size=4, log_every=1)
+    cfg["data"]["eval"] = cfg["data"]["train"]
+    cfg["eval"] = {"every": 2}
+    cfg["log"] = {"report_to": [tracker], "run_name": "tiny", "tags": ["t1"], **log}
+    run_dir = dpokit.train(cfg, run_dir=str(tmp_path / "run"))
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    return run_dir, [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "eval"]
+
+
+@needs("tensorboard")
+def test_tensorboard_event_files_hold_the_rows_under_the_same_names(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, train, evals = tiny_run(tmp_path, "tensorboard")
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "rewards/chosen", "rewards/accuracies", "grad_norm", "lr", "eval/loss"} <= tags
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("loss")] == [(r["step"], r["loss"]) for r in train]
+    assert [e.step for e in events.Scalars("eval/loss")] == [r["step"] for r in evals]
+    assert "config" in "".join(events.Tags()["tensors"])
+    # dpokit eval's numbers join them, at the run's last step
+    report_eval(run_dir, load_config(run_dir / "config.yaml"), {"kl": 1.5, "win_rate": 0.75, "reward_fn": "length"})
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("eval/kl")] == [(3, 1.5)]
+
+
+@needs("wandb")
+def test_wandb_offline_writes_its_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir, train, _ = tiny_run(tmp_path, "wandb", project="dpokit-test")
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    (log,) = runs[0].glob("run-*.wandb")  # what `wandb sync` uploads; wandb >= 0.19 reads it in Go only
+    records = log.read_bytes()
+    assert len(runs) == 1 and records.startswith(b":W&B")
+    for name in (b"rewards/chosen", b"eval/loss", b"grad_norm", b"tiny", b"t1", b"beta", b"dpokit-test"):
+        assert name in records, name
+
+
+@needs("mlflow")
+def test_mlflow_local_file_store_read_back_with_its_client(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from mlflow.tracking import MlflowClient
+
+    run_dir, train, evals = tiny_run(tmp_path, "mlflow", project="dpokit-test")
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    experiment = client.get_experiment_by_name("dpokit-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tiny" and "t1" in run.data.tags
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, pytest.approx(m.value)) for m in history] == [(r["step"], r["loss"]) for r in train]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [r["step"] for r in evals]
+    assert run.data.params["loss.beta"] == "0.1"
+
+
+@needs("trackio")
+def test_trackio_local_store_read_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    run_dir, train, _ = tiny_run(tmp_path, "trackio", project="dpokit-test")
+    from trackio.sqlite_storage import SQLiteStorage
+
+    logs = SQLiteStorage.get_logs(project="dpokit-test", run="tiny")
+    losses = [(row["step"], row["loss"]) for row in logs if "loss" in row]
+    assert losses == [(r["step"], pytest.approx(r["loss"])) for r in train]
+
+
+def test_no_tracker_asked_for_means_nothing_opened(tmp_path):
+    assert os.environ.get("RANK", "0") == "0"
+    from dpokit.trackers import open_trackers
+
+    assert open_trackers(tmp_path, load_config({})) is None
+
+
+def test_dpokit_eval_reports_its_numbers_as_a_run_of_its_own(tmp_path, monkeypatch):
+    made = []
+
+    class Made(Recorder):
+        def __init__(self, run_dir, cfg, config):
+            super().__init__(run_dir, cfg, config)
+            self.run_name = cfg.run_name
+            made.append(self)
+
+    monkeypatch.setitem(__import__("dpokit.trackers", fromlist=["KINDS"]).KINDS, "wandb", Made)
+    monkeypatch.setattr("dpokit.trackers.check_installed", lambda names: None)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 7, "split": "train", "loss": 1.0}\n')
+    cfg = load_config({"log": {"report_to": ["wandb"], "run_name": "mine"}})
+    report_eval(tmp_path, cfg, {"kl": 2.0, "reward": 0.5, "reward_fn": "length", "temperatures": []})
+    (tracker,) = made
+    assert tracker.run_name == "mine-eval" and tracker.rows == [(7, {"eval/kl": 2.0, "eval/reward": 0.5})]
+    assert tracker.closed
+    report_eval(tmp_path, load_config({}), {"kl": 2.0})  # no trackers asked for: nothing
+    assert len(made) == 1
