@@ -184,3 +184,21 @@ def test_dpokit_eval_reports_its_numbers_as_a_run_of_its_own(tmp_path, monkeypat
     assert tracker.closed
     report_eval(tmp_path, load_config({}), {"kl": 2.0})  # no trackers asked for: nothing
     assert len(made) == 1
+
+
+def test_the_recipe_reports_every_run_under_its_own_name_without_touching_the_caches(tmp_path):
+    from dpokit.recipes.sentiment.config import load_recipe_config
+    from dpokit.recipes.sentiment.runs import run_specs, train_key
+
+    plain = load_recipe_config("demo")
+    logged = load_recipe_config("demo", ["log.report_to=[tensorboard]", "log.project=sentiment"])
+    for cfg in (plain, logged):
+        cfg.run_dir = str(tmp_path / "demo")
+    (tmp_path / "pairs-train.jsonl").write_text("")
+    a = run_specs(plain, tmp_path, tmp_path / "demo", "smollm2")
+    b = run_specs(logged, tmp_path, tmp_path / "demo", "smollm2")
+    for name, spec in b.items():
+        assert spec.config["log"]["report_to"] == ["tensorboard"] and spec.config["log"]["project"] == "sentiment"
+        assert spec.config["log"]["run_name"] == f"demo-{name}"
+        load_config(spec.config)
+        assert train_key(spec) == train_key(a[name])  # trackers change no result: the cached runs stay valid

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dpokit.config import TrainConfig, apply_overrides, load_config, read_yaml_tree, validate_tree
+from dpokit.config import LogConfig, TrainConfig, apply_overrides, load_config, read_yaml_tree, validate_tree
 from dpokit.errors import ConfigError
 from dpokit.recipes.sentiment.common import RECIPE, say
 
@@ -209,6 +209,10 @@ class SentimentConfig(_Section):
     best_of_n: list[int] = Field(default_factory=lambda: [4])
     """Best-of-N baselines: the best of N pi_ref samples by the true reward (the paper: N = 4, 16 ...)."""
     eval: EvalSection = EvalSection()
+    log: LogConfig = LogConfig()
+    """Experiment trackers for every training run of the recipe (``log.report_to``, as in a training config);
+    each run is reported as ``RUN_NAME-FOLDER`` (e.g. ``demo-dpo-beta0.1``), ``RUN_NAME`` defaulting to the
+    recipe folder's name. Does not change any result, nor the caches."""
 
     @model_validator(mode="after")
     def _consistent(self) -> SentimentConfig:

@@ -56,6 +56,8 @@ def _base_config(cfg: SentimentConfig, run_dir: Path, model: str, train: str, he
         "train": _train_settings(cfg, overrides),
         "eval": {"every": None, "batch_size": cfg.eval.batch_size},
         "reference": {"mode": "store", "batch_size": cfg.eval.batch_size},
+        "log": {**cfg.log.model_dump(mode="json"),
+                "run_name": f"{cfg.log.run_name or Path(cfg.run_dir).name}-{Path(run_dir).name}"},
     }
 
 
