@@ -165,7 +165,7 @@ def test_no_tracker_asked_for_means_nothing_opened(tmp_path):
     assert open_trackers(tmp_path, load_config({})) is None
 
 
-def test_dpokit_eval_reports_its_numbers_as_a_run_of_its_own(tmp_path, monkeypatch):
+def test_dpokit_eval_reports_its_numbers_as_a_run_of_its_own(tmp_path, monkeypatch, capsys):
     made = []
 
     class Made(Recorder):
@@ -184,6 +184,13 @@ def test_dpokit_eval_reports_its_numbers_as_a_run_of_its_own(tmp_path, monkeypat
     assert tracker.closed
     report_eval(tmp_path, load_config({}), {"kl": 2.0})  # no trackers asked for: nothing
     assert len(made) == 1
+
+    def missing(names):
+        raise ConfigError("log.report_to: wandb is not installed; pip install 'dpokit[wandb]'")
+
+    monkeypatch.setattr("dpokit.trackers.check_installed", missing)
+    report_eval(tmp_path, cfg, {"kl": 2.0})  # eval.json is written: a missing extra is a warning here
+    assert len(made) == 1 and "not reported" in capsys.readouterr().err
 
 
 def test_the_recipe_reports_every_run_under_its_own_name_without_touching_the_caches(tmp_path):
