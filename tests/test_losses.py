@@ -186,14 +186,14 @@ def expected_sigmoid_norm() -> list[float]:
             for pc, pr, rc, rr, lc, lr in zip(PC, PR, RC, RR, LC, LR)]
 
 
-def expected_f_dpo(divergence: str = "js_divergence", alpha: float = 1.0) -> list[float]:
+def expected_f_dpo(divergence: str = "js_divergence", coef: float = 0.5) -> list[float]:
     # -log sigmoid(beta * [f'(u_w) - f'(u_l)]), u = exp(a), a = log pi - log pi_ref; a_w = [1, -0.5, 1],
     # a_l = [-0.5, -1, -1] here.
     derivative = {
         "reverse_kl": lambda u: math.log(u) + 1,
         "forward_kl": lambda u: -1 / u,
         "js_divergence": lambda u: math.log(2 * u / (1 + u)),
-        "alpha_divergence": lambda u: (1 - u ** -alpha) / alpha,
+        "alpha_divergence": lambda u: (u ** (coef - 1) - 1) / (coef - 1),  # TRL's c; the paper's alpha = 1 - c
     }[divergence]
     out = []
     for pc, pr, rc, rr in zip(PC, PR, RC, RR):
@@ -521,11 +521,12 @@ def test_discopop_is_finite_far_from_zero_in_fp32() -> None:
     assert_close(losses, torch.tensor([200.0, 0.0]))
 
 
-@pytest.mark.parametrize("divergence, alpha", [("reverse_kl", 1.0), ("forward_kl", 1.0), ("js_divergence", 1.0),
-                                               ("alpha_divergence", 0.3), ("alpha_divergence", 2.5)])
-def test_f_dpo_golden_values_and_gradient_signs(divergence: str, alpha: float) -> None:
-    params = {"f_divergence": divergence, "f_alpha_divergence_coef": alpha}
-    assert_close(call("f_dpo", **params)[0], t(expected_f_dpo(divergence, alpha)))
+@pytest.mark.parametrize("divergence, coef", [("reverse_kl", None), ("forward_kl", None), ("js_divergence", None),
+                                              ("alpha_divergence", 0.3), ("alpha_divergence", 2.5),
+                                              ("alpha_divergence", 0.0)])
+def test_f_dpo_golden_values_and_gradient_signs(divergence: str, coef: float | None) -> None:
+    params = {"f_divergence": divergence, **({"f_alpha_divergence_coef": coef} if coef is not None else {})}
+    assert_close(call("f_dpo", **params)[0], t(expected_f_dpo(divergence, 0.5 if coef is None else coef)))
     g = grads("f_dpo", **params)  # f is convex, so f' increases: y_w pulled up, y_l pushed down
     assert (g["policy_chosen_logps"] < 0).all() and (g["policy_rejected_logps"] > 0).all()
 
@@ -536,13 +537,16 @@ def test_f_dpo_reverse_kl_is_sigmoid_exactly() -> None:
 
 
 def test_f_dpo_alpha_divergence_limits() -> None:
-    # alpha = 1 is forward KL, exactly; alpha -> 0 tends to reverse KL (DPO): (1 - u^-alpha) / alpha -> log u,
-    # off by O(alpha * a^2), a <= 1 here.
+    # c = 0 is forward KL, exactly; c = 1 is reverse KL (DPO) exactly, and c -> 1 tends to it:
+    # (u^(c-1) - 1) / (c - 1) -> log u, off by O((c - 1) * a^2), a <= 1 here. The default is c = 0.5.
     forward = call("f_dpo", f_divergence="forward_kl")[0]
-    assert torch.equal(call("f_dpo", f_divergence="alpha_divergence")[0], forward)
-    assert torch.equal(call("f_dpo", f_divergence="alpha_divergence", f_alpha_divergence_coef=1.0)[0], forward)
-    assert_close(call("f_dpo", f_divergence="alpha_divergence", f_alpha_divergence_coef=1e-7)[0],
+    assert torch.equal(call("f_dpo", f_divergence="alpha_divergence", f_alpha_divergence_coef=0.0)[0], forward)
+    assert torch.equal(call("f_dpo", f_divergence="alpha_divergence", f_alpha_divergence_coef=1.0)[0],
+                       call("sigmoid")[0])
+    assert_close(call("f_dpo", f_divergence="alpha_divergence", f_alpha_divergence_coef=1 - 1e-7)[0],
                  call("sigmoid")[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(call("f_dpo", f_divergence="alpha_divergence")[0],
+                       call("f_dpo", f_divergence="alpha_divergence", f_alpha_divergence_coef=0.5)[0])
 
 
 def test_f_dpo_js_at_pi_equal_to_ref_is_ln2() -> None:
@@ -758,7 +762,7 @@ def loss_config(**fields: Any) -> Any:
         ({"name": "f_dpo"}, "loss.f_divergence"),
         ({"name": "f_dpo", "f_divergence": "kl"}, "loss.f_divergence"),
         ({"name": "sigmoid", "f_divergence": "js_divergence"}, "loss.f_divergence"),
-        ({"name": "f_dpo", "f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 0.0},
+        ({"name": "f_dpo", "f_divergence": "alpha_divergence", "f_alpha_divergence_coef": -0.5},
          "loss.f_alpha_divergence_coef"),
         ({"name": "f_dpo", "f_divergence": "js_divergence", "f_alpha_divergence_coef": 0.5},
          "loss.f_alpha_divergence_coef"),

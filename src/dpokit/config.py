@@ -116,8 +116,8 @@ class LossConfig(_Section):
     """The divergence toward the reference of ``f_dpo`` (required there): ``reverse_kl`` (DPO), ``forward_kl``,
     ``js_divergence`` or ``alpha_divergence``."""
     f_alpha_divergence_coef: float | None = None
-    """alpha of ``f_dpo`` with ``f_divergence: alpha_divergence`` (> 0, default 1.0, TRL's; 1.0 is forward KL,
-    alpha -> 0 reverse KL)."""
+    """TRL's coefficient c of ``f_dpo`` with ``f_divergence: alpha_divergence``, f'(u) = (u^(c-1) - 1) / (c - 1)
+    (>= 0, default 0.5 as TRL 1.x; 0 is forward KL, 1 reverse KL; the paper's alpha is 1 - c)."""
     desirable_weight: float | None = None
     """``kto``: weight lambda_D of the losses of desirable examples (label true), default 1.0."""
     undesirable_weight: float | None = None

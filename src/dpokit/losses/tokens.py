@@ -28,8 +28,8 @@ def length_desensitized_weights(target_slot: torch.Tensor, slots: torch.Tensor, 
     grow with length, so DPO's margin between a long and a short response is partly a length effect; alpha < 1
     shrinks the excess tokens' share (the paper tunes alpha in [0, 1]; alpha = 1 is the plain loss, alpha = 0
     compares the responses over their first l_p tokens only). The shorter response has no excess: its weights
-    are all 1. TRL's ``ld_alpha`` scales the policy's log-probs only; here the reference gets the same split, so
-    pi = pi_ref still means zero reward.
+    are all 1. The reference gets the same split (as in TRL 1.x's ``ld_alpha``; older TRL scaled the policy's
+    log-probs only), so pi = pi_ref still means zero reward.
 
     Returns the weight of each target token: 1 for its response's first l_p tokens, alpha after. Shape (M,),
     float32.
