@@ -22,14 +22,14 @@ def test_a_typical_trl_config_maps_key_by_key_and_loads(tmp_path, capsys):
            "learning_rate": 5e-7, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4,
            "max_steps": 1000, "warmup_ratio": 0.1, "lr_scheduler_type": "cosine", "bf16": True,
            "gradient_checkpointing": True, "precompute_ref_log_probs": True, "max_length": 768,
-           "max_prompt_length": 256, "seed": 7, "sync_ref_model": True, "logging_dir": "logs",
+           "max_prompt_length": 256, "seed": 7, "generate_during_eval": True, "logging_dir": "logs",
            "model_init_kwargs": {"torch_dtype": "bfloat16", "low_cpu_mem_usage": True}}
     source = tmp_path / "dpo.json"
     source.write_text(json.dumps(trl))
     out = tmp_path / "dpokit.yaml"
     assert main(["config", "from-trl", str(source), "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "not carried over: sync_ref_model: TR-DPO" in err and "low_cpu_mem_usage=True" in err
+    assert "not carried over: generate_during_eval: use `dpokit eval" in err and "low_cpu_mem_usage=True" in err
     cfg = yaml.safe_load(out.read_text())
     assert cfg["loss"] == {"beta": 0.2, "name": "cdpo", "label_smoothing": 0.1}  # TRL's sigmoid + smoothing
     assert cfg["train"]["lr"] == 5e-7 and cfg["train"]["batch_size"] == 4 and cfg["train"]["grad_accum"] == 4
@@ -66,6 +66,11 @@ def test_what_trl_ignores_or_dpokit_lacks_is_named_with_the_reason():
     for key in ("loss_type", "fp16", "warmup_ratio", "lr_scheduler_type", "optim", "max_completion_length",
                 "some_new_field", "truncation_mode"):
         assert key in odd.unmapped, key
+    tr_dpo = translate({"sync_ref_model": True, "ref_model_sync_steps": 64})
+    assert tr_dpo.config["reference"] == {"sync": {"every": 64, "alpha": 0.6}}  # TRL's default alpha
+    dpokit.load_config(tr_dpo.config)
+    assert "sync_ref_model" in translate({"sync_ref_model": True, "precompute_ref_log_probs": True}).unmapped
+    assert "reference" not in translate({"sync_ref_model": False, "ref_model_sync_steps": 64}).config
     trackers = translate({"report_to": ["wandb", "comet_ml"], "run_name": "x"})
     assert trackers.config["log"] == {"report_to": ["wandb"], "run_name": "x"} and "comet_ml" in trackers.unmapped["report_to"]
     constant = translate({"lr_scheduler_type": "constant", "warmup_steps": 10})

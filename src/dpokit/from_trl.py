@@ -27,7 +27,7 @@ TRL_DEFAULTS: dict[str, Any] = {
     "max_length": 1024, "max_prompt_length": 512, "lr_scheduler_type": "linear", "warmup_steps": 0,
     "warmup_ratio": 0.0, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "max_grad_norm": 1.0,
     "seed": 42, "optim": "adamw_torch", "disable_dropout": True, "per_device_eval_batch_size": 8,
-    "f_alpha_divergence_coef": 0.5,
+    "f_alpha_divergence_coef": 0.5, "ref_model_sync_steps": 512, "ref_model_mixup_alpha": 0.6,
 }
 """TRL's (and transformers' ``TrainingArguments``') defaults of the settings that change a run's result, where
 they differ from dpokit's or must be known to convert another key (TRL 1.x; the installed TRL's own defaults
@@ -56,16 +56,14 @@ MAPPED: dict[str, str] = {
     "model_init_kwargs": "model.dtype, attn_implementation, "
     "trust_remote_code, revision", "eval_steps": "eval.every", "per_device_eval_batch_size": "eval.batch_size",
     "output_dir": "run_dir", "use_logits_to_keep": "(always: dpokit computes response logits only)",
-    "report_to": "log.report_to", "run_name": "log.run_name",
+    "report_to": "log.report_to", "run_name": "log.run_name", "sync_ref_model": "reference.sync",
+    "ref_model_sync_steps": "reference.sync.every", "ref_model_mixup_alpha": "reference.sync.alpha",
 }
 """TRL key -> where it goes in dpokit (the table in docs/from-trl.md)."""
 
 REASONS: dict[str, str] = {
     "max_completion_length": "dpokit has no separate completion limit: prompt + response fit data.max_length, the "
                              "prompt cut first (its last data.max_prompt_length tokens kept)",
-    "sync_ref_model": "TR-DPO's reference updates are not implemented; dpokit's reference stays frozen",
-    "ref_model_mixup_alpha": "TR-DPO (sync_ref_model) is not implemented",
-    "ref_model_sync_steps": "TR-DPO (sync_ref_model) is not implemented",
     "generate_during_eval": "use `dpokit eval RUN_DIR` (samples, reward, KL, win rate) after training",
     "fp16": "dpokit trains in fp32 or bf16 (train.precision); fp16 needs loss scaling it does not do",
     "tools": "tool calling in chat templates is not supported",
@@ -337,6 +335,13 @@ def _training(values: dict[str, Any], given: dict[str, Any], out: Translation) -
         out.unmapped["truncation_mode"] = "dpokit keeps a long prompt's end (TRL's keep_end) only"
     if given.get("precompute_ref_log_probs"):
         out.put("reference.mode", "store")
+    if given.get("sync_ref_model"):  # TR-DPO
+        if given.get("precompute_ref_log_probs"):
+            out.unmapped["sync_ref_model"] = ("precomputed reference log-probs cannot follow an updated reference "
+                                              "(TRL refuses the pair too)")
+        else:
+            out.put("reference.sync", {"every": int(values["ref_model_sync_steps"]),
+                                       "alpha": float(values["ref_model_mixup_alpha"])})
     if "disable_dropout" in given:
         out.put("model.disable_dropout", bool(given["disable_dropout"]))
     if given.get("trust_remote_code"):
