@@ -709,11 +709,14 @@ def test_token_is_required_by_header_query_or_cookie_and_bad_tokens_are_refused(
             assert response.status == 401 and "access token" in json.loads(body)["error"]
         for path, headers in (("/api/info?token=" + token, {}), ("/api/info", {"Authorization": f"Bearer {token}"}),
                               ("/api/info", {"X-Dpokit-Token": token}),
-                              ("/api/info", {"Cookie": f"dpokit_token={token}"})):
+                              ("/api/info", {"Cookie": f"dpokit_token_{port}={token}"})):
             response, body = get(path, headers)
             assert response.status == 200 and json.loads(body) == {"stub": True}
         response, _ = get("/?token=" + token)  # the page keeps the token for its own requests
-        assert response.status == 200 and "SameSite=Strict" in response.getheader("Set-Cookie")
+        cookie = response.getheader("Set-Cookie")
+        assert response.status == 200 and cookie.startswith(f"dpokit_token_{port}=") and "SameSite=Strict" in cookie
+        response, _ = get("/api/info", {"Cookie": f"dpokit_token_1={token}"})  # another port's cookie
+        assert response.status == 401
     with pytest.raises(DpokitError, match="--token: use at least 16"):
         check_token("short")
 

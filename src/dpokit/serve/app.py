@@ -119,6 +119,8 @@ class LocalHostOnly:
 
 
 TOKEN_COOKIE = "dpokit_token"
+"""The cookie's name, ``_PORT`` added: browsers share cookies across a host's ports, and two servers on one
+machine must not overwrite each other's token."""
 MIN_TOKEN_CHARS = 16
 
 
@@ -134,6 +136,11 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
+def cookie_name(scope: Any) -> str:
+    server = scope.get("server") or ("", 0)
+    return f"{TOKEN_COOKIE}_{server[1]}"
+
+
 class TokenRequired:
     """Answer only requests that carry the access token: in the query (``?token=``), a bearer
     ``Authorization`` header, an ``X-Dpokit-Token`` header, or the cookie the page got with its first load. The
@@ -147,7 +154,7 @@ class TokenRequired:
         request = Request(scope)
         auth = request.headers.get("authorization", "")
         return [request.query_params.get("token", ""), request.headers.get("x-dpokit-token", ""),
-                auth[7:] if auth[:7].lower() == "bearer " else "", request.cookies.get(TOKEN_COOKIE, "")]
+                auth[7:] if auth[:7].lower() == "bearer " else "", request.cookies.get(cookie_name(scope), "")]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -171,7 +178,7 @@ class TokenRequired:
         async def send_with_cookie(message: Any) -> None:
             # The page's own requests carry no query: a strict same-site cookie carries the token for them.
             if message["type"] == "http.response.start":
-                cookie = (f"{TOKEN_COOKIE}={self.token.decode()}; Path=/; HttpOnly; SameSite=Strict").encode()
+                cookie = f"{cookie_name(scope)}={self.token.decode()}; Path=/; HttpOnly; SameSite=Strict".encode()
                 message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie)]}
             await send(message)
 
