@@ -147,7 +147,7 @@ def test_cli_train_tiny_config_end_to_end(tmp_path):
                 "tokens_per_second", "skipped_steps"):
         assert key in train[0], key
     assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 6, 12]
-    assert "held-out pairs" in proc.stdout
+    assert "held-out: step 0 -> step" in proc.stdout
     report = json.loads((run_dir / "data_report.json").read_text())["train"]
     assert report["rows_read"] == report["rows_kept"] + sum(report["dropped"].values())
 
