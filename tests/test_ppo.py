@@ -185,6 +185,7 @@ def test_value_head_starts_at_zero_and_the_reference_matches_the_policy_at_step_
     ({"ppo": {"rollout_prompts": 12}}, "ppo.rollout_prompts: 12 is not a multiple"),
     ({"model": {"disable_dropout": False}}, "model.disable_dropout"),
     ({"data": {"train": None}}, "data.train: required"),
+    ({"reference": {"sync": {"every": 2, "alpha": 0.5}}}, "reference.sync: TR-DPO"),
 ])
 def test_settings_ppo_cannot_run_with_are_one_line(tmp_path, override, message):
     from dpokit.ppo.trainer import check_config

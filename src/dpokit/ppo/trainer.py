@@ -345,6 +345,9 @@ def check_config(cfg: Config, dist: Dist) -> None:
     if cfg.reference.mode == "store":
         raise ConfigError("reference.mode: 'store' holds log-probs of fixed responses; PPO samples new ones "
                           "at every step: use 'model' (or 'adapter' with LoRA)")
+    if cfg.reference.sync is not None:
+        raise ConfigError("reference.sync: TR-DPO updates a DPO reference; PPO's KL penalty is to a fixed pi_ref "
+                          "(remove reference.sync)")
     if dist.sharded:
         raise ConfigError("distributed.strategy: ppo runs with 'ddp' (sampling from an FSDP-sharded policy "
                           "is not supported yet)")
