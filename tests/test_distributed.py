@@ -205,6 +205,37 @@ def test_failing_rank_stops_every_rank_with_one_line(tmp_path):
     assert not (tmp_path / "run" / "final").exists()
 
 
+def write_unpaired(path: Path, n: int) -> Path:
+    with path.open("w") as fh:
+        for i in range(n):
+            answer = f" happy to help {i}" if i % 3 else f" not my problem {i}"
+            fh.write(json.dumps({"prompt": f"Question {i}: can you help me with task {i * 7 % 11}?",
+                                 "completion": answer, "label": bool(i % 3)}) + "\n")
+    return path
+
+
+@pytest.mark.equivalence
+def test_kto_two_fsdp_ranks_equal_one_rank(tmp_path):
+    """KTO's reference point z_0 is one per step over every rank (dpokit.step.kto_prepare): 13 examples, global
+    steps of 8 and 5 (batch 2 x accumulation 2 x 2 ranks; rank 1 runs a placeholder in the KL pass and the
+    training passes of the last step), 5 held-out examples in batches of 2, evaluated at steps 0 and 2."""
+    sections = {"data": {"eval": str(write_unpaired(tmp_path / "eval.jsonl", 5))}, "loss": {"name": "kto"},
+                "eval": {"every": 2, "batch_size": 2}}
+    cfg = make_config(tmp_path, 1, train={"batch_size": 8}, **sections)
+    cfg["data"]["train"] = str(write_unpaired(tmp_path / "train.jsonl", 13))
+    single = dpokit.train(cfg, run_dir=str(tmp_path / "single"))
+    cfg["train"].update(batch_size=2, grad_accum=2)
+    cfg["distributed"]["strategy"] = "fsdp"
+    proc = run(torchrun("dpokit", "train", str(write_yaml(tmp_path / "fsdp.yaml", cfg)),
+                        f"run_dir={tmp_path / 'fsdp'}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = train_rows(tmp_path / "fsdp")
+    assert len(rows) == 2 and rows[1]["kl"] > 0  # the second step's z_0 from both ranks' examples
+    assert_same_training(single, tmp_path / "fsdp")
+    for a, b in zip(read_metrics(single / "metrics.jsonl"), read_metrics(tmp_path / "fsdp" / "metrics.jsonl")):
+        assert abs(a.get("kl", 0) - b.get("kl", 0)) <= METRIC_REL * max(1.0, abs(a.get("kl", 0))), (a, b)
+
+
 # --------------------------------------------------------------------------------------------------------- FSDP
 
 @pytest.fixture(scope="module")

@@ -262,6 +262,35 @@ def test_kto_learns_unpaired_examples(tmp_path):
     assert (report["desirable"], report["undesirable"]) == (16, 16)
 
 
+@pytest.mark.equivalence
+def test_kto_reference_point_is_one_per_step_whatever_the_split(tmp_path):
+    """z_0 is estimated once per optimizer step from all of its examples (dpokit.step.kto_prepare), so batch 8 x
+    accumulation 1, 4 x 2 and 8 x 1 cut into passes by train.pass_tokens train the same steps; the held-out
+    metrics get one z_0 over the held-out set, whatever eval.batch_size. z_0 > 0 from step 2 on (every label
+    true: every completion gains), so a per-pass estimate would differ between the runs."""
+    data = tmp_path / "kto.jsonl"
+    with data.open("w") as fh:
+        for i in range(16):
+            fh.write(json.dumps({"prompt": f"Question {i}: please help with item {i}.",
+                                 "completion": f" Gladly, here is help {i}.", "label": True}) + "\n")
+
+    def run(name: str, **train) -> list[dict]:
+        cfg = config(data, name="kto")
+        cfg["data"]["eval"] = str(data)
+        cfg["train"].update(max_steps=4, **train)
+        cfg["eval"] = {"every": 2, "batch_size": train.get("batch_size", 8)}
+        return read_metrics(dpokit.train(cfg, run_dir=str(tmp_path / name)) / "metrics.jsonl")
+
+    straight = run("straight")
+    assert [r["split"] for r in straight].count("eval") >= 2
+    train_rows = [r for r in straight if r["split"] == "train"]
+    assert train_rows[0]["kl"] == 0.0 and min(r["kl"] for r in train_rows[1:]) > 1e-3
+    keys = ("loss", "kl", "rewards/chosen", "rewards/accuracies")
+    for other in (run("accumulated", batch_size=4, grad_accum=2), run("passes", pass_tokens=40)):
+        assert [(r["split"], r["step"]) for r in other] == [(r["split"], r["step"]) for r in straight]
+        assert_same_metrics(straight, other, keys + ("grad_norm",))  # eval rows too: eval.batch_size 4 vs 8
+
+
 def test_kto_mismatched_pairs_and_stats_by_hand():
     from dpokit.data.tokenize import TokenizedGroup
     from dpokit.metrics import KtoStats

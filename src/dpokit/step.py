@@ -88,6 +88,9 @@ class Task:
     """The policy as the batch -> outputs module the pass calls (what DDP / FSDP wrap)."""
     layouts: tuple[str, ...] = ("packed", "padded")
     """The batch layouts the task computes; another ``train.layout`` is replaced by the first (said once)."""
+    prepare: Callable[[Run, list[Any]], None] | None = None
+    """Called with every item of a step (of every rank), or with the held-out items, before their passes: what
+    the passes share is computed there (KTO: its reference point z_0) and kept in ``Run.step_context``."""
 
 
 @dataclass
@@ -131,6 +134,8 @@ class Run:
     task_state: dict[str, Any] = field(default_factory=dict)
     """JSON state of the training kind itself, saved in checkpoints and restored (PPO: the KL coefficient; DPO
     with a loss that carries state, e.g. ``bco_pair``: ``{"loss": {name: state}}``)."""
+    step_context: dict[str, Any] = field(default_factory=dict)
+    """What ``Task.prepare`` computed for the current step's passes; recomputed every step, never saved."""
 
 
 # ------------------------------------------------------------------------------------------------ the losses
@@ -190,7 +195,7 @@ def preference_forward(run: Run, items: list[Any]) -> tuple[torch.Tensor, Record
 
 def mismatched(items: list[Any], max_length: int) -> list[TokenizedGroup]:
     """KTO's KL examples: each prompt with the next example's completion (the last with the first), cut to fit
-    max_length. A pass of one example pairs it with itself (then z_0 is that example's own log-ratio)."""
+    max_length. A step of one example pairs it with itself (then z_0 is that example's own log-ratio)."""
     out = []
     for j, item in enumerate(items):
         completion = items[(j + 1) % len(items)].responses_ids[0]
@@ -199,22 +204,39 @@ def mismatched(items: list[Any], max_length: int) -> list[TokenizedGroup]:
     return out
 
 
+@torch.no_grad()
+def kto_prepare(run: Run, items: list[Any]) -> None:
+    """KTO's reference point for a whole step (``kto_kl_baseline``): the mismatched prompt/completion pairs of
+    the step's examples in their global order, each rank scoring its share with policy and reference in
+    micro-batches of ``train.batch_size`` without gradient, the sums reduced over every rank. So z_0 is one
+    number per step, the same on every rank and for any split into micro-batches, passes and processes (TRL
+    estimates it per micro-batch). The held-out metrics get one z_0 over the whole held-out set."""
+    kl_items = mismatched(items, run.cfg.data.max_length) if items else []
+    everything = list(range(len(kl_items)))
+    total = count = 0.0
+    for chunk in run.dist.share(everything, run.cfg.train.batch_size):
+        group = [kl_items[i] for i in chunk or everything[:1]]  # a placeholder keeps FSDP's calls in step
+        batch = _collated(run, group)
+        ref_logps = run.reference.logps(batch, group, run.autocast)[:, 0]
+        with run.autocast():
+            row_logps, _ = run.model(batch)
+        if chunk:
+            total += (regroup(row_logps, batch)[:, 0].double() - ref_logps.double()).sum().item()
+            count += len(group)
+    total, count = run.dist.sum([total, count])
+    run.step_context["kto_z0"] = kto_kl_baseline(torch.tensor([total / max(count, 1.0)], dtype=torch.float64),
+                                                   torch.zeros(1, dtype=torch.float64))
+
+
 def kto_forward(run: Run, items: list[Any]) -> tuple[torch.Tensor, Record, dict[str, Any]]:
     """KTO on unpaired examples (``dpokit.losses.kto_loss``): policy and reference log-probs of each example's
-    response, and z_0 (``kto_kl_baseline``) from the pass's mismatched prompt/completion pairs, scored by both
-    models without gradient. z_0 is estimated per pass, as TRL does per micro-batch (and per process here), so
-    batch 8 x accumulation 1 and 4 x 2 see slightly different reference points."""
+    response, against the step's reference point z_0 (``kto_prepare``)."""
     batch = _collated(run, items)
-    kl_items = mismatched(items, run.cfg.data.max_length)
-    kl_batch = _collated(run, kl_items)
     ref_logps = run.reference.logps(batch, items, run.autocast)[:, 0]
-    ref_kl_logps = run.reference.logps(kl_batch, kl_items, run.autocast)[:, 0]
     with run.autocast():
         row_logps, _ = run.model(batch)
-        with torch.no_grad():
-            row_kl_logps, _ = run.model(kl_batch)
-    logps, kl_logps = regroup(row_logps, batch)[:, 0], regroup(row_kl_logps, kl_batch)[:, 0]
-    kl = kto_kl_baseline(kl_logps, ref_kl_logps)
+    logps = regroup(row_logps, batch)[:, 0]
+    kl = run.step_context["kto_z0"].to(device=logps.device, dtype=logps.dtype)
     labels = torch.tensor([bool(item.label) for item in items], device=logps.device)
     loss = run.cfg.loss
     params = {k: v for k, v in loss.params().items() if k in ("desirable_weight", "undesirable_weight")}
@@ -245,7 +267,7 @@ TASKS = {
     # SFT averages over every response token of the step, DPO and the reward model over every pair of the step.
     # KTO (loss.name: kto): unpaired examples, one response each, averaged over every example of the step.
     "kto": Task("kto", kto_forward, pairs_of_step, KtoStats, needs_reference=True, chosen_only=False,
-                evaluates=True),
+                evaluates=True, prepare=kto_prepare),
     "sft": Task("sft", sft_forward, lambda run, indices: sum(len(run.train_items[i].chosen_ids) for i in indices),
                 SftStats, needs_reference=False, chosen_only=True),
     # A Bradley-Terry reward model (dpokit.reward_model): padded rows only, the reward is read at a row's end.
@@ -303,6 +325,8 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     # The same global pairs on every rank (the stream is seeded); each rank trains its share.
     indices = run.stream.take(min(run.pairs_per_step, run.total_pairs - run.consumed))
     run.consumed += len(indices)
+    if run.task.prepare is not None:
+        run.task.prepare(run, [run.train_items[i] for i in indices])
     stats, computed, real = backward_passes(run, step_passes(run, indices), run.task.normalizer(run, indices))
     means = stats.means()
     grad_norm, lr = apply_update(run, step, means["loss"])
@@ -378,6 +402,8 @@ def held_out_metrics(run: Run) -> dict[str, float]:
     was_training = model.training
     model.eval()
     stats = run.task.new_stats()
+    if run.task.prepare is not None:
+        run.task.prepare(run, items)
     everything = list(range(len(items)))
     for chunk in run.dist.share(everything, run.cfg.eval.batch_size):
         group = [items[i] for i in chunk or everything[:1]]  # a placeholder keeps FSDP's calls in step
