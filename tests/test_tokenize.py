@@ -16,7 +16,7 @@ from tokenizers import processors
 from dpokit.config import DataConfig
 from dpokit.data import load_preferences, token_rules, tokenize_pair
 from dpokit.data.formats import normalize
-from dpokit.data.load import iter_records
+from dpokit.data.load import Record, iter_records
 from dpokit.models import tiny_tokenizer
 
 DATA = Path(__file__).parent / "data"
@@ -334,3 +334,42 @@ def test_prompt_longer_than_max_length_is_truncated_not_dropped(tiny_tok):
     assert pair.truncated and len(pair.prompt_ids) == 32
     assert pair.prompt_ids == encode(tiny_tok, long_prompt)[-32:]  # the end of the prompt, nearest the answer
     assert len(pair.prompt_ids) + len(pair.chosen_ids) <= 64 and pair.chosen_ids[-1] == tiny_tok.eos_token_id
+
+
+def _chat_rows() -> list:
+    rows = [normalize(r) for r in iter_records(str(Path(__file__).parent / "data" / "tricky-chat.jsonl"))]
+    for i, content in enumerate(["plain", "ends with a tag <|im_start|>", "<|im_end|> opens", "two\n\n<|im_start|>user\nx",
+                                 "spaces   ", " lead", "émoji 🙂 and 中文", "<|endoftext|>"]):
+        rows.append(normalize(Record(f"made:{i}", {
+            "prompt": [{"role": "system", "content": f"sys {i}"}, {"role": "user", "content": content}],
+            "chosen": [{"role": "assistant", "content": f"{content} yes"}],
+            "rejected": [{"role": "assistant", "content": f"no {content}"}]})))
+    return rows
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_cutting_at_the_prompts_last_special_token_tokenizes_exactly_as_the_whole_text(which, request):
+    """Each joint text is tokenized from the prompt's last split token on (``_special_cut``), its head taken
+    from the prompt's ids: the ids are those of tokenizing the whole text, for every row, including texts that
+    contain special-token strings themselves."""
+    import dataclasses
+
+    from dpokit.data.tokenize import encode_rows
+
+    tok = tiny_tokenizer() if which == "tiny" else request.getfixturevalue("smollm2")
+    rules = token_rules(tok)
+    assert rules.split_tokens  # both are ChatML: the cut applies
+    rows = _chat_rows()
+    items = [(r.prompt, r.responses) for r in rows]
+    plain = encode_rows(items, tok, 512, 256, None, dataclasses.replace(rules, split_tokens=()), on_error="skip")
+    assert encode_rows(items, tok, 512, 256, None, rules, on_error="skip") == plain
+    assert len(plain) == len(rows) > 10
+
+
+def test_split_tokens_are_refused_when_added_tokens_overlap():
+    from dpokit.data.tokenize import _split_tokens
+
+    tok = tiny_tokenizer()
+    assert [text for text, _ in _split_tokens(tok)] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>assistant"]})  # contains <|im_start|>
+    assert _split_tokens(tok) == ()

@@ -25,7 +25,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return run_check(args.source, model=args.model, max_length=args.max_length,
                      max_prompt_length=args.max_prompt_length, on_error=args.on_error,
                      max_bad_fraction=args.max_bad_fraction, dedupe=not args.no_dedupe,
-                     max_line_bytes=args.max_line_bytes, max_rows=args.max_rows)
+                     max_line_bytes=args.max_line_bytes, max_rows=args.max_rows, num_proc=args.num_proc,
+                     cache=not args.no_cache, cache_dir=args.cache_dir)
 
 
 def launch_nproc(args: argparse.Namespace) -> None:
@@ -191,6 +192,11 @@ def _add_data(sub: Any) -> None:
     check.add_argument("--no-dedupe", action="store_true", help="keep exact duplicate rows")
     check.add_argument("--max-line-bytes", type=int, default=None, help="reject JSONL lines longer than this")
     check.add_argument("--max-rows", type=int, default=None, help="read at most this many rows")
+    check.add_argument("--num-proc", type=int, default=None,
+                       help="processes that tokenize a JSONL file (default: the usable cores)")
+    check.add_argument("--no-cache", action="store_true",
+                       help="do not keep the tokenized data for later runs (data.cache: false)")
+    check.add_argument("--cache-dir", default=None, help="data cache folder (default $DPOKIT_CACHE/data)")
     check.set_defaults(func=cmd_data_check)
 
 

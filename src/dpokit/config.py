@@ -87,6 +87,18 @@ class DataConfig(_Section):
     """With ``on_error: skip``, stop when more than this fraction of the rows read were malformed."""
     dedupe: bool = True
     """Drop exact duplicate rows after the first (counted as ``duplicate``)."""
+    cache: bool = Field(True, json_schema_extra=NEUTRAL)
+    """Keep each source's tokenized groups in the data cache (``dpokit.data.cache``): tokenized once,
+    memory-mapped by every later run with the same data, tokenizer and settings. ``false``: tokenized into a
+    temporary folder, removed at exit (still memory-mapped)."""
+    cache_dir: str | None = Field(None, json_schema_extra=NEUTRAL)
+    """Folder of the data cache; default ``$DPOKIT_CACHE/data`` (``~/.cache/dpokit/data``)."""
+    streaming: bool = Field(False, json_schema_extra=NEUTRAL)
+    """A hub dataset is read as it arrives (``datasets`` streaming mode) instead of downloaded whole first:
+    for data larger than the disk. Only the token ids are kept (in a temporary folder). Files always stream."""
+    num_proc: int | None = Field(None, ge=1, json_schema_extra=NEUTRAL)
+    """Processes that tokenize a JSONL file (each its own byte range); default: the usable CPU cores. The
+    result is the same for any number."""
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:

@@ -240,7 +240,7 @@ def precompute(store: LogpStore, model: nn.Module, model_key: bytes, items: Iter
     return len(todo)
 
 
-def build_reference(cfg: Any, models: Any, items: Sequence[TokenizedGroup], device: torch.device,
+def build_reference(cfg: Any, models: Any, items: Iterable[TokenizedGroup], device: torch.device,
                     autocast: Autocast, note: Callable[[str], None] = print,
                     dist: Dist | None = None) -> FrozenReference | AdapterReference | StoreReference:
     """The reference of ``reference.mode``. For ``store``, fills the store first (with the reference model, or

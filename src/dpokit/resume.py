@@ -21,7 +21,7 @@ import torch
 
 from dpokit.config import Config, result_settings
 from dpokit.errors import ConfigError
-from dpokit.io import sha256_file, write_text
+from dpokit.io import write_text
 
 GROWABLE = ("train.max_steps", "train.epochs")
 """May change on resume while the learning rate is constant after warmup (to train longer); a decaying schedule
@@ -57,12 +57,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.from_numpy(raw))
 
 
-def fingerprint(source: str) -> str:
-    """Content hash of a data file (or the id itself for a hub dataset), to refuse resuming on other data."""
+def fingerprint(source: str, root: Path | None = None) -> str:
+    """Content hash of a data file (or the id itself for a hub dataset), to refuse resuming on other data;
+    remembered in the data cache ``root`` (default ``$DPOKIT_CACHE/data``), so an unchanged file is not read
+    again (``dpokit.data.cache.file_digest``)."""
+    from dpokit.data.cache import cache_root, file_digest
+
     path = Path(source)
     if not path.is_file():
         return f"id:{source}"
-    return sha256_file(path)
+    return file_digest(path, root or cache_root(None))
 
 
 def prepare_run_dir(cfg: Config, resuming: bool) -> Path:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,8 +111,8 @@ class Run:
     model: nn.Module
     """The policy as a batch -> (logps, n_tokens) module, DDP- or FSDP-wrapped under torchrun."""
     reference: Reference | None
-    train_items: list[Any]
-    eval_items: list[Any]
+    train_items: Sequence[Any]
+    eval_items: Sequence[Any]
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: Any

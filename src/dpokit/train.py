@@ -12,10 +12,11 @@ ranks and written by rank 0, which alone touches the run folder. A new kind of t
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ from dpokit.checkpoint import (
     save_checkpoint,
 )
 from dpokit.config import Config, load_config, save_config
-from dpokit.data import load_preferences, load_ranked, load_unpaired, overlap_report
+from dpokit.data import DataReport, overlap_report
 from dpokit.data.batch import PairStream
+from dpokit.data.cache import cache_root, load_cached
 from dpokit.distributed import Dist
 from dpokit.distributed import setup as setup_distributed
 from dpokit.errors import ConfigError, DpokitError
@@ -150,15 +152,22 @@ def open_run_dir(cfg: Config, resume: bool) -> Path | None:
 
 
 def load_items(cfg: Config, tokenizer: Any, task: Task, note: Callable[[str], None],
-               dist: Dist) -> tuple[list[Any], list[Any]]:
-    """Training and held-out groups (pairs, or rankings for a listwise loss), and RUN_DIR/data_report.json (rows read = kept + dropped by reason, and the train/eval overlap)."""
+               dist: Dist) -> tuple[Sequence[Any], Sequence[Any]]:
+    """Training and held-out groups (pairs, or rankings for a listwise loss) from the data cache, memory-mapped
+    (``dpokit.data.cache``), and RUN_DIR/data_report.json (rows read = kept + dropped by reason, and the
+    train/eval overlap)."""
     listwise = cfg.loss.name in LISTWISE and task.needs_reference
-    load = load_ranked if listwise else load_unpaired if task.name == "kto" else load_preferences
-    train_items, train_report = load(cfg.data.train, tokenizer, cfg.data, cfg.data.train_split)
+    want = "ranked" if listwise else "unpaired" if task.name == "kto" else "pairs"
+
+    def load(source: str, split: str) -> tuple[Sequence[Any], DataReport]:
+        # Every rank asks; one tokenizes a source the cache lacks while the others wait on its lock.
+        return load_cached(source, tokenizer, cfg.data, split, want, note, progress=dist.is_main and cfg.train.progress)
+
+    train_items, train_report = load(cfg.data.train, cfg.data.train_split)
     reports = {"train": train_report.to_dict()}
-    eval_items: list[Any] = []
+    eval_items: Sequence[Any] = []
     if cfg.data.eval and task.evaluates:
-        eval_items, eval_report = load(cfg.data.eval, tokenizer, cfg.data, cfg.data.eval_split)
+        eval_items, eval_report = load(cfg.data.eval, cfg.data.eval_split)
         reports["eval"] = eval_report.to_dict()
         reports["overlap"] = overlap_report(train_items, eval_items)
         if reports["overlap"]["pairs"]:
@@ -205,7 +214,7 @@ def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False,
                                load_items(cfg, models.tokenizer, task, note, dist))
     autocast = autocast_for(cfg, device)
     # Before any checkpoint is restored: the policy still holds its starting weights here.
-    reference = (build_reference(cfg, models, train_items + eval_items, device, autocast, note, dist)
+    reference = (build_reference(cfg, models, itertools.chain(train_items, eval_items), device, autocast, note, dist)
                  if task.needs_reference else None)
     if cfg.reference.sync is not None and isinstance(reference, FrozenReference):
         check_sync_compatible(reference.model, policy)
@@ -227,7 +236,7 @@ def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False,
                optimizer=optimizer, scheduler=scheduler,
                stream=PairStream(len(train_items), cfg.train.seed, cfg.train.shuffle),
                pairs_per_step=pairs_per_step, total_steps=total_steps, total_pairs=total_pairs, autocast=autocast,
-               data_fingerprint=fingerprint(cfg.data.train), checkpoint=checkpoint)
+               data_fingerprint=fingerprint(cfg.data.train, cache_root(cfg.data)), checkpoint=checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

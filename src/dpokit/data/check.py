@@ -1,12 +1,14 @@
 """``dpokit data check FILE [--model M]``: validate a preference source and say what training would see.
 
-Streams: rows are tokenized in chunks and forgotten, so a file of any size is checked in constant memory
-(``benchmarks/data_check_memory.py`` measures it). Nothing is printed before the whole source has been read, so
+Streams: rows are tokenized in chunks (by every core, for a JSONL file) and written to the data cache as they
+come, so a file of any size is checked in constant memory (``benchmarks/data_check_memory.py`` measures it),
+and training on it later starts from the cache. Nothing is printed before the whole source has been read, so
 a check that fails half way prints its one error line and no partial report.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from pydantic import ValidationError
@@ -14,25 +16,28 @@ from rich.console import Console
 from rich.table import Table
 
 from dpokit.config import DataConfig
+from dpokit.data.cache import load_cached
 from dpokit.data.formats import DROP_REASONS, MALFORMED_REASONS
-from dpokit.data.pipeline import DataReport, iter_tokenized
+from dpokit.data.pipeline import DataReport
 from dpokit.errors import ConfigError
 from dpokit.terminal import console as make_console
 
 
 def run_check(source: str, model: str = "smollm2", max_length: int = 512, max_prompt_length: int = 256,
               console: Console | None = None, *, on_error: str = "raise", max_bad_fraction: float = 0.05,
-              dedupe: bool = True, max_line_bytes: int | None = None, max_rows: int | None = None) -> int:
+              dedupe: bool = True, max_line_bytes: int | None = None, max_rows: int | None = None,
+              num_proc: int | None = None, cache: bool = True, cache_dir: str | None = None) -> int:
     """Load and tokenize ``source`` with ``model``'s tokenizer, print the report; 0 if any row is usable, else 1.
 
-    The keyword arguments are the ``data.*`` settings of the same names. Bad input raises
-    :class:`dpokit.errors.DataError` (the CLI prints it as one line).
+    The keyword arguments are the ``data.*`` settings of the same names. The tokenized groups go into the data
+    cache (``dpokit.data.cache``), so a training run with the same tokenizer and settings starts from them.
+    Bad input raises :class:`dpokit.errors.DataError` (the CLI prints it as one line).
     """
     from dpokit.models import load_tokenizer, resolve
 
     settings: dict[str, Any] = {"max_length": max_length, "max_prompt_length": max_prompt_length,
                                 "on_error": on_error, "max_bad_fraction": max_bad_fraction, "dedupe": dedupe,
-                                "max_rows": max_rows}
+                                "max_rows": max_rows, "num_proc": num_proc, "cache": cache, "cache_dir": cache_dir}
     if max_line_bytes is not None:
         settings["max_line_bytes"] = max_line_bytes
     try:
@@ -42,9 +47,8 @@ def run_check(source: str, model: str = "smollm2", max_length: int = 512, max_pr
         key = ".".join(str(p) for p in first["loc"]) or "max_prompt_length"
         raise ConfigError(f"data.{key}: {first['msg'].removeprefix('Value error, ')}") from None
     tokenizer = load_tokenizer(resolve(model))
-    report = DataReport(source=source)
-    for _ in iter_tokenized(source, tokenizer, data_cfg, report, want="any"):
-        pass  # only the report is wanted: each row is forgotten as soon as it is counted
+    _, report = load_cached(source, tokenizer, data_cfg, want="any", note=lambda line: print(f"dpokit: {line}", file=sys.stderr),
+                            progress=True)
     print_report(report, model, data_cfg, console or make_console())
     return 0 if report.rows_kept > 0 else 1
 

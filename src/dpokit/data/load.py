@@ -86,9 +86,10 @@ def iter_records(source: str, split: str = "train", max_rows: int | None = None,
 
 
 def scan_records(source: str, split: str = "train", max_rows: int | None = None,
-                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[Record | RowError]:
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, streaming: bool = False) -> Iterator[Record | RowError]:
     """Like :func:`iter_records`, but a row that cannot be read comes out as a :class:`RowError` in its place
-    (and counts toward ``max_rows``); problems with the source as a whole still raise."""
+    (and counts toward ``max_rows``); problems with the source as a whole still raise. ``streaming``: a hub
+    dataset is read as it arrives (``data.streaming``)."""
     path = Path(source).expanduser()
     try:
         exists = path.exists()
@@ -101,7 +102,7 @@ def scan_records(source: str, split: str = "train", max_rows: int | None = None,
     elif not _HUB_ID.fullmatch(source) or ".." in source:
         raise DataError(f"{source}: file not found, and not a hub dataset id ('name' or 'owner/name')")
     else:
-        rows = _hub_records(source, split)
+        rows = _hub_records(source, split, streaming)
     count = 0
     for record in rows:
         if max_rows is not None and count >= max_rows:
@@ -186,10 +187,15 @@ def _read(read: Callable[[int], bytes], size: int, path: Path, lineno: int) -> b
         raise DataError(f"{path}:{lineno}: cannot read the file ({_first_line(exc)})") from None
 
 
-def _jsonl_records(path: Path, opener: Opener, max_line_bytes: int) -> Scanned:
+def _jsonl_records(path: Path, opener: Opener, max_line_bytes: int, start: int = 0, end: int | None = None,
+                   first_line: int = 1) -> Scanned:
+    """The rows of a JSONL file; with ``start``/``end`` (byte offsets at line starts) only the lines that begin
+    in ``[start, end)``, numbered from ``first_line`` (``jsonl_spans``)."""
     with opener(path, "rb") as f:
-        lineno = 0
-        while True:
+        if start:
+            f.seek(start)
+        lineno = first_line - 1
+        while end is None or f.tell() < end:
             # +2 leaves room for "\r\n", so a line of exactly max_line_bytes is read whole in one call and the
             # line count stays right.
             raw = _read(f.readline, max_line_bytes + 2, path, lineno + 1)
@@ -215,6 +221,46 @@ def _jsonl_records(path: Path, opener: Opener, max_line_bytes: int) -> Scanned:
             if not text.strip():
                 continue  # blank lines are layout, not rows
             yield _parse_line(text, location)
+
+
+def jsonl_spans(source: str, parts: int) -> list[tuple[int, int, int]] | None:
+    """``(start, end, first_line)`` of up to ``parts`` consecutive byte ranges of a plain (uncompressed) JSONL
+    file, each starting at a line start, so that workers can read them independently
+    (``scan_jsonl_span``); None for any other source (read in one piece). Counting the lines before each cut
+    reads the file once, at disk speed."""
+    path = Path(source).expanduser()
+    try:
+        if not path.is_file() or _kind(path) != ("jsonl", open) or parts < 2:
+            return None
+        _file_records(path, "train", DEFAULT_MAX_LINE_BYTES)  # the checks of the file as a whole
+        size = path.stat().st_size
+    except (OSError, DataError):
+        return None  # read in one piece, scan_records names the problem
+    cuts, lines = [0], [1]
+    with path.open("rb") as f:
+        counted = newlines = 0
+        for k in range(1, parts):
+            f.seek(max(size * k // parts - 1, cuts[-1]))
+            f.readline()  # to the start of the next line
+            cut = f.tell()
+            if cut >= size or cut <= cuts[-1]:
+                break
+            f.seek(counted)
+            while counted < cut:
+                block = f.read(min(1 << 24, cut - counted))
+                newlines += block.count(b"\n")
+                counted += len(block)
+            cuts.append(cut)
+            lines.append(newlines + 1)
+    ends = cuts[1:] + [size]
+    return [(a, b, line) for a, b, line in zip(cuts, ends, lines)]
+
+
+def scan_jsonl_span(source: str, start: int, end: int, first_line: int,
+                    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Scanned:
+    """The rows of one ``jsonl_spans`` range, as :func:`scan_records` gives them."""
+    path = Path(source).expanduser()
+    return _jsonl_records(path, open, max_line_bytes, start, end, first_line)
 
 
 def _parse_line(text: str, location: str) -> Record | RowError:
@@ -336,16 +382,28 @@ def _parquet_records(path: Path) -> Scanned:
 
 # -------------------------------------------------------------------------------------------------------- hub
 
-def _hub_records(source: str, split: str) -> Scanned:
+def _hub_records(source: str, split: str, streaming: bool = False) -> Scanned:
+    """A hub dataset's rows; ``streaming`` reads them as they arrive (``datasets`` IterableDataset), so the raw
+    dataset is never stored whole on disk: only what dpokit keeps (the token ids) is."""
     try:
         import datasets
 
-        dataset = datasets.load_dataset(source, split=split)
+        dataset = datasets.load_dataset(source, split=split, streaming=streaming)
     except Exception as exc:  # offline, unknown id, unknown split: datasets raises many types
         raise DataError(f"{source}: not a local file, and loading it as a hub dataset (split '{split}') "
                         f"failed ({_first_line(exc)})") from None
-    for index, obj in enumerate(dataset):
+    rows = iter(dataset)
+    index = 0
+    while True:
+        try:
+            obj = next(rows)
+        except StopIteration:
+            return
+        except Exception as exc:  # a stream can fail part way (network, a bad shard): one line, where
+            raise DataError(f"{source}[{split}]:row {index}: reading the hub dataset failed "
+                            f"({_first_line(exc)})") from None
         yield _as_row(obj, f"{source}[{split}]:row {index}")
+        index += 1
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
 from dpokit.data.tokenize import TokenizedGroup
@@ -23,9 +23,10 @@ def find_overlap(train_items: Iterable[TokenizedGroup], eval_items: Iterable[Tok
     its rejected). ``by="prompt"``: same prompt ids, whatever the responses. Items are
     :class:`~dpokit.data.tokenize.TokenizedGroup`.
     """
-    key = _pair_key if by == "pair" else _prompt_key
-    seen = {key(item) for item in train_items}
-    return sum(key(item) in seen for item in eval_items)
+    eval_keys = list(_keys(eval_items, by))
+    wanted = set(eval_keys)
+    found = {key for key in _keys(train_items, by) if key in wanted}  # memory: the eval keys, not train's
+    return sum(key in found for key in eval_keys)
 
 
 def overlap_report(train_items: Sequence[TokenizedGroup], eval_items: Sequence[TokenizedGroup]) -> dict[str, int]:
@@ -33,6 +34,18 @@ def overlap_report(train_items: Sequence[TokenizedGroup], eval_items: Sequence[T
     return {"pairs": find_overlap(train_items, eval_items, by="pair"),
             "prompts": find_overlap(train_items, eval_items, by="prompt"),
             "eval_rows": len(eval_items)}
+
+
+def _keys(items: Iterable[TokenizedGroup], by: str) -> Iterator[bytes]:
+    """Each item's key; a cached dataset (``dpokit.data.cache``) has them stored, so no token is read."""
+    stored = getattr(items, "pair_keys" if by == "pair" else "prompt_keys", None)
+    if stored is not None:
+        for start in range(0, len(stored), 1 << 16):
+            block = stored[start:start + (1 << 16)].tobytes()
+            yield from (block[i:i + 16] for i in range(0, len(block), 16))
+        return
+    key = _pair_key if by == "pair" else _prompt_key
+    yield from (key(item) for item in items)
 
 
 def _digest(parts: list[list[int]]) -> bytes:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,7 +39,7 @@ from dpokit.data.formats import (
     strict_pairs,
     strip_invisible,
 )
-from dpokit.data.load import DEFAULT_MAX_LINE_BYTES, RowError, scan_records
+from dpokit.data.load import DEFAULT_MAX_LINE_BYTES, Record, RowError, scan_records
 from dpokit.data.tokenize import Encoded, TokenizedGroup, encode_rows, token_rules
 from dpokit.errors import DataError
 
@@ -257,13 +257,107 @@ def iter_tokenized(source: str, tokenizer: Any, data_cfg: Any, report: DataRepor
     """Stream the groups of the kept rows of ``source``, filling ``report`` as it goes. Holds at most ``_CHUNK``
     rows at a time. The report is complete, and the ``max_bad_fraction`` check done, once the iterator is
     exhausted. ``want="pairs"`` refuses a ranked source (the pairwise losses cannot take it); ``"ranked"`` and
-    ``"any"`` accept every format."""
+    ``"any"`` accept every format. The tokenized-data cache (``dpokit.data.cache``) runs the same two halves:
+    :func:`row_outcomes` in worker processes, :func:`account` in order in one."""
+    records = scan_records(source, split, getattr(data_cfg, "max_rows", None),
+                           getattr(data_cfg, "max_line_bytes", DEFAULT_MAX_LINE_BYTES),
+                           getattr(data_cfg, "streaming", False))
+    for outcome, pieces in account(row_outcomes(records, tokenizer, data_cfg), report, data_cfg, want):
+        encoded, row = outcome.encoded, outcome.row
+        assert isinstance(encoded, Encoded) and row is not None
+        for responses in pieces:
+            yield TokenizedGroup(encoded.prompt_ids, [encoded.responses_ids[i] for i in responses], row.location,
+                                 encoded.boundary_fallback, encoded.truncated, label=row.label)
+
+
+@dataclass
+class Outcome:
+    """What happened to one row before anything that depends on the other rows (the first row's format,
+    duplicates, the error mode): :func:`row_outcomes` computes it, :func:`account` settles it in file order."""
+
+    error: RowError | None = None
+    """The row is malformed (unreadable, wrong structure, or its chat template failed)."""
+    row: PreferenceRow | None = None
+    """The normalized row (None when malformed before normalizing)."""
+    invisible: bool = False
+    """Invisible characters were removed from it."""
+    reason: str | None = None
+    """A content drop reason found on the row alone (``drop_reason``, ``all_tied``)."""
+    digest: int = 0
+    """``row_digest``, for dropping duplicates."""
+    encoded: Any = None
+    """The tokenization: an :class:`Encoded` (or anything with its length fields), a drop reason, a
+    :class:`RowError`; None when ``reason`` is set."""
+
+
+def row_outcomes(records: Iterable[Record | RowError], tokenizer: Any, data_cfg: Any) -> Iterator[Outcome]:
+    """Everything about each row that needs no other row: read errors, normalizing, invisible characters,
+    content drop reasons, the duplicate digest, and the tokenization (in chunks of ``_CHUNK`` rows, one batched
+    tokenizer call each). A row that turns out to be a duplicate was tokenized in vain; that costs less than
+    ordering the work. A chat template failure comes back as the row's ``RowError`` (in order) whatever
+    ``data.on_error`` says: :func:`account` decides."""
+    rules = token_rules(tokenizer)
+    pending: list[Outcome] = []
+
+    def flush() -> Iterator[Outcome]:
+        todo = [o for o in pending if o.row is not None and o.reason is None]
+        rows = [o.row for o in todo if o.row is not None]
+        results = encode_rows([(r.prompt, r.responses) for r in rows], tokenizer, data_cfg.max_length,
+                              data_cfg.max_prompt_length, [r.location for r in rows], rules, on_error="skip")
+        for outcome, result in zip(todo, results):
+            outcome.encoded = result
+        yield from pending
+        pending.clear()
+
+    for record in records:
+        outcome = Outcome()
+        pending.append(outcome)
+        if isinstance(record, RowError):
+            outcome.error = record
+        else:
+            try:
+                row = normalize(record)
+            except RowError as err:
+                outcome.error = err
+            else:
+                outcome.row = row
+                outcome.invisible = strip_invisible(row)
+                reason = drop_reason(row.prompt, row.responses,
+                                     allow_empty_prompt=row.format.startswith("implicit"))
+                if reason is None and row.levels is not None and row.levels[-1] == 0:
+                    reason = "all_tied"
+                outcome.reason = reason
+                outcome.digest = row_digest(row)
+        if len(pending) >= _CHUNK:
+            yield from flush()
+    yield from flush()
+
+
+def check_wanted(fmt: str, location: str, want: Want) -> None:
+    """The first well-formed row decides the source's format; refuse a format the caller cannot train on."""
+    if want == "pairs" and fmt.startswith("ranked"):
+        raise DataError(f"{location}: ranked rows (responses + ranking/scores) need "
+                        "loss.name=plackett_luce; pairwise losses take prompt/chosen/rejected rows")
+    unpaired = fmt.startswith("unpaired")
+    if want == "unpaired" and not unpaired:
+        raise DataError(f"{location}: loss.name=kto takes unpaired rows (prompt, completion, "
+                        f"label); this file holds {fmt} rows")
+    if want in ("pairs", "ranked") and unpaired:
+        raise DataError(f"{location}: unpaired rows (prompt, completion, label) need "
+                        "loss.name=kto; the other losses take preference pairs or rankings")
+
+
+def account(outcomes: Iterable[Outcome], report: DataReport, data_cfg: Any,
+            want: Want = "any") -> Iterator[tuple[Outcome, list[list[int]]]]:
+    """Settle each row in file order, filling ``report``: a malformed row raises (``data.on_error: raise``) or is
+    counted, the first well-formed row fixes the format (``check_wanted``), later rows of another format are
+    malformed, then content drops, duplicates (``data.dedupe``), and what tokenization dropped. Yields each kept
+    row with its groups as response indices: one group of every response, or a ranking with ties as its strict
+    pairs. When the outcomes run out, checks the accounting and ``data.max_bad_fraction``."""
     skip = getattr(data_cfg, "on_error", "raise") == "skip"
     seen = DigestSet() if getattr(data_cfg, "dedupe", True) else None
-    rules = token_rules(tokenizer)
     formats: Counter[str] = Counter()
     first: PreferenceRow | None = None
-    pending: list[PreferenceRow] = []
 
     def malformed(err: RowError) -> None:
         if not skip:
@@ -272,61 +366,33 @@ def iter_tokenized(source: str, tokenizer: Any, data_cfg: Any, report: DataRepor
         if len(report.errors) < _MAX_ERRORS_KEPT:
             report.errors.append(str(err))
 
-    def flush() -> Iterator[TokenizedGroup]:
-        results = encode_rows([(r.prompt, r.responses) for r in pending], tokenizer, data_cfg.max_length,
-                              data_cfg.max_prompt_length, [r.location for r in pending], rules,
-                              on_error="skip" if skip else "raise")
-        rows = list(pending)
-        pending.clear()
-        for row, result in zip(rows, results):
-            if isinstance(result, RowError):
-                malformed(result)
-            elif isinstance(result, str):
-                report.drop(result)
-            else:
-                yield from _kept(row, result, report)
-
-    records = scan_records(source, split, getattr(data_cfg, "max_rows", None),
-                           getattr(data_cfg, "max_line_bytes", DEFAULT_MAX_LINE_BYTES))
-    for record in records:
+    for outcome in outcomes:
         report.rows_read += 1
-        if isinstance(record, RowError):
-            malformed(record)
+        row = outcome.row
+        if outcome.error is not None or row is None:
+            assert outcome.error is not None
+            malformed(outcome.error)
             continue
-        try:
-            row = normalize(record)
-            if first is None:
-                first = row
-                if want == "pairs" and row.format.startswith("ranked"):
-                    raise DataError(f"{row.location}: ranked rows (responses + ranking/scores) need "
-                                    "loss.name=plackett_luce; pairwise losses take prompt/chosen/rejected rows")
-                unpaired = row.format.startswith("unpaired")
-                if want == "unpaired" and not unpaired:
-                    raise DataError(f"{row.location}: loss.name=kto takes unpaired rows (prompt, completion, "
-                                    f"label); this file holds {row.format} rows")
-                if want in ("pairs", "ranked") and unpaired:
-                    raise DataError(f"{row.location}: unpaired rows (prompt, completion, label) need "
-                                    "loss.name=kto; the other losses take preference pairs or rankings")
-            formats[row.format] += 1
-            if row.format != first.format:
-                raise RowError(f"{row.location}: format '{row.format}' differs from '{first.format}' of the "
-                               f"first row ({first.location}); a file must use one format", "mixed_formats")
-        except RowError as err:
-            malformed(err)
+        if first is None:
+            first = row
+            check_wanted(row.format, row.location, want)
+        formats[row.format] += 1
+        if row.format != first.format:
+            malformed(RowError(f"{row.location}: format '{row.format}' differs from '{first.format}' of the "
+                               f"first row ({first.location}); a file must use one format", "mixed_formats"))
             continue
-        report.invisible_stripped += strip_invisible(row)
-        reason = drop_reason(row.prompt, row.responses, allow_empty_prompt=row.format.startswith("implicit"))
-        if reason is None and row.levels is not None and row.levels[-1] == 0:
-            reason = "all_tied"
-        if reason is None and seen is not None and not seen.add(row_digest(row)):
+        report.invisible_stripped += outcome.invisible
+        reason = outcome.reason
+        if reason is None and seen is not None and not seen.add(outcome.digest):
             reason = "duplicate"
         if reason is not None:
             report.drop(reason)
-            continue
-        pending.append(row)
-        if len(pending) >= _CHUNK:
-            yield from flush()
-    yield from flush()
+        elif isinstance(outcome.encoded, RowError):
+            malformed(outcome.encoded)
+        elif isinstance(outcome.encoded, str):
+            report.drop(outcome.encoded)
+        else:
+            yield outcome, _kept(row, outcome.encoded, report)
 
     report.formats = dict(formats)
     if report.rows_read != report.rows_kept + report.rows_dropped:  # the report's promise; a bug if broken
@@ -334,28 +400,28 @@ def iter_tokenized(source: str, tokenizer: Any, data_cfg: Any, report: DataRepor
     _check_bad_fraction(report, getattr(data_cfg, "max_bad_fraction", 0.05))
 
 
-def _kept(row: PreferenceRow, result: Encoded, report: DataReport) -> list[TokenizedGroup]:
-    """The groups of one kept row: the row itself, or with ties its strict pairs (responses tokenized once)."""
+def _kept(row: PreferenceRow, result: Any, report: DataReport) -> list[list[int]]:
+    """Count one kept row; its groups as response indices: the row itself, or with ties its strict pairs
+    (responses tokenized once). ``result`` has :class:`Encoded`'s fields, or its lengths only
+    (``prompt_len``, ``response_lens``: the cache's light records)."""
     report.rows_kept += 1
     report.boundary_fallback += result.boundary_fallback
     report.truncated += result.truncated
     report.truncated_prompts += result.prompt_truncated
-    report.prompt_lengths.add(len(result.prompt_ids))
-    for ids in result.responses_ids:
-        report.response_lengths.add(len(ids))
+    report.prompt_lengths.add(result.prompt_len)
+    for length in result.response_lens:
+        report.response_lengths.add(length)
     if row.levels is None:
-        pieces = [result.responses_ids]
+        pieces = [list(range(len(result.response_lens)))]
     else:
         pairs, tied = strict_pairs(row.levels)
         report.ties += tied
-        pieces = [[result.responses_ids[i], result.responses_ids[j]] for i, j in pairs]
+        pieces = [[i, j] for i, j in pairs]
     report.groups += len(pieces)
     if row.label is not None:
         report.desirable += row.label
         report.undesirable += not row.label
-    return [TokenizedGroup(result.prompt_ids, responses, row.location, result.boundary_fallback, result.truncated,
-                           label=row.label)
-            for responses in pieces]
+    return pieces
 
 
 def _check_bad_fraction(report: DataReport, max_bad_fraction: float) -> None:

@@ -40,7 +40,7 @@ row error: it would refuse every row.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dpokit.data.formats import Message, Text, drop_reason
@@ -96,6 +96,14 @@ class Encoded:
     prompt_truncated: bool = False
     """The prompt itself was cut (a subset of ``truncated``)."""
 
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def response_lens(self) -> list[int]:
+        return [len(ids) for ids in self.responses_ids]
+
 
 @dataclass(frozen=True)
 class TokenRules:
@@ -110,6 +118,10 @@ class TokenRules:
     """Closes an assistant turn of the chat template (ChatML: ``<|im_end|>``); ``eos_id`` when there is none."""
     eot_text: str = field(default="")
     """``eot_id`` as the template renders it; empty when the template renders no single end-of-turn token."""
+    split_tokens: tuple[tuple[str, int], ...] = ()
+    """Added tokens (text, id) the tokenizer cuts the text at before anything else (``_special_cut``): special,
+    matched on the raw text, stripping no whitespace, and overlapping no other added token. Empty when a probe
+    conversation does not tokenize the same both ways."""
 
 
 _PROBE = "dpokit-probe-4f1d"
@@ -135,7 +147,55 @@ def token_rules(tokenizer: Any) -> TokenRules:
             ids = _encode(tokenizer, [tail])[0] if tail else []
             if len(ids) == 1:
                 eot_text, eot_id = tail, ids[0]
-    return TokenRules(bos, adds_bos, eos, eot_id, eot_text)
+    rules = TokenRules(bos, adds_bos, eos, eot_id, eot_text, _split_tokens(tokenizer))
+    if rules.split_tokens and eot_text:
+        probe = [{"role": "user", "content": "Hi there, a probe."}, {"role": "assistant", "content": " A reply."}]
+        try:
+            prompt_text = tokenizer.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(probe, tokenize=False)
+        except Exception:  # the template cannot render the probe: do not rely on the cut
+            return replace(rules, split_tokens=())
+        prompt_ids, full_ids = _encode(tokenizer, [prompt_text, full])
+        cut = _special_cut(prompt_text, prompt_ids, rules) if full.startswith(prompt_text) else None
+        if cut is None or prompt_ids[:cut[1]] + _encode(tokenizer, [full[cut[0]:]])[0] != full_ids:
+            return replace(rules, split_tokens=())
+    return rules
+
+
+def _split_tokens(tokenizer: Any) -> tuple[tuple[str, int], ...]:
+    """The added tokens a fast tokenizer splits its input at, each piece then tokenized on its own: special,
+    not normalized, no lstrip / rstrip / single_word; and only when no added token contains another or overlaps
+    it (then where one ends in a text is unambiguous)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None)
+    if not decoder or getattr(tokenizer, "backend_tokenizer", None) is None:
+        return ()
+    texts = [t.content for t in decoder.values() if t.content]
+    for a in texts:
+        for b in texts:
+            if a != b and (a in b or any(b.startswith(a[-k:]) for k in range(1, min(len(a), len(b))))):
+                return ()
+    return tuple((t.content, i) for i, t in sorted(decoder.items())
+                 if t.special and not t.normalized and not t.lstrip and not t.rstrip and not t.single_word)
+
+
+def _special_cut(text: str, ids: list[int], rules: TokenRules) -> tuple[int, int] | None:
+    """Where the last split token of ``text`` ends: (characters, tokens of ``ids`` = the tokenization of
+    ``text``). Everything after it is tokenized on its own, whatever follows, so a longer text that starts with
+    ``text`` tokenizes as ``ids[:tokens]`` + the tokenization of its rest (the prompt's ids are not computed
+    again for every response). None when there is no split token, or its count in ``text`` and in ``ids``
+    disagree (then the tokenizer did not treat it as one)."""
+    end, last = -1, None
+    for token_text, token_id in rules.split_tokens:
+        at = text.rfind(token_text)
+        if at >= 0 and at + len(token_text) > end:
+            end, last = at + len(token_text), (token_text, token_id)
+    if last is None or text.count(last[0]) != ids.count(last[1]):
+        return None
+    tokens = len(ids) - ids[::-1].index(last[1])
+    split_ids = {token_id for _, token_id in rules.split_tokens}
+    if any(i in split_ids for i in ids[tokens:]):
+        return None
+    return end, tokens
 
 
 def tokenize_pair(prompt: Text, chosen: Text, rejected: Text, tokenizer: Any, max_length: int,
@@ -194,7 +254,18 @@ def encode_rows(items: Sequence[tuple[Text, Sequence[Text]]], tokenizer: Any, ma
         joint_texts.extend(joints)
         response_texts.append([j[len(prompt_text):] for j in joints])
     prompt_ids_all = _encode(tokenizer, prompt_texts)
-    joint_ids_all = iter(_encode(tokenizer, joint_texts))
+    # A chat prompt ends with split tokens (ChatML: "<|im_start|>assistant\n"): each joint text is then
+    # tokenized from the prompt's last one on, its head taken from the prompt's ids (``_special_cut``).
+    heads: list[list[int]] = []
+    tails: list[str] = []
+    joints_of_rows = iter(joint_texts)
+    for prompt_text, prompt_ids, texts in zip(prompt_texts, prompt_ids_all, response_texts):
+        cut = _special_cut(prompt_text, prompt_ids, rules) if rules.split_tokens else None
+        for _ in texts:
+            joint = next(joints_of_rows)
+            heads.append(prompt_ids[:cut[1]] if cut else [])
+            tails.append(joint[cut[0]:] if cut else joint)
+    joint_ids_all = iter(head + ids for head, ids in zip(heads, _encode(tokenizer, tails)))
 
     results: list[Any] = []
     for prompt_ids, texts, end in zip(prompt_ids_all, response_texts, ends):
