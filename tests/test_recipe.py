@@ -259,3 +259,34 @@ def test_claims_preset_pipeline_on_a_tiny_model(tmp_path, monkeypatch):
         assert measured["methods"]["PPO"]["frontier"][1]["flops"] > measured["methods"]["PPO-GT"]["frontier"][1]["flops"]
     text = (run_dir / "claims.md").read_text()
     assert "50% less compute" in text and "| PPO-GT |" in text
+
+
+def test_evaluate_spec_removes_only_the_final_steps_checkpoint(tmp_path, monkeypatch):
+    """The final step's checkpoint duplicates final/ and is removed before evaluating; after an evaluation that
+    stopped part way it is gone already, and the last checkpoint left is a frontier point to evaluate."""
+    import dpokit.evaluate.run as evaluate_module
+    from dpokit.recipes.sentiment.config import SentimentConfig
+    from dpokit.recipes.sentiment.runs import RunSpec, evaluate_spec
+
+    run_dir = tmp_path / "dpo"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"split": "train", "step": s}) + "\n"
+                                                   for s in range(1, 25)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    seen = []
+
+    def evaluate_run(folder, **kwargs):
+        seen.append(sorted(p.name for p in (Path(folder) / "checkpoints").iterdir()))
+        return {"frontier": [], "kl": 1.0, "reward": 0.5}
+
+    monkeypatch.setattr(evaluate_module, "evaluate_run", evaluate_run)
+    spec = RunSpec("dpo", "DPO", "dpo", "dpo", {"run_dir": str(run_dir)})
+    cfg = SentimentConfig()
+    for steps in ((8, 16, 24), (8, 16)):  # a fresh run, then a re-run after step-24 was removed
+        for step in steps:
+            (run_dir / "checkpoints" / f"step-{step}").mkdir(parents=True, exist_ok=True)
+        result = evaluate_spec(spec, cfg, prompts)
+        (run_dir / "recipe-stage.json").unlink()  # evaluate again next time
+    assert seen == [["step-16", "step-8"], ["step-16", "step-8"]]
+    assert result["frontier"][-1]["step"] == 24

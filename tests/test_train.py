@@ -183,3 +183,18 @@ def test_tiny_dpo_learns_the_training_preferences(tmp_path):
     rows = train_rows(run_dir)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.1
     assert rows[-1]["rewards/accuracies"] >= 0.9
+
+
+def test_steps_for_counts_steps_as_setup_and_the_recipe_do(tmp_path):
+    from dpokit.config import TrainConfig
+    from dpokit.recipes.sentiment.runs import offline_steps
+    from dpokit.train import steps_for
+
+    assert steps_for(TrainConfig(batch_size=4, epochs=1.5), 10) == (4, 15)  # 15 pairs: 4 + 4 + 4 + 3
+    assert steps_for(TrainConfig(batch_size=4, grad_accum=2, epochs=1.0), 17, world=2) == (2, 17)
+    assert steps_for(TrainConfig(batch_size=4, max_steps=3), 10_000, world=2) == (3, 24)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("{}\n" * 10 + "\n")  # the blank line is not a pair
+    config = {"data": {"train": str(pairs)}, "train": {"batch_size": 4, "epochs": 1.5}}
+    assert offline_steps(config) == 4
+    assert offline_steps({"data": {"train": str(tmp_path / "later.jsonl")}, "train": {}}) is None

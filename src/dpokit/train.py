@@ -179,6 +179,17 @@ def load_items(cfg: Config, tokenizer: Any, task: Task, note: Callable[[str], No
     return train_items, eval_items
 
 
+def steps_for(train_cfg: Any, n_items: int, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps, pairs drawn) of a run on ``n_items`` training groups over ``world`` processes:
+    ``train.max_steps`` global batches, else ``train.epochs`` passes over the groups (a fraction allowed), the
+    last step taking what is left."""
+    pairs_per_step = train_cfg.batch_size * train_cfg.grad_accum * world
+    if train_cfg.max_steps is not None:
+        return train_cfg.max_steps, train_cfg.max_steps * pairs_per_step
+    total_pairs = math.ceil(train_cfg.epochs * n_items)
+    return math.ceil(total_pairs / pairs_per_step), total_pairs
+
+
 def fit_layout(cfg: Config, task: Task, note: Callable[[str], None]) -> None:
     """``train.layout`` as the task computes it, said once when it changes; before ``resolve_hardware``, whose
     attention choice depends on the layout. A NEUTRAL setting: the numbers are the same in any layout."""
@@ -222,11 +233,7 @@ def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False,
     if dist.rank:  # independent dropout masks per rank; rank 0 keeps the single-process random stream
         seed_everything(cfg.train.seed + dist.rank)
     pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world  # the global batch
-    if cfg.train.max_steps is not None:
-        total_steps, total_pairs = cfg.train.max_steps, cfg.train.max_steps * pairs_per_step
-    else:
-        total_pairs = math.ceil(cfg.train.epochs * len(train_items))
-        total_steps = math.ceil(total_pairs / pairs_per_step)
+    total_steps, total_pairs = steps_for(cfg.train, len(train_items), dist.world)
     params = [p for p in policy.parameters() if p.requires_grad]  # FSDP's shards once wrapped
     optimizer = make_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))

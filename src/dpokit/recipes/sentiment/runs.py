@@ -129,18 +129,20 @@ def online_name(s: int) -> str:
 
 
 def offline_steps(config: dict[str, Any]) -> int | None:
-    """Gradient steps of an offline run's config (as ``dpokit.train.setup`` counts them); None before its pair
+    """Gradient steps of an offline run's config (``dpokit.train.steps_for``, one process); None before its pair
     file exists (a config validated ahead of the sampling)."""
-    t = config["train"]
-    if t.get("max_steps"):
-        return int(t["max_steps"])
+    from dpokit.config import TrainConfig
+    from dpokit.train import steps_for
+
+    train_cfg = TrainConfig(**config["train"])
     path = Path(config["data"]["train"])
-    if not path.is_file():
+    if train_cfg.max_steps is None and not path.is_file():
         return None
-    with path.open() as f:
-        pairs = sum(1 for line in f if line.strip())
-    per_step = t.get("batch_size", 8) * t.get("grad_accum", 1)
-    return math.ceil(math.ceil(t.get("epochs", 1.0) * pairs) / per_step)
+    pairs = 0
+    if train_cfg.max_steps is None:
+        with path.open() as f:
+            pairs = sum(1 for line in f if line.strip())
+    return steps_for(train_cfg, pairs)[0]
 
 
 def online_specs(cfg: SentimentConfig, data: Path, root: Path, ref_model: str,
@@ -261,7 +263,9 @@ def evaluate_spec(spec: RunSpec, cfg: SentimentConfig, prompts_file: Path) -> di
         say(f"{spec.name}: evaluated already (cached)")
         return cached
     last = _last_checkpoint(run_dir)
-    if last is not None and not e.keep_checkpoints:
+    # Only the final step's checkpoint duplicates final/: after an evaluation stopped part way it is gone
+    # already, and the last one left is a real point of the frontier.
+    if last is not None and last == _final_step(run_dir) and not e.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints" / f"step-{last}")
     result = evaluate_run(run_dir, prompts=str(prompts_file), reward=cfg.reward, n_samples=e.n_samples,
                           max_new_tokens=cfg.sampling.max_new_tokens, seed=e.seed, batch_size=e.batch_size,
