@@ -407,7 +407,8 @@ def build(source: str, tokenizer: Any, data_cfg: Any, split: str, folder: Path, 
     size = path.stat().st_size if path.is_file() else 0
     if procs > 1 and getattr(data_cfg, "max_rows", None) is None and size >= _PARALLEL_MIN_BYTES:
         spans = list(jsonl_spans(source, procs) or [None])
-    bar = _progress(path, size) if progress and size >= _PARALLEL_MIN_BYTES else None
+    plain = path.suffix.lower() not in (".gz", ".parquet", ".pq")  # its size says how many text lines it has
+    bar = _progress(path, size) if progress and plain and size >= _PARALLEL_MIN_BYTES else None
     tmp = staging_dir(folder)
     with writing(folder, "tokenized data", cleanup=tmp):
         try:
