@@ -63,6 +63,7 @@ from dpokit.metrics import PairStats
 from dpokit.rewards import RewardFn
 from dpokit.rollout import (
     PromptItem,
+    held_out,
     judge_counts,
     judge_reward,
     load_reward,
@@ -261,38 +262,32 @@ def online_step(online: Online, step: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(online: Online) -> dict[str, float]:
-    """Held-out prompts: one response each from the policy (the same seed at every evaluation), its reward and
-    the Monte Carlo estimate of KL(pi || pi_ref) = E_y~pi[log pi(y|x) - log pi_ref(y|x)], per response."""
-    run, dist = online.run, online.run.dist
-    items = run.eval_items[dist.rank::dist.world]
-    if not items:
-        raise ConfigError(f"data.eval: {len(run.eval_items)} held-out prompts for {dist.world} processes; give at least "
-                          "one per process")
-    seed = step_seed(run.cfg.train.seed, 0, dist.rank, 10_000)
-    samples = sample(online, items, seed)
-    scores = score(online.reward, online.reward_label, items, [s.text for s in samples], seed)
-    groups = [TokenizedGroup(s.prompt_ids, [s.response_ids], "eval") for s in samples]
-    kl = 0.0
-    was_training = run.policy.training
-    run.policy.eval()
-    try:
-        for start in range(0, len(groups), run.cfg.eval.batch_size):
-            chunk = groups[start:start + run.cfg.eval.batch_size]
-            batch = to_device(collate_tokenized(chunk, run.tokenizer.pad_token_id, layout=run.cfg.train.layout,
-                                                pack_length=run.cfg.train.pack_length), run.device)
-            assert run.reference is not None
-            ref = run.reference.logps(batch, chunk, run.autocast)[:, 0]
-            with run.autocast():
-                logps, _ = batch_logps(run.policy, batch)
-            kl += float((regroup(logps, batch)[:, 0].float() - ref.float()).sum())
-    finally:
-        run.policy.train(was_training)
-    n, total, total_sq, kl, tokens = dist.sum([float(len(items)), float(sum(scores)),
-                                              float(sum(x * x for x in scores)), kl,
-                                              float(sum(len(s.response_ids) for s in samples))])
-    mean = total / n
-    return {"reward": mean, "reward_std": math.sqrt(max(total_sq / n - mean * mean, 0.0)), "kl": kl / n,
-            "response_length": tokens / n}
+    """Held-out prompts (``dpokit.rollout.held_out``): one response each from the policy, its reward and its
+    sequence KL to pi_ref through the run's reference."""
+    run = online.run
+
+    def kl_sum(samples: list[Sample]) -> float:
+        groups = [TokenizedGroup(s.prompt_ids, [s.response_ids], "eval") for s in samples]
+        kl = 0.0
+        was_training = run.policy.training
+        run.policy.eval()
+        try:
+            for start in range(0, len(groups), run.cfg.eval.batch_size):
+                chunk = groups[start:start + run.cfg.eval.batch_size]
+                batch = to_device(collate_tokenized(chunk, run.tokenizer.pad_token_id, layout=run.cfg.train.layout,
+                                                    pack_length=run.cfg.train.pack_length), run.device)
+                assert run.reference is not None
+                ref = run.reference.logps(batch, chunk, run.autocast)[:, 0]
+                with run.autocast():
+                    logps, _ = batch_logps(run.policy, batch)
+                kl += float((regroup(logps, batch)[:, 0].float() - ref.float()).sum())
+        finally:
+            run.policy.train(was_training)
+        return kl
+
+    return held_out(run.eval_items, run.dist, step_seed(run.cfg.train.seed, 0, run.dist.rank, 10_000),
+                    lambda items, seed: sample(online, items, seed),
+                    lambda items, texts, seed: score(online.reward, online.reward_label, items, texts, seed), kl_sum)
 
 
 # ------------------------------------------------------------------------------------------------------ setup

@@ -12,6 +12,7 @@ from the policy, scoring the samples with a reward, and the seeds that make all 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,28 @@ def judge_counts(reward: RewardFn | None, dist: Dist) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------- sampling
+
+def held_out(items: Sequence[PromptItem], dist: Dist, seed: int,
+             sample_fn: Callable[[list[PromptItem], int], list[Sample]],
+             reward: Callable[[list[PromptItem], list[str], int], list[float]],
+             kl_sum: Callable[[list[Sample]], float]) -> dict[str, float]:
+    """Held-out evaluation of a policy that trains on its own samples (PPO, online DPO): this rank's share of
+    ``items``, one response each (``sample_fn``, always the same ``seed``), its reward, and the Monte Carlo
+    estimate of KL(pi || pi_ref) = E_y~pi[log pi(y|x) - log pi_ref(y|x)] (``kl_sum``: the sum over the
+    samples), all summed over every rank. Returns ``reward``, ``reward_std``, ``kl``, ``response_length``."""
+    share = list(items[dist.rank::dist.world])
+    if not share:
+        raise ConfigError(f"data.eval: {len(items)} held-out prompts for {dist.world} processes; give at least "
+                          "one per process")
+    samples = sample_fn(share, seed)
+    scores = reward(share, [s.text for s in samples], seed)
+    n, total, total_sq, kl, tokens = dist.sum([float(len(share)), float(sum(scores)),
+                                              float(sum(x * x for x in scores)), kl_sum(samples),
+                                              float(sum(len(s.response_ids) for s in samples))])
+    mean = total / n
+    return {"reward": mean, "reward_std": math.sqrt(max(total_sq / n - mean * mean, 0.0)), "kl": kl / n,
+            "response_length": tokens / n}
+
 
 def sample(model: nn.Module, tokenizer: Any, items: Sequence[PromptItem], params: SamplingParams,
            eos_ids: list[int], autocast: Callable[[], Any]) -> list[Sample]:

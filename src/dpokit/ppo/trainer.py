@@ -48,6 +48,7 @@ from dpokit.resume import fingerprint, seed_everything
 from dpokit.rewards import RewardFn
 from dpokit.rollout import (
     PromptItem,
+    held_out,
     judge_counts,
     judge_reward,
     load_reward,
@@ -317,23 +318,17 @@ def ppo_update(ppo: Ppo, step: int, ro: Rollout, advantages: torch.Tensor,
 
 @torch.no_grad()
 def evaluate(ppo: Ppo) -> dict[str, float]:
-    """Held-out prompts: one response each from pi (the same seed at every evaluation), its reward and the
-    Monte Carlo estimate of KL(pi || pi_ref) = E_y~pi[sum_t log pi - log pi_ref]."""
-    run, dist = ppo.run, ppo.run.dist
-    items = ppo.eval_prompts[dist.rank::dist.world]
-    if not items:
-        raise ConfigError(f"data.eval: {len(ppo.eval_prompts)} held-out prompts for {dist.world} processes; "
-                          "give at least one per process")
-    seed = step_seed(run.cfg.train.seed, 0, dist.rank, 10_000)
-    samples = sample(ppo, items, seed)
-    scores = score(ppo.reward, ppo.reward_label, items, [s.text for s in samples], seed)
-    out = evaluate_rows(ppo, [(s.prompt_ids, s.response_ids) for s in samples], with_values=False)
-    seq_kl = ((out["logps"] - out["ref_logps"]) * out["mask"]).sum(-1)
-    n, reward, reward_sq, kl, tokens = dist.sum([float(len(items)), float(sum(scores)),
-                                                 float(sum(s * s for s in scores)), float(seq_kl.sum()),
-                                                 float(out["mask"].sum())])
-    return {"reward": reward / n, "reward_std": math.sqrt(max(reward_sq / n - (reward / n) ** 2, 0.0)),
-            "kl": kl / n, "response_length": tokens / n}
+    """Held-out prompts (``dpokit.rollout.held_out``): one response each from pi, its reward and its sequence
+    KL to pi_ref (``evaluate_rows``)."""
+    run = ppo.run
+
+    def kl_sum(samples: list[Sample]) -> float:
+        out = evaluate_rows(ppo, [(s.prompt_ids, s.response_ids) for s in samples], with_values=False)
+        return float(((out["logps"] - out["ref_logps"]) * out["mask"]).sum())
+
+    return held_out(ppo.eval_prompts, run.dist, step_seed(run.cfg.train.seed, 0, run.dist.rank, 10_000),
+                    lambda items, seed: sample(ppo, items, seed),
+                    lambda items, texts, seed: score(ppo.reward, ppo.reward_label, items, texts, seed), kl_sum)
 
 
 # ------------------------------------------------------------------------------------------------------ setup
