@@ -254,3 +254,49 @@ def test_a_streamed_hub_dataset_gives_the_same_groups_and_counts(tmp_path, tiny_
                         lambda name, split, streaming=False: datasets.IterableDataset.from_generator(failing))
     with pytest.raises(DataError, match=r"^owner/prefs\[train\]:row 1: reading the hub dataset failed"):
         load_cached("owner/prefs", tiny_tok, cfg)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (nobody reaped it yet)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads worker pids from /proc (Linux)")
+def test_a_killed_build_stops_its_workers_and_the_next_run_clears_its_leftovers(tmp_path):
+    """SIGKILL to the parent while two workers tokenize: the workers end too (PR_SET_PDEATHSIG) instead of
+    tokenizing their share for nobody, and the next build of the same key removes the half-built folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source = write_rows(tmp_path / "rows.jsonl", 100_000)  # seconds of work for each worker
+    cache_dir = tmp_path / "cache"
+    script = ("import dpokit.data.cache as cache\nfrom dpokit.config import DataConfig\n"
+              "from dpokit.models import tiny_tokenizer\ncache._PARALLEL_MIN_BYTES = 0\n"
+              f"cfg = DataConfig(max_length=64, max_prompt_length=32, cache_dir={str(cache_dir)!r}, num_proc=2)\n"
+              f"cache.prepare_cached({str(source)!r}, tiny_tokenizer(), cfg)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    workers: list[int] = []
+    deadline = time.time() + 120
+    while len(workers) < 2 and time.time() < deadline and parent.poll() is None:
+        time.sleep(0.2)
+        children = " ".join(Path(t, "children").read_text() for t in Path(f"/proc/{parent.pid}/task").glob("*")
+                            if Path(t, "children").exists()) if _alive(parent.pid) else ""
+        workers = [int(pid) for pid in children.split()]
+    assert len(workers) == 2, "the build never forked its workers"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    time.sleep(1.0)  # far less than what is left of a worker's share; far more than a signal takes
+    assert not any(_alive(pid) for pid in workers)
+    leftovers = list(cache_dir.glob("*/.tmp-*"))
+    assert leftovers  # the killed build's staging folder
+    from dpokit.data.cache import prepare_cached
+    from dpokit.models import tiny_tokenizer
+
+    folder = prepare_cached(str(source), tiny_tokenizer(), DataConfig(max_length=64, max_prompt_length=32,
+                                                                      cache_dir=str(cache_dir), num_proc=2))
+    assert (folder / "meta.json").exists() and not any(p.exists() for p in leftovers)

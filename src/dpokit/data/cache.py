@@ -40,11 +40,14 @@ Hub datasets have no cheap content digest offline: they are tokenized into a pri
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from array import array
@@ -243,6 +246,8 @@ def prepare_cached(source: str, tokenizer: Any, data_cfg: Any, split: str = "tra
             refused = read_json(folder.with_name(name + ".refused.json"), default=None)
             if isinstance(refused, dict):  # the same inputs were refused a moment ago, e.g. by another rank
                 raise DataError(_relocated(refused["error"], refused["prefix"], location_prefix(source, split)))
+            for stale in folder.parent.glob(f".tmp-{folder.name}-*"):  # a build killed part way (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
             try:
                 build(source, tokenizer, data_cfg, split, folder, note, key, progress)
             except DataError as exc:
@@ -455,9 +460,14 @@ def _run_shards(source: str, tokenizer: Any, data_cfg: Any, split: str, spans: l
         # workers are the parallelism); restored for the parent at once.
         before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # Objects that exist now are never collected in the workers: a collection there would write to every
+        # one of them and so copy the parent's pages one by one (gc.freeze's documented use before fork).
+        gc.collect()
+        gc.freeze()
         try:
-            pool = context.Pool(len(spans))
+            pool = context.Pool(len(spans), initializer=_worker_start, initargs=(os.getpid(),))
         finally:
+            gc.unfreeze()
             if before is None:
                 del os.environ["TOKENIZERS_PARALLELISM"]
             else:
@@ -482,6 +492,17 @@ def _run_shards(source: str, tokenizer: Any, data_cfg: Any, split: str, spans: l
 def _show(bar: Any, rows: int) -> None:
     if bar is not None and min(rows, bar.total) > bar.done:
         bar.advance(min(rows, bar.total) - bar.done)
+
+
+def _worker_start(parent: int) -> None:
+    """A worker ends when its parent does (killed, or stopped by a signal) instead of tokenizing its share for
+    nobody: Linux sends it SIGTERM then (PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
 
 
 def _shard_safely(k: int) -> str | None:
