@@ -106,8 +106,9 @@ def measure(size_bytes: int, chat: bool = False, model: str = "tiny-random-llama
             "growth_mib": run["peak_rss_mib"] - base["peak_rss_mib"], "stdout": run["stdout"]}
 
 
-def parse_size(text: str) -> int:
-    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+def parse_size(text: str, base: int = 1024) -> int:
+    """``200M``, ``2G``, ``512K`` or a plain number of bytes; ``base`` 1024 (MiB, GiB) or 1000 (MB, GB)."""
+    units = {"K": base, "M": base**2, "G": base**3}
     text = text.strip().upper().removesuffix("B")
     if text and text[-1] in units:
         return int(float(text[:-1]) * units[text[-1]])

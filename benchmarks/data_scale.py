@@ -57,6 +57,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import OPENERS, ROOT, WORDS, loadavg, machine_info, proc_status_mb  # noqa: E402
+from data_check_memory import parse_size  # noqa: E402
 
 TODAY_ROWS_PER_S = 490.0
 """The issue's figure for today's ``dpokit data check`` (20,000 pairs, 2 cores), quoted beside the re-measured one."""
@@ -142,14 +143,6 @@ def copy_prefix(src: Path, dst: Path, rows: int | None = None, size_bytes: int |
 def count_lines(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b""))
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 10**3, "M": 10**6, "G": 10**9}
-    text = text.strip().upper().removesuffix("B")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
 
 
 # ------------------------------------------------------------------------------------------------ child processes
@@ -729,7 +722,7 @@ def write_section(path: Path, section: str) -> None:
 def prepare_files(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """The data files (reused when ``--workdir`` already holds ``pairs.jsonl`` of ``--pairs`` rows)."""
     pairs = workdir / "pairs.jsonl"
-    check_size = parse_size(args.check_size)
+    check_size = parse_size(args.check_size, base=1000)  # MB here are 10^6 bytes
     files: dict[str, Any] = {"write_s": None}
     if pairs.exists() and count_lines(pairs) == args.pairs:
         files.update(pairs=args.pairs, pairs_bytes=pairs.stat().st_size)

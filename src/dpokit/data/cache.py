@@ -60,7 +60,14 @@ from typing import Any, overload
 import numpy as np
 
 from dpokit.data.formats import PreferenceRow
-from dpokit.data.load import DEFAULT_MAX_LINE_BYTES, RowError, jsonl_spans, scan_jsonl_span, scan_records
+from dpokit.data.load import (
+    DEFAULT_MAX_LINE_BYTES,
+    RowError,
+    jsonl_spans,
+    location_prefix,
+    scan_jsonl_span,
+    scan_records,
+)
 from dpokit.data.overlap import _digest
 from dpokit.data.pipeline import (
     DataReport,
@@ -308,12 +315,6 @@ def open_cached(folder: Path, source: str, data_cfg: Any, split: str = "train",
 def _relocated(message: str, old: str, new: str) -> str:
     """A stored message about ``old:LINE`` as one about ``new:LINE`` (the same content at another path)."""
     return new + message[len(old):] if message.startswith(old + ":") else message
-
-
-def location_prefix(source: str, split: str) -> str:
-    """What locations start with (``dpokit.data.load``): the file's path, or ``id[split]`` for a hub id."""
-    path = Path(source).expanduser()
-    return str(path) if path.exists() else f"{source}[{split}]"
 
 
 def _remove_at_exit(folder: Path) -> None:

@@ -393,6 +393,7 @@ def _hub_records(source: str, split: str, streaming: bool = False) -> Scanned:
         raise DataError(f"{source}: not a local file, and loading it as a hub dataset (split '{split}') "
                         f"failed ({_first_line(exc)})") from None
     rows = iter(dataset)
+    prefix = location_prefix(source, split)
     index = 0
     while True:
         try:
@@ -400,13 +401,19 @@ def _hub_records(source: str, split: str, streaming: bool = False) -> Scanned:
         except StopIteration:
             return
         except Exception as exc:  # a stream can fail part way (network, a bad shard): one line, where
-            raise DataError(f"{source}[{split}]:row {index}: reading the hub dataset failed "
-                            f"({_first_line(exc)})") from None
-        yield _as_row(obj, f"{source}[{split}]:row {index}")
+            raise DataError(f"{prefix}:row {index}: reading the hub dataset failed ({_first_line(exc)})") from None
+        yield _as_row(obj, f"{prefix}:row {index}")
         index += 1
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+
+def location_prefix(source: str, split: str) -> str:
+    """What the locations of ``source``'s rows start with (see the module docstring): the file's path, or
+    ``id[split]`` for a hub dataset."""
+    path = Path(source).expanduser()
+    return str(path) if path.exists() else f"{source}[{split}]"
+
 
 def _as_row(obj: Any, location: str) -> Record | RowError:
     if not isinstance(obj, dict):
