@@ -51,7 +51,7 @@ def data_error(fn, *args):
     ({"prompt": user("Hi"), "chosen": assistant("yes"), "rejected": assistant("no")}, "conversational"),
     ({"prompt": "Hi", "chosen": assistant("yes"), "rejected": assistant("no")}, "conversational"),
     ({"prompt": user("Hi"), "chosen": "yes", "rejected": "no"}, "conversational"),
-    ({"chosen": "Q: Hi A: yes", "rejected": "Q: Hi A: no"}, "implicit_prompt"),
+    ({"chosen": "\n\nHuman: Hi\n\nAssistant: yes", "rejected": "\n\nHuman: Hi\n\nAssistant: no"}, "implicit_prompt"),
     ({"chosen": user("Hi") + assistant("yes"), "rejected": user("Hi") + assistant("no")}, "implicit_conversational"),
     # UltraFeedback-binarized: a string prompt next to full conversations
     ({"prompt": "Hi", "chosen": user("Hi") + assistant("yes"), "rejected": user("Hi") + assistant("no")},
@@ -140,23 +140,29 @@ def test_hh_rlhf_split_after_last_assistant_marker():
     history = "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: How do I bake bread?\n\nAssistant:"
     chosen = history + " Mix flour, water, salt and yeast, then bake."
     rejected = history + " Mix it yourself."  # responses share their first word: the cut stays at the marker
-    assert split_implicit(chosen, rejected) == (history, " Mix flour, water, salt and yeast, then bake.",
-                                                " Mix it yourself.")
+    split = split_implicit(chosen, rejected)
+    assert (split.prompt, split.chosen, split.rejected) == (
+        history, " Mix flour, water, salt and yeast, then bake.", " Mix it yourself.")
 
 
-def test_implicit_split_at_last_whitespace_boundary():
-    assert split_implicit("The movie was great", "The movie was awful") == ("The movie was", " great", " awful")
-    assert split_implicit("I like it", "I like cats") == ("I like", " it", " cats")
-    assert split_implicit("yes", "no") == ("", "yes", "no")
+def test_implicit_split_needs_a_dialogue_marker():
+    """Plain answers sharing words have no prompt to find: the shared opening is part of both answers."""
+    assert split_implicit("The movie was great", "The movie was awful") is None
+    assert split_implicit("yes", "no") is None
+    header = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    split = split_implicit(header + "Hello<|im_end|>", header + "Go<|im_end|>")
+    assert (split.prompt, split.chosen, split.rejected, split.dialogue.name) == (
+        header, "Hello<|im_end|>", "Go<|im_end|>", "ChatML")
 
 
 def test_implicit_rows_load_and_empty_prompt_rules(tmp_path, tiny_tok):
     hh = "\n\nHuman: Hi\n\nAssistant:"
     path = write_jsonl(tmp_path / "hh.jsonl", [
         {"chosen": hh + " Hello there!", "rejected": hh + " Go away."},
-        {"chosen": "yes", "rejected": "no"}])  # nothing shared: an empty prompt is fine here
-    pairs, report = load(path, tiny_tok)
-    assert report.rows_kept == 2 and report.formats == {"implicit_prompt": 2}
+        {"chosen": hh[:-1] + "Assistant: Hi", "rejected": hh[:-1] + "Bob: Hi"}])  # only "Human" shared
+    pairs, report = load(path, tiny_tok, DataConfig(on_error="skip", max_bad_fraction=0.5))
+    assert report.rows_kept == 1 and report.formats == {"implicit_prompt": 1}
+    assert report.dropped == {"implicit_prompt": 1}
     assert tiny_tok.decode(pairs[0].prompt_ids) == hh
     assert tiny_tok.decode(pairs[0].chosen_ids) == " Hello there!<|im_end|>"
     # ... but a standard row with an empty prompt is dropped and counted.
@@ -467,7 +473,8 @@ def test_find_overlap_counts_shared_pairs_and_prompts(tmp_path, tiny_tok):
 
 # ---------------------------------------------------------------------------------------------- sources, paths
 
-@pytest.mark.parametrize("source", ["not a hub id", "owner/na me", "owner/..", "owner/name:evil", "-rf"])
+@pytest.mark.parametrize("source", ["not a hub id", "owner/na me", "owner/..", "owner/name::evil", "owner/name:",
+                                    "owner/name:a:b", "-rf"])
 def test_invalid_hub_ids_are_refused_before_any_lookup(source, tiny_tok, monkeypatch):
     import datasets
 
@@ -533,9 +540,11 @@ def test_unpaired_counts_refusals_and_labels(tmp_path, tiny_tok):
     rows.append({"prompt": "Q1", "completion": " A1", "label": True})  # a duplicate
     path = write_jsonl(tmp_path / "u.jsonl", rows)
     items, report = load_unpaired(path, tiny_tok, CFG)
-    assert report.rows_read == 8 and report.rows_kept == 7 and report.dropped == {"duplicate": 1}
-    assert (report.desirable, report.undesirable) == (5, 2) and len(items) == 7
-    assert report.to_dict()["desirable"] == 5
+    # Q0 is labelled both ways: both of its rows go, as a pair with chosen == rejected would.
+    assert report.rows_read == 8 and report.rows_kept == 5
+    assert report.dropped == {"duplicate": 1, "conflicting_labels": 2}
+    assert (report.desirable, report.undesirable) == (4, 1) and len(items) == 5
+    assert report.to_dict()["desirable"] == 4
     # Unpaired and pairwise files are each refused by the other kind of loss, with one line.
     assert "need loss.name=kto" in data_error(load_preferences, path, tiny_tok, CFG)
     pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "chosen": " a", "rejected": " b"}])

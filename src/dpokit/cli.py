@@ -26,7 +26,21 @@ def cmd_data_check(args: argparse.Namespace) -> int:
                      max_prompt_length=args.max_prompt_length, on_error=args.on_error,
                      max_bad_fraction=args.max_bad_fraction, dedupe=not args.no_dedupe,
                      max_line_bytes=args.max_line_bytes, max_rows=args.max_rows, num_proc=args.num_proc,
-                     cache=not args.no_cache, cache_dir=args.cache_dir)
+                     cache=not args.no_cache, cache_dir=args.cache_dir, split=args.split, show=args.show,
+                     columns=_columns(args.column))
+
+
+def _columns(pairs: list[str] | None) -> dict[str, str] | None:
+    """``--column prompt=question --column system=system`` -> ``data.columns``."""
+    if not pairs:
+        return None
+    columns = {}
+    for pair in pairs:
+        target, sep, column = pair.partition("=")
+        if not sep:
+            raise DpokitError(f"--column {pair}: expected TARGET=COLUMN, e.g. prompt=question")
+        columns[target.strip()] = column.strip()
+    return columns
 
 
 def launch_nproc(args: argparse.Namespace) -> None:
@@ -197,6 +211,12 @@ def _add_data(sub: Any) -> None:
     check.add_argument("--no-cache", action="store_true",
                        help="do not keep the tokenized data for later runs (data.cache: false)")
     check.add_argument("--cache-dir", default=None, help="data cache folder (default $DPOKIT_CACHE/data)")
+    check.add_argument("--split", default="train",
+                       help="split of a hub dataset (SOURCE owner/name or owner/name:config) or a JSON document")
+    check.add_argument("--column", action="append", metavar="TARGET=COLUMN",
+                       help="map a dataset column onto a dpokit name (data.columns), e.g. --column prompt=question")
+    check.add_argument("--show", type=int, default=0, metavar="N",
+                       help="print the first N groups decoded from the token ids training uses")
     check.set_defaults(func=cmd_data_check)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dpokit.errors import ConfigError
 from dpokit.io import write_text
@@ -69,9 +69,14 @@ class DataConfig(_Section):
     eval: str | None = Field(None, json_schema_extra=NEUTRAL)
     """Held-out preference data, same formats."""
     train_split: str = "train"
-    """Split to read when ``train`` is a hub dataset id."""
+    """Split to read when ``train`` is a hub dataset id (``owner/name``, or ``owner/name:config`` for one of its
+    configs/subsets)."""
     eval_split: str = Field("test", json_schema_extra=NEUTRAL)
     """Split to read when ``eval`` is a hub dataset id."""
+    columns: dict[str, str] | None = None
+    """The dataset's column for each dpokit name, e.g. ``{prompt: question, system: system}`` (Intel/orca_dpo_pairs)
+    or ``{prompt: history, chosen: human_ref_A, rejected: human_ref_B, label: labels}`` (SHP: label 1 means the
+    ``chosen`` column is preferred, 0 the ``rejected`` one). Targets: ``dpokit.data.columns.COLUMN_TARGETS``."""
     max_length: int = Field(512, ge=2)
     """Maximum tokens of prompt + response. Longer pairs are truncated (prompt first, then responses)."""
     max_prompt_length: int = Field(256, ge=1)
@@ -99,6 +104,15 @@ class DataConfig(_Section):
     num_proc: int | None = Field(None, ge=1, json_schema_extra=NEUTRAL)
     """Processes that tokenize a JSONL file (each its own byte range); default: the usable CPU cores. The
     result is the same for any number."""
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, columns: dict[str, str] | None) -> dict[str, str] | None:
+        from dpokit.data.columns import check_columns
+
+        if columns is not None:
+            check_columns(columns)
+        return columns
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:

@@ -19,7 +19,7 @@ not grow with the size of the data (about 80 bytes of index per pair on disk, no
 The key is content-addressed (like the reference store): the data file's sha256 (remembered per file size,
 mtime and inode, so an unchanged file is not read again), the tokenizer (its full serialized state, chat
 template and special-token rules), the settings that change what is kept (``max_length``,
-``max_prompt_length``, ``max_rows``, ``max_line_bytes``, ``on_error``, ``dedupe``), the split of a JSON
+``max_prompt_length``, ``max_rows``, ``max_line_bytes``, ``on_error``, ``dedupe``, ``columns``), the split of a JSON
 document, and dpokit's
 tokenization code (a digest of the ``dpokit.data`` sources, so a changed rule re-tokenizes without a
 hand-kept version number). ``data.max_bad_fraction`` and the format a command needs are checked again on every
@@ -85,7 +85,7 @@ from dpokit.io import publish_dir, read_json, sha256_file, staging_dir, write_js
 
 LAYOUT = 1
 """The folder layout above; part of the key."""
-KEY_SETTINGS = ("max_length", "max_prompt_length", "max_rows", "max_line_bytes", "on_error", "dedupe")
+KEY_SETTINGS = ("max_length", "max_prompt_length", "max_rows", "max_line_bytes", "on_error", "dedupe", "columns")
 """The ``data.*`` settings that change which groups a source gives (the key holds them)."""
 _PARALLEL_MIN_BYTES = 4 << 20
 """Below this size one process is faster than starting workers."""

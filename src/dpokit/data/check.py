@@ -1,4 +1,4 @@
-"""``dpokit data check FILE [--model M]``: validate a preference source and say what training would see.
+"""``dpokit data check FILE [--model M] [--split S] [--column TARGET=COLUMN] [--show N]``: validate a preference source and say what training would see.
 
 Streams: rows are tokenized in chunks (by every core, for a JSONL file) and written to the data cache as they
 come, so a file of any size is checked in constant memory (``benchmarks/data_check_memory.py`` measures it),
@@ -9,6 +9,7 @@ a check that fails half way prints its one error line and no partial report.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,6 +20,7 @@ from dpokit.config import DataConfig
 from dpokit.data.cache import load_cached
 from dpokit.data.formats import DROP_REASONS, MALFORMED_REASONS
 from dpokit.data.pipeline import DataReport
+from dpokit.data.tokenize import TokenizedGroup
 from dpokit.errors import ConfigError
 from dpokit.terminal import console as make_console
 
@@ -26,10 +28,13 @@ from dpokit.terminal import console as make_console
 def run_check(source: str, model: str = "smollm2", max_length: int = 512, max_prompt_length: int = 256,
               console: Console | None = None, *, on_error: str = "raise", max_bad_fraction: float = 0.05,
               dedupe: bool = True, max_line_bytes: int | None = None, max_rows: int | None = None,
-              num_proc: int | None = None, cache: bool = True, cache_dir: str | None = None) -> int:
+              num_proc: int | None = None, cache: bool = True, cache_dir: str | None = None,
+              columns: dict[str, str] | None = None, split: str = "train", show: int = 0) -> int:
     """Load and tokenize ``source`` with ``model``'s tokenizer, print the report; 0 if any row is usable, else 1.
 
-    The keyword arguments are the ``data.*`` settings of the same names. The tokenized groups go into the data
+    The keyword arguments are the ``data.*`` settings of the same names; ``split`` is the split of a hub dataset
+    (``owner/name`` or ``owner/name:config``) or of a JSON document; ``show``: print the first ``show`` kept
+    groups decoded from the token ids training uses (:func:`print_rows`). The tokenized groups go into the data
     cache (``dpokit.data.cache``), so a training run with the same tokenizer and settings starts from them.
     Bad input raises :class:`dpokit.errors.DataError` (the CLI prints it as one line).
     """
@@ -37,7 +42,8 @@ def run_check(source: str, model: str = "smollm2", max_length: int = 512, max_pr
 
     settings: dict[str, Any] = {"max_length": max_length, "max_prompt_length": max_prompt_length,
                                 "on_error": on_error, "max_bad_fraction": max_bad_fraction, "dedupe": dedupe,
-                                "max_rows": max_rows, "num_proc": num_proc, "cache": cache, "cache_dir": cache_dir}
+                                "max_rows": max_rows, "num_proc": num_proc, "cache": cache, "cache_dir": cache_dir,
+                                "columns": columns}
     if max_line_bytes is not None:
         settings["max_line_bytes"] = max_line_bytes
     try:
@@ -47,10 +53,34 @@ def run_check(source: str, model: str = "smollm2", max_length: int = 512, max_pr
         key = ".".join(str(p) for p in first["loc"]) or "max_prompt_length"
         raise ConfigError(f"data.{key}: {first['msg'].removeprefix('Value error, ')}") from None
     tokenizer = load_tokenizer(resolve(model))
-    _, report = load_cached(source, tokenizer, data_cfg, want="any", note=lambda line: print(f"dpokit: {line}", file=sys.stderr),
-                            progress=True)
-    print_report(report, model, data_cfg, console or make_console())
+    groups, report = load_cached(source, tokenizer, data_cfg, split, want="any",
+                                 note=lambda line: print(f"dpokit: {line}", file=sys.stderr), progress=True)
+    console = console or make_console()
+    print_report(report, model, data_cfg, console)
+    if show:
+        print_rows(groups, tokenizer, show, console)
     return 0 if report.rows_kept > 0 else 1
+
+
+def print_rows(groups: Sequence[TokenizedGroup], tokenizer: Any, n: int, console: Console) -> None:
+    """The first ``n`` groups as training sees them: each part decoded from its token ids with special tokens
+    kept, as a Python string literal (newlines, trailing spaces and end tokens visible), so a prompt cut from
+    the answers, a missing system prompt or a doubled end token shows at a glance."""
+    if not groups:
+        return
+    console.print(f"[bold]first {min(n, len(groups))} of {len(groups)} groups, decoded from the trained token ids"
+                  "[/bold]")
+    for group in groups[:n]:
+        console.print(group.location, style="bold", markup=False, highlight=False)
+        if group.label is not None:
+            names = ["desirable" if group.label else "undesirable"]
+        elif len(group.responses_ids) == 2:
+            names = ["chosen", "rejected"]
+        else:
+            names = [f"response {k}" for k in range(len(group.responses_ids))]
+        for name, ids in [("prompt", group.prompt_ids), *zip(names, group.responses_ids)]:
+            text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            console.print(f"  {name:<11} {len(ids):>5} tok  {text!r}", markup=False, highlight=False, soft_wrap=True)
 
 
 def print_report(report: DataReport, model: str, data_cfg: Any, console: Console) -> None:
@@ -99,7 +129,9 @@ def print_report(report: DataReport, model: str, data_cfg: Any, console: Console
         console.print(f"  ties: {report.ties} tied comparisons not trained; {report.groups} groups from "
                       f"{report.rows_kept} rows (a ranking with ties gives one pair per strict comparison)")
     if any(name.startswith("unpaired") for name in report.formats):
-        console.print(f"  labels: {report.desirable} desirable, {report.undesirable} undesirable (KTO)")
+        conflicting = report.dropped.get("conflicting_labels", 0)
+        console.print(f"  labels: {report.desirable} desirable, {report.undesirable} undesirable (KTO); "
+                      f"{conflicting} rows dropped for a prompt and completion labelled both ways")
     if report.rows_kept:
         console.print(f"[green]OK[/green]: {report.rows_kept} usable rows")
     else:

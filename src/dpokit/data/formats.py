@@ -9,7 +9,9 @@ them):
                              accepted: string responses (taken as one assistant turn), a single message dict,
                              a string prompt with assistant-only message responses (taken as one user turn),
                              and responses that repeat the prompt's messages first (they are removed)
-``implicit_prompt``          ``{"chosen": str, "rejected": str}`` sharing a prefix, e.g. Anthropic HH-RLHF
+``implicit_prompt``          ``{"chosen": str, "rejected": str}``: two whole dialogues (Anthropic HH-RLHF, or
+                             text in a chat format) whose shared opening up to the last assistant marker is the
+                             prompt (``dpokit.data.implicit``); refused beside a prompt-like column
 ``implicit_conversational``  ``{"chosen": [messages], "rejected": [messages]}`` sharing leading messages; also a
                              string ``prompt`` next to full-conversation lists (UltraFeedback-binarized style),
                              where the lists are the source of truth
@@ -27,7 +29,11 @@ a ranking whose responses are all tied is dropped (``all_tied``).
 
 A message is ``{"role": str, "content": str, ...}`` with a role in :data:`ROLES`; extra keys (``name``, ...) are
 passed to the chat template. Content must be a string: multimodal parts (image URLs, file paths) are refused, so
-nothing in a row can make dpokit open a file or a URL. Extra row keys (``id``, ``score_chosen``, ...) are ignored.
+nothing in a row can make dpokit open a file or a URL. ShareGPT turns (``{"from": "human" | "gpt", "value"}``)
+are read as messages. Extra row keys (``id``, ``score_chosen``, ...) are ignored; ``chosen``/``rejected`` decide
+a pair whatever other keys a row has (``responses``, ``label``). A ``system`` column is the prompt's system
+message: the row becomes conversational and the chat template renders it. ``data.columns`` renames a dataset's
+columns onto these names first (``dpokit.data.columns``).
 
 A structurally wrong row is a :class:`~dpokit.data.load.RowError` naming ``path:line`` and the key, with one of
 the :data:`MALFORMED_REASONS` (``data.on_error: skip`` counts it instead of stopping). A well-formed but unusable
@@ -53,14 +59,22 @@ it folds "x²" into "x2" and "½" into "1⁄2", answers a grader tells apart.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
+from dpokit.data.columns import apply_columns, prompt_like_columns
+from dpokit.data.drops import (  # noqa: F401  (re-exported: formats is where a row's reasons are looked up)
+    _FORMAT_CHARS,
+    CONTENT_REASONS,
+    DROP_REASONS,
+    MALFORMED_REASONS,
+    drop_reason,
+    row_digest,
+    strip_invisible,
+)
+from dpokit.data.implicit import split_implicit
 from dpokit.data.load import Record, RowError, _type_name
 
 Message = dict[str, Any]
@@ -73,10 +87,6 @@ PROMPT_END_ROLES = ("user", "system", "tool")
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 """Message roles the chat templates of common models know (OpenAI's ``developer``/``function``, Llama 3.1's
 ``ipython``); any other role is a malformed row, not something to pass to a template to guess about."""
-
-HH_ASSISTANT = "Assistant:"
-"""The turn marker of Anthropic HH-RLHF; implicit-prompt strings are split just after its last occurrence."""
-
 
 @dataclass
 class PreferenceRow:
@@ -106,17 +116,26 @@ class PreferenceRow:
         return self.responses[-1]
 
 
-def normalize(record: Record) -> PreferenceRow:
-    """Detect the format of one raw row and bring it to a :class:`PreferenceRow`."""
-    row, loc = record.row, record.location
-    if "responses" in row:
-        return _ranked(row, loc)
-    if "completion" in row or "label" in row:
-        return _unpaired(row, loc)
-    if "chosen" not in row and "rejected" not in row:
+def normalize(record: Record, columns: dict[str, str] | None = None) -> PreferenceRow:
+    """Detect the format of one raw row and bring it to a :class:`PreferenceRow`. ``columns`` is
+    ``data.columns`` (``dpokit.data.columns``). ``chosen``/``rejected`` decide a pair whatever other columns
+    the row has: a ``responses`` or ``label`` column beside them never makes it a ranking or an unpaired row."""
+    loc = record.location
+    row = apply_columns(record.row, columns, loc)
+    if "chosen" in row or "rejected" in row:
+        result = _pair(row, loc)
+    elif "responses" in row:
+        result = _ranked(row, loc)
+    elif "completion" in row or "label" in row:
+        result = _unpaired(row, loc)
+    else:
         raise RowError(f"{loc}: no preference fields; expected 'prompt', 'chosen', 'rejected' (or 'chosen' and "
-                       f"'rejected' alone, or 'responses' with 'ranking'/'scores'); found keys {_keys(row)}",
-                       "missing_key")
+                       f"'rejected' alone, or 'responses' with 'ranking'/'scores'); found keys {_keys(row)}; "
+                       "other column names can be mapped with data.columns", "missing_key")
+    return _with_system(result, row, loc) if "system" in row else result
+
+
+def _pair(row: dict[str, Any], loc: str) -> PreferenceRow:
     chosen = _text(row, "chosen", loc)
     rejected = _text(row, "rejected", loc)
     if isinstance(chosen, str) != isinstance(rejected, str):
@@ -125,8 +144,7 @@ def normalize(record: Record) -> PreferenceRow:
     if "prompt" not in row:
         if isinstance(chosen, str):
             assert isinstance(rejected, str)
-            prompt, chosen, rejected = split_implicit(chosen, rejected)
-            return PreferenceRow(prompt, [chosen, rejected], loc, "implicit_prompt")
+            return _implicit_text(row, chosen, rejected, loc)
         return _implicit_messages(chosen, rejected, loc)
     prompt = _text(row, "prompt", loc)
     if isinstance(prompt, str) and isinstance(chosen, str):
@@ -142,6 +160,41 @@ def normalize(record: Record) -> PreferenceRow:
     chosen, rejected = (_as_turns(r, prompt) for r in (chosen, rejected))
     _check_turns(prompt, {"chosen": chosen, "rejected": rejected}, loc)
     return PreferenceRow(prompt, [chosen, rejected], loc, "conversational")
+
+
+_CHAT_FORMATS = {"standard": "conversational", "ranked": "ranked_conversational",
+                 "unpaired": "unpaired_conversational"}
+
+
+def _with_system(result: PreferenceRow, row: dict[str, Any], loc: str) -> PreferenceRow:
+    """A ``system`` column becomes the prompt's first message, so a text row turns conversational (the chat
+    template renders it). Every row of such a source is conversational, so an empty or null ``system`` adds no
+    message but still gives a conversational row (one format per file)."""
+    system = row["system"]
+    if system is not None and not isinstance(system, str):
+        raise RowError(f"{loc}: 'system' must be a string, got {_describe(system)}", "wrong_type")
+    if system:
+        _check_text(system, "system", loc)
+    if result.format.startswith("implicit"):
+        if system and system.strip():
+            raise RowError(f"{loc}: a 'system' column beside chosen/rejected conversations without 'prompt' cannot "
+                           "be placed; give the prompt as messages with a system turn, or map the prompt with "
+                           "data.columns", "bad_messages")
+        return result
+    if isinstance(result.prompt, str):
+        result.prompt = [{"role": "user", "content": result.prompt}]
+        result.responses = [_as_turns(r, result.prompt) for r in result.responses]
+        result.format = _CHAT_FORMATS[result.format]
+    if not (system and system.strip()):
+        return result
+    first = result.prompt[0] if result.prompt else None
+    if first is not None and first["role"] == "system":
+        if first["content"] != system:
+            raise RowError(f"{loc}: both a 'system' column and a different system message in 'prompt'",
+                           "bad_messages")
+        return result
+    result.prompt = [{"role": "system", "content": system}, *result.prompt]
+    return result
 
 
 def _unpaired(row: dict[str, Any], loc: str) -> PreferenceRow:
@@ -166,22 +219,28 @@ def _unpaired(row: dict[str, Any], loc: str) -> PreferenceRow:
 
 # ---------------------------------------------------------------------------------------------- implicit prompt
 
-def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """Split two full texts into (prompt, chosen response, rejected response) at their shared prefix.
-
-    The cut is just after the last ``"Assistant:"`` inside the common prefix (HH-RLHF:
-    ``"\\n\\nHuman: q\\n\\nAssistant:"`` | ``" answer"``), otherwise at the start of the last whitespace run in the
-    common prefix, so the prompt does not end in whitespace and a byte-level BPE keeps its usual ``" word"``
-    tokens at the join. No whitespace in the common prefix gives an empty prompt.
-    """
-    prefix = os.path.commonprefix([chosen, rejected])  # character-wise for strings
-    marker = prefix.rfind(HH_ASSISTANT)
-    if marker >= 0:
-        cut = marker + len(HH_ASSISTANT)
-    else:
-        runs = list(re.finditer(r"\s+", prefix))
-        cut = runs[-1].start() if runs else 0
-    return chosen[:cut], chosen[cut:], rejected[cut:]
+def _implicit_text(row: dict[str, Any], chosen: str, rejected: str, loc: str) -> PreferenceRow:
+    """Two full dialogue texts: the prompt is their shared opening up to the last assistant marker
+    (``dpokit.data.implicit``). Refused when a column looks like it holds the prompt (the guess would drop it),
+    when the texts share no dialogue marker, and when the conversations diverge before the last turn."""
+    columns = prompt_like_columns(row)
+    if columns:
+        mapping = ", ".join(f"{'system' if c.lower() == 'system' else 'prompt'}: {c}" for c in columns[:2])
+        raise RowError(f"{loc}: 'chosen'/'rejected' without 'prompt', beside a '{columns[0]}' column: the prompt "
+                       f"would be guessed from the answers and '{columns[0]}' dropped; map it, e.g. data.columns: "
+                       f"{{{mapping}}}", "implicit_prompt")
+    split = split_implicit(chosen, rejected)
+    if split is None:
+        what = ("share no opening text" if not os.path.commonprefix([chosen, rejected]) else
+                "share an opening with no dialogue turn marker (e.g. 'Assistant:', '<|im_start|>assistant')")
+        raise RowError(f"{loc}: 'chosen'/'rejected' without 'prompt' {what}, so no prompt can be told apart; "
+                       "add a 'prompt' column, or map one with data.columns", "implicit_prompt")
+    later = split.later_turn()
+    if later is not None:
+        raise RowError(f"{loc}: '{later[0]}' holds a later {later[1].strip()!r} turn: chosen and rejected "
+                       f"({split.dialogue.name} text) differ before their last turn; only the final assistant "
+                       "turn may differ", "bad_messages")
+    return PreferenceRow(split.prompt, [split.chosen, split.rejected], loc, "implicit_prompt")
 
 
 def _implicit_messages(chosen: list[Message], rejected: list[Message], loc: str) -> PreferenceRow:
@@ -286,6 +345,7 @@ def _text_value(value: Any, key: str, loc: str) -> Text:
     if not isinstance(value, list):
         raise RowError(f"{loc}: '{key}' must be a string or a list of messages, got {_describe(value)}",
                        "wrong_type")
+    value = [_sharegpt(m) for m in value]
     for i, message in enumerate(value):
         if not isinstance(message, dict):
             raise RowError(f"{loc}: '{key}[{i}]' must be a message {{'role': ..., 'content': ...}}, "
@@ -315,6 +375,18 @@ def not_text(text: str) -> str | None:
     char = bad.group()
     what = "a NUL character (U+0000)" if char == "\x00" else f"a lone surrogate (U+{ord(char):04X})"
     return f"{what} at character {bad.start()}"
+
+
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+
+
+def _sharegpt(message: Any) -> Any:
+    """A ShareGPT-style turn ``{"from": "human" | "gpt" | role, "value": text}`` (UltraInteract's
+    ``trajectory``) as a message ``{"role", "content"}``; anything else unchanged."""
+    if isinstance(message, dict) and "role" not in message and {"from", "value"} <= message.keys():
+        role = message["from"]
+        return {"role": _SHAREGPT_ROLES.get(role, role), "content": message["value"]}
+    return message
 
 
 def _check_text(text: str, key: str, loc: str) -> None:
@@ -361,122 +433,3 @@ def _describe(value: Any) -> str:
 
 def _keys(row: dict[str, Any]) -> str:
     return ", ".join(repr(k) for k in list(row)[:8]) or "none"
-
-
-# ------------------------------------------------------------------------------------------------------ drops
-
-CONTENT_REASONS = {
-    "empty_prompt": "prompt is empty or whitespace only (allowed only for implicit-prompt rows)",
-    "empty_response": "a response is empty or whitespace only",
-    "chosen_equals_rejected": "chosen and rejected are the same text (after NFC, invisible characters and "
-                              "whitespace normalization)",
-    "duplicate_responses": "two responses of a ranked row are the same text",
-    "all_tied": "every response of a ranked row has the same rank or score: no preference to learn",
-    "bidi_override": "text holds a left-to-right/right-to-left override (U+202D/U+202E): it displays in another "
-                     "order than the model reads it",
-    "duplicate": "the same prompt and responses as an earlier row (data.dedupe)",
-    "empty_response_after_truncation": "the prompt fills max_length, leaving no response tokens",
-}
-"""Why a well-formed row is not trained on. Counted in every ``data.on_error`` mode."""
-
-MALFORMED_REASONS = {
-    "malformed_json": "the line is not valid JSON (truncated, or text after the object)",
-    "malformed_csv": "a CSV record with more fields than the header",
-    "not_utf8": "the line is not valid UTF-8",
-    "line_too_long": "the line is longer than data.max_line_bytes",
-    "not_an_object": "the row is not a JSON object",
-    "missing_key": "a required key is missing",
-    "wrong_type": "a value is null or of the wrong type",
-    "bad_messages": "bad message structure: unknown role, prompt not ending with a user turn, response not "
-                    "from the assistant",
-    "invalid_text": "text with a lone surrogate or a NUL character",
-    "mixed_formats": "the row's format differs from the first row's",
-    "template_error": "the chat template failed to render the row",
-}
-"""Why a row is malformed. ``data.on_error: raise`` stops at the first; ``skip`` counts them, up to
-``data.max_bad_fraction`` of the rows read."""
-
-DROP_REASONS = {**CONTENT_REASONS, **MALFORMED_REASONS}
-"""Every reason a row can be dropped, with what it means (``dpokit data check`` prints these)."""
-
-_INVISIBLE = re.compile("[\u200b\u2060\ufeff]")
-_FORMAT_CHARS = re.compile(
-    "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e"
-    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
-    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]")
-"""Unicode category Cf (format characters: zero-width, bidi controls, soft hyphen, tags), as of Unicode 15.1."""
-_BIDI_OVERRIDE = re.compile("[\u202d\u202e]")
-
-
-def drop_reason(prompt: Text, responses: list[Text], allow_empty_prompt: bool = False) -> str | None:
-    """Why this row must not be trained on, or None. Only content is checked here; structure was checked by
-    :func:`normalize`, and token budget by the tokenizer step."""
-    if not allow_empty_prompt and _blank(prompt):
-        return "empty_prompt"
-    if any(_blank(r) for r in responses):
-        return "empty_response"
-    if any(_BIDI_OVERRIDE.search(text) for text in _strings([prompt, *responses])):
-        return "bidi_override"
-    keys = [_canonical(r) for r in responses]
-    if len(set(keys)) < len(keys):
-        return "chosen_equals_rejected" if len(keys) == 2 else "duplicate_responses"
-    return None
-
-
-def strip_invisible(row: PreferenceRow) -> bool:
-    """Remove zero-width spaces, word joiners and stray BOMs from every text of ``row`` (in place); True if any
-    were found."""
-    texts = _strings([row.prompt, *row.responses])
-    if not any(_INVISIBLE.search(text) for text in texts):
-        return False
-
-    def clean(value: Text) -> Text:
-        if isinstance(value, str):
-            return _INVISIBLE.sub("", value)
-        return [{**m, "content": _INVISIBLE.sub("", m["content"])} for m in value]
-
-    row.prompt = clean(row.prompt)
-    row.responses = [clean(r) for r in row.responses]
-    return True
-
-
-def row_digest(row: PreferenceRow) -> int:
-    """A 64-bit digest of the row as a reader sees it (prompt and responses in order, canonical text, and the
-    tie levels when there are ties), for dropping duplicates without keeping the rows."""
-    parts: list[Any] = [_canonical(row.prompt), [_canonical(r) for r in row.responses]]
-    if row.levels is not None:  # a ranking with ties is not the strict ranking of the same texts
-        parts.append(row.levels)
-    if row.label is not None:  # an unpaired response labelled both ways is two rows, not a duplicate
-        parts.append(row.label)
-    key = json.dumps(parts, ensure_ascii=False)
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def _strings(values: list[Text]) -> list[str]:
-    out: list[str] = []
-    for value in values:
-        if isinstance(value, str):
-            out.append(value)
-        else:
-            out.extend(m["content"] for m in value)
-    return out
-
-
-def _blank(value: Text) -> bool:
-    if isinstance(value, str):
-        return not _visible(value).strip()
-    return all(not _visible(m["content"]).strip() for m in value)
-
-
-def _visible(text: str) -> str:
-    """Text without format characters (category Cf: zero-width, bidi marks, soft hyphen); ASCII has none."""
-    return text if text.isascii() else _FORMAT_CHARS.sub("", text)
-
-
-def _canonical(value: Text) -> Any:
-    """Text as a reader sees it: NFC (composed and decomposed accents are equal), no invisible format
-    characters, whitespace runs collapsed, so "Yes." and "Yes. " count as the same answer."""
-    if isinstance(value, str):
-        return " ".join(_visible(unicodedata.normalize("NFC", value)).split())
-    return tuple((m["role"], _canonical(m["content"])) for m in value)

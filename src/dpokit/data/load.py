@@ -23,7 +23,9 @@ Two kinds of failure:
 
 Nothing read from a data file is ever used as a path: rows hold text, and the only file opened is the source.
 A source that is not an existing path is taken as a hub dataset id only if it has a hub id's shape
-(``name`` or ``owner/name``, no ``..``); the ``datasets`` library (>= 4) runs no loading scripts.
+(``name`` or ``owner/name``, no ``..``), optionally with ``:config`` for one of the dataset's configs (subsets):
+``owner/name:config``; the split is ``data.train_split`` / ``data.eval_split``. The ``datasets`` library
+(>= 4) runs no loading scripts.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ _BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _MAGIC = {b"\x1f\x8b": "gzip-compressed (name it .gz)", b"PAR1": "a Parquet file (name it .parquet)",
           b"PK\x03\x04": "a zip archive"}
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(:[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _SKIP_CHUNK = 1 << 20
 """Bytes read at a time while skipping the rest of an over-long line."""
 _KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
@@ -100,7 +102,8 @@ def scan_records(source: str, split: str = "train", max_rows: int | None = None,
     elif _looks_like_path(source):
         raise DataError(f"{source}: file not found")
     elif not _HUB_ID.fullmatch(source) or ".." in source:
-        raise DataError(f"{source}: file not found, and not a hub dataset id ('name' or 'owner/name')")
+        raise DataError(f"{source}: file not found, and not a hub dataset id ('name' or 'owner/name', "
+                        "optionally ':config')")
     else:
         rows = _hub_records(source, split, streaming)
     count = 0
@@ -383,14 +386,18 @@ def _parquet_records(path: Path) -> Scanned:
 # -------------------------------------------------------------------------------------------------------- hub
 
 def _hub_records(source: str, split: str, streaming: bool = False) -> Scanned:
-    """A hub dataset's rows; ``streaming`` reads them as they arrive (``datasets`` IterableDataset), so the raw
-    dataset is never stored whole on disk: only what dpokit keeps (the token ids) is."""
+    """A hub dataset's rows; ``source`` is ``owner/name`` or ``owner/name:config`` (a dataset's config, also
+    called subset). ``streaming`` reads them as they arrive (``datasets`` IterableDataset), so the raw dataset
+    is never stored whole on disk: only what dpokit keeps (the token ids) is."""
+    name, _, config = source.partition(":")
     try:
         import datasets
 
-        dataset = datasets.load_dataset(source, split=split, streaming=streaming)
-    except Exception as exc:  # offline, unknown id, unknown split: datasets raises many types
-        raise DataError(f"{source}: not a local file, and loading it as a hub dataset (split '{split}') "
+        by_config = {"name": config} if config else {}
+        dataset = datasets.load_dataset(name, **by_config, split=split, streaming=streaming)
+    except Exception as exc:  # offline, unknown id, unknown config or split: datasets raises many types
+        which = f"config '{config}', " if config else ""
+        raise DataError(f"{source}: not a local file, and loading it as a hub dataset ({which}split '{split}') "
                         f"failed ({_first_line(exc)})") from None
     rows = iter(dataset)
     prefix = location_prefix(source, split)

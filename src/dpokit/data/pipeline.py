@@ -316,7 +316,7 @@ def row_outcomes(records: Iterable[Record | RowError], tokenizer: Any, data_cfg:
             outcome.error = record
         else:
             try:
-                row = normalize(record)
+                row = normalize(record, getattr(data_cfg, "columns", None))
             except RowError as err:
                 outcome.error = err
             else:
@@ -358,6 +358,11 @@ def account(outcomes: Iterable[Outcome], report: DataReport, data_cfg: Any,
     seen = DigestSet() if getattr(data_cfg, "dedupe", True) else None
     formats: Counter[str] = Counter()
     first: PreferenceRow | None = None
+    # Unpaired rows wait until the end: a later row may label the same prompt and completion the other way,
+    # and then neither is trained on (``conflicting_labels``). Cost: the held outcomes (in the cache's build
+    # their lengths and offsets only) and a dict entry per distinct unpaired row.
+    held: list[Outcome] = []
+    labels: dict[int, int] = {}
 
     def malformed(err: RowError) -> None:
         if not skip:
@@ -383,7 +388,7 @@ def account(outcomes: Iterable[Outcome], report: DataReport, data_cfg: Any,
             continue
         report.invisible_stripped += outcome.invisible
         reason = outcome.reason
-        if reason is None and seen is not None and not seen.add(outcome.digest):
+        if reason is None and seen is not None and not seen.add(_labelled(outcome.digest, row.label)):
             reason = "duplicate"
         if reason is not None:
             report.drop(reason)
@@ -391,13 +396,31 @@ def account(outcomes: Iterable[Outcome], report: DataReport, data_cfg: Any,
             malformed(outcome.encoded)
         elif isinstance(outcome.encoded, str):
             report.drop(outcome.encoded)
+        elif row.label is not None:
+            held.append(outcome)
+            labels[outcome.digest] = labels.get(outcome.digest, 0) | (1 << row.label)
         else:
             yield outcome, _kept(row, outcome.encoded, report)
+    for outcome in held:
+        assert outcome.row is not None
+        if labels[outcome.digest] == 3:  # labelled both ways: no signal, like chosen == rejected
+            report.drop("conflicting_labels")
+        else:
+            yield outcome, _kept(outcome.row, outcome.encoded, report)
 
     report.formats = dict(formats)
     if report.rows_read != report.rows_kept + report.rows_dropped:  # the report's promise; a bug if broken
         raise AssertionError(f"row accounting broken: {report.to_dict()}")
     _check_bad_fraction(report, getattr(data_cfg, "max_bad_fraction", 0.05))
+
+
+def _labelled(digest: int, label: bool | None) -> int:
+    """The duplicate key of a row: its digest (``row_digest``, which leaves an unpaired row's label out, so that
+    the same text labelled both ways is found), with the label mixed in for unpaired rows (odd constants from
+    the golden ratio: a row and its relabelled copy never share a key)."""
+    if label is None:
+        return digest
+    return (digest ^ (0x9E3779B97F4A7C15 if label else 0x7F4A7C159E3779B9)) & 0xFFFFFFFFFFFFFFFF
 
 
 def _kept(row: PreferenceRow, result: Any, report: DataReport) -> list[list[int]]:

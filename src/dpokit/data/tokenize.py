@@ -118,6 +118,8 @@ class TokenRules:
     """Closes an assistant turn of the chat template (ChatML: ``<|im_end|>``); ``eos_id`` when there is none."""
     eot_text: str = field(default="")
     """``eot_id`` as the template renders it; empty when the template renders no single end-of-turn token."""
+    eos_text: str = ""
+    """``eos_id`` as text (``tokenizer.eos_token``)."""
     split_tokens: tuple[tuple[str, int], ...] = ()
     """Added tokens (text, id) the tokenizer cuts the text at before anything else (``_special_cut``): special,
     matched on the raw text, stripping no whitespace, and overlapping no other added token. Empty when a probe
@@ -147,7 +149,9 @@ def token_rules(tokenizer: Any) -> TokenRules:
             ids = _encode(tokenizer, [tail])[0] if tail else []
             if len(ids) == 1:
                 eot_text, eot_id = tail, ids[0]
-    rules = TokenRules(bos, adds_bos, eos, eot_id, eot_text, _split_tokens(tokenizer))
+    eos_text = getattr(tokenizer, "eos_token", None)
+    rules = TokenRules(bos, adds_bos, eos, eot_id, eot_text, eos_text if isinstance(eos_text, str) else "",
+                       _split_tokens(tokenizer))
     if rules.split_tokens and eot_text:
         probe = [{"role": "user", "content": "Hi there, a probe."}, {"role": "assistant", "content": " A reply."}]
         try:
@@ -238,6 +242,7 @@ def encode_rows(items: Sequence[tuple[Text, Sequence[Text]]], tokenizer: Any, ma
             texts = [r for r in responses if isinstance(r, str)]
             if len(texts) != len(responses):
                 raise DataError(f"{location}: a text prompt needs text responses")
+            texts = [_pre_closed(r, rules) for r in texts]
             prompt_text, joints = prompt, [prompt + r for r in texts]
             end = rules.eos_id
         else:
@@ -279,7 +284,7 @@ def encode_rows(items: Sequence[tuple[Text, Sequence[Text]]], tokenizer: Any, ma
             else:  # a merge across the join: keep the prompt's own tokens, tokenize the response alone
                 ids = _encode(tokenizer, [text])[0]
                 fallback = True
-            responses_ids.append(_close(ids, end))
+            responses_ids.append(_close(ids, end, rules))
         results.append(_fit(_fix_bos(prompt_ids, rules), responses_ids, max_length, max_prompt_length, rules,
                             fallback))
     for index in sorted(failed):  # put the failed rows back in their places
@@ -290,6 +295,13 @@ def encode_rows(items: Sequence[tuple[Text, Sequence[Text]]], tokenizer: Any, ma
 def _render_chat(tokenizer: Any, prompt: list[Message], responses: Sequence[Text], rules: TokenRules,
                  location: str) -> tuple[str, list[str]]:
     """(prompt text with the generation prompt, [full conversation text per response])."""
+    if not getattr(tokenizer, "chat_template", None):
+        # Rendering messages (a 'system' column makes a text row messages too) without a template would be a
+        # guess at the format the model was trained on: refuse, for every row alike.
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise DataError(f"{location}: message rows, and rows with a 'system' column, are rendered with the chat "
+                        f"template, and {name} has none; use a chat model's tokenizer, or write the system text "
+                        "into the prompt")
     prompt_text = _apply_template(tokenizer, prompt, True, location)
     joints = []
     for response in responses:
@@ -350,12 +362,25 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return list(tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"])
 
 
-def _close(ids: list[int], end: int) -> list[int]:
+def _pre_closed(text: str, rules: TokenRules) -> str:
+    """A plain-text response already in a chat format ends with its end token and the template's newline
+    (ChatML: ``"42<|im_end|>\n"``): the newline goes, as in a rendered conversation (:func:`_render_chat`),
+    so the end token is the response's last token and none is added after it."""
+    stripped = text.rstrip()
+    if stripped != text and any(t and stripped.endswith(t) for t in (rules.eot_text, rules.eos_text)):
+        return stripped
+    return text
+
+
+def _close(ids: list[int], end: int, rules: TokenRules | None = None) -> list[int]:
     """Exactly one end token at the end: append it unless present, collapse repeats (text that already ends
-    with the literal end token)."""
+    with the literal end token). Text that ends with the chat template's end-of-turn token (pre-templated
+    ChatML) is closed by it: no EOS after it."""
     ids = list(ids)
     while len(ids) >= 2 and ids[-1] == end and ids[-2] == end:
         ids.pop()
+    if rules is not None and ids and ids[-1] in (rules.eot_id, rules.eos_id):
+        return ids
     if not ids or ids[-1] != end:
         ids.append(end)
     return ids
