@@ -138,6 +138,17 @@ def test_pre_templated_chatml_text_ends_with_one_end_token(tmp_path, tiny_tok):
     assert decoded(tiny_tok, pairs[0]) == (CHATML_PROMPT, "42<|im_end|>", "32<|im_end|>")
 
 
+def test_a_system_column_beside_dialogue_text_is_refused_and_beside_messages_applied(tmp_path, tiny_tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"system": "Be brief.", **HH_GOOD[0]}])
+    assert "a 'system' column beside chosen/rejected dialogue text" in refused(load_preferences, path, tiny_tok,
+                                                                              DataConfig())
+    path = write_jsonl(tmp_path / "e.jsonl", [{"system": "Be brief.", "chosen": MAGPIE[0]["chosen"],
+                                               "rejected": MAGPIE[0]["rejected"]}])
+    pairs, report = load_preferences(path, tiny_tok, DataConfig())
+    assert report.formats == {"implicit_conversational": 1}
+    assert decoded(tiny_tok, pairs[0])[0].startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user")
+
+
 def test_hh_rows_diverging_before_the_last_turn_are_refused_like_message_lists(tmp_path, tiny_tok):
     path = write_jsonl(tmp_path / "d.jsonl", HH_DIVERGING)
     message = refused(load_preferences, path, tiny_tok, DataConfig())
@@ -203,6 +214,14 @@ def test_kto_rows_labelled_both_ways_are_dropped_and_counted(tmp_path, tiny_tok)
     assert [tiny_tok.decode(g.responses_ids[0]) for g in items] == ["No.<|im_end|>"]
     assert report.dropped == {"conflicting_labels": 2}
     assert report.rows_read == report.rows_kept + report.rows_dropped
+    # the data cache settles rows from lengths and offsets only: the same groups, the same counts
+    from dpokit.data.cache import load_cached
+
+    cached, cached_report = load_cached(path, tiny_tok, DataConfig(cache_dir=str(tmp_path / "cache")),
+                                        want="unpaired")
+    assert [(g.prompt_ids, g.responses_ids, g.label) for g in cached] == [
+        (g.prompt_ids, g.responses_ids, g.label) for g in items]
+    assert cached_report.dropped == {"conflicting_labels": 2} and cached_report.undesirable == 1
 
 
 def test_hub_config_and_split(tmp_path, tiny_tok, monkeypatch):
@@ -229,3 +248,16 @@ def test_data_check_show_prints_rows_as_trained(tmp_path, tiny_tok, capsys):
     out = capsys.readouterr().out
     assert f"{path}:1" in out
     assert repr(CHATML_PROMPT) in out and repr("42<|im_end|>") in out and repr("32<|im_end|>") in out
+
+
+def test_data_check_cli_maps_columns_and_shows_rows(tmp_path, capsys):
+    from dpokit.cli import main
+
+    path = write_jsonl(tmp_path / "orca.jsonl", ORCA)
+    assert main(["data", "check", path, "--model", "tiny-random-llama", "--no-cache", "--column", "prompt=question",
+                 "--column", "system=system", "--show", "1"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "conversational (2)" in out and repr("The answer is 42.<|im_end|>") in out
+    assert main(["data", "check", path, "--model", "tiny-random-llama", "--column", "promt=question"]) == 2
+    err = capsys.readouterr().err
+    assert "data.columns: unknown target 'promt'" in err and err.count("\n") == 1

@@ -175,12 +175,8 @@ def _with_system(result: PreferenceRow, row: dict[str, Any], loc: str) -> Prefer
         raise RowError(f"{loc}: 'system' must be a string, got {_describe(system)}", "wrong_type")
     if system:
         _check_text(system, "system", loc)
-    if result.format.startswith("implicit"):
-        if system and system.strip():
-            raise RowError(f"{loc}: a 'system' column beside chosen/rejected conversations without 'prompt' cannot "
-                           "be placed; give the prompt as messages with a system turn, or map the prompt with "
-                           "data.columns", "bad_messages")
-        return result
+    if result.format == "implicit_prompt":
+        return result  # a non-empty system column was refused by _implicit_text: text has no place for it
     if isinstance(result.prompt, str):
         result.prompt = [{"role": "user", "content": result.prompt}]
         result.responses = [_as_turns(r, result.prompt) for r in result.responses]
@@ -224,11 +220,15 @@ def _implicit_text(row: dict[str, Any], chosen: str, rejected: str, loc: str) ->
     (``dpokit.data.implicit``). Refused when a column looks like it holds the prompt (the guess would drop it),
     when the texts share no dialogue marker, and when the conversations diverge before the last turn."""
     columns = prompt_like_columns(row)
-    if columns:
+    if columns and columns[0].lower() != "system":
         mapping = ", ".join(f"{'system' if c.lower() == 'system' else 'prompt'}: {c}" for c in columns[:2])
         raise RowError(f"{loc}: 'chosen'/'rejected' without 'prompt', beside a '{columns[0]}' column: the prompt "
                        f"would be guessed from the answers and '{columns[0]}' dropped; map it, e.g. data.columns: "
                        f"{{{mapping}}}", "implicit_prompt")
+    if columns and not all(row[c] is None or (isinstance(row[c], str) and not row[c].strip()) for c in columns):
+        raise RowError(f"{loc}: a '{columns[0]}' column beside chosen/rejected dialogue text without 'prompt' "
+                       "cannot be placed in the text; give the prompt as a column and map it with data.columns",
+                       "implicit_prompt")
     split = split_implicit(chosen, rejected)
     if split is None:
         what = ("share no opening text" if not os.path.commonprefix([chosen, rejected]) else
