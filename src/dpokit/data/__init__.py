@@ -1,8 +1,11 @@
 """Preference data: load (files or hub) -> normalize formats -> validate -> tokenize (boundary-safe) -> batch.
 
 - ``load``: rows with their ``path:line`` locations from JSONL / JSON / CSV / Parquet / a hub dataset
-- ``formats``: the standard, conversational, implicit-prompt and ranked formats into one
-  :class:`PreferenceRow` (a prompt, its responses best first, tie levels); drop reasons
+- ``columns``: ``data.columns``, a dataset's column names mapped onto dpokit's (SHP's label orders the pair)
+- ``formats``: the standard, conversational, implicit-prompt, ranked and unpaired formats into one
+  :class:`PreferenceRow` (a prompt, its responses best first, tie levels); a ``system`` column applied
+- ``implicit``: where an implicit prompt ends in dialogue text (turn markers), or that it cannot be told
+- ``drops``: the drop reasons and the content checks of a normalized row
 - ``tokenize``: a :class:`TokenizedGroup` per row (a pair is K = 2): prompt ids exactly a prefix of the model
   input, one BOS, one end token, truncation
 - ``batch``: groups -> tensors in the padded or packed layout ``dpokit.logprobs`` scores
