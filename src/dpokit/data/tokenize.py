@@ -21,8 +21,10 @@ Special tokens:
   double-BOS bug).
 - end: every response ends with exactly one end token: EOS for plain text; for chat, the token that closes an
   assistant turn in the template (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3), with the whitespace a
-  template renders after it (ChatML's ``"\\n"``) dropped.
-- an empty prompt (implicit-prompt rows with nothing shared) becomes ``[BOS]`` (or ``[EOS]``), so the first
+  template renders after it (ChatML's ``"\\n"``) dropped. Plain text already in a chat format that ends with
+  the end-of-turn token or EOS (``"42<|im_end|>\\n"``) keeps that token as its end, its trailing whitespace
+  dropped, and gets no second one.
+- an empty prompt (implicit message rows that differ from their first turn) becomes ``[BOS]`` (or ``[EOS]``), so the first
   response token has a position to be predicted from.
 
 Truncation: a prompt longer than ``max_prompt_length`` keeps its last tokens (and a leading BOS); each response
