@@ -1,4 +1,5 @@
-"""``dpokit data check FILE [--model M] [--split S] [--column TARGET=COLUMN] [--show N]``: validate a preference source and say what training would see.
+"""``dpokit data check FILE [--model M] [--split S] [--column TARGET=COLUMN] [--show N]``: validate a
+preference source and say what training would see.
 
 Streams: rows are tokenized in chunks (by every core, for a JSONL file) and written to the data cache as they
 come, so a file of any size is checked in constant memory (``benchmarks/data_check_memory.py`` measures it),

@@ -24,8 +24,8 @@ Special tokens:
   template renders after it (ChatML's ``"\\n"``) dropped. Plain text already in a chat format that ends with
   the end-of-turn token or EOS (``"42<|im_end|>\\n"``) keeps that token as its end, its trailing whitespace
   dropped, and gets no second one.
-- an empty prompt (implicit message rows that differ from their first turn) becomes ``[BOS]`` (or ``[EOS]``), so the first
-  response token has a position to be predicted from.
+- an empty prompt (implicit message rows that differ from their first turn) becomes ``[BOS]`` (or ``[EOS]``),
+  so the first response token has a position to be predicted from.
 
 Truncation: a prompt longer than ``max_prompt_length`` keeps its last tokens (and a leading BOS); each response
 is then cut to ``max_length - len(prompt_ids)``. A cut response loses its end token. A prompt longer than
