@@ -198,10 +198,20 @@ def test_columns_config_is_validated_in_one_line():
     assert load_config({"data": {"columns": {"prompt": "question"}}}).data.columns == {"prompt": "question"}
 
 
-def test_columns_enter_the_data_cache_key():
-    from dpokit.data.cache import KEY_SETTINGS
+def test_columns_enter_the_data_cache_key(tmp_path, tiny_tok):
+    """Two mappings of the same file give different groups; a cache keyed without data.columns would hand the
+    second run the first one's."""
+    from dpokit.data.cache import load_cached
 
-    assert "columns" in KEY_SETTINGS
+    path = write_jsonl(tmp_path / "shp.jsonl", SHP)
+    groups = []
+    for chosen, rejected in (("human_ref_A", "human_ref_B"), ("human_ref_B", "human_ref_A")):
+        cfg = DataConfig(cache_dir=str(tmp_path / "cache"),
+                         columns={"prompt": "history", "chosen": chosen, "rejected": rejected, "label": "labels"})
+        cached, _ = load_cached(path, tiny_tok, cfg)
+        groups.append([decoded(tiny_tok, g)[1] for g in cached])
+    assert groups[0] == ["Rayleigh scattering.<|im_end|>", "Ice crystals scatter all colours.<|im_end|>"]
+    assert groups[1] == ["Because it is.<|im_end|>", "It is cold.<|im_end|>"]
 
 
 def test_kto_rows_labelled_both_ways_are_dropped_and_counted(tmp_path, tiny_tok):
