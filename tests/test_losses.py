@@ -640,6 +640,10 @@ def test_batchwise_losses_change_when_the_batch_is_split(name: str) -> None:
         ({"loss": {"weights": {"sigmoid": 1.0, "aot": 0.5}}, "train": {"grad_accum": 4}}, "train.grad_accum"),
         ({"loss": {"name": "aot"}, "online": {"reward": "length"}}, "loss.name"),
         ({"loss": {"name": "bco_pair"}, "online": {"reward": "length"}}, "loss.name"),
+        # WPO weighs pair k's loss by pair k's weight; a batchwise loss's k-th term is a quantile, not pair k.
+        ({"loss": {"name": "aot", "use_weighting": True}}, "loss.use_weighting"),
+        ({"loss": {"name": "aot_unpaired", "use_weighting": True}}, "loss.use_weighting"),
+        ({"loss": {"weights": {"sigmoid": 1.0, "aot": 0.5}, "use_weighting": True}}, "loss.use_weighting"),
     ],
 )
 def test_config_refuses_what_a_loss_cannot_train_under(tree: dict[str, Any], key: str) -> None:

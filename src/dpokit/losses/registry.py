@@ -160,7 +160,8 @@ def check_training_setup(loss: Any, *, grad_accum: int = 1, pass_tokens: int = 0
 
     A ``BATCHWISE`` loss must see an optimizer step's pairs at once: sorted per micro-batch, per pass or per
     rank, its quantiles would be those of each part, not of the step, and batch 8 x accumulation 1 would no
-    longer equal batch 4 x accumulation 2. Online DPO (``online``) does not carry a loss's state between its
+    longer equal batch 4 x accumulation 2; for the same reason WPO's per-pair weights (``loss.use_weighting``)
+    have no pair to weigh there. Online DPO (``online``) does not carry a loss's state between its
     steps, and trains its sampled pairs in micro-batches; both kinds are refused there."""
     names = _names(loss)
 
@@ -175,6 +176,10 @@ def check_training_setup(loss: Any, *, grad_accum: int = 1, pass_tokens: int = 0
     if not batchwise:
         return
     name = batchwise[0]
+    if loss.use_weighting:
+        # WPO multiplies the k-th loss by the k-th pair's weight; here the k-th loss is the k-th quantile.
+        raise ConfigError(f"loss.use_weighting: WPO weighs each pair's loss, but loss {name}'s terms are quantiles "
+                          "of the sorted batch, not pairs; remove loss.use_weighting or use a pairwise loss")
     why = f"loss {name} sorts the pairs of a batch against each other and needs a step's pairs in one pass"
     if grad_accum > 1:
         raise ConfigError(f"train.grad_accum: {why}; set it to 1 and raise train.batch_size instead")
