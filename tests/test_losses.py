@@ -556,7 +556,8 @@ def test_f_dpo_js_at_pi_equal_to_ref_is_ln2() -> None:
 
 
 def test_f_dpo_alpha_divergence_stays_finite_in_fp32() -> None:
-    # a_l = -500: u_l^-1 = e^500 overflows fp32; capped, the loss is finite and has no gradient through y_l.
+    # a_l = -500: u_l^-1 = e^500 overflows fp32. y_w is ahead by that much: the exact loss and gradient are 0
+    # (to far below fp32's resolution), and so are these. tests/test_loss_edges.py covers beta and a in full.
     pc, pr = torch.tensor([-1.0], requires_grad=True), torch.tensor([-600.0], requires_grad=True)
     losses, _, _ = LOSSES["f_dpo"](pc, pr, torch.tensor([-1.0]), torch.tensor([-100.0]), beta=0.1,
                                    f_divergence="forward_kl")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 # Importing the variants registers them.
 from dpokit.losses.batchwise import aot_loss, aot_unpaired_loss
+from dpokit.losses.f_dpo import f_dpo_loss
 from dpokit.losses.listwise import plackett_luce_loss
 from dpokit.losses.pairwise import (
     apo_down_loss,
@@ -30,7 +31,6 @@ from dpokit.losses.pairwise import (
     cdpo_loss,
     discopop_loss,
     exo_pair_loss,
-    f_dpo_loss,
     hinge_loss,
     ipo_loss,
     nca_pair_loss,
