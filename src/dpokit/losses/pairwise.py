@@ -217,7 +217,7 @@ def simpo_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-@register("rpo", {"alpha": check_positive})
+@register("rpo", {"alpha": check_positive}, plain_chosen=True)
 def rpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -228,6 +228,7 @@ def rpo_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     alpha: float = 1.0,
+    plain_chosen_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RPO, the L_DPO+NLL objective of Iterative Reasoning Preference Optimization (Pang et al. 2024,
     https://arxiv.org/abs/2404.19733):
@@ -236,9 +237,12 @@ def rpo_loss(
 
     The per-token NLL of the chosen response keeps its likelihood from falling, which plain DPO allows as long as
     the rejected one falls faster. alpha defaults to 1 (the paper's value). Requires ``chosen_lengths``.
-    Shapes: every input and output is (batch,).
+    The NLL is that of y_w's every token, log pi(y_w|x) as the model gives it: with ``loss.ld_alpha`` the DPO
+    term compares length-desensitized log-probs, and the training step passes the plain one as
+    ``plain_chosen_logps`` (default: ``policy_chosen_logps``). Shapes: every input and output is (batch,).
     """
-    nll = -_per_token(policy_chosen_logps, chosen_lengths, "rpo", "chosen")
+    chosen_logps = policy_chosen_logps if plain_chosen_logps is None else plain_chosen_logps
+    nll = -_per_token(chosen_logps, chosen_lengths, "rpo", "chosen")
     losses, chosen_rewards, rejected_rewards = sigmoid_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta)
     return losses + alpha * nll, chosen_rewards, rejected_rewards
