@@ -4,6 +4,8 @@ named with the reason; docs/from-trl.md tables every key; checked against the in
 import dataclasses
 import json
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,21 @@ def test_max_length_alone_is_valid_and_cuts_prompts_no_more_than_trl(tmp_path, m
     over = translate({"max_length": max_length, "max_prompt_length": 1000})
     assert over.config["data"]["max_prompt_length"] == max_length - 1
     assert any("max_prompt_length" in note and "1000" in note for note in over.notes)
+
+
+def test_an_installed_older_trls_prompt_limit_is_its_default(monkeypatch):
+    # Older TRL has max_prompt_length (default 512): a file that leaves it out gets that TRL's cut, brought under
+    # max_length when it does not fit. A stand-in module plays the installed TRL.
+    @dataclasses.dataclass
+    class DPOConfig:
+        max_length: int = 1024
+        max_prompt_length: int = 512
+
+    monkeypatch.setitem(sys.modules, "trl", types.SimpleNamespace(DPOConfig=DPOConfig))
+    assert translate({}).config["data"] == {"max_length": 1024, "max_prompt_length": 512}
+    short = translate({"max_length": 256})
+    assert short.config["data"]["max_prompt_length"] == 255
+    assert any("installed TRL's max_prompt_length 512" in note for note in short.notes)
 
 
 def test_what_trl_ignores_or_dpokit_lacks_is_named_with_the_reason():

@@ -33,6 +33,10 @@ TRL_DEFAULTS: dict[str, Any] = {
 they differ from dpokit's or must be known to convert another key (TRL 1.x; the installed TRL's own defaults
 take precedence, ``trl_defaults``). TRL 1.x has no ``max_prompt_length``: ``_prompt_limit`` chooses dpokit's."""
 
+FROM_INSTALLED_TRL = {"max_prompt_length"}
+"""Settings older TRL has and TRL 1.x does not: their default is read from the installed TRL when it has them
+(``trl_defaults``), and otherwise chosen (``_prompt_limit``)."""
+
 MAPPED: dict[str, str] = {
     "beta": "loss.beta", "loss_type": "loss.name (loss.weights with loss_weights)",
     "loss_weights": "loss.weights", "label_smoothing": "loss.label_smoothing (sigmoid: loss.name cdpo)",
@@ -133,7 +137,7 @@ def trl_defaults() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - TRL absent or broken: the built-in table stands
         return defaults
     for f in dataclasses.fields(DPOConfig):
-        if f.name in defaults and f.default is not dataclasses.MISSING:
+        if (f.name in defaults or f.name in FROM_INSTALLED_TRL) and f.default is not dataclasses.MISSING:
             value = getattr(f.default, "value", f.default)
             defaults[f.name] = value
     return defaults
