@@ -4,6 +4,8 @@ named with the reason; docs/from-trl.md tables every key; checked against the in
 import dataclasses
 import json
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -46,7 +48,45 @@ def test_defaults_the_file_leaves_out_are_trls():
     cfg = translate({"beta": 0.1}).config
     assert cfg["train"]["lr"] == 1e-6 and cfg["train"]["batch_size"] == 8 and cfg["train"]["epochs"] == 3.0
     assert cfg["train"]["scheduler"] == "linear" and cfg["train"]["seed"] == 42
-    assert cfg["data"] == {"max_length": 1024, "max_prompt_length": 512}
+    # TRL 1.x has no prompt limit: a prompt is cut only by max_length, so dpokit's limit is all but one token.
+    assert cfg["data"] == {"max_length": 1024, "max_prompt_length": 1023}
+
+
+@pytest.mark.parametrize("max_length", [512, 256, 128])
+def test_max_length_alone_is_valid_and_cuts_prompts_no_more_than_trl(tmp_path, max_length):
+    # TRL 1.x truncates prompt + completion to max_length and nothing else; dpokit's data.max_prompt_length must
+    # be below data.max_length. max_length - 1 cuts a prompt only where TRL's max_length leaves it no completion
+    # token, and says so in the written file.
+    source = tmp_path / "dpo.yaml"
+    source.write_text(f"max_length: {max_length}\n")
+    out = tmp_path / "dpokit.yaml"
+    assert main(["config", "from-trl", str(source), "--out", str(out)]) == 0
+    text = out.read_text()
+    cfg = yaml.safe_load(text)
+    assert cfg["data"] == {"max_length": max_length, "max_prompt_length": max_length - 1, "train": None}
+    assert re.search(rf"# note: .*data.max_prompt_length: {max_length - 1}\b", text)
+    cfg["data"]["train"] = "examples/prefs-tiny.jsonl"
+    dpokit.load_config(cfg)
+    # A prompt limit the file does give is kept when it fits, and brought under max_length (said so) when not.
+    assert translate({"max_length": max_length, "max_prompt_length": 64}).config["data"]["max_prompt_length"] == 64
+    over = translate({"max_length": max_length, "max_prompt_length": 1000})
+    assert over.config["data"]["max_prompt_length"] == max_length - 1
+    assert any("max_prompt_length" in note and "1000" in note for note in over.notes)
+
+
+def test_an_installed_older_trls_prompt_limit_is_its_default(monkeypatch):
+    # Older TRL has max_prompt_length (default 512): a file that leaves it out gets that TRL's cut, brought under
+    # max_length when it does not fit. A stand-in module plays the installed TRL.
+    @dataclasses.dataclass
+    class DPOConfig:
+        max_length: int = 1024
+        max_prompt_length: int = 512
+
+    monkeypatch.setitem(sys.modules, "trl", types.SimpleNamespace(DPOConfig=DPOConfig))
+    assert translate({}).config["data"] == {"max_length": 1024, "max_prompt_length": 512}
+    short = translate({"max_length": 256})
+    assert short.config["data"]["max_prompt_length"] == 255
+    assert any("installed TRL's max_prompt_length 512" in note for note in short.notes)
 
 
 def test_what_trl_ignores_or_dpokit_lacks_is_named_with_the_reason():

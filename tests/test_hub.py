@@ -80,8 +80,19 @@ def test_export_copies_final_and_merges_a_lora_checkpoint(lora_run, tmp_path, ca
         assert message in capsys.readouterr().err
 
 
-def test_base_model_license_from_a_local_card_or_the_built_in_names(tmp_path):
-    (tmp_path / "README.md").write_text("---\nlicense: mit\nbase_model: org/base\n---\n# a model\n")
-    assert base_model(str(tmp_path)) == ("org/base", "mit")
+def test_base_model_is_what_the_run_started_from_and_license_from_its_card(tmp_path):
+    # A local folder's card names *its* base model (the run's grandparent): the run started from the folder,
+    # which has no Hub id, so the card names no base model. Its license still holds for what is trained from it.
+    card = "---\nlicense: mit\nbase_model: org/base\n---\n# a model\n"
+    local = tmp_path / "my-sft-model"
+    local.mkdir()
+    (local / "README.md").write_text(card)
+    assert base_model(str(local)) == (None, "mit")
+    # A folder of the Hub's local cache is a Hub model: its id is in the cache's folder name.
+    snapshot = tmp_path / "hub" / "models--org--tuned" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "README.md").write_text(card)
+    assert base_model(str(snapshot)) == ("org/tuned", "mit")
+    assert base_model("org/not-on-this-machine") == ("org/not-on-this-machine", None)
     assert base_model("smollm2") == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
     assert base_model("tiny-random-llama") == (None, None)

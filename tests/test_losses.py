@@ -556,7 +556,8 @@ def test_f_dpo_js_at_pi_equal_to_ref_is_ln2() -> None:
 
 
 def test_f_dpo_alpha_divergence_stays_finite_in_fp32() -> None:
-    # a_l = -500: u_l^-1 = e^500 overflows fp32; capped, the loss is finite and has no gradient through y_l.
+    # a_l = -500: u_l^-1 = e^500 overflows fp32. y_w is ahead by that much: the exact loss and gradient are 0
+    # (to far below fp32's resolution), and so are these. tests/test_loss_edges.py covers beta and a in full.
     pc, pr = torch.tensor([-1.0], requires_grad=True), torch.tensor([-600.0], requires_grad=True)
     losses, _, _ = LOSSES["f_dpo"](pc, pr, torch.tensor([-1.0]), torch.tensor([-100.0]), beta=0.1,
                                    f_divergence="forward_kl")
@@ -640,6 +641,10 @@ def test_batchwise_losses_change_when_the_batch_is_split(name: str) -> None:
         ({"loss": {"weights": {"sigmoid": 1.0, "aot": 0.5}}, "train": {"grad_accum": 4}}, "train.grad_accum"),
         ({"loss": {"name": "aot"}, "online": {"reward": "length"}}, "loss.name"),
         ({"loss": {"name": "bco_pair"}, "online": {"reward": "length"}}, "loss.name"),
+        # WPO weighs pair k's loss by pair k's weight; a batchwise loss's k-th term is a quantile, not pair k.
+        ({"loss": {"name": "aot", "use_weighting": True}}, "loss.use_weighting"),
+        ({"loss": {"name": "aot_unpaired", "use_weighting": True}}, "loss.use_weighting"),
+        ({"loss": {"weights": {"sigmoid": 1.0, "aot": 0.5}, "use_weighting": True}}, "loss.use_weighting"),
     ],
 )
 def test_config_refuses_what_a_loss_cannot_train_under(tree: dict[str, Any], key: str) -> None:

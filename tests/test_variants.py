@@ -332,3 +332,51 @@ def test_kto_refuses_a_pairwise_file_in_one_line(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "loss.name=kto takes unpaired rows" in result.stderr
+
+
+def test_wpo_with_a_batchwise_loss_is_refused_in_one_line(tmp_path):
+    cfg = tmp_path / "aot-wpo.yaml"
+    cfg.write_text(json.dumps(config(write_pairs(tmp_path / "pairs.jsonl"), name="aot", use_weighting=True)))
+    result = subprocess.run([sys.executable, "-m", "dpokit", "train", str(cfg), f"run_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "loss.use_weighting:" in lines[0] and "aot" in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_rpo_nll_with_ld_alpha_is_on_the_plain_chosen_log_prob():
+    """pair_forward with loss.ld_alpha: rpo minus sigmoid (same batch, same LD-DPO log-probs in the DPO term) is
+    alpha times the chosen response's plain per-token NLL, -log pi(y_w|x) / |y_w| summed over all its tokens
+    with weight 1, as in the RPO paper; not the length-desensitized log-prob."""
+    import contextlib
+    import copy
+
+    from dpokit.config import Config
+    from dpokit.data.batch import collate_groups, regroup
+    from dpokit.distributed import LogpsModule
+    from dpokit.logprobs import layout_logps
+    from dpokit.models import tiny_model
+    from dpokit.reference import FrozenReference
+    from dpokit.step import pair_forward
+
+    torch.manual_seed(0)
+    policy = tiny_model(512, seed=0)
+    reference = FrozenReference(copy.deepcopy(policy))
+    # Chosen responses longer than the rejected ones: LD-DPO counts their last tokens 0.5 times.
+    groups = [([1, 9, 8], [[6, 5, 4, 7, 2], [30, 31, 2]]), ([1, 40], [[45, 46, 47, 48, 2], [47, 2]])]
+    out = {}
+    for name in ("sigmoid", "rpo"):
+        cfg = Config(loss={"name": name, "ld_alpha": 0.5, **({"alpha": 0.25} if name == "rpo" else {})})
+        batch = collate_groups(groups, pad_id=0, layout="packed")
+        out[name] = pair_forward(LogpsModule(policy), reference, batch, [], cfg, contextlib.nullcontext)
+    batch = collate_groups(groups, pad_id=0, layout="packed")
+    with torch.no_grad():
+        plain, n_tokens = (regroup(x, batch) for x in layout_logps(policy, batch))
+    assert torch.equal(n_tokens[:, 0], torch.tensor([5, 5]))
+    assert (out["rpo"]["chosen_logps"] > plain[:, 0] + 0.1).all()  # the LD log-probs do differ from the plain
+    nll = -plain[:, 0] / n_tokens[:, 0]
+    # The same float32 forwards each time: rpo's loss is sigmoid's (~0.7) plus 0.25 * nll (~1.6), and taking
+    # sigmoid's back off is exact but for the rounding of that sum, a few ulps of ~2.3 (2.4e-7 each); 1e-5 is far
+    # above that and far below what the length-desensitized NLL gives instead (0.47 here).
+    torch.testing.assert_close(out["rpo"]["losses"] - out["sigmoid"]["losses"], 0.25 * nll, rtol=0, atol=1e-5)

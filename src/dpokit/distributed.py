@@ -37,7 +37,8 @@ T = TypeVar("T")
 
 
 class LogpsModule(nn.Module):
-    """``batch -> (logps, n_tokens)`` of a causal LM as one module call (``wpo=True``: also WPO's log-weights).
+    """``batch -> (logps, n_tokens)`` of a causal LM as one module call (``wpo=True``: also WPO's log-weights;
+    ``unweighted=True``: also the log-probs without LD-DPO's token weights).
 
     DDP and FSDP act through hooks on module calls: wrapping the whole log-prob computation (decoder, then the
     vocabulary projection on response positions only) in one module puts the tied embedding/head weights
@@ -48,8 +49,8 @@ class LogpsModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, Any], wpo: bool = False) -> tuple[torch.Tensor, ...]:
-        return batch_logps(self.model, batch, wpo=wpo)
+    def forward(self, batch: dict[str, Any], wpo: bool = False, unweighted: bool = False) -> tuple[torch.Tensor, ...]:
+        return batch_logps(self.model, batch, wpo=wpo, unweighted=unweighted)
 
 
 @dataclass

@@ -24,14 +24,18 @@ from dpokit.errors import ConfigError
 TRL_DEFAULTS: dict[str, Any] = {
     "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "learning_rate": 1e-6,
     "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "num_train_epochs": 3.0, "max_steps": -1,
-    "max_length": 1024, "max_prompt_length": 512, "lr_scheduler_type": "linear", "warmup_steps": 0,
+    "max_length": 1024, "lr_scheduler_type": "linear", "warmup_steps": 0,
     "warmup_ratio": 0.0, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "max_grad_norm": 1.0,
     "seed": 42, "optim": "adamw_torch", "disable_dropout": True, "per_device_eval_batch_size": 8,
     "f_alpha_divergence_coef": 0.5, "ref_model_sync_steps": 512, "ref_model_mixup_alpha": 0.6,
 }
 """TRL's (and transformers' ``TrainingArguments``') defaults of the settings that change a run's result, where
 they differ from dpokit's or must be known to convert another key (TRL 1.x; the installed TRL's own defaults
-take precedence, ``trl_defaults``). TRL 1.x has no ``max_prompt_length``; dpokit needs one, 512 as older TRL."""
+take precedence, ``trl_defaults``). TRL 1.x has no ``max_prompt_length``: ``_prompt_limit`` chooses dpokit's."""
+
+FROM_INSTALLED_TRL = {"max_prompt_length"}
+"""Settings older TRL has and TRL 1.x does not: their default is read from the installed TRL when it has them
+(``trl_defaults``), and otherwise chosen (``_prompt_limit``)."""
 
 MAPPED: dict[str, str] = {
     "beta": "loss.beta", "loss_type": "loss.name (loss.weights with loss_weights)",
@@ -133,7 +137,7 @@ def trl_defaults() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - TRL absent or broken: the built-in table stands
         return defaults
     for f in dataclasses.fields(DPOConfig):
-        if f.name in defaults and f.default is not dataclasses.MISSING:
+        if (f.name in defaults or f.name in FROM_INSTALLED_TRL) and f.default is not dataclasses.MISSING:
             value = getattr(f.default, "value", f.default)
             defaults[f.name] = value
     return defaults
@@ -330,7 +334,7 @@ def _training(values: dict[str, Any], given: dict[str, Any], out: Translation) -
         elif value is not None and trl_key in ("logging_steps", "save_steps", "eval_steps"):
             out.unmapped[trl_key] = "a fraction of the run's steps; give a whole number of steps"
     out.put("data.max_length", int(values["max_length"]))
-    out.put("data.max_prompt_length", int(values["max_prompt_length"]))
+    out.put("data.max_prompt_length", _prompt_limit(values, given, out))
     if values.get("truncation_mode", "keep_end") != "keep_end":
         out.unmapped["truncation_mode"] = "dpokit keeps a long prompt's end (TRL's keep_end) only"
     if given.get("precompute_ref_log_probs"):
@@ -350,6 +354,26 @@ def _training(values: dict[str, Any], given: dict[str, Any], out: Translation) -
     if given.get("output_dir"):
         out.put("run_dir", str(given["output_dir"]))
     _log_keys(given, out)
+
+
+def _prompt_limit(values: dict[str, Any], given: dict[str, Any], out: Translation) -> int:
+    """dpokit's ``data.max_prompt_length``, which must be below ``data.max_length``. TRL 1.x has no prompt
+    limit: it cuts prompt + completion to max_length (keeping the start), so a prompt is cut only when it
+    leaves no room for a completion token. max_length - 1 is dpokit's closest: a prompt keeps all its tokens
+    up to max_length - 1, the responses are cut to fit. A limit the file (or an older TRL's default) gives is
+    kept when it fits, and brought to max_length - 1 when it does not, as TRL would have cut there anyway."""
+    longest = int(values["max_length"]) - 1
+    limit = values.get("max_prompt_length")
+    if limit is None:
+        out.notes.append(f"TRL 1.x has no max_prompt_length (prompt + completion are cut to max_length only): "
+                         f"data.max_prompt_length: {longest}, so dpokit cuts no prompt TRL would keep")
+        return longest
+    if int(limit) > longest:
+        source = "max_prompt_length" if "max_prompt_length" in given else "the installed TRL's max_prompt_length"
+        out.notes.append(f"{source} {int(limit)} does not fit under max_length {longest + 1}: "
+                         f"data.max_prompt_length: {longest}")
+        return longest
+    return int(limit)
 
 
 def _model_kwargs(kwargs: Any, out: Translation) -> None:

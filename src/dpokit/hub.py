@@ -60,7 +60,11 @@ def _cached_hub_card(repo_id: str) -> str | None:
 
 def base_model(name_or_path: str) -> tuple[str | None, str | None]:
     """(Hub id, license) of a run's starting model, from what is on this machine: the built-in names, a local
-    folder's model card, or a Hub model's card in the local cache. (None, None) for a model built in code."""
+    folder's model card, or a Hub model's card in the local cache. (None, None) for a model built in code.
+
+    The Hub id is that of the model the run started from, never the ``base_model`` its own card names (that is
+    the starting model's parent). A local folder has none, unless it is a snapshot in the Hub's local cache
+    (``models--org--name/snapshots/<revision>``); its card still gives the license."""
     if name_or_path in KNOWN_BASES:
         return KNOWN_BASES[name_or_path]
     if name_or_path.startswith("tiny-random"):
@@ -69,10 +73,18 @@ def base_model(name_or_path: str) -> tuple[str | None, str | None]:
     if path.exists():
         card = path / CARD if path.is_dir() else path.parent / CARD
         meta = front_matter(card.read_text(encoding="utf-8", errors="replace")) if card.is_file() else {}
-        base = meta.get("base_model")
-        return (base if isinstance(base, str) else None), _license(meta)
+        return _cached_hub_id(path if path.is_dir() else path.parent), _license(meta)
     text = _cached_hub_card(name_or_path)
     return name_or_path, _license(front_matter(text)) if text else None
+
+
+def _cached_hub_id(folder: Path) -> str | None:
+    """``org/name`` of a folder ``.../models--org--name/snapshots/<revision>`` of the Hub's local cache (a Hub
+    repository id has no "--", so the cache's folder name maps back to one id), else None."""
+    parts = folder.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/")
+    return None
 
 
 def _license(meta: dict[str, Any]) -> str | None:

@@ -177,7 +177,7 @@ def _log_sum_squares(logits: torch.Tensor) -> torch.Tensor:
 
 
 def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DEFAULT_CHUNK,
-                 plain: bool = False, wpo: bool = False) -> tuple[torch.Tensor, ...]:
+                 plain: bool = False, wpo: bool = False, unweighted: bool = False) -> tuple[torch.Tensor, ...]:
     """Summed response log-probs for every slot of a batch layout.
 
     Batch keys (see ``dpokit.data.batch``): ``input_ids`` (R, L); ``attention_mask`` (R, L) for padded rows or
@@ -189,7 +189,8 @@ def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
     against). An optional ``target_weight`` (M,) multiplies each token's log-prob before the sum (LD-DPO:
     ``dpokit.losses.tokens``). Returns ``logps`` (S,) float32 and ``n_tokens`` (S,); with ``wpo`` also each
     response's WPO log-weight (S,), without gradient: the mean over its tokens of
-    log pi(y_t | x, y_<t) - log sum_v pi(v | x, y_<t)^2 (``dpokit.losses.tokens.wpo_pair_weights``).
+    log pi(y_t | x, y_<t) - log sum_v pi(v | x, y_<t)^2 (``dpokit.losses.tokens.wpo_pair_weights``); with
+    ``unweighted``, last, the summed log-probs without ``target_weight`` (S,) (``rpo``'s NLL under LD-DPO).
     """
     out = target_logps(model, batch, chunk_size=chunk_size, plain=plain, log_sum_squares=wpo)
     token_logps = out["logps"]
@@ -197,11 +198,14 @@ def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
     n_tokens = torch.zeros(n_slots, dtype=torch.long, device=device).index_add(0, slot, torch.ones_like(slot))
     weighted = token_logps * batch["target_weight"] if "target_weight" in batch else token_logps
     logps = torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot, weighted)
-    if not wpo:
-        return logps, n_tokens
-    per_token = token_logps.detach() - out["log_sum_squares"]
-    summed = torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot, per_token)
-    return logps, n_tokens, summed / n_tokens.clamp(min=1)
+    result: tuple[torch.Tensor, ...] = (logps, n_tokens)
+    if wpo:
+        per_token = token_logps.detach() - out["log_sum_squares"]
+        summed = torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot, per_token)
+        result += (summed / n_tokens.clamp(min=1),)
+    if unweighted:
+        result += (torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot, token_logps),)
+    return result
 
 
 def sequence_logps(

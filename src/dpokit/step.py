@@ -48,6 +48,7 @@ from dpokit.losses import (
     compute_loss,
     kto_kl_baseline,
     kto_loss,
+    needs_plain_chosen,
     plackett_luce_loss,
 )
 from dpokit.losses.tokens import length_desensitized_weights, wpo_pair_weights
@@ -149,16 +150,20 @@ def pair_forward(model: nn.Module, reference: Reference, batch: dict[str, Any], 
     FSDP-wrapped under torchrun). Pairs go through the configured pairwise loss (``loss_state``: the state of a
     loss that carries one, ``Run.task_state["loss"]``); rankings (``loss.name: plackett_luce``) through the
     listwise one, reporting the best response as "chosen" and the worst as "rejected". With ``loss.ld_alpha``
-    every log-prob, the reported ones too, is LD-DPO's length-desensitized one; with ``loss.use_weighting`` each
-    pair's loss is multiplied by its WPO weight. Shapes: (G,) each.
+    every log-prob, the reported ones too, is LD-DPO's length-desensitized one (but ``rpo``'s NLL, on y_w's
+    plain log-prob); with ``loss.use_weighting`` each pair's loss is multiplied by its WPO weight. Shapes: (G,)
+    each.
     """
     if cfg.loss.ld_alpha is not None:  # LD-DPO: policy and reference sum the same weighted token log-probs
         batch["target_weight"] = length_desensitized_weights(batch["target_slot"], batch["slots"],
                                                              batch["n_slots"], cfg.loss.ld_alpha)
     ref_logps = reference.logps(batch, items, autocast)  # (G, K)
+    plain = needs_plain_chosen(cfg.loss)  # rpo's NLL is on y_w's own log-prob, not LD-DPO's
     with autocast():
-        row_logps, row_tokens, *row_log_weights = model(batch, wpo=True) if cfg.loss.use_weighting else model(batch)
+        row_logps, row_tokens, *extra = model(batch, wpo=cfg.loss.use_weighting, unweighted=plain)
     policy_logps, n_tokens = regroup(row_logps, batch), regroup(row_tokens, batch)  # (G, K)
+    row_log_weights = extra[:1] if cfg.loss.use_weighting else []
+    plain_chosen_logps = regroup(extra[-1], batch)[:, 0] if plain else None
     if cfg.loss.name in LISTWISE:
         mask = batch["slot_mask"]
         losses, rewards = plackett_luce_loss(policy_logps, ref_logps, beta=cfg.loss.beta, mask=mask)
@@ -168,7 +173,7 @@ def pair_forward(model: nn.Module, reference: Reference, batch: dict[str, Any], 
                 "chosen_logps": policy_logps[:, 0], "rejected_logps": policy_logps[pick, worst]}
     losses, chosen_rewards, rejected_rewards = compute_loss(
         cfg.loss, policy_logps[:, 0], policy_logps[:, 1], ref_logps[:, 0], ref_logps[:, 1], n_tokens[:, 0],
-        n_tokens[:, 1], state=loss_state)
+        n_tokens[:, 1], state=loss_state, plain_chosen_logps=plain_chosen_logps)
     if row_log_weights:  # WPO: each pair's loss weighted by how likely the policy itself finds the pair
         log_weights = regroup(row_log_weights[0], batch)  # (G, K)
         losses = losses * wpo_pair_weights(log_weights[:, 0], log_weights[:, 1])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 # Importing the variants registers them.
 from dpokit.losses.batchwise import aot_loss, aot_unpaired_loss
+from dpokit.losses.f_dpo import f_dpo_loss
 from dpokit.losses.listwise import plackett_luce_loss
 from dpokit.losses.pairwise import (
     apo_down_loss,
@@ -30,7 +31,6 @@ from dpokit.losses.pairwise import (
     cdpo_loss,
     discopop_loss,
     exo_pair_loss,
-    f_dpo_loss,
     hinge_loss,
     ipo_loss,
     nca_pair_loss,
@@ -50,22 +50,24 @@ from dpokit.losses.registry import (
     LOSS_REQUIRED,
     LOSS_STATE,
     LOSSES,
+    PLAIN_CHOSEN,
     UNPAIRED,
     LossFn,
     LossState,
     advance_loss_state,
     check_training_setup,
     compute_loss,
+    needs_plain_chosen,
     register,
     validate_loss_config,
 )
 from dpokit.losses.stateful import bco_pair_loss
 from dpokit.losses.unpaired import kto_kl_baseline, kto_loss
 
-__all__ = ["BATCHWISE", "LISTWISE", "LOSSES", "UNPAIRED", "LOSS_CHECKS", "LOSS_PARAMS", "LOSS_REQUIRED", "LOSS_STATE", "LossFn",
-           "LossState", "advance_loss_state", "aot_loss", "aot_unpaired_loss", "apo_down_loss", "apo_zero_loss",
-           "bco_pair_loss", "cdpo_loss", "check_training_setup", "compute_loss", "discopop_loss", "exo_pair_loss",
-           "f_dpo_loss", "hinge_loss", "ipo_loss", "kto_kl_baseline", "kto_loss", "nca_pair_loss",
-           "plackett_luce_loss", "register", "robust_loss", "rpo_loss",
-           "sigmoid_loss", "sigmoid_norm_loss", "simpo_loss", "sppo_hard_loss", "unlikelihood_loss",
-           "validate_loss_config"]
+__all__ = ["BATCHWISE", "LISTWISE", "LOSSES", "PLAIN_CHOSEN", "UNPAIRED", "LOSS_CHECKS", "LOSS_PARAMS",
+           "LOSS_REQUIRED", "LOSS_STATE", "LossFn", "LossState", "advance_loss_state", "aot_loss",
+           "aot_unpaired_loss", "apo_down_loss", "apo_zero_loss", "bco_pair_loss", "cdpo_loss",
+           "check_training_setup", "compute_loss", "discopop_loss", "exo_pair_loss", "f_dpo_loss", "hinge_loss",
+           "ipo_loss", "kto_kl_baseline", "kto_loss", "nca_pair_loss", "needs_plain_chosen", "plackett_luce_loss",
+           "register", "robust_loss", "rpo_loss", "sigmoid_loss", "sigmoid_norm_loss", "simpo_loss",
+           "sppo_hard_loss", "unlikelihood_loss", "validate_loss_config"]

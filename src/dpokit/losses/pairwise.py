@@ -5,7 +5,6 @@ Shapes: every tensor (batch,); log-probs summed over response tokens; lengths ar
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -218,7 +217,7 @@ def simpo_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-@register("rpo", {"alpha": check_positive})
+@register("rpo", {"alpha": check_positive}, plain_chosen=True)
 def rpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -229,6 +228,7 @@ def rpo_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     alpha: float = 1.0,
+    plain_chosen_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RPO, the L_DPO+NLL objective of Iterative Reasoning Preference Optimization (Pang et al. 2024,
     https://arxiv.org/abs/2404.19733):
@@ -237,9 +237,12 @@ def rpo_loss(
 
     The per-token NLL of the chosen response keeps its likelihood from falling, which plain DPO allows as long as
     the rejected one falls faster. alpha defaults to 1 (the paper's value). Requires ``chosen_lengths``.
-    Shapes: every input and output is (batch,).
+    The NLL is that of y_w's every token, log pi(y_w|x) as the model gives it: with ``loss.ld_alpha`` the DPO
+    term compares length-desensitized log-probs, and the training step passes the plain one as
+    ``plain_chosen_logps`` (default: ``policy_chosen_logps``). Shapes: every input and output is (batch,).
     """
-    nll = -_per_token(policy_chosen_logps, chosen_lengths, "rpo", "chosen")
+    chosen_logps = policy_chosen_logps if plain_chosen_logps is None else plain_chosen_logps
+    nll = -_per_token(chosen_logps, chosen_lengths, "rpo", "chosen")
     losses, chosen_rewards, rejected_rewards = sigmoid_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta)
     return losses + alpha * nll, chosen_rewards, rejected_rewards
@@ -487,105 +490,5 @@ def sigmoid_norm_loss(
         _per_token(ref_rejected_logps, rejected_lengths, "sigmoid_norm", "rejected"),
     )
     losses = -F.logsigmoid(beta * h)
-    return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
-            _rewards(policy_rejected_logps, ref_rejected_logps, beta))
-
-
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-"""The f-divergences of ``f_dpo`` (TRL's ``f_divergence_type`` values)."""
-
-
-def check_f_divergence(value: object) -> str | None:
-    return None if value in F_DIVERGENCES else f"must be one of {', '.join(F_DIVERGENCES)}"
-
-
-def check_f_dpo(params: dict[str, object]) -> tuple[str, str] | None:
-    # The coefficient shapes alpha_divergence only; set beside another divergence it would be silently ignored.
-    if "f_alpha_divergence_coef" in params and params.get("f_divergence") != "alpha_divergence":
-        return "f_alpha_divergence_coef", (f"used only by f_divergence: alpha_divergence, not "
-                                           f"{params.get('f_divergence')}; remove it")
-    return None
-
-
-def _alpha_derivative_difference(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
-                                 coef: float) -> torch.Tensor:
-    """f'(u_w) - f'(u_l) for the alpha-divergence in TRL's parametrization, f'(u) = (u^(c-1) - 1) / (c - 1),
-    u = exp(a), c = ``coef`` != 1: (expm1((c-1) a_w) - expm1((c-1) a_l)) / (c - 1), with expm1 so that c -> 1
-    tends to a_w - a_l (reverse KL) without cancellation. The exponent (c-1) * a is capped so that neither term
-    nor their difference overflows (the policy gave a response almost no mass); past the cap that response's
-    term has no gradient, as TRL's ``cap_exp`` does."""
-    scale = coef - 1.0
-    cap = math.log(torch.finfo(chosen_logratios.dtype).max) + min(0.0, math.log(abs(scale))) - math.log(4.0)
-    w = torch.expm1(torch.clamp(scale * chosen_logratios, max=cap))
-    lo = torch.expm1(torch.clamp(scale * rejected_logratios, max=cap))
-    return (w - lo) / scale
-
-
-def _js_logits(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, coef: float) -> torch.Tensor:
-    # f'(u) = log 2 + a - softplus(a): the log 2 cancels between y_w and y_l.
-    return _margin(pc, pr, rc, rr) - (F.softplus(pc - rc) - F.softplus(pr - rr))
-
-
-def _alpha_logits(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor,
-                  coef: float) -> torch.Tensor:
-    if coef == 1.0:  # the limit c -> 1 is reverse KL: DPO's margin, as TRL falls back to it
-        return _margin(pc, pr, rc, rr)
-    return _alpha_derivative_difference(pc - rc, pr - rr, coef)
-
-
-_F_DPO_LOGITS: dict[str, Callable[..., torch.Tensor]] = {
-    # f'(u_w) - f'(u_l) from the four summed log-probs; reverse_kl is DPO's margin, computed as ``sigmoid`` does.
-    "reverse_kl": lambda pc, pr, rc, rr, coef: _margin(pc, pr, rc, rr),
-    "forward_kl": lambda pc, pr, rc, rr, coef: _alpha_derivative_difference(pc - rc, pr - rr, 0.0),
-    "js_divergence": _js_logits,
-    "alpha_divergence": _alpha_logits,
-}
-
-
-@register("f_dpo", {"f_divergence": check_f_divergence, "f_alpha_divergence_coef": check_non_negative},
-          required=("f_divergence",), check=check_f_dpo)
-def f_dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    beta: float,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-    f_divergence: str,
-    f_alpha_divergence_coef: float = 0.5,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """f-DPO (Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
-    Divergence Constraints", https://arxiv.org/abs/2309.16240): DPO with the reverse-KL penalty toward pi_ref
-    replaced by an f-divergence D_f(pi || pi_ref). The optimal policy then satisfies
-    r(x, y) = beta * f'(pi(y|x) / pi_ref(y|x)) + const, and the Bradley-Terry likelihood gives the paper's loss
-
-        L = -log sigmoid(beta * [f'(u_w) - f'(u_l)]),   u = pi(y|x) / pi_ref(y|x) = exp(a),
-        a = log pi(y|x) - log pi_ref(y|x) (summed),
-
-    with f' for each ``f_divergence`` (constants dropped: they cancel between y_w and y_l):
-
-        reverse_kl        f(u) = u log u                        f'(u) = log u              (DPO: ``sigmoid``)
-        forward_kl        f(u) = -log u                         f'(u) = -1/u
-        js_divergence     f(u) = u log u - (1+u) log((1+u)/2)   f'(u) = log(2u / (1+u))
-        alpha_divergence                                        f'(u) = (u^(c-1) - 1) / (c - 1)
-
-    so the logit is beta * h for reverse_kl (h as in ``cdpo``), beta * (exp(-a_l) - exp(-a_w)) for forward_kl,
-    beta * (h - softplus(a_w) + softplus(a_l)) for js_divergence, and
-    beta * (exp((c-1) a_w) - exp((c-1) a_l)) / (c - 1) for alpha_divergence with c = ``f_alpha_divergence_coef``
-    (>= 0, default 0.5). c is TRL's coefficient (TRL 1.x: default 0.5, the same parametrization); the paper writes
-    the family as f'(u) = (1 - u^-alpha) / alpha, which is this with alpha = 1 - c (older TRL took alpha itself,
-    default 1.0). c = 0 is forward_kl exactly, c = 1 (the limit) reverse_kl, c = 0.5 the same divergence in both
-    parametrizations. The paper's point: divergences other than reverse KL keep more of pi_ref's diversity at a
-    similar reward. Each f is convex, so f' increases and every variant raises y_w and lowers y_l. The
-    exponentials are capped (``_alpha_derivative_difference``) so the loss stays finite. Shapes: every input
-    and output is (batch,).
-    """
-    if f_divergence not in _F_DPO_LOGITS:
-        raise ValueError(f"f_divergence: unknown '{f_divergence}' (known: {', '.join(F_DIVERGENCES)})")
-    logits = _F_DPO_LOGITS[f_divergence](policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                         ref_rejected_logps, f_alpha_divergence_coef)
-    losses = -F.logsigmoid(beta * logits)
     return (losses, _rewards(policy_chosen_logps, ref_chosen_logps, beta),
             _rewards(policy_rejected_logps, ref_rejected_logps, beta))

@@ -57,13 +57,20 @@ class LossState:
 LOSS_STATE: dict[str, LossState] = {}
 """name -> its ``LossState``, for the losses that carry one."""
 
+PLAIN_CHOSEN: set[str] = set()
+"""Losses with a term on the chosen response's own log-prob (``rpo``'s NLL) rather than on the log-probs every
+loss compares, which ``loss.ld_alpha`` length-desensitizes: ``compute_loss`` passes them ``plain_chosen_logps``."""
+
 
 def register(
     name: str, params: dict[str, Callable[[Any], str | None]] | None = None, required: tuple[str, ...] = (),
     state: LossState | None = None, check: Callable[[dict[str, Any]], tuple[str, str] | None] | None = None,
+    plain_chosen: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     def wrap(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
+        if plain_chosen:
+            PLAIN_CHOSEN.add(name)
         LOSS_PARAMS[name] = params or {}
         LOSS_REQUIRED[name] = frozenset(required)
         if check is not None:
@@ -160,7 +167,8 @@ def check_training_setup(loss: Any, *, grad_accum: int = 1, pass_tokens: int = 0
 
     A ``BATCHWISE`` loss must see an optimizer step's pairs at once: sorted per micro-batch, per pass or per
     rank, its quantiles would be those of each part, not of the step, and batch 8 x accumulation 1 would no
-    longer equal batch 4 x accumulation 2. Online DPO (``online``) does not carry a loss's state between its
+    longer equal batch 4 x accumulation 2; for the same reason WPO's per-pair weights (``loss.use_weighting``)
+    have no pair to weigh there. Online DPO (``online``) does not carry a loss's state between its
     steps, and trains its sampled pairs in micro-batches; both kinds are refused there."""
     names = _names(loss)
 
@@ -175,6 +183,10 @@ def check_training_setup(loss: Any, *, grad_accum: int = 1, pass_tokens: int = 0
     if not batchwise:
         return
     name = batchwise[0]
+    if loss.use_weighting:
+        # WPO multiplies the k-th loss by the k-th pair's weight; here the k-th loss is the k-th quantile.
+        raise ConfigError(f"loss.use_weighting: WPO weighs each pair's loss, but loss {name}'s terms are quantiles "
+                          "of the sorted batch, not pairs; remove loss.use_weighting or use a pairwise loss")
     why = f"loss {name} sorts the pairs of a batch against each other and needs a step's pairs in one pass"
     if grad_accum > 1:
         raise ConfigError(f"train.grad_accum: {why}; set it to 1 and raise train.batch_size instead")
@@ -185,6 +197,12 @@ def check_training_setup(loss: Any, *, grad_accum: int = 1, pass_tokens: int = 0
     if online:
         raise ConfigError(f"{key(name)}: {why}; online DPO trains its sampled pairs in micro-batches, use another "
                           "loss")
+
+
+def needs_plain_chosen(loss: Any) -> bool:
+    """Whether a training step must give ``compute_loss`` the chosen responses' plain log-probs: a configured
+    loss has a term on them (``PLAIN_CHOSEN``) and ``loss.ld_alpha`` makes the compared ones differ."""
+    return loss.ld_alpha is not None and any(name in PLAIN_CHOSEN for name in _names(loss))
 
 
 def advance_loss_state(loss: Any, state: dict[str, Any], chosen_reward_mean: float, rejected_reward_mean: float,
@@ -206,13 +224,15 @@ def compute_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     state: dict[str, Any] | None = None,
+    plain_chosen_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Apply the configured loss (or weighted sum of losses) of a ``LossConfig`` to a batch of pairs.
 
     Rewards reported are those of the first loss. Lengths are passed through; losses that average per token
     (``ipo``, ``simpo``, ``rpo``, ``sigmoid_norm``) raise ValueError without them. ``state`` (name -> state, see
-    ``advance_loss_state``) feeds the losses that carry one; a missing entry is the initial state. Listwise
-    losses raise ValueError. Shapes: (batch,) in and out.
+    ``advance_loss_state``) feeds the losses that carry one; a missing entry is the initial state.
+    ``plain_chosen_logps``, the chosen log-probs without LD-DPO's token weights (``needs_plain_chosen``), goes to
+    the losses in ``PLAIN_CHOSEN``. Listwise losses raise ValueError. Shapes: (batch,) in and out.
     """
     weights = loss.weights or {loss.name: 1.0}
     for name in weights:
@@ -229,6 +249,8 @@ def compute_loss(
         own = {k: v for k, v in params.items() if k in LOSS_PARAMS[name]}
         if name in LOSS_STATE:
             own.update(LOSS_STATE[name].inputs((state or {}).get(name) or LOSS_STATE[name].initial()))
+        if name in PLAIN_CHOSEN and plain_chosen_logps is not None:
+            own["plain_chosen_logps"] = plain_chosen_logps
         losses, chosen_rewards, rejected_rewards = LOSSES[name](
             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
             beta=loss.beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **own)
