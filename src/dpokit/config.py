@@ -321,7 +321,7 @@ class PpoConfig(_Section):
 class OnlineConfig(_Section):
     """Online and semi-online DPO (``dpokit train`` with ``reward`` or ``judge_url`` set; ``dpokit.online``).
     Each step samples ``samples_per_prompt`` responses to each of train.batch_size x train.grad_accum x
-    processes prompts of ``data.train`` from a generator copy of the policy refreshed every ``sync_every``
+    processes prompts of ``data.train`` from the policy as it was at the last refresh, every ``sync_every``
     steps, scores them with ``reward``, pairs them (``pairs``; ties dropped and counted) and trains on the
     pairs with the configured preference loss against pi_ref (``loss``, ``reference``)."""
 
