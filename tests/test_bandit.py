@@ -6,7 +6,10 @@ reference pi_ref = softmax(theta_ref). For a known reward r, the optimum of
 
     max_pi E_pi[r] - beta * KL(pi || pi_ref)    is    pi*(a) = pi_ref(a) * exp(r(a) / beta) / Z
 
-(Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, Eq. 4). PPO is trained only through
+(Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, Eq. 4). PPO that samples at a temperature T optimizes
+the tempered policy pi_T = softmax(theta / T) against the tempered reference pi_ref_T, when it scores its samples
+(pi_old, pi_ref, pi) at the same T as ``dpokit ppo`` does: its optimum is pi_T* = pi_ref_T * exp(r / beta) / Z,
+tested at T = 1 and T = 0.7. PPO is trained only through
 dpokit.ppo.core; DPO only through dpokit's own ``sigmoid_loss``. Each ends within a tolerance of pi* that the test
 derives (comments next to each), and each tolerance is asserted tight enough to tell pi* from pi_ref and from the
 optimum for 2 * beta, so the test can fail.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from dpokit.losses import sigmoid_loss
@@ -41,21 +45,22 @@ def problem() -> tuple[torch.Tensor, torch.Tensor]:
     return theta_ref, reward
 
 
-def optimum(theta_ref: torch.Tensor, reward: torch.Tensor, beta: float) -> torch.Tensor:
-    """pi* = pi_ref * exp(r / beta) / Z, exactly (softmax of the log of the unnormalized product)."""
-    return torch.softmax(torch.log_softmax(theta_ref, 0) + reward / beta, 0)
+def optimum(theta_ref: torch.Tensor, reward: torch.Tensor, beta: float, temperature: float = 1.0) -> torch.Tensor:
+    """pi_T* = pi_ref_T * exp(r / beta) / Z with pi_ref_T = softmax(theta_ref / T), exactly (softmax of the log
+    of the unnormalized product)."""
+    return torch.softmax(torch.log_softmax(theta_ref / temperature, 0) + reward / beta, 0)
 
 
 def tv(p: torch.Tensor, q: torch.Tensor) -> float:
     return 0.5 * float((p - q).abs().sum())
 
 
-def assert_separates(tol: float, theta_ref: torch.Tensor, reward: torch.Tensor) -> None:
+def assert_separates(tol: float, theta_ref: torch.Tensor, reward: torch.Tensor, temperature: float = 1.0) -> None:
     """A tolerance is only worth something if pi_ref and the optimum for a wrong beta fall outside it, with room
     to spare (4x): a method that ended near either would fail."""
-    target = optimum(theta_ref, reward, BETA)
-    assert tv(torch.softmax(theta_ref, 0), target) > 4 * tol
-    assert tv(optimum(theta_ref, reward, 2 * BETA), target) > 4 * tol
+    target = optimum(theta_ref, reward, BETA, temperature)
+    assert tv(torch.softmax(theta_ref / temperature, 0), target) > 4 * tol
+    assert tv(optimum(theta_ref, reward, 2 * BETA, temperature), target) > 4 * tol
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -65,17 +70,22 @@ def assert_separates(tol: float, theta_ref: torch.Tensor, reward: torch.Tensor) 
 ITERATIONS, BATCH, EPOCHS, MINIBATCH, LR, CLIP = 150, 256, 4, 64, 2e-3, 0.2
 
 
-def ppo(theta_ref: torch.Tensor, reward: torch.Tensor, beta: float) -> torch.Tensor:
-    """PPO with T = 1: the sampled action is the response's only token. Returns the final theta."""
+def ppo(theta_ref: torch.Tensor, reward: torch.Tensor, beta: float, temperature: float = 1.0,
+        score_temperature: float | None = None) -> torch.Tensor:
+    """PPO sampling at ``temperature`` T: the sampled action is the response's only token, drawn from
+    softmax(theta / T). pi_old, pi_ref and pi are scored at ``score_temperature`` (default T, the convention of
+    ``dpokit ppo``; 1 is the untempered scoring it had before). Returns the final theta."""
+    score_t = temperature if score_temperature is None else score_temperature
     gen = torch.Generator().manual_seed(0)
     theta = torch.nn.Parameter(theta_ref.clone())
     opt = torch.optim.Adam([theta], lr=LR)
-    ref_logps_all = torch.log_softmax(theta_ref, 0)
+    ref_logps_all = torch.log_softmax(theta_ref / score_t, 0)
     mask = torch.ones(BATCH, 1, dtype=DTYPE)
     for _ in range(ITERATIONS):
         with torch.no_grad():
-            logps_all = torch.log_softmax(theta, 0)
-            actions = torch.multinomial(logps_all.exp(), BATCH, replacement=True, generator=gen)
+            probs = torch.softmax(theta / temperature, 0)
+            logps_all = torch.log_softmax(theta / score_t, 0)
+            actions = torch.multinomial(probs, BATCH, replacement=True, generator=gen)
             old_logps = logps_all[actions][:, None]  # (B, T=1)
             rewards, _ = token_rewards(reward[actions], old_logps, ref_logps_all[actions][:, None], mask,
                                        kl_coef=beta, estimator="k1")
@@ -87,7 +97,7 @@ def ppo(theta_ref: torch.Tensor, reward: torch.Tensor, beta: float) -> torch.Ten
             advantages, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)
         for _ in range(EPOCHS):
             for idx in torch.randperm(BATCH, generator=gen).split(MINIBATCH):
-                logps = torch.log_softmax(theta, 0)[actions[idx]][:, None]
+                logps = torch.log_softmax(theta / score_t, 0)[actions[idx]][:, None]
                 loss, _, _ = policy_loss(logps, old_logps[idx], advantages[idx], clip=CLIP)
                 opt.zero_grad()
                 masked_mean(loss, mask[idx]).backward()
@@ -96,8 +106,9 @@ def ppo(theta_ref: torch.Tensor, reward: torch.Tensor, beta: float) -> torch.Ten
 
 
 def reward_spread_certificate(theta: torch.Tensor, theta_ref: torch.Tensor, reward: torch.Tensor,
-                              beta: float) -> float:
-    """An upper bound on TV(pi_theta, pi*) read off one rollout's k1 token rewards, without knowing pi*.
+                              beta: float, temperature: float = 1.0) -> float:
+    """An upper bound on TV(pi_theta, pi*) read off one rollout's k1 token rewards, without knowing pi*
+    (pi, pi_ref and pi* tempered at ``temperature`` throughout).
 
     R(a) = r(a) - beta * log(pi(a) / pi_ref(a)) = beta * log Z - beta * l(a), l(a) = log(pi(a) / pi*(a)).
     If every action appears in the rollout, the spread s = max R - min R is beta * (max l - min l); since pi and
@@ -105,23 +116,24 @@ def reward_spread_certificate(theta: torch.Tensor, theta_ref: torch.Tensor, rewa
     TV = sum_{l(a) > 0} pi(a) * (1 - exp(-l(a))) <= 1 - exp(-s / beta).
     """
     gen = torch.Generator().manual_seed(1)
-    logps_all = torch.log_softmax(theta, 0)
+    logps_all = torch.log_softmax(theta / temperature, 0)
     actions = torch.multinomial(logps_all.exp(), BATCH, replacement=True, generator=gen)
     # min pi* = 0.063, so a given action is missing from 256 draws with probability <= 0.94^256 = 1e-7.
     assert sorted(set(actions.tolist())) == list(range(V))
     mask = torch.ones(BATCH, 1, dtype=DTYPE)
     rewards, _ = token_rewards(reward[actions], logps_all[actions][:, None],
-                               torch.log_softmax(theta_ref, 0)[actions][:, None], mask, kl_coef=beta)
+                               torch.log_softmax(theta_ref / temperature, 0)[actions][:, None], mask, kl_coef=beta)
     spread = float(rewards.max() - rewards.min())
     return -math.expm1(-spread / beta)
 
 
-def test_ppo_reaches_the_closed_form_optimum() -> None:
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_ppo_reaches_the_closed_form_optimum(temperature: float) -> None:
     torch.set_num_threads(1)
     theta_ref, reward = problem()
-    target = optimum(theta_ref, reward, BETA)
-    theta = ppo(theta_ref, reward, BETA)
-    policy = torch.softmax(theta, 0)
+    target = optimum(theta_ref, reward, BETA, temperature)
+    theta = ppo(theta_ref, reward, BETA, temperature)
+    policy = torch.softmax(theta / temperature, 0)
     # Tolerance for PPO. Monte Carlo error: none to budget. With the k1 token reward the reward of action a is
     # R(a) = beta * log Z - beta * log(pi_old(a) / pi*(a)), so at pi_old = pi* every sampled reward equals
     # beta * log Z and every advantage (reward minus batch mean) is exactly 0: pi* is a fixed point of every
@@ -134,9 +146,9 @@ def test_ppo_reaches_the_closed_form_optimum() -> None:
     # (1e-16) stays that small: Adam at LR = 2e-3 is in its contracting regime for these 2400 steps (it goes on
     # to 1e-16 by 300 iterations), so round-off is damped, not amplified. (At LR = 1e-2 it is not: once the
     # gradients vanish, Adam's normalizer forgets them and the iterates burst away from pi* and back.)
-    certificate = reward_spread_certificate(theta, theta_ref, reward, BETA)
+    certificate = reward_spread_certificate(theta, theta_ref, reward, BETA, temperature)
     tolerance = 1e-2
-    assert_separates(tolerance, theta_ref, reward)
+    assert_separates(tolerance, theta_ref, reward, temperature)
     assert certificate <= tolerance
     assert tv(policy, target) <= certificate, (tv(policy, target), certificate)
 
@@ -246,3 +258,14 @@ def test_dpo_reaches_the_closed_form_optimum() -> None:
     policy_2 = torch.softmax(theta_2, 0)
     assert tv(policy_2, optimum(theta_ref, reward, 2 * BETA)) <= tolerance_2
     assert tv(policy_2, target) > 4 * tolerance
+
+
+def test_ppo_scored_untempered_misses_the_tempered_optimum() -> None:
+    """Sampling at T = 0.7 but scoring pi_old, pi_ref and pi with the untempered softmax (what ``dpokit ppo``
+    did before it scored at its sampling temperature): the ratios and the KL penalty then describe another
+    policy than the one sampled, and the sampled policy ends far outside the tolerance of pi_T*."""
+    torch.set_num_threads(1)
+    theta_ref, reward = problem()
+    temperature = 0.7
+    theta = ppo(theta_ref, reward, BETA, temperature, score_temperature=1.0)
+    assert tv(torch.softmax(theta / temperature, 0), optimum(theta_ref, reward, BETA, temperature)) > 4 * 1e-2

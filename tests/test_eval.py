@@ -98,6 +98,59 @@ def test_kl_is_exactly_zero_when_pi_is_pi_ref():
     assert (estimate.mean, estimate.stderr) == (0.0, 0.0)
 
 
+@torch.no_grad()
+def exact_kl_two_tokens(policy, reference, prompt, eos_ids):
+    """KL(pi || pi_ref) over every response of at most 2 tokens (the first an EOS, or any two), by enumeration:
+    sum_a p(a) [log p(a)/q(a) + [a not EOS] sum_b p(b|a) log p(b|a)/q(b|a)], in float64."""
+    def log_probs(model, rows):
+        return torch.log_softmax(model(input_ids=torch.tensor(rows)).logits[:, -1].double(), -1)
+
+    p1, q1 = log_probs(policy, [prompt])[0], log_probs(reference, [prompt])[0]
+    vocab = p1.shape[0]
+    rows = [prompt + [a] for a in range(vocab)]
+    p2, q2 = log_probs(policy, rows), log_probs(reference, rows)  # (V, V): row a holds log p(. | x, a)
+    second = (p2.exp() * (p2 - q2)).sum(-1)  # (V,)
+    second[list(eos_ids)] = 0.0  # a response that starts with EOS has no second token
+    return float((p1.exp() * (p1 - q1 + second)).sum())
+
+
+def test_eval_kl_at_top_p_is_estimated_from_draws_of_pi_itself(tmp_path):
+    """``dpokit eval --top-p 0.9``: the reward's samples are nucleus samples, but the KL(pi || pi_ref) estimate
+    must come from draws of pi itself; it lands within 3 standard errors of the exact KL of a 512-token
+    vocabulary model with 2-token responses (enumerated: 512 x 512 sequences)."""
+    from dpokit.evaluate.scoring import load_scorer
+    from dpokit.generate import encode_prompts, eos_token_ids
+    from dpokit.models import seeded_model
+
+    cfg = {"model": {"name_or_path": "tiny-random-llama"},
+           "data": {"train": str(write_pairs(tmp_path / "train.jsonl", 4)), "max_length": 64,
+                    "max_prompt_length": 32},
+           "train": {"max_steps": 1, "batch_size": 4, "progress": False, "save_every": None}}
+    run_dir = dpokit.train(cfg, run_dir=str(tmp_path / "run"))
+    # A policy far from pi_ref (a few nats): the trained weights, scaled up, written back as final/.
+    scorer = load_scorer(run_dir)
+    sharp = seeded_model(type(scorer.policy), scorer.policy.config, 7)
+    with torch.no_grad():
+        for param in sharp.parameters():
+            if param.dim() == 2:
+                param.mul_(8.0)
+    sharp.save_pretrained(run_dir / "final")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Question 3: can you help me?"}) + "\n")
+
+    result = evaluate_run(run_dir, prompts=str(prompts), n_samples=3000, max_new_tokens=2, top_p=0.9,
+                          batch_size=500, frontier=False, log=None)
+    scorer = load_scorer(run_dir)
+    prompt = encode_prompts(scorer.tokenizer, ["Question 3: can you help me?"], scorer.max_prompt_length,
+                            scorer.max_length)[0]
+    exact = exact_kl_two_tokens(scorer.policy, scorer.reference, prompt,
+                                eos_token_ids(scorer.policy, scorer.tokenizer))
+    assert exact > 0.5  # pi is far from pi_ref, so draws from another distribution give another mean
+    # 3 standard errors: a 0.27% two-sided miss for an unbiased mean of 3000 draws (near-normal by the CLT:
+    # each draw's log-ratio is bounded on this finite support); the seed is fixed, so the verdict is too.
+    assert abs(result["kl"] - exact) < 3 * result["kl_stderr"], (result["kl"], result["kl_stderr"], exact)
+
+
 # ------------------------------------------------------------------------------------------------- tiny run
 
 def write_pairs(path: Path, n: int, offset: int = 0) -> Path:

@@ -82,23 +82,28 @@ def test_tiny_online_config_learns_its_reward(tmp_path):
     assert (run_dir / "checkpoints" / "step-20" / "COMPLETE").is_file()
 
 
-def record_weights(monkeypatch) -> tuple[dict[int, dict], dict[int, dict]]:
-    """For every step, the trainable weights the policy holds while its responses are sampled, and right after
-    (when they are scored): the generator's, and the policy's own."""
+def record_weights(monkeypatch) -> tuple[dict[int, dict], dict[int, dict], dict[int, int]]:
+    """For every step that samples (a generator refresh), the trainable weights the policy holds while it
+    samples, and the number of responses drawn; for every step, the weights right after (when its responses
+    are scored): the policy's own."""
     import dpokit.online as online_module
 
+    monkeypatch.undo()  # a previous call's recorders, which would record into their own dicts too
     sampled: dict[int, dict[str, torch.Tensor]] = {}
     after: dict[int, dict[str, torch.Tensor]] = {}
+    drawn: dict[int, int] = {}
     current = {}
     sample, score = online_module.sample, online_module.score
 
     def weights(online):
         return {n: p.detach().clone() for n, p in online.run.policy.named_parameters() if p.requires_grad}
 
-    def recording_sample(online, items, seed):
+    def recording_sample(online, items, *args):
         current["online"] = online
-        sampled.setdefault(online.run.step + 1, weights(online))  # first call of a step: its training draw
-        return sample(online, items, seed)
+        step = online.run.step + 1
+        assert step not in sampled, f"step {step} sampled twice"  # one generation call per refresh
+        sampled[step], drawn[step] = weights(online), len(items)
+        return sample(online, items, *args)
 
     def recording_score(*args):
         online = current["online"]
@@ -107,7 +112,7 @@ def record_weights(monkeypatch) -> tuple[dict[int, dict], dict[int, dict]]:
 
     monkeypatch.setattr(online_module, "sample", recording_sample)
     monkeypatch.setattr(online_module, "score", recording_score)
-    return sampled, after
+    return sampled, after, drawn
 
 
 def weights_after(run_dir: Path, step: int, start: dict) -> dict | None:
@@ -120,19 +125,22 @@ def test_sync_every_decides_which_weights_are_sampled(tmp_path, monkeypatch):
     """Step n samples the policy as it was at the start of step g(n) = 1 + s * floor((n - 1) / s), i.e. the
     weights checkpointed after step g(n) - 1: s = 1, the current weights at every step; s = 2, steps 2 and 4
     sample what steps 1 and 3 did; s larger than the run, the starting weights throughout while the policy
-    moves. After sampling the policy holds its own weights again (training continues from them)."""
+    moves. Semi-online DPO draws the responses of all the steps of a refresh in one generation call at the
+    refresh (8 prompts x 8 samples a step), and the policy keeps training from its own weights."""
     from dpokit.train import train
 
     for s, save_every in ((1, 1), (2, 2), (100, None)):
-        sampled, after = record_weights(monkeypatch)
+        sampled, after, drawn = record_weights(monkeypatch)
         cfg = small_config(tmp_path / f"s{s}", train={"max_steps": 5, "save_every": save_every},
                            online={"sync_every": s}, data={"eval": None})  # only the training draws sample
         run_dir = train(cfg)
         synced = [1 + s * ((n - 1) // s) for n in range(1, 6)]
         assert [r["online/generator_step"] for r in train_rows(run_dir)] == synced, s
         start = sampled[1]
+        refreshes = sorted(set(synced))
+        assert drawn == {g: 64 * sum(1 for n in synced if n == g) for g in refreshes}, (s, drawn)
         for n in range(2, 6):
-            assert_bit_identical(sampled[n], weights_after(run_dir, synced[n - 1] - 1, start))
+            assert_bit_identical(sampled[synced[n - 1]], weights_after(run_dir, synced[n - 1] - 1, start))
             own = weights_after(run_dir, n - 1, start)
             if own is not None:
                 assert_bit_identical(after[n], own)

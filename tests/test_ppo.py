@@ -186,6 +186,7 @@ def test_value_head_starts_at_zero_and_the_reference_matches_the_policy_at_step_
     ({"model": {"disable_dropout": False}}, "model.disable_dropout"),
     ({"data": {"train": None}}, "data.train: required"),
     ({"reference": {"sync": {"every": 2, "alpha": 0.5}}}, "reference.sync: TR-DPO"),
+    ({"ppo": {"top_p": 0.9}}, "ppo.top_p: 0.9 < 1 is not supported"),
 ])
 def test_settings_ppo_cannot_run_with_are_one_line(tmp_path, override, message):
     from dpokit.ppo.trainer import check_config
@@ -263,3 +264,102 @@ def test_a_reward_or_a_judge_exactly_and_the_judge_needs_chosen_responses(tmp_pa
     items = prompt_items(str(prompts), "train", tiny_tokenizer(), load_config(small_config(tmp_path)).data)
     with pytest.raises(ConfigError, match="has none for prompt 'hello'"):
         judge_reward("http://127.0.0.1:9/v1", "m", None, 0, items, str(prompts), "ppo")
+
+
+def test_a_rollout_at_temperature_t_is_scored_under_the_distribution_it_was_drawn_from(tmp_path):
+    """At ppo.temperature T = 0.7 the sampler draws from softmax(logits / T); the rollout's stored log pi,
+    log pi_ref and entropy must be those of that distribution (and of the reference at the same T), or the
+    importance ratios, the KL penalty and the logged kl describe another policy than the one sampled."""
+    from dpokit.distributed import Dist
+    from dpokit.ppo.trainer import rollout, setup
+
+    temperature = 0.7
+    cfg = load_config(small_config(tmp_path, ppo={"temperature": temperature}))
+    ppo_run = setup(cfg, Dist())
+    torch.nn.init.normal_(ppo_run.run.policy.value_head.weight)
+    items = ppo_run.run.train_items[:4]
+    ro, _ = rollout(ppo_run, items, seed=5)
+    lm = ppo_run.run.policy.model
+    for i, (prompt, response) in enumerate(ro.rows):
+        with torch.no_grad():
+            logits = lm(torch.tensor([prompt + response])).logits[0].double() / temperature
+        for t, token in enumerate(response):
+            logp = torch.log_softmax(logits[len(prompt) + t - 1], -1)
+            # One fp32 log-softmax over 512 logits of size ~5 / 0.7: round-off < 512 * 2^-24 * 8 < 3e-4.
+            assert abs(ro.logps[i, t].item() - logp[token].item()) < 3e-4, (i, t)
+            assert abs(ro.ref_logps[i, t].item() - logp[token].item()) < 3e-4, (i, t)  # pi_ref = pi at step 1
+            entropy = -(logp.exp() * logp).sum().item()
+            assert abs(ro.entropy[i, t].item() - entropy) < 3e-4 * max(1.0, entropy), (i, t)
+
+
+def test_the_first_update_of_a_tempered_rollout_starts_at_ratio_one(tmp_path, monkeypatch):
+    """Right after a rollout at T = 0.7, the first minibatch's log pi (training forward) equals the rollout's
+    log pi_old exactly: the training pass scores at the rollout's temperature too, so pi / pi_old = 1."""
+    import dpokit.ppo.trainer as trainer
+    from dpokit.ppo import ppo
+
+    seen = []
+    original = trainer.policy_loss
+
+    def spy(logps, old_logps, advantages, clip):
+        seen.append((logps.detach().clone(), old_logps.clone()))
+        return original(logps, old_logps, advantages, clip)
+
+    monkeypatch.setattr(trainer, "policy_loss", spy)
+    ppo(small_config(tmp_path, train={"max_steps": 1}, ppo={"temperature": 0.7}))
+    logps, old_logps = seen[0]
+    # Both are the same fp32 computation on the same weights, eval mode both times (dropout off): bit-equal.
+    assert torch.equal(logps, old_logps)
+    assert float(old_logps.abs().sum()) > 0
+
+
+def test_held_out_kl_is_estimated_from_draws_of_pi_itself(tmp_path, monkeypatch):
+    """The held-out reward uses the rollout settings (T = 0.7 here); the KL estimate draws its own samples at
+    T = 1 and top_p = 1 (samples from pi) and scores them untempered."""
+    import dpokit.ppo.trainer as trainer
+    from dpokit.ppo import ppo
+
+    drawn = []
+    original = trainer.rollout_sample
+
+    def spy(model, tokenizer, items, params, eos_ids, autocast):
+        drawn.append((params.temperature, params.top_p, len(items)))
+        return original(model, tokenizer, items, params, eos_ids, autocast)
+
+    monkeypatch.setattr(trainer, "rollout_sample", spy)
+    cfg = small_config(tmp_path, train={"max_steps": 1}, ppo={"temperature": 0.7, "eval_max_prompts": 4})
+    cfg["eval"] = {"every": 1}
+    ppo(cfg)
+    held_out = [(t, p) for t, p, n in drawn if n == 4]
+    # Evaluations at steps 0 and 1: each draws the reward's samples at T = 0.7 and the KL's from pi itself.
+    assert held_out == [(0.7, 1.0), (1.0, 1.0)] * 2, drawn
+
+
+def test_with_k3_the_logged_kl_is_still_the_summed_log_ratio_and_the_penalty_has_its_own_name(tmp_path,
+                                                                                              monkeypatch):
+    """ppo.kl_estimator: k3 changes the penalty, not what ``kl`` means: ``kl`` is the mean over responses of
+    sum_t (log pi - log pi_ref) (docs/rlhf.md), ``kl_penalty`` the mean of sum_t k3, and non_score_reward is
+    -kl_coef x kl_penalty."""
+    import dpokit.ppo.trainer as trainer
+    from dpokit.ppo import ppo
+    from dpokit.ppo.core import kl_per_token
+
+    rollouts = []
+    original = trainer.token_rewards
+
+    def spy(scores, logps, ref_logps, mask, kl_coef, estimator="k1"):
+        rollouts.append((logps.clone(), ref_logps.clone(), mask.clone()))
+        return original(scores, logps, ref_logps, mask, kl_coef, estimator)
+
+    monkeypatch.setattr(trainer, "token_rewards", spy)
+    run_dir = ppo(small_config(tmp_path, train={"max_steps": 2}, ppo={"kl_estimator": "k3"}))
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+    logps, ref_logps, mask = rollouts[1]  # step 2: pi has moved away from pi_ref
+    n = mask.shape[0]
+    k1 = float(((logps - ref_logps) * mask).sum()) / n
+    k3 = float((kl_per_token(logps, ref_logps, "k3") * mask).sum()) / n
+    assert abs(k3 - k1) > 1e-3  # the two estimates differ on this rollout, so the names can be told apart
+    # Both are float32 sums of ~200 terms of size < 1, re-summed in float64: agreement to 1e-5 relative.
+    assert rows[1]["kl"] == pytest.approx(k1, rel=1e-5, abs=1e-6)
+    assert rows[1]["kl_penalty"] == pytest.approx(k3, rel=1e-5, abs=1e-6)
+    assert rows[1]["non_score_reward"] == pytest.approx(-rows[1]["kl_coef"] * k3, rel=1e-5, abs=1e-7)

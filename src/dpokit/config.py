@@ -300,9 +300,10 @@ class PpoConfig(_Section):
     max_new_tokens: int = Field(32, ge=1)
     """Response tokens at most (EOS included)."""
     temperature: float = Field(1.0, gt=0)
-    """Sampling temperature of the rollouts; 1 samples pi itself, which the KL estimate assumes."""
+    """Sampling temperature T of the rollouts; PPO scores pi, pi_old and pi_ref at the same T (it trains the
+    tempered policy softmax(logits / T); docs/rlhf.md)."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling of the rollouts; 1 samples pi itself."""
+    """Nucleus sampling of the rollouts: only 1 (the full softmax) is supported; < 1 is refused."""
     kl_coef: float = Field(0.05, ge=0)
     """beta of the per-token KL penalty -beta * (log pi - log pi_ref); the initial value when ``kl_target``
     is set."""
@@ -313,7 +314,8 @@ class PpoConfig(_Section):
     """Responses over which the adaptive controller moves ``kl_coef`` by at most +-20%."""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """Per-token estimator of the KL penalty: ``k1`` = log pi - log pi_ref (unbiased, the usual RLHF
-    penalty), ``k3`` = exp(-k1) - 1 + k1 (unbiased and never negative)."""
+    penalty), ``k3`` = exp(-k1) - 1 + k1 (unbiased value, never negative, but a biased gradient as a reward:
+    docs/rlhf.md). Logged as ``kl_penalty``; ``kl`` is always the summed k1."""
     gamma: float = Field(1.0, ge=0, le=1)
     """Discount of the per-token rewards."""
     lam: float = Field(0.95, ge=0, le=1)
@@ -333,7 +335,7 @@ class PpoConfig(_Section):
 class OnlineConfig(_Section):
     """Online and semi-online DPO (``dpokit train`` with ``reward`` or ``judge_url`` set; ``dpokit.online``).
     Each step samples ``samples_per_prompt`` responses to each of train.batch_size x train.grad_accum x
-    processes prompts of ``data.train`` from a generator copy of the policy refreshed every ``sync_every``
+    processes prompts of ``data.train`` from the policy as it was at the last refresh, every ``sync_every``
     steps, scores them with ``reward``, pairs them (``pairs``; ties dropped and counted) and trains on the
     pairs with the configured preference loss against pi_ref (``loss``, ``reference``)."""
 
@@ -351,7 +353,8 @@ class OnlineConfig(_Section):
     """Environment variable holding the judge's API key; unset sends none."""
     sync_every: int = Field(1, ge=1)
     """The generator is the policy as it was at the start of step 1, 1 + s, 1 + 2s, ... (s = this): 1 is fully
-    online (every step samples the current weights), larger is semi-online (arXiv 2506.21495). With s > 1,
+    online (every step samples the current weights), larger is semi-online (arXiv 2506.21495): the responses of
+    the s steps are sampled together, in one batched generation call at the refresh. With s > 1,
     ``train.save_every`` must be a multiple of s, so every checkpoint ends just before a refresh and the
     generator's weights need not be saved."""
     samples_per_prompt: int = Field(4, ge=2)
@@ -365,9 +368,10 @@ class OnlineConfig(_Section):
     """Response tokens sampled at most (EOS included); a response cut here has no end token and is trained
     as sampled."""
     temperature: float = Field(1.0, gt=0)
-    """Sampling temperature; 1 samples the generator itself."""
+    """Sampling temperature of the training samples and the held-out reward; 1 samples the generator itself.
+    The held-out KL always draws from the policy itself (temperature 1, top_p 1)."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling; 1 samples the generator itself."""
+    """Nucleus sampling of the training samples and the held-out reward; 1 samples the generator itself."""
     eval_max_prompts: int | None = Field(64, ge=1, json_schema_extra=NEUTRAL)
     """Held-out prompts (``data.eval``) sampled at each evaluation; null: all."""
 

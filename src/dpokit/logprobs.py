@@ -106,8 +106,8 @@ def _model_mask(model: nn.Module, batch: dict[str, Any]) -> Any:
 
 
 def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DEFAULT_CHUNK, plain: bool = False,
-                 hidden: bool = False, entropy: bool = False,
-                 log_sum_squares: bool = False) -> dict[str, torch.Tensor]:
+                 hidden: bool = False, entropy: bool = False, log_sum_squares: bool = False,
+                 temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """log pi(y_t | x, y_<t) of every target token of a batch layout, in ``pred_index`` order.
 
     Returns ``logps`` (M,) float32; with ``hidden`` also the final hidden state of each predicting position
@@ -115,6 +115,9 @@ def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
     the entropy of pi(. | x, y_<t) at each of them, ``entropy`` (M,), computed without gradient; with
     ``log_sum_squares`` log sum_v pi(v | x, y_<t)^2 at each of them (WPO's normalizer), ``log_sum_squares`` (M,),
     without gradient. Batch keys: see ``layout_logps``.
+
+    ``temperature`` T scores the distribution a sampler at T draws from, softmax(logits / T) (PPO scores its
+    rollouts at the temperature it sampled them at); the entropy is then that distribution's too.
     """
     input_ids, targets, pred_index = batch["input_ids"], batch["targets"], batch["pred_index"]
     inputs = {"input_ids": input_ids, "attention_mask": _model_mask(model, batch),
@@ -123,7 +126,7 @@ def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
     if plain or not supports_fast_path(model):
         result = model(**inputs, output_hidden_states=hidden)
         logits = result.logits  # (R, L, V)
-        logits = logits.reshape(-1, logits.shape[-1])[pred_index].float()  # (M, V)
+        logits = logits.reshape(-1, logits.shape[-1])[pred_index].float() / temperature  # (M, V)
         out["logps"] = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
         if hidden:
             states = result.hidden_states[-1]  # after the final norm, as the head reads it
@@ -138,9 +141,11 @@ def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
     states = model.get_decoder()(**inputs).last_hidden_state  # (R, L, H)
     states = states.reshape(-1, states.shape[-1])[pred_index]  # (M, H): predicting positions only
     weight = model.get_output_embeddings().weight  # (V, H)
+    # (h / T) @ W^T = logits / T: the head is linear, so scaling its input scales the logits (and the gradient).
+    scaled = states / temperature if temperature != 1.0 else states
     pieces, entropies, squares = [], [], []
     for start in range(0, states.shape[0], chunk_size):
-        h, t = states[start:start + chunk_size], targets[start:start + chunk_size]
+        h, t = scaled[start:start + chunk_size], targets[start:start + chunk_size]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             # Keep only the chunk's hidden states for backward; its logits are recomputed there.
             pieces.append(_HeadLogps.apply(h, weight, t))

@@ -4,10 +4,11 @@ Offline DPO trains on pairs sampled once, from pi_ref, by someone else. Here eac
 
     setup (config -> policy, pi_ref, prompts of data.train, the reward) -> restore (when resuming)
     -> for each step n:
-         the generator: the policy itself (sync_every = 1, fully online), or a copy of its weights taken at the
-                        start of steps 1, 1 + s, 1 + 2s, ... (s = sync_every > 1: semi-online, arXiv 2506.21495)
-         sample:  k = samples_per_prompt responses to each of this rank's prompts from the generator
-                  (the batched KV-cache sampler, no_grad, eval mode; seeded by step_seed(train.seed, n, rank, 0))
+         sample:  at a generator refresh (every step when sync_every = 1, fully online; steps 1, 1 + s, 1 + 2s,
+                  ... when s = sync_every > 1, semi-online, arXiv 2506.21495), k = samples_per_prompt responses
+                  to each of this rank's prompts of step n and of every step up to the next refresh, from the
+                  current policy in one batched generation call (the batched KV-cache sampler, no_grad, eval
+                  mode; seeded by step_seed(train.seed, n, rank, 0)); the other steps take theirs from that draw
          score:   the reward (a function, a reward model, an LLM judge) of every response
          pair:    best against worst per prompt, or every pair whose scores differ (online.pairs); a pair whose
                   scores differ by online.min_margin or less is a tie: dropped and counted
@@ -21,16 +22,18 @@ exactly the global batch (in pairs) of an offline run with the same settings. Pa
 of train.batch_size per rank (so ``all``, with up to k(k-1)/2 pairs a prompt, runs more of them); since the loss
 is normalized by the step's pairs, micro-batching and ranks do not change the gradient.
 
-**The generator's weights are never saved.** With s > 1, ``train.save_every`` must be a multiple of s: every
-checkpoint (but the last of a run) is taken at the end of a step n = m x s, and step n + 1 refreshes the
-generator from the policy, which the checkpoint holds. So resuming needs no generator state, and the sampling
-needs no RNG state (each draw is seeded from (train.seed, step, rank)): a resumed run samples, pairs and
-updates exactly as the uninterrupted one. A checkpoint off that grid (the end of a run, resumed to train
-longer) is refused unless forced; forced, the generator is refreshed at the first resumed step.
+**Semi-online DPO samples s steps at once.** Its point is that generation need not wait for every update: the
+responses of s steps come from one set of weights, so they are drawn together, in batches s times as full
+(a decode step of 64 rows costs far less than two of 32 on a CPU or a GPU), and no copy of the weights is kept
+between refreshes, only the window's samples.
 
-The generator holds a copy of the *trainable* tensors only (LoRA: the adapters; the frozen base is shared), and
-sampling swaps them into the policy's parameters and back (a pointer swap, no copy), so a semi-online run costs
-one extra copy of what training changes, not of the model.
+**Nothing of the window is saved.** With s > 1, ``train.save_every`` must be a multiple of s: every checkpoint
+(but the last of a run) is taken at the end of a step n = m x s, and step n + 1 refreshes the generator from
+the policy, which the checkpoint holds, and draws the next window. So resuming needs no generator state, and
+the sampling needs no RNG state (each window is seeded from (train.seed, its first step, rank)): a resumed run
+samples, pairs and updates exactly as the uninterrupted one. A checkpoint off that grid (the end of a run,
+resumed to train longer) is refused unless forced; forced, the generator is refreshed at the first resumed step
+and its window runs to the next step of the grid.
 
 Responses go into pairs exactly as sampled: a finished one ends with the end token the model emitted (the
 sampler stops at any of ``dpokit.generate.eos_token_ids``: the EOS or the chat template's end-of-turn token,
@@ -42,7 +45,6 @@ tokens the generator drew.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -53,7 +55,7 @@ from typing import Any
 import torch
 
 from dpokit.config import Config, ConfigError
-from dpokit.data.batch import collate_tokenized, regroup, to_device
+from dpokit.data.batch import PairStream, collate_tokenized, regroup, to_device
 from dpokit.data.tokenize import TokenizedGroup
 from dpokit.distributed import Dist
 from dpokit.generate import Sample, SamplingParams, eos_token_ids
@@ -92,48 +94,28 @@ own name, so a checkpoint of an offline run is not resumed as an online one (or 
 # --------------------------------------------------------------------------------------------- the generator
 
 class Generator:
-    """What the step's responses are sampled from: the policy as it was at the start of step ``synced_at``.
+    """The samples of the steps the current generator serves, drawn at its refresh.
 
-    ``sync_every`` = 1: the policy itself, no copy. > 1: a copy of the policy's trainable tensors taken at the
-    start of steps 1, 1 + s, 1 + 2s, ... (and at the first step after a forced off-grid resume), swapped into
-    the policy's parameters while sampling."""
+    A refresh happens at the start of steps 1, 1 + s, 1 + 2s, ... (s = ``sync_every``; every step when s = 1)
+    and at the first step of a process (a forced off-grid resume included): the policy as it is then samples
+    the responses of that step and of every following step before the next refresh (and within the run), in
+    one batched call (``draw_window``). Steps in between take their samples from ``drawn``."""
 
-    def __init__(self, policy: torch.nn.Module, sync_every: int):
+    def __init__(self, sync_every: int):
         self.sync_every = sync_every
-        self.params = [p for p in policy.parameters() if p.requires_grad]  # shared (tied) weights once
-        self.weights: list[torch.Tensor] | None = None
         self.synced_at = 0
+        self.drawn: dict[int, list[Sample]] = {}
 
     def due(self, step: int) -> bool:
-        return self.sync_every == 1 or self.weights is None or (step - 1) % self.sync_every == 0
+        return step not in self.drawn
 
-    @torch.no_grad()
-    def refresh(self, step: int) -> None:
-        """At the start of ``step`` (before its update), when due: the generator becomes the current policy."""
-        if not self.due(step):
-            return
-        if self.sync_every > 1:
-            self.weights = [p.detach().clone() for p in self.params]
-        self.synced_at = step
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """The policy holds the generator's weights inside the block (no-op when they are the policy's own).
-        Swapping ``.data`` exchanges storage pointers: nothing is copied, and the optimizer, which holds the
-        parameter objects, sees its own tensors again afterwards."""
-        if self.weights is None or self.sync_every == 1:
-            yield
-            return
-        self._swap()
-        try:
-            yield
-        finally:
-            self._swap()
-
-    def _swap(self) -> None:
-        assert self.weights is not None
-        for i, param in enumerate(self.params):
-            param.data, self.weights[i] = self.weights[i], param.data
+    def window(self, step: int, last_step: int) -> list[int]:
+        """The steps a refresh at ``step`` serves: ``step`` up to the next step of the refresh grid, exclusive,
+        and at most ``last_step``."""
+        steps = [step]
+        while steps[-1] < last_step and steps[-1] % self.sync_every:  # step m + 1 is a refresh when s divides m
+            steps.append(steps[-1] + 1)
+        return steps
 
 
 @dataclass
@@ -183,12 +165,35 @@ def to_group(sample_a: Sample, sample_b: Sample, max_length: int, location: str)
 
 # -------------------------------------------------------------------------------------------------- the step
 
-def sample(online: Online, items: Sequence[PromptItem], seed: int) -> list[Sample]:
-    """One response per item from the policy's current weights (the caller swaps the generator in)."""
+def sample(online: Online, items: Sequence[PromptItem], seed: int, temperature: float,
+           top_p: float) -> list[Sample]:
+    """One response per item from the policy's current weights, at most 64 rows decoded together."""
     run, cfg = online.run, online.run.cfg.online
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=top_p,
                             seed=seed, batch_size=max(1, min(len(items), 64)))
     return rollout_sample(run.policy, run.tokenizer, items, params, online.eos_ids, run.autocast)
+
+
+def step_items(run: Run, indices: Sequence[int]) -> list[PromptItem]:
+    """This rank's share of a step's prompts, ``online.samples_per_prompt`` copies of each, adjacent."""
+    prompts = [run.train_items[i] for i in indices[run.dist.rank::run.dist.world]]
+    return [it for it in prompts for _ in range(run.cfg.online.samples_per_prompt)]
+
+
+def draw_window(online: Online, step: int) -> None:
+    """The generator's refresh at ``step``: the current policy samples the responses of every step of its
+    window (``Generator.window``) in one call, seeded by (train.seed, ``step``, rank), on the prompts those
+    steps will take from the stream (read ahead from a copy of its position; the steps take them again)."""
+    run, o, generator = online.run, online.run.cfg.online, online.generator
+    steps = generator.window(step, run.total_steps)
+    ahead = PairStream(run.stream.n, run.stream.seed, run.stream.shuffle, **run.stream.position)
+    per_step = [step_items(run, ahead.take(run.pairs_per_step)) for _ in steps]
+    samples = sample(online, [it for items in per_step for it in items],
+                     step_seed(run.cfg.train.seed, step, run.dist.rank, 0), o.temperature, o.top_p)
+    generator.drawn, start = {}, 0
+    for n, items in zip(steps, per_step):
+        generator.drawn[n], start = samples[start:start + len(items)], start + len(items)
+    generator.synced_at = step
 
 
 def pair_passes(run: Run, groups: list[TokenizedGroup],
@@ -212,14 +217,14 @@ def online_step(online: Online, step: int) -> dict[str, Any]:
     run, cfg, dist = online.run, online.run.cfg, online.run.dist
     o = cfg.online
     started = time.perf_counter()
+    if online.generator.due(step):
+        draw_window(online, step)  # before this step's take: the window reads its prompts from here on
     indices = run.stream.take(run.pairs_per_step)  # the step's prompts, the same on every rank
     run.consumed += len(indices)
-    prompts = [run.train_items[i] for i in indices[dist.rank::dist.world]]
-    items = [it for it in prompts for _ in range(o.samples_per_prompt)]  # k copies of each prompt, adjacent
+    items = step_items(run, indices)
+    samples = online.generator.drawn.pop(step)
+    assert [s.prompt_ids for s in samples] == [it.ids for it in items]  # the window read the stream right
     seed = step_seed(cfg.train.seed, step, dist.rank, 0)
-    online.generator.refresh(step)
-    with online.generator.active():
-        samples = sample(online, items, seed)
     sampled = time.perf_counter()
     scores = score(online.reward, online.reward_label, items, [s.text for s in samples], seed)
     scored = time.perf_counter()
@@ -262,8 +267,9 @@ def online_step(online: Online, step: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(online: Online) -> dict[str, float]:
-    """Held-out prompts (``dpokit.rollout.held_out``): one response each from the policy, its reward and its
-    sequence KL to pi_ref through the run's reference."""
+    """Held-out prompts (``dpokit.rollout.held_out``): one response each from the policy at the online
+    sampling settings and its reward; the sequence KL to pi_ref through the run's reference, on draws from the
+    policy itself (temperature 1, top_p 1)."""
     run = online.run
 
     def kl_sum(samples: list[Sample]) -> float:
@@ -285,8 +291,9 @@ def evaluate(online: Online) -> dict[str, float]:
             run.policy.train(was_training)
         return kl
 
+    o = run.cfg.online
     return held_out(run.eval_items, run.dist, step_seed(run.cfg.train.seed, 0, run.dist.rank, 10_000),
-                    lambda items, seed: sample(online, items, seed),
+                    o.temperature, o.top_p, lambda items, seed, t, p: sample(online, items, seed, t, p),
                     lambda items, texts, seed: score(online.reward, online.reward_label, items, texts, seed), kl_sum)
 
 
@@ -328,7 +335,7 @@ def load_online(cfg: Config, dist: Dist, resume: bool = False) -> Online:
     label = reward_label(o.reward, reward)
     run.note(f"online: {len(run.train_items)} training prompts, {len(run.eval_items)} held-out; reward {label}; "
              f"{o.samples_per_prompt} samples per prompt, generator refreshed every {o.sync_every} step(s)")
-    return Online(run=run, generator=Generator(run.policy, o.sync_every), reward=reward, reward_label=label,
+    return Online(run=run, generator=Generator(o.sync_every), reward=reward, reward_label=label,
                   eos_ids=eos_token_ids(run.policy, run.tokenizer))
 
 

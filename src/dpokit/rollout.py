@@ -110,22 +110,29 @@ def judge_counts(reward: RewardFn | None, dist: Dist) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------------------------- sampling
 
-def held_out(items: Sequence[PromptItem], dist: Dist, seed: int,
-             sample_fn: Callable[[list[PromptItem], int], list[Sample]],
+def held_out(items: Sequence[PromptItem], dist: Dist, seed: int, temperature: float, top_p: float,
+             sample_fn: Callable[[list[PromptItem], int, float, float], list[Sample]],
              reward: Callable[[list[PromptItem], list[str], int], list[float]],
              kl_sum: Callable[[list[Sample]], float]) -> dict[str, float]:
     """Held-out evaluation of a policy that trains on its own samples (PPO, online DPO): this rank's share of
-    ``items``, one response each (``sample_fn``, always the same ``seed``), its reward, and the Monte Carlo
-    estimate of KL(pi || pi_ref) = E_y~pi[log pi(y|x) - log pi_ref(y|x)] (``kl_sum``: the sum over the
-    samples), all summed over every rank. Returns ``reward``, ``reward_std``, ``kl``, ``response_length``."""
+    ``items``, one response each (``sample_fn(items, seed, temperature, top_p)``, always the same ``seed``) at
+    the run's sampling settings, its reward, and the Monte Carlo estimate of
+    KL(pi || pi_ref) = E_y~pi[log pi(y|x) - log pi_ref(y|x)] (``kl_sum``: the sum over the samples, scored
+    untempered), all summed over every rank. Returns ``reward``, ``reward_std``, ``kl``, ``response_length``.
+
+    The KL estimate needs draws from pi itself: tempered or nucleus samples are draws from another
+    distribution, and averaging log pi - log pi_ref over them estimates no divergence at all (at top_p < 1 it
+    can even be negative). So unless the reward's samples are already at temperature 1 and top_p 1 (then they
+    are reused, at no cost), the KL draws its own samples from pi with the same seed."""
     share = list(items[dist.rank::dist.world])
     if not share:
         raise ConfigError(f"data.eval: {len(items)} held-out prompts for {dist.world} processes; give at least "
                           "one per process")
-    samples = sample_fn(share, seed)
+    samples = sample_fn(share, seed, temperature, top_p)
+    from_pi = samples if (temperature, top_p) == (1.0, 1.0) else sample_fn(share, seed, 1.0, 1.0)
     scores = reward(share, [s.text for s in samples], seed)
     n, total, total_sq, kl, tokens = dist.sum([float(len(share)), float(sum(scores)),
-                                              float(sum(x * x for x in scores)), kl_sum(samples),
+                                              float(sum(x * x for x in scores)), kl_sum(from_pi),
                                               float(sum(len(s.response_ids) for s in samples))])
     mean = total / n
     return {"reward": mean, "reward_std": math.sqrt(max(total_sq / n - mean * mean, 0.0)), "kl": kl / n,

@@ -2,7 +2,8 @@
 
     held-out pairs  -> implicit-reward accuracy and mean margin (r = beta * log pi/pi_ref, chosen vs rejected)
     eval prompts    -> samples from pi and pi_ref at each temperature
-                    -> kl: KL(pi || pi_ref) on the temperature-1 policy samples (mean summed log-ratio, stderr)
+                    -> kl: KL(pi || pi_ref) on draws from pi itself (temperature 1, top_p 1: the temperature-1
+                       samples, or samples of its own when --top-p < 1), as the mean summed log-ratio and stderr
                     -> reward: mean ground-truth reward of policy and reference samples (with a reward function)
                     -> win_rate: policy vs reference (or the dataset's chosen response), by reward or LLM judge
     checkpoints     -> one (kl, reward) frontier point each (the paper's Fig. 2, left), plus pi_ref at kl = 0
@@ -17,7 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
 from dpokit.rewards.judge import RewardJudge, Verdict
 
 KL_TEMPERATURE = 1.0
-"""KL(pi || pi_ref) needs samples from pi itself, so temperature 1 is always evaluated."""
+"""KL(pi || pi_ref) needs samples from pi itself, so temperature 1 is always evaluated; with ``top_p`` < 1 the
+estimate draws its own samples from pi (temperature 1, top_p 1: ``kl_logratios``)."""
 
 
 # --------------------------------------------------------------------------------------------------- prompts
@@ -145,6 +147,19 @@ def sample_and_score(scorer: Scorer, model: nn.Module, prompt_ids: Sequence[list
     return SampleSet(samples, policy_logps - ref_logps, rewards)
 
 
+def kl_logratios(scorer: Scorer, model: nn.Module, prompt_ids: Sequence[list[int]], params: SamplingParams,
+                 sampled: SampleSet, log: Callable[[str], None]) -> torch.Tensor:
+    """log pi(y|x) - log pi_ref(y|x) of draws y ~ pi(.|x) of ``model`` (pi), whose mean estimates
+    KL(pi || pi_ref): ``sampled``'s own when they were drawn at temperature 1 and top_p 1 (no extra cost), else
+    new samples at those settings with the same seed. Nucleus samples are draws from a truncated pi, and the
+    mean log-ratio over them estimates no divergence (it is biased either way, and can be negative)."""
+    if params.temperature == KL_TEMPERATURE and params.top_p == 1.0:
+        return sampled.logratios
+    log(f"sampling {len(prompt_ids)} responses from pi at temperature 1, top_p 1 for the KL estimate")
+    exact = replace(params, temperature=KL_TEMPERATURE, top_p=1.0)
+    return sample_and_score(scorer, model, prompt_ids, [], exact, None, "", policy=model).logratios
+
+
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every complete, hash-verified ``checkpoints/step-N``, oldest first."""
     found = []
@@ -227,7 +242,7 @@ def evaluate_run(
         entry, pol, ref_set, verdicts = _at_temperature(scorer, prompts_in, params, reward_fn, reward_label, judge,
                                                         baseline, log)
         if temperature == KL_TEMPERATURE:
-            result.update(_headline(entry, pol))
+            result.update(_headline(entry, kl_logratios(scorer, scorer.policy, prompts_in.ids, params, pol, log)))
             reference_at_1 = ref_set
         per_temperature.append(entry)
         sample_rows.extend(_sample_rows(temperature, n_samples, prompts_in.texts, prompts_in.chosen, pol, ref_set,
@@ -278,10 +293,10 @@ class Prompts:
                    [item.chosen or "" for item in items for _ in range(n_samples)], n_samples)
 
 
-def _headline(entry: dict[str, Any], pol: SampleSet) -> dict[str, Any]:
-    """The numbers eval.json leads with, those at temperature 1: KL(pi || pi_ref) (estimated from the policy's
-    own samples, which exist only there), reward, win rate and implicit reward."""
-    kl = kl_estimate(pol.logratios.tolist())
+def _headline(entry: dict[str, Any], logratios: torch.Tensor) -> dict[str, Any]:
+    """The numbers eval.json leads with, those at temperature 1: KL(pi || pi_ref) (estimated from the
+    ``logratios`` of draws from pi), reward, win rate and implicit reward."""
+    kl = kl_estimate(logratios.tolist())
     keys = ("reward", "reward_stderr", "reward_reference", "win_rate", "win_rate_ci", "implicit_reward")
     return {"kl": kl.mean, "kl_stderr": kl.stderr, **{k: entry[k] for k in keys if k in entry}}
 
@@ -362,7 +377,7 @@ def _frontier(scorer: Scorer, run_dir: Path, prompt_ids: list[list[int]], prompt
               reward_label: str | None, ref_set: SampleSet,
               log: Callable[[str], None]) -> list[dict[str, Any]]:
     """(kl, reward) of pi_ref (kl = 0 by definition) and of every complete checkpoint, all on the same prompts,
-    seed and temperature 1."""
+    seed and temperature 1: the reward at ``top_p``, the KL on draws from pi itself (``kl_logratios``)."""
     points = [_point("reference", 0, torch.zeros(len(ref_set.samples)), ref_set.rewards)]
     checkpoints = complete_checkpoints(run_dir)
     if not checkpoints:
@@ -379,7 +394,8 @@ def _frontier(scorer: Scorer, run_dir: Path, prompt_ids: list[list[int]], prompt
         load_weights_into(model, path, policy_weights(path))
         sampled = sample_and_score(scorer, model, prompt_ids, prompt_texts, params, reward_fn, reward_label or "",
                                    policy=model)
-        points.append(_point(f"step-{step}", step, sampled.logratios, sampled.rewards))
+        logratios = kl_logratios(scorer, model, prompt_ids, params, sampled, log)
+        points.append(_point(f"step-{step}", step, logratios, sampled.rewards))
     return points
 
 

@@ -103,8 +103,9 @@ class PolicyValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: see the module docstring
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, batch: dict[str, Any], entropy: bool = False) -> dict[str, torch.Tensor]:
-        out = target_logps(self.model, batch, hidden=True, entropy=entropy)
+    def forward(self, batch: dict[str, Any], entropy: bool = False,
+                temperature: float = 1.0) -> dict[str, torch.Tensor]:
+        out = target_logps(self.model, batch, hidden=True, entropy=entropy, temperature=temperature)
         hidden = out.pop("hidden")
         with torch.autocast(hidden.device.type, enabled=False):
             out["values"] = self.value_head(hidden.float()).squeeze(-1)  # (M,)
@@ -143,18 +144,20 @@ class Rollout:
     finished: list[bool]
 
 
-def sample(ppo: Ppo, items: list[PromptItem], seed: int) -> list[Sample]:
-    """One response per prompt from pi (``dpokit.rollout.sample``) at the rollout settings."""
+def sample(ppo: Ppo, items: list[PromptItem], seed: int, temperature: float) -> list[Sample]:
+    """One response per prompt from pi (``dpokit.rollout.sample``) at ``temperature`` (the rollouts':
+    ``ppo.temperature``; the held-out KL's: 1)."""
     run, cfg = ppo.run, ppo.run.cfg.ppo
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            seed=seed, batch_size=max(1, min(len(items), 64)))
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature, seed=seed,
+                            batch_size=max(1, min(len(items), 64)))
     return rollout_sample(run.policy.model, run.tokenizer, items, params, ppo.eos_ids, run.autocast)
 
 
 @torch.no_grad()
-def evaluate_rows(ppo: Ppo, rows: list[tuple[list[int], list[int]]], with_values: bool = True) -> dict[str, torch.Tensor]:
-    """log pi, V, entropy and log pi_ref of every response token of ``rows``, in micro-batches of
-    ``train.batch_size``; (B, T) each, plus ``mask``."""
+def evaluate_rows(ppo: Ppo, rows: list[tuple[list[int], list[int]]], temperature: float,
+                  with_values: bool = True) -> dict[str, torch.Tensor]:
+    """log pi, V, entropy and log pi_ref of every response token of ``rows`` under softmax(logits / T) of each
+    model at ``temperature`` T, in micro-batches of ``train.batch_size``; (B, T) each, plus ``mask``."""
     run = ppo.run
     pad = run.tokenizer.pad_token_id
     _, mask = rows_batch(rows, pad, torch.device("cpu"))
@@ -167,9 +170,9 @@ def evaluate_rows(ppo: Ppo, rows: list[tuple[list[int], list[int]]], with_values
         for start in range(0, len(rows), size):
             batch, m = rows_batch(rows[start:start + size], pad, run.device)
             with run.autocast():
-                out = run.policy(batch, entropy=True) if with_values else target_logps(
-                    run.policy.model, batch, entropy=True)
-                ref = reference_logps(ppo, batch)
+                out = run.policy(batch, entropy=True, temperature=temperature) if with_values else target_logps(
+                    run.policy.model, batch, entropy=True, temperature=temperature)
+                ref = reference_logps(ppo, batch, temperature)
             grids = {"logps": out["logps"], "entropy": out["entropy"], "ref_logps": ref}
             if with_values:
                 grids["values"] = out["values"]
@@ -183,23 +186,28 @@ def evaluate_rows(ppo: Ppo, rows: list[tuple[list[int], list[int]]], with_values
     return result
 
 
-def reference_logps(ppo: Ppo, batch: dict[str, Any]) -> torch.Tensor:
-    """log pi_ref of every target token, (M,): the frozen copy, or the LoRA policy with its adapters off."""
+def reference_logps(ppo: Ppo, batch: dict[str, Any], temperature: float) -> torch.Tensor:
+    """log pi_ref of every target token at ``temperature``, (M,): the frozen copy, or the LoRA policy with its
+    adapters off."""
     if ppo.reference is not None:
-        return target_logps(ppo.reference, batch)["logps"]
+        return target_logps(ppo.reference, batch, temperature=temperature)["logps"]
     with ppo.run.policy.model.disable_adapter():
-        return target_logps(ppo.run.policy.model, batch)["logps"]
+        return target_logps(ppo.run.policy.model, batch, temperature=temperature)["logps"]
 
 
 def rollout(ppo: Ppo, items: list[PromptItem], seed: int) -> tuple[Rollout, dict[str, float]]:
-    """Sample, score and evaluate this rank's prompts; returns the rollout and its timings."""
+    """Sample, score and evaluate this rank's prompts at ``ppo.temperature`` T; returns the rollout and its
+    timings. The samples are scored under the distribution they were drawn from, softmax(logits / T), and the
+    reference at the same T: the ratios pi / pi_old compare the sampling policy with itself, and the penalty is
+    KL(pi_T || pi_ref_T), whose optimum is pi_T* proportional to pi_ref_T * exp(r / beta)."""
+    temperature = ppo.run.cfg.ppo.temperature
     started = time.perf_counter()
-    samples = sample(ppo, items, seed)
+    samples = sample(ppo, items, seed, temperature)
     sampled = time.perf_counter()
     scores = score(ppo.reward, ppo.reward_label, items, [s.text for s in samples], seed)
     scored = time.perf_counter()
     rows = [(s.prompt_ids, s.response_ids) for s in samples]
-    out = evaluate_rows(ppo, rows)
+    out = evaluate_rows(ppo, rows, temperature)
     device = ppo.run.device
     result = Rollout(rows=rows, mask=out["mask"], logps=out["logps"], ref_logps=out["ref_logps"],
                      values=out["values"], entropy=out["entropy"],
@@ -232,18 +240,20 @@ def ppo_step(ppo: Ppo, step: int) -> dict[str, Any]:
     update = ppo_update(ppo, step, ro, advantages, returns)
     train_s = time.perf_counter() - train_started
 
-    # Step metrics: sums over every rank's samples, then means.
-    seq_kl = (kl * mask).sum(-1)
+    # Step metrics: sums over every rank's samples, then means. ``kl`` is always the summed log-ratio (k1);
+    # the penalty's own estimator (k3 when configured) is logged beside it as ``kl_penalty``.
+    seq_kl = ((ro.logps - ro.ref_logps) * mask).sum(-1)
+    seq_penalty = (kl * mask).sum(-1)
     residual = (returns - ro.values) * mask
     sums = dist.sum([
         float(len(ro.rows)), float(mask.sum()), float(ro.scores.sum()), float((ro.scores ** 2).sum()),
-        float(seq_kl.sum()), float((ro.entropy * mask).sum()), float(sum(ro.finished)),
+        float(seq_kl.sum()), float(seq_penalty.sum()), float((ro.entropy * mask).sum()), float(sum(ro.finished)),
         float((returns * mask).sum()), float((returns ** 2 * mask).sum()), float(residual.sum()),
         float((residual ** 2).sum()), float((ro.values * mask).sum()), float(sum(len(p) for p, _ in ro.rows)),
     ])
-    (n, tokens, score_sum, score_sq, kl_sum, entropy_sum, finished, ret_sum, ret_sq, res_sum, res_sq,
+    (n, tokens, score_sum, score_sq, kl_sum, penalty_sum, entropy_sum, finished, ret_sum, ret_sq, res_sum, res_sq,
      value_sum, prompt_tokens) = sums
-    ppo.controller.update(kl_sum / n, int(n))
+    ppo.controller.update(penalty_sum / n, int(n))
     run.task_state = {"kl_controller": ppo.controller.state_dict()}
     run.step = step
     return_var = ret_sq / tokens - (ret_sum / tokens) ** 2
@@ -254,7 +264,7 @@ def ppo_step(ppo: Ppo, step: int) -> dict[str, Any]:
         "step": step, "split": "train", "elapsed_s": time.perf_counter() - run.started, "tokens": int(tokens),
         "prompt_tokens": int(prompt_tokens),
         "reward": score_sum / n, "reward_std": math.sqrt(max(score_sq / n - (score_sum / n) ** 2, 0.0)),
-        "kl": kl_sum / n, "kl_coef": beta, "non_score_reward": -beta * kl_sum / n,
+        "kl": kl_sum / n, "kl_penalty": penalty_sum / n, "kl_coef": beta, "non_score_reward": -beta * penalty_sum / n,
         "entropy": entropy_sum / tokens, "response_length": tokens / n, "eos_fraction": finished / n,
         **update,
         "value/mean": value_sum / tokens,
@@ -295,7 +305,7 @@ def ppo_update(ppo: Ppo, step: int, ro: Rollout, advantages: torch.Tensor,
                 advantage, target = advantages[pick, :width], returns[pick, :width]
                 with run.dist.grad_sync(run.model, sync=last):
                     with run.autocast():
-                        out = run.model(batch)
+                        out = run.model(batch, temperature=cfg.ppo.temperature)
                     logps, values = to_grid(out["logps"].float(), m), to_grid(out["values"].float(), m)
                     pg, clipped, approx_kl = policy_loss(logps, old_logps, advantage, cfg.ppo.clip)
                     vl, vclipped = value_loss(values, old_values, target, cfg.ppo.value_clip)
@@ -318,16 +328,18 @@ def ppo_update(ppo: Ppo, step: int, ro: Rollout, advantages: torch.Tensor,
 
 @torch.no_grad()
 def evaluate(ppo: Ppo) -> dict[str, float]:
-    """Held-out prompts (``dpokit.rollout.held_out``): one response each from pi, its reward and its sequence
-    KL to pi_ref (``evaluate_rows``)."""
+    """Held-out prompts (``dpokit.rollout.held_out``): one response each at the rollouts' temperature and its
+    reward; the sequence KL(pi || pi_ref) of the policy as exported (temperature 1) from its own draws, scored
+    untempered (``evaluate_rows`` at T = 1), so PPO's held-out ``kl`` is the quantity ``dpokit eval`` and DPO
+    report."""
     run = ppo.run
 
     def kl_sum(samples: list[Sample]) -> float:
-        out = evaluate_rows(ppo, [(s.prompt_ids, s.response_ids) for s in samples], with_values=False)
+        out = evaluate_rows(ppo, [(s.prompt_ids, s.response_ids) for s in samples], 1.0, with_values=False)
         return float(((out["logps"] - out["ref_logps"]) * out["mask"]).sum())
 
     return held_out(ppo.eval_prompts, run.dist, step_seed(run.cfg.train.seed, 0, run.dist.rank, 10_000),
-                    lambda items, seed: sample(ppo, items, seed),
+                    run.cfg.ppo.temperature, 1.0, lambda items, seed, t, _: sample(ppo, items, seed, t),
                     lambda items, texts, seed: score(ppo.reward, ppo.reward_label, items, texts, seed), kl_sum)
 
 
@@ -346,6 +358,9 @@ def check_config(cfg: Config, dist: Dist) -> None:
     if dist.sharded:
         raise ConfigError("distributed.strategy: ppo runs with 'ddp' (sampling from an FSDP-sharded policy "
                           "is not supported yet)")
+    if cfg.ppo.top_p < 1:
+        raise ConfigError(f"ppo.top_p: {cfg.ppo.top_p} < 1 is not supported; PPO samples its rollouts from the "
+                          "full softmax at ppo.temperature (see docs/rlhf.md), set ppo.top_p: 1")
     if not cfg.model.disable_dropout:
         raise ConfigError("model.disable_dropout: ppo needs dropout off (the probability ratios compare the "
                           "policy with itself at sampling time)")
