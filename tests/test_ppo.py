@@ -2,6 +2,7 @@
 gives the same update for any split into micro-batches, scores the sampled tokens exactly, and refuses settings
 it cannot run with in one line."""
 
+import json
 import math
 import random
 import subprocess
@@ -363,3 +364,17 @@ def test_with_k3_the_logged_kl_is_still_the_summed_log_ratio_and_the_penalty_has
     assert rows[1]["kl"] == pytest.approx(k1, rel=1e-5, abs=1e-6)
     assert rows[1]["kl_penalty"] == pytest.approx(k3, rel=1e-5, abs=1e-6)
     assert rows[1]["non_score_reward"] == pytest.approx(-rows[1]["kl_coef"] * k3, rel=1e-5, abs=1e-7)
+
+
+def test_rollout_prompts_are_read_through_data_columns(tmp_path):
+    """PPO's and online DPO's prompts come from the same file as training's, so ``data.columns`` maps them
+    too: an Orca-shaped row (question + system + chosen + rejected, no prompt) gives its question as the
+    prompt and its chosen answer as the baseline, not a refusal or a guessed prompt."""
+    from dpokit.rollout import prompt_items
+
+    rows = tmp_path / "orca.jsonl"
+    rows.write_text(json.dumps({"question": "What is 6 x 7?", "chosen": "42.", "rejected": "32."}) + "\n"
+                    + json.dumps({"question": "Name a colour.", "chosen": "Red.", "rejected": "Seven."}) + "\n")
+    data = load_config(small_config(tmp_path)).data.model_copy(update={"columns": {"prompt": "question"}})
+    items = prompt_items(str(rows), "train", tiny_tokenizer(), data)
+    assert [(i.prompt.text, i.prompt.chosen) for i in items] == [("What is 6 x 7?", "42."), ("Name a colour.", "Red.")]

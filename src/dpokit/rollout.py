@@ -42,7 +42,7 @@ def prompt_items(source: str, split: str, tokenizer: Any, data_cfg: Any,
     """The distinct prompts of a prompt or preference file, tokenized with ``data.max_prompt_length``."""
     from dpokit.generate import encode_prompts
 
-    prompts = load_prompts(source, split, max_prompts)
+    prompts = load_prompts(source, split, max_prompts, data_cfg.columns)
     ids = encode_prompts(tokenizer, [p.prompt for p in prompts], data_cfg.max_prompt_length, data_cfg.max_length)
     return [PromptItem(p, i) for p, i in zip(prompts, ids)]
 

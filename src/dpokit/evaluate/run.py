@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dpokit.checkpoint import load_weights_into, policy_weights, verify_checkpoint
+from dpokit.data.columns import apply_columns
 from dpokit.data.formats import Text, normalize
 from dpokit.data.load import iter_records
 from dpokit.data.pipeline import load_preferences
@@ -65,14 +66,16 @@ def text_of(value: Text) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in value)
 
 
-def load_prompts(source: str, split: str = "test", max_prompts: int | None = None) -> list[EvalPrompt]:
+def load_prompts(source: str, split: str = "test", max_prompts: int | None = None,
+                 columns: dict[str, str] | None = None) -> list[EvalPrompt]:
     """Distinct prompts of a file (or hub dataset): rows of ``{"prompt": ...}`` or any preference format, in
-    file order. A preference row's chosen response is kept as a possible baseline."""
+    file order, read through ``data.columns`` (``columns``) as training reads them. A preference row's chosen
+    response is kept as a possible baseline."""
     prompts: dict[str, EvalPrompt] = {}
     for record in iter_records(source, split):
-        row = record.row
+        row = apply_columns(record.row, columns, record.location)
         if "chosen" in row or "rejected" in row or "responses" in row:
-            norm = normalize(record)
+            norm = normalize(record, columns)
             item = EvalPrompt(norm.prompt, text_of(norm.prompt), _response_text(norm.chosen))  # ranked: the best
         elif "prompt" in row:
             prompt = row["prompt"]
