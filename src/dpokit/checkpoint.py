@@ -240,12 +240,17 @@ def load_weights_into(model: nn.Module, path: Path, weights: dict[str, torch.Ten
     the starting weights."""
     weights = load_weights(path) if weights is None else weights
     params = dict(model.named_parameters())
-    unknown = [name for name in weights if name not in params]
-    if unknown:
-        raise DpokitError(f"{path}: checkpoint has weights the model lacks, e.g. {unknown[0]}")
+    check_weight_names(path, weights, params)
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
+
+
+def check_weight_names(path: Path, weights: dict[str, torch.Tensor], params: dict[str, Any]) -> None:
+    """A plain checkpoint's tensors must all be the model's: a name it lacks means another model."""
+    unknown = [name for name in weights if name not in params]
+    if unknown:
+        raise DpokitError(f"{path}: checkpoint has weights the model lacks, e.g. {unknown[0]}")
 
 
 def restore_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -292,8 +297,10 @@ def _load_plain_into_shards(path: Path, model: nn.Module, optimizer: torch.optim
         set_optimizer_state_dict,
     )
 
+    weights = load_weights(path)
+    check_weight_names(path, weights, dict(model.named_parameters()))  # strict=False would skip them unsaid
     whole = StateDictOptions(full_state_dict=True, strict=False)  # only trainable weights are checkpointed
-    set_model_state_dict(model, load_weights(path), options=whole)
+    set_model_state_dict(model, weights, options=whole)
     tensors = load_file(str(path / "optimizer.safetensors"))
     meta = json.loads((path / "optimizer.json").read_text())
     set_optimizer_state_dict(model, optimizer, named_optimizer_state(model, optimizer, tensors, meta),
