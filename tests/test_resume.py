@@ -317,3 +317,41 @@ def test_sigkill_then_resume_with_reference_sync_is_bit_identical(tmp_path, drop
     assert_bit_identical(weights(straight), weights(killed))
     reference = lambda d: load_file(str(d / "checkpoints" / "step-8" / "reference.safetensors"))  # noqa: E731
     assert_bit_identical(reference(straight), reference(killed))
+
+
+def test_resume_rule_compares_the_global_batch_not_its_split():
+    """What a step trains on is the global batch, batch_size x grad_accum x processes (every process draws the
+    same global pairs and trains its share): another split of the same global batch resumes with a note,
+    another global batch is refused, naming the key and the batch size that keeps it."""
+    from dpokit.resume import check_resume_settings
+
+    cfg = dpokit.load_config({"train": {"batch_size": 4}})
+    saved = cfg.model_dump(mode="json")  # 2 processes x 4 = 8 pairs a step
+
+    def check(world: int, task: str = "dpo", **overrides) -> str | None:
+        return check_resume_settings(saved, dpokit.load_config(cfg, **overrides), "data", "data", 2, world, task)
+
+    assert check(2) is None
+    for world, overrides, split in ((1, {"train__batch_size": 8}, "4 x 1 x 2 -> 8 x 1 x 1"),
+                                    (1, {"train__grad_accum": 2}, "4 x 1 x 2 -> 4 x 2 x 1"),
+                                    (4, {"train__batch_size": 2}, "4 x 1 x 2 -> 2 x 1 x 4"),
+                                    (2, {"train__batch_size": 2, "train__grad_accum": 2}, "4 x 1 x 2 -> 2 x 2 x 2")):
+        note = check(world, **overrides)
+        assert f"same global batch of 8 pairs a step, split differently (batch x accumulation x processes: {split})" \
+            in note and "dropout" not in note
+    dropout = dpokit.load_config(cfg, model__disable_dropout=False)
+    note = check_resume_settings(dropout.model_dump(mode="json"), dpokit.load_config(dropout, train__batch_size=8),
+                                 "data", "data", 2, 1)
+    assert "dropout is on" in note
+    with pytest.raises(ConfigError, match=r"^distributed: the number of processes changed since the checkpoint "
+                                          r"\(2 -> 1\), which changes the global batch from 8 to 4 pairs a step "
+                                          r"\(batch x accumulation x processes: 4 x 1 x 2 -> 4 x 1 x 1\); "
+                                          r"train.batch_size=8 keeps it; .*\(use --force"):
+        check(1)
+    with pytest.raises(ConfigError, match=r"^train.grad_accum: changed since the checkpoint \(1 -> 3\), which "
+                                          r"changes the global batch from 8 to 24 pairs a step \(.*\); resuming"):
+        check(2, train__grad_accum=3)  # no batch size keeps 8 with 3 x 2: no hint
+    # Online DPO and PPO sample responses in each process: their number of processes must stay.
+    for task in ("online", "ppo"):
+        with pytest.raises(ConfigError, match=f"dpokit {task} samples its responses in each process"):
+            check(1, task, train__batch_size=8)

@@ -11,6 +11,11 @@ weights). An FSDP run's weights and optimizer state are sharded: every rank writ
 every file (DCP's included) into the manifest, marks it ``COMPLETE`` and renames it. DCP's ``.metadata`` file
 is a pickle; it is read only from checkpoints that pass the manifest check, i.e. ones dpokit wrote and
 finished. Do not resume from an FSDP checkpoint of unknown origin.
+
+Either format resumes under any number of processes and any strategy (``restore_checkpoint``): both name
+tensors by parameter, never by rank. DCP reshards a sharded checkpoint onto whatever the loading process
+holds (its FSDP shards, or whole tensors for a DDP rank or a single process without a process group); a plain
+checkpoint is cut into each FSDP rank's shards as it is loaded.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dpokit.distributed import Dist
-from dpokit.errors import ConfigError, DpokitError
+from dpokit.errors import DpokitError
 from dpokit.io import publish_dir, sha256_file, staging_dir, staging_path, writing
 from dpokit.models import detach_quantizer
 
@@ -234,37 +240,86 @@ def load_weights_into(model: nn.Module, path: Path, weights: dict[str, torch.Ten
     the starting weights."""
     weights = load_weights(path) if weights is None else weights
     params = dict(model.named_parameters())
-    unknown = [name for name in weights if name not in params]
-    if unknown:
-        raise DpokitError(f"{path}: checkpoint has weights the model lacks, e.g. {unknown[0]}")
+    check_weight_names(path, weights, params)
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
 
 
+def check_weight_names(path: Path, weights: dict[str, torch.Tensor], params: dict[str, Any]) -> None:
+    """A plain checkpoint's tensors must all be the model's: a name it lacks means another model."""
+    unknown = [name for name in weights if name not in params]
+    if unknown:
+        raise DpokitError(f"{path}: checkpoint has weights the model lacks, e.g. {unknown[0]}")
+
+
 def restore_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                        scheduler: Any, dist: Dist | None = None) -> dict[str, Any]:
-    """Load weights, optimizer and scheduler state from a checkpoint; returns its trainer state. A sharded
-    (FSDP) checkpoint is loaded by every rank through DCP into its own shards; a plain one by every rank."""
+    """Load weights, optimizer and scheduler state from a checkpoint of either format, whatever number of
+    processes and strategy wrote it; returns its trainer state. Every rank calls it."""
     dist = dist or Dist()
-    if is_sharded(path) != dist.sharded:
-        saved = "an FSDP run (sharded)" if is_sharded(path) else "a single-process or DDP run (plain)"
-        raise ConfigError(f"distributed.strategy: {path} was written by {saved}; resume it the same way")
-    if dist.sharded:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-        state = _sharded_state(model, optimizer)
-        dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"], options=_partial())
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-        return read_trainer_state(path)
-    load_weights_into(model, path)
-    load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")),
-                   json.loads((path / "optimizer.json").read_text()))
+    if is_sharded(path):
+        _load_sharded(path, model, optimizer)
+    elif dist.sharded:
+        _load_plain_into_shards(path, model, optimizer)
+    else:
+        load_weights_into(model, path)
+        load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")),
+                       json.loads((path / "optimizer.json").read_text()))
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     return read_trainer_state(path)
+
+
+def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A DCP checkpoint into ``model`` as it is now: an FSDP rank reads the slices of its own shards (any number
+    of ranks: the saved shard boundaries need not match), a DDP rank or a single process reads whole tensors.
+    Without a process group DCP reads every shard in this process. The optimizer's moments and step counts are
+    keyed by parameter name, so they follow their parameters the same way."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _sharded_state(model, optimizer)  # the targets: this process's tensors, shards or whole
+    with warnings.catch_warnings():  # without a process group DCP says it reads alone, which is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"], options=_partial())
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def _load_plain_into_shards(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A plain checkpoint (one process or DDP) into an FSDP-sharded ``model``: every rank reads the whole
+    files once and keeps its own shards of them (``full_state_dict``). The optimizer state was saved under the
+    optimizer's parameter indices; they are renamed to parameter names, which is how a sharded optimizer state
+    is addressed."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    weights = load_weights(path)
+    check_weight_names(path, weights, dict(model.named_parameters()))  # strict=False would skip them unsaid
+    whole = StateDictOptions(full_state_dict=True, strict=False)  # only trainable weights are checkpointed
+    set_model_state_dict(model, weights, options=whole)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    meta = json.loads((path / "optimizer.json").read_text())
+    set_optimizer_state_dict(model, optimizer, named_optimizer_state(model, optimizer, tensors, meta),
+                             options=whole)
+
+
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                          meta: dict[str, Any]) -> dict[str, Any]:
+    """A plain checkpoint's optimizer state (``optimizer_tensors``: parameter indices) keyed by parameter name.
+    ``Optimizer.state_dict`` numbers the parameters of its groups consecutively, in order; ``optimizer`` holds
+    the same parameters in the same order (``[p for p in policy.parameters() if p.requires_grad]``)."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    order = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    state: dict[str, dict[str, Any]] = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = flat.split(".", 1)
+        state.setdefault(order[int(index)], {})[key] = value
+    groups = [{**group, "params": [order[i] for i in group["params"]]} for group in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def _partial() -> Any:

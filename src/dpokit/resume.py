@@ -4,13 +4,22 @@ A checkpoint holds, beside weights and optimizer state (``dpokit.checkpoint``), 
 here: step, data position, RNG states of Python, NumPy and torch (JSON, no pickle), the resolved config and a
 hash of the training data. Resuming is refused when a setting that changes the result differs from the
 checkpoint's: every config field not marked ``NEUTRAL`` in ``dpokit.config`` (one source of truth, shared with
-the recipe's cache keys), the number of processes, and the training data's content.
+the recipe's cache keys), the global batch, and the training data's content.
+
+The global batch, train.batch_size x train.grad_accum x processes, is what changes the result, not how it is
+split: every process draws the same global list of pairs for a step (``PairStream``, seeded by
+``train.seed`` and the epoch alone), takes its share (``Dist.share``), and divides its loss by the step's
+global number of pairs, so 2 processes x batch 4, 1 x 8 and 1 x 4 x accumulation 2 train the same pairs in
+the same order to the same gradient, up to the order of fp32 sums. A run may therefore resume on another
+number of processes (a cluster gives back fewer GPUs) when the global batch stays; the kinds of training that
+sample responses per process (``SAMPLED_PER_PROCESS``) are the exception.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -26,6 +35,14 @@ from dpokit.io import write_text
 GROWABLE = ("train.max_steps", "train.epochs")
 """May change on resume while the learning rate is constant after warmup (to train longer); a decaying schedule
 is stretched by them, so then they are guarded like every other result-altering key."""
+
+SAMPLED_PER_PROCESS = frozenset({"online", "ppo"})
+"""Kinds of training (``Task.name``) whose steps sample responses in each process, seeded by (seed, step,
+rank) over that process's share of the prompts (``dpokit.online``, ``dpokit.ppo``): another number of
+processes samples other responses, so for them the number of processes itself must stay."""
+
+SPLIT = ("train.batch_size", "train.grad_accum")
+"""How the global batch is split: free to change on resume as long as the global batch stays."""
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "data_report.json", "checkpoints", "final")
 """What a run writes into its folder; ``overwrite`` removes exactly these."""
@@ -92,13 +109,25 @@ def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
 
 
 def check_resume_settings(saved: dict[str, Any], current: Config, data_fingerprint: str,
-                          saved_fingerprint: str | None, saved_world: int = 1, world: int = 1) -> None:
-    """Refuse to resume when a setting that alters the remaining steps differs from the checkpoint's (the
-    number of processes included: it multiplies the global batch)."""
-    if saved_world != world:
-        raise ConfigError(f"distributed: the number of processes changed since the checkpoint ({saved_world} -> "
-                          f"{world}), which changes the global batch (use --force to resume anyway)")
+                          saved_fingerprint: str | None, saved_world: int = 1, world: int = 1,
+                          task: str = "dpo") -> str | None:
+    """Refuse to resume when a setting that alters the remaining steps differs from the checkpoint's. Returns
+    a note when only the split of the global batch changed (processes, per-process batch, accumulation), which
+    the run continues with; None when nothing did."""
     before, after = result_settings(saved), result_settings(current.model_dump(mode="json"))
+    note = None
+    if task in SAMPLED_PER_PROCESS:
+        if saved_world != world:
+            raise ConfigError(f"distributed: the number of processes changed since the checkpoint ({saved_world} "
+                              f"-> {world}); dpokit {task} samples its responses in each process, so another "
+                              "number samples others (use --force to resume anyway)")
+    else:
+        note = check_global_batch(before, after, saved_world, world)
+        if note and not current.model.disable_dropout:
+            note += ("; dropout is on (model.disable_dropout: false), so its random masks differ from those of "
+                     "a run that was not split differently")
+        before = {k: v for k, v in before.items() if k not in SPLIT}
+        after = {k: v for k, v in after.items() if k not in SPLIT}
     growable = GROWABLE if current.train.scheduler == "constant" else ()
     for key in sorted(set(before) | set(after)):
         if key not in growable and before.get(key) != after.get(key):
@@ -108,6 +137,33 @@ def check_resume_settings(saved: dict[str, Any], current: Config, data_fingerpri
     if saved_fingerprint is not None and saved_fingerprint != data_fingerprint:
         raise ConfigError("data.train: the file's content changed since the checkpoint (use --force to resume "
                           "anyway)")
+    return note
+
+
+def check_global_batch(before: dict[str, Any], after: dict[str, Any], saved_world: int, world: int) -> str | None:
+    """Refuse a change of the global batch (``before``/``after``: ``result_settings``); a change of how it is
+    split is allowed and described (the returned note), no change at all gives None."""
+    old = (before.get("train.batch_size"), before.get("train.grad_accum"), saved_world)
+    new = (after.get("train.batch_size"), after.get("train.grad_accum"), world)
+    if old == new:
+        return None
+    old_pairs, new_pairs = math.prod(old), math.prod(new)
+    shown = f"batch x accumulation x processes: {_split(old)} -> {_split(new)}"
+    if old_pairs == new_pairs:
+        return (f"resuming with the same global batch of {new_pairs} pairs a step, split differently ({shown}): "
+                "every step trains the same pairs in the same order; only the order of fp32 sums differs")
+    keys = ("train.batch_size", "train.grad_accum", "distributed")
+    changed = next(i for i in range(3) if old[i] != new[i])
+    what = "the number of processes changed" if changed == 2 else "changed"
+    per_process = new[1] * new[2]
+    keep = (f"; train.batch_size={old_pairs // per_process} keeps it" if old_pairs % per_process == 0 else "")
+    raise ConfigError(f"{keys[changed]}: {what} since the checkpoint ({old[changed]} -> {new[changed]}), which "
+                      f"changes the global batch from {old_pairs} to {new_pairs} pairs a step ({shown}){keep}; "
+                      "resuming would not continue the same run (use --force to resume anyway)")
+
+
+def _split(split: tuple[Any, ...]) -> str:
+    return " x ".join(str(n) for n in split)
 
 
 def _show(settings: dict[str, Any], key: str) -> str:

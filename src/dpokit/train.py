@@ -256,8 +256,10 @@ def restore(run: Run, force: bool = False) -> None:
         raise ConfigError(f"run_dir: {run.run_dir} holds a dpokit {saved.get('task', 'dpo')} run; it cannot be "
                           f"resumed by dpokit {run.task.name}")
     if not force:
-        check_resume_settings(saved["config"], run.cfg, run.data_fingerprint, saved.get("data_fingerprint"),
-                              saved.get("world_size", 1), run.dist.world)
+        split = check_resume_settings(saved["config"], run.cfg, run.data_fingerprint, saved.get("data_fingerprint"),
+                                      saved.get("world_size", 1), run.dist.world, run.task.name)
+        if split:
+            run.note(split)
     state = restore_checkpoint(run.checkpoint, run.policy, run.optimizer, run.scheduler, run.dist)
     run.step, run.consumed, run.skipped = state["step"], state["pairs_consumed"], state["skipped_steps"]
     run.task_state = state.get("task_state", {})
@@ -269,7 +271,8 @@ def restore(run: Run, force: bool = False) -> None:
         load_reference_weights(reference, load_file(str(run.checkpoint / REFERENCE_FILE)))
     run.stream = PairStream(len(run.train_items), run.cfg.train.seed, run.cfg.train.shuffle, **state["data_position"])
     rngs = [state["rng"], *state.get("rng_other_ranks", [])]
-    set_rng_state(rngs[run.dist.rank % len(rngs)])
+    if run.dist.rank < len(rngs):  # a rank the checkpoint's run lacked keeps setup's stream (seed + rank)
+        set_rng_state(rngs[run.dist.rank])
     if run.dist.is_main:
         truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
     run.note(f"resuming from {run.checkpoint} (step {run.step} of {run.total_steps})")
