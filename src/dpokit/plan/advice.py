@@ -170,7 +170,7 @@ def part_rows(p: Any) -> list[tuple[str, float, str]]:
         ("gradients", m.gradients, f"{p.trainable_params:,} trainable{sharded}"),
         ("optimizer states", m.optimizer, f"{s.optimizer} ({'m, v' if s.optimizer == 'adamw' else 'one average'}) in"
                                           f" the parameters' dtype, no fp32 master copy{sharded}"),
-        ("reference", m.reference, {"model": "a second copy of the weights", "adapter": "policy, adapters off",
+        ("reference", m.reference, {"model": f"a second copy of the weights{sharded}", "adapter": "policy, adapters off",
                                     "store": "log-probs from disk"}[s.reference]),
         ("autocast weight copies", m.autocast_copies, "bf16 copies of fp32 linear weights kept for the backward"),
         ("activations", m.activations, f"{s.pass_tokens:,} positions a pass, checkpointing "

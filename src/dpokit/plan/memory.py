@@ -127,20 +127,24 @@ def layer_bytes(shape: Shape, setup: Setup) -> float:
     transformers; q = heads x head_dim, kv = the key/value width, repeated to q when the attention kernel
     takes a mask and no grouped heads: SDPA with dpokit's masks, eager):
 
-    fp32:     input 4h + RMSNorm (x rsqrt, x w) 8h + attention q, k, v, output 4(2q + 2kv) + output made
-              contiguous 4q + residual 4h + RMSNorm 8h + MLP gate, up, silu, product 16I
-    bf16:     input 2h + RMSNorm (fp32 input, bf16 normalized, output) 8h + 2(2q + 2kv) + 2q + 2h + 8h + 8I
+    fp32:     input 4h + RMSNorm (x rsqrt, x w) 8h + attention q, k, v, output 4(2q + 2kv) + the key or value
+              before its repeat 4kv' + output made contiguous 4q + residual 4h + RMSNorm 8h + MLP gate, up,
+              silu, product 16I
+    bf16:     input 2h + RMSNorm (fp32 input, bf16 normalized, output) 8h + 2(2q + 2kv) + 2kv' + 2q + 2h + 8h
+              + 8I
     autocast: fp32 residual 4h + RMSNorm 8h + three bf16 casts of its output for q, k, v 6h + 2(2q + 2kv)
-              + 2q + 4h + 8h + two casts for gate, up 4h + 8I
+              + 2kv' + 2q + 4h + 8h + two casts for gate, up 4h + 8I
+    (kv' the key/value width before any repeat.) SDPA given a boolean mask converts it to the compute dtype and
+    keeps that copy for the backward, in every layer (``attention_scores``).
     """
     h, q, inter = shape.hidden, shape.q_width, shape.intermediate
     kv = shape.kv_width if setup.attention == "flex_attention" else q
     kind = regime(setup)
     if kind == "fp32":
-        return 24 * h + 12 * q + 8 * kv + 16 * inter
+        return 24 * h + 12 * q + 8 * kv + 4 * shape.kv_width + 16 * inter
     if kind == "bf16":
-        return 20 * h + 6 * q + 4 * kv + 8 * inter
-    return 34 * h + 6 * q + 4 * kv + 8 * inter
+        return 20 * h + 6 * q + 4 * kv + 2 * shape.kv_width + 8 * inter
+    return 34 * h + 6 * q + 4 * kv + 2 * shape.kv_width + 8 * inter
 
 
 def residual_bytes(setup: Setup) -> int:
@@ -149,13 +153,16 @@ def residual_bytes(setup: Setup) -> int:
 
 
 def attention_scores(shape: Shape, setup: Setup) -> float:
-    """Eager attention keeps the (heads, L, L) probabilities of every row: fp32 softmax output and its copy
-    in the compute dtype. The fused kernels keep O(L) per row."""
-    if setup.attention != "eager":
-        return 0.0
+    """What one layer's attention keeps per pass beyond O(L) per row: eager, the (heads, L, L) probabilities of
+    every row (the fp32 softmax output and its copy in the compute dtype); SDPA, its (rows, 1, L, L) copy of
+    the boolean mask in the compute dtype; FlexAttention, nothing (its block mask is shared)."""
     rows = math.ceil(setup.pass_tokens / setup.row_length)
-    per_score = 4 if regime(setup) == "fp32" else 6
-    return rows * shape.heads * setup.row_length ** 2 * per_score
+    compute = 4 if regime(setup) == "fp32" else 2
+    if setup.attention == "eager":
+        return rows * shape.heads * setup.row_length ** 2 * (4 + (0 if compute == 4 else compute))
+    if setup.attention == "sdpa":
+        return rows * setup.row_length ** 2 * compute
+    return 0.0
 
 
 def activations(shape: Shape, setup: Setup, checkpointing: bool) -> float:
