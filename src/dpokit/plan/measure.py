@@ -44,12 +44,16 @@ def _module_tensors(module: torch.nn.Module | None) -> list[torch.Tensor]:
 
 def held_bytes(run: Any) -> dict[str, int]:
     """Bytes held between steps: the policy's weights (adapters included), the reference's (none when it is
-    the policy with its adapters off, or a store) and the optimizer states."""
+    the policy with its adapters off, or a store), the optimizer states and the models' buffers (rotary
+    frequencies: not planned, a few KB)."""
     seen: set[int] = set()
-    weights = storage_bytes(_module_tensors(run.policy), seen)
-    reference = storage_bytes(_module_tensors(getattr(run.reference, "model", None)), seen)
+    reference_model = getattr(run.reference, "model", None)
+    weights = storage_bytes(run.policy.parameters(), seen)
+    reference = storage_bytes(reference_model.parameters(), seen) if reference_model is not None else 0
     states = [t for state in run.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-    return {"weights": weights, "reference": reference, "optimizer": storage_bytes(states, seen)}
+    optimizer = storage_bytes(states, seen)
+    buffers = storage_bytes([*run.policy.buffers(), *(reference_model.buffers() if reference_model else [])], seen)
+    return {"weights": weights, "reference": reference, "optimizer": optimizer, "buffers": buffers}
 
 
 def _peak_of(profiler: Any) -> int:

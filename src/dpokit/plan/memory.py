@@ -165,12 +165,17 @@ def attention_scores(shape: Shape, setup: Setup) -> float:
     return 0.0
 
 
+def recomputed_layer(shape: Shape, setup: Setup) -> float:
+    """One layer's saved tensors for a pass: what checkpointing recomputes at a time."""
+    return layer_bytes(shape, setup) * setup.pass_tokens + attention_scores(shape, setup)
+
+
 def activations(shape: Shape, setup: Setup, checkpointing: bool) -> float:
     """Activations of one pass: every layer's saved tensors (checkpointed: each layer's input, and one layer in
     full while it is recomputed), the final norm and the hidden states the head reads, the batch's index
     tensors and, for the packed layout, its (rows, L, L) boolean mask."""
     t, res = setup.pass_tokens, residual_bytes(setup)
-    per_layer = layer_bytes(shape, setup) * t + attention_scores(shape, setup)
+    per_layer = recomputed_layer(shape, setup)
     layers = (shape.layers * res * shape.hidden * t + per_layer) if checkpointing else shape.layers * per_layer
     final = t * shape.hidden * (res + 8 + res)  # its input, its two saved products, the head's (M, h) gather
     rows = math.ceil(t / setup.row_length)
@@ -240,7 +245,9 @@ def memory(shape: Shape, setup: Setup) -> Memory:
                  head=head(shape, setup), communication=communication(shape, setup))
     static = parts["weights"] + parts["optimizer"] + parts["reference"] + parts["communication"]
     earlier = parts["gradients"] if setup.passes_per_step > 1 else 0.0
-    backward = static + parts["autocast_copies"] + parts["activations"] + parts["head"] + earlier
+    # Checkpointed, a layer is recomputed in full only after the head's backward is done: not both at once.
+    overlap = min(recomputed_layer(shape, setup), parts["head"]) if setup.checkpointing else 0.0
+    backward = static + parts["autocast_copies"] + parts["activations"] + parts["head"] - overlap + earlier
     end = static + parts["gradients"]
     at = "the start of the backward" + (" (earlier passes' gradients held)" if earlier else "")
     return Memory(**parts, activations_checkpointed=ckpt, activations_full=full,
