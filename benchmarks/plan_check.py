@@ -7,6 +7,7 @@ plus the profiler's allocation events of the step). Prints predicted vs measured
 and fails when the peak is off by more than the issue's +-20%.
 
     python benchmarks/plan_check.py [--model Qwen2.5-0.5B] [--keep DIR]
+    python benchmarks/plan_check.py --table     # the planner's table of common models (docs/scale.md)
 """
 
 from __future__ import annotations
@@ -47,11 +48,67 @@ def random_model_folder(name: str, folder: Path) -> Path:
     return folder
 
 
+TABLE_MODELS = ("Llama-3.2-1B", "Qwen2.5-7B", "Llama-3.1-8B", "Llama-3.1-70B")
+TABLE_RUN = {"data": {"max_length": 2048, "max_prompt_length": 1024}, "train": {"batch_size": 1}}
+"""The table's run: one pair of 2 x 2048 positions a micro-batch, defaults otherwise (fp32 weights, bf16
+autocast on a GPU, a reference model in memory, AdamW)."""
+TABLE_SETUPS = (
+    ("full DPO", 1, []),
+    ("full DPO, checkpointing, reference store", 1, ["train.gradient_checkpointing=true", "reference.mode=store"]),
+    ("full DPO, FSDP2, checkpointing", 8, ["distributed.strategy=fsdp", "train.gradient_checkpointing=true"]),
+    ("LoRA r=16, adapter reference", 1, ["model.lora.r=16", "reference.mode=adapter"]),
+    ("LoRA r=16, bf16 base, checkpointing", 1, ["model.lora.r=16", "reference.mode=adapter",
+                                                "model.dtype=bfloat16", "train.gradient_checkpointing=true"]),
+)
+SIZES = (24, 48, 80)
+
+
+def table() -> str:
+    """The planner's per-GPU peaks and verdicts for common models, and the smallest change at each size."""
+    marks = {"fits": "fits", "tight": "tight", "does not fit": "no"}
+    lines = ["| model | run | GPUs | peak per GPU (GiB) | " + " | ".join(f"{g} GB" for g in SIZES) + " |",
+             "|---|---|---|---|" + "---|" * len(SIZES)]
+    for model in TABLE_MODELS:
+        for label, gpus, overrides in TABLE_SETUPS:
+            tree = {**TABLE_RUN, "model": {"name_or_path": model}}
+            results = [plan(tree, overrides, gpu_memory=g * GiB, gpus=gpus) for g in SIZES]
+            lines.append(f"| {model} | {label} | {gpus} | {results[0].memory.peak / GiB:.1f} | "
+                         + " | ".join(marks[r.verdict] for r in results) + " |")
+    lines += ["", "| model | GPU | smallest change that fits (full DPO, defaults) |", "|---|---|---|"]
+    for model in TABLE_MODELS:
+        for size in SIZES:
+            result = plan({**TABLE_RUN, "model": {"name_or_path": model}}, gpu_memory=size * GiB)
+            lines.append(f"| {model} | 1 x {size} GB | {describe(result)} |")
+    return "\n".join(lines)
+
+
+def describe(result: object) -> str:
+    s = result.suggestion
+    if result.verdict == "fits":
+        return "fits as it is"
+    if s is None:
+        return "nothing dpokit can do today"
+    text = f"`{' '.join(s['overrides'])}`" if s["overrides"] else ""
+    where = f"{s['gpus']} x {s['nodes']} node(s)" if (s["gpus"], s["nodes"]) != (1, 1) else "the same GPU"
+    text = f"{text} on {where} ({s['peak'] / GiB:.1f} GiB)"
+    if "or" in s:
+        text += f"; or, every weight trained: {describe_change(s['or'])}"
+    return text
+
+
+def describe_change(s: dict) -> str:
+    return f"`{' '.join(s['overrides'])}` on {s['gpus']} GPUs x {s['nodes']} node(s) ({s['peak'] / GiB:.1f} GiB)"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="Qwen2.5-0.5B", help="a built-in Llama or Qwen2 shape")
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--table", action="store_true", help="print the planner's table of common models and exit")
     args = parser.parse_args()
+    if args.table:
+        print(table())
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(args.keep or tempfile.mkdtemp(prefix="dpokit-plan-check-"))
