@@ -68,13 +68,15 @@ def neutral_changes(cfg: Config) -> Iterator[list[str]]:
 def lora_changes(cfg: Config) -> Iterator[list[str]]:
     """LoRA (r = 16, every linear) with the adapter-disabled policy as reference, then with a bf16 base (a
     frozen base needs no fp32 copy; the adapters stay fp32), checkpointing and smaller passes."""
-    lora = ["model.lora={r: 16}", "reference.mode=adapter"]
+    lora = [] if cfg.model.lora is not None else ["model.lora={r: 16}"]
+    lora += [] if cfg.reference.mode == "adapter" else ["reference.mode=adapter"]
     if cfg.distributed.strategy == "fsdp":
         lora.append("distributed.strategy=ddp")  # dpokit trains LoRA with DDP (adapters are small)
     bases = [[]] if cfg.model.dtype == "bfloat16" else [[], ["model.dtype=bfloat16"]]
     for base in bases:
         for extra in [[]] + [["train.gradient_checkpointing=true"] + p for p in [[]] + _passes(cfg)]:
-            yield lora + base + extra
+            if lora + base + extra:
+                yield lora + base + extra
 
 
 def fsdp_changes(cfg: Config, gpus: int, nodes: int) -> Iterator[tuple[list[str], int, int]]:
@@ -208,16 +210,17 @@ def suggestion_lines(p: Any) -> list[str]:
     if s is None:
         lines = ["no change dpokit can make today fits these GPUs"]
     else:
-        lines = [f"smallest change that fits: {_change(s)}"]
+        lines = [f"smallest change that fits: {_change(s, p)}"]
         if "or" in s:
-            lines.append(f"  or, training every weight: {_change(s['or'])}")
+            lines.append(f"  or, training every weight: {_change(s['or'], p)}")
     lines += [f"  not available in dpokit yet: {r['option']}: peak {r['peak'] / GiB:.2f} GiB"
               for r in p.not_available]
     return lines
 
 
-def _change(s: dict[str, Any]) -> str:
-    hardware = f" on {s['gpus']} GPUs x {s['nodes']} node(s)"
+def _change(s: dict[str, Any], p: Any) -> str:
+    same = (s["gpus"], s["nodes"]) == (p.gpus, p.nodes)
+    hardware = "" if same else f" on {s['gpus']} GPUs a node x {s['nodes']} node{'s' if s['nodes'] > 1 else ''}"
     return f"{' '.join(s['overrides'])}{hardware} (peak {s['peak'] / GiB:.2f} GiB)"
 
 
