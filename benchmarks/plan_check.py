@@ -89,15 +89,19 @@ def describe(result: object) -> str:
     if s is None:
         return "nothing dpokit can do today"
     text = f"`{' '.join(s['overrides'])}`" if s["overrides"] else ""
-    where = f"{s['gpus']} x {s['nodes']} node(s)" if (s["gpus"], s["nodes"]) != (1, 1) else "the same GPU"
+    where = hardware(s) if (s["gpus"], s["nodes"]) != (1, 1) else "the same GPU"
     text = f"{text} on {where} ({s['peak'] / GiB:.1f} GiB)"
     if "or" in s:
         text += f"; or, every weight trained: {describe_change(s['or'])}"
     return text
 
 
+def hardware(s: dict) -> str:
+    return f"{s['gpus']} GPUs" + (f" x {s['nodes']} nodes" if s["nodes"] > 1 else "")
+
+
 def describe_change(s: dict) -> str:
-    return f"`{' '.join(s['overrides'])}` on {s['gpus']} GPUs x {s['nodes']} node(s) ({s['peak'] / GiB:.1f} GiB)"
+    return f"`{' '.join(s['overrides'])}` on {hardware(s)} ({s['peak'] / GiB:.1f} GiB)"
 
 
 def main() -> int:
