@@ -81,7 +81,15 @@ LLAMA_8B = {"model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct"},
             "data": {"max_length": 2048, "max_prompt_length": 1024}, "train": {"batch_size": 1}}
 
 
-def test_llama_8b_full_dpo_on_8x80gb_fsdp_fits_with_checkpointing():
+@pytest.fixture
+def gpu_precision(monkeypatch):
+    """``precision: auto`` as on a GPU (bf16): the suite pins auto to fp32 for its CPU runs."""
+    from dpokit.hardware import PRECISION_ENV
+
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+
+
+def test_llama_8b_full_dpo_on_8x80gb_fsdp_fits_with_checkpointing(gpu_precision):
     bare = plan(LLAMA_8B, ["distributed.strategy=fsdp"], gpu_memory="80GB", gpus=8)
     assert bare.verdict != "fits" and bare.suggestion["overrides"] == ["train.gradient_checkpointing=true"]
     assert plan(LLAMA_8B, ["distributed.strategy=fsdp", "train.gradient_checkpointing=true"],
@@ -91,13 +99,22 @@ def test_llama_8b_full_dpo_on_8x80gb_fsdp_fits_with_checkpointing():
     assert bare.memory.optimizer == one.memory.optimizer / 8
 
 
-def test_llama_8b_lora_on_24gb_needs_a_bf16_base():
+def test_llama_8b_lora_on_24gb_needs_a_bf16_base(gpu_precision):
     result = plan(LLAMA_8B, gpu_memory="24GB", gpus=1)
     assert result.verdict == "does not fit"
     assert result.suggestion["overrides"][:3] == ["model.lora={r: 16}", "reference.mode=adapter",
                                                   "model.dtype=bfloat16"]
     changed = load_config(LLAMA_8B, result.suggestion["overrides"])
     assert plan(changed, gpu_memory="24GB").verdict == "fits"
+
+
+def test_auto_precision_follows_the_pin(monkeypatch):
+    from dpokit.hardware import PRECISION_ENV
+
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    assert plan(LLAMA_8B).setup.precision == "fp32"
+    monkeypatch.delenv(PRECISION_ENV)
+    assert plan(LLAMA_8B).setup.precision == "bf16"
 
 
 def test_size_strings():

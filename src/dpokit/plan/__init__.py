@@ -9,16 +9,18 @@ memory and the smallest change the config can express today that makes the run f
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from dpokit.config import Config, load_config
+from dpokit.errors import ConfigError
+from dpokit.hardware import PRECISION_ENV
 from dpokit.logprobs import DEFAULT_CHUNK
-from dpokit.plan.memory import Memory, Setup, flops_per_step, host_ram_per_rank, memory, trainable
+from dpokit.plan.memory import GiB, Memory, Setup, flops_per_step, host_ram_per_rank, memory, trainable
 from dpokit.plan.shapes import Shape, find_shape
 
-GiB = 2 ** 30
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """What ``target_modules: all-linear`` adapts in a decoder layer (peft leaves the output head out)."""
 
@@ -54,12 +56,17 @@ class Plan:
 
 
 def resolve_setup(cfg: Config, world: int) -> Setup:
-    """The memory-relevant settings of ``cfg`` on ``world`` GPU ranks: ``auto`` precision is bf16 on a GPU and
+    """The memory-relevant settings of ``cfg`` on ``world`` GPU ranks: ``auto`` precision is bf16 on a GPU (or
+    what ``DPOKIT_PRECISION`` pins) and
     ``auto`` attention is FlexAttention for the packed layout (SDPA for padded), as ``dpokit.hardware`` picks
     on CUDA; tokens per pass at full length (every pair prompt + response = ``data.max_length``, the worst
     case of a short prompt and two long responses)."""
     train, data = cfg.train, cfg.data
-    precision = "bf16" if train.precision == "auto" else train.precision
+    precision = train.precision
+    if precision == "auto":  # on every device what DPOKIT_PRECISION pins, else bf16: native on current GPUs
+        precision = os.environ.get(PRECISION_ENV) or "bf16"
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"{PRECISION_ENV}: expected fp32 or bf16, got {precision!r}")
     attention = cfg.model.attn_implementation
     if attention == "auto":
         attention = "flex_attention" if train.layout == "packed" else "sdpa"
@@ -107,11 +114,10 @@ def plan_for(cfg: Config, shape: Shape, source: str, *, gpu_memory: float, gpus:
 
 
 def plan(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None, *,
-         gpu_memory: float | str = 80 * GiB, gpus: int = 1, nodes: int = 1, shape: Shape | None = None) -> Plan:
+         gpu_memory: float | str = 80 * GiB, gpus: int = 1, nodes: int = 1) -> Plan:
     """Plan ``config`` (a path, a dict or a Config, with ``key=value`` overrides) for ``gpus`` GPUs on each of
-    ``nodes`` nodes with ``gpu_memory`` each (bytes, or a size such as ``"80GB"``). ``shape`` replaces the
-    model's config.json (a shape built in code). A run that does not fit gets the smallest change that does."""
-    from dpokit.errors import ConfigError
+    ``nodes`` nodes with ``gpu_memory`` each (bytes, or a size such as ``"80GB"``). A run that does not fit gets
+    the smallest change that does."""
     from dpokit.plan.advice import parse_size, suggest
 
     if isinstance(gpu_memory, str):
@@ -119,9 +125,7 @@ def plan(config: str | Path | dict[str, Any] | Config | None = None, overrides: 
     if gpus < 1 or nodes < 1:
         raise ConfigError(f"--gpus/--nodes: expected at least 1 (got {gpus} GPUs, {nodes} nodes)")
     cfg = load_config(config, overrides)
-    source = "given"
-    if shape is None:
-        shape, source = find_shape(cfg.model.name_or_path, cfg.model.revision, cfg.model.gguf_file)
+    shape, source = find_shape(cfg.model.name_or_path, cfg.model.revision, cfg.model.gguf_file)
     result = plan_for(cfg, shape, source, gpu_memory=gpu_memory, gpus=gpus, nodes=nodes)
     if result.verdict == "fits":
         return result

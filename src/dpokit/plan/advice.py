@@ -17,9 +17,10 @@ from typing import Any
 
 from dpokit.config import Config, load_config
 from dpokit.errors import ConfigError, DpokitError
-from dpokit.plan.memory import DTYPE_BYTES
+from dpokit.plan import Plan, plan_for
+from dpokit.plan.memory import DTYPE_BYTES, GiB, regime
+from dpokit.plan.shapes import Shape
 
-GiB = 2 ** 30
 _UNITS = {"": GiB, "k": 2 ** 10, "m": 2 ** 20, "g": GiB, "t": 2 ** 40}
 NF4_BYTES = 0.5 + 4 / 64 / 4
 """4-bit NF4 weights with one scale per 64 weights, itself quantized to 8 bits (QLoRA's double quantization,
@@ -93,12 +94,10 @@ def fsdp_changes(cfg: Config, gpus: int, nodes: int) -> Iterator[tuple[list[str]
         yield ["distributed.strategy=fsdp", *extra], g, n
 
 
-def suggest(cfg: Config, shape: Any, source: str, current: Any) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def suggest(cfg: Config, shape: Shape, source: str, current: Plan) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """The smallest change that fits: a result-neutral one on the same GPUs (FSDP included), else LoRA on the
     same GPUs (with, as an alternative, the fewest GPUs that fit full fine-tuning), else more GPUs; and what
     not-yet-available options would give when nothing fits on the given GPUs."""
-    from dpokit.plan import plan_for
-
     def first(options: Iterator[tuple[list[str], int, int]]) -> dict[str, Any] | None:
         for overrides, g, n in options:
             changed = _with(cfg, overrides)
@@ -122,7 +121,7 @@ def suggest(cfg: Config, shape: Any, source: str, current: Any) -> tuple[dict[st
     return more, not_available(cfg, shape, current)
 
 
-def not_available(cfg: Config, shape: Any, current: Any) -> list[dict[str, Any]]:
+def not_available(cfg: Config, shape: Shape, current: Plan) -> list[dict[str, Any]]:
     """Peaks with options dpokit does not have yet, from the current plan: CPU offload of the optimizer
     states and gradients; a 4-bit base under LoRA adapters (QLoRA) with checkpointing."""
     mem = current.memory
@@ -131,8 +130,6 @@ def not_available(cfg: Config, shape: Any, current: Any) -> list[dict[str, Any]]
     lora_cfg = _with(cfg, ["model.lora={r: 16}", "reference.mode=adapter", "train.gradient_checkpointing=true",
                            "distributed.strategy=ddp"])
     if lora_cfg is not None:
-        from dpokit.plan import plan_for
-
         lora = plan_for(lora_cfg, shape, current.source, gpu_memory=current.gpu_memory, gpus=current.gpus,
                         nodes=current.nodes)
         base = shape.params() * DTYPE_BYTES[lora.setup.dtype]
@@ -147,23 +144,17 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / GiB:8.2f}"
 
 
-def describe_setup(p: Any) -> str:
+def describe_setup(p: Plan) -> str:
     s = p.setup
     what = f"LoRA r={s.lora_r} ({len(s.lora_targets)} linears a layer)" if s.lora_r else "full fine-tuning"
     strategy = {"single": "one process", "ddp": "DDP", "fsdp": "FSDP2"}[s.strategy]
     compute = {"fp32": "fp32", "bf16": "bf16 weights and compute",
-               "autocast": "bf16 autocast over float32 weights"}[_regime(s)]
+               "autocast": "bf16 autocast over float32 weights"}[regime(s)]
     return (f"{what}; {p.gpus} GPU{'s' if p.gpus > 1 else ''} x {p.nodes} node{'s' if p.nodes > 1 else ''}, "
             f"{strategy}; {compute}; reference: {s.reference}")
 
 
-def _regime(setup: Any) -> str:
-    from dpokit.plan.memory import regime
-
-    return regime(setup)
-
-
-def part_rows(p: Any) -> list[tuple[str, float, str]]:
+def part_rows(p: Plan) -> list[tuple[str, float, str]]:
     s, m = p.setup, p.memory
     sharded = f", sharded over {s.world}" if s.strategy == "fsdp" else ""
     other = m.activations_full if s.checkpointing else m.activations_checkpointed
@@ -185,7 +176,7 @@ def part_rows(p: Any) -> list[tuple[str, float, str]]:
     ]
 
 
-def render(p: Any) -> str:
+def render(p: Plan) -> str:
     """The plan as the lines ``dpokit plan`` prints."""
     lines = [f"{p.model}: {p.params / 1e9:.3f} B parameters ({p.source})", describe_setup(p),
              f"{p.setup.pass_tokens:,} positions a pass, {p.setup.passes_per_step} pass(es) a step "
@@ -203,7 +194,7 @@ def render(p: Any) -> str:
     return "\n".join(lines)
 
 
-def suggestion_lines(p: Any) -> list[str]:
+def suggestion_lines(p: Plan) -> list[str]:
     if p.verdict == "fits":
         return []
     s = p.suggestion
@@ -218,7 +209,7 @@ def suggestion_lines(p: Any) -> list[str]:
     return lines
 
 
-def _change(s: dict[str, Any], p: Any) -> str:
+def _change(s: dict[str, Any], p: Plan) -> str:
     same = (s["gpus"], s["nodes"]) == (p.gpus, p.nodes)
     hardware = "" if same else f" on {s['gpus']} GPUs a node x {s['nodes']} node{'s' if s['nodes'] > 1 else ''}"
     return f"{' '.join(s['overrides'])}{hardware} (peak {s['peak'] / GiB:.2f} GiB)"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from dpokit.plan.shapes import Shape
 
+GiB = 2 ** 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 ADAPTER_BYTES = 4
 """peft creates the adapters in fp32 whatever the base's dtype (``autocast_adapter_dtype``)."""
