@@ -22,9 +22,9 @@ from dpokit.plan.memory import DTYPE_BYTES, GiB, regime
 from dpokit.plan.shapes import Shape
 
 _UNITS = {"": GiB, "k": 2 ** 10, "m": 2 ** 20, "g": GiB, "t": 2 ** 40}
-NF4_BYTES = 0.5 + 4 / 64 / 4
-"""4-bit NF4 weights with one scale per 64 weights, itself quantized to 8 bits (QLoRA's double quantization,
-~0.127 bits): about 0.53 bytes a parameter."""
+NF4_BYTES = (4 + 0.127) / 8
+"""4-bit NF4 weights plus their block scales (one per 64 weights, themselves quantized to 8 bits: QLoRA's double
+quantization, 0.127 bits a weight): about 0.516 bytes a parameter."""
 
 
 def parse_size(text: str, what: str = "--gpu-memory") -> float:
