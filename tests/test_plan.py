@@ -117,6 +117,15 @@ def test_auto_precision_follows_the_pin(monkeypatch):
     assert plan(LLAMA_8B).setup.precision == "bf16"
 
 
+def test_hub_ids_map_to_their_base_shape():
+    from dpokit.plan.shapes import builtin
+
+    for name, base in (("meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-8b"), ("google/gemma-2-9b-it", "gemma-2-9b"),
+                       ("mistralai/Mistral-7B-Instruct-v0.3", "mistral-7b"), ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b")):
+        assert builtin(name).params() == BUILTIN[base].params(), name
+    assert builtin("mistralai/Mistral-7B-Instruct-v0.1") is None  # another vocabulary: its config.json is needed
+
+
 def test_size_strings():
     assert parse_size("80GB") == parse_size("80GiB") == parse_size("80") == 80 * GiB
     assert parse_size("40960MB") == 40 * GiB

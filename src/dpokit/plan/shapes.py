@@ -113,10 +113,11 @@ _ALIASES = {"llama-3-8b": "llama-3.1-8b", "meta-llama-3-8b": "llama-3.1-8b", "me
 
 
 def builtin(name: str) -> Shape | None:
-    """The built-in shape of a hub id or name (``meta-llama/Llama-3.1-8B-Instruct`` -> Llama-3.1-8B): the last
-    path part, case ignored, without an -Instruct/-it/-chat suffix (fine-tunes keep their base's shape)."""
+    """The built-in shape of a hub id or name (``meta-llama/Llama-3.1-8B-Instruct`` -> Llama-3.1-8B,
+    ``mistralai/Mistral-7B-Instruct-v0.3`` -> Mistral-7B): the last path part, case ignored, without
+    -Instruct/-it/-chat (fine-tunes keep their base's shape)."""
     key = name.rstrip("/").split("/")[-1].lower()
-    key = re.sub(r"-(instruct|it|chat)(-\d+)?$", "", key)
+    key = re.sub(r"-(instruct|it|chat)(?=-|$)", "", key)
     key = _ALIASES.get(key, key)
     shape = BUILTIN.get(key)
     return replace(shape, name=name) if shape else None
