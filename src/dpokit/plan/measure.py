@@ -72,7 +72,8 @@ def measure_step(cfg: Config) -> dict[str, Any]:
     ``reference``, ``optimizer`` (held), ``gradients`` (accumulated in the step), ``activations`` (saved for
     the backward, weights excluded), ``step_peak`` (the most the step allocates beyond what is held) and
     ``peak`` (held + step_peak) and ``tokens`` (the step's non-padding positions). The activations are counted
-    by storage over the whole step: a step of one pass (as the checks use) counts each once."""
+    by storage over the whole step: a step of one pass without checkpointing counts each once (checkpointing
+    saves through its own hooks, which hide those tensors from these; the peak counts them all the same)."""
     from torch.profiler import ProfilerActivity, profile
 
     from dpokit.distributed import Dist
