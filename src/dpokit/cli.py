@@ -334,6 +334,29 @@ def _add_export(sub: Any) -> None:
     export.set_defaults(func=cmd_export)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dpokit.plan import plan
+    from dpokit.plan.advice import render
+
+    result = plan(args.config, args.overrides, gpu_memory=args.gpu_memory, gpus=args.gpus, nodes=args.nodes)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else render(result))
+    return 0
+
+
+def _add_plan(sub: Any) -> None:
+    """``dpokit plan``."""
+    plan = sub.add_parser("plan", help="per-GPU memory by part, host RAM, FLOPs per step, fits or not, and the "
+                                       "smallest change that fits (reads only the model's config.json)")
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.pass_tokens=4096")
+    plan.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 24GB, 80GB (GB as on the "
+                                                           "card's label: 80GB = 80 GiB)")
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs per node")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--json", action="store_true", help="print JSON instead of text")
+    plan.set_defaults(func=cmd_plan)
+
+
 def _add_recipe(sub: Any) -> None:
     """``dpokit recipe``."""
     from dpokit.recipes import RECIPES
@@ -353,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dpokit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_data, _add_training, _add_score, _add_eval, _add_report, _add_serve, _add_env, _add_recipe,
-                _add_export, _add_config):
+                _add_export, _add_config, _add_plan):
         add(sub)
     return parser
 
