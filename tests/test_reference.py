@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import dpokit
@@ -66,6 +67,13 @@ def test_store_equals_model_reference_and_is_reused(tmp_path, capsys):
     dpokit.train(config(tmp_path, reference={"mode": "store"}, train={"precision": "bf16"}),
                  run_dir=str(tmp_path / "bf16"))
     assert "24 responses computed, 0 reused" in capsys.readouterr().err
+    # So are those of another layout or attention implementation (the same sums, rounded otherwise).
+    ran = yaml.safe_load((store_run / "config.yaml").read_text())["model"]["attn_implementation"]  # auto's pick
+    other = {"sdpa": "eager", "eager": "sdpa"}[ran]
+    for what, settings in (("padded", {"train": {"layout": "padded"}}),
+                           (other, {"model": {"attn_implementation": other}})):
+        dpokit.train(config(tmp_path, reference={"mode": "store"}, **settings), run_dir=str(tmp_path / what))
+        assert "24 responses computed, 0 reused" in capsys.readouterr().err
 
 
 def test_interrupted_precompute_resumes(tmp_path, capsys):
