@@ -212,17 +212,18 @@ def test_reference_sync_refusals_are_one_line(tree, says):
 LN2_FP32 = float(torch.tensor(2.0).log())  # the loss is computed in fp32: -log sigmoid(0) = ln 2 rounded to fp32
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("mode", ["model", "adapter", "store"])
-def test_first_step_starts_at_ln2_in_bf16_in_every_reference_mode(tmp_path, mode, attention):
+def test_first_step_starts_at_ln2_in_every_precision_and_reference_mode(tmp_path, mode, attention, precision):
     """At step 1 the policy is the reference, so every implicit reward is exactly 0 and the loss exactly ln 2:
     the reference's log-probs must be computed as the policy's are, number for number. bf16 is where a
-    difference shows (a response laid out at another offset rounds differently), so the check runs in bf16;
-    the store is filled first by a separate run, as a beta sweep would reuse it."""
+    difference shows most (a response laid out at another offset rounds differently); the store is filled
+    first by a separate run, as a beta sweep would reuse it."""
     model = {"attn_implementation": attention}
     if mode == "adapter":
         model["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    settings = dict(model=model, reference={"mode": mode}, train={"precision": "bf16", "max_steps": 1})
+    settings = dict(model=model, reference={"mode": mode}, train={"precision": precision, "max_steps": 1})
     if mode == "store":
         dpokit.train(config(tmp_path, **settings), run_dir=str(tmp_path / "fill"))
     first = train_rows(dpokit.train(config(tmp_path, **settings), run_dir=str(tmp_path / "run")))[0]
