@@ -286,7 +286,7 @@ def attention_failure(precision: str, measured: dict[str, float | str]) -> str |
 
 
 def choose_attention(requested: str, precision: str, device: torch.device, layout: str = "packed",
-                     times: Callable[[str, torch.device], dict[str, float]] | None = None) -> Choice:
+                     times: Callable[[str, torch.device], dict[str, float | str]] | None = None) -> Choice:
     """``auto`` resolved to an attention implementation. On CUDA: FlexAttention for the packed layout (no
     dense rows x L x L mask in GPU memory) when this PyTorch has it, SDPA otherwise. On a CPU: whichever of
     SDPA and eager attention measured faster for this precision (PyTorch's fused CPU kernel is the faster in
