@@ -145,6 +145,28 @@ def test_a_partial_or_corrupt_folder_is_said_and_rebuilt(tmp_path, tiny_tok, dam
     assert {name: (folder / f"{name}.bin").read_bytes() for name in ARRAYS} == good
 
 
+def test_three_tokens_changed_in_the_middle_of_a_large_token_file_are_found_and_rebuilt(tmp_path, tiny_tok):
+    """Every byte of tokens.bin is checked on a hit, not sampled blocks: a file of several MB with three token
+    ids changed in its middle, same size and still valid ids, would otherwise be trained on."""
+    words = " ".join(f"w{k % 50}" for k in range(800))  # about 2,200 tokens a response
+    source = tmp_path / "long.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f" Yes {i}: {words}",
+                                          "rejected": f" No {i}: {words}"}) + "\n" for i in range(120)))
+    cfg = data_cfg(tmp_path, max_length=8192, max_prompt_length=64)
+    folder = prepare_cached(str(source), tiny_tok, cfg)
+    good = (folder / "tokens.bin").read_bytes()
+    assert len(good) > 2 << 20
+    tokens = bytearray(good)
+    middle = len(tokens) // 2 // 4 * 4
+    for k in range(3):
+        tokens[middle + 4 * k] ^= 1  # the lowest bit of three int32 token ids: other ids, same size
+    (folder / "tokens.bin").write_bytes(bytes(tokens))
+    notes: list[str] = []
+    assert prepare_cached(str(source), tiny_tok, cfg, note=notes.append) == folder
+    assert any("does not match its checksum" in n for n in notes) and "tokenized 120 rows" in notes[-1], notes
+    assert (folder / "tokens.bin").read_bytes() == good
+
+
 def test_checks_that_depend_on_the_caller_run_on_every_hit(tmp_path, tiny_tok):
     ranked = DATA / "bad" / "tied_rankings.jsonl"
     cfg = data_cfg(tmp_path)

@@ -203,3 +203,53 @@ def test_a_run_resolved_to_flex_attention_on_a_gpu_loads_with_sdpa_without_one(t
 
     model = load_model(resolve("tiny-random-llama"), attn_implementation="flex_attention", vocab_size=len(tiny_tok))
     assert model.config._attn_implementation == "sdpa"
+
+
+VNNI = "pack_vnni2 is only supported when avx512 is supported"
+"""What PyTorch's fused CPU attention raised in bf16 on an AMX CPU under ATEN_CPU_CAPABILITY=default."""
+
+
+def _failing(kinds):
+    """``_attention_time`` where the kernels in ``kinds`` raise as the fused kernel did, the others measure."""
+    real = hardware._attention_time
+
+    def timed(kind, precision, device, *args, **kwargs):
+        if kind in kinds:
+            raise RuntimeError(VNNI)
+        return real(kind, precision, device, *args, **kwargs)
+
+    return timed
+
+
+def test_an_attention_kernel_that_raises_is_not_a_candidate(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(hardware, "_attention_time", _failing({"sdpa"}))
+    choice = choose_attention("auto", "bf16", CPU)
+    assert choice.value == "eager" and f"sdpa: RuntimeError: {VNNI}" in choice.why
+    monkeypatch.setattr(hardware, "_attention_time", _never)  # the failure is cached with the times
+    assert choose_attention("auto", "bf16", CPU).value == "eager"
+
+
+def test_no_attention_kernel_in_bf16_is_one_line_naming_fp32_and_auto_avoids_bf16(tmp_path, monkeypatch, capsys,
+                                                                                  bf16_cpu, root):
+    import dpokit
+    from dpokit.errors import ConfigError
+
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hardware, "cached_probe", lambda device, refresh=False: _probe(80.0, 240.0))
+    monkeypatch.setattr(hardware, "_attention_time",
+                        lambda kind, precision, device: _failing({"sdpa", "eager"})(kind, precision, device)
+                        if precision == "bf16" else 0.01)
+    with pytest.raises(ConfigError) as error:
+        choose_attention("auto", "bf16", CPU)
+    line = str(error.value)
+    assert "\n" not in line and "no attention implementation runs in bf16" in line
+    assert "set train.precision: fp32" in line and VNNI in line
+    # auto does not pick a precision the kernels cannot run: fp32, saying why
+    choice = choose_precision("auto", CPU)
+    assert choice.value == "fp32" and "no attention implementation runs in bf16" in choice.why
+    run = dpokit.train(str(root / "configs/tiny.yaml"), run_dir=str(tmp_path / "run"), train__max_steps=1,
+                       train__progress=False, eval__every=None, data__eval=None)
+    assert (run / "final" / "config.json").is_file()
+    assert "precision auto -> fp32 (CPU has avx512_bf16, but no attention implementation runs in bf16" in (
+        capsys.readouterr().err)

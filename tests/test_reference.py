@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import dpokit
@@ -66,6 +67,13 @@ def test_store_equals_model_reference_and_is_reused(tmp_path, capsys):
     dpokit.train(config(tmp_path, reference={"mode": "store"}, train={"precision": "bf16"}),
                  run_dir=str(tmp_path / "bf16"))
     assert "24 responses computed, 0 reused" in capsys.readouterr().err
+    # So are those of another layout or attention implementation (the same sums, rounded otherwise).
+    ran = yaml.safe_load((store_run / "config.yaml").read_text())["model"]["attn_implementation"]  # auto's pick
+    other = {"sdpa": "eager", "eager": "sdpa"}[ran]
+    for what, settings in (("padded", {"train": {"layout": "padded"}}),
+                           (other, {"model": {"attn_implementation": other}})):
+        dpokit.train(config(tmp_path, reference={"mode": "store"}, **settings), run_dir=str(tmp_path / what))
+        assert "24 responses computed, 0 reused" in capsys.readouterr().err
 
 
 def test_interrupted_precompute_resumes(tmp_path, capsys):
@@ -88,7 +96,7 @@ def test_interrupted_precompute_resumes(tmp_path, capsys):
     key = b"k" * 32
     with pytest.raises(KeyboardInterrupt):
         precompute(store, model, key, pairs, tok.pad_token_id, lambda: torch.autocast("cpu", enabled=False),
-                   torch.device("cpu"), batch_size=4, shard_rows=4, progress=stop_after_first_shard)
+                   torch.device("cpu"), batch_size=2, shard_rows=4, progress=stop_after_first_shard)  # 2 pairs: 4 responses
     again = LogpStore(tmp_path / "partial")
     assert len(again) == 8  # the two shards finished before the interruption survived
     assert not list((tmp_path / "partial").glob(".tmp-*"))
@@ -199,3 +207,25 @@ def test_reference_sync_refusals_are_one_line(tree, says):
     with pytest.raises(ValueError, match=says) as caught:
         Config(**tree)
     assert "reference.sync" in str(caught.value)
+
+
+LN2_FP32 = float(torch.tensor(2.0).log())  # the loss is computed in fp32: -log sigmoid(0) = ln 2 rounded to fp32
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("mode", ["model", "adapter", "store"])
+def test_first_step_starts_at_ln2_in_every_precision_and_reference_mode(tmp_path, mode, attention, precision):
+    """At step 1 the policy is the reference, so every implicit reward is exactly 0 and the loss exactly ln 2:
+    the reference's log-probs must be computed as the policy's are, number for number. bf16 is where a
+    difference shows most (a response laid out at another offset rounds differently); the store is filled
+    first by a separate run, as a beta sweep would reuse it."""
+    model = {"attn_implementation": attention}
+    if mode == "adapter":
+        model["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    settings = dict(model=model, reference={"mode": mode}, train={"precision": precision, "max_steps": 1})
+    if mode == "store":
+        dpokit.train(config(tmp_path, **settings), run_dir=str(tmp_path / "fill"))
+    first = train_rows(dpokit.train(config(tmp_path, **settings), run_dir=str(tmp_path / "run")))[0]
+    assert (first["rewards/chosen"], first["rewards/rejected"]) == (0.0, 0.0)
+    assert first["loss"] == LN2_FP32

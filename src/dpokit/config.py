@@ -257,7 +257,8 @@ class ReferenceConfig(_Section):
     store_dir: str | None = Field(None, json_schema_extra=NEUTRAL)
     """Folder of the reference log-prob store; default ``$DPOKIT_CACHE/refstore`` (``~/.cache/dpokit``)."""
     batch_size: int = Field(16, ge=1, json_schema_extra=NEUTRAL)
-    """Responses per forward pass when precomputing the store."""
+    """Pairs (groups) per forward pass when precomputing the store. Part of the store's key: in bf16 the shape
+    of a batch can change the last bits of its log-probs."""
     sync: ReferenceSyncConfig | None = None
     """Update the reference from the policy during training (TR-DPO), e.g. ``{every: 64, alpha: 0.6}``; needs
     ``mode: model`` (the reference's weights become checkpoint state), full fine-tuning and one process or DDP."""

@@ -6,7 +6,9 @@ AMX. A CPU without them runs bf16 matrix products in emulation (measured: 0.3 GF
 an AVX2 CPU; 62 against 267 on an AVX-512 CPU without BF16), so a capable-looking CPU is also confirmed by a
 short bf16-vs-fp32 matmul probe, cached per machine: kernel limits set by ``ATEN_CPU_CAPABILITY``,
 ``ONEDNN_MAX_CPU_ISA`` or ``MKL_ENABLE_INSTRUCTIONS`` make a bf16-capable CPU emulate too, and the probe sees
-it.
+it. Kernel limits can also make a kernel raise (PyTorch's fused CPU attention in bf16 on an AMX CPU under
+``ATEN_CPU_CAPABILITY=default``): an attention implementation that raises is no candidate, and ``auto`` does
+not pick bf16 where none runs in it.
 """
 
 from __future__ import annotations
@@ -173,11 +175,13 @@ def cached_probe(device: torch.device, refresh: bool = False) -> Probe:
 # ----------------------------------------------------------------------------------------------------- choices
 
 def choose_precision(requested: str, device: torch.device, probe: Callable[[torch.device], Probe] | None = None,
-                     warn: Callable[[str], None] | None = None) -> Choice:
+                     warn: Callable[[str], None] | None = None,
+                     attention: Callable[[str, torch.device], dict[str, float | str]] | None = None) -> Choice:
     """``auto`` resolved to ``bf16`` or ``fp32`` for ``device``, with the reason. An explicit ``bf16`` where it
     is slow stays ``bf16`` (asked for is asked for) and ``warn`` is told the measured ratio once. ``probe``
-    measures the device (default: the cached probe)."""
-    probe = probe or cached_probe
+    measures the device (default: the cached probe); ``attention`` times the attention implementations on a
+    CPU (default: the cached times), since bf16 is no choice where none of them runs in it."""
+    probe, attention = probe or cached_probe, attention or cached_attention_times
     if requested == "auto" and os.environ.get(PRECISION_ENV):
         forced = os.environ[PRECISION_ENV]
         if forced not in ("fp32", "bf16"):
@@ -199,6 +203,9 @@ def choose_precision(requested: str, device: torch.device, probe: Callable[[torc
         return Choice("fp32", why)
     measured = probe(device)
     if measured.bf16_speedup >= BF16_MIN_SPEEDUP:
+        failure = attention_failure("bf16", attention("bf16", device)) if device.type == "cpu" else None
+        if failure is not None:
+            return Choice("fp32", f"{why}, but {failure}")
         return Choice("bf16", f"{why}; bf16 matmul {_ratio(measured)}")
     return Choice("fp32", f"{why}, but bf16 matmul measured {_ratio(measured)} (needs >= {BF16_MIN_SPEEDUP}x)")
 
@@ -246,20 +253,40 @@ def _attention_time(kind: str, precision: str, device: torch.device, length: int
     return best
 
 
-def cached_attention_times(precision: str, device: torch.device) -> dict[str, float]:
-    """``{"sdpa": s, "eager": s}`` for this machine and precision, measured once and cached beside the probe."""
+def _attention_time_or_error(kind: str, precision: str, device: torch.device) -> float | str:
+    """``_attention_time``, or the first line of what the kernel raised: an implementation that cannot run here
+    is no candidate (PyTorch's fused CPU attention raised "pack_vnni2 is only supported when avx512 is
+    supported" in bf16 on an AMX CPU under ``ATEN_CPU_CAPABILITY=default``)."""
+    try:
+        return _attention_time(kind, precision, device)
+    except (RuntimeError, NotImplementedError) as error:
+        return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+
+
+def cached_attention_times(precision: str, device: torch.device) -> dict[str, float | str]:
+    """``{"sdpa": s, "eager": s}`` for this machine and precision, measured once and cached beside the probe;
+    an implementation that raised has its error line instead of seconds."""
     probe = probe_path(device)
     path = probe.with_name(f"{probe.stem}-attention-{precision}.json")
     cached = read_json(path)
     if isinstance(cached, dict) and set(cached) == {"sdpa", "eager"}:
         return cached
-    times = {kind: _attention_time(kind, precision, device) for kind in ("sdpa", "eager")}
+    times = {kind: _attention_time_or_error(kind, precision, device) for kind in ("sdpa", "eager")}
     write_json(path, times)
     return times
 
 
+def attention_failure(precision: str, measured: dict[str, float | str]) -> str | None:
+    """None when some attention implementation ran in ``precision``; otherwise what says none did, with each
+    one's error."""
+    if any(not isinstance(t, str) for t in measured.values()):
+        return None
+    errors = "; ".join(f"{kind}: {error}" for kind, error in measured.items())
+    return f"no attention implementation runs in {precision} on this CPU ({errors})"
+
+
 def choose_attention(requested: str, precision: str, device: torch.device, layout: str = "packed",
-                     times: Callable[[str, torch.device], dict[str, float]] | None = None) -> Choice:
+                     times: Callable[[str, torch.device], dict[str, float | str]] | None = None) -> Choice:
     """``auto`` resolved to an attention implementation. On CUDA: FlexAttention for the packed layout (no
     dense rows x L x L mask in GPU memory) when this PyTorch has it, SDPA otherwise. On a CPU: whichever of
     SDPA and eager attention measured faster for this precision (PyTorch's fused CPU kernel is the faster in
@@ -273,8 +300,16 @@ def choose_attention(requested: str, precision: str, device: torch.device, layou
             return Choice("flex_attention", "CUDA, packed layout: block-sparse mask instead of a dense one")
         return Choice("sdpa", "CUDA: fused attention")
     measured = (times or cached_attention_times)(precision, device)
-    fastest = min(measured, key=measured.get)
-    slower = max(measured.values()) / max(measured[fastest], 1e-12)
+    failure = attention_failure(precision, measured)
+    if failure is not None:
+        fix = "; set train.precision: fp32" if precision == "bf16" else ""
+        raise ConfigError(f"model.attn_implementation: {failure}{fix}")
+    runs = {kind: t for kind, t in measured.items() if not isinstance(t, str)}
+    fastest = min(runs, key=runs.__getitem__)
+    if len(runs) < len(measured):
+        failed = "; ".join(f"{kind}: {error}" for kind, error in measured.items() if isinstance(error, str))
+        return Choice(fastest, f"the only one that runs in {precision} on this CPU ({failed})")
+    slower = max(runs.values()) / max(runs[fastest], 1e-12)
     return Choice(fastest, f"measured {slower:.2f}x faster than the other in {precision} on this CPU")
 
 

@@ -8,10 +8,18 @@
   beta, loss or learning rate (the paper sweeps beta) reuse them, and the reference model is not in memory
   while training.
 
-The store key of a response is sha256(reference weights, precision, prompt token ids, response token ids).
-The token ids are what the tokenizer, the chat template and the truncation settings made of the row, so a
-change in any of them, or in the weights, is a different key and is computed afresh; an interrupted
-precompute keeps every shard it finished and computes only what is missing.
+The store computes a response exactly as the training step computes the policy's: the whole group (prompt and
+every response, in order) in the training's batch layout, under the same autocast, attention implementation and
+log-prob function. In bf16 a response's numbers depend on where it sits (in the packed layout the rejected
+response follows the chosen one; a response scored alone at another offset rounds differently, by up to 0.3
+nats on SmolLM2), so at step 1, where the policy is the reference, the implicit rewards are exactly 0 only if
+both sides lay the group out alike.
+
+The store key of a response is sha256(what changes the numbers: reference weights, precision, attention
+implementation, layout and batch size; the group's prompt and response token ids; the response's place in the
+group). The token ids are what the tokenizer, the chat template and the truncation settings made of the row, so
+a change in any of them is a different key and is computed afresh; an interrupted precompute keeps every shard
+it finished and computes only what is missing.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from dpokit.data.batch import collate_responses, regroup, to_device
+from dpokit.data.batch import Layout, collate_tokenized, regroup, to_device
 from dpokit.data.tokenize import TokenizedGroup
 from dpokit.distributed import Dist
 from dpokit.errors import ConfigError
@@ -40,9 +48,14 @@ from dpokit.models import cache_dir, freeze
 Autocast = Callable[[], AbstractContextManager]
 
 
-def responses_of(item: TokenizedGroup) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, response_ids) of every response of a group, best first (a pair: chosen, rejected)."""
-    return [(item.prompt_ids, r) for r in item.responses_ids]
+def group_keys(model_key: bytes, item: TokenizedGroup) -> list[bytes]:
+    """The store key of every response of a group, best first (a pair: chosen, rejected): the group's token ids
+    and the response's place in it, since both decide how the response is laid out and so its bf16 numbers."""
+    digest = hashlib.sha256(model_key)
+    for ids in (item.prompt_ids, *item.responses_ids):
+        digest.update(struct.pack(f"<I{len(ids)}i", len(ids), *ids))
+    group = digest.digest()
+    return [hashlib.sha256(group + struct.pack("<I", k)).digest()[:16] for k in range(len(item.responses_ids))]
 
 
 class FrozenReference:
@@ -95,13 +108,6 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def response_key(model_key: bytes, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> bytes:
-    digest = hashlib.sha256(model_key)
-    digest.update(struct.pack(f"<I{len(prompt_ids)}i", len(prompt_ids), *prompt_ids))
-    digest.update(struct.pack(f"<I{len(response_ids)}i", len(response_ids), *response_ids))
-    return digest.digest()[:16]
-
-
 class LogpStore:
     """A folder of shards ``shard-*.safetensors`` with ``keys`` (N, 16) uint8 and ``logps`` (N,) float32.
 
@@ -144,8 +150,8 @@ class StoreReference:
         slots = batch["slots"]
         out = torch.zeros(slots.shape, dtype=torch.float32)
         for g, item in enumerate(items):
-            for k, (prompt, response) in enumerate(responses_of(item)):
-                out[g, k] = self.store.values[response_key(self.model_key, prompt, response)]
+            for k, key in enumerate(group_keys(self.model_key, item)):
+                out[g, k] = self.store.values[key]
         return out.to(slots.device)
 
 
@@ -202,20 +208,22 @@ Reference = FrozenReference | AdapterReference | StoreReference
 
 def precompute(store: LogpStore, model: nn.Module, model_key: bytes, items: Iterable[TokenizedGroup],
                pad_id: int, autocast: Autocast, device: torch.device, batch_size: int = 16, shard_rows: int = 2048,
-               progress: Callable[[int, int], None] | None = None, part: tuple[int, int] = (0, 1)) -> int:
-    """Compute the reference log-prob of every response of ``items`` missing from ``store``. Returns how many
-    were computed. Finished shards survive an interruption; the next call computes only the rest.
+               progress: Callable[[int, int], None] | None = None, part: tuple[int, int] = (0, 1),
+               layout: Layout = "packed", pack_length: int = 0) -> int:
+    """Compute the reference log-prob of every response of ``items`` missing from ``store``, whole groups at a
+    time in the training's batch ``layout`` (``batch_size`` groups a batch), as the policy's are computed.
+    Returns how many responses were computed. Finished shards survive an interruption; the next call computes
+    only the rest.
 
-    ``part`` (r, n): compute only every n-th missing response starting at the r-th (rank r of n ranks, each
+    ``part`` (r, n): compute only every n-th missing group starting at the r-th (rank r of n ranks, each
     writing its own shards); the missing list is the same on every rank when their stores were read before
     any rank wrote."""
-    missing: dict[bytes, tuple[list[int], list[int]]] = {}
+    missing: dict[bytes, tuple[TokenizedGroup, list[bytes]]] = {}
     for item in items:
-        for prompt, response in responses_of(item):
-            key = response_key(model_key, prompt, response)
-            if key not in store and key not in missing:
-                missing[key] = (prompt, response)
-    todo = list(missing.items())[part[0]::part[1]]
+        keys = group_keys(model_key, item)
+        if any(key not in store for key in keys):
+            missing.setdefault(b"".join(keys), (item, keys))
+    todo = list(missing.values())[part[0]::part[1]]
     pending_keys: list[bytes] = []
     pending_values: list[float] = []
     was_training = model.training
@@ -225,11 +233,14 @@ def precompute(store: LogpStore, model: nn.Module, model_key: bytes, items: Iter
     with torch.no_grad(), adapters_off:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            batch = to_device(collate_responses([rows for _, rows in chunk], pad_id, layout="packed"), device)
+            batch = to_device(collate_tokenized([item for item, _ in chunk], pad_id, layout=layout,
+                                                pack_length=pack_length), device)
             with autocast():
                 logps, _ = batch_logps(model, batch)
-            pending_keys += [key for key, _ in chunk]
-            pending_values += logps.tolist()
+            grouped = regroup(logps, batch).tolist()  # (G, K)
+            for (_, keys), values in zip(chunk, grouped):
+                pending_keys += keys
+                pending_values += values[:len(keys)]
             if len(pending_keys) >= shard_rows:
                 store.add(pending_keys, pending_values)
                 pending_keys, pending_values = [], []
@@ -237,7 +248,15 @@ def precompute(store: LogpStore, model: nn.Module, model_key: bytes, items: Iter
                 progress(min(start + batch_size, len(todo)), len(todo))
     store.add(pending_keys, pending_values)
     model.train(was_training)
-    return len(todo)
+    return sum(len(keys) for _, keys in todo)
+
+
+def store_key(model: nn.Module, cfg: Any) -> bytes:
+    """What a stored log-prob's numbers depend on besides its tokens: the reference weights and how they are
+    run (precision, attention implementation, batch layout, row length, groups per batch)."""
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    how = [cfg.train.precision, attention, cfg.train.layout, cfg.train.pack_length, cfg.reference.batch_size]
+    return hashlib.sha256("|".join(map(str, [weights_fingerprint(model), *how])).encode()).digest()
 
 
 def build_reference(cfg: Any, models: Any, items: Iterable[TokenizedGroup], device: torch.device,
@@ -254,12 +273,13 @@ def build_reference(cfg: Any, models: Any, items: Iterable[TokenizedGroup], devi
     if mode == "adapter":
         return AdapterReference(models.policy)
     model = models.reference if models.reference is not None else models.policy
-    model_key = hashlib.sha256(f"{weights_fingerprint(model)}|{cfg.train.precision}".encode()).digest()
+    model_key = store_key(model, cfg)
     root = Path(cfg.reference.store_dir) if cfg.reference.store_dir else cache_dir() / "refstore"
     store = LogpStore(root / model_key.hex()[:32])
     dist.barrier()  # every rank has read the store before any rank adds to it: the same missing list
     computed = precompute(store, model.to(device), model_key, items, models.tokenizer.pad_token_id, autocast,
-                          device, cfg.reference.batch_size, part=(dist.rank, dist.world))
+                          device, cfg.reference.batch_size, part=(dist.rank, dist.world), layout=cfg.train.layout,
+                          pack_length=cfg.train.pack_length)
     if dist.active:
         dist.barrier()  # every rank's shards are written
         store = LogpStore(store.folder)
