@@ -131,6 +131,9 @@ def test_an_interval_straddling_the_bar_is_undetermined_not_holds():
     assert compute["ratio"] == pytest.approx(1.4 / 3, rel=REL)
     low, high = compute["interval"]
     assert low < QUOTED["compute"][2] < high and compute["verdict"] == "undetermined"
+    # Between pi_ref (0 FLOPs) and the first checkpoint, the checkpoints alone allow any ratio from 0 to infinity.
+    assert compute["checkpoint_bounds"] == [0.0, math.inf]
+    assert "checkpoints alone: 0.00 to ∞" in markdown({"seeds": [0, 1, 2], **analyse(seeds, target=0.5)})
 
 
 def test_less_variance_is_judged_on_variance_and_stability_on_the_std_scale():

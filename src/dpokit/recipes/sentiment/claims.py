@@ -404,6 +404,9 @@ def markdown(result: dict[str, Any]) -> str:
             v = c[f"vs {m}"]
             interval = f" [{_fmt(v['interval'][0], 2)}, {_fmt(v['interval'][1], 2)}]" if v["interval"] else ""
             reason = f" ({v['reason']})" if v["reason"] else ""
+            if v.get("checkpoint_bounds"):  # what the ratio could be anywhere between the checkpoints
+                low, high = v["checkpoint_bounds"]
+                reason += f" (checkpoints alone: {_fmt(low, 2)} to {_fmt(high, 2)})"
             cells.append(f"{_fmt(v['ratio'], 2)}{interval}: **{v['verdict']}**{reason}")
         lines.append(f"| {c['quoted']} | {c['measured']} | {c['side']} {c['holds_at']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
