@@ -73,6 +73,7 @@ def test_bootstrap_enumerates_every_resample_of_few_seeds_and_the_verdict_needs_
     values = [1.0, 2.0, 3.0]
     low, high = bootstrap_interval(3, lambda idx: statistics.fmean(values[i] for i in idx))
     assert 1.0 <= low < 2.0 < high <= 3.0  # the mean of 3 seeds resampled: within their range, around 2
+    assert bootstrap_interval(1, lambda idx: 0.3) is None  # one seed has no spread to show: no interval
     assert verdict([0.3, 0.45], 0.5, "<=") == "holds" and verdict([0.55, 0.7], 0.5, "<=") == "does not hold"
     assert verdict([0.3, 0.7], 0.5, "<=") == "undetermined" and verdict([1.1, 1.5], 1.2, ">=") == "undetermined"
 
@@ -175,6 +176,13 @@ def test_default_target_is_half_the_best_gain_and_markdown_shows_every_claim():
     for quoted, *_ in QUOTED.values():
         assert quoted in text
     assert "| DPO |" in text and "**does not hold**" in text and "bootstrap interval" in text
+
+
+def test_one_seed_gives_ratios_but_no_verdict():
+    one = {0: seed(0.0, DPO=line(0.0, 0.1, [2.0, 4.0]), PPO=line(0.0, 0.05, [4.0, 8.0]))}
+    claims = analyse(one, target=0.1)["claims"]
+    assert {c["vs PPO"]["verdict"] for c in claims.values()} == {"not measurable"}
+    assert claims["compute"]["vs PPO"]["reason"] == "one seed: no interval over seeds"
 
 
 def test_default_target_when_a_method_ends_below_the_reference():

@@ -267,9 +267,9 @@ def _judged(values: list[tuple[float, float]], statistic: Callable[[list[float],
 
     value, interval = on(range(len(values))), bootstrap_interval(len(values), on)
     if value is None or interval is None:
-        return {"ratio": value, "interval": interval, "verdict": NOT_MEASURABLE,
-                "reason": "the ratio is undefined on most resamples of the seeds (a zero in its denominator)",
-                **extra}
+        reason = ("one seed: no interval over seeds" if len(values) < 2 else
+                  "the ratio is undefined on most resamples of the seeds (a zero in its denominator)")
+        return {"ratio": value, "interval": interval, "verdict": NOT_MEASURABLE, "reason": reason, **extra}
     return {"ratio": value, "interval": interval, "verdict": verdict(interval, holds_at, side), "reason": None,
             **extra}
 
@@ -327,13 +327,15 @@ def _efficiency(seeds: list[dict[str, Any]], other: str, target: float, holds_at
     intervals = {m: bootstrap_interval(len(values), lambda idx, g=g: statistics.fmean(g[i] for i in idx))
                  for m, g in gains.items()}
     extra = {"kl_ranges": ranges, "gains": gains, "gain_intervals": intervals}
-    low, high = intervals[other]  # type: ignore[misc]
+    if intervals[other] is None or intervals["DPO"] is None:
+        return _unmeasurable("one seed: no interval over seeds", **extra)
+    low, high = intervals[other]
     if low > 0:
         return _judged(values, _ratio_of_means, holds_at, side, **extra)
     shown = f"{other}'s gain at matched KL {statistics.fmean(gains[other]):+.3f}, interval [{low:+.3f}, {high:+.3f}]"
     if high >= 0:
         return _unmeasurable(f"{shown}: not distinguishable from 0", **extra)
-    dpo_low = intervals["DPO"][0]  # type: ignore[index]
+    dpo_low = intervals["DPO"][0]
     if dpo_low > 0:  # the other method lowered the reward where DPO raised it: DPO is ahead by any ratio
         return {"ratio": None, "interval": None, "verdict": "holds", "reason": f"{shown}: it lowered the reward, "
                 "DPO raised it", **extra}

@@ -113,7 +113,9 @@ def resamples(n: int, seed: int = 0) -> list[tuple[int, ...]]:
 def bootstrap_interval(n: int, statistic: Callable[[Sequence[int]], float | None]) -> list[float] | None:
     """The LEVEL percentile interval of ``statistic`` over bootstrap resamples of n seeds. A resample where the
     statistic is undefined (None or NaN, e.g. a spread of one repeated seed over another) is left out; None
-    when fewer than half of them are defined."""
+    when fewer than half of them are defined, or for one seed (its only resample is itself: no spread at all)."""
+    if n < 2:
+        return None
     draws = resamples(n)
     values = sorted(v for v in (statistic(idx) for idx in draws) if v is not None and not math.isnan(v))
     if 2 * len(values) < len(draws):
