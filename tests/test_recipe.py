@@ -254,7 +254,7 @@ def test_claims_preset_pipeline_on_a_tiny_model(tmp_path, monkeypatch):
             m = measured["methods"][method]
             flops = [p["flops"] for p in m["frontier"]]
             assert flops == sorted(flops) and flops[-1] > 0  # cumulative compute grows along the frontier
-            assert m["per_prompt_std"] is not None  # 2 samples per held-out prompt
+            assert m["per_prompt_variance"] is not None  # 2 samples per held-out prompt
         # PPO (reward model) pays for the preference data and the reward model before its first step.
         assert measured["methods"]["PPO"]["frontier"][1]["flops"] > measured["methods"]["PPO-GT"]["frontier"][1]["flops"]
     text = (run_dir / "claims.md").read_text()

@@ -168,3 +168,29 @@ def test_ppo_and_reward_model_runs_get_their_own_curves(tmp_path):
     assert "Implicit rewards" not in page and "Reward-model accuracy" not in page
     page = render_report([load_run(rm)])
     assert "Reward-model accuracy" in page and "Reward-model margin" in page and "Clipped fraction" not in page
+
+
+def _svg_texts(svg: str) -> list[str]:
+    """The text drawn in a plot (matplotlib writes each string in one <text> element, as text)."""
+    import html
+
+    return [html.unescape(t) for t in re.findall(r"<text[^>]*>([^<]*)</text>", svg)]
+
+
+def test_frontier_shows_one_reference_per_estimate_and_says_why_there_are_two():
+    """The demo's frontier: DPO runs evaluated on the same pi_ref samples share one pi_ref point; Best-of-4 reads
+    pi_ref's own held-out samples (0.150 against 0.105), so its estimate is named and a note says why."""
+    from dpokit.evaluate import plots
+
+    def run(ref, points, beta=None):
+        frontier = [{"checkpoint": "reference", "step": 0, "kl": 0.0, "reward": ref}]
+        frontier += [{"checkpoint": f"step-{s}", "step": s, "kl": kl, "reward": r} for s, kl, r in points]
+        return {"beta": beta, "frontier": frontier}
+
+    dpo = [("DPO β=0.1", run(0.105, [(8, 1.0, 0.3)])), ("DPO β=1", run(0.105, [(8, 0.5, 0.2)]))]
+    texts = _svg_texts(plots.frontier(dpo, beta_in_label=False))
+    assert texts.count("π_ref") == 1 and "ref" not in texts  # one tag for the shared estimate
+    texts = _svg_texts(plots.frontier([*dpo, ("Best-of-4", run(0.150, [(4, 0.6, 0.5)]))], beta_in_label=False))
+    assert texts.count("π_ref") == 1 and "π_ref (Best-of-4)" in texts
+    note = " ".join(t for t in texts if "shown 2 times" in t)
+    assert "(0.105, 0.150)" in note and "different samples" in note

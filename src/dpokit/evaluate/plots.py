@@ -173,10 +173,14 @@ def _legend(ax: Any) -> None:
 
 def frontier(runs: Sequence[tuple[str, dict[str, Any]]], beta_in_label: bool = True) -> str | None:
     """The reward-KL frontier (the DPO paper's Fig. 2, left): mean ground-truth reward of policy samples against
-    the sequence-level KL(pi || pi_ref), one point per checkpoint, each run a connected path from pi_ref (kl = 0).
-    Error bars are one standard error. None when no run has a reward on its frontier."""
+    the sequence-level KL(pi || pi_ref), one point per checkpoint, each run a connected path from its pi_ref
+    point (kl = 0). Error bars are one standard error. pi_ref is labelled once per estimate of it: runs
+    evaluated on the same samples share one; where runs estimated it on different samples (Best-of-N reads pi_ref's
+    own held-out samples), each estimate is named and a note under the plot says why there are several.
+    None when no run has a reward on its frontier."""
     fig, ax = _figure(5.2, 3.4)
     drawn = False
+    references: dict[tuple[float, float], list[str]] = {}  # (kl, reward) of a pi_ref estimate -> its runs
     for r, (name, ev) in enumerate(runs):
         points = [p for p in ev.get("frontier") or [] if p.get("reward") is not None and p.get("kl") is not None]
         if not points:
@@ -190,19 +194,39 @@ def frontier(runs: Sequence[tuple[str, dict[str, Any]]], beta_in_label: bool = T
                     yerr=[p.get("reward_stderr") or 0 for p in points], color=color, marker="o", markersize=5,
                     capsize=2, elinewidth=0.8, linewidth=1.5, label=label)
         for p in points:
-            tag = "ref" if p["checkpoint"] == "reference" else str(p["step"])
-            ax.annotate(tag, (p["kl"], p["reward"]), textcoords="offset points", xytext=(5, 4), fontsize=7.5,
-                        color=MUTED)
+            if p.get("checkpoint") == "reference":
+                references.setdefault((p["kl"], p["reward"]), []).append(name)
+                continue
+            ax.annotate(str(p["step"]), (p["kl"], p["reward"]), textcoords="offset points", xytext=(5, 4),
+                        fontsize=7.5, color=MUTED)
     if not drawn:
         import matplotlib.pyplot as plt
 
         plt.close(fig)
         return None
+    _label_references(ax, references)
     ax.set_title("Reward vs KL(π ‖ π_ref)")
     ax.set_xlabel("sequence-level KL(π ‖ π_ref), nats")
     ax.set_ylabel("mean reward of samples")
     ax.legend(loc="best")
     return _to_svg(fig)
+
+
+def _label_references(ax: Any, references: dict[tuple[float, float], list[str]]) -> None:
+    """One "π_ref" tag per estimate of pi_ref's reward; several estimates are named by their runs, with a note
+    saying they are one model measured on different samples (their gap is sampling noise, not a difference)."""
+    if not references:
+        return
+    # The estimate most runs share goes unnamed: it is the reference the trained runs were evaluated against.
+    ordered = sorted(references.items(), key=lambda item: -len(item[1]))
+    for i, ((kl, reward), names) in enumerate(ordered):
+        tag = "π_ref" if i == 0 else f"π_ref ({', '.join(names)})"
+        ax.annotate(tag, (kl, reward), textcoords="offset points", xytext=(5, 4), fontsize=7.5, color=MUTED)
+    if len(ordered) > 1:
+        rewards = ", ".join(f"{reward:.3f}" for (_, reward), _ in ordered)
+        ax.text(0.0, -0.2, f"π_ref is shown {len(ordered)} times ({rewards}): the same model, its reward "
+                "estimated on different samples;\neach line starts at the estimate its own run measured.",
+                transform=ax.transAxes, fontsize=7, color=MUTED, va="top")
 
 
 def _runs_with(runs: Sequence[tuple[str, dict[str, Any]]], select: Any,
