@@ -290,6 +290,8 @@ def test_trls_documented_script_config_keeps_the_model_and_the_dataset(tmp_path,
     # flash_attention_2 is no dpokit kernel: auto (the same numbers within float tolerance), said in the file.
     assert cfg.model.attn_implementation == "auto"
     assert "flash_attention_2" in (tmp_path / "dpokit.yaml").read_text()
+    kwargs = translate({"model_init_kwargs": '{"dtype": "bfloat16", "attn_implementation": "flash_attention_2"}'})
+    assert kwargs.config["model"] == {"dtype": "bfloat16", "attn_implementation": "auto"}  # TRL's JSON string form
     assert (cfg.data.train, cfg.data.train_split) == ("trl-lib/ultrafeedback_binarized:default", "train")
     assert (cfg.data.eval, cfg.data.eval_split) == ("trl-lib/ultrafeedback_binarized:default", "test")
     # dataset_num_proc is the tokenizing processes (data.num_proc); save_steps -1 is "never" in transformers
@@ -442,3 +444,18 @@ def test_dataset_mixtures_map_when_one_whole_dataset_and_are_named_otherwise():
     assert handbook.config["data"] | {} == {**handbook.config["data"], "train": "a/b", "train_split": "train_sft",
                                             "eval": "a/b", "eval_split": "test_sft"}
     dpokit.load_config(handbook.config)
+
+
+def test_load_in_4bit_maps_to_model_quantize_where_dpokit_has_it(monkeypatch):
+    # The key is checked at run time: a dpokit whose ModelConfig has ``quantize`` gets nf4, none a named line.
+    import dpokit.config
+
+    class WithQuantize(dpokit.config.ModelConfig):
+        quantize: str | None = None
+
+    monkeypatch.setattr(dpokit.config, "ModelConfig", WithQuantize)
+    four = translate({"use_peft": True, "load_in_4bit": True})
+    assert four.config["model"]["quantize"] == "nf4" and "load_in_4bit" not in four.unmapped
+    fp4 = translate({"use_peft": True, "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"})
+    assert "quantize" not in fp4.config["model"] and "fp4" in fp4.unmapped["bnb_4bit_quant_type"]
+    assert "load_in_8bit" in translate({"use_peft": True, "load_in_8bit": True}).unmapped

@@ -140,6 +140,13 @@ def _model_kwargs(kwargs: Any, out: Any) -> None:
     """TRL's ``model_init_kwargs``, passed to ``from_pretrained`` over ModelConfig's values."""
     if not kwargs:
         return
+    if isinstance(kwargs, str):  # the command line's form, a JSON object
+        import json
+
+        try:
+            kwargs = json.loads(kwargs)
+        except ValueError:
+            pass
     if not isinstance(kwargs, dict):
         out.unmapped["model_init_kwargs"] = "expected a mapping"
         return
