@@ -338,7 +338,8 @@ def test_mpos_weighted_sum_is_what_the_rpo_mapping_computes():
     trl = (0.8 * -torch.nn.functional.logsigmoid(beta * h)
            + 0.2 * (-torch.nn.functional.logsigmoid(beta * (pc - rc)) - torch.nn.functional.logsigmoid(-beta * (pr - rr)))
            + 1.0 * (-pc / lengths))
-    # float32 sums of a few terms of size ~3: a few ulps of 3 (2.4e-7 each) at most.
+    # Both sides are float32 sums of at most 6 rounded terms, each below 8 in size: every rounding is at most
+    # half an ulp of 8 (4.8e-7), so they differ by under 6 x 2 x 4.8e-7 = 5.7e-6 on any hardware.
     torch.testing.assert_close(0.8 * rpo + 0.2 * bco, trl, rtol=0, atol=1e-5)
 
 
@@ -459,3 +460,18 @@ def test_load_in_4bit_maps_to_model_quantize_where_dpokit_has_it(monkeypatch):
     fp4 = translate({"use_peft": True, "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"})
     assert "quantize" not in fp4.config["model"] and "fp4" in fp4.unmapped["bnb_4bit_quant_type"]
     assert "load_in_8bit" in translate({"use_peft": True, "load_in_8bit": True}).unmapped
+
+
+def test_a_warmup_ratio_run_refuses_a_longer_resume():
+    # Growing max_steps on resume is allowed under a constant schedule because the lr after warmup stays; with
+    # warmup_ratio the warmup itself grows with the steps (ceil(ratio x total)), so the change is refused.
+    from dpokit.errors import ConfigError
+    from dpokit.resume import check_resume_settings
+
+    saved = dpokit.load_config({"train": {"max_steps": 10, "warmup_ratio": 0.5}})
+    longer = dpokit.load_config({"train": {"max_steps": 40, "warmup_ratio": 0.5}})
+    with pytest.raises(ConfigError, match="train.max_steps: changed"):
+        check_resume_settings(saved.model_dump(mode="json"), longer, "data", "data")
+    steps = dpokit.load_config({"train": {"max_steps": 40, "warmup_steps": 5}})
+    assert check_resume_settings(dpokit.load_config({"train": {"max_steps": 10, "warmup_steps": 5}}).model_dump(
+        mode="json"), steps, "data", "data") is None
