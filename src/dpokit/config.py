@@ -188,6 +188,9 @@ class TrainConfig(_Section):
     """AdamW betas."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup from 0 to ``lr`` over this many optimizer steps (the paper: 150)."""
+    warmup_ratio: float | None = Field(None, ge=0, le=1)
+    """Warmup as a fraction of the run's optimizer steps instead: ceil(ratio x total steps), transformers' rule
+    (TRL's ``warmup_ratio``). Exclusive with ``warmup_steps``."""
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate shape after warmup: constant, linear decay to 0, or cosine decay to 0."""
     max_grad_norm: float | None = Field(10.0, gt=0)
@@ -228,6 +231,12 @@ class TrainConfig(_Section):
     """Stop after this many consecutive steps whose loss or gradients were not finite (each is skipped)."""
     progress: bool = Field(True, json_schema_extra=NEUTRAL)
     """Show a progress bar on an interactive terminal (a line every ~10% otherwise)."""
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainConfig:
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise ValueError("warmup_ratio: give warmup_steps or warmup_ratio, not both")
+        return self
 
 
 class EvalConfig(_Section):

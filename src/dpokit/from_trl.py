@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 from dpokit.errors import ConfigError
+from dpokit.from_trl_loss import loss_section
+from dpokit.from_trl_script import MODEL_MAPPED, MODEL_REASONS, data_section, model_section
 
 TRL_DEFAULTS: dict[str, Any] = {
     "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "learning_rate": 1e-6,
@@ -47,7 +49,7 @@ MAPPED: dict[str, str] = {
     "learning_rate": "train.lr", "per_device_train_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum", "num_train_epochs": "train.epochs",
     "max_steps": "train.max_steps", "warmup_steps": "train.warmup_steps",
-    "warmup_ratio": "train.warmup_steps (ratio x max_steps)", "lr_scheduler_type": "train.scheduler",
+    "warmup_ratio": "train.warmup_ratio", "lr_scheduler_type": "train.scheduler",
     "weight_decay": "train.weight_decay", "adam_beta1": "train.adam_betas[0]", "adam_beta2": "train.adam_betas[1]",
     "max_grad_norm": "train.max_grad_norm", "optim": "train.optimizer", "seed": "train.seed",
     "bf16": "train.precision", "fp16": "train.precision", "gradient_checkpointing": "train.gradient_checkpointing",
@@ -58,12 +60,13 @@ MAPPED: dict[str, str] = {
     "precompute_ref_log_probs": "reference.mode store", "precompute_ref_batch_size": "reference.batch_size",
     "disable_dropout": "model.disable_dropout", "trust_remote_code": "model.trust_remote_code",
     "model_init_kwargs": "model.dtype, attn_implementation, "
-    "trust_remote_code, revision", "eval_steps": "eval.every", "per_device_eval_batch_size": "eval.batch_size",
+    "trust_remote_code, revision", **MODEL_MAPPED, "eval_steps": "eval.every", "per_device_eval_batch_size": "eval.batch_size",
     "output_dir": "run_dir", "use_logits_to_keep": "(always: dpokit computes response logits only)",
     "report_to": "log.report_to", "run_name": "log.run_name", "sync_ref_model": "reference.sync",
     "ref_model_sync_steps": "reference.sync.every", "ref_model_mixup_alpha": "reference.sync.alpha",
 }
-"""TRL key -> where it goes in dpokit (the table in docs/from-trl.md)."""
+"""TRL key (``DPOConfig``'s, and those ``TrlParser`` reads from the same file: ``from_trl_script``) -> where it
+goes in dpokit (the table in docs/from-trl.md)."""
 
 REASONS: dict[str, str] = {
     "max_completion_length": "dpokit has no separate completion limit: prompt + response fit data.max_length, the "
@@ -75,7 +78,6 @@ REASONS: dict[str, str] = {
     "ref_adapter_name": "the reference with LoRA is the policy with its adapter disabled (reference.mode: adapter)",
     "force_use_ref_model": "set model.ref_name_or_path for a separate reference model",
     "ref_model_init_kwargs": "the reference loads like the policy (model.ref_name_or_path)",
-    "dataset_num_proc": "tokenization is streamed in one process",
     "padding_value": "dpokit pads with the tokenizer's pad token (or packs without padding)",
     "label_pad_token_id": "dpokit masks prompt and padding itself",
     "is_encoder_decoder": "dpokit trains causal language models only",
@@ -85,6 +87,7 @@ REASONS: dict[str, str] = {
     "pad_to_multiple_of": "dpokit packs sequences without padding (train.layout: packed) or pads to the longest",
     "pad_token": "dpokit pads with the tokenizer's pad token (or packs without padding)",
     "router_aux_loss_coef": "mixture-of-experts router losses are not added",
+    **MODEL_REASONS,
 }
 """Why a TRL key has no dpokit counterpart."""
 
@@ -96,21 +99,17 @@ IGNORABLE = {
     "local_rank", "ddp_find_unused_parameters", "ddp_backend", "save_safetensors", "save_only_model",
     "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "include_num_input_tokens_seen",
     "bf16_full_eval", "fp16_full_eval", "tf32", "torch_compile", "use_cpu", "no_cuda", "label_names",
+    "gradient_checkpointing_kwargs", "hub_model_revision",
 }
 """transformers ``Trainer`` housekeeping with no effect on what is learned (logging, hub, dataloader workers):
 named as not carried over, without a warning tone."""
 
-LOSSES_WITH_SMOOTHING_IN_TRL = {"sigmoid", "robust", "exo_pair", "aot", "aot_pair", "aot_unpaired", "bco_pair"}
-"""TRL losses whose formula reads ``label_smoothing``; the others ignore it silently (bco_pair reads it only in
-some TRL versions)."""
-TRL_RENAMES = {"aot_pair": "aot_unpaired"}
-"""TRL's ``aot_pair`` is AOT for unpaired data (its docstring), dpokit's ``aot_unpaired``."""
 TR_DPO = {"ref_model_mixup_alpha", "ref_model_sync_steps"}
 """Read by TRL only with ``sync_ref_model``."""
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
 OPTIMIZERS = {"adamw_torch": "adamw", "adamw_hf": "adamw", "adamw_torch_fused": "adamw", "adamw": "adamw",
-              "rmsprop": "rmsprop"}
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+              "paged_adamw_32bit": "adamw", "rmsprop": "rmsprop"}
+"""``paged_adamw_32bit`` is AdamW with fp32 states that bitsandbytes pages to CPU memory: the same update."""
 
 
 @dataclass
@@ -156,15 +155,22 @@ def read_trl_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def translate(trl: dict[str, Any]) -> Translation:
-    """The dpokit config equivalent to the TRL ``DPOConfig`` fields ``trl``."""
+def translate(trl: dict[str, Any], label_smoothing: str = "ignore") -> Translation:
+    """The dpokit config equivalent to the TRL config ``trl`` (``DPOConfig`` fields, and the ``ModelConfig`` and
+    ``ScriptArguments`` ones TRL's parser reads from the same file). ``label_smoothing`` chooses what
+    ``loss_type: sigmoid`` with label smoothing becomes: ``ignore`` (TRL 1.x's sigmoid ignores it) or ``cdpo``
+    (TRL before 1.0 read it as cDPO's flip rate)."""
     from dpokit.losses import LOSSES
 
+    if label_smoothing not in ("ignore", "cdpo"):
+        raise ConfigError(f"label_smoothing: '{label_smoothing}' is not ignore or cdpo")
     out = Translation()
     given = dict(trl)
     values = {**trl_defaults(), **{k: v for k, v in given.items() if v is not None}}
-    _loss(values, given, out, set(LOSSES))
+    loss_section(values, given, out, set(LOSSES), label_smoothing)
     _training(values, given, out)
+    model_section(given, out)
+    data_section(given, out)
     for key in given:
         if key in MAPPED or key in out.unmapped:
             continue
@@ -211,71 +217,6 @@ def _at_default(key: str, value: Any) -> bool:
     return default is not None and value == getattr(default, "value", default)
 
 
-def _loss(values: dict[str, Any], given: dict[str, Any], out: Translation, known: set[str]) -> None:
-    out.put("loss.beta", float(values["beta"]))
-    loss_type = values["loss_type"]
-    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    names = [TRL_RENAMES.get(n, n) for n in names]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        out.unmapped["loss_type"] = f"'{unknown[0]}' has no dpokit loss (known: {', '.join(sorted(known))})"
-        names = [n for n in names if n in known] or ["sigmoid"]
-    smoothing = float(values.get("label_smoothing") or 0.0)
-    if smoothing:
-        if names == ["sigmoid"]:
-            names = ["cdpo"]  # TRL's sigmoid loss with label_smoothing is cDPO's formula
-            out.notes.append("loss_type sigmoid with label_smoothing is cDPO in TRL: loss.name cdpo")
-        elif not any(n in LOSSES_WITH_SMOOTHING_IN_TRL | {"cdpo"} for n in names):
-            out.unmapped["label_smoothing"] = (f"TRL ignores it silently for loss_type {loss_type}; dpokit refuses a "
-                                               "parameter its loss does not use, so it is left out")
-            smoothing = 0.0
-    rpo_alpha = values.get("rpo_alpha")
-    if rpo_alpha is not None:
-        if names == ["sigmoid"]:
-            names = ["rpo"]
-            out.put("loss.alpha", float(rpo_alpha))
-        else:
-            out.unmapped["rpo_alpha"] = ("dpokit's rpo is the sigmoid loss plus the NLL term; TRL's rpo_alpha on "
-                                         f"loss_type {loss_type} has no counterpart")
-    divergence = values.get("f_divergence_type")
-    divergence = getattr(divergence, "value", divergence)
-    if divergence not in (None, "reverse_kl"):
-        if names == ["sigmoid"] and "f_dpo" in known:
-            names = ["f_dpo"]
-            out.put("loss.f_divergence", str(divergence))
-            if divergence == "alpha_divergence":  # TRL's default (0.5 in 1.x, 1.0 before) written out
-                out.put("loss.f_alpha_divergence_coef", float(values["f_alpha_divergence_coef"]))
-        else:
-            out.unmapped["f_divergence_type"] = f"an f-divergence with loss_type {loss_type} has no counterpart"
-    elif given.get("f_alpha_divergence_coef") not in (None, TRL_DEFAULTS["f_alpha_divergence_coef"], 1.0):
-        out.unmapped["f_alpha_divergence_coef"] = "used by TRL only with f_divergence_type alpha_divergence"
-    weights = values.get("loss_weights")
-    if len(names) > 1 or weights:
-        weights = list(weights or [1.0] * len(names))
-        if len(weights) != len(names):
-            raise ConfigError(f"loss_weights: {len(weights)} weights for {len(names)} loss types")
-        out.put("loss.weights", {n: float(w) for n, w in zip(names, weights)})
-    else:
-        out.put("loss.name", names[0])
-    if smoothing:
-        out.put("loss.label_smoothing", smoothing)
-    elif "exo_pair" in names:
-        out.notes.append("exo_pair with label_smoothing 0 is 1e-3 in TRL, dpokit's default: left unset")
-    if values.get("reference_free"):
-        if names == ["sigmoid"]:
-            out.put("loss.reference_free", True)
-        else:
-            out.unmapped["reference_free"] = f"dpokit takes reference_free with the sigmoid loss only, not {names}"
-    if "discopop" in names and values.get("discopop_tau") is not None:
-        out.put("loss.discopop_tau", float(values["discopop_tau"]))
-    elif given.get("discopop_tau") not in (None, 0.05):
-        out.unmapped["discopop_tau"] = "used by TRL only with loss_type discopop"
-    if values.get("use_weighting"):
-        out.put("loss.use_weighting", True)
-    if values.get("ld_alpha") is not None:
-        out.put("loss.ld_alpha", float(values["ld_alpha"]))
-
-
 def _training(values: dict[str, Any], given: dict[str, Any], out: Translation) -> None:
     out.put("train.lr", float(values["learning_rate"]))
     out.put("train.batch_size", int(values["per_device_train_batch_size"]))
@@ -287,24 +228,7 @@ def _training(values: dict[str, Any], given: dict[str, Any], out: Translation) -
         out.put("train.epochs", float(values["num_train_epochs"]))
     scheduler = values.get("lr_scheduler_type")
     scheduler = getattr(scheduler, "value", scheduler)
-    warmup_value = float(values.get("warmup_steps") or 0)
-    # transformers 5 reads a warmup_steps below 1 as a fraction of the steps (warmup_ratio's successor)
-    warmup = int(warmup_value) if warmup_value >= 1 else 0
-    ratio = float(values.get("warmup_ratio") or 0.0) or (warmup_value if 0 < warmup_value < 1 else 0.0)
-    if not warmup and ratio:
-        if max_steps > 0:
-            warmup = math.ceil(ratio * max_steps)
-        else:
-            out.unmapped["warmup_ratio"] = ("needs the number of steps, which depends on the data; set "
-                                            "train.warmup_steps (or give max_steps)")
-    if scheduler in SCHEDULERS:
-        out.put("train.scheduler", SCHEDULERS[scheduler])
-        if scheduler == "constant" and warmup:
-            out.unmapped["warmup_steps"] = "TRL's 'constant' scheduler ignores warmup (use constant_with_warmup)"
-            warmup = 0
-    else:
-        out.unmapped["lr_scheduler_type"] = f"'{scheduler}' has no dpokit counterpart (constant, linear, cosine)"
-    out.put("train.warmup_steps", warmup)
+    _warmup(values, scheduler, out)
     out.put("train.weight_decay", float(values["weight_decay"]))
     out.put("train.adam_betas", [float(values["adam_beta1"]), float(values["adam_beta2"])])
     norm = float(values.get("max_grad_norm") or 0.0)
@@ -324,15 +248,11 @@ def _training(values: dict[str, Any], given: dict[str, Any], out: Translation) -
         out.put("train.gradient_checkpointing", True)
     if "padding_free" in given:
         out.notes.append("padding_free: dpokit packs without padding by default (train.layout: packed)")
-    for trl_key, key in (("logging_steps", "train.log_every"), ("save_steps", "train.save_every"),
-                         ("save_total_limit", "train.keep_checkpoints"), ("eval_steps", "eval.every"),
-                         ("per_device_eval_batch_size", "eval.batch_size"),
-                         ("precompute_ref_batch_size", "reference.batch_size")):
-        value = given.get(trl_key)
-        if isinstance(value, (int, float)) and value >= 1 and float(value).is_integer():
-            out.put(key, int(value))
-        elif value is not None and trl_key in ("logging_steps", "save_steps", "eval_steps"):
-            out.unmapped[trl_key] = "a fraction of the run's steps; give a whole number of steps"
+    _intervals(given, max_steps, out)
+    if "max_length" in given and given["max_length"] is None:
+        out.unmapped["max_length"] = (f"null (TRL: no truncation) has no dpokit counterpart: dpokit needs a limit; "
+                                      f"data.max_length: {values['max_length']} (TRL's default) is written, raise "
+                                      "it to your longest prompt + response")
     out.put("data.max_length", int(values["max_length"]))
     out.put("data.max_prompt_length", _prompt_limit(values, given, out))
     if values.get("truncation_mode", "keep_end") != "keep_end":
@@ -348,12 +268,60 @@ def _training(values: dict[str, Any], given: dict[str, Any], out: Translation) -
                                        "alpha": float(values["ref_model_mixup_alpha"])})
     if "disable_dropout" in given:
         out.put("model.disable_dropout", bool(given["disable_dropout"]))
-    if given.get("trust_remote_code"):
-        out.put("model.trust_remote_code", True)
-    _model_kwargs(given.get("model_init_kwargs"), out)
     if given.get("output_dir"):
         out.put("run_dir", str(given["output_dir"]))
     _log_keys(given, out)
+
+
+def _warmup(values: dict[str, Any], scheduler: Any, out: Translation) -> None:
+    """``warmup_steps``, or ``warmup_ratio`` as ``train.warmup_ratio`` (ceil(ratio x total steps) at the start of
+    the run, transformers' rule). transformers 5 has no warmup_ratio: a warmup_steps below 1 is the ratio; in
+    transformers 4 a warmup_steps above 0 overrides warmup_ratio."""
+    steps = float(values.get("warmup_steps") or 0)
+    ratio = float(values.get("warmup_ratio") or 0.0)
+    if 0 < steps < 1:
+        steps, ratio = 0, steps
+    elif steps >= 1 and ratio:
+        out.unmapped["warmup_ratio"] = "warmup_steps overrides it in transformers; warmup_steps is written"
+        ratio = 0.0
+    if scheduler in SCHEDULERS:
+        out.put("train.scheduler", SCHEDULERS[scheduler])
+        if scheduler == "constant" and (steps or ratio):
+            out.unmapped["warmup_steps"] = "TRL's 'constant' scheduler ignores warmup (use constant_with_warmup)"
+            steps = ratio = 0
+    else:
+        out.unmapped["lr_scheduler_type"] = f"'{scheduler}' has no dpokit counterpart (constant, linear, cosine)"
+    if ratio:
+        out.put("train.warmup_ratio", ratio)
+    else:
+        out.put("train.warmup_steps", int(steps))
+
+
+def _intervals(given: dict[str, Any], max_steps: int, out: Translation) -> None:
+    """Step intervals. transformers reads a value in (0, 1) as that fraction of the run's steps, rounded up, and
+    a save_steps, eval_steps or logging_steps of 0 or below as never (its callback tests ``steps > 0``); saving
+    and evaluating happen only under their ``*_strategy: steps`` (save_steps: the default)."""
+    strategy = {"save_steps": given.get("save_strategy", "steps"),
+                "eval_steps": given.get("eval_strategy", given.get("evaluation_strategy", "no"))}
+    for trl_key, key in (("logging_steps", "train.log_every"), ("save_steps", "train.save_every"),
+                         ("save_total_limit", "train.keep_checkpoints"), ("eval_steps", "eval.every"),
+                         ("per_device_eval_batch_size", "eval.batch_size"),
+                         ("precompute_ref_batch_size", "reference.batch_size")):
+        value = given.get(trl_key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if getattr(strategy.get(trl_key), "value", strategy.get(trl_key)) not in (None, "steps"):
+            continue  # TRL saves or evaluates by epoch or not at all: dpokit saves and evaluates at the end
+        if value >= 1 and float(value).is_integer():
+            out.put(key, int(value))
+        elif 0 < value < 1 and trl_key in ("logging_steps", "save_steps", "eval_steps"):
+            if max_steps > 0:
+                out.put(key, max(1, math.ceil(value * max_steps)))
+            else:
+                out.unmapped[trl_key] = (f"{value:g} of the run's steps, which depend on the data here; give a "
+                                         "whole number of steps")
+        elif value <= 0 and trl_key == "logging_steps":
+            out.unmapped[trl_key] = "never logging is not supported (metrics.jsonl gets every step)"
 
 
 def _prompt_limit(values: dict[str, Any], given: dict[str, Any], out: Translation) -> int:
@@ -374,26 +342,6 @@ def _prompt_limit(values: dict[str, Any], given: dict[str, Any], out: Translatio
                          f"data.max_prompt_length: {longest}")
         return longest
     return int(limit)
-
-
-def _model_kwargs(kwargs: Any, out: Translation) -> None:
-    if not kwargs:
-        return
-    if not isinstance(kwargs, dict):
-        out.unmapped["model_init_kwargs"] = "expected a mapping"
-        return
-    left = []
-    for key, value in kwargs.items():
-        if key in ("torch_dtype", "dtype") and str(value) in DTYPES:
-            out.put("model.dtype", DTYPES[str(value)])
-        elif key == "attn_implementation" and value in ("eager", "sdpa", "flash_attention_2"):
-            out.put("model.attn_implementation", value)
-        elif key in ("trust_remote_code", "revision"):
-            out.put(f"model.{key}", value)
-        else:
-            left.append(f"{key}={value}")
-    if left:
-        out.unmapped["model_init_kwargs"] = f"no dpokit counterpart for {', '.join(left)}"
 
 
 def _log_keys(given: dict[str, Any], out: Translation) -> None:
@@ -423,9 +371,14 @@ def _log_keys(given: dict[str, Any], out: Translation) -> None:
 
 def render(translation: Translation, source: str) -> str:
     """The dpokit config as YAML, with what was not carried over as comments on top."""
-    lines = [f"# dpokit config translated from the TRL DPOConfig {source} (dpokit config from-trl).",
-             "# Settings the file left out that change the result take TRL's defaults.",
-             "# Set data.train (and data.eval) and model.name_or_path: a DPOConfig does not name them."]
+    lines = [f"# dpokit config translated from the TRL config {source} (dpokit config from-trl).",
+             "# Settings the file left out that change the result take TRL's defaults."]
+    missing = [k for k, section, key in (("model.name_or_path", "model", "name_or_path"),
+                                        ("data.train", "data", "train"))
+               if not translation.config.get(section, {}).get(key)]
+    if missing:
+        lines.append(f"# Set {' and '.join(missing)}: the file does not name them (model_name_or_path, "
+                     "dataset_name).")
     for note in translation.notes:
         lines.append(f"# note: {note}")
     for key, reason in translation.unmapped.items():

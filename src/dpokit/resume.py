@@ -34,7 +34,8 @@ from dpokit.io import write_text
 
 GROWABLE = ("train.max_steps", "train.epochs")
 """May change on resume while the learning rate is constant after warmup (to train longer); a decaying schedule
-is stretched by them, so then they are guarded like every other result-altering key."""
+is stretched by them, and a ``train.warmup_ratio`` warmup lengthened, so then they are guarded like every other
+result-altering key."""
 
 SAMPLED_PER_PROCESS = frozenset({"online", "ppo"})
 """Kinds of training (``Task.name``) whose steps sample responses in each process, seeded by (seed, step,
@@ -128,7 +129,8 @@ def check_resume_settings(saved: dict[str, Any], current: Config, data_fingerpri
                      "a run that was not split differently")
         before = {k: v for k, v in before.items() if k not in SPLIT}
         after = {k: v for k, v in after.items() if k not in SPLIT}
-    growable = GROWABLE if current.train.scheduler == "constant" else ()
+    # A warmup_ratio's warmup grows with the steps: then they are guarded too.
+    growable = GROWABLE if current.train.scheduler == "constant" and current.train.warmup_ratio is None else ()
     for key in sorted(set(before) | set(after)):
         if key not in growable and before.get(key) != after.get(key):
             raise ConfigError(f"{key}: changed since the checkpoint "
