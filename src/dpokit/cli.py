@@ -316,9 +316,10 @@ def _add_config(sub: Any) -> None:
     """``dpokit config from-trl``."""
     config = sub.add_parser("config", help="config tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
-    trl = config_sub.add_parser("from-trl", help="a TRL DPOConfig (YAML or JSON of its fields) as a dpokit config; "
+    trl = config_sub.add_parser("from-trl", help="a TRL DPO config file (DPOConfig, ModelConfig and "
+                                                 "script fields, as TrlParser reads them) as a dpokit config; "
                                                  "keys that cannot be mapped are named with the reason")
-    trl.add_argument("file", help="YAML or JSON file of DPOConfig fields")
+    trl.add_argument("file", help="YAML or JSON file of TRL's DPOConfig, ModelConfig and ScriptArguments fields")
     trl.add_argument("--out", help="write the dpokit config here (default: stdout)")
     trl.set_defaults(func=cmd_config_from_trl)
 
