@@ -728,7 +728,7 @@ def test_serve_beyond_loopback_makes_up_a_token_and_prints_it(monkeypatch):
     monkeypatch.setattr("dpokit.serve.engine.check_run_dir", lambda run_dir: None)
     monkeypatch.setattr("dpokit.serve.engine.load_playground", lambda *a, **k: StubPlayground())
 
-    def fake_create_app(playground, local_only, token):
+    def fake_create_app(playground, local_only, token, api=False):
         seen.update(local_only=local_only, token=token)
         raise KeyboardInterrupt  # stop before serving
 

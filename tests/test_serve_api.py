@@ -3,6 +3,12 @@ samples equal ``generate`` (policy and reference alike), a stream reassembles to
 get a 4xx in OpenAI's error shape, the token is required beyond loopback, and dpokit's own LLM judge can use it."""
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -228,3 +234,34 @@ def test_dpokit_llm_judge_gets_its_answer_from_the_server(api, playground):
     assert verdict.reply == samples[0].text and verdict.retries == 0
     expected_outcome = {None: "malformed", "tie": "tie"}.get(parse_reply(samples[0].text))
     assert expected_outcome is None or verdict.outcome == expected_outcome
+
+
+def test_without_api_there_is_no_v1(playground):
+    with start_in_thread(create_app(playground)) as running:
+        status, body = call(running.url + "v1/models")
+        assert status == 404 and body["error"]["type"] == "invalid_request_error"
+
+
+def test_dpokit_serve_api_command_prints_the_base_url_and_answers(tiny_run):  # noqa: F811
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "dpokit", "serve", str(tiny_run), "--port", "0", "--api"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        base, output = None, []
+        deadline = time.time() + 120
+        while base is None and time.time() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if found := re.search(r"base_url (http://127\.0\.0\.1:\d+/v1)", line):
+                base = found.group(1)
+        assert base, "".join(output)
+        status, body = call(base + "/completions", {"model": "policy", "prompt": "Hi", "max_tokens": 3})
+        assert status == 200 and body["usage"]["completion_tokens"] >= 1
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
