@@ -174,6 +174,13 @@ def test_bad_requests_get_a_4xx_in_openai_error_shape(api, route, body, status, 
     assert error["param"] == param and error["message"]
 
 
+def test_oversized_bodies_and_other_content_types_are_refused_in_openai_error_shape(api):
+    status, body = call(api + "/completions", b"{" + b" " * (64 * 1024) + b"}")
+    assert status == 413 and body["error"]["type"] == "invalid_request_error"
+    status, body = call(api + "/completions", b"{}", {"Content-Type": "text/plain"})
+    assert status == 415 and body["error"]["message"].startswith("send the request as JSON")
+
+
 def test_a_prompt_over_the_context_is_refused_not_truncated(api):
     status, body = call(api + "/completions", {"model": "policy", "prompt": "hi " * 2500})
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
