@@ -162,6 +162,8 @@ def test_stop_strings_cut_the_text_before_them(api, playground):
     ("chat/completions", {"model": "policy", "messages": CHAT, "top_k": 5}, 400, "top_k"),
     ("chat/completions", {"model": "policy", "messages": CHAT, "stop": [""]}, 400, "stop"),
     ("completions", {"model": "policy", "prompt": "hi", "echo": True}, 400, "echo"),
+    ("completions", {"model": "policy", "prompt": "hi", "logprobs": 0}, 400, "logprobs"),
+    ("completions", {"model": "policy", "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("completions", {"model": "policy", "prompt": [1, 2, 3]}, 400, "prompt"),
     ("completions", {"model": "policy", "prompt": "hi " * 2500}, 400, "prompt"),
     ("completions", b"{not json", 400, None),
@@ -187,8 +189,9 @@ def test_a_prompt_over_the_context_is_refused_not_truncated(api):
 
 
 def test_harmless_fields_are_ignored_and_max_tokens_is_an_upper_bound(api, playground):
-    request = {"model": "policy", "messages": CHAT, "temperature": 0, "user": "me", "presence_penalty": 0,
-               "logprobs": False, "max_tokens": 10**6}
+    # Neutral values as clients send them: 0.0 for a penalty (JSON has no int/float distinction a client keeps).
+    request = {"model": "policy", "messages": CHAT, "temperature": 0, "user": "me", "presence_penalty": 0.0,
+               "frequency_penalty": 0, "logprobs": False, "tool_choice": "none", "max_tokens": 10**6}
     status, body = call(api + "/chat/completions", request)
     assert status == 200
     assert body["usage"]["completion_tokens"] <= playground.limits.max_new_tokens
@@ -272,3 +275,28 @@ def test_dpokit_serve_api_command_prints_the_base_url_and_answers(tiny_run):  # 
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_a_foreign_host_is_refused(playground):
+    import dataclasses
+    import http.client
+    import threading
+
+    from dpokit.serve.engine import Job, Limits
+
+    app = create_app(dataclasses.replace(playground, limits=Limits(max_queue=0)), api=True)
+    gate, started = threading.Event(), threading.Event()
+    with start_in_thread(app) as running:
+        app.state.worker.submit(Job(lambda emit, cancelled: (started.set(), gate.wait(30)), emit=lambda e: None))
+        try:
+            assert started.wait(30)
+            status, body = call(running.url + "v1/completions", {"model": "policy", "prompt": "Hi"})
+            assert status == 503 and body["error"]["type"] == "server_error"
+        finally:
+            gate.set()
+        host, port = running.url[len("http://"):].rstrip("/").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/v1/models", headers={"Host": "attacker.example"})
+        response = conn.getresponse()
+        assert response.status == 400 and "attacker.example" in json.loads(response.read())["error"]["message"]
+        conn.close()

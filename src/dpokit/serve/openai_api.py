@@ -127,7 +127,7 @@ class OpenAIApi:
             raise ApiError("the request must be a JSON object")
         for key, value in payload.items():
             if key in NEUTRAL:
-                if not any(value == ok and type(value) is type(ok) for ok in NEUTRAL[key]):
+                if not any(_same(value, ok) for ok in NEUTRAL[key]):
                     raise ApiError(f"{key}: not supported by dpokit serve (got {_show(value)}); leave it out",
                                    param=key, code="unsupported_parameter")
             elif key not in FIELDS[kind] and key not in IGNORED:
@@ -298,6 +298,12 @@ class StopText:
         self.text += piece
         self.finish = finish
         return piece
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """``value`` is the neutral value: equal, and a boolean only where one is meant (``0 == False`` in Python,
+    but ``logprobs: 0`` asks a completion for log-probabilities); 0.0 and 0 are one JSON number."""
+    return isinstance(value, bool) == isinstance(neutral, bool) and value == neutral
 
 
 def _content(value: Any, where: str) -> str:
