@@ -151,17 +151,18 @@ class OpenAIApi:
             raise ApiError("stream_options: only with stream: true", param="stream_options")
         if set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
             raise ApiError("stream_options: expected {\"include_usage\": true or false}", param="stream_options")
-        cap = min(self.playground.limits.max_new_tokens, room)
+        limits = self.playground.limits
+        cap = min(limits.max_new_tokens, room)
         key = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
         wanted = _checked(key, _integer_or_none, payload, 1, 2**31 - 1)
         params = SamplingParams(
             max_new_tokens=cap if wanted is None else min(wanted, cap),
-            temperature=_checked("temperature", _number_or_none, payload, 0.0, 2.0, 1.0),
+            temperature=_checked("temperature", _number_or_none, payload, 0.0, limits.max_temperature, 1.0),
             top_p=_checked("top_p", _number_or_none, payload, 0.0, 1.0, 1.0, True),
             seed=_checked("seed", _integer_or_none, payload, 0, 2**63 - 1) if payload.get("seed") is not None
             else secrets.randbits(63),
             batch_size=1)
-        n = _checked("n", _integer_or_none, payload, 1, self.playground.limits.max_samples) or 1
+        n = _checked("n", _integer_or_none, payload, 1, limits.max_samples) or 1
         params = dataclasses.replace(params, batch_size=n)  # the n choices are one batch
         return Completion(kind, model, self.aliases[model], prompt_ids, n, params, self._stops(payload), stream,
                           bool(options.get("include_usage", False)))
