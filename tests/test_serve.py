@@ -728,7 +728,7 @@ def test_serve_beyond_loopback_makes_up_a_token_and_prints_it(monkeypatch):
     monkeypatch.setattr("dpokit.serve.engine.check_run_dir", lambda run_dir: None)
     monkeypatch.setattr("dpokit.serve.engine.load_playground", lambda *a, **k: StubPlayground())
 
-    def fake_create_app(playground, local_only, token):
+    def fake_create_app(playground, local_only, token, api=False):
         seen.update(local_only=local_only, token=token)
         raise KeyboardInterrupt  # stop before serving
 
@@ -739,3 +739,22 @@ def test_serve_beyond_loopback_makes_up_a_token_and_prints_it(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         app_module.serve("RUN", host="127.0.0.1", port=0, log=lambda line: None)
     assert seen == {"local_only": True, "token": None}
+
+
+def test_max_queue_zero_serves_one_request_at_a_time_and_refuses_the_rest():
+    """``--max-queue 0``: a request to an idle server runs; one while another runs gets QueueFull (503)."""
+    gate, started, done = threading.Event(), threading.Event(), threading.Event()
+    worker = Worker(max_queue=0)
+    try:
+        worker.submit(Job(lambda emit, cancelled: (started.set(), gate.wait(10)), emit=lambda e: None))
+        assert started.wait(10)
+        with pytest.raises(QueueFull):
+            worker.submit(Job(lambda emit, cancelled: None, emit=lambda e: None))
+        gate.set()
+        while worker._busy:
+            time.sleep(0.01)
+        worker.submit(Job(lambda emit, cancelled: done.set(), emit=lambda e: None))
+        assert done.wait(10)
+    finally:
+        gate.set()
+        worker.close()

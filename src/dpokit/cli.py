@@ -151,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dpokit.serve import serve
 
     serve(args.run_dir, ref=args.ref, host=args.host, port=args.port, reward=args.reward, precision=args.precision,
-          max_queue=args.max_queue, token=args.token or os.environ.get("DPOKIT_SERVE_TOKEN") or None)
+          max_queue=args.max_queue, token=args.token or os.environ.get("DPOKIT_SERVE_TOKEN") or None, api=args.api)
     return 0
 
 
@@ -301,6 +301,8 @@ def _add_serve(sub: Any) -> None:
     serve.add_argument("--token", help="access token every request must carry (?token=, 'Authorization: Bearer' "
                                        "or X-Dpokit-Token); default: $DPOKIT_SERVE_TOKEN, else one made up and "
                                        "printed when --host is not loopback, none on loopback")
+    serve.add_argument("--api", action="store_true",
+                       help="also serve an OpenAI-compatible API under /v1 (models 'policy' and 'reference')")
     serve.set_defaults(func=cmd_serve)
 
 

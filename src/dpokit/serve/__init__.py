@@ -4,6 +4,7 @@ by side, streaming both responses, with their implicit rewards beta * (log pi(y|
 - ``sampling``: token-by-token sampling (the loop of ``dpokit.generate``, one step at a time)
 - ``engine``: request checks, the job (sample, stream, score), the one-worker FIFO queue
 - ``app``: the Starlette app and the uvicorn server; ``index.html``: the page
+- ``openai_api``, ``openai_routes``: ``--api``, the OpenAI-compatible ``/v1`` routes on the same server
 """
 
 from __future__ import annotations

@@ -84,7 +84,12 @@ class AsciiJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-def error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+def error(message: str, status: int, headers: dict[str, str] | None = None, scope: Any = None) -> JSONResponse:
+    """``{"error": message}``; under ``/v1/`` (``--api``) OpenAI's shape, which its clients read."""
+    if scope is not None and str(scope.get("path", "")).startswith("/v1/"):
+        from dpokit.serve.openai_api import error_body
+
+        return AsciiJSONResponse(error_body(message, status), status_code=status, headers=headers)
     return AsciiJSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -112,7 +117,7 @@ class LocalHostOnly:
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             if host_name(host) not in LOCAL_NAMES:
                 answer = error(f"this server answers requests for 127.0.0.1 or localhost only, not '{host}' "
-                               "(dpokit serve --host chooses where it listens)", 400)
+                               "(dpokit serve --host chooses where it listens)", 400, scope=scope)
                 await answer(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -168,7 +173,7 @@ class TokenRequired:
         if not ok:
             answer = error("this server needs its access token: open the URL dpokit serve printed (?token=...) "
                            "or send the header 'Authorization: Bearer TOKEN'", 401,
-                           {"WWW-Authenticate": 'Bearer realm="dpokit serve"'})
+                           {"WWW-Authenticate": 'Bearer realm="dpokit serve"'}, scope)
             await answer(scope, receive, send)
             return
         if not offered[0]:
@@ -185,10 +190,12 @@ class TokenRequired:
         await self.app(scope, receive, send_with_cookie)
 
 
-def create_app(playground: Playground, local_only: bool = True, token: str | None = None) -> Starlette:
+def create_app(playground: Playground, local_only: bool = True, token: str | None = None,
+               api: bool = False) -> Starlette:
     """The app. Its worker thread starts here; ``app.state.worker.close()`` stops it. ``local_only``: refuse
     requests not addressed to 127.0.0.1 / localhost (right when listening on a loopback address). ``token``:
-    refuse requests that do not carry it (``TokenRequired``)."""
+    refuse requests that do not carry it (``TokenRequired``). ``api``: serve the OpenAI-compatible ``/v1``
+    routes too (``dpokit.serve.openai_api``), on the same worker as the page."""
     page, policy = page_and_policy()
     worker = Worker(playground.limits.max_queue)
     limit = playground.limits.max_body_bytes
@@ -225,14 +232,19 @@ def create_app(playground: Playground, local_only: bool = True, token: str | Non
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return error(exc.detail, exc.status_code, dict(exc.headers or {}))
+        return error(exc.detail, exc.status_code, dict(exc.headers or {}), request.scope)
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         traceback.print_exception(exc, file=sys.stderr)
-        return error(f"internal error ({type(exc).__name__}); see the server log", 500)
+        return error(f"internal error ({type(exc).__name__}); see the server log", 500, scope=request.scope)
 
-    app = Starlette(routes=[Route("/", index, methods=["GET"]), Route("/api/info", info, methods=["GET"]),
-                            Route("/api/generate", generate, methods=["POST"])],
+    routes = [Route("/", index, methods=["GET"]), Route("/api/info", info, methods=["GET"]),
+              Route("/api/generate", generate, methods=["POST"])]
+    if api:
+        from dpokit.serve.openai_routes import api_routes
+
+        routes += api_routes(playground, worker, RETRY_AFTER_S)
+    app = Starlette(routes=routes,
                     middleware=([Middleware(LocalHostOnly)] if local_only else [])
                     + ([Middleware(TokenRequired, token=token)] if token else []),
                     exception_handlers={HTTPException: http_error, Exception: internal_error})
@@ -380,7 +392,7 @@ def start_in_thread(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> R
 
 def serve(run_dir: str, ref: str | None = None, host: str = "127.0.0.1", port: int = 7860,
           reward: str | None = None, precision: str = "auto", max_queue: int = MAX_QUEUE,
-          token: str | None = None, log: Any = print) -> None:
+          token: str | None = None, api: bool = False, log: Any = print) -> None:
     """``dpokit serve``: load the run, listen, and serve until interrupted (Ctrl+C). Beyond loopback every
     request needs ``token`` (made up here when not given); on loopback only when one is given."""
     from dpokit.rewards import get_reward
@@ -400,12 +412,15 @@ def serve(run_dir: str, ref: str | None = None, host: str = "127.0.0.1", port: i
         log(f"loading {run_dir} ...")
         playground = load_playground(run_dir, ref=ref, reward=reward, precision=precision,
                                      limits=Limits(max_queue=max_queue), note=log)
-        app = create_app(playground, local_only=is_loopback(host), token=token)
+        app = create_app(playground, local_only=is_loopback(host), token=token, api=api)
         if not is_loopback(host):
             log(f"note: listening on {host}: only requests carrying the access token are answered")
         url = url_of(sock) + (f"?token={token}" if token else "")
         log(f"dpokit serve: {url}  (beta={playground.scorer.beta:g}, reference: "
             f"{playground.reference_name}; Ctrl+C stops)")
+        if api:
+            log(f"OpenAI-compatible API: base_url {url_of(sock)}v1, models policy and reference"
+                + (", api_key: the token" if token else ""))
         try:
             uvicorn_server(app).run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C once it has shut down; stopping is the normal end

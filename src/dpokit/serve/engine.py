@@ -360,8 +360,10 @@ class Worker:
         with self._cond:
             if self._closed:
                 raise QueueFull("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting already; try again in a moment")
+            # Waiting means behind a running job: an idle worker takes a job at once, also with max_queue 0.
+            if len(self._waiting) + self._busy > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting behind the running one already (at "
+                                f"most {self.max_queue}); try again in a moment")
             job.ticket = next(self._tickets)
             job.emit({"type": "queued", "ticket": job.ticket, "ahead": len(self._waiting) + self._busy})
             self._waiting.append(job)
