@@ -103,7 +103,7 @@ def test_in_memory_rows_train_exactly_as_the_same_rows_in_a_file(tmp_path, from_
     assert (counts["rows_read"], counts["rows_kept"], counts["dropped"]) == (18, 16, {"chosen_equals_rejected": 1,
                                                                                      "duplicate": 1})
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    lines = "\n".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in preference_rows())
+    lines = "".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n" for row in preference_rows())
     assert saved["data"]["train"] == f"<in-memory:train_data:sha256:{hashlib.sha256(lines.encode()).hexdigest()}>"
     assert saved["data"]["eval"].startswith("<in-memory:eval_data:sha256:")
     assert (run_dir / "final" / "config.json").is_file()
@@ -168,13 +168,14 @@ def test_in_memory_input_that_is_not_rows_is_one_line():
     from dpokit.data import memory
 
     with pytest.raises(DataError, match=r"^train_data: a DatasetDict \(splits 'train'\); pass one split"):
-        memory.serialize(datasets.DatasetDict({"train": datasets.Dataset.from_list(HELD_OUT)}), "train_data")
+        list(memory.serialize(datasets.DatasetDict({"train": datasets.Dataset.from_list(HELD_OUT)}), "train_data"))
     with pytest.raises(DataError, match=r"^eval_data: expected a datasets.Dataset, a list of dicts or a pandas "
                                         r"DataFrame, got builtins.str"):
-        memory.serialize("rows.jsonl", "eval_data")
+        list(memory.serialize("rows.jsonl", "eval_data"))
     with pytest.raises(DataError, match=r"^train_data\[1\]: not JSON data"):
-        memory.serialize([HELD_OUT[0], {"prompt": object()}], "train_data")
-    assert memory.serialize([{"score": numpy.float32(0.5), "ids": numpy.arange(2)}], "x") == ['{"score":0.5,"ids":[0,1]}']
+        list(memory.serialize([HELD_OUT[0], {"prompt": object()}], "train_data"))
+    cells = [{"score": numpy.float32(0.5), "ids": numpy.arange(2)}]  # as Dataset/DataFrame cells often are
+    assert list(memory.serialize(cells, "x")) == ['{"score":0.5,"ids":[0,1]}']
 
 
 def test_resuming_an_in_memory_run_needs_the_same_rows(tmp_path):

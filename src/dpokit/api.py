@@ -143,16 +143,19 @@ def _lora_settings(model: Any) -> dict[str, Any]:
 
 def _with_settings(config: ConfigSource, overrides: list[str] | None, kwargs: dict[str, Any],
                    settings: dict[str, Any]) -> Config:
-    """The config with the model object's settings in; a ``model.lora`` of the config that a PeftModel's
-    adapters replace is said in one line (the config is read without them first, when it validates so)."""
-    if "model.lora" in settings:
-        try:
-            own = load_config(config, overrides, **kwargs).model.lora
-        except DpokitError:  # e.g. reference.mode: adapter, valid only with the adapters in
-            own = None
-        if own is not None and own.model_dump() != settings["model.lora"]:
-            _note(f"model.lora: the PeftModel's adapters are trained ({settings['model.lora']}), not those of "
-                  f"the config ({own.model_dump()})")
+    """The config with the model object's settings in. A value the config sets itself and the object replaces
+    is said in one line (the config is read without them first, when it validates so)."""
+    try:
+        own = load_config(config, overrides, **kwargs).model
+    except DpokitError:  # e.g. reference.mode: adapter, valid only with a PeftModel's adapters in
+        own = None
+    for key, value in settings.items():
+        field = key.split(".")[1]
+        if own is not None and field in own.model_fields_set:
+            before = getattr(own, field)
+            before = before.model_dump() if hasattr(before, "model_dump") else before
+            if before is not None and before != value:
+                _note(f"{key}: {value} (the model object's), not the config's {before}")
     given = {key.replace(".", "__"): value for key, value in settings.items()}
     return load_config(config, overrides, **kwargs, **given)
 

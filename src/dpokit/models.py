@@ -193,8 +193,8 @@ def resolve(name_or_path: str, gguf_file: str | None = None, revision: str | Non
             key: str = "model.name_or_path") -> ModelSource:
     """Turn a config's model name into something loadable, converting GGUF files to a cached folder."""
     if name_or_path.startswith(IN_MEMORY):  # what a run trained from a model object records (``dpokit.api``)
-        raise ModelError(f"{key}: {name_or_path} was a model object given in memory; give it again from Python: "
-                         "dpokit.train(config, model=model, tokenizer=tokenizer, ...)")
+        raise ModelError(f"{key}: {name_or_path} was a model object given in memory, not a model dpokit can load; "
+                         "give it again from Python: dpokit.train(config, model=model, tokenizer=tokenizer, ...)")
     if name_or_path == TINY_NAME:
         return ModelSource("tiny", TINY_NAME)
     if name_or_path == EMBEDDED_NAME:

@@ -1,9 +1,10 @@
 """Preference rows given in memory (``dpokit.train(config, train_data=..., eval_data=...)``): a
 ``datasets.Dataset``, a list of dicts or a pandas ``DataFrame``, read by the same pipeline and cache as a file.
 
-Each row is serialized once to compact JSON (keys in the order given, UTF-8, no spaces): those lines are what
-the pipeline reads (parsed back exactly as the lines of a JSONL file are, so the same rows give the same groups,
-counts and errors from memory as from a file), and their sha256 is the rows' content hash. The hash names the
+Each row is serialized once to compact JSON (keys in the order given, UTF-8, no spaces), spooled to a temporary
+file for the duration of the call: those lines are what the pipeline reads (parsed back exactly as the lines of
+a JSONL file are, so the same rows give the same groups, counts and errors from memory as from a file), and
+their sha256 (each line with its newline) is the rows' content hash. The hash names the
 source in the run's config (``data.train: "<in-memory:train_data:sha256:HEX>"``), in the data cache's key and
 in the resume fingerprint: a resumed run must be given the same rows again.
 
@@ -15,8 +16,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
+import tempfile
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from dpokit.errors import DataError
@@ -25,8 +29,9 @@ LABELS = ("train_data", "eval_data")
 """The keyword arguments that carry rows, and so the names their rows' locations start with."""
 _MARKER = re.compile(r"<in-memory:(train_data|eval_data):sha256:([0-9a-f]{64})>")
 
-_GIVEN: dict[str, list[str]] = {}
-"""The rows of every source given in this process and not yet released, as JSON lines, by marker."""
+_GIVEN: dict[str, Path] = {}
+"""Where the JSON lines of every source given in this process and not yet released are spooled, by marker: a
+temporary file, so a large dataset is not held twice in memory while it is tokenized."""
 
 
 def is_memory(source: str) -> bool:
@@ -40,18 +45,23 @@ def label(source: str) -> str:
 
 
 def digest(source: str) -> str:
-    """The rows' sha256 (of their JSON lines joined by newlines), read from the marker itself."""
+    """The rows' sha256 (of their JSON lines, each ending in a newline), read from the marker itself."""
     return _parse(source)[1]
 
 
 def given_digest(source: str) -> str:
-    """:func:`digest`, after checking that the rows were given (:func:`lines`)."""
-    lines(source)
+    """:func:`digest`, after checking that the rows were given (one line naming the problem otherwise)."""
+    _spool(source)
     return digest(source)
 
 
-def lines(source: str) -> list[str]:
-    """The JSON lines of the rows ``source`` names; one line naming the problem when they were not given."""
+def lines(source: str) -> Iterator[str]:
+    """The JSON lines of the rows ``source`` names, in order; one line naming the problem when they were not
+    given in this call."""
+    return _read(_spool(source))
+
+
+def _spool(source: str) -> Path:
     name = label(source)
     if source not in _GIVEN:
         key = "data.train" if name == "train_data" else "data.eval"
@@ -60,42 +70,59 @@ def lines(source: str) -> list[str]:
     return _GIVEN[source]
 
 
+def _read(path: Path) -> Iterator[str]:
+    # newline="": only "\n" ends a line (JSON escapes it inside strings; U+2028 and a lone CR stay text).
+    with path.open(encoding="utf-8", newline="") as f:
+        for line in f:
+            yield line.removesuffix("\n")
+
+
 @contextlib.contextmanager
 def given(data: Mapping[str, Any]) -> Iterator[dict[str, str]]:
-    """Serialize each ``{label: rows}`` (``train_data``/``eval_data``; None entries skipped), make its rows
-    readable by the pipeline for the duration of the block, and give each label's marker (the source to put in
-    ``data.train`` / ``data.eval``)."""
+    """Serialize each ``{label: rows}`` (``train_data``/``eval_data``; None entries skipped) into a temporary
+    file, make its rows readable by the pipeline for the duration of the block, and give each label's marker
+    (the source to put in ``data.train`` / ``data.eval``). The files are removed at the end of the block."""
     markers: dict[str, str] = {}
     added: list[str] = []
+    spooled: list[Path] = []
     try:
         for name, rows in data.items():
             if rows is None:
                 continue
-            text = serialize(rows, name)
-            source = f"<in-memory:{name}:sha256:{hashlib.sha256(chr(10).join(text).encode()).hexdigest()}>"
+            handle, path_name = tempfile.mkstemp(prefix=f"dpokit-{name}-", suffix=".jsonl")
+            path = Path(path_name)
+            spooled.append(path)
+            digest, count = hashlib.sha256(), 0
+            with os.fdopen(handle, "w", encoding="utf-8", newline="") as f:
+                for line in serialize(rows, name):
+                    text = line + "\n"
+                    f.write(text)
+                    digest.update(text.encode("utf-8"))
+                    count += 1
+            if not count:
+                raise DataError(f"{name}: no rows found")
+            source = f"<in-memory:{name}:sha256:{digest.hexdigest()}>"
             markers[name] = source
             if source not in _GIVEN:
-                _GIVEN[source] = text
+                _GIVEN[source] = path
                 added.append(source)
         yield markers
     finally:
         for source in added:
             _GIVEN.pop(source, None)
+        for path in spooled:
+            path.unlink(missing_ok=True)
 
 
-def serialize(rows: Any, name: str) -> list[str]:
+def serialize(rows: Any, name: str) -> Iterator[str]:
     """One compact JSON line per row of ``rows`` (see :func:`as_rows`). NumPy and pandas scalars and arrays
     become their Python values (``tolist``), as ``Dataset``/``DataFrame`` cells often are; any other value JSON
     cannot hold is refused, naming its row."""
-    out = []
     for i, row in enumerate(as_rows(rows, name)):
         try:
-            out.append(json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=_plain))
+            yield json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=_plain)
         except (TypeError, ValueError) as exc:
             raise DataError(f"{name}[{i}]: not JSON data ({exc})") from None
-    if not out:
-        raise DataError(f"{name}: no rows found")
-    return out
 
 
 def as_rows(rows: Any, name: str) -> Iterator[Any]:
