@@ -55,10 +55,8 @@ def train(config: ConfigSource = None, overrides: list[str] | None = None, *, mo
         raise ConfigError("tokenizer: given without model=; a model loaded from model.name_or_path uses its own "
                           "tokenizer (give both objects, or neither)")
     peft = model is not None and _is_peft(model)
-    given: dict[str, Any] = {}
     if model is not None:
-        given = _model_settings(model, peft)
-        cfg = _with_settings(config, overrides, kwargs, given)
+        cfg = _with_settings(config, overrides, kwargs, _model_settings(model, peft))
         if task == "rm" or (task == "dpo" and (cfg.online.reward or cfg.online.judge_url)):
             what = "dpokit rm" if task == "rm" else "online DPO"
             raise ConfigError(f"model: {what} loads its model from model.name_or_path; a model object trains "
