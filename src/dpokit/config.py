@@ -7,6 +7,7 @@ naming the key. The fully resolved config is saved into the run directory as ``c
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -527,7 +528,7 @@ def load_config(source: str | Path | dict[str, Any] | Config | None = None, over
     elif isinstance(source, Config):
         tree = source.model_dump(mode="json")
     elif isinstance(source, dict):
-        tree = dict(source)
+        tree = copy.deepcopy(source)  # overrides are set into nested sections: never the caller's
     else:
         name = str(source)
         tree = read_yaml_tree(source)

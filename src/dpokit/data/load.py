@@ -7,6 +7,7 @@ lives, so every later error can point at it:
 - JSONL and CSV: ``path:LINE`` (1-based physical line; for a CSV record spanning lines, its first line)
 - JSON, Parquet: ``path:row N`` (0-based index, as in ``rows[N]`` / ``table.slice(N)``)
 - hub dataset: ``id[split]:row N``
+- rows given in memory (``dpokit.data.memory``): ``train_data[N]`` / ``eval_data[N]`` (0-based, as Python indexes)
 
 JSONL, CSV and Parquet are streamed row by row; a JSONL line is read with a size cap (``max_line_bytes``) so one
 corrupt multi-gigabyte line cannot exhaust memory: the rest of such a line is skipped in 1 MiB reads, never held.
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from dpokit.data import memory
 from dpokit.errors import DataError
 
 _BOM = b"\xef\xbb\xbf"
@@ -97,7 +99,9 @@ def scan_records(source: str, split: str = "train", max_rows: int | None = None,
         exists = path.exists()
     except OSError:  # a name the OS refuses (too long, bad characters) cannot be a file here
         exists = False
-    if exists:
+    if memory.is_memory(source):
+        rows = _memory_records(source, max_line_bytes)
+    elif exists:
         rows = _file_records(path, split, max_line_bytes)
     elif _looks_like_path(source):
         raise DataError(f"{source}: file not found")
@@ -383,6 +387,18 @@ def _parquet_records(path: Path) -> Scanned:
                 index += 1
 
 
+def _memory_records(source: str, max_line_bytes: int) -> Scanned:
+    """Rows given in memory: their JSON lines read as a JSONL file's are, located ``train_data[N]``."""
+    name = memory.label(source)
+    for index, text in enumerate(memory.lines(source)):
+        location = f"{name}[{index}]"
+        if len(text.encode()) > max_line_bytes:
+            yield RowError(f"{location}: row longer than data.max_line_bytes ({max_line_bytes} bytes as JSON)",
+                           "line_too_long")
+        else:
+            yield _parse_line(text, location)
+
+
 # -------------------------------------------------------------------------------------------------------- hub
 
 def _hub_records(source: str, split: str, streaming: bool = False) -> Scanned:
@@ -416,10 +432,18 @@ def _hub_records(source: str, split: str, streaming: bool = False) -> Scanned:
 # ---------------------------------------------------------------------------------------------------- helpers
 
 def location_prefix(source: str, split: str) -> str:
-    """What the locations of ``source``'s rows start with (see the module docstring): the file's path, or
-    ``id[split]`` for a hub dataset."""
+    """What the locations of ``source``'s rows start with (see the module docstring): the file's path,
+    ``id[split]`` for a hub dataset, or ``train_data`` / ``eval_data`` for rows given in memory."""
+    if memory.is_memory(source):
+        return memory.label(source)
     path = Path(source).expanduser()
     return str(path) if path.exists() else f"{source}[{split}]"
+
+
+def row_location(prefix: str, index: int) -> str:
+    """The location of the row at ``index`` of a source whose rows are numbered rather than lines:
+    ``prefix:row N``, or ``train_data[N]`` for rows given in memory."""
+    return f"{prefix}[{index}]" if prefix in memory.LABELS else f"{prefix}:row {index}"
 
 
 def _as_row(obj: Any, location: str) -> Record | RowError:

@@ -1,0 +1,234 @@
+"""The Python API a TRL user writes: objects in memory instead of paths.
+
+    run_dir = dpokit.train(config, model=model, tokenizer=tokenizer, train_data=dataset, eval_data=held_out)
+
+- ``config``: a YAML path, a dict or a :class:`~dpokit.config.Config` (``**overrides`` as ``train__lr=1e-6``);
+- ``model``: a transformers ``PreTrainedModel`` (``model.lora`` in the config adds adapters as usual) or a peft
+  ``PeftModel``, whose adapters are the LoRA trained (its adapter config is recorded as ``model.lora``). The
+  object is trained in place, as TRL trains it; ``RUN_DIR/final`` holds the result as for any run;
+- ``tokenizer``: required with a model object, unless the object's own ``name_or_path`` names a tokenizer that
+  loads (what ``AutoTokenizer.from_pretrained(model.config._name_or_path)`` would find);
+- ``train_data`` / ``eval_data``: a ``datasets.Dataset``, a list of dicts or a pandas ``DataFrame``, read by
+  the same pipeline and cache as a file (``dpokit.data.memory``): the same validation, counts and one-line
+  errors, located ``train_data[17]``.
+
+The run's ``config.yaml`` records what came in memory: ``data.train: "<in-memory:train_data:sha256:HEX>"`` (the
+rows' content hash) and ``model.name_or_path: "<in-memory:NAME>"``. Resuming such a run needs the same objects
+again: other rows are refused as changed data, and rows or a model not given are said in one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dpokit.config import Config, LoraConfig, load_config, read_yaml_tree
+from dpokit.data import memory
+from dpokit.errors import ConfigError, DpokitError
+from dpokit.models import (
+    IN_MEMORY,
+    Models,
+    ModelSource,
+    apply_lora,
+    disable_dropout,
+    freeze,
+    load_model,
+    load_tokenizer,
+    resolve,
+)
+from dpokit.train import train as train_from_config
+
+ConfigSource = str | Path | dict[str, Any] | Config | None
+DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16"}
+
+
+def train(config: ConfigSource = None, overrides: list[str] | None = None, *, model: Any = None,
+          tokenizer: Any = None, train_data: Any = None, eval_data: Any = None, resume: bool = False,
+          force: bool = False, task: str = "dpo", **kwargs: Any) -> Path:
+    """Train and return the run directory, as ``dpokit.train.train`` does (see there for ``overrides``,
+    ``resume``, ``force``, ``task`` and ``kwargs``), with any of the model, tokenizer and data given as objects
+    (see the module docstring); those not given come from the config as usual."""
+    if tokenizer is not None and model is None:
+        raise ConfigError("tokenizer: given without model=; a model loaded from model.name_or_path uses its own "
+                          "tokenizer (give both objects, or neither)")
+    peft = model is not None and _is_peft(model)
+    if model is not None:
+        cfg = _with_settings(config, overrides, kwargs, _model_settings(model, peft))
+        if task == "rm" or (task == "dpo" and (cfg.online.reward or cfg.online.judge_url)):
+            what = "dpokit rm" if task == "rm" else "online DPO"
+            raise ConfigError(f"model: {what} loads its model from model.name_or_path; a model object trains "
+                              "with dpokit train (offline DPO and its variants) and dpokit sft")
+        tokenizer = _tokenizer(model, tokenizer)
+    else:
+        cfg = load_config(config, overrides, **kwargs)
+    if resume or cfg.train.resume == "auto":
+        _check_given_again(cfg, model, train_data)
+    if model is None and train_data is None and eval_data is None:
+        return train_from_config(cfg, resume=resume, force=force, task=task)
+    with memory.given({"train_data": train_data, "eval_data": eval_data}) as markers:
+        for name, key in (("train_data", "train"), ("eval_data", "eval")):
+            if name in markers:
+                before = getattr(cfg.data, key)
+                if before and not memory.is_memory(before):
+                    _note(f"data.{key}: the rows given as {name} replace {before}")
+                setattr(cfg.data, key, markers[name])
+        load = _loader(model, tokenizer, peft) if model is not None else None
+        return train_from_config(cfg, resume=resume, force=force, task=task, load=load)
+
+
+def sft(config: ConfigSource = None, overrides: list[str] | None = None, **kwargs: Any) -> Path:
+    """:func:`train` with ``task="sft"`` (``dpokit.train.sft``), objects accepted as there."""
+    return train(config, overrides, task="sft", **kwargs)
+
+
+def rm(config: ConfigSource = None, overrides: list[str] | None = None, **kwargs: Any) -> Path:
+    """:func:`train` with ``task="rm"`` (``dpokit.train.rm``); in-memory data accepted (the model is loaded
+    from the config: it becomes a reward model)."""
+    return train(config, overrides, task="rm", **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------- the model
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def _model_settings(model: Any, peft: bool) -> dict[str, Any]:
+    """The config values a model object decides: its name (marked in-memory), its dtype and, for a
+    PeftModel, its adapters (``model.lora``)."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise ConfigError(f"model: expected a transformers PreTrainedModel or a peft PeftModel, got "
+                          f"{type(model).__module__}.{type(model).__name__}")
+    dtype = str(next(model.parameters()).dtype)
+    if dtype not in DTYPE_NAMES:
+        raise ConfigError(f"model: its weights are {dtype}; dpokit trains float32 or bfloat16 weights "
+                          "(model.to(torch.float32) or torch.bfloat16)")
+    name = model_name(model)
+    settings: dict[str, Any] = {"model.name_or_path": f"{IN_MEMORY}:{name}>" if name else f"{IN_MEMORY}>",
+                                "model.dtype": DTYPE_NAMES[dtype]}
+    if peft:
+        settings["model.lora"] = _lora_settings(model)
+    return settings
+
+
+def model_name(model: Any) -> str:
+    """The object's ``name_or_path`` (a PeftModel's base model's), else its config's ``_name_or_path``."""
+    base = model.get_base_model() if _is_peft(model) else model
+    return str(getattr(base, "name_or_path", "") or getattr(base.config, "_name_or_path", "") or "")
+
+
+def _lora_settings(model: Any) -> dict[str, Any]:
+    """``model.lora`` as the PeftModel's one active adapter is configured."""
+    adapters = model.peft_config
+    active = getattr(model, "active_adapter", None)
+    if len(adapters) != 1 or active not in adapters:
+        raise ConfigError(f"model: a PeftModel with {len(adapters)} adapters ({', '.join(adapters)}); dpokit "
+                          "trains one (delete the others, or merge them into the base first)")
+    adapter = adapters[active]
+    if type(adapter).__name__ != "LoraConfig":
+        raise ConfigError(f"model: a PeftModel with a {type(adapter).__name__} adapter; dpokit trains LoRA "
+                          "adapters")
+    targets = adapter.target_modules
+    targets = sorted(targets) if isinstance(targets, (set, frozenset, list, tuple)) else targets
+    return LoraConfig(r=adapter.r, alpha=adapter.lora_alpha, dropout=adapter.lora_dropout,
+                      target_modules=targets).model_dump()
+
+
+def _with_settings(config: ConfigSource, overrides: list[str] | None, kwargs: dict[str, Any],
+                   settings: dict[str, Any]) -> Config:
+    """The config with the model object's settings in. A value the config sets itself and the object replaces
+    is said in one line (the config is read without them first, when it validates so)."""
+    try:
+        own = load_config(config, overrides, **kwargs).model
+    except DpokitError:  # e.g. reference.mode: adapter, valid only with a PeftModel's adapters in
+        own = None
+    for key, value in settings.items():
+        field = key.split(".")[1]
+        if own is not None and field in own.model_fields_set:
+            before = getattr(own, field)
+            before = before.model_dump() if hasattr(before, "model_dump") else before
+            if before is not None and before != value:
+                _note(f"{key}: {value} (the model object's), not the config's {before}")
+    given = {key.replace(".", "__"): value for key, value in settings.items()}
+    return load_config(config, overrides, **kwargs, **given)
+
+
+def _tokenizer(model: Any, tokenizer: Any) -> Any:
+    """The tokenizer given, else the one the model's own name loads; checked against the embedding size."""
+    if tokenizer is None:
+        name = model_name(model)
+        if not name:
+            raise ConfigError("tokenizer: required with a model object that has no name_or_path: "
+                              "dpokit.train(config, model=model, tokenizer=tokenizer, ...)")
+        try:
+            tokenizer = load_tokenizer(resolve(name, key="model"))
+        except DpokitError as exc:
+            raise ConfigError(f"tokenizer: not given, and the model's name_or_path '{name}' gives none "
+                              f"({exc}); pass tokenizer=...") from None
+    elif getattr(tokenizer, "pad_token_id", 0) is None:
+        # Padding positions are masked out everywhere, so any id serves; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ConfigError(f"tokenizer: {len(tokenizer)} tokens, but the model's embedding has {rows} rows; "
+                          "give the model's own tokenizer")
+    return tokenizer
+
+
+def _loader(model: Any, tokenizer: Any, peft: bool) -> Callable[[Config, str, Callable[[str], None]], Models]:
+    """``Task.load`` for a model object: as ``dpokit.models.load_models`` builds the models from a loaded
+    policy. The reference, when one is held, is a frozen copy of the object's starting weights (a PeftModel's
+    merged), or ``model.ref_name_or_path`` loaded."""
+
+    def load(cfg: Config, reference: str, note: Callable[[str], None]) -> Models:
+        base = model.get_base_model() if peft else model
+        base.config._attn_implementation = cfg.model.attn_implementation  # resolved for this run by now
+        if cfg.model.disable_dropout:
+            disable_dropout(model)
+        model.train()
+        source = ModelSource("memory", cfg.model.name_or_path)
+        ref_source, frozen = source, None
+        if cfg.model.ref_name_or_path is not None:
+            ref_source = resolve(cfg.model.ref_name_or_path, cfg.model.ref_gguf_file, cfg.model.revision,
+                                 key="model.ref_name_or_path")
+        if reference == "always" or (reference == "if_different" and ref_source != source):
+            if ref_source == source:
+                frozen = copy.deepcopy(model)
+                frozen = frozen.merge_and_unload() if peft else frozen
+            else:
+                frozen = load_model(ref_source, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                    attn_implementation=cfg.model.attn_implementation, vocab_size=len(tokenizer))
+            freeze(frozen)
+        policy = apply_lora(model, cfg.model.lora) if cfg.model.lora is not None and not peft else model
+        return Models(policy, frozen, tokenizer, source, ref_source)
+
+    return load
+
+
+# -------------------------------------------------------------------------------------------------- resuming
+
+def _check_given_again(cfg: Config, model: Any, train_data: Any) -> None:
+    """A run trained from objects in memory resumes only with objects again: one line when they are missing
+    (other objects than the run's are refused by the resume check, as changed settings or data)."""
+    saved_path = Path(cfg.run_dir or "") / "config.yaml"
+    if not cfg.run_dir or not saved_path.is_file():
+        return
+    saved = read_yaml_tree(saved_path)
+    train = (saved.get("data") or {}).get("train") or ""
+    name = (saved.get("model") or {}).get("name_or_path") or ""
+    if train_data is None and memory.is_memory(train) and cfg.data.train != train:
+        raise ConfigError(f"data.train: the run in {cfg.run_dir} trained on rows given in memory ({train}); "
+                          "resume it with the same rows: dpokit.train(config, train_data=rows, resume=True)")
+    if model is None and name.startswith(IN_MEMORY):
+        raise ConfigError(f"model.name_or_path: the run in {cfg.run_dir} trained a model object ({name}); resume "
+                          "it with the same model: dpokit.train(config, model=model, tokenizer=tokenizer, "
+                          "resume=True)")
+
+
+def _note(message: str) -> None:
+    print(f"dpokit: {message}", file=sys.stderr, flush=True)
