@@ -1,8 +1,9 @@
 """Experiment trackers (``log.report_to``): TensorBoard, Weights & Biases, MLflow, Trackio.
 
-``metrics.jsonl`` is always written; a tracker receives the same rows under the same names (``loss``,
-``rewards/chosen``, ...; a held-out row's under ``eval/``, as transformers names them), the health warnings as
-text, and the resolved config. Only rank 0 reports (rows are reduced over ranks before they are written).
+``metrics.jsonl`` is always written under dpokit's names; a tracker receives the same rows under the names a
+TRL ``DPOTrainer`` run gives it (``tracker_names``), so the two runs overlay in one dashboard, plus the health
+warnings as text and the resolved config. Only rank 0 reports (rows are reduced over ranks before they are
+written).
 
 Each tracker is an optional extra (``pip install 'dpokit[tensorboard]'``); asking for one that is not installed
 is one line naming the extra, before any training. A tracker that fails later (network down, disk full) warns
@@ -43,11 +44,26 @@ def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a metrics row under their tracker names: a training row's as they are, a held-out
-    row's under ``eval/`` (so ``loss`` and ``eval/loss`` are two curves)."""
-    prefix = "eval/" if row.get("split") == "eval" else ""
-    return {f"{prefix}{k}": float(v) for k, v in row.items()
+    """The numbers of a metrics row under dpokit's names (``step`` and ``split`` are the row's place, not
+    values)."""
+    return {k: float(v) for k, v in row.items()
             if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+TRL_NAMES = {"lr": "learning_rate"}
+"""dpokit's name -> transformers' for the metrics both log under different names; every other shared metric
+(``loss``, ``rewards/*``, ``logps/*``, ``logits/*``, ``grad_norm``, ``epoch``, ``num_tokens``) has one name."""
+
+
+def tracker_names(row: dict[str, Any], grouped: bool = True) -> dict[str, float]:
+    """The numbers of a metrics row under the names a TRL run sends the same tracker: transformers' callbacks
+    for TensorBoard, W&B and Trackio put a training value under ``train/`` and a held-out one under ``eval/``
+    (``train/loss``, ``train/learning_rate``, ``eval/rewards/accuracies``); its MLflow callback sends the
+    Trainer's own names (``grouped=False``: ``loss``, ``learning_rate``, ``eval_loss``). dpokit-only metrics
+    (``tokens_per_second``, ``kl``, ...) follow the same rule, so they sit beside TRL's in the dashboard."""
+    held_out = row.get("split") == "eval"
+    prefix = ("eval/" if held_out else "train/") if grouped else ("eval_" if held_out else "")
+    return {f"{prefix}{TRL_NAMES.get(k, k)}": v for k, v in scalars(row).items()}
 
 
 # ------------------------------------------------------------------------------------------------- trackers
@@ -99,6 +115,7 @@ class WandB:
 
 class MLflow:
     name = "mlflow"
+    grouped = False  # transformers' MLflow callback logs the Trainer's names without train/ and eval/
 
     def __init__(self, run_dir: Path, cfg: Any, config: dict[str, Any]) -> None:
         import mlflow
@@ -182,9 +199,10 @@ class Trackers:
         if row.get("split") == "warning":
             self._each("warn", step, str(row.get("warning", "warning")), str(row.get("message", "")))
         else:
-            values = scalars(row)
-            if values:
-                self._each("log", step, values)
+            for tracker in list(self.active):
+                values = tracker_names(row, getattr(tracker, "grouped", True))
+                if values:
+                    self._guard(tracker.name, lambda t=tracker, v=values: t.log(step, v))
 
     def close(self) -> None:
         self._each("close")
