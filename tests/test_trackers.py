@@ -12,13 +12,13 @@ import dpokit
 from dpokit.config import load_config
 from dpokit.errors import ConfigError
 from dpokit.metrics import MetricsWriter, read_metrics
-from dpokit.trackers import Trackers, check_installed, report_eval, scalars, tracker_names
+from dpokit.trackers import Trackers, check_installed, install_line, report_eval, scalars, tracker_names
 from test_train import base_config
 
 
 def needs(module: str):
     return pytest.mark.skipif(importlib.util.find_spec(module) is None,
-                              reason=f"{module} is not installed (pip install 'dpokit[{module}]')")
+                              reason=f"{module} is not installed ({install_line(module)})")
 
 
 class Recorder:
@@ -121,8 +121,11 @@ def test_trl_names_of_a_row_without_any_tracker():
 
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match=r"log.report_to: mlflow is not installed; pip install 'dpokit\[mlflow\]'"):
+    with pytest.raises(ConfigError, match=r"log.report_to: mlflow is not installed; in a clone of dpokit: "
+                                          r"pip install -c constraints.txt -e '.\[mlflow\]'$"):
         check_installed(["mlflow"])
+    with pytest.raises(ConfigError, match=r"trackio is not installed; in a clone of dpokit: pip install -e '.\[trackio\]'$"):
+        check_installed(["trackio"])  # every trackio release needs pillow < 13: without the lock
     with pytest.raises(ConfigError, match="log.report_to"):
         load_config({"log": {"report_to": ["comet"]}})
     assert scalars({"step": 2, "split": "train", "loss": 1, "flag": True, "note": "x"}) == {"loss": 1.0}

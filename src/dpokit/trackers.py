@@ -5,7 +5,8 @@ TRL ``DPOTrainer`` run gives it (``tracker_names``), so the two runs overlay in 
 warnings as text and the resolved config. Only rank 0 reports (rows are reduced over ranks before they are
 written).
 
-Each tracker is an optional extra (``pip install 'dpokit[tensorboard]'``); asking for one that is not installed
+Each tracker is an optional extra of the repository (``pip install -c constraints.txt -e '.[tensorboard]'`` in
+a clone; trackio's without ``-c constraints.txt``: it needs pillow < 13); asking for one that is not installed
 is one line naming the extra, before any training. A tracker that fails later (network down, disk full) warns
 once and is dropped: training goes on and nothing waits on it again.
 """
@@ -25,11 +26,17 @@ MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "
 """Tracker -> the module it needs; the extra of the same name installs it."""
 
 
+def install_line(name: str) -> str:
+    """How to install tracker ``name``'s extra from a clone of the repository (dpokit is not on PyPI); trackio's
+    without the lock, whose pillow 13 every trackio release excludes."""
+    return f"pip install -e '.[{name}]'" if name == "trackio" else f"pip install -c constraints.txt -e '.[{name}]'"
+
+
 def check_installed(names: list[str]) -> None:
     """One line naming the extra to install for the first tracker whose package is missing."""
     for name in names:
         if importlib.util.find_spec(MODULES[name]) is None:
-            raise ConfigError(f"log.report_to: {name} is not installed; pip install 'dpokit[{name}]'")
+            raise ConfigError(f"log.report_to: {name} is not installed; in a clone of dpokit: {install_line(name)}")
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
