@@ -4,7 +4,9 @@ tracker's test reads back what it wrote with the tracker's own reader, and skips
 not installed."""
 
 import importlib.util
+import json
 import os
+import shutil
 
 import pytest
 
@@ -117,6 +119,35 @@ def test_trl_names_of_a_row_without_any_tracker():
     assert tracker_names(row) == {"train/loss": 1.0, "train/learning_rate": 2e-6, "train/skipped_steps": 0.0}
     assert tracker_names({**row, "split": "eval"}, grouped=False) == {
         "eval_loss": 1.0, "eval_learning_rate": 2e-6, "eval_skipped_steps": 0.0}
+
+
+def test_rows_carry_trls_running_token_count_and_epoch_across_a_resume(tmp_path, monkeypatch, capsys):
+    """``num_tokens`` is TRL's running total of non-padding tokens (the sum of the rows' per-step ``tokens``),
+    ``epoch`` the passes over the training pairs (pairs drawn / pairs kept); a resumed run continues both from
+    its checkpoint, and the tracker gets them as ``train/num_tokens`` and ``train/epoch``."""
+    made = []
+    monkeypatch.setitem(__import__("dpokit.trackers", fromlist=["KINDS"]).KINDS, "tensorboard",
+                        lambda *args: made.append(Recorder(*args)) or made[-1])
+    monkeypatch.setattr("dpokit.trackers.check_installed", lambda names: None)
+    cfg = base_config(tmp_path, max_steps=4, batch_size=4, log_every=1, save_every=2)
+    cfg["log"] = {"report_to": ["tensorboard"]}
+    run_dir = dpokit.train(cfg, run_dir=str(tmp_path / "run"))
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+    kept = json.loads((run_dir / "data_report.json").read_text())["train"]["rows_kept"]
+    totals = [sum(r["tokens"] for r in rows[:i + 1]) for i in range(len(rows))]
+    assert [r["num_tokens"] for r in rows] == totals and totals[-1] > 0
+    assert [r["epoch"] for r in rows] == [4 * r["step"] / kept for r in rows]  # exact: both are pair counts
+    (_, values) = made[0].rows[-1]
+    assert values["train/num_tokens"] == totals[-1] and values["train/epoch"] == rows[-1]["epoch"]
+    shutil.rmtree(run_dir / "final")
+    shutil.rmtree(run_dir / "checkpoints" / "step-4")
+    assert (run_dir / "checkpoints" / "step-2" / "COMPLETE").is_file()
+    capsys.readouterr()
+    dpokit.train(cfg, run_dir=str(run_dir), resume=True)  # from step-2: steps 3 and 4 again
+    assert "step-2 (step 2 of 4)" in capsys.readouterr().err
+    resumed = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+    assert [(r["step"], r["num_tokens"], r["epoch"]) for r in resumed] == [
+        (r["step"], r["num_tokens"], r["epoch"]) for r in rows]
 
 
 def test_a_missing_extra_is_one_line_naming_it(monkeypatch, tmp_path):
