@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 import dpokit
 from dpokit.cli import main
 from dpokit.generate import eos_token_ids
-from dpokit.hub import base_model, front_matter, refresh_card
+from dpokit.hub import _use_lines, base_model, front_matter, refresh_card
 from test_train import base_config
 
 
@@ -73,6 +73,12 @@ def test_the_card_has_a_quick_start_that_runs_the_versions_and_the_dpo_citation(
     with contextlib.redirect_stdout(printed):  # as a reader runs it, with the folder for the Hub id
         exec(snippet.replace("PATH_OR_HUB_ID", str(final)), {})
     assert printed.getvalue().strip()  # the pipeline generated a reply
+    plain = "\n".join(_use_lines("dpo", chat=False))  # a tokenizer without a chat template: a text prompt
+    (snippet,) = re.findall(r"```python\n(.*?)```", plain, flags=re.S)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(snippet.replace("PATH_OR_HUB_ID", str(final)), {})
+    assert '"Once upon a time"' in snippet and printed.getvalue().strip()
     versions = {"dpokit": dpokit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                 "peft": peft.__version__}  # a LoRA run: peft too
     assert front_matter(card)["dpokit"]["versions"] == versions
