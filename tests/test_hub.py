@@ -1,17 +1,24 @@
 """Hub-ready model folders: every ``final/`` carries a model card the Hub reads and a generation config with the
 run's EOS ids; ``dpokit export`` copies ``final/`` or a checkpoint (LoRA merged) as such a folder."""
 
+import contextlib
+import io
 import json
+import re
+from importlib.metadata import distribution
+from pathlib import Path
 
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import dpokit
 from dpokit.cli import main
 from dpokit.generate import eos_token_ids
-from dpokit.hub import base_model, front_matter, refresh_card
+from dpokit.hub import _use_lines, base_model, front_matter, refresh_card
 from test_train import base_config
 
 
@@ -55,6 +62,38 @@ def test_final_has_a_card_the_hub_reads_and_the_eos_ids(lora_run):
     assert "| reward (length) | 0.5 |" in card and "| KL(π‖π_ref), nats | 1.25 |" in card
     assert "| win rate against reference | 0.75 |" in card
     assert front_matter(card)["dpokit"]["hardware"] == facts["hardware"]
+    assert front_matter(card)["dpokit"]["versions"] == facts["versions"]  # the training's, kept
+
+
+def test_the_card_has_a_quick_start_that_runs_the_versions_and_the_dpo_citation(lora_run):
+    final = lora_run / "final"
+    card = (final / "README.md").read_text()
+    (snippet,) = re.findall(r"## Use\n\n```python\n(.*?)```", card, flags=re.S)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # as a reader runs it, with the folder for the Hub id
+        exec(snippet.replace("PATH_OR_HUB_ID", str(final)), {})
+    assert printed.getvalue().strip()  # the pipeline generated a reply
+    plain = "\n".join(_use_lines("dpo", chat=False))  # a tokenizer without a chat template: a text prompt
+    (snippet,) = re.findall(r"```python\n(.*?)```", plain, flags=re.S)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(snippet.replace("PATH_OR_HUB_ID", str(final)), {})
+    assert '"Once upon a time"' in snippet and printed.getvalue().strip()
+    versions = {"dpokit": dpokit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                "peft": peft.__version__}  # a LoRA run: peft too
+    assert front_matter(card)["dpokit"]["versions"] == versions
+    assert all(f"- {name}: {version}" in card for name, version in versions.items())
+    (bibtex,) = re.findall(r"```bibtex\n(.*?)```", card, flags=re.S)
+    assert bibtex.startswith("@inproceedings{rafailov2023direct,") and "Rafailov, Rafael" in bibtex
+    assert "Direct Preference Optimization: Your Language Model is Secretly a Reward Model" in bibtex
+    assert "pypi.org/project/dpokit" not in card  # dpokit is not on PyPI
+
+
+def test_the_readme_publishes_with_the_locked_huggingface_hub_cli():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    commands = {ep.name for ep in distribution("huggingface_hub").entry_points if ep.group == "console_scripts"}
+    used = set(re.findall(r"^(hf|huggingface-cli) upload ", readme, flags=re.M))
+    assert used == {"hf"} and used <= commands, (used, commands)
 
 
 def test_export_copies_final_and_merges_a_lora_checkpoint(lora_run, tmp_path, capsys):

@@ -1,12 +1,13 @@
 """Hub-ready model folders: the model card ``README.md`` and ``generation_config.json`` of every ``final/``, and
 ``dpokit export RUN_DIR --to DIR``. Nothing here touches the network; publishing is the Hub's own tools' job
-(``huggingface-cli upload``).
+(``hf upload ORG/NAME FOLDER``, huggingface_hub's CLI).
 
 The card's YAML front matter is what the Hub reads (``base_model``, ``library_name``, ``license``, ``tags``,
 ``datasets``, ``pipeline_tag``); dpokit keeps its own facts about the run under ``dpokit:`` there too, so the card
 can be rendered again later (after ``dpokit eval``) with the training machine's description intact. The body says
 how the model was trained (loss and beta, data rows kept and dropped, steps, precision, hardware), the final
-held-out metrics and, once ``dpokit eval`` ran, reward, KL and win rate.
+held-out metrics and, once ``dpokit eval`` ran, reward, KL and win rate; then a quick start that runs as it is
+(the Hub id or folder filled in), the framework versions it was trained with, and for DPO the paper to cite.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ TASK_TAGS = {"dpo": ["dpo"], "online": ["dpo", "online-dpo"], "sft": ["sft"], "r
 TASK_TITLES = {"dpo": "Direct Preference Optimization", "online": "online DPO (pairs sampled from the policy)",
                "sft": "supervised fine-tuning on the chosen responses", "rm": "a Bradley-Terry reward model",
                "ppo": "RLHF with PPO"}
+DPO_CITATION = """\
+@inproceedings{rafailov2023direct,
+  title     = {Direct Preference Optimization: Your Language Model is Secretly a Reward Model},
+  author    = {Rafailov, Rafael and Sharma, Archit and Mitchell, Eric and Manning, Christopher D. and
+               Ermon, Stefano and Finn, Chelsea},
+  booktitle = {Advances in Neural Information Processing Systems},
+  volume    = {36},
+  year      = {2023},
+  url       = {https://arxiv.org/abs/2305.18290}
+}"""
 HELD_OUT = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
             "logps/rejected", "accuracy", "margin", "reward", "kl", "win_rate")
 
@@ -159,12 +170,40 @@ def _number(value: Any) -> str:
 
 # ------------------------------------------------------------------------------------------------------- card
 
-def model_card(run_dir: Path, task: str, machine: str | None = None, step: int | None = None) -> str:
-    """The model card of a run's model (``final/``, or checkpoint ``step``): YAML metadata and a body."""
+def framework_versions(lora: bool) -> dict[str, str]:
+    """The versions of what trains and loads the model here: dpokit, torch, transformers, and peft for LoRA."""
+    import torch
+    import transformers
+
+    from dpokit import __version__
+
+    versions = {"dpokit": __version__, "torch": str(torch.__version__), "transformers": transformers.__version__}
+    if lora:
+        import peft
+
+        versions["peft"] = str(peft.__version__)
+    return versions
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether a saved tokenizer has a chat template (transformers 5 writes ``chat_template.jinja``; earlier
+    versions keep it in ``tokenizer_config.json``)."""
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    config = _read_json(folder / "tokenizer_config.json")
+    return isinstance(config, dict) and bool(config.get("chat_template"))
+
+
+def model_card(run_dir: Path, task: str, machine: str | None = None, step: int | None = None, *,
+               chat: bool = False, versions: dict[str, str] | None = None) -> str:
+    """The model card of a run's model (``final/``, or checkpoint ``step``): YAML metadata and a body.
+    ``chat``: the tokenizer has a chat template (the quick start sends messages); ``versions``: the framework
+    versions the run recorded (default: this process's)."""
     from dpokit import __version__
     from dpokit.config import load_config
 
     cfg = load_config(run_dir / "config.yaml")
+    versions = versions or framework_versions(cfg.model.lora is not None)
     base, license_ = base_model(cfg.model.name_or_path)
     ids, files = datasets(cfg)
     train_row, held_out = _last_rows(run_dir)
@@ -179,13 +218,13 @@ def model_card(run_dir: Path, task: str, machine: str | None = None, step: int |
     meta["tags"] = ["dpokit", *TASK_TAGS.get(task, [task])]
     if ids:
         meta["datasets"] = ids
-    meta["dpokit"] = {"version": __version__, "task": task, "step": steps, "hardware": machine,
+    meta["dpokit"] = {"version": __version__, "task": task, "step": steps, "hardware": machine, "versions": versions,
                       **({"loss": cfg.loss.name, "beta": cfg.loss.beta} if task in ("dpo", "online") else {}),
                       "precision": cfg.train.precision, **({"data_files": files} if files else {})}
 
     name = Path(cfg.run_dir).name or "model"
     lines = [f"# {name}", "",
-             f"Trained with [dpokit](https://pypi.org/project/dpokit/) {__version__}: {TASK_TITLES.get(task, task)}"
+             f"Trained with dpokit {versions.get('dpokit', __version__)}: {TASK_TITLES.get(task, task)}"
              f"{f' from `{base}`' if base else f' from `{cfg.model.name_or_path}`'}."
              f"{f' This is checkpoint step-{step}.' if step is not None else ''}", "", "## Training", "",
              "| | |", "|---|---|"]
@@ -217,11 +256,33 @@ def model_card(run_dir: Path, task: str, machine: str | None = None, step: int |
                 lines.append(f"| {label} | {_number(evaluated[key])} |")
         lines.append(f"\n{evaluated.get('n_prompts', '?')} prompts x {evaluated.get('n_samples', '?')} samples, "
                      f"{evaluated.get('max_new_tokens', '?')} new tokens at most, temperature 1.")
-    loader = "AutoModelForSequenceClassification" if task == "rm" else "AutoModelForCausalLM"
-    lines += ["", "## Use", "", "```python", f"from transformers import AutoTokenizer, {loader}", "",
-              f'model = {loader}.from_pretrained("PATH_OR_HUB_ID")',
-              'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_HUB_ID")', "```", ""]
+    lines += _use_lines(task, chat)
+    lines += ["", "## Framework versions", "", *[f"- {name}: {version}" for name, version in versions.items()]]
+    if task in ("dpo", "online"):
+        lines += ["", "## Citation", "", "Direct Preference Optimization (Rafailov et al., 2023):", "",
+                  "```bibtex", DPO_CITATION, "```"]
+    lines.append("")
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(lines)
+
+
+def _use_lines(task: str, chat: bool) -> list[str]:
+    """A quick start that runs as it is once ``PATH_OR_HUB_ID`` names the Hub id or the folder: a language model
+    answers through transformers' text-generation pipeline (which reads ``generation_config.json``'s EOS ids),
+    with chat messages when the tokenizer has a chat template; a reward model scores one text."""
+    if task == "rm":
+        return ["", "## Use", "", "```python", "import torch",
+                "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+                'model = AutoModelForSequenceClassification.from_pretrained("PATH_OR_HUB_ID")',
+                'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_HUB_ID")',
+                'inputs = tokenizer("A prompt and a response to score.", return_tensors="pt")',
+                "with torch.no_grad():", "    print(model(**inputs).logits[0, 0].item())  # the scalar reward",
+                "```"]
+    prompt = ('[{"role": "user", "content": "Write a haiku about the sea."}]' if chat
+              else '"Once upon a time"')
+    return ["", "## Use", "", "```python", "from transformers import pipeline", "",
+            'generator = pipeline("text-generation", model="PATH_OR_HUB_ID")',
+            f"prompt = {prompt}",
+            'print(generator(prompt, max_new_tokens=64, return_full_text=False)[0]["generated_text"])', "```"]
 
 
 def _data_lines(run_dir: Path, cfg: Any, ids: list[str], files: list[dict[str, str]]) -> list[str]:
@@ -264,15 +325,18 @@ def write_generation_config(model: Any, tokenizer: Any, folder: Path) -> None:
     config.save_pretrained(folder)
 
 
-def hub_files(run_dir: Path, task: str, step: int | None = None, machine: str | None = "here") -> Any:
+def hub_files(run_dir: Path, task: str, step: int | None = None, machine: str | None = "here",
+              versions: dict[str, str] | None = None) -> Any:
     """What ``export_hf`` adds to a staged model folder of this run: the card and, for a language model, the
-    generation config. ``machine``: the training hardware in words (default: this process's, ``hardware()``)."""
+    generation config. ``machine``: the training hardware in words (default: this process's, ``hardware()``);
+    ``versions``: the training's framework versions (default: this process's)."""
 
     def add(folder: Path, model: Any, tokenizer: Any) -> None:
         if task != "rm":
             write_generation_config(model, tokenizer, folder)
         described = hardware() if machine == "here" else machine
-        (folder / CARD).write_text(model_card(run_dir, task, described, step), encoding="utf-8")
+        (folder / CARD).write_text(model_card(run_dir, task, described, step, chat=has_chat_template(folder),
+                                              versions=versions), encoding="utf-8")
 
     return add
 
@@ -283,7 +347,8 @@ def refresh_card(run_dir: Path) -> None:
     if not card.is_file():
         return
     facts = front_matter(card.read_text(encoding="utf-8")).get("dpokit") or {}
-    write_text(card, model_card(run_dir, facts.get("task", "dpo"), facts.get("hardware")))
+    write_text(card, model_card(run_dir, facts.get("task", "dpo"), facts.get("hardware"),
+                                chat=has_chat_template(card.parent), versions=facts.get("versions")))
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -318,7 +383,8 @@ def _copy_final(run_dir: Path, target: Path) -> Path:
     with writing(target, "model folder"):
         tmp = staging_dir(target)
         shutil.copytree(final, tmp, dirs_exist_ok=True)
-        (tmp / CARD).write_text(model_card(run_dir, task, facts.get("hardware")), encoding="utf-8")
+        (tmp / CARD).write_text(model_card(run_dir, task, facts.get("hardware"), chat=has_chat_template(tmp),
+                                           versions=facts.get("versions")), encoding="utf-8")
         if task != "rm" and not (tmp / "generation_config.json").is_file():
             from transformers import AutoTokenizer, GenerationConfig
 
@@ -381,4 +447,5 @@ def _export_checkpoint(run_dir: Path, target: Path, checkpoint: str) -> Path:
     if target.exists():
         target.rmdir()
     return export_hf(model, tokenizer, target,
-                     add=hub_files(run_dir, task, step=int(checkpoint[5:]), machine=facts.get("hardware")))
+                     add=hub_files(run_dir, task, step=int(checkpoint[5:]), machine=facts.get("hardware"),
+                                   versions=facts.get("versions")))

@@ -3,7 +3,10 @@
 Names are shared with the DPO reference repo, TRL and torchtune so dashboards carry over: ``loss``,
 ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
 ``logps/rejected``, ``grad_norm``, ``lr``, ``tokens_per_second``, ``skipped_steps``; each row also has ``step``,
-``elapsed_s`` and ``tokens``. A reward model (``dpokit rm``) logs ``loss``, ``accuracy``, ``margin``,
+``elapsed_s`` and ``tokens``, and a training step's ``num_tokens`` (the running total of ``tokens``) and ``epoch``
+(passes over the training data), as TRL names them. Trackers get TRL's names for all of these
+(``dpokit.trackers.tracker_names``: ``lr`` is ``learning_rate``, under ``train/`` or ``eval/``); this file keeps
+dpokit's. A reward model (``dpokit rm``) logs ``loss``, ``accuracy``, ``margin``,
 ``rewards/chosen`` and ``rewards/rejected`` instead of the pair metrics.
 """
 

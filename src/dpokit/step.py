@@ -129,6 +129,8 @@ class Run:
     step: int = 0
     consumed: int = 0
     """Pairs drawn from the stream so far."""
+    tokens_seen: int = 0
+    """Non-padding tokens trained on so far, every rank's (the rows' ``num_tokens``, TRL's running total)."""
     skipped: int = 0
     consecutive_skips: int = 0
     started: float = 0.0
@@ -342,9 +344,11 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         assert isinstance(run.reference, FrozenReference)  # the config allows sync with reference.mode: model only
         sync_reference(run.reference.model, run.policy, sync.alpha)
     run.step = step
+    run.tokens_seen += stats.tokens
     seconds = time.perf_counter() - started
     return {"step": step, "split": "train", "elapsed_s": time.perf_counter() - run.started, "tokens": stats.tokens,
-            **means, "grad_norm": grad_norm, "lr": lr, "tokens_per_second": stats.tokens / seconds,
+            "num_tokens": run.tokens_seen, "epoch": run.consumed / len(run.train_items), **means,
+            "grad_norm": grad_norm, "lr": lr, "tokens_per_second": stats.tokens / seconds,
             "skipped_steps": run.skipped, "padding_fraction": 1.0 - real / max(computed, 1)}
 
 

@@ -1,10 +1,12 @@
 """Experiment trackers (``log.report_to``): TensorBoard, Weights & Biases, MLflow, Trackio.
 
-``metrics.jsonl`` is always written; a tracker receives the same rows under the same names (``loss``,
-``rewards/chosen``, ...; a held-out row's under ``eval/``, as transformers names them), the health warnings as
-text, and the resolved config. Only rank 0 reports (rows are reduced over ranks before they are written).
+``metrics.jsonl`` is always written under dpokit's names; a tracker receives the same rows under the names a
+TRL ``DPOTrainer`` run gives it (``tracker_names``), so the two runs overlay in one dashboard, plus the health
+warnings as text and the resolved config. Only rank 0 reports (rows are reduced over ranks before they are
+written).
 
-Each tracker is an optional extra (``pip install 'dpokit[tensorboard]'``); asking for one that is not installed
+Each tracker is an optional extra of the repository (``pip install -c constraints.txt -e '.[tensorboard]'`` in
+a clone; trackio's without ``-c constraints.txt``: it needs pillow < 13); asking for one that is not installed
 is one line naming the extra, before any training. A tracker that fails later (network down, disk full) warns
 once and is dropped: training goes on and nothing waits on it again.
 """
@@ -24,11 +26,17 @@ MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "
 """Tracker -> the module it needs; the extra of the same name installs it."""
 
 
+def install_line(name: str) -> str:
+    """How to install tracker ``name``'s extra from a clone of the repository (dpokit is not on PyPI); trackio's
+    without the lock, whose pillow 13 every trackio release excludes."""
+    return f"pip install -e '.[{name}]'" if name == "trackio" else f"pip install -c constraints.txt -e '.[{name}]'"
+
+
 def check_installed(names: list[str]) -> None:
     """One line naming the extra to install for the first tracker whose package is missing."""
     for name in names:
         if importlib.util.find_spec(MODULES[name]) is None:
-            raise ConfigError(f"log.report_to: {name} is not installed; pip install 'dpokit[{name}]'")
+            raise ConfigError(f"log.report_to: {name} is not installed; in a clone of dpokit: {install_line(name)}")
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -43,11 +51,26 @@ def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a metrics row under their tracker names: a training row's as they are, a held-out
-    row's under ``eval/`` (so ``loss`` and ``eval/loss`` are two curves)."""
-    prefix = "eval/" if row.get("split") == "eval" else ""
-    return {f"{prefix}{k}": float(v) for k, v in row.items()
+    """The numbers of a metrics row under dpokit's names (``step`` and ``split`` are the row's place, not
+    values)."""
+    return {k: float(v) for k, v in row.items()
             if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+TRL_NAMES = {"lr": "learning_rate"}
+"""dpokit's name -> transformers' for the metrics both log under different names; every other shared metric
+(``loss``, ``rewards/*``, ``logps/*``, ``logits/*``, ``grad_norm``, ``epoch``, ``num_tokens``) has one name."""
+
+
+def tracker_names(row: dict[str, Any], grouped: bool = True) -> dict[str, float]:
+    """The numbers of a metrics row under the names a TRL run sends the same tracker: transformers' callbacks
+    for TensorBoard, W&B and Trackio put a training value under ``train/`` and a held-out one under ``eval/``
+    (``train/loss``, ``train/learning_rate``, ``eval/rewards/accuracies``); its MLflow callback sends the
+    Trainer's own names (``grouped=False``: ``loss``, ``learning_rate``, ``eval_loss``). dpokit-only metrics
+    (``tokens_per_second``, ``kl``, ...) follow the same rule, so they sit beside TRL's in the dashboard."""
+    held_out = row.get("split") == "eval"
+    prefix = ("eval/" if held_out else "train/") if grouped else ("eval_" if held_out else "")
+    return {f"{prefix}{TRL_NAMES.get(k, k)}": v for k, v in scalars(row).items()}
 
 
 # ------------------------------------------------------------------------------------------------- trackers
@@ -99,6 +122,7 @@ class WandB:
 
 class MLflow:
     name = "mlflow"
+    grouped = False  # transformers' MLflow callback logs the Trainer's names without train/ and eval/
 
     def __init__(self, run_dir: Path, cfg: Any, config: dict[str, Any]) -> None:
         import mlflow
@@ -182,9 +206,10 @@ class Trackers:
         if row.get("split") == "warning":
             self._each("warn", step, str(row.get("warning", "warning")), str(row.get("message", "")))
         else:
-            values = scalars(row)
-            if values:
-                self._each("log", step, values)
+            for tracker in list(self.active):
+                values = tracker_names(row, getattr(tracker, "grouped", True))
+                if values:
+                    self._guard(tracker.name, lambda t=tracker, v=values: t.log(step, v))
 
     def close(self) -> None:
         self._each("close")

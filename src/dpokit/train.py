@@ -266,6 +266,7 @@ def restore(run: Run, force: bool = False) -> None:
             run.note(split)
     state = restore_checkpoint(run.checkpoint, run.policy, run.optimizer, run.scheduler, run.dist)
     run.step, run.consumed, run.skipped = state["step"], state["pairs_consumed"], state["skipped_steps"]
+    run.tokens_seen = state.get("tokens_seen", 0)  # 0 in a checkpoint written before it was recorded
     run.task_state = state.get("task_state", {})
     reference = synced_reference(run)
     if reference is not None:  # TR-DPO: the reference has moved since the start; take it as saved
@@ -287,7 +288,8 @@ def trainer_state(run: Run) -> dict[str, Any]:
     gathered)."""
     rngs = run.dist.gather(rng_state())
     return {"step": run.step, "data_position": run.stream.position, "pairs_consumed": run.consumed,
-            "skipped_steps": run.skipped, "rng": rngs[0], "rng_other_ranks": rngs[1:], "world_size": run.dist.world,
+            "skipped_steps": run.skipped, "tokens_seen": run.tokens_seen, "rng": rngs[0],
+            "rng_other_ranks": rngs[1:], "world_size": run.dist.world,
             "config": run.cfg.model_dump(mode="json"), "data_fingerprint": run.data_fingerprint,
             "task": run.task.name, "task_state": run.task_state}
 
