@@ -135,3 +135,13 @@ def test_base_model_is_what_the_run_started_from_and_license_from_its_card(tmp_p
     assert base_model("org/not-on-this-machine") == ("org/not-on-this-machine", None)
     assert base_model("smollm2") == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
     assert base_model("tiny-random-llama") == (None, None)
+
+
+def test_the_card_shows_a_warmup_ratio_and_the_steps_it_came_to():
+    """A run warmed up by train.warmup_ratio has warmup_steps 0: the card must not say '0 warmup steps'."""
+    from dpokit.config import TrainConfig
+    from dpokit.hub import _warmup
+
+    assert _warmup(TrainConfig(warmup_ratio=0.1), 25) == "warmup ratio 0.1 = 3 steps"  # ceil(2.5)
+    assert _warmup(TrainConfig(warmup_ratio=0.1), None) == "warmup ratio 0.1"
+    assert _warmup(TrainConfig(warmup_steps=5), 25) == "5 warmup steps"

@@ -8,6 +8,7 @@ naming the key. The fully resolved config is saved into the run directory as ``c
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -238,6 +239,13 @@ class TrainConfig(_Section):
         if self.warmup_ratio is not None and self.warmup_steps:
             raise ValueError("warmup_ratio: give warmup_steps or warmup_ratio, not both")
         return self
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps of a run of ``total_steps`` optimizer steps: ``warmup_steps``, or ceil(``warmup_ratio`` x
+        ``total_steps``) as transformers' ``get_warmup_steps`` rounds it."""
+        if self.warmup_ratio is None:
+            return self.warmup_steps
+        return math.ceil(self.warmup_ratio * total_steps)
 
 
 class EvalConfig(_Section):

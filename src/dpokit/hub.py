@@ -235,7 +235,7 @@ def model_card(run_dir: Path, task: str, machine: str | None = None, step: int |
     lines += _data_lines(run_dir, cfg, ids, files)
     batch = f"{cfg.train.batch_size} x {cfg.train.grad_accum} accumulation"
     lines += [f"| optimizer steps | {steps if steps is not None else 'unknown'} (batch {batch}, per process) |",
-              f"| learning rate | {cfg.train.lr:g} ({cfg.train.scheduler}, {cfg.train.warmup_steps} warmup steps) |",
+              f"| learning rate | {cfg.train.lr:g} ({cfg.train.scheduler}, {_warmup(cfg.train, steps)}) |",
               f"| precision | {cfg.train.precision} |"]
     if cfg.model.lora is not None:
         lines.append(f"| LoRA | r = {cfg.model.lora.r}, alpha = {cfg.model.lora.alpha:g} (merged into the weights) |")
@@ -263,6 +263,14 @@ def model_card(run_dir: Path, task: str, machine: str | None = None, step: int |
                   "```bibtex", DPO_CITATION, "```"]
     lines.append("")
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(lines)
+
+
+def _warmup(train_cfg: Any, steps: int | None) -> str:
+    """The warmup as the run had it: a ratio is shown with the steps it came to when the run's length is known."""
+    if train_cfg.warmup_ratio is None:
+        return f"{train_cfg.warmup_steps} warmup steps"
+    counted = f" = {train_cfg.warmup_for(steps)} steps" if steps is not None else ""
+    return f"warmup ratio {train_cfg.warmup_ratio:g}{counted}"
 
 
 def _use_lines(task: str, chat: bool) -> list[str]:

@@ -69,11 +69,8 @@ from dpokit.trackers import open_trackers
 
 def lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
     """Multiplier of ``train.lr`` for the optimizer step that follows ``done`` completed steps: linear warmup,
-    then constant, linear or cosine decay to zero at ``total_steps``. ``train.warmup_ratio`` warms up over
-    ceil(ratio x total_steps) steps, as transformers' ``get_warmup_steps`` does."""
-    warmup, shape = cfg.train.warmup_steps, cfg.train.scheduler
-    if cfg.train.warmup_ratio is not None:
-        warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
+    then constant, linear or cosine decay to zero at ``total_steps`` (warmup: ``TrainConfig.warmup_for``)."""
+    warmup, shape = cfg.train.warmup_for(total_steps), cfg.train.scheduler
 
     def factor(done: int) -> float:
         if done < warmup:
