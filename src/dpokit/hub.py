@@ -335,6 +335,7 @@ def _export_checkpoint(run_dir: Path, target: Path, checkpoint: str) -> Path:
     )
     from dpokit.config import load_config
     from dpokit.models import apply_lora, load_model, load_tokenizer, resolve
+    from dpokit.quantize import round_trip
 
     if not re.fullmatch(r"step-\d+", checkpoint):
         raise DpokitError(f"--checkpoint: expected step-N, got '{checkpoint}'")
@@ -355,6 +356,7 @@ def _export_checkpoint(run_dir: Path, target: Path, checkpoint: str) -> Path:
     tokenizer = load_tokenizer(source, m.trust_remote_code)
     model = load_model(source, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                        attn_implementation=m.attn_implementation, vocab_size=len(tokenizer))
+    round_trip(model, m.quantize)  # QLoRA: the adapters were trained on the NF4 values of the base
     if m.lora is not None:
         model = apply_lora(model, m.lora)
     load_weights_into(model, path, policy_weights(path))
