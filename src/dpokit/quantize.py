@@ -22,7 +22,6 @@ run re-quantizes the base it started from and checkpoints hold only the adapters
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import warnings
@@ -63,28 +62,31 @@ def check_quantize(cfg: Any) -> None:
                          "adapters off); the store keys plain weights")
 
 
-@contextlib.contextmanager
-def _quiet_logs(*names: str) -> Iterator[None]:
-    """torchao logs a warning for each optional CUDA kernel library it cannot load on this machine, and torch
-    one for each Enum it registers: noise for a user who asked for NF4 weights, which need neither."""
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+class _DropKnownNoise(logging.Filter):
+    """Drops the log records torchao's import produces on every machine without its optional CUDA kernels:
+    "Failed to load .../_C_*.so" (torchao's logger, one per kernel library) and torch's notice for each Enum
+    torchao registers with pytree. transformers imports torchao whenever it is installed, so without this
+    every dpokit command would print them; NF4 weights and the 8-bit optimizer need neither."""
+
+    def __init__(self, starts: tuple[str, ...], contains: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts, self.contains = starts, contains
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(self.starts) or any(text in message for text in self.contains))
+
+
+logging.getLogger("torchao").addFilter(_DropKnownNoise(("Failed to load ",), ()))
+logging.getLogger("torch.utils._pytree").addFilter(_DropKnownNoise((), ("is an Enum subclass and is now natively",)))
 
 
 def torchao(key: str = "model.quantize: nf4") -> Any:
     """The torchao package, imported quietly; a ConfigError naming ``key`` and the install line without it."""
     try:
-        with _quiet_logs("torchao", "torch.utils._pytree"):
-            import torchao as module
-            import torchao.optim  # noqa: F401  (registers the optimizer-state tensors)
-            from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor  # noqa: F401
+        import torchao as module
+        import torchao.optim  # noqa: F401  (registers the optimizer-state tensors)
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor  # noqa: F401
     except ImportError:
         raise ConfigError(f"{key} needs torchao ({INSTALL})") from None
     return module
