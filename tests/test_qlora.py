@@ -180,6 +180,12 @@ def test_qlora_trains_reference_is_quantized_base_and_final_is_plain(tmp_path):
     assert (ours - theirs).abs().max().item() <= tolerance
     assert not torch.equal(ours, AutoModelForCausalLM.from_pretrained(tmp_path / "plain" / "final")(ids).logits)
 
+    # dpokit score / eval on the run score against the reference training used: the NF4 values of the base.
+    from dpokit.evaluate.scoring import load_scorer
+
+    reference = dict(load_scorer(run).reference.named_parameters())
+    assert all(torch.equal(reference[name], deq) for name, deq in nf4.items())
+
     # dpokit export of the last checkpoint rebuilds the same base (quantize, dequantize) and merges alike.
     from dpokit.hub import export_run
 

@@ -184,6 +184,9 @@ def model_card(run_dir: Path, task: str, machine: str | None = None, step: int |
               f"| precision | {cfg.train.precision} |"]
     if cfg.model.lora is not None:
         lines.append(f"| LoRA | r = {cfg.model.lora.r}, alpha = {cfg.model.lora.alpha:g} (merged into the weights) |")
+    if cfg.model.quantize != "none":  # the base weights are not the starting model's any more
+        lines.append(f"| QLoRA | base held in {cfg.model.quantize.upper()} while training; these weights are its "
+                     "dequantized values with the adapters merged |")
     if machine:
         lines.append(f"| hardware | {machine} |")
     shown = [(k, held_out[k]) for k in HELD_OUT if held_out.get(k) is not None]

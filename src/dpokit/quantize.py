@@ -178,14 +178,14 @@ def nf4_bytes(tensor: torch.Tensor) -> int:
 def dequantize(model: nn.Module) -> int:
     """Replace every NF4 weight of ``model`` by deq(W), a plain tensor in the weight's dtype: exactly the values
     the quantized layer computed with, so LoRA adapters can be merged into it and the result saved as an
-    ordinary model. Returns how many weights it replaced."""
-    count = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and weight is not None and is_nf4(weight):
-            module.weight = nn.Parameter(weight.get_original_weight(), requires_grad=False)
-            count += 1
-    return count
+    ordinary model. Returns how many weights it replaced. A quantized model moves to the CPU first: the plain
+    weights of a base that trained in 4 bits may not fit beside it on its GPU."""
+    quantized = [m for m in model.modules() if isinstance(m, nn.Linear) and is_nf4(m.weight)]
+    if quantized:
+        model.to("cpu")
+    for module in quantized:
+        module.weight = nn.Parameter(module.weight.get_original_weight(), requires_grad=False)
+    return len(quantized)
 
 
 def round_trip(model: nn.Module, method: str) -> None:
