@@ -56,6 +56,8 @@ def train_rows(run_dir: Path) -> list[dict]:
     ({"model": {"lora": None}}, "model.quantize: nf4 quantizes the frozen base of a LoRA policy; set model.lora"),
     ({"distributed": {"strategy": "fsdp"}}, "model.quantize: nf4 is not supported with distributed.strategy: fsdp"),
     ({"reference": {"mode": "store"}}, "model.quantize: nf4 takes reference.mode: adapter"),
+    ({"model": {"quantize": "none"}, "train": {"optimizer": "adamw_8bit"}, "distributed": {"strategy": "fsdp"},
+      "reference": {"mode": "model"}}, "train.optimizer: adamw_8bit is not supported with distributed.strategy"),
 ])
 def test_quantize_refuses_what_it_cannot_do_in_one_line(tmp_path, change, message):
     cfg = qlora_config(tmp_path)
