@@ -46,8 +46,9 @@ divide takes the largest divisor below it, so every weight with a multiple of 64
 
 def check_quantize(cfg: Any) -> None:
     """What ``model.quantize`` needs in a config (ValueError naming the key): LoRA adapters to train, one process
-    or DDP (as ``train.optimizer: adamw_8bit`` does), and the adapter reference (the quantized base with the adapters off). A reference model copy is
-    refused where the models load (``quantize_policy``): only the command knows whether it needs one."""
+    or DDP (as ``train.optimizer: adamw_8bit`` does), and the adapter reference (the quantized base with the
+    adapters off). A reference model copy is refused where the models load (``quantize_policy``): only the
+    command knows whether it needs one."""
     if cfg.train.optimizer == "adamw_8bit" and cfg.distributed.strategy == "fsdp":
         raise ValueError("train.optimizer: adamw_8bit is not supported with distributed.strategy: fsdp (its "
                          "checkpoints hold unsharded 8-bit state); use adamw, or ddp")
@@ -85,7 +86,8 @@ logging.getLogger("torch.utils._pytree").addFilter(_DropKnownNoise((), ("is an E
 
 
 def torchao(key: str = "model.quantize: nf4") -> Any:
-    """The torchao package, imported quietly; a ConfigError naming ``key`` and the install line without it."""
+    """The torchao package (its import noise dropped above); without it, a ConfigError naming ``key`` and the
+    install line."""
     try:
         import torchao as module
         import torchao.optim  # noqa: F401  (registers the optimizer-state tensors)
