@@ -63,6 +63,11 @@ class ModelConfig(_Section):
     a CPU, whichever of SDPA and eager measured faster at the run's precision (``dpokit env`` shows it)."""
     lora: LoraConfig | None = None
     """Train low-rank adapters (peft) instead of all weights; ``final/`` gets the merged weights."""
+    quantize: Literal["none", "nf4"] = "none"
+    """``nf4`` (QLoRA): hold the frozen base's decoder Linear weights in 4-bit NormalFloat (about 4.1 bits a
+    weight; embeddings, LM head and norms stay in ``dtype``) while the LoRA adapters train in ``dtype``. Needs
+    ``model.lora`` and ``reference.mode: adapter``; ``final/`` holds the dequantized base with the adapters
+    merged. Needs torchao: ``pip install -c constraints.txt -e '.[qlora]'`` (see ``dpokit.quantize``)."""
 
 
 class DataConfig(_Section):
@@ -182,8 +187,10 @@ class TrainConfig(_Section):
     """Passes over the training data when ``max_steps`` is unset."""
     seed: int = 0
     """Seed for data order and initialization of anything random."""
-    optimizer: Literal["adamw", "rmsprop"] = "adamw"
-    """``adamw`` (torch AdamW) or ``rmsprop`` (the paper's choice)."""
+    optimizer: Literal["adamw", "adamw_8bit", "rmsprop"] = "adamw"
+    """``adamw`` (torch AdamW), ``adamw_8bit`` (AdamW with block-wise 8-bit moments: a quarter of the state's
+    memory; torchao, ``pip install -c constraints.txt -e '.[qlora]'``; see ``dpokit.optim8bit``) or ``rmsprop`` (the paper's
+    choice)."""
     weight_decay: float = Field(0.0, ge=0)
     """Decoupled weight decay (AdamW) or L2 penalty (RMSprop)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -433,6 +440,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _loss_is_known(self) -> Config:
         from dpokit.losses import LISTWISE, check_training_setup, validate_loss_config
+        from dpokit.quantize import check_quantize
 
         validate_loss_config(self.loss)
         check_training_setup(self.loss, grad_accum=self.train.grad_accum, pass_tokens=self.train.pass_tokens,
@@ -453,6 +461,7 @@ class Config(_Section):
                     raise ValueError(f"loss.{key}: works on pairs; loss kto takes single responses, remove it")
             if self.online.reward or self.online.judge_url:
                 raise ValueError("loss.name: kto trains on a file of labelled responses, not online DPO's pairs")
+        check_quantize(self)
         if self.reference.mode == "adapter" and self.model.lora is None:
             raise ValueError("reference.mode: 'adapter' needs model.lora (the reference is the policy with its "
                              "adapters disabled)")

@@ -239,6 +239,9 @@ def model_card(run_dir: Path, task: str, machine: str | None = None, step: int |
               f"| precision | {cfg.train.precision} |"]
     if cfg.model.lora is not None:
         lines.append(f"| LoRA | r = {cfg.model.lora.r}, alpha = {cfg.model.lora.alpha:g} (merged into the weights) |")
+    if cfg.model.quantize != "none":  # the base weights are not the starting model's any more
+        lines.append(f"| QLoRA | base held in {cfg.model.quantize.upper()} while training; these weights are its "
+                     "dequantized values with the adapters merged |")
     if machine:
         lines.append(f"| hardware | {machine} |")
     shown = [(k, held_out[k]) for k in HELD_OUT if held_out.get(k) is not None]
@@ -425,6 +428,7 @@ def _export_checkpoint(run_dir: Path, target: Path, checkpoint: str) -> Path:
     )
     from dpokit.config import load_config
     from dpokit.models import apply_lora, load_model, load_tokenizer, resolve
+    from dpokit.quantize import round_trip
 
     if not re.fullmatch(r"step-\d+", checkpoint):
         raise DpokitError(f"--checkpoint: expected step-N, got '{checkpoint}'")
@@ -445,6 +449,7 @@ def _export_checkpoint(run_dir: Path, target: Path, checkpoint: str) -> Path:
     tokenizer = load_tokenizer(source, m.trust_remote_code)
     model = load_model(source, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                        attn_implementation=m.attn_implementation, vocab_size=len(tokenizer))
+    round_trip(model, m.quantize)  # QLoRA: the adapters were trained on the NF4 values of the base
     if m.lora is not None:
         model = apply_lora(model, m.lora)
     load_weights_into(model, path, policy_weights(path))

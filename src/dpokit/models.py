@@ -373,6 +373,11 @@ def load_models(model_cfg: Any, reference: Literal["always", "never", "if_differ
     kwargs = dict(dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
                   attn_implementation=attn_implementation or model_cfg.attn_implementation, vocab_size=len(tokenizer))
     policy = load_model(policy_source, **kwargs)
+    if getattr(model_cfg, "quantize", "none") != "none":  # QLoRA: the frozen base in 4 bits, before the adapters
+        from dpokit.quantize import quantize_policy
+
+        quantize_policy(policy, model_cfg, copies_reference=reference == "always" or (
+            reference == "if_different" and reference_source != policy_source))
     if model_cfg.disable_dropout:
         disable_dropout(policy)
     policy.train()

@@ -28,6 +28,7 @@ from dpokit.errors import DataError, DpokitError
 from dpokit.io import write_jsonl
 from dpokit.logprobs import sequence_logps
 from dpokit.models import ModelSource, freeze, load_model, load_tokenizer, resolve
+from dpokit.quantize import round_trip
 
 
 def device_for() -> torch.device:
@@ -146,6 +147,8 @@ def load_scorer(model: str | Path, ref: str | None = None, beta: float | None = 
                       attn_implementation=m.attn_implementation, vocab_size=len(tokenizer))
         policy = load_model(resolve(str(final), key="--model"), **kwargs)
         reference = load_model(ref_source, **kwargs)
+        if ref is None and m.ref_name_or_path is None:  # QLoRA trained against the NF4 values of its base
+            round_trip(reference, m.quantize)
         beta = cfg.loss.beta if beta is None else beta
         max_length = max_length or cfg.data.max_length
         max_prompt_length = max_prompt_length or cfg.data.max_prompt_length
