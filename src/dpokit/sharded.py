@@ -143,16 +143,48 @@ def safetensors_files(source: ModelSource) -> list[Path]:
     return [folder / name for name in names if (folder / name).is_file()]
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+class _Rows:
+    """Rows ``[a:b]`` of one stored tensor, read from its file with a plain read of just their bytes (a
+    row-major tensor's rows are one contiguous range). Not memory-mapped: pages of a mapped file that a rank
+    touches count in its resident memory while the file is open."""
+
+    def __init__(self, fh: Any, begin: int, dtype: torch.dtype, shape: list[int]):
+        self.fh, self.begin, self.dtype, self.shape = fh, begin, dtype, shape
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        first, stop, _ = rows.indices(self.shape[0] if self.shape else 1)
+        tail = self.shape[1:]
+        row_bytes = torch.Size(tail).numel() * self.dtype.itemsize
+        out = torch.empty([max(0, stop - first), *tail], dtype=self.dtype)
+        if out.numel():
+            self.fh.seek(self.begin + first * row_bytes)
+            self.fh.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
+        return out if self.shape else out.reshape(())
+
+
 @contextlib.contextmanager
 def _open_files(files: list[Path]) -> Iterator[Reader]:
-    from safetensors import safe_open
-
+    """Every tensor of the safetensors files by name (header: 8-byte little-endian length, then JSON with each
+    tensor's dtype, shape and byte offsets after the header)."""
     with contextlib.ExitStack() as stack:
-        where: dict[str, Any] = {}
+        where: dict[str, _Rows] = {}
         for file in files:
-            handle = stack.enter_context(safe_open(str(file), framework="pt"))
-            where.update({name: handle for name in handle.keys()})
-        yield lambda name: where[name].get_slice(name) if name in where else None
+            fh = stack.enter_context(open(file, "rb"))
+            length = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(length))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in SAFETENSORS_DTYPES:
+                    raise ModelError(f"{file}: {name} is stored as {info['dtype']}, which dpokit cannot shard")
+                where[name] = _Rows(fh, 8 + length + info["data_offsets"][0], SAFETENSORS_DTYPES[info["dtype"]],
+                                    info["shape"])
+        yield where.get
 
 
 @torch.no_grad()
