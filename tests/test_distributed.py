@@ -1,6 +1,8 @@
 """torchrun on 2 CPU processes (gloo): 2 ranks x batch 4 train exactly like 1 rank x batch 8 (DDP and FSDP, uneven
 last steps included, a rank with no pair at all included), metrics cover every pair once, a killed or failing
-rank stops every rank within a minute, and a 2-rank run killed mid-run resumes bit-identically.
+rank stops every rank within a minute, and a 2-rank run killed mid-run resumes bit-identically. Under FSDP each
+rank reads only its rows of the weight files, bf16 gathers its weights from fp32 masters and tracks fp32 within
+the rounding bound, and CPU offload with activation checkpointing gives bit-identical weights.
 
 Each launch starts two Python processes that import torch and transformers: the tests share launches through
 module-scoped fixtures to stay within a couple of minutes on two cores.
