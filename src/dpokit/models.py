@@ -259,14 +259,20 @@ def _short(exc: Exception) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: bool = False,
-               attn_implementation: str = "sdpa", vocab_size: int | None = None) -> nn.Module:
+def runnable_attention(attn_implementation: str) -> str:
+    """The attention kernel a model is loaded with here."""
     if attn_implementation == "auto":  # unresolved (no run to resolve it for): PyTorch's fused kernel
-        attn_implementation = "sdpa"
+        return "sdpa"
     if attn_implementation == "flex_attention" and not torch.cuda.is_available():
         # A run trained on a GPU, scored or sampled on a machine without one: FlexAttention needs CUDA to run
         # fast (and to train); SDPA gives the same numbers within float tolerance.
-        attn_implementation = "sdpa"
+        return "sdpa"
+    return attn_implementation
+
+
+def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa", vocab_size: int | None = None) -> nn.Module:
+    attn_implementation = runnable_attention(attn_implementation)
     if source.kind == "tiny":
         if vocab_size is None:
             vocab_size = len(tiny_tokenizer())

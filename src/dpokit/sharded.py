@@ -35,6 +35,7 @@ from dpokit.models import (
     ModelSource,
     check_remote_code,
     refuse_reward_model,
+    runnable_attention,
     tiny_model,
     tiny_tokenizer,
 )
@@ -85,6 +86,7 @@ def skeleton(source: ModelSource, dtype: str = "float32", trust_remote_code: boo
              attn_implementation: str = "sdpa", vocab_size: int | None = None) -> nn.Module | None:
     """The model of ``source`` with meta parameters and the way to read its weights, or None when its weights
     are not in safetensors files (the caller loads it whole)."""
+    attn_implementation = runnable_attention(attn_implementation)
     if source.kind == "tiny":
         full = tiny_model(vocab_size or len(tiny_tokenizer())).to(DTYPES[dtype])
         full.config._attn_implementation = attn_implementation
