@@ -1,12 +1,15 @@
 """torchrun on 2 CPU processes (gloo): 2 ranks x batch 4 train exactly like 1 rank x batch 8 (DDP and FSDP, uneven
 last steps included, a rank with no pair at all included), metrics cover every pair once, a killed or failing
-rank stops every rank within a minute, and a 2-rank run killed mid-run resumes bit-identically.
+rank stops every rank within a minute, and a 2-rank run killed mid-run resumes bit-identically. Under FSDP each
+rank reads only its rows of the weight files, bf16 gathers its weights from fp32 masters and tracks fp32 within
+the rounding bound, and CPU offload with activation checkpointing gives bit-identical weights.
 
 Each launch starts two Python processes that import torch and transformers: the tests share launches through
 module-scoped fixtures to stay within a couple of minutes on two cores.
 """
 
 import json
+import math
 import os
 import signal
 import socket
@@ -25,7 +28,7 @@ from dpokit.checkpoint import verify_checkpoint
 from dpokit.distributed import Dist
 from dpokit.errors import ConfigError
 from dpokit.metrics import read_metrics
-from tolerances import METRIC_REL, assert_same_weights_after_adamw
+from tolerances import EPS32, METRIC_REL, assert_same_weights_after_adamw
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -333,3 +336,131 @@ def test_killed_rank_stops_every_rank_then_resume_is_bit_identical(fsdp_runs):
 def test_fsdp_with_lora_is_a_config_error():
     with pytest.raises(ConfigError, match="distributed.strategy: 'fsdp' with model.lora"):
         dpokit.load_config({"model": {"lora": {"r": 4}}, "distributed": {"strategy": "fsdp"}})
+
+
+# ------------------------------------------------------------------------------------ FSDP loading and precision
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The tiny model as a Hugging Face folder (safetensors, tied embeddings: no lm_head.weight stored)."""
+    from dpokit.models import tiny_model, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-folder")
+    tokenizer = tiny_tokenizer()
+    tiny_model(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def probe(folder: Path, out: Path, *extra: str) -> list[dict]:
+    proc = run(torchrun(str(ROOT / "tests" / "fsdp_probe.py"), str(folder), str(out), *extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.equivalence
+def test_fsdp_reads_only_each_ranks_rows_and_equals_a_plain_load(tiny_folder, tmp_path):
+    ranks = probe(tiny_folder, tmp_path)
+    total = ranks[0]["parameters"]
+    # Policy and reference are each read half by each rank (every dim 0 of the tiny model is even), so a rank
+    # reads `total` elements; loading whole (and copying the reference) holds 2 x total on every rank.
+    assert [r["elements_read"] for r in ranks] == [total, total]
+    assert all(r["skeletons"] == [True, True] for r in ranks)
+    assert ranks[0]["policy_equal"] and ranks[0]["reference_equal"]  # gathered shards == the file's tensors
+    assert ranks[0]["policy_names"] == ranks[0]["reference_names"] and "lm_head.weight" not in ranks[0]["policy_names"]
+    assert all(r["tied"] for r in ranks)  # the head is the embedding, as in a plain load
+    # Non-persistent buffers (rotary inv_freq) are not in the file: rebuilt with the skeleton, not left empty.
+    assert all(r["buffers"] and r["buffers_equal"] for r in ranks)
+    # A forward on gathered weights makes the plain model's operations on the same values: bit-identical.
+    assert ranks[0]["logps"] == ranks[0]["ref_logps"] == ranks[0]["plain_logps"]
+
+
+@pytest.mark.equivalence
+def test_fsdp_bf16_gathers_bf16_from_fp32_masters_and_holds_the_reference_in_bf16(tiny_folder, tmp_path):
+    ranks = probe(tiny_folder, tmp_path, "bf16")
+    for r in ranks:
+        assert r["gathered_dtype"] == "torch.bfloat16"  # MixedPrecisionPolicy: cast before the all-gather
+        assert r["policy_dtype"] == "torch.float32" and r["reference_dtype"] == "torch.bfloat16"
+        # The reference's stored bf16 values are the policy's fp32 masters rounded once (round to nearest),
+        # exactly what the policy's gather rounds them to: at the start pi and pi_ref are the same function.
+        assert r["logps"] == r["ref_logps"]
+    assert ranks[0]["reference_equal"]  # the file's fp32 values rounded to bf16
+
+
+@pytest.mark.equivalence
+def test_fsdp_offload_and_checkpointing_give_the_same_weights(fsdp_runs):
+    """``distributed.offload: params`` and ``train.gradient_checkpointing`` together, else the run of
+    ``fsdp_runs``: the same operations on the same values (here the shards already live on the CPU, so
+    offloading moves nothing; checkpointing recomputes each layer's forward with the same kernels), so the
+    weights are bit-identical on any hardware that runs both on the same machine."""
+    cfg = yaml.safe_load(fsdp_runs["cfg"].read_text())
+    cfg["distributed"]["offload"] = "params"
+    cfg["train"]["gradient_checkpointing"] = True
+    run_dir = fsdp_runs["tmp"] / "offload"
+    proc = run(torchrun("dpokit", "train", str(write_yaml(fsdp_runs["tmp"] / "offload.yaml", cfg)),
+                        f"run_dir={run_dir}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, offloaded = weights(fsdp_runs["fsdp"]), weights(run_dir)
+    assert plain.keys() == offloaded.keys()
+    for name in plain:
+        assert torch.equal(plain[name], offloaded[name]), name
+    assert [r["loss"] for r in train_rows(run_dir)] == [r["loss"] for r in train_rows(fsdp_runs["fsdp"])]
+
+
+def test_optimizer_offload_and_offload_without_fsdp_are_config_errors():
+    with pytest.raises(ConfigError, match="distributed.offload: 'optimizer' is not supported"):
+        dpokit.load_config({"distributed": {"strategy": "fsdp", "offload": "optimizer"}})
+    with pytest.raises(ConfigError, match="distributed.offload: 'params' needs distributed.strategy: fsdp"):
+        dpokit.load_config({"distributed": {"offload": "params"}})
+
+
+BF16_U = 2.0 ** -8  # bf16's unit roundoff: 8 significant bits, round to nearest
+# Roundings to bf16 on the way from the input ids to one logit of the tiny model (2 layers) with the weights
+# gathered in bf16 under autocast: per layer, attention 9 (norm output, q/k/v weight, projection output,
+# scores, probabilities, attention output, o weight, o output, residual sum) and MLP 7 (norm output, gate/up
+# weight, their outputs, the gated product, down weight, down output, residual sum); then the final norm, the
+# head weight and the logit: 2 x 16 + 3 = 35. To first order the relative errors add, each relative to the
+# magnitudes that enter a product (Cauchy-Schwarz: |z_j| <= ||h|| ||W_j||), so |dz_j| <= 35 u Z with
+# Z = sqrt(hidden) max|g| max_j ||W_j|| (RMSNorm output of norm sqrt(hidden) times the final norm's weight g,
+# against the tied embedding's largest row).
+BF16_ROUNDINGS = 35
+
+
+@pytest.mark.equivalence
+def test_fsdp_bf16_mixed_precision_tracks_fp32_within_the_rounding_bound(fsdp_runs):
+    """``train.precision: bf16`` under FSDP2 (bf16 gathers of fp32 masters, fp32 gradient reduction) against
+    the fp32 run of ``fsdp_runs``: the same steps, log-probs within the bound bf16's rounding allows, and the
+    saved weights fp32 masters within AdamW's per-step reach of the fp32 run's."""
+    from dpokit.models import tiny_tokenizer
+    from tolerances import adam_update_bound
+
+    cfg = yaml.safe_load(fsdp_runs["cfg"].read_text())
+    cfg["train"]["precision"] = "bf16"
+    run_dir = fsdp_runs["tmp"] / "bf16"
+    proc = run(torchrun("dpokit", "train", str(write_yaml(fsdp_runs["tmp"] / "bf16.yaml", cfg)),
+                        f"run_dir={run_dir}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fp32, bf16 = weights(fsdp_runs["fsdp"]), weights(run_dir)
+    assert all(t.dtype == torch.float32 for t in bf16.values())  # the masters stay fp32
+    steps = len(train_rows(run_dir))
+    reach = LR * sum(adam_update_bound(t) for t in range(1, steps + 1))  # how far AdamW moves any weight
+    for name in fp32:  # both runs start from the same weights: whatever the gradients, |dw| <= 2 reach
+        assert (fp32[name] - bf16[name]).abs().max().item() <= 2 * reach + steps * 2 * EPS32, name
+    embedding = fp32["model.embed_tokens.weight"]
+    hidden = embedding.shape[1]
+    # Z of the comment above, with the weights anywhere AdamW could have taken them during the run.
+    g = fp32["model.norm.weight"].abs().max().item() + reach
+    z = hidden ** 0.5 * g * (embedding.norm(dim=1).max().item() + hidden ** 0.5 * reach)
+    tokenizer = tiny_tokenizer()
+    pairs = [json.loads(line) for line in Path(cfg["data"]["train"]).read_text().splitlines()]
+    n_max = max(len(tokenizer(p[k])["input_ids"]) for p in pairs for k in ("chosen", "rejected")) + 1  # + end
+    # A token's log-prob z_y - logsumexp(z) moves by at most 2 max_j |dz_j|; a response sums <= n_max of them.
+    bound = 2 * BF16_ROUNDINGS * BF16_U * z * n_max
+    for a, b in zip(train_rows(fsdp_runs["fsdp"]), train_rows(run_dir)):
+        assert a["tokens"] == b["tokens"]
+        for key in ("logps/chosen", "logps/rejected"):
+            assert abs(a[key] - b[key]) <= bound, (a["step"], key, a[key], b[key], bound)
+    first = train_rows(run_dir)[0]
+    # Step 1: pi = pi_ref, and both are computed from the same bf16 values (masters rounded at the gather,
+    # the reference rounded at load), so every log-ratio is exactly 0 and the loss is ln 2 to fp32 rounding.
+    assert abs(first["loss"] - math.log(2)) <= 4 * EPS32 and first["rewards/margins"] == 0

@@ -300,6 +300,13 @@ class DistributedConfig(_Section):
     """Seconds a process waits in a collective (all-reduce, barrier) before giving up, so a rank that died or
     hangs ends the run with an error instead of a hang. Must exceed the longest work one rank does alone
     (rank 0 writing a checkpoint of a DDP run)."""
+    offload: Literal["none", "optimizer", "params"] = Field("none", json_schema_extra=NEUTRAL)
+    """With ``strategy: fsdp``, ``params`` keeps each process's shards of the weights and their gradients in
+    host memory (FSDP2's ``CPUOffloadPolicy``): they are copied to the GPU for each layer's forward and
+    backward, and AdamW's step and its state stay on the CPU. GPU memory then holds activations and one
+    layer's gathered weights; each step moves the weights over PCIe twice. ``optimizer`` (only the
+    optimizer's state on the CPU, the weights on the GPU) is not offered: FSDP2 has no such mode, and
+    emulating it copies every shard each step, which is what ``params`` does anyway."""
 
 
 class PpoConfig(_Section):
@@ -465,6 +472,11 @@ class Config(_Section):
         if self.reference.mode == "adapter" and self.model.lora is None:
             raise ValueError("reference.mode: 'adapter' needs model.lora (the reference is the policy with its "
                              "adapters disabled)")
+        if self.distributed.offload != "none" and self.distributed.strategy != "fsdp":
+            raise ValueError(f"distributed.offload: '{self.distributed.offload}' needs distributed.strategy: fsdp")
+        if self.distributed.offload == "optimizer":
+            raise ValueError("distributed.offload: 'optimizer' is not supported (FSDP2 offloads the weights with "
+                             "their optimizer state); use 'params'")
         if self.distributed.strategy == "fsdp" and self.model.lora is not None:
             raise ValueError("distributed.strategy: 'fsdp' with model.lora is not supported; use 'ddp' (LoRA "
                              "adapters are small, a copy per process costs little)")

@@ -32,6 +32,7 @@ from torch import nn
 
 from dpokit.errors import DpokitError, Preempted
 from dpokit.logprobs import batch_logps
+from dpokit.sharded import hold_in, is_skeleton, materialize
 
 T = TypeVar("T")
 
@@ -64,6 +65,12 @@ class Dist:
     strategy: str = "ddp"
     active: bool = False
     """True under torchrun (a process group exists, even of one process)."""
+    offload: str = "none"
+    """``distributed.offload``: ``params`` keeps FSDP's shards (and gradients, and so the optimizer step) on
+    the CPU."""
+    compute_dtype: torch.dtype | None = None
+    """bf16 runs: FSDP gathers the weights in this dtype (``train.setup`` sets it once the precision is
+    resolved); None gathers them as stored."""
 
     @property
     def is_main(self) -> bool:
@@ -150,7 +157,7 @@ class Dist:
         if not self.active:
             return module
         if self.strategy == "fsdp":
-            return _fully_shard(module)
+            return self._shard(module)
         from torch.nn.parallel import DistributedDataParallel
 
         # No buffer sync in forward: the only buffers are constants (rotary frequencies), and a broadcast in
@@ -164,8 +171,23 @@ class Dist:
         """A frozen model (the reference) as a ``LogpsModule``: sharded like the policy under FSDP (never
         updated: no gradients, so FSDP only gathers its weights for each forward), a full copy otherwise."""
         module = LogpsModule(model)
+        if not self.sharded:
+            return module
+        if self.compute_dtype is not None and is_skeleton(model):
+            # Never updated, so no fp32 masters needed: read straight into the dtype FSDP would gather it in
+            # (the same rounding of the same stored values, done once at load instead of at every gather).
+            hold_in(model, self.compute_dtype)
         # Without a backward pass to reshard it, the root would keep its gathered weights (embeddings, head).
-        return _fully_shard(module, reshard_root=True) if self.sharded else module
+        return self._shard(module, reshard_root=True)
+
+    def _shard(self, module: nn.Module, reshard_root: bool | None = None) -> nn.Module:
+        """``_fully_shard`` with this run's precision and offload; a skeleton (``dpokit.sharded``) gets its
+        shards' storage and weights only now."""
+        model = getattr(module, "model", module)
+        sharded = _fully_shard(module, reshard_root, self.compute_dtype, self.offload == "params")
+        if is_skeleton(model):
+            materialize(sharded, model, self.device)
+        return sharded
 
     @contextlib.contextmanager
     def grad_sync(self, module: nn.Module, sync: bool) -> Iterator[None]:
@@ -238,20 +260,31 @@ def _is_peer_failure(exc: BaseException) -> bool:
                                       "Timed out", "Broken pipe", "NCCL communicator was aborted"))
 
 
-def _fully_shard(module: LogpsModule, reshard_root: bool | None = None) -> nn.Module:
+def _fully_shard(module: LogpsModule, reshard_root: bool | None = None, param_dtype: torch.dtype | None = None,
+                 offload: bool = False) -> nn.Module:
     """FSDP2: each decoder layer is its own unit (its weights are gathered just for its forward and backward),
-    the rest (embeddings, final norm, the tied head) belongs to the root, the ``LogpsModule``."""
+    the rest (embeddings, final norm, the tied head) belongs to the root, the ``LogpsModule``.
+
+    ``param_dtype`` (bf16 runs): the shards stay fp32 masters, FSDP casts them to bf16 *before* the all-gather
+    (half the traffic and memory of gathering fp32 for autocast to cast), and gradients are reduced in fp32.
+    Autocast stays on around the forward: the weights it sees are already bf16, and it keeps what it always
+    kept in fp32 (softmax, log-softmax, the norms' statistics). ``offload``: FSDP2's ``CPUOffloadPolicy``."""
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     except ImportError:
         raise DpokitError("distributed.strategy: fsdp needs torch >= 2.6 (FSDP2 fully_shard)") from None
     decoder = module.model.get_decoder() if hasattr(module.model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     if layers is None:
         raise DpokitError("distributed.strategy: fsdp needs a model with decoder layers (model.layers)")
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    # The root's input is the batch: its float entries (masks, weights) keep their precision.
+    root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=policy.reduce_dtype,
+                                       cast_forward_inputs=False)
+    placement = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for layer in layers:
-        fully_shard(layer)
-    return fully_shard(module, reshard_after_forward=reshard_root)
+        fully_shard(layer, mp_policy=policy, offload_policy=placement)
+    return fully_shard(module, reshard_after_forward=reshard_root, mp_policy=root_policy, offload_policy=placement)
 
 
 def setup(cfg: Any) -> Dist:
@@ -272,7 +305,7 @@ def setup(cfg: Any) -> Dist:
         kwargs = {"device_id": device} if backend == "nccl" else {}
         torch.distributed.init_process_group(backend, timeout=timeout, **kwargs)
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device, strategy=cfg.strategy,
-                active=True)
+                active=True, offload=cfg.offload)
 
 
 def launch_command(nproc: int, argv: list[str]) -> list[str]:

@@ -273,14 +273,20 @@ def _short(exc: Exception) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: bool = False,
-               attn_implementation: str = "sdpa", vocab_size: int | None = None) -> nn.Module:
+def runnable_attention(attn_implementation: str) -> str:
+    """The attention kernel a model is loaded with here."""
     if attn_implementation == "auto":  # unresolved (no run to resolve it for): PyTorch's fused kernel
-        attn_implementation = "sdpa"
+        return "sdpa"
     if attn_implementation == "flex_attention" and not torch.cuda.is_available():
         # A run trained on a GPU, scored or sampled on a machine without one: FlexAttention needs CUDA to run
         # fast (and to train); SDPA gives the same numbers within float tolerance.
-        attn_implementation = "sdpa"
+        return "sdpa"
+    return attn_implementation
+
+
+def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa", vocab_size: int | None = None) -> nn.Module:
+    attn_implementation = runnable_attention(attn_implementation)
     if source.kind == "tiny":
         if vocab_size is None:
             vocab_size = len(tiny_tokenizer())
@@ -355,13 +361,22 @@ def base_state_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _skeleton_or_model(source: ModelSource, **kwargs: Any) -> nn.Module:
+    """A skeleton when the weights are in safetensors files, else the model loaded whole."""
+    from dpokit.sharded import skeleton
+
+    model = skeleton(source, **kwargs)
+    return model if model is not None else load_model(source, **kwargs)
+
+
 def load_models(model_cfg: Any, reference: Literal["always", "never", "if_different"] = "always",
-                attn_implementation: str | None = None) -> Models:
+                attn_implementation: str | None = None, skeleton: bool = False) -> Models:
     """Policy (trainable), reference (frozen) and tokenizer from a ``ModelConfig``.
 
     ``reference``: ``always`` loads a frozen reference (a copy of the policy's starting weights when both come
     from the same place), ``never`` none, ``if_different`` only when the reference has its own source (the
-    policy's starting weights can then serve as pi_ref before training starts).
+    policy's starting weights can then serve as pi_ref before training starts). ``skeleton`` (FSDP): the
+    models with meta parameters, filled shard by shard when sharded (``dpokit.sharded``).
     """
     policy_source = resolve(model_cfg.name_or_path, model_cfg.gguf_file, model_cfg.revision)
     if model_cfg.ref_name_or_path is None:
@@ -372,7 +387,8 @@ def load_models(model_cfg: Any, reference: Literal["always", "never", "if_differ
     tokenizer = load_tokenizer(policy_source, model_cfg.trust_remote_code)
     kwargs = dict(dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
                   attn_implementation=attn_implementation or model_cfg.attn_implementation, vocab_size=len(tokenizer))
-    policy = load_model(policy_source, **kwargs)
+    load = _skeleton_or_model if skeleton else load_model
+    policy = load(policy_source, **kwargs)
     if getattr(model_cfg, "quantize", "none") != "none":  # QLoRA: the frozen base in 4 bits, before the adapters
         from dpokit.quantize import quantize_policy
 
@@ -389,7 +405,7 @@ def load_models(model_cfg: Any, reference: Literal["always", "never", "if_differ
 
             frozen = copy.deepcopy(policy)
         else:
-            frozen = load_model(reference_source, **kwargs)
+            frozen = load(reference_source, **kwargs)
         freeze(frozen)
     if getattr(model_cfg, "lora", None) is not None:
         policy = apply_lora(policy, model_cfg.lora)

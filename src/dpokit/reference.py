@@ -44,6 +44,7 @@ from dpokit.errors import ConfigError
 from dpokit.io import write_bytes, writing
 from dpokit.logprobs import batch_logps
 from dpokit.models import cache_dir, freeze
+from dpokit.sharded import on_device
 
 Autocast = Callable[[], AbstractContextManager]
 
@@ -269,7 +270,7 @@ def build_reference(cfg: Any, models: Any, items: Iterable[TokenizedGroup], devi
     dist = dist or Dist()
     mode = cfg.reference.mode
     if mode == "model":
-        return FrozenReference(models.reference.to(device), dist)
+        return FrozenReference(on_device(models.reference, device), dist)
     if mode == "adapter":
         return AdapterReference(models.policy)
     model = models.reference if models.reference is not None else models.policy

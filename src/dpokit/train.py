@@ -45,6 +45,7 @@ from dpokit.hardware import choose_attention, resolve_precision
 from dpokit.io import write_json
 from dpokit.losses import LISTWISE, UNPAIRED, check_training_setup
 from dpokit.metrics import HealthMonitor, MetricsWriter, Progress
+from dpokit.models import load_models
 from dpokit.preempt import stop_on_signals
 from dpokit.quantize import dequantize, torchao
 from dpokit.reference import (
@@ -63,7 +64,8 @@ from dpokit.resume import (
     set_rng_state,
     truncate_metrics,
 )
-from dpokit.step import TASKS, Autocast, Run, Task, held_out_metrics, train_step
+from dpokit.sharded import on_device
+from dpokit.step import TASKS, Autocast, Run, Task, held_out_metrics, load_policy, train_step
 from dpokit.trackers import open_trackers
 
 # ------------------------------------------------------------------------------------------------------ pieces
@@ -223,8 +225,12 @@ def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False,
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial (e.g. LoRA) weights
     mode = cfg.reference.mode if task.needs_reference else "none"
     reference_copy = {"model": "always", "adapter": "never", "store": "if_different", "none": "never"}[mode]
-    models = task.load(cfg, reference_copy, note)
-    policy = models.policy.to(device)
+    dist.compute_dtype = torch.bfloat16 if dist.sharded and cfg.train.precision == "bf16" else None
+    if dist.sharded and task.load is load_policy and mode != "store":  # a store is filled by a whole model
+        models = load_models(cfg.model, reference_copy, skeleton=True)  # filled shard by shard when wrapped
+    else:
+        models = task.load(cfg, reference_copy, note)
+    policy = on_device(models.policy, device)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(policy)
     if cfg.train.compile:
