@@ -1,6 +1,7 @@
 """The memory planner: exact parameter counts, the peak of a real dpokit step within the issue's +-20%, the
 verdicts the issue asks about, and one-line errors."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -20,6 +21,9 @@ BOUND = 0.20
 tensors (weights, reference, gradients, optimizer states) are counted exactly and asserted equal."""
 
 EXACT = ("weights", "reference", "gradients")
+
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="QLoRA and adamw_8bit need torchao: pip install -c constraints.txt -e '.[qlora]'")
 
 
 def measured_against_plan(model: str, tmp_path: Path, overrides: list[str] = ()) -> tuple[dict, dict]:
@@ -56,15 +60,24 @@ TINY_CASES = {
     "bf16-autocast": ["train.precision=bf16"],
     "bf16-weights": ["model.dtype=bfloat16"],
 }
+TORCHAO_CASES = {
+    "qlora": ["model.lora.r=4", "reference.mode=adapter", "model.quantize=nf4"],
+    "qlora-checkpointing": ["model.lora.r=4", "reference.mode=adapter", "model.quantize=nf4",
+                            "train.gradient_checkpointing=true"],
+    "adamw-8bit": ["train.optimizer=adamw_8bit"],
+    "lora-adamw-8bit": ["model.lora.r=4", "reference.mode=adapter", "train.optimizer=adamw_8bit"],
+}
 
 
-@pytest.mark.parametrize("case", sorted(TINY_CASES))
+@pytest.mark.parametrize("case", [*sorted(TINY_CASES),
+                                  *(pytest.param(case, marks=needs_torchao) for case in sorted(TORCHAO_CASES))])
 def test_tiny_step_peak_within_bound(tmp_path, case):
-    predicted, measured = measured_against_plan("tiny-random-llama", tmp_path, TINY_CASES[case])
+    overrides = {**TINY_CASES, **TORCHAO_CASES}[case]
+    predicted, measured = measured_against_plan("tiny-random-llama", tmp_path, overrides)
     for part in EXACT:
         assert predicted[part] == measured[part], part
-    # AdamW's m and v are exact; not planned: one 4-byte step counter per trainable tensor (at most 28 here:
-    # 2 layers x 7 linears x 2 LoRA matrices).
+    # AdamW's m and v are exact (8-bit: codes, block scales and maps too); not planned: one 4-byte step counter
+    # per trainable tensor (at most 28 here: 2 layers x 7 linears x 2 LoRA matrices).
     assert 0 <= measured["optimizer"] - predicted["optimizer"] <= 4 * 28
     assert abs(predicted["peak"] / measured["peak"] - 1) <= BOUND
 
@@ -161,3 +174,20 @@ def test_cli_text_json_and_bad_input(tmp_path):
     assert data["gpus"] == 2 and data["memory"]["peak"] > data["memory"]["weights"] > 0
     bad = subprocess.run(dpokit + ["--gpu-memory", "lots"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--gpu-memory" in bad.stderr
+
+
+@needs_torchao
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nf4_bytes_are_what_torchao_holds(dtype):
+    # One group of block scales (<= 256 blocks) and several, in both dtypes: the bytes of every storage under
+    # the NF4 tensor, counted as measure.py counts them, equal the planner's count exactly.
+    import torch
+
+    from dpokit.plan.measure import storage_bytes
+    from dpokit.plan.memory import DTYPE_BYTES, nf4_bytes
+    from dpokit.quantize import quantize_base
+
+    for out, inp in ((64, 64), (128, 192), (256, 512), (1024, 4096)):
+        linear = torch.nn.Linear(inp, out, bias=False).to(getattr(torch, dtype))
+        quantize_base(linear, "nf4")
+        assert storage_bytes([linear.weight]) == nf4_bytes(out * inp, DTYPE_BYTES[dtype]), (out, inp)

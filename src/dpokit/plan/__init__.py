@@ -80,7 +80,8 @@ def resolve_setup(cfg: Config, world: int) -> Setup:
     return Setup(dtype=cfg.model.dtype, precision=precision,
                  strategy=cfg.distributed.strategy if world > 1 else "single", world=world,
                  optimizer=train.optimizer, reference=cfg.reference.mode, lora_r=lora.r if lora else None,
-                 lora_targets=targets, checkpointing=train.gradient_checkpointing, attention=attention,
+                 lora_targets=targets, quantize=cfg.model.quantize,
+                 checkpointing=train.gradient_checkpointing, attention=attention,
                  layout=train.layout, pass_tokens=tokens, row_length=min(row, tokens),
                  passes_per_step=train.grad_accum * math.ceil(micro / tokens), chunk=DEFAULT_CHUNK)
 
