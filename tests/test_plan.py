@@ -121,6 +121,33 @@ def test_llama_8b_lora_on_24gb_needs_a_bf16_base(gpu_precision):
     assert plan(changed, gpu_memory="24GB").verdict == "fits"
 
 
+def test_llama_8b_on_16gb_takes_qlora(gpu_precision):
+    # LoRA over a bf16 base does not fit 16 GB (its 16 GB of weights alone); QLoRA does, and the suggestion is a
+    # config dpokit's validation accepts. Where nothing fits (70B), CPU offload is the only option still shown
+    # as not in dpokit.
+    result = plan(LLAMA_8B, gpu_memory="16GB", gpus=1)
+    overrides = result.suggestion["overrides"]
+    assert overrides[:4] == ["model.lora={r: 16}", "reference.mode=adapter", "model.quantize=nf4",
+                             "model.dtype=bfloat16"]
+    changed = plan(load_config(LLAMA_8B, overrides), gpu_memory="16GB")
+    assert changed.verdict == "fits" and changed.setup.quantize == "nf4"
+    assert result.not_available == []
+    too_big = plan({**LLAMA_8B, "model": {"name_or_path": "meta-llama/Llama-3.1-70B"}}, gpu_memory="16GB", gpus=1)
+    assert [row["option"] for row in too_big.not_available] == ["CPU offload of optimizer states and gradients"]
+
+
+def test_full_fine_tuning_alternative_is_the_8bit_optimizer_on_the_same_gpu(gpu_precision):
+    # Llama-3.2-1B in fp32 on one 16 GB GPU: LoRA fits; training every weight fits too with 8-bit AdamW moments
+    # (2 bytes a weight instead of 8), on the same GPU rather than two with FSDP.
+    config = {"model": {"name_or_path": "meta-llama/Llama-3.2-1B"},
+              "data": {"max_length": 1024, "max_prompt_length": 512}, "train": {"batch_size": 2}}
+    result = plan(config, gpu_memory="16GB", gpus=1)
+    assert result.suggestion["overrides"][0] == "model.lora={r: 16}"
+    alternative = result.suggestion["or"]
+    assert alternative["overrides"][0] == "train.optimizer=adamw_8bit" and alternative["gpus"] == 1
+    assert plan(load_config(config, alternative["overrides"]), gpu_memory="16GB").verdict == "fits"
+
+
 def test_auto_precision_follows_the_pin(monkeypatch):
     from dpokit.hardware import PRECISION_ENV
 

@@ -49,7 +49,7 @@ class Plan:
     suggestion: dict[str, Any] | None = None
     """The smallest change that fits: ``{"overrides": [...], "gpus": n, "nodes": m, "peak": bytes, "why": ...}``."""
     not_available: list[dict[str, Any]] = field(default_factory=list)
-    """What 4-bit base weights or CPU offload would need (not in dpokit yet), when nothing available fits."""
+    """What CPU offload would need (not in dpokit yet), when nothing available fits."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
