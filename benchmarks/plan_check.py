@@ -59,6 +59,12 @@ TABLE_SETUPS = (
     ("LoRA r=16, adapter reference", 1, ["model.lora.r=16", "reference.mode=adapter"]),
     ("LoRA r=16, bf16 base, checkpointing", 1, ["model.lora.r=16", "reference.mode=adapter",
                                                 "model.dtype=bfloat16", "train.gradient_checkpointing=true"]),
+    ("QLoRA r=16 (NF4 base, bf16), checkpointing", 1, ["model.lora.r=16", "reference.mode=adapter",
+                                                       "model.quantize=nf4", "model.dtype=bfloat16",
+                                                       "train.gradient_checkpointing=true"]),
+    ("full DPO, 8-bit AdamW, checkpointing, reference store", 1, ["train.optimizer=adamw_8bit",
+                                                                  "train.gradient_checkpointing=true",
+                                                                  "reference.mode=store"]),
 )
 SIZES = (24, 48, 80)
 

@@ -1,6 +1,7 @@
 """The memory planner: exact parameter counts, the peak of a real dpokit step within the issue's +-20%, the
 verdicts the issue asks about, and one-line errors."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -20,6 +21,9 @@ BOUND = 0.20
 tensors (weights, reference, gradients, optimizer states) are counted exactly and asserted equal."""
 
 EXACT = ("weights", "reference", "gradients")
+
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
+                                   reason="QLoRA and adamw_8bit need torchao: pip install -c constraints.txt -e '.[qlora]'")
 
 
 def measured_against_plan(model: str, tmp_path: Path, overrides: list[str] = ()) -> tuple[dict, dict]:
@@ -56,15 +60,24 @@ TINY_CASES = {
     "bf16-autocast": ["train.precision=bf16"],
     "bf16-weights": ["model.dtype=bfloat16"],
 }
+TORCHAO_CASES = {
+    "qlora": ["model.lora.r=4", "reference.mode=adapter", "model.quantize=nf4"],
+    "qlora-checkpointing": ["model.lora.r=4", "reference.mode=adapter", "model.quantize=nf4",
+                            "train.gradient_checkpointing=true"],
+    "adamw-8bit": ["train.optimizer=adamw_8bit"],
+    "lora-adamw-8bit": ["model.lora.r=4", "reference.mode=adapter", "train.optimizer=adamw_8bit"],
+}
 
 
-@pytest.mark.parametrize("case", sorted(TINY_CASES))
+@pytest.mark.parametrize("case", [*sorted(TINY_CASES),
+                                  *(pytest.param(case, marks=needs_torchao) for case in sorted(TORCHAO_CASES))])
 def test_tiny_step_peak_within_bound(tmp_path, case):
-    predicted, measured = measured_against_plan("tiny-random-llama", tmp_path, TINY_CASES[case])
+    overrides = {**TINY_CASES, **TORCHAO_CASES}[case]
+    predicted, measured = measured_against_plan("tiny-random-llama", tmp_path, overrides)
     for part in EXACT:
         assert predicted[part] == measured[part], part
-    # AdamW's m and v are exact; not planned: one 4-byte step counter per trainable tensor (at most 28 here:
-    # 2 layers x 7 linears x 2 LoRA matrices).
+    # AdamW's m and v are exact (8-bit: codes, block scales and maps too); not planned: one 4-byte step counter
+    # per trainable tensor (at most 28 here: 2 layers x 7 linears x 2 LoRA matrices).
     assert 0 <= measured["optimizer"] - predicted["optimizer"] <= 4 * 28
     assert abs(predicted["peak"] / measured["peak"] - 1) <= BOUND
 
@@ -106,6 +119,33 @@ def test_llama_8b_lora_on_24gb_needs_a_bf16_base(gpu_precision):
                                                   "model.dtype=bfloat16"]
     changed = load_config(LLAMA_8B, result.suggestion["overrides"])
     assert plan(changed, gpu_memory="24GB").verdict == "fits"
+
+
+def test_llama_8b_on_16gb_takes_qlora(gpu_precision):
+    # LoRA over a bf16 base does not fit 16 GB (its 16 GB of weights alone); QLoRA does, and the suggestion is a
+    # config dpokit's validation accepts. Where nothing fits (70B), CPU offload is the only option still shown
+    # as not in dpokit.
+    result = plan(LLAMA_8B, gpu_memory="16GB", gpus=1)
+    overrides = result.suggestion["overrides"]
+    assert overrides[:4] == ["model.lora={r: 16}", "reference.mode=adapter", "model.quantize=nf4",
+                             "model.dtype=bfloat16"]
+    changed = plan(load_config(LLAMA_8B, overrides), gpu_memory="16GB")
+    assert changed.verdict == "fits" and changed.setup.quantize == "nf4"
+    assert result.not_available == []
+    too_big = plan({**LLAMA_8B, "model": {"name_or_path": "meta-llama/Llama-3.1-70B"}}, gpu_memory="16GB", gpus=1)
+    assert [row["option"] for row in too_big.not_available] == ["CPU offload of optimizer states and gradients"]
+
+
+def test_full_fine_tuning_alternative_is_the_8bit_optimizer_on_the_same_gpu(gpu_precision):
+    # Llama-3.2-1B in fp32 on one 16 GB GPU: LoRA fits; training every weight fits too with 8-bit AdamW moments
+    # (2 bytes a weight instead of 8), on the same GPU rather than two with FSDP.
+    config = {"model": {"name_or_path": "meta-llama/Llama-3.2-1B"},
+              "data": {"max_length": 1024, "max_prompt_length": 512}, "train": {"batch_size": 2}}
+    result = plan(config, gpu_memory="16GB", gpus=1)
+    assert result.suggestion["overrides"][0] == "model.lora={r: 16}"
+    alternative = result.suggestion["or"]
+    assert alternative["overrides"][0] == "train.optimizer=adamw_8bit" and alternative["gpus"] == 1
+    assert plan(load_config(config, alternative["overrides"]), gpu_memory="16GB").verdict == "fits"
 
 
 def test_auto_precision_follows_the_pin(monkeypatch):
@@ -161,3 +201,20 @@ def test_cli_text_json_and_bad_input(tmp_path):
     assert data["gpus"] == 2 and data["memory"]["peak"] > data["memory"]["weights"] > 0
     bad = subprocess.run(dpokit + ["--gpu-memory", "lots"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--gpu-memory" in bad.stderr
+
+
+@needs_torchao
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nf4_bytes_are_what_torchao_holds(dtype):
+    # One group of block scales (<= 256 blocks) and several, in both dtypes: the bytes of every storage under
+    # the NF4 tensor, counted as measure.py counts them, equal the planner's count exactly.
+    import torch
+
+    from dpokit.plan.measure import storage_bytes
+    from dpokit.plan.memory import DTYPE_BYTES, nf4_bytes
+    from dpokit.quantize import quantize_base
+
+    for out, inp in ((64, 64), (128, 192), (256, 512), (1024, 4096)):
+        linear = torch.nn.Linear(inp, out, bias=False).to(getattr(torch, dtype))
+        quantize_base(linear, "nf4")
+        assert storage_bytes([linear.weight]) == nf4_bytes(out * inp, DTYPE_BYTES[dtype]), (out, inp)

@@ -49,7 +49,7 @@ class Plan:
     suggestion: dict[str, Any] | None = None
     """The smallest change that fits: ``{"overrides": [...], "gpus": n, "nodes": m, "peak": bytes, "why": ...}``."""
     not_available: list[dict[str, Any]] = field(default_factory=list)
-    """What 4-bit base weights or CPU offload would need (not in dpokit yet), when nothing available fits."""
+    """What CPU offload would need (not in dpokit yet), when nothing available fits."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +80,8 @@ def resolve_setup(cfg: Config, world: int) -> Setup:
     return Setup(dtype=cfg.model.dtype, precision=precision,
                  strategy=cfg.distributed.strategy if world > 1 else "single", world=world,
                  optimizer=train.optimizer, reference=cfg.reference.mode, lora_r=lora.r if lora else None,
-                 lora_targets=targets, checkpointing=train.gradient_checkpointing, attention=attention,
+                 lora_targets=targets, quantize=cfg.model.quantize,
+                 checkpointing=train.gradient_checkpointing, attention=attention,
                  layout=train.layout, pass_tokens=tokens, row_length=min(row, tokens),
                  passes_per_step=train.grad_accum * math.ceil(micro / tokens), chunk=DEFAULT_CHUNK)
 

@@ -2,10 +2,13 @@
 
 Changes are tried in order of how much they change: first on the same GPUs the settings that leave the result
 as it is (``train.gradient_checkpointing``, ``reference.mode: store``, a smaller ``train.pass_tokens``), then
-LoRA (it trains adapters instead of every weight); separately, the fewest GPUs that fit full fine-tuning with
-FSDP. Every candidate is validated as a config first, so a suggestion is always one ``dpokit train`` accepts.
-4-bit base weights and CPU offload are not in dpokit yet: they are shown apart, marked so, when nothing
-available fits on the given GPUs.
+LoRA (it trains adapters instead of every weight), then the 8-bit AdamW (``train.optimizer: adamw_8bit``: every
+weight still trained, only the optimizer's moments approximated), then QLoRA (``model.quantize: nf4`` under the
+adapters: the model trained is the 4-bit one, the largest change to the result, so the last before more
+hardware); separately, the fewest GPUs that fit full fine-tuning with FSDP, or full fine-tuning with the 8-bit
+AdamW on the same GPUs. Every candidate is validated as a config first, so a suggestion is always one
+``dpokit train`` accepts. CPU offload is not in dpokit yet: it is shown apart, marked so, when nothing available
+fits on the given GPUs.
 """
 
 from __future__ import annotations
@@ -18,13 +21,10 @@ from typing import Any
 from dpokit.config import Config, load_config
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.plan import Plan, plan_for
-from dpokit.plan.memory import DTYPE_BYTES, GiB, regime
+from dpokit.plan.memory import GiB, regime
 from dpokit.plan.shapes import Shape
 
 _UNITS = {"": GiB, "k": 2 ** 10, "m": 2 ** 20, "g": GiB, "t": 2 ** 40}
-NF4_BYTES = (4 + 0.127) / 8
-"""4-bit NF4 weights plus their block scales (one per 64 weights, themselves quantized to 8 bits: QLoRA's double
-quantization, 0.127 bits a weight): about 0.516 bytes a parameter."""
 
 
 def parse_size(text: str, what: str = "--gpu-memory") -> float:
@@ -80,6 +80,36 @@ def lora_changes(cfg: Config) -> Iterator[list[str]]:
                 yield lora + base + extra
 
 
+def _settings(cfg: Config) -> list[list[str]]:
+    """The result-neutral settings a memory-saving change is tried with: none, then checkpointing, then also
+    smaller passes."""
+    return [[]] + [["train.gradient_checkpointing=true"] + p for p in [[]] + _passes(cfg)]
+
+
+def adamw_8bit_changes(cfg: Config) -> Iterator[list[str]]:
+    """The 8-bit AdamW on the run as it is (full fine-tuning or its adapters; one process or DDP: FSDP refuses
+    it), with the result-neutral settings."""
+    if cfg.train.optimizer == "adamw_8bit":
+        return
+    change = ["train.optimizer=adamw_8bit"] + (["distributed.strategy=ddp"] if cfg.distributed.strategy == "fsdp"
+                                                else [])
+    for extra in [[], *neutral_changes(cfg)]:
+        yield change + extra
+
+
+def qlora_changes(cfg: Config) -> Iterator[list[str]]:
+    """QLoRA: LoRA (r = 16 unless set) with its adapter reference over an NF4 base, in bf16 (the parts left
+    unquantized: embeddings, head, norms), with the result-neutral settings."""
+    if cfg.model.quantize == "nf4":
+        return
+    change = [] if cfg.model.lora is not None else ["model.lora={r: 16}"]
+    change += [] if cfg.reference.mode == "adapter" else ["reference.mode=adapter"]
+    change += ["model.quantize=nf4"] + (["distributed.strategy=ddp"] if cfg.distributed.strategy == "fsdp" else [])
+    bases = [[]] if cfg.model.dtype == "bfloat16" else [["model.dtype=bfloat16"]]
+    for base, extra in itertools.product(bases, _settings(cfg)):
+        yield change + base + extra
+
+
 def fsdp_changes(cfg: Config, gpus: int, nodes: int) -> Iterator[tuple[list[str], int, int]]:
     """Full fine-tuning with FSDP: on the GPUs at hand, then up to 8 per node, then more nodes (to 64 GPUs),
     each with the result-neutral settings."""
@@ -95,9 +125,10 @@ def fsdp_changes(cfg: Config, gpus: int, nodes: int) -> Iterator[tuple[list[str]
 
 
 def suggest(cfg: Config, shape: Shape, source: str, current: Plan) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The smallest change that fits: a result-neutral one on the same GPUs (FSDP included), else LoRA on the
-    same GPUs (with, as an alternative, the fewest GPUs that fit full fine-tuning), else more GPUs; and what
-    not-yet-available options would give when nothing fits on the given GPUs."""
+    """The smallest change that fits: a result-neutral one on the same GPUs (FSDP included), else LoRA, the
+    8-bit AdamW, QLoRA on the same GPUs (with, as an alternative, full fine-tuning with the 8-bit AdamW or on the
+    fewest GPUs that fit it), else more GPUs; and what CPU offload (not yet available) would give when nothing
+    fits on the given GPUs."""
     def first(options: Iterator[tuple[list[str], int, int]]) -> dict[str, Any] | None:
         for overrides, g, n in options:
             changed = _with(cfg, overrides)
@@ -115,27 +146,21 @@ def suggest(cfg: Config, shape: Shape, source: str, current: Plan) -> tuple[dict
         neutral = more  # FSDP on the same GPUs
     if neutral is not None:
         return neutral, []
-    lora = first((o, *here) for o in lora_changes(cfg))
-    if lora is not None:
-        return ({**lora, "or": more} if more else lora), []
-    return more, not_available(cfg, shape, current)
+    if cfg.model.lora is None:  # training every weight: its 8-bit AdamW on these GPUs before more GPUs
+        more = first((o, *here) for o in adamw_8bit_changes(cfg)) or more
+    candidates = itertools.chain(lora_changes(cfg), adamw_8bit_changes(cfg), qlora_changes(cfg))
+    fits = first((o, *here) for o in candidates)
+    if fits is not None:
+        return ({**fits, "or": more} if more and more != fits else fits), []
+    return more, not_available(current)
 
 
-def not_available(cfg: Config, shape: Shape, current: Plan) -> list[dict[str, Any]]:
+def not_available(current: Plan) -> list[dict[str, Any]]:
     """Peaks with options dpokit does not have yet, from the current plan: CPU offload of the optimizer
-    states and gradients; a 4-bit base under LoRA adapters (QLoRA) with checkpointing."""
+    states and gradients (``distributed.offload`` is not a config key yet)."""
     mem = current.memory
     offload = mem.peak - mem.optimizer - mem.gradients
-    rows = [{"option": "CPU offload of optimizer states and gradients", "peak": offload, "available": False}]
-    lora_cfg = _with(cfg, ["model.lora={r: 16}", "reference.mode=adapter", "train.gradient_checkpointing=true",
-                           "distributed.strategy=ddp"])
-    if lora_cfg is not None:
-        lora = plan_for(lora_cfg, shape, current.source, gpu_memory=current.gpu_memory, gpus=current.gpus,
-                        nodes=current.nodes)
-        base = shape.params() * DTYPE_BYTES[lora.setup.dtype]
-        rows.append({"option": "QLoRA (4-bit NF4 base, LoRA r=16, checkpointing)",
-                     "peak": lora.memory.peak - base + shape.params() * NF4_BYTES, "available": False})
-    return rows
+    return [{"option": "CPU offload of optimizer states and gradients", "peak": offload, "available": False}]
 
 
 # ---------------------------------------------------------------------------------------------------- text
@@ -158,14 +183,17 @@ def part_rows(p: Plan) -> list[tuple[str, float, str]]:
     s, m = p.setup, p.memory
     sharded = f", sharded over {s.world}" if s.strategy == "fsdp" else ""
     other = m.activations_full if s.checkpointing else m.activations_checkpointed
+    base = f"decoder linears in NF4, the rest {s.dtype}" if s.quantize == "nf4" else s.dtype
+    states = {"adamw": "adamw (m, v) in the parameters' dtype", "rmsprop": "rmsprop (one average) in the "
+              "parameters' dtype", "adamw_8bit": "adamw_8bit (m, v in 8 bits, blocks of 256)"}[s.optimizer]
     return [
-        ("weights", m.weights, f"{s.dtype}{' + fp32 adapters' if s.lora_r else ''}{sharded}"),
+        ("weights", m.weights, f"{base}{' + fp32 adapters' if s.lora_r else ''}{sharded}"),
         ("gradients", m.gradients, f"{p.trainable_params:,} trainable{sharded}"),
-        ("optimizer states", m.optimizer, f"{s.optimizer} ({'m, v' if s.optimizer == 'adamw' else 'one average'}) in"
-                                          f" the parameters' dtype, no fp32 master copy{sharded}"),
+        ("optimizer states", m.optimizer, f"{states}, no fp32 master copy{sharded}"),
         ("reference", m.reference, {"model": f"a second copy of the weights{sharded}", "adapter": "policy, adapters off",
                                     "store": "log-probs from disk"}[s.reference]),
         ("autocast weight copies", m.autocast_copies, "bf16 copies of fp32 linear weights kept for the backward"),
+        ("dequantized weight", m.dequantized, "the largest NF4 weight, dequantized while it multiplies"),
         ("activations", m.activations, f"{s.pass_tokens:,} positions a pass, checkpointing "
                                        f"{'on' if s.checkpointing else 'off'} ({'off' if s.checkpointing else 'on'}:"
                                        f" {other / GiB:.2f} GiB)"),

@@ -26,11 +26,20 @@ import torch
 from dpokit.config import Config
 
 
+def plain(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``tensor``'s data: itself, or for a tensor subclass (torchao's NF4 weights
+    and 8-bit optimizer states) its inner tensors, whose storages are the real ones (the wrapper's is not)."""
+    if not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [leaf for name in names for leaf in plain(getattr(tensor, name))]
+
+
 def storage_bytes(tensors: Iterable[torch.Tensor], seen: set[int] | None = None) -> int:
     """Bytes of the distinct storages under ``tensors`` (a tied weight counts once)."""
     seen = set() if seen is None else seen
     total = 0
-    for tensor in tensors:
+    for tensor in (leaf for t in tensors for leaf in plain(t)):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in seen and storage.nbytes():
             seen.add(storage.data_ptr())
@@ -83,15 +92,16 @@ def measure_step(cfg: Config) -> dict[str, Any]:
     run = setup(cfg, Dist(), TASKS["dpo"])
     train_step(run, 1)
     held = held_bytes(run)
-    weights = {t.untyped_storage().data_ptr() for t in _module_tensors(run.policy)}
-    weights |= {t.untyped_storage().data_ptr() for t in _module_tensors(getattr(run.reference, "model", None))}
+    models = [*_module_tensors(run.policy), *_module_tensors(getattr(run.reference, "model", None))]
+    weights = {leaf.untyped_storage().data_ptr() for t in models for leaf in plain(t)}
     saved: dict[int, int] = {}
     grads: dict[int, int] = {}  # by parameter: a gradient accumulated over passes counts once
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
+        for leaf in plain(tensor):
+            storage = leaf.untyped_storage()
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     hooks = [p.register_post_accumulate_grad_hook(lambda p: grads.__setitem__(id(p), p.grad.nbytes))

@@ -4,12 +4,18 @@ What each part is, for P parameters held in ``model.dtype`` (b_w bytes each), T 
 pass (``train.pass_tokens``, else the micro-batch at full length), W ranks:
 
 - weights: P b_w (FSDP: / W). LoRA adds r (in + out) parameters per targeted linear, held in fp32 (peft's
-  default for adapters).
+  default for adapters). ``model.quantize: nf4`` holds every decoder linear weight of n values in
+  about n/2 + n/64 bytes (``nf4_bytes``); embeddings, head, norms and biases stay in b_w.
 - gradients: one per trainable parameter, in its dtype (FSDP: / W).
 - optimizer states: AdamW keeps m and v (RMSprop one average) per trainable parameter in the parameter's dtype
   (torch's AdamW): with ``model.dtype: bfloat16`` they are bf16 and there is no fp32 master copy (FSDP: / W).
+  ``adamw_8bit`` keeps each moment of a tensor of n >= 4096 values (a multiple of 256) as n codes, n/256 fp32
+  block scales and a 256-entry fp32 map; smaller tensors keep both moments in their dtype (``moment_bytes``).
 - reference: ``model``: a second copy of the weights (FSDP: / W); ``adapter``: none (the policy with its
   adapters off); ``store``: none while training (log-probs read from disk).
+- dequantized weight (nf4): each quantized linear dequantizes its weight in the compute dtype for the forward
+  and again for the backward's input gradient, and frees it after the product: one weight, the largest, at a
+  time (and autocast keeps no copy of it).
 - autocast weight copies: under ``precision: bf16`` with fp32 weights every linear's weight is cast to bf16 for
   the forward and the copy is kept for the backward: 2 bytes x the layers' linear parameters, not sharded.
 - activations: what autograd keeps for the backward, counted tensor by tensor from the Llama-family decoder
@@ -34,7 +40,16 @@ GiB = 2 ** 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 ADAPTER_BYTES = 4
 """peft creates the adapters in fp32 whatever the base's dtype (``autocast_adapter_dtype``)."""
-OPTIMIZER_STATES = {"adamw": 2, "rmsprop": 1}
+OPTIMIZER_STATES = {"adamw": 2, "adamw_8bit": 2, "rmsprop": 1}
+NF4_BLOCK, NF4_SCALE_GROUP = 64, 256
+"""As ``dpokit.quantize`` (BLOCK, SCALE_GROUP): values per 4-bit block; block scales per double-quantization group."""
+NF4_LEVELS = 16
+"""The entries of the NF4 level table each quantized weight keeps (in the weight's dtype)."""
+Q8_BLOCK, Q8_MIN = 256, 4096
+"""torchao's 8-bit AdamW: values per block (one fp32 absmax each), and the fewest values a tensor needs for its
+moments to be quantized (smaller ones, or any not a multiple of 256, keep them in the parameter's dtype)."""
+Q8_MAP_BYTES = 256 * 4
+"""Each quantized moment's own 256-entry fp32 code map."""
 INDEX_BYTES_PER_POSITION = 8 * 6
 """int64 per position: input_ids, position_ids, segment ids, and per target token targets, pred_index, slot."""
 
@@ -54,6 +69,8 @@ class Setup:
     """``model``, ``adapter`` or ``store``."""
     lora_r: int | None
     lora_targets: tuple[str, ...]
+    quantize: str
+    """``none`` or ``nf4`` (the decoder's linear weights in 4 bits)."""
     checkpointing: bool
     attention: str
     """``sdpa``, ``eager`` or ``flex_attention``."""
@@ -87,9 +104,41 @@ def shard(nbytes: float, setup: Setup) -> float:
     return nbytes / setup.world if setup.strategy == "fsdp" else nbytes
 
 
+def nf4_bytes(n: int, b: int) -> int | None:
+    """Bytes one weight of ``n`` values in ``b``-byte elements holds in NF4, as ``dpokit.quantize`` builds it:
+    n/2 of 4-bit codes, n/64 int8 block scales, one factor per group of block scales (the largest divisor of
+    the block count up to 256), the 16-level table and the scales' mean, these last in the weight's dtype (fp32:
+    the n/2 + n/64 + 4 groups + 68 of ``dpokit.quantize.nf4_bytes``). A weight of one group (at most 256 blocks)
+    holds more: torchao's factor is then a view of its per-block intermediate, whose storage of b n/64 bytes it
+    keeps (measured; with several groups it is a copy of its own size). None for a weight left unquantized (n
+    not a multiple of 64)."""
+    if n % NF4_BLOCK:
+        return None
+    blocks = n // NF4_BLOCK
+    group = max(d for d in range(1, min(NF4_SCALE_GROUP, blocks) + 1) if blocks % d == 0)
+    factors = blocks if group == blocks else blocks // group
+    return n // 2 + blocks + b * (factors + NF4_LEVELS + 1)
+
+
+def base_weights(shape: Shape, setup: Setup) -> float:
+    """The base model's weights: all in ``model.dtype``, or with nf4 each decoder linear weight in NF4."""
+    b = DTYPE_BYTES[setup.dtype]
+    if setup.quantize == "none":
+        return shape.params() * b
+    linears = [a * c for a, c in shape.linears().values()]
+    packed = sum(n * b if nf4_bytes(n, b) is None else nf4_bytes(n, b) for n in linears)
+    return shape.params() * b - shape.layers * (sum(linears) * b - packed)
+
+
 def weights(shape: Shape, setup: Setup) -> float:
-    base = shape.params() * DTYPE_BYTES[setup.dtype]
-    return shard(base + lora_params(shape, setup) * ADAPTER_BYTES, setup)
+    return shard(base_weights(shape, setup) + lora_params(shape, setup) * ADAPTER_BYTES, setup)
+
+
+def dequantized(shape: Shape, setup: Setup) -> float:
+    """The one decoder weight an nf4 linear holds dequantized, in the compute dtype, while it multiplies."""
+    if setup.quantize == "none":
+        return 0.0
+    return max(a * c for a, c in shape.linears().values()) * (4 if regime(setup) == "fp32" else 2)
 
 
 def gradients(shape: Shape, setup: Setup) -> float:
@@ -97,8 +146,33 @@ def gradients(shape: Shape, setup: Setup) -> float:
     return shard(n * size, setup)
 
 
+def trainable_tensors(shape: Shape, setup: Setup) -> list[int]:
+    """The sizes of the trainable tensors, one entry each: the LoRA matrices A and B of every targeted linear, or
+    every parameter of the model."""
+    linears = shape.linears()
+    if setup.lora_r is not None:
+        r = setup.lora_r
+        return shape.layers * [n for t in setup.lora_targets if t in linears for n in (r * linears[t][0],
+                                                                                        r * linears[t][1])]
+    layer = [a * c for a, c in linears.values()] + [shape.hidden] * shape.norms_per_layer
+    layer += [shape.q_width, shape.kv_width, shape.kv_width] if shape.qkv_bias else []
+    layer += [shape.dim, shape.dim] if shape.qk_norm else []
+    root = [shape.vocab * shape.hidden] * (1 if shape.tied else 2) + [shape.hidden]
+    return shape.layers * layer + root
+
+
+def moment_bytes(n: int, size: int) -> float:
+    """``adamw_8bit``'s two moments of a tensor of ``n`` values in ``size``-byte elements: quantized (codes, block
+    scales, map) when torchao quantizes them, else in the parameter's dtype."""
+    if n >= Q8_MIN and n % Q8_BLOCK == 0:
+        return 2 * (n + 4 * (n // Q8_BLOCK) + Q8_MAP_BYTES)
+    return 2 * n * size
+
+
 def optimizer_states(shape: Shape, setup: Setup) -> float:
     n, size = trainable(shape, setup)
+    if setup.optimizer == "adamw_8bit":
+        return shard(sum(moment_bytes(t, size) for t in trainable_tensors(shape, setup)), setup)
     return shard(OPTIMIZER_STATES[setup.optimizer] * n * size, setup)
 
 
@@ -108,8 +182,8 @@ def reference(shape: Shape, setup: Setup) -> float:
 
 def autocast_copies(shape: Shape, setup: Setup) -> float:
     """bf16 copies of the fp32 linear weights that autocast makes in the forward and the backward reads."""
-    if not (setup.precision == "bf16" and setup.dtype == "float32"):
-        return 0.0
+    if not (setup.precision == "bf16" and setup.dtype == "float32") or setup.quantize != "none":
+        return 0.0  # nf4: the dequantized weight is cast inside the layer's own autograd function, not kept
     per_layer = 2 * sum(a * b for a, b in shape.linears().values())
     return per_layer * (1 if setup.checkpointing else shape.layers)
 
@@ -225,6 +299,7 @@ class Memory:
     optimizer: float
     reference: float
     autocast_copies: float
+    dequantized: float
     activations: float
     activations_checkpointed: float
     activations_full: float
@@ -242,13 +317,14 @@ def memory(shape: Shape, setup: Setup) -> Memory:
     ckpt = activations(shape, setup, checkpointing=True)
     parts = dict(weights=weights(shape, setup), gradients=gradients(shape, setup),
                  optimizer=optimizer_states(shape, setup), reference=reference(shape, setup),
-                 autocast_copies=autocast_copies(shape, setup), activations=ckpt if setup.checkpointing else full,
+                 autocast_copies=autocast_copies(shape, setup), dequantized=dequantized(shape, setup),
+                 activations=ckpt if setup.checkpointing else full,
                  head=head(shape, setup), communication=communication(shape, setup))
     static = parts["weights"] + parts["optimizer"] + parts["reference"] + parts["communication"]
     earlier = parts["gradients"] if setup.passes_per_step > 1 else 0.0
     # Checkpointed, a layer is recomputed in full only after the head's backward is done: not both at once.
     overlap = min(recomputed_layer(shape, setup), parts["head"]) if setup.checkpointing else 0.0
-    backward = static + parts["autocast_copies"] + parts["activations"] + parts["head"] - overlap + earlier
+    backward = static + parts["autocast_copies"] + parts["dequantized"] + parts["activations"] + parts["head"] - overlap + earlier
     end = static + parts["gradients"]
     at = "the start of the backward" + (" (earlier passes' gradients held)" if earlier else "")
     return Memory(**parts, activations_checkpointed=ckpt, activations_full=full,
