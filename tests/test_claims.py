@@ -178,6 +178,15 @@ def test_default_target_is_half_the_best_gain_and_markdown_shows_every_claim():
     assert "| DPO |" in text and "**does not hold**" in text and "bootstrap interval" in text
 
 
+def test_stability_over_two_seeds_has_no_interval():
+    # With 2 seeds every resample that has a spread is the pair itself (in either order): the interval would be
+    # a point, [0.1, 0.1], and "holds" a certainty the two seeds do not give.
+    two = {s: seed(0.0, DPO=method(0.0, 0.5 + 0.01 * s, [(8, 1.0, 0.5, 1e14)], 0.1),
+                   PPO=method(0.0, 0.5 + 0.1 * s, [(8, 1.0, 0.5, 1e15)], 0.1)) for s in range(2)}
+    stability = analyse(two, target=0.5)["claims"]["stability"]["vs PPO"]
+    assert stability["verdict"] == "not measurable" and stability["ratio_of_two"] == pytest.approx(0.1, rel=REL)
+
+
 def test_one_seed_gives_ratios_but_no_verdict():
     one = {0: seed(0.0, DPO=line(0.0, 0.1, [2.0, 4.0]), PPO=line(0.0, 0.05, [4.0, 8.0]))}
     claims = analyse(one, target=0.1)["claims"]

@@ -307,6 +307,9 @@ def _stability(seeds: list[dict[str, Any]], other: str, target: float, holds_at:
     def std_ratio(a: list[float], b: list[float]) -> float | None:
         return ratio(statistics.pstdev(a), statistics.pstdev(b)) if len(set(a)) > 1 or len(set(b)) > 1 else None
 
+    if len(values) < 3:  # both resamples of 2 seeds that have a spread give the same ratio: a point, no interval
+        return _unmeasurable(f"{len(values)} seed(s): one spread at most, no interval over seeds (3 or more needed)",
+                             ratio_of_two=std_ratio([a for a, _ in values], [b for _, b in values]))
     # The sample std's (n - 1) cancels in the ratio: pstdev keeps a resample of one repeated seed at 0, not an error.
     return _judged(values, std_ratio, holds_at, side)
 
