@@ -46,7 +46,7 @@ import torch
 
 from dpokit.errors import DpokitError
 from dpokit.generate import SamplingParams, encode_prompts, eos_token_ids, stream_batch
-from dpokit.serve.engine import BadRequest, Emit, Playground, _check_text, _show
+from dpokit.serve.engine import BadRequest, Emit, Playground, _check_text, _integer, _show
 
 Kind = Literal["chat", "text"]
 MODELS = ("policy", "reference")
@@ -353,12 +353,5 @@ def _number_or_none(value: Any, key: str, low: float, high: float, default: floa
 
 
 def _integer_or_none(value: Any, key: str, low: int, high: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{key}: expected a whole number, got {_show(value)}")
-    if not low <= value <= high:
-        raise BadRequest(f"{key}: must be between {low} and {high}, got {_show(value)}")
-    return value
+    """The page's whole-number check (``engine._integer``), with null meaning "not given"."""
+    return None if value is None else _integer({key: value}, key, low, high)
