@@ -3,13 +3,13 @@
     .venv/bin/python benchmarks/bf16_precision.py            # about a minute
 
 On the first 8 synthetic pairs of the benchmarks (SmolLM2-135M), computes the summed response log-probs of
-every response with ``dpokit.logprobs.layout_logps`` (no gradient):
+every response with ``dpokit.models.logprobs.layout_logps`` (no gradient):
 
 - ``fp32``: the reference values;
 - ``bf16``: under ``torch.autocast(bfloat16)`` as ``train.precision: bf16`` runs it, in the packed training
   layout and again in the layout the reference store is precomputed in (one response per group);
 - ``bf16, fp32 head``: the same, but the vocabulary projection of the response positions done in fp32 (the
-  hidden states cast up, outside autocast). This replaces ``dpokit.logprobs._token_logps`` *in this process
+  hidden states cast up, outside autocast). This replaces ``dpokit.models.logprobs._token_logps`` *in this process
   only*, to show the effect; dpokit itself is unchanged.
 
 The step-1 DPO log-ratio of a bf16 run with the store is (training-layout bf16) - (store-layout bf16): at
@@ -34,11 +34,11 @@ def main() -> int:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import dpokit.logprobs as logprobs
+    import dpokit.models.logprobs as logprobs
     from dpokit.config import DataConfig
     from dpokit.data import load_preferences
     from dpokit.data.batch import collate_pairs, collate_responses, regroup
-    from dpokit.models import resolve
+    from dpokit.models.loading import resolve
 
     folder = resolve("smollm2").location
     tokenizer = AutoTokenizer.from_pretrained(folder)

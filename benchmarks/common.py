@@ -124,7 +124,7 @@ def matmul_gflops(dtype_name: str, size: int = 2048, seconds: float = 3.0) -> fl
     """Best-of GFLOP/s of (size x size) @ (size x size) on the CPU, measured as ``dpokit env`` measures it."""
     import torch
 
-    from dpokit.hardware import matmul_gflops as measure
+    from dpokit.models.hardware import matmul_gflops as measure
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     return measure(torch.device("cpu"), dtype, size, seconds)
@@ -295,8 +295,8 @@ def dpokit_child(spec: dict[str, Any]) -> dict[str, Any]:
     import dpokit
 
     # ``dpokit.train`` the attribute is the API function; the module of the same name is in sys.modules.
-    train_module = importlib.import_module("dpokit.train")
-    reference_module = importlib.import_module("dpokit.reference")
+    train_module = importlib.import_module("dpokit.training.setup")
+    reference_module = importlib.import_module("dpokit.training.reference")
 
     marks: dict[str, Any] = {}
     build_reference = train_module.build_reference

@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dpokit.models import resolve
+    from dpokit.models.loading import resolve
 
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     unknown = [n for n in names if n not in SYSTEMS]
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = analyse(results, geometry, dims, peaks, args.steps)
     trl_ids = next((r["token_ids"] for r in results.values() if "token_ids" in r), None)
-    from dpokit.hardware import describe, format_env
+    from dpokit.models.hardware import describe, format_env
 
     info["dpokit_env"] = format_env(describe(refresh=False))  # what auto picks on this machine, for the record
     report = render(args, info, peaks, dims, summary, results, loads, load_before, load_after, lengths,

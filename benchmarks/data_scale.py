@@ -148,7 +148,7 @@ def count_lines(path: Path) -> int:
 # ------------------------------------------------------------------------------------------------ child processes
 
 def _tokenizer() -> Any:
-    from dpokit.models import load_tokenizer, resolve
+    from dpokit.models.loading import load_tokenizer, resolve
 
     return load_tokenizer(resolve(MODEL))
 
@@ -223,7 +223,7 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from dpokit.models import resolve
+    from dpokit.models.loading import resolve
 
     folder = resolve(MODEL).location
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -269,7 +269,7 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
     import importlib
 
     started = process_start_time()
-    train_module = importlib.import_module("dpokit.train")
+    train_module = importlib.import_module("dpokit.training.setup")
     marks: dict[str, Any] = {}
     step, save = train_module.train_step, train_module.save_checkpoint
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 REPORT = """\
 import atexit, json, os, resource, sys
 import importlib
-train = importlib.import_module("dpokit.train")  # the module (dpokit.train is also the function)
+train = importlib.import_module("dpokit.training.setup")  # the module (dpokit.train is also the function)
 phases = {}
 def hwm():
     with open("/proc/self/status") as fh:
@@ -65,7 +65,7 @@ def write_model(folder: Path, layers: int) -> int:
     code = f"""
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
-from dpokit.models import tiny_tokenizer
+from dpokit.models.loading import tiny_tokenizer
 torch.manual_seed(0)
 config = Qwen2Config(hidden_size=896, num_hidden_layers={layers}, num_attention_heads=14, num_key_value_heads=2,
                      intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,

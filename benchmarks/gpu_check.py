@@ -194,7 +194,7 @@ def build_model(shape: str, seed: int = 0, attn: str = "sdpa") -> Any:
     """A random Llama of a named shape, fp32, eval mode (no dropout), seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpokit.models import seeded_model
+    from dpokit.models.loading import seeded_model
 
     config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = seeded_model(LlamaForCausalLM, config, seed)
@@ -218,7 +218,7 @@ def _logps_and_grads(model: Any, batch: dict[str, Any], grads: bool) -> tuple[An
     import torch
 
     from dpokit.data.batch import regroup
-    from dpokit.logprobs import layout_logps
+    from dpokit.models.logprobs import layout_logps
 
     model.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(grads):
@@ -257,8 +257,8 @@ def check_layouts(report: Report, device: Any, shape: str, groups: list[Any], pa
 
 
 def check_flex(report: Report, device: Any, shape: str, groups: list[Any], pack_length: int) -> None:
-    from dpokit.attention import flex_attention_available, flex_attention_supported
     from dpokit.data.batch import collate_groups, to_device
+    from dpokit.models.attention import flex_attention_available, flex_attention_supported
 
     name = f"FlexAttention BlockMask == SDPA dense mask ({shape}, fp32)"
     if not flex_attention_available():
@@ -285,8 +285,8 @@ def check_bf16_tracking(report: Report, device: Any, shape: str, groups: list[An
     import torch
 
     from dpokit.data.batch import collate_groups, regroup, to_device
-    from dpokit.logprobs import layout_logps
     from dpokit.losses import sigmoid_loss
+    from dpokit.models.logprobs import layout_logps
 
     batch = to_device(collate_groups(groups, pad_id=0, layout="packed", pack_length=pack_length), device)
     curves: dict[str, list[float]] = {}
@@ -391,11 +391,11 @@ def check_fsdp(report: Report, workdir: Path, device_count: int, model_dir: Path
 # ------------------------------------------------------------------------------------------- (c) throughput
 
 def matmul_peak_tflops(device: Any, size: int, seconds: float) -> float:
-    """Best-of bf16 TFLOP/s of (size x size) @ (size x size) on ``device`` (``dpokit.hardware.matmul_gflops``:
+    """Best-of bf16 TFLOP/s of (size x size) @ (size x size) on ``device`` (``dpokit.models.hardware.matmul_gflops``:
     2*size^3 FLOPs per product, each product synchronized, so at 8192 the launch is under 0.1% of it)."""
     import torch
 
-    from dpokit.hardware import matmul_gflops
+    from dpokit.models.hardware import matmul_gflops
 
     return matmul_gflops(device, torch.bfloat16, size, seconds) / 1000
 
@@ -418,7 +418,7 @@ def trl_available() -> str:
 def save_model_folder(shape: str, folder: Path) -> int:
     """A random model of ``shape`` and dpokit's tiny tokenizer as a Hugging Face folder; returns the parameter
     count (tied embeddings counted once)."""
-    from dpokit.models import tiny_tokenizer
+    from dpokit.models.loading import tiny_tokenizer
 
     model = build_model(shape)
     model.save_pretrained(folder)
@@ -456,8 +456,8 @@ def trl_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def throughput(report: Report, device: Any, workdir: Path, shape: str, steps: int, batch_size: int,
                peak_size: int, block_imports: bool) -> None:
-    from dpokit.attention import flex_attention_supported
-    from dpokit.models import tiny_tokenizer
+    from dpokit.models.attention import flex_attention_supported
+    from dpokit.models.loading import tiny_tokenizer
 
     peak = matmul_peak_tflops(device, peak_size, 3.0 if device.type == "cuda" else 0.5)
     report.add("c", f"bf16 matmul peak ({peak_size}x{peak_size}), TFLOP/s", peak, note="measured now")
@@ -557,7 +557,7 @@ def run(report: Report, device: Any, workdir: Path, self_test: bool, skip_throug
     if fsdp_devices >= 2:
         folder, data = workdir / "model-fsdp", workdir / "pairs-fsdp.jsonl"
         save_model_folder("small", folder)
-        from dpokit.models import tiny_tokenizer
+        from dpokit.models.loading import tiny_tokenizer
 
         write_jsonl(make_pairs(tiny_tokenizer(), 24, seed=1), data)
         check_fsdp(report, workdir, fsdp_devices, folder, data)
@@ -589,7 +589,7 @@ def self_test_logic(report: Report) -> None:
         ok = "| x | a\\|b | 1.5 | 2 | pass |" in md.read_text() and json.loads(js.read_text())["figures"][0]["value"] == "1.5"
     report.verify("self", "table writer (Markdown and JSON)", ok)
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import gpu_check; gpu_check.block_imports("
-            "gpu_check.NOT_ON_DEVICE); import dpokit, dpokit.train, dpokit.attention, dpokit.logprobs")
+            "gpu_check.NOT_ON_DEVICE); import dpokit, dpokit.training.setup, dpokit.models.attention, dpokit.models.logprobs")
     proc = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True,
                           env=_child_env(), timeout=120, check=False)
     report.verify("self", "dpokit imports without datasets, gguf, trl", proc.returncode == 0,

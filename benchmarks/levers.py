@@ -71,7 +71,7 @@ def head_child(spec: dict[str, Any]) -> dict[str, Any]:
     from dpokit.config import DataConfig
     from dpokit.data import load_preferences
     from dpokit.data.batch import collate_pairs
-    from dpokit.logprobs import layout_logps
+    from dpokit.models.logprobs import layout_logps
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    from dpokit.models import resolve
+    from dpokit.models.loading import resolve
 
     if args.levers:
         names = []

@@ -5,8 +5,8 @@ tokens, temperature 1, fp32 on the CPU.
     python benchmarks/online_sampling.py                 # 8 steps (256 continuations per setting)
     python benchmarks/online_sampling.py --steps 24      # the preset's whole run
 
-s = 1 samples each step's 32 rows in one generation call, as ``dpokit.online`` does at every refresh; s = 4
-samples the 4 steps of a refresh in one call of 128 rows (``dpokit.online.draw_window``; 64 rows decoded
+s = 1 samples each step's 32 rows in one generation call, as ``dpokit.methods.online`` does at every refresh; s = 4
+samples the 4 steps of a refresh in one call of 128 rows (``dpokit.methods.online.draw_window``; 64 rows decoded
 together, the sampler's cap). The two settings alternate window by window (which goes first alternates too), so
 a machine shared with other work slows both alike. Prints wall and process CPU seconds per setting, and the
 response tokens drawn (the seeds differ between the settings, so the lengths do too).
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from dpokit.generate import SamplingParams, encode_prompts, eos_token_ids, generate
+from dpokit.models.generate import SamplingParams, encode_prompts, eos_token_ids, generate
 from dpokit.recipes.sentiment.sampling import load_openings, load_policy
 
 ROWS_PER_STEP, SAMPLES, MAX_NEW, MAX_PROMPT = 8, 4, 32, 32
@@ -45,7 +45,7 @@ def main() -> None:
     model, tokenizer = policy.model.eval(), policy.tokenizer
     openings = load_openings()[0][:args.steps * ROWS_PER_STEP]
     ids = encode_prompts(tokenizer, openings, MAX_PROMPT, MAX_PROMPT + MAX_NEW + 16)
-    # Step i: its 8 openings, 4 adjacent copies of each (as dpokit.online.step_items lays them out).
+    # Step i: its 8 openings, 4 adjacent copies of each (as dpokit.methods.online.step_items lays them out).
     steps = [[p for p in ids[i * ROWS_PER_STEP:(i + 1) * ROWS_PER_STEP] for _ in range(SAMPLES)]
              for i in range(args.steps)]
     eos = eos_token_ids(model, tokenizer)

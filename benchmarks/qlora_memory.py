@@ -28,14 +28,14 @@ PAIRS = 16
 
 
 def tensor_bytes(tensor) -> int:
-    from dpokit.quantize import is_nf4, nf4_bytes
+    from dpokit.models.quantize import is_nf4, nf4_bytes
 
     return nf4_bytes(tensor) if is_nf4(tensor) else tensor.numel() * tensor.element_size()
 
 
 def measure(model: str, quantize: str, steps: int) -> dict:
     import dpokit
-    from dpokit.models import load_models
+    from dpokit.models.loading import load_models
 
     folder = Path(tempfile.mkdtemp(prefix="qlora-memory-"))
     pairs = folder / "pairs.jsonl"
@@ -52,7 +52,7 @@ def measure(model: str, quantize: str, steps: int) -> dict:
     gc.collect()  # peft's wrappers hold reference cycles
     # The training peak: final/ is not written (its export holds the dequantized base on the CPU, as big as the
     # unquantized model's weights, once, after training).
-    sys.modules["dpokit.train"].export_final = lambda run: None
+    sys.modules["dpokit.training.setup"].export_final = lambda run: None
     start = time.perf_counter()
     dpokit.train(cfg, run_dir=str(folder / "run"))
     run_s = time.perf_counter() - start
@@ -79,8 +79,8 @@ def optimizer_state(model: str) -> dict:
     import torch
 
     import dpokit
-    from dpokit.models import load_models
-    from dpokit.optim8bit import adamw_8bit
+    from dpokit.models.loading import load_models
+    from dpokit.training.optim8bit import adamw_8bit
 
     policy = load_models(dpokit.load_config({"model": {"name_or_path": model}}).model, reference="never").policy
     params = [p for p in policy.parameters() if p.requires_grad]

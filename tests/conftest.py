@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.hardware import kernel_limits
+from dpokit.models.hardware import kernel_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,7 +28,7 @@ def root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tok():
-    from dpokit.models import tiny_tokenizer
+    from dpokit.models.loading import tiny_tokenizer
 
     return tiny_tokenizer()
 

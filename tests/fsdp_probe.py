@@ -14,13 +14,13 @@ from types import SimpleNamespace
 
 import torch
 
-import dpokit.sharded as sharded
-from dpokit.checkpoint import full_state_dict
+import dpokit.models.sharded as sharded
 from dpokit.config import DistributedConfig
 from dpokit.data.batch import collate_responses
-from dpokit.distributed import setup
-from dpokit.logprobs import batch_logps
-from dpokit.models import ModelSource, load_model, load_models
+from dpokit.models.loading import ModelSource, load_model, load_models
+from dpokit.models.logprobs import batch_logps
+from dpokit.training.checkpoint import full_state_dict
+from dpokit.training.distributed import setup
 
 folder, out, bf16 = sys.argv[1], sys.argv[2], sys.argv[3:] == ["bf16"]
 elements_read = [0]

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 import dpokit
 from dpokit.config import load_config
 from dpokit.errors import ConfigError, DataError, ModelError
-from dpokit.metrics import read_metrics
-from dpokit.models import tiny_model, tiny_tokenizer
+from dpokit.models.loading import tiny_model, tiny_tokenizer
+from dpokit.training.metrics import read_metrics
 
 
 def preference_rows(n: int = 16) -> list[dict]:

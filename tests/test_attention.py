@@ -8,10 +8,10 @@ from functools import lru_cache
 import pytest
 import torch
 
-from dpokit.attention import flex_attention_available, flex_attention_supported, packed_block_mask
 from dpokit.data.batch import collate_groups
-from dpokit.logprobs import layout_logps
-from dpokit.models import tiny_model
+from dpokit.models.attention import flex_attention_available, flex_attention_supported, packed_block_mask
+from dpokit.models.loading import tiny_model
+from dpokit.models.logprobs import layout_logps
 
 VOCAB = 512
 needs_flex_module = pytest.mark.skipif(not flex_attention_available(),

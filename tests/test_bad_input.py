@@ -132,7 +132,7 @@ def test_accounting_with_every_kind_of_problem_in_one_file(tmp_path, tiny_tok):
 
 def test_template_errors_are_row_errors(tmp_path):
     """A template that raises on some rows (here: on a system turn) stops in raise mode, is counted in skip mode."""
-    from dpokit.models import tiny_tokenizer
+    from dpokit.models.loading import tiny_tokenizer
 
     tok = tiny_tokenizer()  # a fresh one: the session's tokenizer keeps its template
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system "

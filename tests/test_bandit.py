@@ -10,7 +10,7 @@ reference pi_ref = softmax(theta_ref). For a known reward r, the optimum of
 the tempered policy pi_T = softmax(theta / T) against the tempered reference pi_ref_T, when it scores its samples
 (pi_old, pi_ref, pi) at the same T as ``dpokit ppo`` does: its optimum is pi_T* = pi_ref_T * exp(r / beta) / Z,
 tested at T = 1 and T = 0.7. PPO is trained only through
-dpokit.ppo.core; DPO only through dpokit's own ``sigmoid_loss``. Each ends within a tolerance of pi* that the test
+dpokit.methods.ppo.core; DPO only through dpokit's own ``sigmoid_loss``. Each ends within a tolerance of pi* that the test
 derives (comments next to each), and each tolerance is asserted tight enough to tell pi* from pi_ref and from the
 optimum for 2 * beta, so the test can fail.
 
@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from dpokit.losses import sigmoid_loss
-from dpokit.ppo.core import gae, masked_mean, policy_loss, token_rewards
+from dpokit.methods.ppo.core import gae, masked_mean, policy_loss, token_rewards
 
 V = 6  # actions
 BETA = 0.5

@@ -234,7 +234,7 @@ def test_processes_wanting_the_same_data_take_turns(tmp_path):
 
     source = write_rows(tmp_path / "rows.jsonl", 2000)
     script = ("import sys\nfrom dpokit.config import DataConfig\nfrom dpokit.data.cache import load_cached\n"
-              "from dpokit.models import tiny_tokenizer\n"
+              "from dpokit.models.loading import tiny_tokenizer\n"
               f"cfg = DataConfig(max_length=64, max_prompt_length=32, cache_dir={str(tmp_path / 'cache')!r})\n"
               f"items, _ = load_cached({str(source)!r}, tiny_tokenizer(), cfg, note=print)\nprint(len(items))\n")
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(3)]
@@ -298,7 +298,7 @@ def test_a_killed_build_stops_its_workers_and_the_next_run_clears_its_leftovers(
     source = write_rows(tmp_path / "rows.jsonl", 100_000)  # seconds of work for each worker
     cache_dir = tmp_path / "cache"
     script = ("import dpokit.data.cache as cache\nfrom dpokit.config import DataConfig\n"
-              "from dpokit.models import tiny_tokenizer\ncache._PARALLEL_MIN_BYTES = 0\n"
+              "from dpokit.models.loading import tiny_tokenizer\ncache._PARALLEL_MIN_BYTES = 0\n"
               f"cfg = DataConfig(max_length=64, max_prompt_length=32, cache_dir={str(cache_dir)!r}, num_proc=2)\n"
               f"cache.prepare_cached({str(source)!r}, tiny_tokenizer(), cfg)\n")
     parent = subprocess.Popen([sys.executable, "-c", script])
@@ -317,7 +317,7 @@ def test_a_killed_build_stops_its_workers_and_the_next_run_clears_its_leftovers(
     leftovers = list(cache_dir.glob("*/.tmp-*"))
     assert leftovers  # the killed build's staging folder
     from dpokit.data.cache import prepare_cached
-    from dpokit.models import tiny_tokenizer
+    from dpokit.models.loading import tiny_tokenizer
 
     folder = prepare_cached(str(source), tiny_tokenizer(), DataConfig(max_length=64, max_prompt_length=32,
                                                                       cache_dir=str(cache_dir), num_proc=2))

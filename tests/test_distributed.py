@@ -24,10 +24,10 @@ import yaml
 from safetensors.torch import load_file
 
 import dpokit
-from dpokit.checkpoint import verify_checkpoint
-from dpokit.distributed import Dist
 from dpokit.errors import ConfigError
-from dpokit.metrics import read_metrics
+from dpokit.training.checkpoint import verify_checkpoint
+from dpokit.training.distributed import Dist
+from dpokit.training.metrics import read_metrics
 from tolerances import EPS32, METRIC_REL, assert_same_weights_after_adamw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def test_failing_rank_stops_every_rank_with_one_line(tmp_path):
     script.write_text(
         "import os, sys\n"
         "import dpokit\n"
-        "import dpokit.step as loop\n"
+        "import dpokit.training.step as loop\n"
         "real, calls = loop.pair_forward, [0]\n"
         "def failing(*args, **kwargs):\n"
         "    calls[0] += 1\n"
@@ -219,7 +219,7 @@ def write_unpaired(path: Path, n: int) -> Path:
 
 @pytest.mark.equivalence
 def test_kto_two_fsdp_ranks_equal_one_rank(tmp_path):
-    """KTO's reference point z_0 is one per step over every rank (dpokit.step.kto_prepare): 13 examples, global
+    """KTO's reference point z_0 is one per step over every rank (dpokit.training.step.kto_prepare): 13 examples, global
     steps of 8 and 5 (batch 2 x accumulation 2 x 2 ranks; rank 1 runs a placeholder in the KL pass and the
     training passes of the last step), 5 held-out examples in batches of 2, evaluated at steps 0 and 2."""
     sections = {"data": {"eval": str(write_unpaired(tmp_path / "eval.jsonl", 5))}, "loss": {"name": "kto"},
@@ -343,7 +343,7 @@ def test_fsdp_with_lora_is_a_config_error():
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """The tiny model as a Hugging Face folder (safetensors, tied embeddings: no lm_head.weight stored)."""
-    from dpokit.models import tiny_model, tiny_tokenizer
+    from dpokit.models.loading import tiny_model, tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-folder")
     tokenizer = tiny_tokenizer()
@@ -431,7 +431,7 @@ def test_fsdp_bf16_mixed_precision_tracks_fp32_within_the_rounding_bound(fsdp_ru
     """``train.precision: bf16`` under FSDP2 (bf16 gathers of fp32 masters, fp32 gradient reduction) against
     the fp32 run of ``fsdp_runs``: the same steps, log-probs within the bound bf16's rounding allows, and the
     saved weights fp32 masters within AdamW's per-step reach of the fp32 run's."""
-    from dpokit.models import tiny_tokenizer
+    from dpokit.models.loading import tiny_tokenizer
     from tolerances import adam_update_bound
 
     cfg = yaml.safe_load(fsdp_runs["cfg"].read_text())

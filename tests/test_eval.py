@@ -20,10 +20,10 @@ from dpokit.errors import DpokitError
 from dpokit.evaluate import Scorer, evaluate_run
 from dpokit.evaluate.run import parse_temperatures, sample_and_score
 from dpokit.evaluate.stats import kl_estimate
-from dpokit.generate import SamplingParams, generate
-from dpokit.metrics import read_metrics
-from dpokit.models import tiny_model, tiny_tokenizer
+from dpokit.models.generate import SamplingParams, generate
+from dpokit.models.loading import tiny_model, tiny_tokenizer
 from dpokit.rewards.judge import make_judge
+from dpokit.training.metrics import read_metrics
 from tolerances import LOGP_TOL
 
 EVAL_ARGS = ["--max-new-tokens", "10", "--batch-size", "8"]
@@ -119,8 +119,8 @@ def test_eval_kl_at_top_p_is_estimated_from_draws_of_pi_itself(tmp_path):
     must come from draws of pi itself; it lands within 3 standard errors of the exact KL of a 512-token
     vocabulary model with 2-token responses (enumerated: 512 x 512 sequences)."""
     from dpokit.evaluate.scoring import load_scorer
-    from dpokit.generate import encode_prompts, eos_token_ids
-    from dpokit.models import seeded_model
+    from dpokit.models.generate import encode_prompts, eos_token_ids
+    from dpokit.models.loading import seeded_model
 
     cfg = {"model": {"name_or_path": "tiny-random-llama"},
            "data": {"train": str(write_pairs(tmp_path / "train.jsonl", 4)), "max_length": 64,

@@ -13,8 +13,8 @@ import yaml
 
 import dpokit
 from dpokit.cli import main
-from dpokit.from_trl import MAPPED, REASONS, translate
-from dpokit.from_trl_loss import TRL_RENAMES
+from dpokit.integrations.from_trl import MAPPED, REASONS, translate
+from dpokit.integrations.from_trl_loss import TRL_RENAMES
 from dpokit.losses import LOSSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -414,7 +414,7 @@ def test_step_intervals_follow_transformers():
 
 def test_train_warmup_ratio_is_ceil_of_the_ratio_of_total_steps():
     from dpokit.errors import ConfigError
-    from dpokit.train import lr_lambda
+    from dpokit.training.setup import lr_lambda
 
     cfg = dpokit.load_config({"train": {"warmup_ratio": 0.1, "scheduler": "linear"}})
     factor = lr_lambda(cfg, 95)  # ceil(0.1 x 95) = 10 warmup steps, transformers' get_warmup_steps
@@ -466,7 +466,7 @@ def test_a_warmup_ratio_run_refuses_a_longer_resume():
     # Growing max_steps on resume is allowed under a constant schedule because the lr after warmup stays; with
     # warmup_ratio the warmup itself grows with the steps (ceil(ratio x total)), so the change is refused.
     from dpokit.errors import ConfigError
-    from dpokit.resume import check_resume_settings
+    from dpokit.training.resume import check_resume_settings
 
     saved = dpokit.load_config({"train": {"max_steps": 10, "warmup_ratio": 0.5}})
     longer = dpokit.load_config({"train": {"max_steps": 40, "warmup_ratio": 0.5}})

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dpokit.errors import DpokitError
-from dpokit.generate import SamplingParams, encode_prompts, filter_logits, generate
-from dpokit.models import tiny_model, tiny_tokenizer
+from dpokit.models.generate import SamplingParams, encode_prompts, filter_logits, generate
+from dpokit.models.loading import tiny_model, tiny_tokenizer
 
 PROMPTS = ["The quick brown fox", "Question: what is the capital of France? Answer:", "I",
            "Please write a haiku about the sea."]
@@ -83,7 +83,7 @@ def test_batched_greedy_equals_unbatched_and_naive(name, tok, request):
 
 def test_wrong_positions_would_be_caught(tok, gpt2, monkeypatch):
     """The check above has teeth: with positions counted from the padded start, batched output differs."""
-    import dpokit.generate as gen
+    import dpokit.models.generate as gen
 
     ids = prompt_ids(tok)
     params = SamplingParams(max_new_tokens=8, temperature=0, batch_size=len(ids))
@@ -159,7 +159,7 @@ def test_bad_sampling_params_are_one_line_errors():
 
 
 def test_draw_samples_each_token_with_its_probability_and_never_a_zero_one():
-    from dpokit.generate import draw
+    from dpokit.models.generate import draw
 
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).expand(200_000, -1)
     picks = draw(probs, torch.Generator().manual_seed(0))

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from dpokit import hardware
-from dpokit.hardware import Probe, choose_attention, choose_precision
+from dpokit.models import hardware
+from dpokit.models.hardware import Probe, choose_attention, choose_precision
 
 CPU = torch.device("cpu")
 
@@ -97,7 +97,7 @@ def test_a_bf16_cpu_limited_to_avx2_kernels_gets_fp32_from_the_measured_probe(tm
     """What an AVX2-only CPU sees, made real on any x86 CPU: flags that claim AVX512_BF16, kernels capped at
     AVX2, where bf16 matrix products are emulated (measured 100x-250x slower than fp32). The real probe, not
     the flags, must send the run to fp32."""
-    code = ("import torch\nfrom dpokit import hardware\n"
+    code = ("import torch\nfrom dpokit.models import hardware\n"
             "hardware.cpu_flags = lambda: {'avx2', 'avx512_bf16'}\n"
             "c = hardware.choose_precision('auto', torch.device('cpu'))\n"
             "p = hardware.cached_probe(torch.device('cpu'))\n"
@@ -114,13 +114,13 @@ def test_attention_auto_picks_the_faster_measured_kernel_and_flex_for_packed_on_
     assert choose_attention("auto", "bf16", CPU, times=lambda p, d: {"sdpa": 2.0, "eager": 0.5}).value == "eager"
     assert choose_attention("auto", "fp32", CPU, times=lambda p, d: {"sdpa": 0.5, "eager": 0.7}).value == "sdpa"
     assert choose_attention("eager", "fp32", CPU, times=_never).value == "eager"
-    import dpokit.attention
+    import dpokit.models.attention
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(dpokit.attention, "flex_attention_supported", lambda device: True)
+    monkeypatch.setattr(dpokit.models.attention, "flex_attention_supported", lambda device: True)
     assert choose_attention("auto", "bf16", cuda, "packed", times=_never).value == "flex_attention"
     assert choose_attention("auto", "bf16", cuda, "padded", times=_never).value == "sdpa"
-    monkeypatch.setattr(dpokit.attention, "flex_attention_supported", lambda device: False)
+    monkeypatch.setattr(dpokit.models.attention, "flex_attention_supported", lambda device: False)
     assert choose_attention("auto", "bf16", cuda, "packed", times=_never).value == "sdpa"
 
 
@@ -199,7 +199,7 @@ def test_precision_env_pins_auto_and_a_bad_value_is_one_clear_error(monkeypatch,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without CUDA")
 def test_a_run_resolved_to_flex_attention_on_a_gpu_loads_with_sdpa_without_one(tiny_tok):
-    from dpokit.models import load_model, resolve
+    from dpokit.models.loading import load_model, resolve
 
     model = load_model(resolve("tiny-random-llama"), attn_implementation="flex_attention", vocab_size=len(tiny_tok))
     assert model.config._attn_implementation == "sdpa"

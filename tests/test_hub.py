@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import dpokit
 from dpokit.cli import main
-from dpokit.generate import eos_token_ids
-from dpokit.hub import _use_lines, base_model, front_matter, refresh_card
+from dpokit.integrations.hub import _use_lines, base_model, front_matter, refresh_card
+from dpokit.models.generate import eos_token_ids
 from test_train import base_config
 
 
@@ -140,7 +140,7 @@ def test_base_model_is_what_the_run_started_from_and_license_from_its_card(tmp_p
 def test_the_card_shows_a_warmup_ratio_and_the_steps_it_came_to():
     """A run warmed up by train.warmup_ratio has warmup_steps 0: the card must not say '0 warmup steps'."""
     from dpokit.config import TrainConfig
-    from dpokit.hub import _warmup
+    from dpokit.integrations.hub import _warmup
 
     assert _warmup(TrainConfig(warmup_ratio=0.1), 25) == "warmup ratio 0.1 = 3 steps"  # ceil(2.5)
     assert _warmup(TrainConfig(warmup_ratio=0.1), None) == "warmup ratio 0.1"

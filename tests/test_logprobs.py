@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dpokit.data.batch import pad_sequences
-from dpokit.logprobs import sequence_logps
-from dpokit.models import tiny_model
+from dpokit.models.loading import tiny_model
+from dpokit.models.logprobs import sequence_logps
 from tolerances import GRAD_TOL, LOGP_TOL
 
 
@@ -72,7 +72,7 @@ def test_fast_path_equals_plain_path_values_and_gradients():
 
 @pytest.mark.equivalence
 def test_hand_written_head_backward_equals_autograd_in_fp32_and_bf16():
-    from dpokit.logprobs import _HeadLogps, _token_logps
+    from dpokit.models.logprobs import _HeadLogps, _token_logps
 
     gen = torch.Generator().manual_seed(0)
     hidden0 = torch.randn(37, 16, generator=gen)
@@ -109,7 +109,7 @@ def _groups():
 
 def _grouped(model, layout, pack_length=0, plain=False):
     from dpokit.data.batch import collate_groups, regroup
-    from dpokit.logprobs import batch_logps
+    from dpokit.models.logprobs import batch_logps
 
     batch = collate_groups(_groups(), pad_id=0, layout=layout, pack_length=pack_length)
     logps, n = batch_logps(model, batch, plain=plain)
@@ -167,7 +167,7 @@ def test_compiled_layers_give_the_same_training(tmp_path):
     import json
 
     import dpokit
-    from dpokit.metrics import read_metrics
+    from dpokit.training.metrics import read_metrics
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Say {i}", "chosen": f" yes {i}", "rejected": f" no {i}"}) + "\n"
@@ -192,8 +192,8 @@ def test_compiled_layers_give_the_same_training(tmp_path):
 def test_target_weight_scales_each_token_before_the_sum():
     """LD-DPO's weights: a slot's sum is front + alpha * rear, from the per-token log-probs by hand."""
     from dpokit.data.batch import collate_groups
-    from dpokit.logprobs import layout_logps, target_logps
     from dpokit.losses.tokens import length_desensitized_weights
+    from dpokit.models.logprobs import layout_logps, target_logps
 
     model = _model()
     batch = collate_groups(_groups(), pad_id=0, layout="packed")
@@ -216,7 +216,7 @@ def test_wpo_log_weights_by_hand_on_both_paths():
     """WPO's per-response log-weight: the mean over its tokens of log p(y_t) - log sum_v p(v)^2, from the model's
     full logits by hand; the fast (chunked) path and the plain path agree, and it carries no gradient."""
     from dpokit.data.batch import collate_groups, regroup
-    from dpokit.logprobs import layout_logps
+    from dpokit.models.logprobs import layout_logps
 
     model = _model()
     groups = [([1, 9, 8], [[6, 5, 4, 2], [30, 31, 2]])]
@@ -239,7 +239,7 @@ def test_wpo_log_weights_by_hand_on_both_paths():
 
 def test_wpo_log_weight_of_a_uniform_policy_is_zero():
     # p(y_t) = 1/V = sum_v (1/V)^2: a policy that samples uniformly finds every response as likely as its own.
-    from dpokit.logprobs import _log_sum_squares
+    from dpokit.models.logprobs import _log_sum_squares
 
     vocab = 512
     assert abs(_log_sum_squares(torch.zeros(3, vocab)) - math.log(1 / vocab)).max() < 1e-6

@@ -658,8 +658,8 @@ def test_config_refuses_what_a_loss_cannot_train_under(tree: dict[str, Any], key
 
 def test_setup_refuses_a_batchwise_loss_over_several_processes() -> None:
     from dpokit.config import load_config
-    from dpokit.step import TASKS
-    from dpokit.train import setup
+    from dpokit.training.setup import setup
+    from dpokit.training.step import TASKS
 
     with pytest.raises(ConfigError, match=r"loss.name: loss aot sorts .* torchrun splits them over 2 processes"):
         check_training_setup(loss_config(name="aot"), world=2)

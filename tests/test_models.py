@@ -11,8 +11,7 @@ import torch
 
 import dpokit
 from dpokit.errors import ModelError
-from dpokit.metrics import read_metrics
-from dpokit.models import (
+from dpokit.models.loading import (
     embedded_gguf_path,
     freeze,
     load_model,
@@ -22,6 +21,7 @@ from dpokit.models import (
     tiny_model,
     tiny_tokenizer,
 )
+from dpokit.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

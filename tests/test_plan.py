@@ -34,7 +34,7 @@ def measured_against_plan(model: str, tmp_path: Path, overrides: list[str] = ())
 
 
 def test_tiny_model_parameters_are_counted_exactly(tiny_tok):
-    from dpokit.models import tiny_model
+    from dpokit.models.loading import tiny_model
 
     shape, _ = find_shape("tiny-random-llama")
     model = tiny_model(len(tiny_tok))
@@ -97,7 +97,7 @@ LLAMA_8B = {"model": {"name_or_path": "meta-llama/Llama-3.1-8B-Instruct"},
 @pytest.fixture
 def gpu_precision(monkeypatch):
     """``precision: auto`` as on a GPU (bf16): the suite pins auto to fp32 for its CPU runs."""
-    from dpokit.hardware import PRECISION_ENV
+    from dpokit.models.hardware import PRECISION_ENV
 
     monkeypatch.delenv(PRECISION_ENV, raising=False)
 
@@ -149,7 +149,7 @@ def test_full_fine_tuning_alternative_is_the_8bit_optimizer_on_the_same_gpu(gpu_
 
 
 def test_auto_precision_follows_the_pin(monkeypatch):
-    from dpokit.hardware import PRECISION_ENV
+    from dpokit.models.hardware import PRECISION_ENV
 
     monkeypatch.setenv(PRECISION_ENV, "fp32")
     assert plan(LLAMA_8B).setup.precision == "fp32"
@@ -210,9 +210,9 @@ def test_nf4_bytes_are_what_torchao_holds(dtype):
     # the NF4 tensor, counted as measure.py counts them, equal the planner's count exactly.
     import torch
 
+    from dpokit.models.quantize import quantize_base
     from dpokit.plan.measure import storage_bytes
     from dpokit.plan.memory import DTYPE_BYTES, nf4_bytes
-    from dpokit.quantize import quantize_base
 
     for out, inp in ((64, 64), (128, 192), (256, 512), (1024, 4096)):
         linear = torch.nn.Linear(inp, out, bias=False).to(getattr(torch, dtype))

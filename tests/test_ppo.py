@@ -16,9 +16,9 @@ import yaml
 from safetensors.torch import load_file
 
 from dpokit.config import ConfigError, load_config
-from dpokit.distributed import Dist
-from dpokit.metrics import read_metrics
-from dpokit.models import tiny_model, tiny_tokenizer
+from dpokit.models.loading import tiny_model, tiny_tokenizer
+from dpokit.training.distributed import Dist
+from dpokit.training.metrics import read_metrics
 from test_resume import assert_bit_identical, kill_when
 from tolerances import METRIC_REL, assert_same_metrics, assert_same_weights_after_adamw
 
@@ -121,7 +121,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
 def test_micro_batches_give_the_same_update(tmp_path):
     """One minibatch of 8 samples as 1 x 8, 2 x 4 and 4 x 2: the same loss normalization (every response token
     of the minibatch), so the same gradients up to fp32 summation order."""
-    from dpokit.ppo import ppo
+    from dpokit.methods.ppo import ppo
 
     runs = []
     for batch_size, accum in ((8, 1), (4, 2), (2, 4)):
@@ -139,7 +139,7 @@ def test_micro_batches_give_the_same_update(tmp_path):
 def test_rollout_scores_each_sampled_token_as_a_plain_forward_does(tiny_tok):
     """The right-padded rollout grid holds, at [row, t], log pi of response token t computed from full logits
     of that row alone, and the value head reads the same position; zeros on padding."""
-    from dpokit.ppo.trainer import PolicyValue, rows_batch, to_grid
+    from dpokit.methods.ppo.trainer import PolicyValue, rows_batch, to_grid
 
     torch.manual_seed(0)
     lm = tiny_model(len(tiny_tok), seed=3)
@@ -169,7 +169,7 @@ def test_rollout_scores_each_sampled_token_as_a_plain_forward_does(tiny_tok):
 def test_value_head_starts_at_zero_and_the_reference_matches_the_policy_at_step_1(tmp_path):
     """With LoRA and reference.mode adapter (pi_ref = the policy with its adapters off) as with a frozen copy,
     pi = pi_ref at step 1: the KL of the first rollout is exactly 0."""
-    from dpokit.ppo import ppo
+    from dpokit.methods.ppo import ppo
 
     lora = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
     for name, model, reference in (("copy", {}, {"mode": "model"}), ("lora", {"lora": lora}, {"mode": "adapter"})):
@@ -190,7 +190,7 @@ def test_value_head_starts_at_zero_and_the_reference_matches_the_policy_at_step_
     ({"ppo": {"top_p": 0.9}}, "ppo.top_p: 0.9 < 1 is not supported"),
 ])
 def test_settings_ppo_cannot_run_with_are_one_line(tmp_path, override, message):
-    from dpokit.ppo.trainer import check_config
+    from dpokit.methods.ppo.trainer import check_config
 
     cfg = small_config(tmp_path)
     for section, values in override.items():
@@ -227,7 +227,7 @@ def test_an_llm_judge_as_the_reward_against_the_chosen_responses(tmp_path):
     """ppo.judge_url: each sampled response is judged against its prompt's chosen response (a local scripted
     judge here); a win is 1, a loss 0, and a malformed verdict 0.5 and counted, never dropped; a request the
     judge refuses with 503 is retried and counted in judge/retries."""
-    from dpokit.ppo import ppo
+    from dpokit.methods.ppo import ppo
     from test_judge import Judge, reply
 
     def prefers_e(a, b, n):  # the answer with more letters "e" wins; every 5th reply names neither answer
@@ -254,7 +254,7 @@ def test_an_llm_judge_as_the_reward_against_the_chosen_responses(tmp_path):
 
 
 def test_a_reward_or_a_judge_exactly_and_the_judge_needs_chosen_responses(tmp_path):
-    from dpokit.rollout import judge_reward, load_reward, prompt_items
+    from dpokit.methods.rollout import judge_reward, load_reward, prompt_items
 
     with pytest.raises(ConfigError, match="ppo.reward: required"):
         load_reward(None, None, None, None, 0, "ppo")
@@ -271,8 +271,8 @@ def test_a_rollout_at_temperature_t_is_scored_under_the_distribution_it_was_draw
     """At ppo.temperature T = 0.7 the sampler draws from softmax(logits / T); the rollout's stored log pi,
     log pi_ref and entropy must be those of that distribution (and of the reference at the same T), or the
     importance ratios, the KL penalty and the logged kl describe another policy than the one sampled."""
-    from dpokit.distributed import Dist
-    from dpokit.ppo.trainer import rollout, setup
+    from dpokit.methods.ppo.trainer import rollout, setup
+    from dpokit.training.distributed import Dist
 
     temperature = 0.7
     cfg = load_config(small_config(tmp_path, ppo={"temperature": temperature}))
@@ -296,8 +296,8 @@ def test_a_rollout_at_temperature_t_is_scored_under_the_distribution_it_was_draw
 def test_the_first_update_of_a_tempered_rollout_starts_at_ratio_one(tmp_path, monkeypatch):
     """Right after a rollout at T = 0.7, the first minibatch's log pi (training forward) equals the rollout's
     log pi_old exactly: the training pass scores at the rollout's temperature too, so pi / pi_old = 1."""
-    import dpokit.ppo.trainer as trainer
-    from dpokit.ppo import ppo
+    import dpokit.methods.ppo.trainer as trainer
+    from dpokit.methods.ppo import ppo
 
     seen = []
     original = trainer.policy_loss
@@ -317,8 +317,8 @@ def test_the_first_update_of_a_tempered_rollout_starts_at_ratio_one(tmp_path, mo
 def test_held_out_kl_is_estimated_from_draws_of_pi_itself(tmp_path, monkeypatch):
     """The held-out reward uses the rollout settings (T = 0.7 here); the KL estimate draws its own samples at
     T = 1 and top_p = 1 (samples from pi) and scores them untempered."""
-    import dpokit.ppo.trainer as trainer
-    from dpokit.ppo import ppo
+    import dpokit.methods.ppo.trainer as trainer
+    from dpokit.methods.ppo import ppo
 
     drawn = []
     original = trainer.rollout_sample
@@ -341,9 +341,9 @@ def test_with_k3_the_logged_kl_is_still_the_summed_log_ratio_and_the_penalty_has
     """ppo.kl_estimator: k3 changes the penalty, not what ``kl`` means: ``kl`` is the mean over responses of
     sum_t (log pi - log pi_ref) (docs/rlhf.md), ``kl_penalty`` the mean of sum_t k3, and non_score_reward is
     -kl_coef x kl_penalty."""
-    import dpokit.ppo.trainer as trainer
-    from dpokit.ppo import ppo
-    from dpokit.ppo.core import kl_per_token
+    import dpokit.methods.ppo.trainer as trainer
+    from dpokit.methods.ppo import ppo
+    from dpokit.methods.ppo.core import kl_per_token
 
     rollouts = []
     original = trainer.token_rewards
@@ -370,7 +370,7 @@ def test_rollout_prompts_are_read_through_data_columns(tmp_path):
     """PPO's and online DPO's prompts come from the same file as training's, so ``data.columns`` maps them
     too: an Orca-shaped row (question + system + chosen + rejected, no prompt) gives its question as the
     prompt and its chosen answer as the baseline, not a refusal or a guessed prompt."""
-    from dpokit.rollout import prompt_items
+    from dpokit.methods.rollout import prompt_items
 
     rows = tmp_path / "orca.jsonl"
     rows.write_text(json.dumps({"question": "What is 6 x 7?", "chosen": "42.", "rejected": "32."}) + "\n"

@@ -1,4 +1,4 @@
-"""PPO's math (dpokit.ppo.core): golden values derived by hand with `math` and plain loops, limit cases,
+"""PPO's math (dpokit.methods.ppo.core): golden values derived by hand with `math` and plain loops, limit cases,
 gradient zeros where the clip is active, and the whitening statistics shared over (simulated) processes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dpokit.ppo.core import (
+from dpokit.methods.ppo.core import (
     KLController,
     entropy_from_logits,
     explained_variance,

@@ -1,4 +1,4 @@
-"""SIGTERM / SIGINT during training (``dpokit.preempt``): the step in flight finishes, a complete checkpoint
+"""SIGTERM / SIGINT during training (``dpokit.training.preempt``): the step in flight finishes, a complete checkpoint
 is saved, one line says where and the exact command that resumes, the exit code is 128 + the signal; resuming
 is bit-identical to a run never stopped; a second signal stops at once, saving nothing; torchrun ranks stop
 after the same step when only rank 0 is signalled. Every process trains a tiny model on CPU, a few steps."""
@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from dpokit.checkpoint import list_checkpoints, read_trainer_state, verify_checkpoint
-from dpokit.metrics import read_metrics
+from dpokit.training.checkpoint import list_checkpoints, read_trainer_state, verify_checkpoint
+from dpokit.training.metrics import read_metrics
 from test_distributed import ENV, rank_pids, torchrun, write_pairs
 from test_resume import (
     ROOT,
@@ -201,11 +201,11 @@ def test_torchrun_ranks_stop_after_the_same_step_when_only_rank_0_gets_sigterm(t
 
 
 def test_semi_online_stops_on_its_refresh_grid_and_a_forwarded_repeat_is_the_same_signal(monkeypatch):
-    from dpokit.distributed import Dist
-    from dpokit.preempt import Preemption
+    from dpokit.training.distributed import Dist
+    from dpokit.training.preempt import Preemption
 
     exits = []
-    monkeypatch.setattr("dpokit.preempt.os._exit", exits.append)
+    monkeypatch.setattr("dpokit.training.preempt.os._exit", exits.append)
     grid = Preemption(Dist(), every=3)  # online.sync_every = 3: checkpoints only after steps 3, 6, ...
     assert grid.requested(3) is None
     grid.handle(signal.SIGTERM, None)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import dpokit
 from dpokit.errors import ConfigError
-from dpokit.metrics import read_metrics
+from dpokit.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
@@ -68,7 +68,7 @@ def test_quantize_refuses_what_it_cannot_do_in_one_line(tmp_path, change, messag
 
 
 def test_without_torchao_the_error_names_the_extra(monkeypatch):
-    from dpokit.quantize import torchao
+    from dpokit.models.quantize import torchao
 
     for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -91,8 +91,14 @@ def test_a_reference_copy_of_the_quantized_base_is_refused(tmp_path):
 
 @needs_torchao
 def test_nf4_base_holds_about_4_bits_a_weight_and_leaves_embeddings_alone():
-    from dpokit.models import tiny_model, tiny_tokenizer
-    from dpokit.quantize import decoder_linears, nf4_bytes, quantize_base, quantized_weights, scale_group
+    from dpokit.models.loading import tiny_model, tiny_tokenizer
+    from dpokit.models.quantize import (
+        decoder_linears,
+        nf4_bytes,
+        quantize_base,
+        quantized_weights,
+        scale_group,
+    )
 
     model = tiny_model(len(tiny_tokenizer()))
     originals = {name + ".weight": m.weight.detach().clone() for name, m in decoder_linears(model)}
@@ -125,9 +131,9 @@ def test_nf4_base_holds_about_4_bits_a_weight_and_leaves_embeddings_alone():
 def test_qlora_trains_reference_is_quantized_base_and_final_is_plain(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dpokit.checkpoint import load_weights_into
-    from dpokit.models import load_models
-    from dpokit.quantize import quantized_weights
+    from dpokit.models.loading import load_models
+    from dpokit.models.quantize import quantized_weights
+    from dpokit.training.checkpoint import load_weights_into
 
     cfg = qlora_config(tmp_path)
     run = dpokit.train(cfg, run_dir=str(tmp_path / "qlora"))
@@ -189,7 +195,7 @@ def test_qlora_trains_reference_is_quantized_base_and_final_is_plain(tmp_path):
     assert all(torch.equal(reference[name], deq) for name, deq in nf4.items())
 
     # dpokit export of the last checkpoint rebuilds the same base (quantize, dequantize) and merges alike.
-    from dpokit.hub import export_run
+    from dpokit.integrations.hub import export_run
 
     export_run(run, tmp_path / "exported", checkpoint="step-6")
     exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
@@ -244,8 +250,8 @@ def test_qlora_resumes_bit_identically(tmp_path, optimizer):
 def test_adamw_8bit_state_round_trips_through_a_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
-    from dpokit.checkpoint import load_optimizer, optimizer_tensors
-    from dpokit.optim8bit import adamw_8bit
+    from dpokit.training.checkpoint import load_optimizer, optimizer_tensors
+    from dpokit.training.optim8bit import adamw_8bit
 
     def model_and_optimizer():
         torch.manual_seed(0)

@@ -10,8 +10,8 @@ import yaml
 from safetensors.torch import load_file
 
 import dpokit
-from dpokit.metrics import read_metrics
-from dpokit.reference import LogpStore
+from dpokit.training.metrics import read_metrics
+from dpokit.training.reference import LogpStore
 from tolerances import assert_same_metrics, assert_same_weights_after_adamw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +78,8 @@ def test_store_equals_model_reference_and_is_reused(tmp_path, capsys):
 
 def test_interrupted_precompute_resumes(tmp_path, capsys):
     from dpokit.data import load_preferences
-    from dpokit.models import tiny_model, tiny_tokenizer
-    from dpokit.reference import precompute
+    from dpokit.models.loading import tiny_model, tiny_tokenizer
+    from dpokit.training.reference import precompute
 
     cfg = dpokit.load_config(config(tmp_path))
     tok = tiny_tokenizer()
@@ -131,7 +131,7 @@ def test_lora_with_adapter_reference_and_merged_export(tmp_path):
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(final)
-    from dpokit.models import load_models
+    from dpokit.models.loading import load_models
 
     base = load_models(dpokit.load_config(config(tmp_path)).model, reference="never").policy
     moved = [(merged.state_dict()[k] - v).abs().max().item() for k, v in base.state_dict().items()
@@ -151,7 +151,7 @@ def test_adapter_mode_without_lora_is_a_config_error():
 
 
 def test_sync_reference_soft_hard_and_none_by_hand():
-    from dpokit.reference import sync_reference
+    from dpokit.training.reference import sync_reference
 
     def linear(value: float) -> torch.nn.Linear:
         layer = torch.nn.Linear(2, 1, bias=False)

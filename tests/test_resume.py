@@ -16,10 +16,10 @@ import yaml
 from safetensors.torch import load_file
 
 import dpokit
-from dpokit.checkpoint import save_checkpoint, verify_checkpoint
 from dpokit.errors import ConfigError, DpokitError
-from dpokit.metrics import read_metrics
-from dpokit.models import tiny_model, tiny_tokenizer
+from dpokit.models.loading import tiny_model, tiny_tokenizer
+from dpokit.training.checkpoint import save_checkpoint, verify_checkpoint
+from dpokit.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,7 +194,7 @@ def test_checkpoint_holds_no_pickle_and_refuses_non_finite_weights(tmp_path):
 
 
 def test_non_finite_step_is_skipped_without_changing_anything(tmp_path, monkeypatch):
-    import dpokit.step as train_module  # where the loss is called
+    import dpokit.training.step as train_module  # where the loss is called
     real = train_module.compute_loss
     calls = {"n": 0}
 
@@ -242,7 +242,7 @@ def test_config_error_for_missing_run_dir():
 
 
 def test_health_monitor_warns_once_per_interval():
-    from dpokit.metrics import HealthMonitor
+    from dpokit.training.metrics import HealthMonitor
 
     monitor = HealthMonitor(interval=4)
     warnings = []
@@ -323,7 +323,7 @@ def test_resume_rule_compares_the_global_batch_not_its_split():
     """What a step trains on is the global batch, batch_size x grad_accum x processes (every process draws the
     same global pairs and trains its share): another split of the same global batch resumes with a note,
     another global batch is refused, naming the key and the batch size that keeps it."""
-    from dpokit.resume import check_resume_settings
+    from dpokit.training.resume import check_resume_settings
 
     cfg = dpokit.load_config({"train": {"batch_size": 4}})
     saved = cfg.model_dump(mode="json")  # 2 processes x 4 = 8 pairs a step

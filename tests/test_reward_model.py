@@ -18,15 +18,15 @@ from safetensors.torch import load_file
 
 import dpokit
 from dpokit.errors import ConfigError, DpokitError
-from dpokit.metrics import read_metrics
-from dpokit.models import tiny_model, tiny_tokenizer
-from dpokit.reward_model import (
+from dpokit.methods.reward_model import (
     RewardModule,
     bradley_terry_loss,
     load_reward_model,
     reward_model_from_causal,
 )
+from dpokit.models.loading import tiny_model, tiny_tokenizer
 from dpokit.rewards import get_reward, reward_name, score_texts
+from dpokit.training.metrics import read_metrics
 from test_train import write_pairs  # the same small preference file DPO's tests train on
 from tolerances import METRIC_REL, assert_same_weights_after_adamw
 
@@ -151,7 +151,7 @@ def test_tiny_config_learns_logs_the_metrics_and_writes_the_run_folder(tiny_rm):
 
 
 def test_final_loads_in_plain_transformers_and_scores_as_dpokit_does(tiny_rm):
-    from dpokit.hub import front_matter
+    from dpokit.integrations.hub import front_matter
 
     meta = front_matter((tiny_rm / "final" / "README.md").read_text())
     assert meta["pipeline_tag"] == "text-classification" and {"dpokit", "reward-model"} <= set(meta["tags"])

@@ -9,7 +9,7 @@ import torch
 from dpokit.config import load_config, save_config
 from dpokit.errors import DataError, DpokitError
 from dpokit.evaluate import Scorer, load_scorer, score, score_rows
-from dpokit.models import tiny_model, tiny_tokenizer
+from dpokit.models.loading import tiny_model, tiny_tokenizer
 from tolerances import LOGP_TOL
 
 BETA = 0.25

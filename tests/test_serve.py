@@ -24,8 +24,8 @@ import dpokit
 from conftest import chromium, close_chromium
 from dpokit.cli import main
 from dpokit.errors import DpokitError
-from dpokit.generate import SamplingParams, generate, stream_batch
-from dpokit.models import tiny_tokenizer
+from dpokit.models.generate import SamplingParams, generate, stream_batch
+from dpokit.models.loading import tiny_tokenizer
 from dpokit.serve.app import create_app, host_name, start_in_thread
 from dpokit.serve.engine import Job, QueueFull, Worker, load_playground
 from dpokit.serve.sampling import IncrementalText

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from dpokit.generate import SamplingParams, encode_prompts, generate
+from dpokit.models.generate import SamplingParams, encode_prompts, generate
 from dpokit.rewards.judge import JUDGE_PROMPT, LLMJudge, parse_reply
 from dpokit.serve.app import create_app, start_in_thread
 from dpokit.serve.engine import load_playground

@@ -8,7 +8,7 @@ from rich.table import Table
 
 import dpokit
 from dpokit import terminal
-from dpokit.metrics import Progress
+from dpokit.training.metrics import Progress
 
 
 class FakeTTY(io.StringIO):

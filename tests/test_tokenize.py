@@ -17,7 +17,7 @@ from dpokit.config import DataConfig
 from dpokit.data import load_preferences, token_rules, tokenize_pair
 from dpokit.data.formats import normalize
 from dpokit.data.load import Record, iter_records
-from dpokit.models import tiny_tokenizer
+from dpokit.models.loading import tiny_tokenizer
 
 DATA = Path(__file__).parent / "data"
 TRICKY = DATA / "tricky.jsonl"
@@ -26,7 +26,7 @@ TRICKY_CHAT = DATA / "tricky-chat.jsonl"
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from dpokit.models import load_tokenizer, resolve
+    from dpokit.models.loading import load_tokenizer, resolve
 
     return load_tokenizer(resolve("smollm2"))
 

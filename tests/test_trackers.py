@@ -13,8 +13,15 @@ import pytest
 import dpokit
 from dpokit.config import load_config
 from dpokit.errors import ConfigError
-from dpokit.metrics import MetricsWriter, read_metrics
-from dpokit.trackers import Trackers, check_installed, install_line, report_eval, scalars, tracker_names
+from dpokit.integrations.trackers import (
+    Trackers,
+    check_installed,
+    install_line,
+    report_eval,
+    scalars,
+    tracker_names,
+)
+from dpokit.training.metrics import MetricsWriter, read_metrics
 from test_train import base_config
 
 
@@ -126,9 +133,9 @@ def test_rows_carry_trls_running_token_count_and_epoch_across_a_resume(tmp_path,
     ``epoch`` the passes over the training pairs (pairs drawn / pairs kept); a resumed run continues both from
     its checkpoint, and the tracker gets them as ``train/num_tokens`` and ``train/epoch``."""
     made = []
-    monkeypatch.setitem(__import__("dpokit.trackers", fromlist=["KINDS"]).KINDS, "tensorboard",
+    monkeypatch.setitem(__import__("dpokit.integrations.trackers", fromlist=["KINDS"]).KINDS, "tensorboard",
                         lambda *args: made.append(Recorder(*args)) or made[-1])
-    monkeypatch.setattr("dpokit.trackers.check_installed", lambda names: None)
+    monkeypatch.setattr("dpokit.integrations.trackers.check_installed", lambda names: None)
     cfg = base_config(tmp_path, max_steps=4, batch_size=4, log_every=1, save_every=2)
     cfg["log"] = {"report_to": ["tensorboard"]}
     run_dir = dpokit.train(cfg, run_dir=str(tmp_path / "run"))
@@ -238,7 +245,7 @@ def test_trackio_local_store_read_back(tmp_path, monkeypatch):
 
 def test_no_tracker_asked_for_means_nothing_opened(tmp_path):
     assert os.environ.get("RANK", "0") == "0"
-    from dpokit.trackers import open_trackers
+    from dpokit.integrations.trackers import open_trackers
 
     assert open_trackers(tmp_path, load_config({})) is None
 
@@ -252,8 +259,8 @@ def test_dpokit_eval_reports_its_numbers_as_a_run_of_its_own(tmp_path, monkeypat
             self.run_name = cfg.run_name
             made.append(self)
 
-    monkeypatch.setitem(__import__("dpokit.trackers", fromlist=["KINDS"]).KINDS, "wandb", Made)
-    monkeypatch.setattr("dpokit.trackers.check_installed", lambda names: None)
+    monkeypatch.setitem(__import__("dpokit.integrations.trackers", fromlist=["KINDS"]).KINDS, "wandb", Made)
+    monkeypatch.setattr("dpokit.integrations.trackers.check_installed", lambda names: None)
     (tmp_path / "metrics.jsonl").write_text('{"step": 7, "split": "train", "loss": 1.0}\n')
     cfg = load_config({"log": {"report_to": ["wandb"], "run_name": "mine"}})
     report_eval(tmp_path, cfg, {"kl": 2.0, "reward": 0.5, "reward_fn": "length", "temperatures": []})
@@ -266,7 +273,7 @@ def test_dpokit_eval_reports_its_numbers_as_a_run_of_its_own(tmp_path, monkeypat
     def missing(names):
         raise ConfigError("log.report_to: wandb is not installed; pip install 'dpokit[wandb]'")
 
-    monkeypatch.setattr("dpokit.trackers.check_installed", missing)
+    monkeypatch.setattr("dpokit.integrations.trackers.check_installed", missing)
     report_eval(tmp_path, cfg, {"kl": 2.0})  # eval.json is written: a missing extra is a warning here
     assert len(made) == 1 and "not reported" in capsys.readouterr().err
 

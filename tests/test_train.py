@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import dpokit
-from dpokit.metrics import read_metrics
+from dpokit.training.metrics import read_metrics
 from tolerances import assert_same_metrics, assert_same_weights_after_adamw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,8 +76,8 @@ def test_pass_tokens_splits_passes_without_changing_the_result(tmp_path, layout)
     from dpokit.config import load_config
     from dpokit.data.batch import split_by_tokens
     from dpokit.data.tokenize import TokenizedGroup
-    from dpokit.distributed import Dist
-    from dpokit.step import forward_passes
+    from dpokit.training.distributed import Dist
+    from dpokit.training.step import forward_passes
 
     assert split_by_tokens([5, 5, 5, 20, 1], 10) == [(0, 2), (2, 3), (3, 4), (4, 5)]
     assert split_by_tokens([3], 1) == [(0, 1)] and split_by_tokens([], 8) == []
@@ -188,7 +188,7 @@ def test_tiny_dpo_learns_the_training_preferences(tmp_path):
 def test_steps_for_counts_steps_as_setup_and_the_recipe_do(tmp_path):
     from dpokit.config import TrainConfig
     from dpokit.recipes.sentiment.runs import offline_steps
-    from dpokit.train import steps_for
+    from dpokit.training.setup import steps_for
 
     assert steps_for(TrainConfig(batch_size=4, epochs=1.5), 10) == (4, 15)  # 15 pairs: 4 + 4 + 4 + 3
     assert steps_for(TrainConfig(batch_size=4, grad_accum=2, epochs=1.0), 17, world=2) == (2, 17)

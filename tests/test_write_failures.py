@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dpokit.checkpoint import list_checkpoints, verify_checkpoint
+from dpokit.training.checkpoint import list_checkpoints, verify_checkpoint
 from test_resume import ROOT, assert_bit_identical, make_config, run_cli, weights
 
 MODEL = "tiny-random-llama"

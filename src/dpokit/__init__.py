@@ -16,13 +16,12 @@ Objects in memory instead of paths, as TRL users write (``dpokit.api``)::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 # The functions shadow their modules of the same name on purpose (``dpokit.train(...)`` is the API); the
-# modules stay importable as ``from dpokit.train import ...``.
+# modules stay importable as ``from dpokit.training.setup import ...``.
 from dpokit.api import rm, sft, train  # noqa: E402
 from dpokit.config import load_config  # noqa: E402
 from dpokit.evaluate.scoring import score  # noqa: E402
 from dpokit.losses import LOSSES  # noqa: E402
+from dpokit.version import __version__  # noqa: E402
 
-__all__ = ["LOSSES", "load_config", "rm", "score", "sft", "train"]
+__all__ = ["LOSSES", "__version__", "load_config", "rm", "score", "sft", "train"]

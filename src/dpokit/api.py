@@ -28,7 +28,7 @@ from typing import Any
 from dpokit.config import Config, LoraConfig, load_config, read_yaml_tree
 from dpokit.data import memory
 from dpokit.errors import ConfigError, DpokitError
-from dpokit.models import (
+from dpokit.models.loading import (
     IN_MEMORY,
     Models,
     ModelSource,
@@ -39,7 +39,7 @@ from dpokit.models import (
     load_tokenizer,
     resolve,
 )
-from dpokit.train import train as train_from_config
+from dpokit.training.setup import train as train_from_config
 
 ConfigSource = str | Path | dict[str, Any] | Config | None
 DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16"}
@@ -48,7 +48,7 @@ DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16"}
 def train(config: ConfigSource = None, overrides: list[str] | None = None, *, model: Any = None,
           tokenizer: Any = None, train_data: Any = None, eval_data: Any = None, resume: bool = False,
           force: bool = False, task: str = "dpo", **kwargs: Any) -> Path:
-    """Train and return the run directory, as ``dpokit.train.train`` does (see there for ``overrides``,
+    """Train and return the run directory, as ``dpokit.training.setup.train`` does (see there for ``overrides``,
     ``resume``, ``force``, ``task`` and ``kwargs``), with any of the model, tokenizer and data given as objects
     (see the module docstring); those not given come from the config as usual."""
     if tokenizer is not None and model is None:
@@ -80,12 +80,12 @@ def train(config: ConfigSource = None, overrides: list[str] | None = None, *, mo
 
 
 def sft(config: ConfigSource = None, overrides: list[str] | None = None, **kwargs: Any) -> Path:
-    """:func:`train` with ``task="sft"`` (``dpokit.train.sft``), objects accepted as there."""
+    """:func:`train` with ``task="sft"`` (``dpokit.training.setup.sft``), objects accepted as there."""
     return train(config, overrides, task="sft", **kwargs)
 
 
 def rm(config: ConfigSource = None, overrides: list[str] | None = None, **kwargs: Any) -> Path:
-    """:func:`train` with ``task="rm"`` (``dpokit.train.rm``); in-memory data accepted (the model is loaded
+    """:func:`train` with ``task="rm"`` (``dpokit.training.setup.rm``); in-memory data accepted (the model is loaded
     from the config: it becomes a reward model)."""
     return train(config, overrides, task="rm", **kwargs)
 
@@ -181,7 +181,7 @@ def _tokenizer(model: Any, tokenizer: Any) -> Any:
 
 
 def _loader(model: Any, tokenizer: Any, peft: bool) -> Callable[[Config, str, Callable[[str], None]], Models]:
-    """``Task.load`` for a model object: as ``dpokit.models.load_models`` builds the models from a loaded
+    """``Task.load`` for a model object: as ``dpokit.models.loading.load_models`` builds the models from a loaded
     policy. The reference, when one is held, is a frozen copy of the object's starting weights (a PeftModel's
     merged), or ``model.ref_name_or_path`` loaded."""
 

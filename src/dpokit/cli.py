@@ -52,7 +52,7 @@ def launch_nproc(args: argparse.Namespace) -> None:
     if "RANK" in os.environ:
         raise DpokitError("--nproc: already running under torchrun; drop --nproc")
     from dpokit.config import load_config
-    from dpokit.distributed import launch_command
+    from dpokit.training.distributed import launch_command
 
     load_config(args.config, args.overrides)  # a bad config is one line here, not one per process
     argv = [args.command, args.config, *args.overrides]
@@ -72,11 +72,11 @@ def cmd_train(args: argparse.Namespace, task: str = "dpo") -> int:
     """``dpokit train`` (DPO), ``sft``, ``rm`` and ``ppo``: the same options, one library call each."""
     launch_nproc(args)
     if task == "ppo":
-        from dpokit.ppo import ppo
+        from dpokit.methods.ppo import ppo
 
         run_dir = ppo(args.config, args.overrides, resume=args.resume, force=args.force)
     else:
-        from dpokit.train import train
+        from dpokit.training.setup import train
 
         run_dir = train(args.config, args.overrides, resume=args.resume, force=args.force, task=task)
     if is_main_process():
@@ -102,8 +102,8 @@ def print_before_after(run_dir: Path) -> None:
     """The held-out metrics at step 0 and at the end, when the run evaluated."""
     from rich.table import Table
 
-    from dpokit.metrics import read_metrics
     from dpokit.terminal import console
+    from dpokit.training.metrics import read_metrics
 
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "eval"]
     if len(rows) < 2:
@@ -156,14 +156,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dpokit.hub import export_run
+    from dpokit.integrations.hub import export_run
 
     print(f"exported: {export_run(args.run_dir, args.to, checkpoint=args.checkpoint)}")
     return 0
 
 
 def cmd_config_from_trl(args: argparse.Namespace) -> int:
-    from dpokit.from_trl import from_trl, render
+    from dpokit.integrations.from_trl import from_trl, render
 
     translation = from_trl(args.file, out=args.out)
     if args.out is None:
@@ -183,7 +183,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from dpokit.hardware import describe, format_env
+    from dpokit.models.hardware import describe, format_env
 
     info = describe()
     print(json.dumps(info, indent=1) if args.json else format_env(info))
@@ -373,7 +373,7 @@ def _add_recipe(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dpokit import __version__
+    from dpokit.version import __version__
 
     parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
     parser.add_argument("--version", action="version", version=f"dpokit {__version__}")

@@ -67,7 +67,7 @@ class ModelConfig(_Section):
     """``nf4`` (QLoRA): hold the frozen base's decoder Linear weights in 4-bit NormalFloat (about 4.1 bits a
     weight; embeddings, LM head and norms stay in ``dtype``) while the LoRA adapters train in ``dtype``. Needs
     ``model.lora`` and ``reference.mode: adapter``; ``final/`` holds the dequantized base with the adapters
-    merged. Needs torchao: ``pip install -c constraints.txt -e '.[qlora]'`` (see ``dpokit.quantize``)."""
+    merged. Needs torchao: ``pip install -c constraints.txt -e '.[qlora]'`` (see ``dpokit.models.quantize``)."""
 
 
 class DataConfig(_Section):
@@ -189,7 +189,7 @@ class TrainConfig(_Section):
     """Seed for data order and initialization of anything random."""
     optimizer: Literal["adamw", "adamw_8bit", "rmsprop"] = "adamw"
     """``adamw`` (torch AdamW), ``adamw_8bit`` (AdamW with block-wise 8-bit moments: a quarter of the state's
-    memory; torchao, ``pip install -c constraints.txt -e '.[qlora]'``; see ``dpokit.optim8bit``) or ``rmsprop`` (the paper's
+    memory; torchao, ``pip install -c constraints.txt -e '.[qlora]'``; see ``dpokit.training.optim8bit``) or ``rmsprop`` (the paper's
     choice)."""
     weight_decay: float = Field(0.0, ge=0)
     """Decoupled weight decay (AdamW) or L2 penalty (RMSprop)."""
@@ -313,7 +313,7 @@ class PpoConfig(_Section):
     """``dpokit ppo``: RLHF with PPO (Ziegler et al. 2019, Ouyang et al. 2022). Each step samples responses to
     ``rollout_prompts`` prompts of ``data.train`` from pi, scores them with ``reward``, and makes ``epochs``
     passes of clipped PPO updates over them in optimizer steps of ``train.batch_size`` x ``train.grad_accum``
-    x processes responses. The value head shares the policy's trunk (see ``dpokit.ppo``)."""
+    x processes responses. The value head shares the policy's trunk (see ``dpokit.methods.ppo``)."""
 
     reward: str | None = None
     """What a response is worth: ``sentiment``, ``length``, ``module:function``, ``file.py:function``, or the
@@ -366,7 +366,7 @@ class PpoConfig(_Section):
 
 
 class OnlineConfig(_Section):
-    """Online and semi-online DPO (``dpokit train`` with ``reward`` or ``judge_url`` set; ``dpokit.online``).
+    """Online and semi-online DPO (``dpokit train`` with ``reward`` or ``judge_url`` set; ``dpokit.methods.online``).
     Each step samples ``samples_per_prompt`` responses to each of train.batch_size x train.grad_accum x
     processes prompts of ``data.train`` from the policy as it was at the last refresh, every ``sync_every``
     steps, scores them with ``reward``, pairs them (``pairs``; ties dropped and counted) and trains on the
@@ -447,7 +447,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _loss_is_known(self) -> Config:
         from dpokit.losses import LISTWISE, check_training_setup, validate_loss_config
-        from dpokit.quantize import check_quantize
+        from dpokit.models.quantize import check_quantize
 
         validate_loss_config(self.loss)
         check_training_setup(self.loss, grad_accum=self.train.grad_accum, pass_tokens=self.train.pass_tokens,

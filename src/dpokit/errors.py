@@ -24,7 +24,7 @@ class WriteError(DpokitError):
 
 class Preempted(DpokitError):
     """Training stopped on SIGTERM or SIGINT after the step in flight, with a complete checkpoint saved
-    (``dpokit.preempt``). The process exits with ``exit_code``, 128 + the signal's number (the code a shell
+    (``dpokit.training.preempt``). The process exits with ``exit_code``, 128 + the signal's number (the code a shell
     gives a process its signal ended): 143 for SIGTERM, 130 for SIGINT."""
 
     def __init__(self, message: str, signum: int, checkpoint: str):

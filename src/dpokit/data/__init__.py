@@ -9,7 +9,7 @@
 - ``drops``: the drop reasons and the content checks of a normalized row
 - ``tokenize``: a :class:`TokenizedGroup` per row (a pair is K = 2): prompt ids exactly a prefix of the model
   input, one BOS, one end token, truncation
-- ``batch``: groups -> tensors in the padded or packed layout ``dpokit.logprobs`` scores
+- ``batch``: groups -> tensors in the padded or packed layout ``dpokit.models.logprobs`` scores
 - ``pipeline``: :func:`load_preferences` / :func:`load_ranked`, the streaming :func:`iter_tokenized` and the
   :class:`DataReport`
 - ``overlap``: :func:`find_overlap` between train and eval

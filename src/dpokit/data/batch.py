@@ -2,7 +2,7 @@
 
 A batch holds groups of responses to one prompt (a pair is a group of two, chosen first; a ranking a group of
 K, best first; K may differ within a batch), so one forward pass scores every response. The layouts (padded,
-packed) are defined here and scored by ``dpokit.logprobs``, which imports this module (never the reverse).
+packed) are defined here and scored by ``dpokit.models.logprobs``, which imports this module (never the reverse).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def _packed_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]
         "target_slot": torch.tensor(target_slot, dtype=torch.long),
         "n_slots": len(groups) * k_max, "slots": slots, "real_positions": int(real.sum()),
         # The mask's rule as per-position ids, for attention kernels that take a rule instead of a dense
-        # mask (``dpokit.attention``): -1 at padding.
+        # mask (``dpokit.models.attention``): -1 at padding.
         "segment_ids": segment, "prompt_segment_ids": prompt_segment,
     }
 

@@ -107,7 +107,7 @@ _ARRAYS = {"tokens": ("<i4", 1), "spans": ("<i8", 2), "groups": ("<i8", 5), "ref
 
 
 def cache_root(data_cfg: Any) -> Path:
-    from dpokit.models import cache_dir
+    from dpokit.models.loading import cache_dir
 
     return Path(getattr(data_cfg, "cache_dir", None) or cache_dir() / "data").expanduser()
 
@@ -446,7 +446,7 @@ _WORK: dict[str, Any] = {}
 
 def _progress(path: Path, size: int) -> Any:
     """A progress bar over the estimated rows of ``path`` (its size over the mean length of its first lines)."""
-    from dpokit.metrics import Progress
+    from dpokit.training.metrics import Progress
 
     with path.open("rb") as f:
         head = f.read(1 << 20)

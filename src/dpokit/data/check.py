@@ -39,7 +39,7 @@ def run_check(source: str, model: str = "smollm2", max_length: int = 512, max_pr
     cache (``dpokit.data.cache``), so a training run with the same tokenizer and settings starts from them.
     Bad input raises :class:`dpokit.errors.DataError` (the CLI prints it as one line).
     """
-    from dpokit.models import load_tokenizer, resolve
+    from dpokit.models.loading import load_tokenizer, resolve
 
     settings: dict[str, Any] = {"max_length": max_length, "max_prompt_length": max_prompt_length,
                                 "on_error": on_error, "max_bad_fraction": max_bad_fraction, "dedupe": dedupe,

@@ -355,7 +355,7 @@ def render_report(runs: Sequence[RunData], max_samples: int = 6) -> str:
     """The report page as one HTML string."""
     runs = list(runs)
     _unique_names(runs)
-    from dpokit import __version__
+    from dpokit.version import __version__
 
     title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpokit.checkpoint import load_weights_into, policy_weights, verify_checkpoint
 from dpokit.data.columns import apply_columns
 from dpokit.data.formats import Text, normalize
 from dpokit.data.load import iter_records
@@ -33,11 +32,12 @@ from dpokit.data.pipeline import load_preferences
 from dpokit.errors import DataError, DpokitError
 from dpokit.evaluate.scoring import Scorer, is_run_dir, load_scorer
 from dpokit.evaluate.stats import WinRate, kl_estimate, mean_stderr
-from dpokit.generate import Sample, SamplingParams, encode_prompts, generate
 from dpokit.io import write_json, write_jsonl
-from dpokit.models import freeze, load_model
+from dpokit.models.generate import Sample, SamplingParams, encode_prompts, generate
+from dpokit.models.loading import freeze, load_model
 from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
 from dpokit.rewards.judge import RewardJudge, Verdict
+from dpokit.training.checkpoint import load_weights_into, policy_weights, verify_checkpoint
 
 KL_TEMPERATURE = 1.0
 """KL(pi || pi_ref) needs samples from pi itself, so temperature 1 is always evaluated; with ``top_p`` < 1 the
@@ -263,10 +263,10 @@ def evaluate_run(
     write_json(out / "eval.json", result)
     log(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")
     if out == run_dir / "eval":  # the model card of final/ now shows reward, KL and win rate
-        from dpokit.hub import refresh_card
+        from dpokit.integrations.hub import refresh_card
 
         refresh_card(run_dir)
-    from dpokit.trackers import report_eval
+    from dpokit.integrations.trackers import report_eval
 
     report_eval(run_dir, cfg, result)  # the run's log.report_to trackers, when it has any
     return result

@@ -1,7 +1,7 @@
 """The trained policy is a reward model: r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) (DPO paper, Eq. 5).
 
 A :class:`Scorer` holds pi, pi_ref, the tokenizer and beta, and computes log-probs with THE log-prob function
-(``dpokit.logprobs.sequence_logps``) on sequences tokenized exactly as in training
+(``dpokit.models.logprobs.sequence_logps``) on sequences tokenized exactly as in training
 (``dpokit.data.tokenize.encode_rows``: same BOS rule, same end token, same truncation), so a score here equals the
 ``rewards/chosen`` the training loop logged for the same pair.
 
@@ -26,9 +26,9 @@ from dpokit.data.load import iter_records
 from dpokit.data.tokenize import encode_rows, token_rules
 from dpokit.errors import DataError, DpokitError
 from dpokit.io import write_jsonl
-from dpokit.logprobs import sequence_logps
-from dpokit.models import ModelSource, freeze, load_model, load_tokenizer, resolve
-from dpokit.quantize import round_trip
+from dpokit.models.loading import ModelSource, freeze, load_model, load_tokenizer, resolve
+from dpokit.models.logprobs import sequence_logps
+from dpokit.models.quantize import round_trip
 
 
 def device_for() -> torch.device:

@@ -3,7 +3,7 @@
 A preference loss takes log-probs summed over response tokens. Some variants change what is summed rather
 than the loss on top: LD-DPO (``loss.ld_alpha``) scales the tokens past the shorter response's length. WPO
 (``loss.use_weighting``) weighs each pair's loss by the policy's own per-token probabilities
-(``wpo_pair_weights``). LD-DPO is a weight per target token, ``batch["target_weight"]`` (M,), which ``dpokit.logprobs.layout_logps``
+(``wpo_pair_weights``). LD-DPO is a weight per target token, ``batch["target_weight"]`` (M,), which ``dpokit.models.logprobs.layout_logps``
 multiplies into the token log-probs before summing; the policy and a live reference (``reference.mode:
 model`` or ``adapter``) score the same batch, so both sides of every log-ratio get the same weights.
 Shapes follow ``dpokit.data.batch``: ``target_slot`` (M,) the response of each target token, in order
@@ -65,7 +65,7 @@ def wpo_pair_weights(chosen_log_weights: torch.Tensor, rejected_log_weights: tor
         weight = min(1, exp(log w(x, y_w) + log w(x, y_l))),
 
     and the pair's loss is multiplied by it. The weight is a constant: no gradient flows through it (the inputs
-    are detached here as well). Per-response log-weights come from ``dpokit.logprobs.layout_logps(wpo=True)``.
+    are detached here as well). Per-response log-weights come from ``dpokit.models.logprobs.layout_logps(wpo=True)``.
     Shapes: (batch,) in and out.
     """
     return torch.exp(chosen_log_weights.detach() + rejected_log_weights.detach()).clamp(max=1.0)

@@ -22,7 +22,7 @@ def kto_kl_baseline(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -
     where y'_j is a *mismatched* completion (another example's, so the estimate is not the example's own
     reward), clamped at 0 because a KL is never negative. No gradient flows through it: the paper uses it only
     to place the value function's reference point. Shapes: (n,) in, a 0-d tensor out. Training estimates it once
-    per optimizer step from all of the step's examples, summed over every rank (``dpokit.step.kto_prepare``), so
+    per optimizer step from all of the step's examples, summed over every rank (``dpokit.training.step.kto_prepare``), so
     it does not depend on how the step is split into micro-batches or processes."""
     return (policy_kl_logps.detach() - ref_kl_logps.detach()).mean().clamp(min=0)
 

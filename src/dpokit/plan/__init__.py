@@ -16,8 +16,8 @@ from typing import Any
 
 from dpokit.config import Config, load_config
 from dpokit.errors import ConfigError
-from dpokit.hardware import PRECISION_ENV
-from dpokit.logprobs import DEFAULT_CHUNK
+from dpokit.models.hardware import PRECISION_ENV
+from dpokit.models.logprobs import DEFAULT_CHUNK
 from dpokit.plan.memory import GiB, Memory, Setup, flops_per_step, host_ram_per_rank, memory, trainable
 from dpokit.plan.shapes import Shape, find_shape
 
@@ -58,7 +58,7 @@ class Plan:
 def resolve_setup(cfg: Config, world: int) -> Setup:
     """The memory-relevant settings of ``cfg`` on ``world`` GPU ranks: ``auto`` precision is bf16 on a GPU (or
     what ``DPOKIT_PRECISION`` pins) and
-    ``auto`` attention is FlexAttention for the packed layout (SDPA for padded), as ``dpokit.hardware`` picks
+    ``auto`` attention is FlexAttention for the packed layout (SDPA for padded), as ``dpokit.models.hardware`` picks
     on CUDA; tokens per pass at full length (every pair prompt + response = ``data.max_length``, the worst
     case of a short prompt and two long responses)."""
     train, data = cfg.train, cfg.data

@@ -12,7 +12,7 @@ peak hides under the load's. Live tensor bytes are exact and the same on any mac
   saved activations are the storages autograd keeps for the backward (``saved_tensors_hooks``), weights
   excluded.
 
-The step is dpokit's own (``dpokit.train.setup``, then ``dpokit.step.train_step``), the second of the run, so
+The step is dpokit's own (``dpokit.training.setup.setup``, then ``dpokit.training.step.train_step``), the second of the run, so
 the optimizer states exist, as in every step after the first.
 """
 
@@ -85,9 +85,9 @@ def measure_step(cfg: Config) -> dict[str, Any]:
     saves through its own hooks, which hide those tensors from these; the peak counts them all the same)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dpokit.distributed import Dist
-    from dpokit.step import TASKS, train_step
-    from dpokit.train import setup
+    from dpokit.training.distributed import Dist
+    from dpokit.training.setup import setup
+    from dpokit.training.step import TASKS, train_step
 
     run = setup(cfg, Dist(), TASKS["dpo"])
     train_step(run, 1)

@@ -21,7 +21,7 @@ pass (``train.pass_tokens``, else the micro-batch at full length), W ranks:
 - activations: what autograd keeps for the backward, counted tensor by tensor from the Llama-family decoder
   layer (``layer_bytes``), times T and the layers; with ``train.gradient_checkpointing`` each layer keeps only
   its input and one layer is recomputed at a time.
-- head: dpokit's log-prob head is chunked (``dpokit.logprobs``): at most ``DEFAULT_CHUNK`` positions x V
+- head: dpokit's log-prob head is chunked (``dpokit.models.logprobs``): at most ``DEFAULT_CHUNK`` positions x V
   logits at once, plus the head's weight gradient of each chunk; models with soft-capped logits take the plain
   path, T x V logits.
 - communication: DDP keeps its gradient buckets, a second copy of the gradients; FSDP2 gathers the root
@@ -42,7 +42,7 @@ ADAPTER_BYTES = 4
 """peft creates the adapters in fp32 whatever the base's dtype (``autocast_adapter_dtype``)."""
 OPTIMIZER_STATES = {"adamw": 2, "adamw_8bit": 2, "rmsprop": 1}
 NF4_BLOCK, NF4_SCALE_GROUP = 64, 256
-"""As ``dpokit.quantize`` (BLOCK, SCALE_GROUP): values per 4-bit block; block scales per double-quantization group."""
+"""As ``dpokit.models.quantize`` (BLOCK, SCALE_GROUP): values per 4-bit block; block scales per double-quantization group."""
 NF4_LEVELS = 16
 """The entries of the NF4 level table each quantized weight keeps (in the weight's dtype)."""
 Q8_BLOCK, Q8_MIN = 256, 4096
@@ -105,10 +105,10 @@ def shard(nbytes: float, setup: Setup) -> float:
 
 
 def nf4_bytes(n: int, b: int) -> int | None:
-    """Bytes one weight of ``n`` values in ``b``-byte elements holds in NF4, as ``dpokit.quantize`` builds it:
+    """Bytes one weight of ``n`` values in ``b``-byte elements holds in NF4, as ``dpokit.models.quantize`` builds it:
     n/2 of 4-bit codes, n/64 int8 block scales, one factor per group of block scales (the largest divisor of
     the block count up to 256), the 16-level table and the scales' mean, these last in the weight's dtype (fp32:
-    the n/2 + n/64 + 4 groups + 68 of ``dpokit.quantize.nf4_bytes``). A weight of one group (at most 256 blocks)
+    the n/2 + n/64 + 4 groups + 68 of ``dpokit.models.quantize.nf4_bytes``). A weight of one group (at most 256 blocks)
     holds more: torchao's factor is then a view of its per-block intermediate, whose storage of b n/64 bytes it
     keeps (measured; with several groups it is a copy of its own size). None for a weight left unquantized (n
     not a multiple of 64)."""

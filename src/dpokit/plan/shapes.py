@@ -160,10 +160,10 @@ def find_shape(name_or_path: str, revision: str | None = None, gguf_file: str | 
     """(shape, where it came from) of a dpokit model name: ``tiny-random-llama``, ``smollm2`` (the embedded
     SmolLM2-135M), a local folder with config.json, a hub id already in the Hugging Face cache, or a model of
     the built-in table. Nothing is downloaded."""
-    from dpokit.models import EMBEDDED_NAME, TINY_NAME
+    from dpokit.models.loading import EMBEDDED_NAME, TINY_NAME
 
     if name_or_path == TINY_NAME:
-        return _tiny_shape(), "built in code (dpokit.models.tiny_model)"
+        return _tiny_shape(), "built in code (dpokit.models.loading.tiny_model)"
     if name_or_path == EMBEDDED_NAME:
         return replace(BUILTIN["smollm2-135m"], name=EMBEDDED_NAME), "built-in table (SmolLM2-135M-Instruct)"
     if gguf_file is not None or name_or_path.endswith(".gguf"):
@@ -196,7 +196,7 @@ def _hub_cache_config(repo_id: str, revision: str | None) -> Path | None:
 
 
 def _tiny_shape() -> Shape:
-    from dpokit.models import tiny_model, tiny_tokenizer
+    from dpokit.models.loading import tiny_model, tiny_tokenizer
 
     config = tiny_model(len(tiny_tokenizer())).config  # a 2-layer model: building it costs nothing
     return from_config_json(config.to_dict(), "tiny-random-llama", "tiny-random-llama")

@@ -11,7 +11,7 @@ A reward function has the signature ``f(prompt: str, response: str) -> float`` (
 
 Anything else is named ``module:function`` (an importable module) or ``path/to/file.py:function``, or is a
 trained reward model: the run directory of ``dpokit rm`` (its ``final/``) or a Hugging Face folder of a
-``*ForSequenceClassification`` with one label (``dpokit.reward_model.load_reward_model``). A reward may also
+``*ForSequenceClassification`` with one label (``dpokit.methods.reward_model.load_reward_model``). A reward may also
 offer ``batch(prompts, responses) -> list[float]``, which ``score_texts`` then uses (a reward model scores
 many rows per forward pass).
 Judges (``dpokit.rewards.judge``) compare two responses instead of scoring one.
@@ -102,7 +102,7 @@ def get_reward(spec: str | RewardFn) -> RewardFn:
             _vader()  # fail now, not after minutes of generation
         return fn
     if Path(spec).expanduser().is_dir():
-        from dpokit.reward_model import load_reward_model
+        from dpokit.methods.reward_model import load_reward_model
 
         return load_reward_model(spec)
     if ":" not in spec:

@@ -1,7 +1,7 @@
 """``dpokit serve RUN_DIR``: a local web page to try a prompt on the reference pi_ref and the DPO policy pi side
 by side, streaming both responses, with their implicit rewards beta * (log pi(y|x) - log pi_ref(y|x)).
 
-- ``sampling``: token-by-token sampling (the loop of ``dpokit.generate``, one step at a time)
+- ``sampling``: token-by-token sampling (the loop of ``dpokit.models.generate``, one step at a time)
 - ``engine``: request checks, the job (sample, stream, score), the one-worker FIFO queue
 - ``app``: the Starlette app and the uvicorn server; ``index.html``: the page
 - ``openai_api``, ``openai_routes``: ``--api``, the OpenAI-compatible ``/v1`` routes on the same server

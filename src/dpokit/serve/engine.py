@@ -36,7 +36,7 @@ from dpokit.data.formats import Text, not_text
 from dpokit.errors import DpokitError
 from dpokit.evaluate.run import load_prompts, text_of
 from dpokit.evaluate.scoring import Scorer, is_run_dir, load_scorer, score_rows
-from dpokit.generate import SamplingParams, encode_prompts, eos_token_ids, stream_batch
+from dpokit.models.generate import SamplingParams, encode_prompts, eos_token_ids, stream_batch
 from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
 from dpokit.serve import MAX_QUEUE
 from dpokit.serve.sampling import IncrementalText
@@ -463,8 +463,8 @@ def load_playground(run_dir: str | Path, ref: str | None = None, reward: str | R
                     note: Callable[[str], None] | None = None) -> Playground:
     """pi (``RUN_DIR/final``), pi_ref (``ref``, else the run's reference), beta and the token budget from the
     run's config, a reward function when named, and example prompts from ``data.eval`` (else ``data.train``).
-    ``precision`` of sampling: ``auto`` is bf16 only where it is native (``dpokit.hardware``)."""
-    from dpokit.hardware import resolve_precision
+    ``precision`` of sampling: ``auto`` is bf16 only where it is native (``dpokit.models.hardware``)."""
+    from dpokit.models.hardware import resolve_precision
 
     run_dir = check_run_dir(run_dir)
     reward_fn = get_reward(reward) if reward is not None else None  # a bad name fails before models load

@@ -8,7 +8,7 @@ Routes (all under ``/v1``, as OpenAI clients expect of a ``base_url`` ending in 
 ``POST /v1/completions``       a text prompt continued as it is
 
 The run's name (the run directory's) is accepted as another name of ``policy``. Sampling is
-``dpokit.generate.stream_batch``, the loop behind ``dpokit generate`` and the page: for a request with ``seed``,
+``dpokit.models.generate.stream_batch``, the loop behind ``dpokit generate`` and the page: for a request with ``seed``,
 choice i is what ``generate`` returns for the i-th copy of the prompt at that seed. ``stream: true`` answers
 with server-sent events (``data: {chunk}`` ... ``data: [DONE]``); the text of the chunks joined is the text of
 the same request without streaming. Requests share the page's one-job-at-a-time queue and its limits.
@@ -45,7 +45,7 @@ from typing import Any, Literal
 import torch
 
 from dpokit.errors import DpokitError
-from dpokit.generate import SamplingParams, encode_prompts, eos_token_ids, stream_batch
+from dpokit.models.generate import SamplingParams, encode_prompts, eos_token_ids, stream_batch
 from dpokit.serve.engine import BadRequest, Emit, Playground, _check_text, _integer, _show
 
 Kind = Literal["chat", "text"]

@@ -1,6 +1,6 @@
 """Showing a response while it is being generated.
 
-The tokens come from ``dpokit.generate.stream_batch``, the very loop behind ``generate``, so what the page
+The tokens come from ``dpokit.models.generate.stream_batch``, the very loop behind ``generate``, so what the page
 streams for a prompt repeated n times at a seed is exactly what ``generate`` returns (tested).
 :class:`IncrementalText` turns the growing token lists into text deltas for the page.
 """
@@ -37,7 +37,7 @@ class IncrementalText:
 
     @property
     def text(self) -> str:
-        # The same decoding as dpokit.generate.Sample.text: the text that is shown is the text that is scored.
+        # The same decoding as dpokit.models.generate.Sample.text: the text that is shown is the text that is scored.
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
     def _show(self, text: str) -> tuple[str, bool] | None:

@@ -419,7 +419,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def run_claims(cfg: SentimentConfig, experiment: Callable[[SentimentConfig], dict[str, Any]]) -> dict[str, Any]:
     """The experiment once per seed (``RUN_DIR/seed-S``), then ``RUN_DIR/claims.json`` and ``claims.md``."""
-    from dpokit.models import load_tokenizer, resolve
+    from dpokit.models.loading import load_tokenizer, resolve
 
     root = Path(cfg.run_dir)
     if "DPO" not in method_runs(cfg) or len(method_runs(cfg)) < 2:

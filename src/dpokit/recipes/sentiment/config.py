@@ -128,7 +128,7 @@ class PpoSection(_Section):
 
 
 class OnlineSection(_Section):
-    """Online and semi-online DPO (``dpokit.online``) beside offline DPO: DPO on the policy's own samples of
+    """Online and semi-online DPO (``dpokit.methods.online``) beside offline DPO: DPO on the policy's own samples of
     the train prompts, scored by ``reward`` as they are drawn, from pi_ref, with the first DPO run's loss, beta,
     batch and number of gradient steps, evaluated on the same held-out prompts."""
 
@@ -307,7 +307,7 @@ def resolve_precisions(cfg: SentimentConfig) -> None:
     """``auto`` precisions resolved once for the whole experiment, before any cache key is computed: the
     sample cache and the runs' keys hold what ran, so an ``auto`` that picks bf16 on one machine and fp32 on
     another never shares a cached result."""
-    from dpokit.hardware import resolve_precision
+    from dpokit.models.hardware import resolve_precision
 
     device = recipe_device()
     cfg.sampling.precision = resolve_precision(cfg.sampling.precision, device, say)

@@ -15,7 +15,7 @@ from dpokit.config import flatten, result_settings
 from dpokit.io import read_json, sha256_file, write_json, write_jsonl
 from dpokit.recipes.sentiment.common import CACHE_VERSION, digest, mean_stderr, say
 from dpokit.recipes.sentiment.sampling import Policy, load_policy, sample_continuations, sft_rows
-from dpokit.resume import fingerprint
+from dpokit.training.resume import fingerprint
 
 if TYPE_CHECKING:
     from dpokit.recipes.sentiment.config import SentimentConfig
@@ -129,10 +129,10 @@ def online_name(s: int) -> str:
 
 
 def offline_steps(config: dict[str, Any]) -> int | None:
-    """Gradient steps of an offline run's config (``dpokit.train.steps_for``, one process); None before its pair
+    """Gradient steps of an offline run's config (``dpokit.training.setup.steps_for``, one process); None before its pair
     file exists (a config validated ahead of the sampling)."""
     from dpokit.config import TrainConfig
-    from dpokit.train import steps_for
+    from dpokit.training.setup import steps_for
 
     train_cfg = TrainConfig(**config["train"])
     path = Path(config["data"]["train"])
@@ -148,7 +148,7 @@ def offline_steps(config: dict[str, Any]) -> int | None:
 def online_specs(cfg: SentimentConfig, data: Path, root: Path, ref_model: str,
                  offline: dict[str, RunSpec]) -> dict[str, RunSpec]:
     """Online DPO per ``online.sync_every``: the first DPO run's loss, beta and training settings, as many
-    gradient steps, on pairs it samples itself (``dpokit.online``). A checkpoint must fall just before a
+    gradient steps, on pairs it samples itself (``dpokit.methods.online``). A checkpoint must fall just before a
     generator refresh, so ``train.save_every`` (the frontier's spacing) is rounded up to a multiple of s."""
     specs: dict[str, RunSpec] = {}
     if not cfg.online.sync_every:
@@ -212,8 +212,8 @@ def train_key(spec: RunSpec) -> str:
 
 def train_run(spec: RunSpec) -> tuple[Path, bool]:
     """Train unless the run folder holds a finished run of the same key. Returns (run_dir, trained)."""
-    from dpokit.ppo import ppo
-    from dpokit.train import train
+    from dpokit.methods.ppo import ppo
+    from dpokit.training.setup import train
 
     run_dir = Path(spec.config["run_dir"])
     key = train_key(spec)
@@ -233,7 +233,7 @@ def train_run(spec: RunSpec) -> tuple[Path, bool]:
 
 def reward_model_metrics(run_dir: Path) -> dict[str, Any]:
     """The reward model's held-out pair metrics at the end of its training (its last ``eval`` row)."""
-    from dpokit.metrics import read_metrics
+    from dpokit.training.metrics import read_metrics
 
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "eval"]
     last = rows[-1] if rows else {}
@@ -286,7 +286,7 @@ def evaluate_spec(spec: RunSpec, cfg: SentimentConfig, prompts_file: Path) -> di
 
 def train_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The training rows of a run's ``metrics.jsonl``."""
-    from dpokit.metrics import read_metrics
+    from dpokit.training.metrics import read_metrics
 
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("split") == "train"]
 

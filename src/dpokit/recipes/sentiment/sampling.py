@@ -15,10 +15,10 @@ import torch
 
 from dpokit.errors import DataError
 from dpokit.io import read_jsonl, write_jsonl
-from dpokit.metrics import Progress
 from dpokit.recipes.openings import PROMPTS_FILE
 from dpokit.recipes.sentiment.common import CACHE_VERSION, RECIPE, digest, say
 from dpokit.recipes.sentiment.config import recipe_device
+from dpokit.training.metrics import Progress
 
 if TYPE_CHECKING:
     from dpokit.recipes.sentiment.config import SentimentConfig
@@ -68,8 +68,8 @@ class Policy:
 
 
 def load_policy(name: str) -> Policy:
-    from dpokit.models import freeze, load_model, load_tokenizer, resolve
-    from dpokit.reference import weights_fingerprint
+    from dpokit.models.loading import freeze, load_model, load_tokenizer, resolve
+    from dpokit.training.reference import weights_fingerprint
 
     source = resolve(name)
     tokenizer = load_tokenizer(source)
@@ -79,7 +79,7 @@ def load_policy(name: str) -> Policy:
 
 
 def sample_cache_dir() -> Path:
-    from dpokit.models import cache_dir
+    from dpokit.models.loading import cache_dir
 
     return cache_dir() / "recipes" / RECIPE / "samples"
 
@@ -89,7 +89,7 @@ def sample_continuations(policy: Policy, prompts: Sequence[str], k: int, cfg: Se
     """K continuations of every prompt from ``policy``: rows ``{"prompt", "responses", "finished",
     "tokens", "seconds"}``. Cached under a hash of the weights, the prompts, K and every sampling parameter, so a re-run
     (or another run folder) with the same inputs reads the file instead of sampling."""
-    from dpokit.generate import SamplingParams, encode_prompts, generate
+    from dpokit.models.generate import SamplingParams, encode_prompts, generate
 
     s = cfg.sampling
     params = SamplingParams(s.max_new_tokens, s.temperature, s.top_p, seed, s.batch_size)

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dpokit.distributed import Dist
 from dpokit.errors import Preempted
+from dpokit.training.distributed import Dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REPEAT_S = 2.0

@@ -1,13 +1,13 @@
 """The training run, explicit and in one place: DPO and its variants, SFT on the chosen responses.
 
     setup (config -> models -> data -> reference -> optimizer) -> restore (when resuming)
-    -> for each optimizer step: train_step (dpokit.step), log, maybe evaluate, maybe checkpoint
+    -> for each optimizer step: train_step (dpokit.training.step), log, maybe evaluate, maybe checkpoint
     -> final checkpoint -> RUN_DIR/final (a plain Hugging Face folder)
 
-Under ``torchrun`` every process runs this same code (``dpokit.distributed``): all ranks draw the same global
+Under ``torchrun`` every process runs this same code (``dpokit.training.distributed``): all ranks draw the same global
 pairs of a step and each trains its share, so 2 ranks x batch 4 is 1 rank x batch 8; metrics are reduced over
 ranks and written by rank 0, which alone touches the run folder. A new kind of training reuses ``setup``,
-``restore``, ``save`` and ``train_step`` with a ``dpokit.step.Task`` of its own.
+``restore``, ``save`` and ``train_step`` with a ``dpokit.training.step.Task`` of its own.
 """
 
 from __future__ import annotations
@@ -25,7 +25,19 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dpokit.checkpoint import (
+from dpokit.config import Config, load_config, save_config
+from dpokit.data import DataReport, overlap_report
+from dpokit.data.batch import PairStream
+from dpokit.data.cache import cache_root, load_cached
+from dpokit.errors import ConfigError, DpokitError
+from dpokit.integrations.trackers import open_trackers
+from dpokit.io import write_json
+from dpokit.losses import LISTWISE, UNPAIRED, check_training_setup
+from dpokit.models.hardware import choose_attention, resolve_precision
+from dpokit.models.loading import load_models
+from dpokit.models.quantize import dequantize, torchao
+from dpokit.models.sharded import on_device
+from dpokit.training.checkpoint import (
     export_hf,
     full_state_dict,
     newest_complete,
@@ -34,28 +46,18 @@ from dpokit.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from dpokit.config import Config, load_config, save_config
-from dpokit.data import DataReport, overlap_report
-from dpokit.data.batch import PairStream
-from dpokit.data.cache import cache_root, load_cached
-from dpokit.distributed import Dist
-from dpokit.distributed import setup as setup_distributed
-from dpokit.errors import ConfigError, DpokitError
-from dpokit.hardware import choose_attention, resolve_precision
-from dpokit.io import write_json
-from dpokit.losses import LISTWISE, UNPAIRED, check_training_setup
-from dpokit.metrics import HealthMonitor, MetricsWriter, Progress
-from dpokit.models import load_models
-from dpokit.preempt import stop_on_signals
-from dpokit.quantize import dequantize, torchao
-from dpokit.reference import (
+from dpokit.training.distributed import Dist
+from dpokit.training.distributed import setup as setup_distributed
+from dpokit.training.metrics import HealthMonitor, MetricsWriter, Progress
+from dpokit.training.preempt import stop_on_signals
+from dpokit.training.reference import (
     FrozenReference,
     build_reference,
     check_sync_compatible,
     load_reference_weights,
     reference_weights,
 )
-from dpokit.resume import (
+from dpokit.training.resume import (
     check_resume_settings,
     fingerprint,
     prepare_run_dir,
@@ -64,9 +66,7 @@ from dpokit.resume import (
     set_rng_state,
     truncate_metrics,
 )
-from dpokit.sharded import on_device
-from dpokit.step import TASKS, Autocast, Run, Task, held_out_metrics, load_policy, train_step
-from dpokit.trackers import open_trackers
+from dpokit.training.step import TASKS, Autocast, Run, Task, held_out_metrics, load_policy, train_step
 
 # ------------------------------------------------------------------------------------------------------ pieces
 
@@ -92,7 +92,7 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim
     if cfg.train.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if cfg.train.optimizer == "adamw_8bit":
-        from dpokit.optim8bit import adamw_8bit
+        from dpokit.training.optim8bit import adamw_8bit
 
         return adamw_8bit(params, lr=cfg.train.lr, betas=cfg.train.adam_betas, weight_decay=cfg.train.weight_decay)
     # The fused kernel updates every parameter in one pass: on CPU ~14x faster than the per-tensor loop (0.05 s
@@ -109,7 +109,7 @@ def autocast_for(cfg: Config, device: torch.device) -> Autocast:
 
 def resolve_hardware(cfg: Config, device: torch.device, note: Callable[[str], None]) -> None:
     """Replace ``auto`` in ``train.precision`` and ``model.attn_implementation`` by what this device runs fast
-    (``dpokit.hardware``), saying so in one line each."""
+    (``dpokit.models.hardware``), saying so in one line each."""
     cfg.train.precision = resolve_precision(cfg.train.precision, device, note)
     if cfg.model.attn_implementation == "auto":
         choice = choose_attention("auto", cfg.train.precision, device, cfg.train.layout)
@@ -329,8 +329,8 @@ def save(run: Run) -> None:
 def export_final(run: Run) -> None:
     """RUN_DIR/final: one plain Hugging Face folder written by rank 0 (a sharded FSDP policy is gathered whole
     first; LoRA adapters are folded into the base weights), Hub-ready: a model card and a generation config
-    (``dpokit.hub``)."""
-    from dpokit.hub import hub_files
+    (``dpokit.integrations.hub``)."""
+    from dpokit.integrations.hub import hub_files
 
     weights = full_state_dict(run.policy) if run.dist.sharded else None
     if run.dist.is_main:
@@ -351,17 +351,17 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
     ``kwargs`` dotted keys written with ``__`` (``train__max_steps=3``). ``resume`` continues from the newest
     complete checkpoint in ``run_dir``; ``force`` allows resuming with changed settings. ``task`` is ``dpo``
     (the configured preference loss; online DPO on its own samples when ``online.reward`` or
-    ``online.judge_url`` is set, ``dpokit.online``), ``sft`` (negative log-likelihood of the chosen responses) or ``rm`` (a
-    Bradley-Terry reward model, ``dpokit.reward_model``; ``final/`` is a ``*ForSequenceClassification``).
+    ``online.judge_url`` is set, ``dpokit.methods.online``), ``sft`` (negative log-likelihood of the chosen responses) or ``rm`` (a
+    Bradley-Terry reward model, ``dpokit.methods.reward_model``; ``final/`` is a ``*ForSequenceClassification``).
     ``load`` replaces the task's model loading (``Task.load``): ``dpokit.api`` passes the model object given.
-    Launched by torchrun, every process calls this (``dpokit.distributed``); a failure on any rank ends every
+    Launched by torchrun, every process calls this (``dpokit.training.distributed``); a failure on any rank ends every
     rank with one line naming it.
     """
     cfg = load_config(config, overrides, **kwargs)
     dist = setup_distributed(cfg.distributed)
     with dist.failures():
         if task == "dpo" and (cfg.online.reward or cfg.online.judge_url):  # online DPO: it samples its pairs
-            from dpokit.online import train_online
+            from dpokit.methods.online import train_online
 
             run_dir = train_online(cfg, dist, resume=resume or cfg.train.resume == "auto", force=force)
         else:
@@ -385,7 +385,7 @@ def loop(run: Run, step: Callable[[Run, int], dict[str, Any]], held_out: Callabl
     row; ``held_out()`` (when given) the held-out metrics, logged at the start, every ``eval.every`` steps and
     at the end; a checkpoint every ``train.save_every`` steps and at the end; then ``export(run)`` (final/).
     SIGTERM or SIGINT stops it with a checkpoint after the step in flight, or after the next multiple of
-    ``stop_every`` when checkpoints must fall on it (``dpokit.preempt``)."""
+    ``stop_every`` when checkpoints must fall on it (``dpokit.training.preempt``)."""
     cfg = run.cfg
     first, every, save_every = run.step, cfg.eval.every, cfg.train.save_every
     metrics = MetricsWriter(run.run_dir / "metrics.jsonl", enabled=run.dist.is_main,

@@ -363,7 +363,7 @@ def base_state_model(model: nn.Module) -> nn.Module:
 
 def _skeleton_or_model(source: ModelSource, **kwargs: Any) -> nn.Module:
     """A skeleton when the weights are in safetensors files, else the model loaded whole."""
-    from dpokit.sharded import skeleton
+    from dpokit.models.sharded import skeleton
 
     model = skeleton(source, **kwargs)
     return model if model is not None else load_model(source, **kwargs)
@@ -376,7 +376,7 @@ def load_models(model_cfg: Any, reference: Literal["always", "never", "if_differ
     ``reference``: ``always`` loads a frozen reference (a copy of the policy's starting weights when both come
     from the same place), ``never`` none, ``if_different`` only when the reference has its own source (the
     policy's starting weights can then serve as pi_ref before training starts). ``skeleton`` (FSDP): the
-    models with meta parameters, filled shard by shard when sharded (``dpokit.sharded``).
+    models with meta parameters, filled shard by shard when sharded (``dpokit.models.sharded``).
     """
     policy_source = resolve(model_cfg.name_or_path, model_cfg.gguf_file, model_cfg.revision)
     if model_cfg.ref_name_or_path is None:
@@ -390,7 +390,7 @@ def load_models(model_cfg: Any, reference: Literal["always", "never", "if_differ
     load = _skeleton_or_model if skeleton else load_model
     policy = load(policy_source, **kwargs)
     if getattr(model_cfg, "quantize", "none") != "none":  # QLoRA: the frozen base in 4 bits, before the adapters
-        from dpokit.quantize import quantize_policy
+        from dpokit.models.quantize import quantize_policy
 
         quantize_policy(policy, model_cfg, copies_reference=reference == "always" or (
             reference == "if_different" and reference_source != policy_source))

@@ -39,12 +39,12 @@ from torch import nn
 
 from dpokit.data.batch import Layout, collate_tokenized, regroup, to_device
 from dpokit.data.tokenize import TokenizedGroup
-from dpokit.distributed import Dist
 from dpokit.errors import ConfigError
 from dpokit.io import write_bytes, writing
-from dpokit.logprobs import batch_logps
-from dpokit.models import cache_dir, freeze
-from dpokit.sharded import on_device
+from dpokit.models.loading import cache_dir, freeze
+from dpokit.models.logprobs import batch_logps
+from dpokit.models.sharded import on_device
+from dpokit.training.distributed import Dist
 
 Autocast = Callable[[], AbstractContextManager]
 

@@ -1,6 +1,6 @@
 """Everything a run needs to continue exactly where it stopped, and the rule for when it may.
 
-A checkpoint holds, beside weights and optimizer state (``dpokit.checkpoint``), the trainer state written
+A checkpoint holds, beside weights and optimizer state (``dpokit.training.checkpoint``), the trainer state written
 here: step, data position, RNG states of Python, NumPy and torch (JSON, no pickle), the resolved config and a
 hash of the training data. Resuming is refused when a setting that changes the result differs from the
 checkpoint's: every config field not marked ``NEUTRAL`` in ``dpokit.config`` (one source of truth, shared with
@@ -39,7 +39,7 @@ result-altering key."""
 
 SAMPLED_PER_PROCESS = frozenset({"online", "ppo"})
 """Kinds of training (``Task.name``) whose steps sample responses in each process, seeded by (seed, step,
-rank) over that process's share of the prompts (``dpokit.online``, ``dpokit.ppo``): another number of
+rank) over that process's share of the prompts (``dpokit.methods.online``, ``dpokit.methods.ppo``): another number of
 processes samples other responses, so for them the number of processes itself must stay."""
 
 SPLIT = ("train.batch_size", "train.grad_accum")

@@ -6,7 +6,7 @@ before ``fully_shard`` splits them: 2 x model bytes per rank, world times over o
 1. ``skeleton``: the model's modules are built with every *parameter* on the meta device (no memory, no random
    init); buffers are built for real (rotary ``inv_freq`` and other non-persistent buffers are computed at
    construction and are not in the weight files, so they cannot be "loaded" later);
-2. ``fully_shard`` (``dpokit.distributed``) splits the meta parameters into meta DTensor shards;
+2. ``fully_shard`` (``dpokit.training.distributed``) splits the meta parameters into meta DTensor shards;
 3. ``materialize``: storage for this rank's shards only (``to_empty``), the constructed buffers put back, and
    each shard filled with just its rows of the weight files (``safe_open(...).get_slice``: the other rows are
    never read).
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from dpokit.errors import ModelError
-from dpokit.models import (
+from dpokit.models.loading import (
     DTYPES,
     ModelSource,
     check_remote_code,

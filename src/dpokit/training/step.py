@@ -1,7 +1,7 @@
 """One optimizer step, and the state it runs on.
 
 A ``Run`` holds what a training run needs (models, reference, data, optimizer, scheduler, the data stream and
-the counters); ``dpokit.train.setup`` builds it, ``train_step`` advances it by one optimizer step:
+the counters); ``dpokit.training.setup.setup`` builds it, ``train_step`` advances it by one optimizer step:
 
     for each pass of the step (micro-batches, cut into passes of train.pass_tokens positions):
         forward (policy log-probs with grad, reference log-probs without) -> loss -> backward
@@ -39,7 +39,6 @@ from dpokit.data.batch import (
     to_device,
 )
 from dpokit.data.tokenize import TokenizedGroup
-from dpokit.distributed import Dist, LogpsModule
 from dpokit.errors import DpokitError
 from dpokit.losses import (
     LISTWISE,
@@ -52,10 +51,11 @@ from dpokit.losses import (
     plackett_luce_loss,
 )
 from dpokit.losses.tokens import length_desensitized_weights, wpo_pair_weights
-from dpokit.metrics import KtoStats, PairStats, RewardModelStats, SftStats
-from dpokit.models import Models, load_models
-from dpokit.reference import FrozenReference, Reference, sync_reference
-from dpokit.reward_model import RewardModule, load_reward_models, reward_forward
+from dpokit.methods.reward_model import RewardModule, load_reward_models, reward_forward
+from dpokit.models.loading import Models, load_models
+from dpokit.training.distributed import Dist, LogpsModule
+from dpokit.training.metrics import KtoStats, PairStats, RewardModelStats, SftStats
+from dpokit.training.reference import FrozenReference, Reference, sync_reference
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 Record = Callable[[Any], None]
@@ -96,7 +96,7 @@ class Task:
 
 @dataclass
 class Run:
-    """Everything one training run needs, built once by ``dpokit.train.setup``. ``train_step`` reads it and
+    """Everything one training run needs, built once by ``dpokit.training.setup.setup``. ``train_step`` reads it and
     advances the counters at the end; a checkpoint saves exactly the modules, optimizer, scheduler, stream
     position and counters held here."""
 
@@ -148,7 +148,7 @@ def pair_forward(model: nn.Module, reference: Reference, batch: dict[str, Any], 
                  loss_state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Policy and reference log-probs of a batch of pairs (or rankings) and the per-group loss.
 
-    ``model`` maps a batch to per-slot ``(logps, n_tokens)``: a ``dpokit.distributed.LogpsModule`` (DDP- or
+    ``model`` maps a batch to per-slot ``(logps, n_tokens)``: a ``dpokit.training.distributed.LogpsModule`` (DDP- or
     FSDP-wrapped under torchrun). Pairs go through the configured pairwise loss (``loss_state``: the state of a
     loss that carries one, ``Run.task_state["loss"]``); rankings (``loss.name: plackett_luce``) through the
     listwise one, reporting the best response as "chosen" and the worst as "rejected". With ``loss.ld_alpha``
@@ -277,7 +277,7 @@ TASKS = {
                 evaluates=True, prepare=kto_prepare),
     "sft": Task("sft", sft_forward, lambda run, indices: sum(len(run.train_items[i].chosen_ids) for i in indices),
                 SftStats, needs_reference=False, chosen_only=True),
-    # A Bradley-Terry reward model (dpokit.reward_model): padded rows only, the reward is read at a row's end.
+    # A Bradley-Terry reward model (dpokit.methods.reward_model): padded rows only, the reward is read at a row's end.
     "rm": Task("rm", reward_forward, pairs_of_step, RewardModelStats, needs_reference=False, chosen_only=False,
                evaluates=True, load=load_reward_models, module=RewardModule, layouts=("padded",)),
 }

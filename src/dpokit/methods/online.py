@@ -12,9 +12,9 @@ Offline DPO trains on pairs sampled once, from pi_ref, by someone else. Here eac
          score:   the reward (a function, a reward model, an LLM judge) of every response
          pair:    best against worst per prompt, or every pair whose scores differ (online.pairs); a pair whose
                   scores differ by online.min_margin or less is a tie: dropped and counted
-         train:   the pairs through the configured pairwise loss against pi_ref (dpokit.step.pair_forward, via
+         train:   the pairs through the configured pairwise loss against pi_ref (dpokit.training.step.pair_forward, via
                   the DPO task's forward), the loss summed and divided by the pairs kept over every rank, then
-                  dpokit.step.apply_update; a step where every pair tied updates nothing and says so
+                  dpokit.training.step.apply_update; a step where every pair tied updates nothing and says so
     -> final checkpoint -> RUN_DIR/final
 
 A step draws train.batch_size x train.grad_accum x processes prompts: with ``best_worst`` and no ties that is
@@ -36,7 +36,7 @@ resumed to train longer) is refused unless forced; forced, the generator is refr
 and its window runs to the next step of the grid.
 
 Responses go into pairs exactly as sampled: a finished one ends with the end token the model emitted (the
-sampler stops at any of ``dpokit.generate.eos_token_ids``: the EOS or the chat template's end-of-turn token,
+sampler stops at any of ``dpokit.models.generate.eos_token_ids``: the EOS or the chat template's end-of-turn token,
 which is what training appends to a pair file's responses); a response cut by ``online.max_new_tokens`` has no
 end token, like a pair-file response truncated to ``data.max_length``. A response that would exceed
 ``data.max_length`` with its prompt is cut to fit, as a pair file's is. Either way the loss scores exactly the
@@ -57,13 +57,8 @@ import torch
 from dpokit.config import Config, ConfigError
 from dpokit.data.batch import PairStream, collate_tokenized, regroup, to_device
 from dpokit.data.tokenize import TokenizedGroup
-from dpokit.distributed import Dist
-from dpokit.generate import Sample, SamplingParams, eos_token_ids
-from dpokit.logprobs import batch_logps
 from dpokit.losses import LISTWISE
-from dpokit.metrics import PairStats
-from dpokit.rewards import RewardFn
-from dpokit.rollout import (
+from dpokit.methods.rollout import (
     PromptItem,
     held_out,
     judge_counts,
@@ -74,8 +69,14 @@ from dpokit.rollout import (
     score,
     step_seed,
 )
-from dpokit.rollout import sample as rollout_sample
-from dpokit.step import (
+from dpokit.methods.rollout import sample as rollout_sample
+from dpokit.models.generate import Sample, SamplingParams, eos_token_ids
+from dpokit.models.logprobs import batch_logps
+from dpokit.rewards import RewardFn
+from dpokit.training.distributed import Dist
+from dpokit.training.metrics import PairStats
+from dpokit.training.setup import export_final, loop, restore, setup
+from dpokit.training.step import (
     Run,
     Task,
     apply_update,
@@ -84,7 +85,6 @@ from dpokit.step import (
     pairs_of_step,
     preference_forward,
 )
-from dpokit.train import export_final, loop, restore, setup
 
 ONLINE_TASK = Task("online", preference_forward, pairs_of_step, PairStats, needs_reference=True, chosen_only=False)
 """Online DPO as a kind of training: the DPO pass (``preference_forward``) on pairs made during the step; its
@@ -267,7 +267,7 @@ def online_step(online: Online, step: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(online: Online) -> dict[str, float]:
-    """Held-out prompts (``dpokit.rollout.held_out``): one response each from the policy at the online
+    """Held-out prompts (``dpokit.methods.rollout.held_out``): one response each from the policy at the online
     sampling settings and its reward; the sequence KL to pi_ref through the run's reference, on draws from the
     policy itself (temperature 1, top_p 1)."""
     run = online.run
@@ -316,7 +316,7 @@ def check_config(cfg: Config, dist: Dist) -> None:
 
 
 def load_online(cfg: Config, dist: Dist, resume: bool = False) -> Online:
-    """The ``Run`` (``dpokit.train.setup`` with the prompts of ``data.train`` / ``data.eval`` as its items),
+    """The ``Run`` (``dpokit.training.setup.setup`` with the prompts of ``data.train`` / ``data.eval`` as its items),
     the generator, the reward."""
     check_config(cfg, dist)
     o = cfg.online
@@ -340,7 +340,7 @@ def load_online(cfg: Config, dist: Dist, resume: bool = False) -> Online:
 
 
 def train_online(cfg: Config, dist: Dist, *, resume: bool, force: bool) -> Path:
-    """Online DPO from a config (``dpokit.train.train`` dispatches here); returns the run directory."""
+    """Online DPO from a config (``dpokit.training.setup.train`` dispatches here); returns the run directory."""
     online = load_online(cfg, dist, resume=resume)
     run = online.run
     if run.checkpoint is not None:

@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from dpokit.errors import ConfigError
-from dpokit.from_trl_loss import loss_section
-from dpokit.from_trl_script import MODEL_MAPPED, MODEL_REASONS, data_section, model_section
+from dpokit.integrations.from_trl_loss import loss_section
+from dpokit.integrations.from_trl_script import MODEL_MAPPED, MODEL_REASONS, data_section, model_section
 
 TRL_DEFAULTS: dict[str, Any] = {
     "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "learning_rate": 1e-6,

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from dpokit.errors import DpokitError, Preempted
-from dpokit.logprobs import batch_logps
-from dpokit.sharded import hold_in, is_skeleton, materialize
+from dpokit.models.logprobs import batch_logps
+from dpokit.models.sharded import hold_in, is_skeleton, materialize
 
 T = TypeVar("T")
 
@@ -181,7 +181,7 @@ class Dist:
         return self._shard(module, reshard_root=True)
 
     def _shard(self, module: nn.Module, reshard_root: bool | None = None) -> nn.Module:
-        """``_fully_shard`` with this run's precision and offload; a skeleton (``dpokit.sharded``) gets its
+        """``_fully_shard`` with this run's precision and offload; a skeleton (``dpokit.models.sharded``) gets its
         shards' storage and weights only now."""
         model = getattr(module, "model", module)
         sharded = _fully_shard(module, reshard_root, self.compute_dtype, self.offload == "params")

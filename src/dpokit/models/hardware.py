@@ -155,7 +155,7 @@ def machine_key(device: torch.device) -> str:
 
 
 def probe_path(device: torch.device) -> Path:
-    from dpokit.models import cache_dir
+    from dpokit.models.loading import cache_dir
 
     return cache_dir() / "hardware" / f"{device.type}-{machine_key(device)}.json"
 
@@ -294,7 +294,7 @@ def choose_attention(requested: str, precision: str, device: torch.device, layou
     if requested != "auto":
         return Choice(requested, "asked for")
     if device.type == "cuda":
-        from dpokit.attention import flex_attention_supported
+        from dpokit.models.attention import flex_attention_supported
 
         if layout == "packed" and flex_attention_supported(device):
             return Choice("flex_attention", "CUDA, packed layout: block-sparse mask instead of a dense one")
@@ -318,12 +318,12 @@ def describe(device: torch.device | None = None, refresh: bool = True) -> dict[s
     ``auto`` picks and why."""
     import transformers
 
-    import dpokit
+    from dpokit.version import __version__
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info: dict[str, Any] = {
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "dpokit": dpokit.__version__},
+                     "transformers": transformers.__version__, "dpokit": __version__},
         "platform": platform.platform(),
         "cpu": {"name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                 "capability": torch.backends.cpu.get_cpu_capability(),

@@ -76,7 +76,7 @@ def base_model(name_or_path: str) -> tuple[str | None, str | None]:
     The Hub id is that of the model the run started from, never the ``base_model`` its own card names (that is
     the starting model's parent). A local folder has none, unless it is a snapshot in the Hub's local cache
     (``models--org--name/snapshots/<revision>``); its card still gives the license."""
-    from dpokit.models import in_memory_name
+    from dpokit.models.loading import in_memory_name
 
     if (inner := in_memory_name(name_or_path)) is not None:  # a model object (dpokit.api): its own name
         return base_model(inner) if inner else (None, None)
@@ -117,7 +117,7 @@ def hardware() -> str:
     if torch.cuda.is_available():
         what = torch.cuda.get_device_name()
     else:
-        from dpokit.hardware import cpu_name
+        from dpokit.models.hardware import cpu_name
 
         what = f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
     return f"{world} x {what}" if world > 1 else what
@@ -125,7 +125,7 @@ def hardware() -> str:
 
 def datasets(cfg: Any) -> tuple[list[str], list[dict[str, str]]]:
     """Hub dataset ids of the run's data, and its local files by content hash."""
-    from dpokit.resume import fingerprint
+    from dpokit.training.resume import fingerprint
 
     ids, files = [], []
     for split, source in (("train", cfg.data.train), ("eval", cfg.data.eval)):
@@ -175,7 +175,7 @@ def framework_versions(lora: bool) -> dict[str, str]:
     import torch
     import transformers
 
-    from dpokit import __version__
+    from dpokit.version import __version__
 
     versions = {"dpokit": __version__, "torch": str(torch.__version__), "transformers": transformers.__version__}
     if lora:
@@ -199,8 +199,8 @@ def model_card(run_dir: Path, task: str, machine: str | None = None, step: int |
     """The model card of a run's model (``final/``, or checkpoint ``step``): YAML metadata and a body.
     ``chat``: the tokenizer has a chat template (the quick start sends messages); ``versions``: the framework
     versions the run recorded (default: this process's)."""
-    from dpokit import __version__
     from dpokit.config import load_config
+    from dpokit.version import __version__
 
     cfg = load_config(run_dir / "config.yaml")
     versions = versions or framework_versions(cfg.model.lora is not None)
@@ -323,7 +323,7 @@ def write_generation_config(model: Any, tokenizer: Any, folder: Path) -> None:
     responses ended."""
     from transformers import GenerationConfig
 
-    from dpokit.generate import eos_token_ids
+    from dpokit.models.generate import eos_token_ids
 
     path = folder / "generation_config.json"
     config = GenerationConfig.from_pretrained(folder) if path.is_file() else GenerationConfig()
@@ -407,7 +407,7 @@ def _copy_final(run_dir: Path, target: Path) -> Path:
 
 
 def _task_of(run_dir: Path) -> str:
-    from dpokit.checkpoint import list_checkpoints, read_trainer_state
+    from dpokit.training.checkpoint import list_checkpoints, read_trainer_state
 
     for path in reversed(list_checkpoints(run_dir)):
         try:
@@ -418,7 +418,10 @@ def _task_of(run_dir: Path) -> str:
 
 
 def _export_checkpoint(run_dir: Path, target: Path, checkpoint: str) -> Path:
-    from dpokit.checkpoint import (
+    from dpokit.config import load_config
+    from dpokit.models.loading import apply_lora, load_model, load_tokenizer, resolve
+    from dpokit.models.quantize import round_trip
+    from dpokit.training.checkpoint import (
         export_hf,
         is_sharded,
         load_weights_into,
@@ -426,9 +429,6 @@ def _export_checkpoint(run_dir: Path, target: Path, checkpoint: str) -> Path:
         read_trainer_state,
         verify_checkpoint,
     )
-    from dpokit.config import load_config
-    from dpokit.models import apply_lora, load_model, load_tokenizer, resolve
-    from dpokit.quantize import round_trip
 
     if not re.fullmatch(r"step-\d+", checkpoint):
         raise DpokitError(f"--checkpoint: expected step-N, got '{checkpoint}'")

@@ -6,7 +6,7 @@
                   -> scores from the reward -> log pi, V and log pi_ref of every sampled token
                   -> per-token rewards -beta * KL_t (+ the score on the last token) -> GAE -> whitened advantages
          update:  ppo.epochs passes over the samples in shuffled minibatches: clipped policy loss +
-                  ppo.vf_coef x clipped value loss -> backward -> dpokit.step.apply_update
+                  ppo.vf_coef x clipped value loss -> backward -> dpokit.training.step.apply_update
          the adaptive KL controller moves beta toward ppo.kl_target; log, maybe evaluate, maybe checkpoint
     -> final checkpoint -> RUN_DIR/final (the policy alone, a plain Hugging Face folder)
 
@@ -34,19 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpokit.checkpoint import export_hf
 from dpokit.config import Config, ConfigError, load_config
 from dpokit.data.batch import PairStream
-from dpokit.distributed import Dist
-from dpokit.distributed import setup as setup_distributed
 from dpokit.errors import DpokitError
-from dpokit.generate import Sample, SamplingParams, eos_token_ids
-from dpokit.logprobs import target_logps
-from dpokit.models import load_models
-from dpokit.ppo.core import KLController, gae, policy_loss, token_rewards, value_loss, whiten
-from dpokit.resume import fingerprint, seed_everything
-from dpokit.rewards import RewardFn
-from dpokit.rollout import (
+from dpokit.methods.ppo.core import KLController, gae, policy_loss, token_rewards, value_loss, whiten
+from dpokit.methods.rollout import (
     PromptItem,
     held_out,
     judge_counts,
@@ -59,9 +51,16 @@ from dpokit.rollout import (
     step_seed,
     to_grid,
 )
-from dpokit.rollout import sample as rollout_sample
-from dpokit.step import Run, Task, apply_update
-from dpokit.train import (
+from dpokit.methods.rollout import sample as rollout_sample
+from dpokit.models.generate import Sample, SamplingParams, eos_token_ids
+from dpokit.models.loading import load_models
+from dpokit.models.logprobs import target_logps
+from dpokit.rewards import RewardFn
+from dpokit.training.checkpoint import export_hf
+from dpokit.training.distributed import Dist
+from dpokit.training.distributed import setup as setup_distributed
+from dpokit.training.resume import fingerprint, seed_everything
+from dpokit.training.setup import (
     _note,
     _quiet,
     autocast_for,
@@ -74,6 +73,7 @@ from dpokit.train import (
     resolve_hardware,
     restore,
 )
+from dpokit.training.step import Run, Task, apply_update
 
 
 def _no_pass(*_: Any) -> Any:
@@ -83,7 +83,7 @@ def _no_pass(*_: Any) -> Any:
 PPO_TASK = Task("ppo", forward=_no_pass, normalizer=_no_pass, new_stats=dict, needs_reference=True,
                 chosen_only=False, layouts=("padded",))
 """PPO as a kind of training: it reuses a ``Run`` (checkpoints, resume, the update) but steps with
-``ppo_step``, not with the pair passes of ``dpokit.step.train_step``."""
+``ppo_step``, not with the pair passes of ``dpokit.training.step.train_step``."""
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -145,7 +145,7 @@ class Rollout:
 
 
 def sample(ppo: Ppo, items: list[PromptItem], seed: int, temperature: float) -> list[Sample]:
-    """One response per prompt from pi (``dpokit.rollout.sample``) at ``temperature`` (the rollouts':
+    """One response per prompt from pi (``dpokit.methods.rollout.sample``) at ``temperature`` (the rollouts':
     ``ppo.temperature``; the held-out KL's: 1)."""
     run, cfg = ppo.run, ppo.run.cfg.ppo
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature, seed=seed,
@@ -328,7 +328,7 @@ def ppo_update(ppo: Ppo, step: int, ro: Rollout, advantages: torch.Tensor,
 
 @torch.no_grad()
 def evaluate(ppo: Ppo) -> dict[str, float]:
-    """Held-out prompts (``dpokit.rollout.held_out``): one response each at the rollouts' temperature and its
+    """Held-out prompts (``dpokit.methods.rollout.held_out``): one response each at the rollouts' temperature and its
     reward; the sequence KL(pi || pi_ref) of the policy as exported (temperature 1) from its own draws, scored
     untempered (``evaluate_rows`` at T = 1), so PPO's held-out ``kl`` is the quantity ``dpokit eval`` and DPO
     report."""
@@ -421,8 +421,8 @@ def setup(cfg: Config, dist: Dist, resume: bool = False) -> Ppo:
 
 def export_policy(run: Run) -> None:
     """RUN_DIR/final: the policy alone (no value head), one plain Hugging Face folder written by rank 0; LoRA
-    adapters are folded into the base weights. With a model card and generation config (``dpokit.hub``)."""
-    from dpokit.hub import hub_files
+    adapters are folded into the base weights. With a model card and generation config (``dpokit.integrations.hub``)."""
+    from dpokit.integrations.hub import hub_files
 
     lm = run.policy.model
     if run.dist.is_main:
@@ -434,7 +434,7 @@ def export_policy(run: Run) -> None:
 
 def ppo(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None, *,
         resume: bool = False, force: bool = False, **kwargs: Any) -> Path:
-    """Train a policy with PPO and return the run directory (arguments as ``dpokit.train.train``)."""
+    """Train a policy with PPO and return the run directory (arguments as ``dpokit.training.setup.train``)."""
     cfg = load_config(config, overrides, **kwargs)
     dist = setup_distributed(cfg.distributed)
     with dist.failures():

@@ -32,10 +32,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dpokit.distributed import Dist
 from dpokit.errors import DpokitError
 from dpokit.io import publish_dir, sha256_file, staging_dir, staging_path, writing
-from dpokit.models import detach_quantizer
+from dpokit.models.loading import detach_quantizer
+from dpokit.training.distributed import Dist
 
 COMPLETE = "COMPLETE"
 
@@ -221,7 +221,7 @@ def is_sharded(path: Path) -> bool:
 
 VALUE_HEAD = "value_head."
 """Prefix of the value head's tensors in a PPO checkpoint, whose policy tensors sit under ``model.``
-(``dpokit.ppo.trainer.PolicyValue``)."""
+(``dpokit.methods.ppo.trainer.PolicyValue``)."""
 
 
 def policy_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -347,7 +347,7 @@ def export_hf(model: nn.Module, tokenizer: Any, target: Path,
     """Write ``target`` as a plain Hugging Face model folder (safetensors weights, config, tokenizer) that
     ``AutoModelForCausalLM.from_pretrained`` loads without dpokit. Written atomically like checkpoints.
     ``state_dict`` replaces the model's own weights (the gathered weights of a sharded model); ``add(folder,
-    model, tokenizer)`` writes more files into the staged folder (the model card: ``dpokit.hub.hub_files``)."""
+    model, tokenizer)`` writes more files into the staged folder (the model card: ``dpokit.integrations.hub.hub_files``)."""
     detach_quantizer(model)
     with writing(target, "model folder", cleanup=staging_path(target)):
         tmp = staging_dir(target)

@@ -85,7 +85,7 @@ def supports_fast_path(model: nn.Module) -> bool:
 def _model_mask(model: nn.Module, batch: dict[str, Any]) -> Any:
     """The batch's mask in the form the model's attention takes. SDPA takes the 4D boolean mask (True = may
     attend) as it is; eager attention adds a float mask instead; FlexAttention gets the packed layout's
-    ``BlockMask`` (``dpokit.attention``), which skips the tiles where nothing is visible instead of reading an
+    ``BlockMask`` (``dpokit.models.attention``), which skips the tiles where nothing is visible instead of reading an
     (R, L, L) mask at every layer. A 2D padding mask goes to every implementation unchanged: transformers builds
     each one's own mask from it."""
     mask = batch["attention_mask"]
@@ -93,7 +93,7 @@ def _model_mask(model: nn.Module, batch: dict[str, Any]) -> Any:
     if mask.dim() != 4:
         return mask
     if implementation == "flex_attention":
-        from dpokit.attention import is_packed, packed_block_mask
+        from dpokit.models.attention import is_packed, packed_block_mask
 
         if not is_packed(batch):
             raise ValueError("flex_attention needs a packed batch with segment_ids and prompt_segment_ids "

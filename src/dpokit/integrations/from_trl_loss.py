@@ -1,5 +1,5 @@
 """The loss keys of a TRL ``DPOConfig`` (``beta``, ``loss_type``, ``loss_weights``, ``label_smoothing``, the
-losses' parameters) translated into dpokit's ``loss`` section, for ``dpokit.from_trl``."""
+losses' parameters) translated into dpokit's ``loss`` section, for ``dpokit.integrations.from_trl``."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Names are shared with the DPO reference repo, TRL and torchtune so dashboards ca
 ``logps/rejected``, ``grad_norm``, ``lr``, ``tokens_per_second``, ``skipped_steps``; each row also has ``step``,
 ``elapsed_s`` and ``tokens``, and a training step's ``num_tokens`` (the running total of ``tokens``) and ``epoch``
 (passes over the training data), as TRL names them. Trackers get TRL's names for all of these
-(``dpokit.trackers.tracker_names``: ``lr`` is ``learning_rate``, under ``train/`` or ``eval/``); this file keeps
+(``dpokit.integrations.trackers.tracker_names``: ``lr`` is ``learning_rate``, under ``train/`` or ``eval/``); this file keeps
 dpokit's. A reward model (``dpokit rm``) logs ``loss``, ``accuracy``, ``margin``,
 ``rewards/chosen`` and ``rewards/rejected`` instead of the pair metrics.
 """
@@ -162,7 +162,7 @@ def _clean(value: Any) -> Any:
 class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl`` and flushes, so a crash loses at most a row.
     ``enabled=False`` (every rank but 0 under torchrun) writes nothing: rows are reduced over ranks first.
-    ``trackers`` (``dpokit.trackers.Trackers``, ``log.report_to``) get every row written, after the file."""
+    ``trackers`` (``dpokit.integrations.trackers.Trackers``, ``log.report_to``) get every row written, after the file."""
 
     def __init__(self, path: Path, enabled: bool = True, trackers: Any = None):
         self.path = path

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dpokit.quantize import torchao
+from dpokit.models.quantize import torchao
 
 PARTS = ("codes", "scale", "qmap")
 """The plain tensors of one quantized moment in a saved state."""

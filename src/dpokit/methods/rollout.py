@@ -3,7 +3,7 @@ from the policy, scoring the samples with a reward, and the seeds that make all 
 
 - prompts come from a prompt file, or the prompts of a preference file (``PromptItem``: the prompt as the policy
   reads it, as a reward reads it, and its token ids, exactly as training tokenizes);
-- responses are sampled with the batched KV-cache sampler (``dpokit.generate``) under no_grad in eval mode;
+- responses are sampled with the batched KV-cache sampler (``dpokit.models.generate``) under no_grad in eval mode;
 - a reward is a function, a reward model's folder, or an LLM judge comparing each response with the prompt's
   chosen response (``dpokit.rewards.judge.JudgeReward``);
 - every random draw of step N on rank R is seeded from (train.seed, N, R) alone (``step_seed``), so a resumed
@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from dpokit.data.batch import pad_sequences, padded_layout, to_device
-from dpokit.distributed import Dist
 from dpokit.errors import ConfigError
 from dpokit.evaluate.run import EvalPrompt, load_prompts
-from dpokit.generate import Sample, SamplingParams, generate
+from dpokit.models.generate import Sample, SamplingParams, generate
 from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
 from dpokit.rewards.judge import JudgeReward, make_judge
+from dpokit.training.distributed import Dist
 
 
 @dataclass
@@ -40,7 +40,7 @@ class PromptItem:
 def prompt_items(source: str, split: str, tokenizer: Any, data_cfg: Any,
                  max_prompts: int | None = None) -> list[PromptItem]:
     """The distinct prompts of a prompt or preference file, tokenized with ``data.max_prompt_length``."""
-    from dpokit.generate import encode_prompts
+    from dpokit.models.generate import encode_prompts
 
     prompts = load_prompts(source, split, max_prompts, data_cfg.columns)
     ids = encode_prompts(tokenizer, [p.prompt for p in prompts], data_cfg.max_prompt_length, data_cfg.max_length)
@@ -141,7 +141,7 @@ def held_out(items: Sequence[PromptItem], dist: Dist, seed: int, temperature: fl
 
 def sample(model: nn.Module, tokenizer: Any, items: Sequence[PromptItem], params: SamplingParams,
            eos_ids: list[int], autocast: Callable[[], Any]) -> list[Sample]:
-    """One response per item from ``model`` (pi) under no_grad in eval mode (``dpokit.generate.generate``),
+    """One response per item from ``model`` (pi) under no_grad in eval mode (``dpokit.models.generate.generate``),
     in the run's precision; repeat an item for several samples of its prompt."""
     with autocast():
         return generate(model, tokenizer, [it.ids for it in items], params, eos_ids)

@@ -1,6 +1,6 @@
 """The keys a TRL DPO config file holds beside ``DPOConfig``'s: TRL's ``TrlParser`` reads ``ScriptArguments``
 (the dataset), ``ModelConfig`` (the model, LoRA, quantization) and ``DatasetMixtureConfig`` from the same file,
-and alignment-handbook recipes add ``dataset_mixer`` / ``dataset_splits``. ``dpokit.from_trl`` calls
+and alignment-handbook recipes add ``dataset_mixer`` / ``dataset_splits``. ``dpokit.integrations.from_trl`` calls
 ``model_section`` and ``data_section``; each fills dpokit's ``model`` or ``data`` section of the translation or
 names the key with the reason, and the mapping tables here are docs/from-trl.md's.
 """

@@ -13,7 +13,7 @@ exported ``final/`` scores exactly what was trained. Rows are always padded (one
 packed layout several responses share a row, and the model's reading rule would pick only the last of them.
 
 Training reuses everything of ``dpokit train`` (data, loop, checkpoints, exact resume, torchrun, precision) through
-the ``rm`` task in ``dpokit.step.TASKS``; this module holds what differs: building the model, the forward, the
+the ``rm`` task in ``dpokit.training.step.TASKS``; this module holds what differs: building the model, the forward, the
 loss, and the trained model as a reward (``load_reward_model``, used by ``dpokit.rewards.get_reward``).
 """
 
@@ -35,7 +35,7 @@ from dpokit.data.batch import collate_responses, collate_tokenized, regroup, to_
 from dpokit.data.formats import Text
 from dpokit.data.tokenize import Encoded, encode_rows, token_rules
 from dpokit.errors import DpokitError, ModelError
-from dpokit.models import (
+from dpokit.models.loading import (
     Models,
     ModelSource,
     apply_lora,
@@ -47,7 +47,7 @@ from dpokit.models import (
 
 if TYPE_CHECKING:
     from dpokit.config import Config
-    from dpokit.step import Record, Run
+    from dpokit.training.step import Record, Run
 
 
 # -------------------------------------------------------------------------------------------------- the loss
@@ -69,7 +69,7 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 class RewardModule(nn.Module):
     """``batch -> rewards`` of a padded batch, one fp32 scalar per row, as one module call (DDP and FSDP act
-    through hooks on it, like ``dpokit.distributed.LogpsModule``). The model is called exactly as plain
+    through hooks on it, like ``dpokit.training.distributed.LogpsModule``). The model is called exactly as plain
     transformers calls it, so the reward is read where ``AutoModelForSequenceClassification`` reads it."""
 
     def __init__(self, model: nn.Module):
