@@ -7,13 +7,14 @@ layers above (models, losses, training) that the run's config knows of.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from dpokit.config_base import NEUTRAL, Section
 from dpokit.data.columns import check_columns
 from dpokit.data.load import DEFAULT_MAX_LINE_BYTES
+from dpokit.errors import ConfigError
 
 
 class DataConfig(Section):
@@ -74,3 +75,14 @@ class DataConfig(Section):
         if self.max_prompt_length >= self.max_length:
             raise ValueError("max_prompt_length must be smaller than max_length")
         return self
+
+
+def from_settings(**settings: Any) -> DataConfig:
+    """A :class:`DataConfig` from ``data.*`` settings given one by one (``dpokit data check``'s options); a
+    setting given as None keeps its default. A bad value is a one-line ``ConfigError`` naming ``data.KEY``."""
+    try:
+        return DataConfig(**{key: value for key, value in settings.items() if value is not None})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "max_prompt_length"  # the one check of two settings
+        raise ConfigError(f"data.{key}: {first['msg'].removeprefix('Value error, ')}") from None
