@@ -261,8 +261,8 @@ def iter_tokenized(source: str, tokenizer: Any, data_cfg: DataConfig, report: Da
     """Stream the groups of the kept rows of ``source``, filling ``report`` as it goes. Holds at most ``_CHUNK``
     rows at a time. The report is complete, and the ``max_bad_fraction`` check done, once the iterator is
     exhausted. ``want="pairs"`` refuses a ranked source (the pairwise losses cannot take it); ``"ranked"`` and
-    ``"any"`` accept every format. The tokenized-data cache (``dpokit.data.cache``) runs the same two halves:
-    :func:`row_outcomes` in worker processes, :func:`account` in order in one."""
+    ``"any"`` accept every format. The tokenized-data cache's build (``dpokit.data.cache_build``) runs the same
+    two halves: :func:`row_outcomes` in worker processes, :func:`account` in order in one."""
     records = scan_records(source, split, data_cfg.max_rows, data_cfg.max_line_bytes, data_cfg.streaming)
     for outcome, pieces in account(row_outcomes(records, tokenizer, data_cfg), report, data_cfg, want):
         encoded, row = outcome.encoded, outcome.row
