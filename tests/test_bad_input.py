@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from dpokit.cli import run_check
 from dpokit.config import DataConfig
 from dpokit.data import MALFORMED_REASONS, load_any, load_preferences
-from dpokit.data.check import run_check
 from dpokit.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]

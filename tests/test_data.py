@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from dpokit.cli import run_check
 from dpokit.config import DataConfig
 from dpokit.data import iter_records, load_preferences, load_ranked, normalize, split_implicit
-from dpokit.data.check import run_check
 from dpokit.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import dpokit
 from dpokit.config import DataConfig
-from dpokit.data import cache
+from dpokit.data import cache, cache_build
 from dpokit.data.cache import load_cached, prepare_cached
 from dpokit.data.pipeline import load_any
 from dpokit.errors import DataError
@@ -42,7 +42,7 @@ SOURCES = sorted(p for p in [*DATA.glob("*.jsonl"), *(DATA / "bad").iterdir()]
 def test_every_test_file_gives_what_the_in_memory_pipeline_gives(tmp_path, tiny_tok, monkeypatch, on_error):
     """Groups, locations, flags, the whole report and every error line are those of the sequential pipeline,
     with one process and with each file cut in 2 and 3 byte ranges (the size floor for workers lowered)."""
-    monkeypatch.setattr(cache, "_PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(cache_build, "_PARALLEL_MIN_BYTES", 0)
     compared = 0
     for source in SOURCES:
         expected = outcome(load_any, str(source), tiny_tok, data_cfg(tmp_path, on_error=on_error))
@@ -72,7 +72,7 @@ def write_rows(path: Path, n: int, extra: list[str] = ()) -> Path:
 
 
 def test_the_cache_is_byte_identical_for_any_number_of_processes(tmp_path, tiny_tok, monkeypatch):
-    monkeypatch.setattr(cache, "_PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(cache_build, "_PARALLEL_MIN_BYTES", 0)
     source = write_rows(tmp_path / "rows.jsonl", 600, extra=["{not json", '{"prompt": "only a prompt"}'])
     folders = []
     for procs in (1, 2, 4):
@@ -297,8 +297,9 @@ def test_a_killed_build_stops_its_workers_and_the_next_run_clears_its_leftovers(
 
     source = write_rows(tmp_path / "rows.jsonl", 100_000)  # seconds of work for each worker
     cache_dir = tmp_path / "cache"
-    script = ("import dpokit.data.cache as cache\nfrom dpokit.config import DataConfig\n"
-              "from dpokit.models.loading import tiny_tokenizer\ncache._PARALLEL_MIN_BYTES = 0\n"
+    script = ("import dpokit.data.cache as cache\nimport dpokit.data.cache_build as cache_build\n"
+              "from dpokit.config import DataConfig\n"
+              "from dpokit.models.loading import tiny_tokenizer\ncache_build._PARALLEL_MIN_BYTES = 0\n"
               f"cfg = DataConfig(max_length=64, max_prompt_length=32, cache_dir={str(cache_dir)!r}, num_proc=2)\n"
               f"cache.prepare_cached({str(source)!r}, tiny_tokenizer(), cfg)\n")
     parent = subprocess.Popen([sys.executable, "-c", script])

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from dpokit.cli import run_check
 from dpokit.config import DataConfig, load_config
 from dpokit.data import iter_records, load_preferences, load_unpaired, normalize
-from dpokit.data.check import run_check
 from dpokit.errors import ConfigError, DataError
 
 

@@ -20,14 +20,43 @@ from dpokit.errors import DpokitError, Preempted
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from dpokit.data.check import run_check
-
-    return run_check(args.source, model=args.model, max_length=args.max_length,
-                     max_prompt_length=args.max_prompt_length, on_error=args.on_error,
-                     max_bad_fraction=args.max_bad_fraction, dedupe=not args.no_dedupe,
+    return run_check(args.source, model=args.model, split=args.split, show=args.show,
+                     max_length=args.max_length, max_prompt_length=args.max_prompt_length, on_error=args.on_error,
+                     max_bad_fraction=args.max_bad_fraction, dedupe=False if args.no_dedupe else None,
                      max_line_bytes=args.max_line_bytes, max_rows=args.max_rows, num_proc=args.num_proc,
-                     cache=not args.no_cache, cache_dir=args.cache_dir, split=args.split, show=args.show,
-                     columns=_columns(args.column))
+                     cache=False if args.no_cache else None, cache_dir=args.cache_dir, columns=_columns(args.column))
+
+
+def run_check(source: str, model: str | None = None, *, split: str = "train", show: int = 0, console: Any = None,
+              **settings: Any) -> int:
+    """``dpokit data check``: load and tokenize ``source`` with ``model``'s tokenizer (default: the default of
+    ``model.name_or_path``), print the report; 0 if any row is usable, else 1.
+
+    ``settings`` are the ``data.*`` settings of the same names (None keeps a default); ``split`` is the split of
+    a hub dataset (``owner/name`` or ``owner/name:config``) or of a JSON document; ``show``: print the first
+    ``show`` kept groups decoded from the token ids training uses. The tokenized groups go into the data cache,
+    so a training run with the same tokenizer and settings starts from them. Bad input raises
+    :class:`dpokit.errors.DataError` (printed as one line).
+    """
+    from dpokit.config import ModelConfig
+    from dpokit.data.cache import load_cached
+    from dpokit.data.check import print_report, print_rows
+    from dpokit.data.config import from_settings
+    from dpokit.models.loading import cache_dir, load_tokenizer, resolve
+    from dpokit.terminal import console as make_console
+    from dpokit.training.metrics import Progress
+
+    data_cfg = from_settings(**settings)
+    model = model or ModelConfig().name_or_path
+    tokenizer = load_tokenizer(resolve(model))
+    groups, report = load_cached(source, tokenizer, data_cfg, split, want="any",
+                                 note=lambda line: print(f"dpokit: {line}", file=sys.stderr), progress=Progress,
+                                 cache_home=cache_dir())
+    console = console or make_console()
+    print_report(report, model, data_cfg, console)
+    if show:
+        print_rows(groups, tokenizer, show, console)
+    return 0 if report.rows_kept > 0 else 1
 
 
 def _columns(pairs: list[str] | None) -> dict[str, str] | None:
@@ -196,12 +225,13 @@ def _add_data(sub: Any) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser("check", help="validate a preference file and audit its tokenization")
     check.add_argument("source", help="JSONL/JSON/CSV/Parquet file or hub dataset id")
-    check.add_argument("--model", default="smollm2", help="model whose tokenizer and chat template to use")
-    check.add_argument("--max-length", type=int, default=512)
-    check.add_argument("--max-prompt-length", type=int, default=256)
-    check.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+    # Defaults None: the config's defaults apply (``model.name_or_path``, ``data.*``), stated there once.
+    check.add_argument("--model", default=None, help="model whose tokenizer and chat template to use")
+    check.add_argument("--max-length", type=int, default=None)
+    check.add_argument("--max-prompt-length", type=int, default=None)
+    check.add_argument("--on-error", choices=["raise", "skip"], default=None,
                        help="malformed rows: stop at the first (raise) or drop and count them (skip)")
-    check.add_argument("--max-bad-fraction", type=float, default=0.05,
+    check.add_argument("--max-bad-fraction", type=float, default=None,
                        help="with --on-error skip: fail when more than this fraction of rows is malformed")
     check.add_argument("--no-dedupe", action="store_true", help="keep exact duplicate rows")
     check.add_argument("--max-line-bytes", type=int, default=None, help="reject JSONL lines longer than this")

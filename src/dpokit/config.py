@@ -3,6 +3,10 @@
 A config is a YAML file plus dotted ``key=value`` overrides (``train.lr=5e-7``). Every field below carries its
 meaning in the docstring under it; an unknown key, a wrong type or an out-of-range value is a ``ConfigError``
 naming the key. The fully resolved config is saved into the run directory as ``config.yaml``.
+
+The sections of a run are here, but for ``data:`` (:class:`~dpokit.data.config.DataConfig`, defined in the data
+layer that reads it); how a tree is read, overridden, validated and saved is ``dpokit.config_base``. Both are
+imported back, so every name ``dpokit.config`` exported is still found here.
 """
 
 from __future__ import annotations
@@ -10,25 +14,27 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from dpokit.errors import ConfigError
-from dpokit.io import write_text
+from dpokit.config_base import (  # noqa: F401  (re-exported: dpokit.config is where a run's config is built)
+    NEUTRAL,
+    Section,
+    apply_overrides,
+    flatten,
+    format_error,
+    parse_override,
+    read_yaml_tree,
+    save_config,
+    set_dotted,
+    validate_tree,
+)
+from dpokit.data.config import DataConfig
+from dpokit.errors import ConfigError  # noqa: F401  (re-exported)
 
-NEUTRAL: dict[str, Any] = {"result_neutral": True}
-"""Marks a field whose value does not change the numbers a run computes, only how they are computed (layout,
-kernels, passes), shown, logged or stored. Every other field changes the result: a resumed run refuses a change
-to it unless forced, and the recipe's cache keys hold it. A new field is result-altering until marked."""
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LoraConfig(_Section):
+class LoraConfig(Section):
     r: int = Field(16, ge=1)
     """Rank of the low-rank update."""
     alpha: float = Field(32.0, gt=0)
@@ -39,7 +45,7 @@ class LoraConfig(_Section):
     """Module names to adapt (e.g. [q_proj, v_proj]) or ``all-linear``."""
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name_or_path: str = "smollm2"
     """Policy: a hub id, a local Hugging Face folder, a folder or path holding a GGUF file, ``smollm2`` (the
     embedded SmolLM2-135M-Instruct) or ``tiny-random-llama`` (a tiny random model built in code, for tests)."""
@@ -70,65 +76,7 @@ class ModelConfig(_Section):
     merged. Needs torchao: ``pip install -c constraints.txt -e '.[qlora]'`` (see ``dpokit.models.quantize``)."""
 
 
-class DataConfig(_Section):
-    train: str | None = None
-    """Training preference data: a JSONL, JSON, CSV or Parquet file, or a hub dataset id (needs network)."""
-    eval: str | None = Field(None, json_schema_extra=NEUTRAL)
-    """Held-out preference data, same formats."""
-    train_split: str = "train"
-    """Split to read when ``train`` is a hub dataset id (``owner/name``, or ``owner/name:config`` for one of its
-    configs/subsets)."""
-    eval_split: str = Field("test", json_schema_extra=NEUTRAL)
-    """Split to read when ``eval`` is a hub dataset id."""
-    columns: dict[str, str] | None = None
-    """The dataset's column for each dpokit name, e.g. ``{prompt: question, system: system}`` (Intel/orca_dpo_pairs)
-    or ``{prompt: history, chosen: human_ref_A, rejected: human_ref_B, label: labels}`` (SHP: label 1 means the
-    ``chosen`` column is preferred, 0 the ``rejected`` one). Targets: ``dpokit.data.columns.COLUMN_TARGETS``."""
-    max_length: int = Field(512, ge=2)
-    """Maximum tokens of prompt + response. Longer pairs are truncated (prompt first, then responses)."""
-    max_prompt_length: int = Field(256, ge=1)
-    """Maximum prompt tokens; longer prompts keep their last tokens (the part nearest the response)."""
-    max_rows: int | None = Field(None, ge=1)
-    """Read at most this many rows of each file (handy for quick experiments)."""
-    max_line_bytes: int = Field(16 * 1024 * 1024, ge=64)
-    """A single JSONL line larger than this is rejected rather than read into memory."""
-    on_error: Literal["raise", "skip"] = "raise"
-    """A malformed row (bad JSON, missing key, wrong type, bad message structure): ``raise`` stops with
-    file:line; ``skip`` drops it, counted by reason, up to ``max_bad_fraction`` of the rows read."""
-    max_bad_fraction: float = Field(0.05, ge=0, le=1)
-    """With ``on_error: skip``, stop when more than this fraction of the rows read were malformed."""
-    dedupe: bool = True
-    """Drop exact duplicate rows after the first (counted as ``duplicate``)."""
-    cache: bool = Field(True, json_schema_extra=NEUTRAL)
-    """Keep each source's tokenized groups in the data cache (``dpokit.data.cache``): tokenized once,
-    memory-mapped by every later run with the same data, tokenizer and settings. ``false``: tokenized into a
-    temporary folder, removed at exit (still memory-mapped)."""
-    cache_dir: str | None = Field(None, json_schema_extra=NEUTRAL)
-    """Folder of the data cache; default ``$DPOKIT_CACHE/data`` (``~/.cache/dpokit/data``)."""
-    streaming: bool = Field(False, json_schema_extra=NEUTRAL)
-    """A hub dataset is read as it arrives (``datasets`` streaming mode) instead of downloaded whole first:
-    for data larger than the disk. Only the token ids are kept (in a temporary folder). Files always stream."""
-    num_proc: int | None = Field(None, ge=1, json_schema_extra=NEUTRAL)
-    """Processes that tokenize a JSONL file (each its own byte range); default: the usable CPU cores. The
-    result is the same for any number."""
-
-    @field_validator("columns")
-    @classmethod
-    def _known_columns(cls, columns: dict[str, str] | None) -> dict[str, str] | None:
-        from dpokit.data.columns import check_columns
-
-        if columns is not None:
-            check_columns(columns)
-        return columns
-
-    @model_validator(mode="after")
-    def _prompt_fits(self) -> DataConfig:
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError("max_prompt_length must be smaller than max_length")
-        return self
-
-
-class LossConfig(_Section):
+class LossConfig(Section):
     name: str = "sigmoid"
     """Preference loss, a name in ``dpokit.losses.LOSSES`` (see the README's loss table)."""
     beta: float = Field(0.1, gt=0)
@@ -173,7 +121,7 @@ class LossConfig(_Section):
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     lr: float = Field(5e-7, gt=0)
     """Peak learning rate (the paper: 1e-6 with RMSprop)."""
     batch_size: int = Field(8, ge=1)
@@ -255,14 +203,14 @@ class TrainConfig(_Section):
         return math.ceil(self.warmup_ratio * total_steps)
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     every: int | None = Field(None, ge=1, json_schema_extra=NEUTRAL)
     """Evaluate on ``data.eval`` every this many optimizer steps (and at the end when ``data.eval`` is set)."""
     batch_size: int = Field(8, ge=1, json_schema_extra=NEUTRAL)
     """Pairs per evaluation batch."""
 
 
-class ReferenceSyncConfig(_Section):
+class ReferenceSyncConfig(Section):
     """TR-DPO (Gorbatovski et al. 2024): every ``every`` optimizer steps, pi_ref <- alpha * pi + (1 - alpha) *
     pi_ref, weight by weight. TRL's ``ref_model_sync_steps`` and ``ref_model_mixup_alpha``; their defaults."""
 
@@ -273,7 +221,7 @@ class ReferenceSyncConfig(_Section):
     0 never changes pi_ref."""
 
 
-class ReferenceConfig(_Section):
+class ReferenceConfig(Section):
     mode: Literal["model", "adapter", "store"] = "model"
     """Where reference log-probs come from: ``model`` (a frozen copy in memory), ``adapter`` (with LoRA: the
     policy with its adapters disabled, no copy), ``store`` (computed once before training, kept on disk and
@@ -289,7 +237,7 @@ class ReferenceConfig(_Section):
     ``mode: model`` (the reference's weights become checkpoint state), full fine-tuning and one process or DDP."""
 
 
-class DistributedConfig(_Section):
+class DistributedConfig(Section):
     strategy: Literal["ddp", "fsdp"] = Field("ddp", json_schema_extra=NEUTRAL)
     """How the policy is spread over the processes of a ``torchrun`` launch (a plain ``dpokit train`` is one
     process and uses neither): ``ddp`` keeps a full copy of policy, reference and optimizer state on every
@@ -309,7 +257,7 @@ class DistributedConfig(_Section):
     emulating it copies every shard each step, which is what ``params`` does anyway."""
 
 
-class PpoConfig(_Section):
+class PpoConfig(Section):
     """``dpokit ppo``: RLHF with PPO (Ziegler et al. 2019, Ouyang et al. 2022). Each step samples responses to
     ``rollout_prompts`` prompts of ``data.train`` from pi, scores them with ``reward``, and makes ``epochs``
     passes of clipped PPO updates over them in optimizer steps of ``train.batch_size`` x ``train.grad_accum``
@@ -365,7 +313,7 @@ class PpoConfig(_Section):
     """Held-out prompts (``data.eval``) sampled at each evaluation; null: all."""
 
 
-class OnlineConfig(_Section):
+class OnlineConfig(Section):
     """Online and semi-online DPO (``dpokit train`` with ``reward`` or ``judge_url`` set; ``dpokit.methods.online``).
     Each step samples ``samples_per_prompt`` responses to each of train.batch_size x train.grad_accum x
     processes prompts of ``data.train`` from the policy as it was at the last refresh, every ``sync_every``
@@ -413,7 +361,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 """Experiment trackers ``log.report_to`` can name; each is an optional extra (``pip install 'dpokit[wandb]'``)."""
 
 
-class LogConfig(_Section):
+class LogConfig(Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         default_factory=list, json_schema_extra=NEUTRAL)
     """Experiment trackers that receive every metrics row (the names of ``metrics.jsonl``, which is always
@@ -428,7 +376,7 @@ class LogConfig(_Section):
     """Tags of the run (W&B and MLflow tags; TensorBoard and Trackio record them with the config)."""
 
 
-class Config(_Section):
+class Config(Section):
     run_dir: str | None = Field(None, json_schema_extra=NEUTRAL)
     """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/ are written here."""
     overwrite: bool = Field(False, json_schema_extra=NEUTRAL)
@@ -500,50 +448,6 @@ class Config(_Section):
             raise ValueError("reference.sync: online DPO does not update its reference; remove one of them")
 
 
-def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """``tree["a"]["b"] = value`` for ``a.b``, making the sections on the way; a key through a value that is not a
-    section is a ``ConfigError``."""
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: '{key}' is not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``train.lr=1e-6`` -> ("train.lr", 1e-06); the value is parsed as YAML so types come out right."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override '{text}': expected key=value, e.g. train.lr=1e-6")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, str):
-        # YAML 1.1 reads "1e-6" (no dot) as a string; a number is what anyone typing it means.
-        try:
-            value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
-        except ValueError:
-            pass
-    return key.strip(), value
-
-
-def format_error(err: ValidationError, source: str) -> str:
-    """The first error of a validation as one line: ``SOURCE: dotted.key: what is wrong``."""
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "config"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    msg = msg.removeprefix("Value error, ")
-    if not first["loc"]:
-        return f"{source}: {msg}"
-    return f"{source}: {key}: {msg}"
-
-
 def load_config(source: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None,
                 **kwargs: Any) -> Config:
     """Build a validated Config from a YAML path, a dict or a Config, then apply overrides.
@@ -562,11 +466,6 @@ def load_config(source: str | Path | dict[str, Any] | Config | None = None, over
         name = str(source)
         tree = read_yaml_tree(source)
     return validate_tree(Config, apply_overrides(tree, overrides, **kwargs), name)
-
-
-def save_config(config: BaseModel, path: Path) -> None:
-    """A resolved config (a run's ``Config``, a recipe's) as YAML, written atomically."""
-    write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def result_neutral_keys(model: type[BaseModel] | None = None, prefix: str = "") -> frozenset[str]:
@@ -589,60 +488,9 @@ def _sections_of(annotation: Any) -> list[type[BaseModel]]:
     return [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1e-6}}`` -> ``{"train.lr": 1e-6}``; any mapping is walked into."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def result_settings(tree: dict[str, Any]) -> dict[str, Any]:
     """The settings of a dumped config (whole, or some of its sections) that change a run's result, as dotted
     keys: everything not marked ``NEUTRAL``."""
     neutral = result_neutral_keys()
     return {k: v for k, v in flatten(tree).items()
             if not any(k == n or k.startswith(f"{n}.") for n in neutral)}
-
-
-def read_yaml_tree(path: str | Path) -> dict[str, Any]:
-    """A YAML file's top-level mapping. A missing file, invalid YAML (with its file:line) or a top level that is
-    not a mapping is a one-line ``ConfigError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return tree
-
-
-def apply_overrides(tree: dict[str, Any], overrides: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
-    """``key=value`` strings (the CLI's, see ``parse_override``), then ``kwargs`` (dotted keys written with
-    ``__`` from Python, ``train__lr=1e-6``), set into ``tree`` in place; returns it."""
-    for text in overrides or []:
-        key, value = parse_override(text)
-        set_dotted(tree, key, value)
-    for key, value in kwargs.items():
-        set_dotted(tree, key.replace("__", "."), value)
-    return tree
-
-
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-def validate_tree(model: type[ModelT], tree: dict[str, Any], source: str) -> ModelT:
-    """``model`` validated from ``tree``; the first error is a one-line ``ConfigError`` naming ``source`` and
-    the key (``format_error``)."""
-    try:
-        return model.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(format_error(err, source)) from None

@@ -1,5 +1,8 @@
-"""Preference data: load (files or hub) -> normalize formats -> validate -> tokenize (boundary-safe) -> batch.
+"""Preference data: load (files or hub) -> normalize formats -> validate -> tokenize (boundary-safe) -> cache
+-> batch. The data layer imports nothing above it (models, losses, training): the tokenizer, the cache folder
+and the progress display are given by the caller.
 
+- ``config``: :class:`~dpokit.data.config.DataConfig`, the ``data:`` section every function here takes
 - ``load``: rows with their ``path:line`` locations from JSONL / JSON / CSV / Parquet / a hub dataset
 - ``memory``: rows given in memory (a ``datasets.Dataset``, a list of dicts, a DataFrame), named by their hash
 - ``columns``: ``data.columns``, a dataset's column names mapped onto dpokit's (SHP's label orders the pair)
@@ -9,11 +12,16 @@
 - ``drops``: the drop reasons and the content checks of a normalized row
 - ``tokenize``: a :class:`TokenizedGroup` per row (a pair is K = 2): prompt ids exactly a prefix of the model
   input, one BOS, one end token, truncation
+- ``pipeline``: the two halves every path runs, :func:`~dpokit.data.pipeline.row_outcomes` (each row alone) and
+  :func:`~dpokit.data.pipeline.account` (in file order), the :class:`DataReport`, and the in-memory
+  :func:`load_preferences` / :func:`load_ranked` / :func:`load_unpaired` over the streaming :func:`iter_tokenized`
+- ``cache``: :func:`~dpokit.data.cache.load_cached`, what training and ``dpokit data check`` read a source
+  through: tokenized once, then memory-mapped; beside it ``cache_key`` (the key, the integrity check),
+  ``cache_build`` (the parallel build), ``cache_shards`` (its workers' files) and ``cache_dataset`` (the
+  folder's layout, :class:`~dpokit.data.cache_dataset.TokenizedDataset`)
 - ``batch``: groups -> tensors in the padded or packed layout ``dpokit.models.logprobs`` scores
-- ``pipeline``: :func:`load_preferences` / :func:`load_ranked`, the streaming :func:`iter_tokenized` and the
-  :class:`DataReport`
 - ``overlap``: :func:`find_overlap` between train and eval
-- ``check``: ``dpokit data check``
+- ``check``: the report ``dpokit data check`` prints (the command is ``dpokit.cli.run_check``)
 """
 
 from dpokit.data.formats import (

@@ -1,66 +1,26 @@
-"""``dpokit data check FILE [--model M] [--split S] [--column TARGET=COLUMN] [--show N]``: validate a
-preference source and say what training would see.
+"""What ``dpokit data check`` prints about a source: its :class:`DataReport` (:func:`print_report`) and the
+first groups decoded from the token ids training uses (:func:`print_rows`).
 
-Streams: rows are tokenized in chunks (by every core, for a JSONL file) and written to the data cache as they
-come, so a file of any size is checked in constant memory (``benchmarks/data_check_memory.py`` measures it),
-and training on it later starts from the cache. Nothing is printed before the whole source has been read, so
-a check that fails half way prints its one error line and no partial report.
+The command itself (``dpokit.cli.run_check``) loads the tokenizer and reads the source through the data cache
+(``dpokit.data.cache.load_cached``): rows are tokenized in chunks (by every core, for a JSONL file) and written
+to the cache as they come, so a file of any size is checked in constant memory
+(``benchmarks/data_check_memory.py`` measures it), and training on it later starts from the cache. Nothing is
+printed before the whole source has been read, so a check that fails half way prints its one error line and
+no partial report.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from dpokit.config import DataConfig
-from dpokit.data.cache import load_cached
+from dpokit.data.config import DataConfig
 from dpokit.data.formats import DROP_REASONS, MALFORMED_REASONS
 from dpokit.data.pipeline import DataReport
 from dpokit.data.tokenize import TokenizedGroup
-from dpokit.errors import ConfigError
-from dpokit.terminal import console as make_console
-
-
-def run_check(source: str, model: str = "smollm2", max_length: int = 512, max_prompt_length: int = 256,
-              console: Console | None = None, *, on_error: str = "raise", max_bad_fraction: float = 0.05,
-              dedupe: bool = True, max_line_bytes: int | None = None, max_rows: int | None = None,
-              num_proc: int | None = None, cache: bool = True, cache_dir: str | None = None,
-              columns: dict[str, str] | None = None, split: str = "train", show: int = 0) -> int:
-    """Load and tokenize ``source`` with ``model``'s tokenizer, print the report; 0 if any row is usable, else 1.
-
-    The keyword arguments are the ``data.*`` settings of the same names; ``split`` is the split of a hub dataset
-    (``owner/name`` or ``owner/name:config``) or of a JSON document; ``show``: print the first ``show`` kept
-    groups decoded from the token ids training uses (:func:`print_rows`). The tokenized groups go into the data
-    cache (``dpokit.data.cache``), so a training run with the same tokenizer and settings starts from them.
-    Bad input raises :class:`dpokit.errors.DataError` (the CLI prints it as one line).
-    """
-    from dpokit.models.loading import load_tokenizer, resolve
-
-    settings: dict[str, Any] = {"max_length": max_length, "max_prompt_length": max_prompt_length,
-                                "on_error": on_error, "max_bad_fraction": max_bad_fraction, "dedupe": dedupe,
-                                "max_rows": max_rows, "num_proc": num_proc, "cache": cache, "cache_dir": cache_dir,
-                                "columns": columns}
-    if max_line_bytes is not None:
-        settings["max_line_bytes"] = max_line_bytes
-    try:
-        data_cfg = DataConfig(**settings)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "max_prompt_length"
-        raise ConfigError(f"data.{key}: {first['msg'].removeprefix('Value error, ')}") from None
-    tokenizer = load_tokenizer(resolve(model))
-    groups, report = load_cached(source, tokenizer, data_cfg, split, want="any",
-                                 note=lambda line: print(f"dpokit: {line}", file=sys.stderr), progress=True)
-    console = console or make_console()
-    print_report(report, model, data_cfg, console)
-    if show:
-        print_rows(groups, tokenizer, show, console)
-    return 0 if report.rows_kept > 0 else 1
 
 
 def print_rows(groups: Sequence[TokenizedGroup], tokenizer: Any, n: int, console: Console) -> None:
@@ -84,7 +44,7 @@ def print_rows(groups: Sequence[TokenizedGroup], tokenizer: Any, n: int, console
             console.print(f"  {name:<11} {len(ids):>5} tok  {text!r}", markup=False, highlight=False, soft_wrap=True)
 
 
-def print_report(report: DataReport, model: str, data_cfg: Any, console: Console) -> None:
+def print_report(report: DataReport, model: str, data_cfg: DataConfig, console: Console) -> None:
     """Counts (rows read = kept + dropped by reason), formats, token-length stats, tokenization audit, and for
     rankings the tied comparisons left untrained."""
     summary = report.to_dict()

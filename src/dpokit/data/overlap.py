@@ -37,7 +37,7 @@ def overlap_report(train_items: Sequence[TokenizedGroup], eval_items: Sequence[T
 
 
 def _keys(items: Iterable[TokenizedGroup], by: str) -> Iterator[bytes]:
-    """Each item's key; a cached dataset (``dpokit.data.cache``) has them stored, so no token is read."""
+    """Each item's key; a cached dataset (``dpokit.data.cache_dataset``) has them stored, so no token is read."""
     stored = getattr(items, "pair_keys" if by == "pair" else "prompt_keys", None)
     if stored is not None:
         for start in range(0, len(stored), 1 << 16):

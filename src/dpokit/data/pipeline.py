@@ -5,10 +5,13 @@ Every kept row becomes :class:`~dpokit.data.tokenize.TokenizedGroup` s (a prompt
 one group, except that a ranking with ties becomes one K = 2 group per strict comparison (ties never become
 preferences; see :func:`~dpokit.data.formats.strict_pairs`), the tied comparisons counted in ``ties``.
 
-The training loop calls :func:`load_preferences` (pairs); the Plackett-Luce loss calls :func:`load_ranked`.
-Both collect :func:`iter_tokenized`, which streams: ``dpokit data check`` runs it over files of any size in
-constant memory (rows are tokenized in chunks of ``_CHUNK`` and forgotten; lengths go into fixed-size
-histograms; duplicates are found from 64-bit digests in a :class:`DigestSet`, about 12-24 bytes per distinct row).
+Training and ``dpokit data check`` read a source through the tokenized-data cache (``dpokit.data.cache``'s
+``load_cached``), which runs the two halves of this module, :func:`row_outcomes` (in worker processes) and
+:func:`account` (in order, in one), and keeps the groups in memory-mapped files. Evaluation reads held-out pairs
+with :func:`load_preferences` (and :func:`load_ranked` / :func:`load_unpaired` / :func:`load_any` for the other
+formats), which collect :func:`iter_tokenized`: the same halves in one process, streaming, in constant memory
+(rows are tokenized in chunks of ``_CHUNK`` and forgotten; lengths go into fixed-size histograms; duplicates
+are found from 64-bit digests in a :class:`DigestSet`, about 12-24 bytes per distinct row).
 
 Bad rows, per ``data.on_error``:
 
@@ -30,6 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dpokit.data.config import DataConfig
 from dpokit.data.formats import (
     MALFORMED_REASONS,
     PreferenceRow,
@@ -39,7 +43,7 @@ from dpokit.data.formats import (
     strict_pairs,
     strip_invisible,
 )
-from dpokit.data.load import DEFAULT_MAX_LINE_BYTES, Record, RowError, scan_records
+from dpokit.data.load import Record, RowError, scan_records
 from dpokit.data.tokenize import Encoded, TokenizedGroup, encode_rows, token_rules
 from dpokit.errors import DataError
 
@@ -210,19 +214,19 @@ class DataReport:
         }
 
 
-def load_preferences(source: str, tokenizer: Any, data_cfg: Any,
+def load_preferences(source: str, tokenizer: Any, data_cfg: DataConfig,
                      split: str = "train") -> tuple[list[TokenizedGroup], DataReport]:
     """Read, validate and tokenize a pairwise preference source into groups of two (chosen first).
 
-    ``data_cfg`` is a :class:`dpokit.config.DataConfig` (``max_length``, ``max_prompt_length``, ``max_rows``,
-    ``max_line_bytes``, ``on_error``, ``max_bad_fraction``, ``dedupe`` are read). Ranked rows are a
+    ``data_cfg`` is the run's ``data:`` section (``max_length``, ``max_prompt_length``, ``max_rows``,
+    ``max_line_bytes``, ``on_error``, ``max_bad_fraction``, ``dedupe``, ``columns`` are read). Ranked rows are a
     :class:`DataError` here (they need the listwise loss).
     """
     items, report = _load(source, tokenizer, data_cfg, split, "pairs")
     return items, report
 
 
-def load_ranked(source: str, tokenizer: Any, data_cfg: Any,
+def load_ranked(source: str, tokenizer: Any, data_cfg: DataConfig,
                 split: str = "train") -> tuple[list[TokenizedGroup], DataReport]:
     """Like :func:`load_preferences` for listwise rows (``responses`` + ``ranking``/``scores``), responses best
     first: a ranking without ties is one group of K, a ranking with ties one group of two per strict
@@ -231,14 +235,14 @@ def load_ranked(source: str, tokenizer: Any, data_cfg: Any,
     return items, report
 
 
-def load_unpaired(source: str, tokenizer: Any, data_cfg: Any,
+def load_unpaired(source: str, tokenizer: Any, data_cfg: DataConfig,
                   split: str = "train") -> tuple[list[TokenizedGroup], DataReport]:
     """Like :func:`load_preferences` for unpaired rows (``prompt``, ``completion``, ``label``): one group of one
     response per row, its ``label`` kept (KTO). Other formats are a :class:`DataError` here."""
     return _load(source, tokenizer, data_cfg, split, "unpaired")
 
 
-def load_any(source: str, tokenizer: Any, data_cfg: Any,
+def load_any(source: str, tokenizer: Any, data_cfg: DataConfig,
              split: str = "train") -> tuple[list[TokenizedGroup], DataReport]:
     """Pairs or rankings, whichever the source holds (``dpokit data check`` validates both)."""
     return _load(source, tokenizer, data_cfg, split, "any")
@@ -247,21 +251,19 @@ def load_any(source: str, tokenizer: Any, data_cfg: Any,
 Want = Literal["pairs", "ranked", "unpaired", "any"]
 
 
-def _load(source: str, tokenizer: Any, data_cfg: Any, split: str, want: Want) -> tuple[Any, DataReport]:
+def _load(source: str, tokenizer: Any, data_cfg: DataConfig, split: str, want: Want) -> tuple[Any, DataReport]:
     report = DataReport(source=source)
     return list(iter_tokenized(source, tokenizer, data_cfg, report, split, want)), report
 
 
-def iter_tokenized(source: str, tokenizer: Any, data_cfg: Any, report: DataReport, split: str = "train",
+def iter_tokenized(source: str, tokenizer: Any, data_cfg: DataConfig, report: DataReport, split: str = "train",
                    want: Want = "any") -> Iterator[TokenizedGroup]:
     """Stream the groups of the kept rows of ``source``, filling ``report`` as it goes. Holds at most ``_CHUNK``
     rows at a time. The report is complete, and the ``max_bad_fraction`` check done, once the iterator is
     exhausted. ``want="pairs"`` refuses a ranked source (the pairwise losses cannot take it); ``"ranked"`` and
-    ``"any"`` accept every format. The tokenized-data cache (``dpokit.data.cache``) runs the same two halves:
-    :func:`row_outcomes` in worker processes, :func:`account` in order in one."""
-    records = scan_records(source, split, getattr(data_cfg, "max_rows", None),
-                           getattr(data_cfg, "max_line_bytes", DEFAULT_MAX_LINE_BYTES),
-                           getattr(data_cfg, "streaming", False))
+    ``"any"`` accept every format. The tokenized-data cache's build (``dpokit.data.cache_build``) runs the same
+    two halves: :func:`row_outcomes` in worker processes, :func:`account` in order in one."""
+    records = scan_records(source, split, data_cfg.max_rows, data_cfg.max_line_bytes, data_cfg.streaming)
     for outcome, pieces in account(row_outcomes(records, tokenizer, data_cfg), report, data_cfg, want):
         encoded, row = outcome.encoded, outcome.row
         assert isinstance(encoded, Encoded) and row is not None
@@ -290,7 +292,7 @@ class Outcome:
     :class:`RowError`; None when ``reason`` is set."""
 
 
-def row_outcomes(records: Iterable[Record | RowError], tokenizer: Any, data_cfg: Any) -> Iterator[Outcome]:
+def row_outcomes(records: Iterable[Record | RowError], tokenizer: Any, data_cfg: DataConfig) -> Iterator[Outcome]:
     """Everything about each row that needs no other row: read errors, normalizing, invisible characters,
     content drop reasons, the duplicate digest, and the tokenization (in chunks of ``_CHUNK`` rows, one batched
     tokenizer call each). A row that turns out to be a duplicate was tokenized in vain; that costs less than
@@ -316,7 +318,7 @@ def row_outcomes(records: Iterable[Record | RowError], tokenizer: Any, data_cfg:
             outcome.error = record
         else:
             try:
-                row = normalize(record, getattr(data_cfg, "columns", None))
+                row = normalize(record, data_cfg.columns)
             except RowError as err:
                 outcome.error = err
             else:
@@ -347,15 +349,15 @@ def check_wanted(fmt: str, location: str, want: Want) -> None:
                         "loss.name=kto; the other losses take preference pairs or rankings")
 
 
-def account(outcomes: Iterable[Outcome], report: DataReport, data_cfg: Any,
+def account(outcomes: Iterable[Outcome], report: DataReport, data_cfg: DataConfig,
             want: Want = "any") -> Iterator[tuple[Outcome, list[list[int]]]]:
     """Settle each row in file order, filling ``report``: a malformed row raises (``data.on_error: raise``) or is
     counted, the first well-formed row fixes the format (``check_wanted``), later rows of another format are
     malformed, then content drops, duplicates (``data.dedupe``), and what tokenization dropped. Yields each kept
     row with its groups as response indices: one group of every response, or a ranking with ties as its strict
     pairs. When the outcomes run out, checks the accounting and ``data.max_bad_fraction``."""
-    skip = getattr(data_cfg, "on_error", "raise") == "skip"
-    seen = DigestSet() if getattr(data_cfg, "dedupe", True) else None
+    skip = data_cfg.on_error == "skip"
+    seen = DigestSet() if data_cfg.dedupe else None
     formats: Counter[str] = Counter()
     first: PreferenceRow | None = None
     # Unpaired rows wait until the end: a later row may label the same prompt and completion the other way,
@@ -411,7 +413,7 @@ def account(outcomes: Iterable[Outcome], report: DataReport, data_cfg: Any,
     report.formats = dict(formats)
     if report.rows_read != report.rows_kept + report.rows_dropped:  # the report's promise; a bug if broken
         raise AssertionError(f"row accounting broken: {report.to_dict()}")
-    _check_bad_fraction(report, getattr(data_cfg, "max_bad_fraction", 0.05))
+    check_bad_fraction(report, data_cfg.max_bad_fraction)
 
 
 def _labelled(digest: int, label: bool | None) -> int:
@@ -447,7 +449,7 @@ def _kept(row: PreferenceRow, result: Any, report: DataReport) -> list[list[int]
     return pieces
 
 
-def _check_bad_fraction(report: DataReport, max_bad_fraction: float) -> None:
+def check_bad_fraction(report: DataReport, max_bad_fraction: float) -> None:
     bad = report.rows_malformed
     if bad and bad > max_bad_fraction * report.rows_read:
         counts = ", ".join(f"{reason} {n}" for reason, n in sorted(report.dropped.items())

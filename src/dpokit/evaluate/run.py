@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dpokit.data.columns import apply_columns
+from dpokit.data.config import DataConfig
 from dpokit.data.formats import Text, normalize
 from dpokit.data.load import iter_records
 from dpokit.data.pipeline import load_preferences
@@ -107,7 +108,7 @@ def _response_text(value: Text) -> str:
 
 # ---------------------------------------------------------------------------------------------- measurements
 
-def heldout_metrics(scorer: Scorer, source: str, data_cfg: Any, split: str) -> dict[str, Any]:
+def heldout_metrics(scorer: Scorer, source: str, data_cfg: DataConfig, split: str) -> dict[str, Any]:
     """Implicit-reward accuracy and mean margin on held-out preference pairs, named as the training metrics
     (``rewards/accuracies``: fraction with r(x, y_w) > r(x, y_l); ``rewards/margins``: mean r(x, y_w) - r(x, y_l))."""
     pairs, _ = load_preferences(source, scorer.tokenizer, data_cfg, split)

@@ -78,13 +78,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def fingerprint(source: str, root: Path | None = None) -> str:
     """Content hash of a data file (or the id itself for a hub dataset), to refuse resuming on other data;
     remembered in the data cache ``root`` (default ``$DPOKIT_CACHE/data``), so an unchanged file is not read
-    again (``dpokit.data.cache.file_digest``)."""
-    from dpokit.data.cache import cache_root, file_digest
+    again (``dpokit.data.cache_key.file_digest``)."""
+    from dpokit.data.cache import cache_root
+    from dpokit.data.cache_key import file_digest
+    from dpokit.models.loading import cache_dir
 
     path = Path(source)
     if not path.is_file():
         return f"id:{source}"
-    return file_digest(path, root or cache_root(None))
+    return file_digest(path, root or cache_root(None, cache_dir()))
 
 
 def prepare_run_dir(cfg: Config, resuming: bool) -> Path:

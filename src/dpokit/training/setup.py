@@ -162,14 +162,17 @@ def open_run_dir(cfg: Config, resume: bool) -> Path | None:
 def load_items(cfg: Config, tokenizer: Any, task: Task, note: Callable[[str], None],
                dist: Dist) -> tuple[Sequence[Any], Sequence[Any]]:
     """Training and held-out groups (pairs, or rankings for a listwise loss) from the data cache, memory-mapped
-    (``dpokit.data.cache``), and RUN_DIR/data_report.json (rows read = kept + dropped by reason, and the
-    train/eval overlap)."""
+    (``dpokit.data.cache.load_cached``), and RUN_DIR/data_report.json (rows read = kept + dropped by reason, and
+    the train/eval overlap). The data layer is told where dpokit's cache is and how to show progress."""
+    from dpokit.models.loading import cache_dir
+
     listwise = cfg.loss.name in LISTWISE and task.needs_reference
     want = "ranked" if listwise else "unpaired" if task.name == "kto" else "pairs"
+    bar = Progress if dist.is_main and cfg.train.progress else None
 
     def load(source: str, split: str) -> tuple[Sequence[Any], DataReport]:
         # Every rank asks; one tokenizes a source the cache lacks while the others wait on its lock.
-        return load_cached(source, tokenizer, cfg.data, split, want, note, progress=dist.is_main and cfg.train.progress)
+        return load_cached(source, tokenizer, cfg.data, split, want, note, bar, cache_home=cache_dir())
 
     train_items, train_report = load(cfg.data.train, cfg.data.train_split)
     reports = {"train": train_report.to_dict()}
