@@ -67,6 +67,7 @@ NOT_ON_DEVICE = ("datasets", "gguf", "trl")
 """Packages the GPU machine lacks; the self-test runs its children with these imports blocked (trl excepted
 where the TRL run itself is meant)."""
 
+
 # ------------------------------------------------------------------------------------------- (b) FSDP, 2 GPUs
 
 def fsdp_plan(device_count: int) -> str:

@@ -75,7 +75,7 @@ def build_model(shape: str, seed: int = 0, attn: str = "sdpa") -> Any:
     """A random Llama of a named shape, fp32, eval mode (no dropout), seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpokit.models.loading import seeded_model
+    from dpokit.models.source import seeded_model
 
     config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = seeded_model(LlamaForCausalLM, config, seed)
