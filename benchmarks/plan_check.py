@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dpokit.config import load_config
-from dpokit.models.loading import seeded_model, tiny_tokenizer
+from dpokit.models.source import seeded_model, tiny_tokenizer
 from dpokit.plan import GiB, plan
 from dpokit.plan.measure import check_config, compared, full_length_pairs, measure_step
 from dpokit.plan.shapes import BUILTIN

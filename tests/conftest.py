@@ -1,5 +1,8 @@
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -75,3 +78,68 @@ def chromium(host_rules: str = "MAP * ~NOTFOUND", window: str = "1280,1000"):
 def close_chromium(driver, profile) -> None:
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ shared test helpers
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``dpokit ARGS...`` in a fresh process from the repository root, output captured."""
+    return subprocess.run([sys.executable, "-m", "dpokit", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+_MOODS = [("great, thank you", "terrible, go away"), ("happy to help", "not my problem"),
+          ("a kind answer", "a rude reply"), ("yes, gladly", "no, never")]
+
+PAIR_STYLES = {
+    "moods": lambda i: {"prompt": f"Question {i}: can you help me with task {i * 7 % 11}?",
+                        "chosen": f" {_MOODS[i % 4][0]} {i}", "rejected": f" {_MOODS[i % 4][1]} {i}"},
+    "thanks": lambda i: {"prompt": f"Item {i}: what do you say?", "chosen": f" Thanks {i}, gladly.",
+                         "rejected": f" No {i}, never."},
+    "request": lambda i: {"prompt": f"Request {i}: a short reply please.", "chosen": f" Sure {i}, happy to.",
+                          "rejected": f" No {i}."},
+    "help": lambda i: {"prompt": f"Question {i}: please help with item {i}.", "chosen": f" Gladly, here is help {i}.",
+                       "rejected": f" No {i}. Go away now."},
+}
+"""The small preference files the tests train on, by name. Each test file keeps the one its numbers were set on
+(lengths against its ``max_length``, how fast a variant learns it), so the files differ in wording only."""
+
+
+def write_pairs(path: Path, n: int = 16, offset: int = 0, style: str = "moods") -> Path:
+    """Pairs ``offset`` .. ``offset + n - 1`` of ``PAIR_STYLES[style]`` as standard-format JSONL."""
+    with path.open("w") as fh:
+        for i in range(offset, offset + n):
+            fh.write(json.dumps(PAIR_STYLES[style](i)) + "\n")
+    return path
+
+
+def write_chat_pairs(path: Path, n: int, offset: int = 0) -> Path:
+    """Pairs in the conversational format (a user message, assistant chosen and rejected messages)."""
+    moods = [("Sure, happy to help", "No. Figure it out"), ("Great question, here is how", "Not my problem")]
+    with path.open("w") as fh:
+        for i in range(offset, offset + n):
+            good, bad = moods[i % len(moods)]
+            fh.write(json.dumps({"prompt": [{"role": "user", "content": f"Can you help me with task {i}?"}],
+                                 "chosen": [{"role": "assistant", "content": f"{good} {i}."}],
+                                 "rejected": [{"role": "assistant", "content": f"{bad} {i}."}]}) + "\n")
+    return path
+
+
+def train_tiny_run(root: Path, train: Path, held_out: Path, **train_keys) -> Path:
+    """The tiny model trained 3 DPO steps (batch 4, lr 1e-3, beta 0.1) on ``train``, evaluated on ``held_out``:
+    a run folder with final/ in seconds, for the tests of what reads a run (eval, serve)."""
+    import dpokit
+
+    cfg = {"model": {"name_or_path": "tiny-random-llama"},
+           "data": {"train": str(train), "eval": str(held_out), "max_length": 64, "max_prompt_length": 32},
+           "loss": {"beta": 0.1},
+           "train": {"lr": 1e-3, "max_steps": 3, "batch_size": 4, "progress": False, **train_keys}}
+    return dpokit.train(cfg, run_dir=str(root / "run"))
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_run(tmp_path_factory) -> Path:
+    """``train_tiny_run`` on 16 conversational pairs (4 held out): what ``dpokit serve`` is tried on."""
+    root = tmp_path_factory.mktemp("serve")
+    return train_tiny_run(root, write_chat_pairs(root / "train.jsonl", 16),
+                          write_chat_pairs(root / "eval.jsonl", 4, offset=100))

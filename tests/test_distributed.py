@@ -24,6 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 import dpokit
+from conftest import write_pairs
 from dpokit.errors import ConfigError
 from dpokit.training.checkpoint import verify_checkpoint
 from dpokit.training.distributed import Dist
@@ -36,17 +37,6 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
        "OMP_NUM_THREADS": "1"}
 LR = 1e-3  # every run here: 3 AdamW steps at this constant rate
-
-
-def write_pairs(path: Path, n: int) -> Path:
-    moods = [("great, thank you", "terrible, go away"), ("happy to help", "not my problem"),
-             ("a kind answer", "a rude reply"), ("yes, gladly", "no, never")]
-    with path.open("w") as fh:
-        for i in range(n):
-            good, bad = moods[i % len(moods)]
-            fh.write(json.dumps({"prompt": f"Question {i}: can you help me with task {i * 7 % 11}?",
-                                 "chosen": f" {good} {i}", "rejected": f" {bad} {i}"}) + "\n")
-    return path
 
 
 def make_config(folder: Path, n_pairs: int, **sections) -> dict:

@@ -8,13 +8,12 @@ import os
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
 
 import dpokit
-from conftest import chromium, close_chromium
+from conftest import chromium, close_chromium, train_tiny_run, write_pairs
 from dpokit.cli import main
 from dpokit.errors import DpokitError
 from dpokit.evaluate import Scorer, evaluate_run
@@ -27,8 +26,6 @@ from dpokit.training.metrics import read_metrics
 from tolerances import LOGP_TOL
 
 EVAL_ARGS = ["--max-new-tokens", "10", "--batch-size", "8"]
-
-
 
 
 # ------------------------------------------------------------------------------------------------ KL, exactly
@@ -120,7 +117,7 @@ def test_eval_kl_at_top_p_is_estimated_from_draws_of_pi_itself(tmp_path):
     vocabulary model with 2-token responses (enumerated: 512 x 512 sequences)."""
     from dpokit.evaluate.scoring import load_scorer
     from dpokit.models.generate import encode_prompts, eos_token_ids
-    from dpokit.models.loading import seeded_model
+    from dpokit.models.source import seeded_model
 
     cfg = {"model": {"name_or_path": "tiny-random-llama"},
            "data": {"train": str(write_pairs(tmp_path / "train.jsonl", 4)), "max_length": 64,
@@ -153,27 +150,12 @@ def test_eval_kl_at_top_p_is_estimated_from_draws_of_pi_itself(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- tiny run
 
-def write_pairs(path: Path, n: int, offset: int = 0) -> Path:
-    moods = [("great, thank you", "terrible, go away"), ("happy to help", "not my problem"),
-             ("a kind answer", "a rude reply"), ("yes, gladly", "no, never")]
-    with path.open("w") as fh:
-        for i in range(offset, offset + n):
-            good, bad = moods[i % len(moods)]
-            fh.write(json.dumps({"prompt": f"Question {i}: can you help me with task {i * 7 % 11}?",
-                                 "chosen": f" {good} {i}", "rejected": f" {bad} {i}"}) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """``train_tiny_run`` on plain-text pairs, a checkpoint at every step."""
     root = tmp_path_factory.mktemp("tiny")
-    cfg = {"model": {"name_or_path": "tiny-random-llama"},
-           "data": {"train": str(write_pairs(root / "train.jsonl", 16)),
-                    "eval": str(write_pairs(root / "eval.jsonl", 5, offset=100)),
-                    "max_length": 64, "max_prompt_length": 32},
-           "loss": {"beta": 0.1},
-           "train": {"lr": 1e-3, "max_steps": 3, "batch_size": 4, "progress": False, "save_every": 1}}
-    return dpokit.train(cfg, run_dir=str(root / "run"))
+    return train_tiny_run(root, write_pairs(root / "train.jsonl", 16),
+                          write_pairs(root / "eval.jsonl", 5, offset=100), save_every=1)
 
 
 @pytest.fixture(scope="module")

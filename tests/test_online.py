@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import run_cli
 from dpokit.config import ConfigError, load_config
 from dpokit.training.distributed import Dist
 from dpokit.training.metrics import PAIR_METRICS, read_metrics
@@ -29,11 +30,6 @@ ONLINE_KEYS = ["online/reward_mean", "online/reward_std", "online/pairs", "onlin
                "online/score_s", "online/generator_step", "online/response_length", "online/eos_fraction"]
 DPO_KEYS = [*PAIR_METRICS, "step", "elapsed_s", "tokens", "grad_norm", "lr", "tokens_per_second",
             "skipped_steps"]
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dpokit", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
 
 
 def small_config(tmp_path: Path, **sections) -> dict:

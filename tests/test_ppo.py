@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import run_cli
 from dpokit.config import ConfigError, load_config
 from dpokit.models.loading import tiny_model, tiny_tokenizer
 from dpokit.training.distributed import Dist
@@ -27,11 +28,6 @@ TINY = ROOT / "configs" / "tiny-ppo.yaml"
 TRAIN_KEYS = ["reward", "kl", "kl_coef", "entropy", "policy/clipfrac", "policy/approx_kl", "policy/loss",
               "value/loss", "value/clipfrac", "value/explained_variance", "tokens", "elapsed_s", "sample_s",
               "score_s", "train_s", "grad_norm", "lr", "response_length", "eos_fraction"]
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dpokit", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
 
 
 def small_config(tmp_path: Path, **sections) -> dict:

@@ -18,15 +18,15 @@ import pytest
 import torch
 import yaml
 
+from conftest import run_cli, write_pairs
 from dpokit.training.checkpoint import list_checkpoints, read_trainer_state, verify_checkpoint
 from dpokit.training.metrics import read_metrics
-from test_distributed import ENV, rank_pids, torchrun, write_pairs
+from test_distributed import ENV, rank_pids, torchrun
 from test_resume import (
     ROOT,
     assert_bit_identical,
     dropout_model,  # noqa: F401 (a fixture: the tiny model with dropout on)
     make_config,
-    run_cli,
     weights,
 )
 

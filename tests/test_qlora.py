@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 import dpokit
+from conftest import run_cli, write_pairs
 from dpokit.errors import ConfigError
 from dpokit.training.metrics import read_metrics
 
@@ -30,18 +31,10 @@ LORA = {"r": 64, "alpha": 16, "target_modules": ["q_proj", "v_proj", "down_proj"
 k_proj, o_proj, gate_proj and up_proj stay without adapters, so final/ must hold their NF4 values exactly."""
 
 
-def write_pairs(path: Path, n: int = 16) -> Path:
-    with path.open("w") as fh:
-        for i in range(n):
-            fh.write(json.dumps({"prompt": f"Item {i}: what do you say?", "chosen": f" Thanks {i}, gladly.",
-                                 "rejected": f" No {i}, never."}) + "\n")
-    return path
-
-
 def qlora_config(tmp_path: Path, **train) -> dict:
     return {"model": {"name_or_path": "tiny-random-llama", "lora": LORA, "quantize": "nf4"},
             "reference": {"mode": "adapter"},
-            "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl")), "max_length": 48, "max_prompt_length": 24},
+            "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl", style="thanks")), "max_length": 48, "max_prompt_length": 24},
             "train": {"lr": 1e-2, "batch_size": 4, "max_steps": 6, "seed": 3, "save_every": 1, "progress": False,
                       **train}}
 
@@ -200,11 +193,6 @@ def test_qlora_trains_reference_is_quantized_base_and_final_is_plain(tmp_path):
     export_run(run, tmp_path / "exported", checkpoint="step-6")
     exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
     assert all(torch.equal(exported[k], v) for k, v in load_file(str(run / "final" / "model.safetensors")).items())
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dpokit", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
 
 
 def kill_after_checkpoint(args: list[str], ckpts: Path, complete: int, deadline: float = 300) -> None:

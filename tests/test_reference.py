@@ -1,7 +1,6 @@
 """Reference modes give the same training as the in-memory frozen reference; the store is content-addressed,
 reused across runs, resumable, and recomputed when its key changes; LoRA trains and exports merged weights."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 import dpokit
+from conftest import write_pairs
 from dpokit.training.metrics import read_metrics
 from dpokit.training.reference import LogpStore
 from tolerances import assert_same_metrics, assert_same_weights_after_adamw
@@ -17,17 +17,9 @@ from tolerances import assert_same_metrics, assert_same_weights_after_adamw
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_pairs(path: Path, n: int = 12) -> Path:
-    with path.open("w") as fh:
-        for i in range(n):
-            fh.write(json.dumps({"prompt": f"Request {i}: a short reply please.", "chosen": f" Sure {i}, happy to.",
-                                 "rejected": f" No {i}."}) + "\n")
-    return path
-
-
 def config(tmp_path: Path, **sections) -> dict:
     cfg = {"model": {"name_or_path": "tiny-random-llama"},
-           "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl")), "max_length": 48, "max_prompt_length": 24},
+           "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl", 12, style="request")), "max_length": 48, "max_prompt_length": 24},
            "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 4, "seed": 2, "progress": False},
            "reference": {"store_dir": str(tmp_path / "store")}}
     for name, values in sections.items():

@@ -16,20 +16,13 @@ import yaml
 from safetensors.torch import load_file
 
 import dpokit
+from conftest import run_cli, write_pairs
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.models.loading import tiny_model, tiny_tokenizer
 from dpokit.training.checkpoint import save_checkpoint, verify_checkpoint
 from dpokit.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_pairs(path: Path, n: int = 14) -> Path:
-    with path.open("w") as fh:
-        for i in range(n):
-            fh.write(json.dumps({"prompt": f"Item {i}: what do you say?", "chosen": f" Thanks {i}, gladly.",
-                                 "rejected": f" No {i}, never."}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,7 @@ def dropout_model(tmp_path_factory) -> Path:
 
 def make_config(tmp_path: Path, model: Path, **train) -> Path:
     cfg = {"model": {"name_or_path": str(model), "disable_dropout": False},
-           "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl")), "max_length": 48,
+           "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl", 14, style="thanks")), "max_length": 48,
                     "max_prompt_length": 24},
            "train": {"lr": 1e-3, "batch_size": 3, "grad_accum": 1, "max_steps": 10, "seed": 7, "save_every": 1,
                      "progress": False, "shuffle": True, **train}}
@@ -62,11 +55,6 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dpokit", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
 
 
 def kill_when(proc: subprocess.Popen, ready, deadline: float = 120) -> None:
@@ -207,7 +195,7 @@ def test_non_finite_step_is_skipped_without_changing_anything(tmp_path, monkeypa
 
     monkeypatch.setattr(train_module, "compute_loss", poisoned)
     cfg = {"model": {"name_or_path": "tiny-random-llama"},
-           "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl")), "max_length": 48, "max_prompt_length": 24},
+           "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl", 14, style="thanks")), "max_length": 48, "max_prompt_length": 24},
            "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 3, "save_every": 1, "progress": False}}
     run = dpokit.train(cfg, run_dir=str(tmp_path / "nan"))
     rows = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
@@ -264,7 +252,7 @@ def test_health_monitor_warns_once_per_interval():
 
 def test_zero_rewards_warning_reaches_metrics_and_stderr(tmp_path, capsys):
     cfg = {"model": {"name_or_path": "tiny-random-llama"},
-           "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl")), "max_length": 48, "max_prompt_length": 24},
+           "data": {"train": str(write_pairs(tmp_path / "pairs.jsonl", 14, style="thanks")), "max_length": 48, "max_prompt_length": 24},
            "train": {"lr": 1e-30, "batch_size": 4, "max_steps": 3, "progress": False}}
     run = dpokit.train(cfg, run_dir=str(tmp_path / "zero"))
     warnings = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "warning"]
@@ -276,7 +264,7 @@ def test_a_run_writes_only_inside_run_dir_and_the_cache(tmp_path):
     home, cache, work, run = (tmp_path / name for name in ("home", "cache", "work", "run"))
     for folder in (home, work):
         folder.mkdir()
-    data = write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl", 14, style="thanks")
     before = {p for p in tmp_path.rglob("*")}
     env = {**os.environ, "HOME": str(home), "DPOKIT_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
            "XDG_CACHE_HOME": str(home / ".cache"), "MPLCONFIGDIR": str(home / ".mpl")}

@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 import dpokit
+from conftest import write_pairs  # the same small preference file DPO's tests train on
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.methods.reward_model import (
     RewardModule,
@@ -27,7 +28,6 @@ from dpokit.methods.reward_model import (
 from dpokit.models.loading import tiny_model, tiny_tokenizer
 from dpokit.rewards import get_reward, reward_name, score_texts
 from dpokit.training.metrics import read_metrics
-from test_train import write_pairs  # the same small preference file DPO's tests train on
 from tolerances import METRIC_REL, assert_same_weights_after_adamw
 
 ROOT = Path(__file__).resolve().parents[1]

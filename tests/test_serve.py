@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import dpokit
 from conftest import chromium, close_chromium
 from dpokit.cli import main
 from dpokit.errors import DpokitError
@@ -32,32 +31,9 @@ from dpokit.serve.sampling import IncrementalText
 from tolerances import LOGP_TOL
 
 
-def chat_pairs(path: Path, n: int, offset: int = 0) -> Path:
-    moods = [("Sure, happy to help", "No. Figure it out"), ("Great question, here is how", "Not my problem")]
-    with path.open("w") as fh:
-        for i in range(offset, offset + n):
-            good, bad = moods[i % len(moods)]
-            fh.write(json.dumps({"prompt": [{"role": "user", "content": f"Can you help me with task {i}?"}],
-                                 "chosen": [{"role": "assistant", "content": f"{good} {i}."}],
-                                 "rejected": [{"role": "assistant", "content": f"{bad} {i}."}]}) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    cfg = {"model": {"name_or_path": "tiny-random-llama"},
-           "data": {"train": str(chat_pairs(root / "train.jsonl", 16)),
-                    "eval": str(chat_pairs(root / "eval.jsonl", 4, offset=100)),
-                    "max_length": 64, "max_prompt_length": 32},
-           "loss": {"beta": 0.1},
-           "train": {"lr": 1e-3, "max_steps": 3, "batch_size": 4, "progress": False}}
-    return dpokit.train(cfg, run_dir=str(root / "run"))
-
-
-@pytest.fixture(scope="module")
-def playground(tiny_run):
-    return load_playground(tiny_run, reward="length")
+def playground(tiny_chat_run):
+    return load_playground(tiny_chat_run, reward="length")
 
 
 @pytest.fixture(scope="module")
@@ -512,7 +488,7 @@ def wait_for(driver, script, timeout=60):
     return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: d.execute_script(script))
 
 
-def test_page_in_chromium_streams_both_columns_with_rewards_equal_to_dpokit_score(server, tiny_run, driver,
+def test_page_in_chromium_streams_both_columns_with_rewards_equal_to_dpokit_score(server, tiny_chat_run, driver,
                                                                                    tmp_path, capsys):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -566,7 +542,7 @@ def test_page_in_chromium_streams_both_columns_with_rewards_equal_to_dpokit_scor
     rows.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": prompt}], "response": s["text"]})
                             + "\n" for s in samples))
     capsys.readouterr()
-    assert main(["score", "--model", str(tiny_run), str(rows)]) == 0
+    assert main(["score", "--model", str(tiny_chat_run), str(rows)]) == 0
     scored = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     # The page scores a column of 3, `dpokit score` all 6 at once: other batch shapes, other fp32 rounding. Each
     # reward is beta = 0.1 times a difference of two log-probs of <= 13 tokens (|logp| <= ~150 for this tiny
@@ -602,7 +578,7 @@ def test_page_in_chromium_streams_both_columns_with_rewards_equal_to_dpokit_scor
 
 # ----------------------------------------------------------------------------------------------- the command
 
-def test_serve_command_errors_are_one_line(tmp_path, tiny_run, capsys):
+def test_serve_command_errors_are_one_line(tmp_path, tiny_chat_run, capsys):
     assert main(["serve", str(tmp_path / "nowhere")]) == 2
     assert "no such run directory" in capsys.readouterr().err
     assert main(["serve", str(tmp_path)]) == 2
@@ -612,27 +588,27 @@ def test_serve_command_errors_are_one_line(tmp_path, tiny_run, capsys):
 
     experiment = tmp_path / "experiment"
     experiment.mkdir()
-    (experiment / "summary.json").write_text(json.dumps({"headline_run": tiny_run.name}))
+    (experiment / "summary.json").write_text(json.dumps({"headline_run": tiny_chat_run.name}))
     with pytest.raises(DpokitError, match="not a run directory"):
         check_run_dir(experiment)  # the named run is not inside it
-    (experiment / tiny_run.name).symlink_to(tiny_run.resolve(), target_is_directory=True)
-    assert check_run_dir(experiment) == experiment / tiny_run.name
-    assert main(["serve", str(tiny_run), "--reward", "sentimnet", "--port", "0"]) == 2
+    (experiment / tiny_chat_run.name).symlink_to(tiny_chat_run.resolve(), target_is_directory=True)
+    assert check_run_dir(experiment) == experiment / tiny_chat_run.name
+    assert main(["serve", str(tiny_chat_run), "--reward", "sentimnet", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "reward 'sentimnet': unknown" in err
-    assert main(["serve", str(tiny_run), "--port", "70000"]) == 2
+    assert main(["serve", str(tiny_chat_run), "--port", "70000"]) == 2
     assert "--port: must be between 0 and 65535" in capsys.readouterr().err
-    assert main(["serve", str(tiny_run), "--max-queue", "-1"]) == 2
+    assert main(["serve", str(tiny_chat_run), "--max-queue", "-1"]) == 2
     assert "--max-queue: must be 0 or more, got -1" in capsys.readouterr().err
     with pytest.raises(DpokitError, match="cannot listen"):
-        with start_in_thread(create_app(load_playground(tiny_run))) as running:
+        with start_in_thread(create_app(load_playground(tiny_chat_run))) as running:
             port = int(running.url.rsplit(":", 1)[1].strip("/"))
             start_in_thread(running.app, port=port)
 
 
-def test_dpokit_serve_runs_and_stops_on_ctrl_c(tiny_run):
+def test_dpokit_serve_runs_and_stops_on_ctrl_c(tiny_chat_run):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "dpokit", "serve", str(tiny_run), "--port", "0",
+    process = subprocess.Popen([sys.executable, "-m", "dpokit", "serve", str(tiny_chat_run), "--port", "0",
                                 "--max-queue", "3"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -658,12 +634,12 @@ def test_dpokit_serve_runs_and_stops_on_ctrl_c(tiny_run):
             process.wait()
 
 
-def test_precision_auto_resolves_and_bf16_samples_under_autocast_while_rewards_stay_fp32(tiny_run, monkeypatch):
+def test_precision_auto_resolves_and_bf16_samples_under_autocast_while_rewards_stay_fp32(tiny_chat_run, monkeypatch):
     import threading
 
     monkeypatch.setenv("DPOKIT_PRECISION", "fp32")
-    assert load_playground(tiny_run).precision == "fp32"  # auto, pinned the way the suite pins it
-    bf16 = load_playground(tiny_run, precision="bf16")
+    assert load_playground(tiny_chat_run).precision == "fp32"  # auto, pinned the way the suite pins it
+    bf16 = load_playground(tiny_chat_run, precision="bf16")
     seen: list[bool] = []
     decoder = bf16.scorer.policy.get_decoder()  # both decoding and scoring run through it
     hook = decoder.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))

@@ -19,14 +19,13 @@ from dpokit.rewards.judge import JUDGE_PROMPT, LLMJudge, parse_reply
 from dpokit.serve.app import create_app, start_in_thread
 from dpokit.serve.engine import load_playground
 from dpokit.serve.openai_api import OpenAIApi
-from test_serve import tiny_run  # noqa: F401  (the module's tiny trained run, a fixture)
 
 TOKEN = "a-long-enough-test-token-123"
 
 
 @pytest.fixture(scope="module")
-def playground(tiny_run):  # noqa: F811
-    return load_playground(tiny_run)
+def playground(tiny_chat_run):
+    return load_playground(tiny_chat_run)
 
 
 @pytest.fixture(scope="module")
@@ -252,9 +251,9 @@ def test_without_api_there_is_no_v1(playground):
         assert status == 404 and body["error"]["type"] == "invalid_request_error"
 
 
-def test_dpokit_serve_api_command_prints_the_base_url_and_answers(tiny_run):  # noqa: F811
+def test_dpokit_serve_api_command_prints_the_base_url_and_answers(tiny_chat_run):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "dpokit", "serve", str(tiny_run), "--port", "0", "--api"],
+    process = subprocess.Popen([sys.executable, "-m", "dpokit", "serve", str(tiny_chat_run), "--port", "0", "--api"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         base, output = None, []

@@ -11,22 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 import dpokit
+from conftest import write_pairs
 from dpokit.training.metrics import read_metrics
 from tolerances import assert_same_metrics, assert_same_weights_after_adamw
 
 ROOT = Path(__file__).resolve().parents[1]
 DPOKIT = [sys.executable, "-m", "dpokit"]
-
-
-def write_pairs(path: Path, n: int = 16) -> Path:
-    moods = [("great, thank you", "terrible, go away"), ("happy to help", "not my problem"),
-             ("a kind answer", "a rude reply"), ("yes, gladly", "no, never")]
-    with path.open("w") as fh:
-        for i in range(n):
-            good, bad = moods[i % len(moods)]
-            prompt = f"Question {i}: can you help me with task {i * 7 % 11}?"
-            fh.write(json.dumps({"prompt": prompt, "chosen": f" {good} {i}", "rejected": f" {bad} {i}"}) + "\n")
-    return path
 
 
 LR, STEPS = 1e-3, 3

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import dpokit
+from conftest import write_pairs
 from dpokit.losses import LISTWISE, LOSSES, UNPAIRED
 from dpokit.training.checkpoint import read_trainer_state
 from dpokit.training.metrics import read_metrics
@@ -26,15 +27,6 @@ CASES = [(name, PARAMS.get(name, {})) for name in sorted(set(LOSSES) - LISTWISE 
     ("sigmoid", {"ld_alpha": 0.5}), ("sigmoid", {"use_weighting": True})]
 
 
-def write_pairs(path: Path, n: int = 16) -> Path:
-    with path.open("w") as fh:
-        for i in range(n):
-            fh.write(json.dumps({"prompt": f"Question {i}: please help with item {i}.",
-                                 "chosen": f" Gladly, here is help {i}.",
-                                 "rejected": f" No {i}. Go away now."}) + "\n")
-    return path
-
-
 def rows(run_dir: Path, split: str = "train") -> list[dict]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == split]
 
@@ -48,7 +40,7 @@ def config(data: Path, **loss) -> dict:
 
 @pytest.mark.parametrize("name, params", CASES, ids=["-".join([n, *(f"{k}={v}" for k, v in p.items())]) for n, p in CASES])
 def test_every_pairwise_variant_learns_the_training_pairs(tmp_path, name, params):
-    data = write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl", style="help")
     run_dir = dpokit.train(config(data, name=name, **params), run_dir=str(tmp_path / name))
     history = rows(run_dir)
     assert len(history) == 25
@@ -65,7 +57,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_ld_alpha_one_is_the_plain_loss_and_alpha_below_one_starts_at_zero_reward(tmp_path):
     """LD-DPO with alpha = 1 weighs every token 1.0: bit for bit the plain run. With alpha < 1 policy and
     reference get the same split, so the first step (pi = pi_ref) has zero rewards, and training differs."""
-    data = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    data = write_pairs(tmp_path / "pairs.jsonl", n=8, style="help")
 
     def run(name: str, **loss) -> Path:
         cfg = config(data, **loss)
@@ -126,7 +118,7 @@ def bco_state(run_dir: Path, step: int) -> dict:
 def test_bco_pair_reward_shift_is_step_state_kept_in_checkpoints(tmp_path):
     """delta is the running mean reward of the steps before: the same with batch 8 x 1 and 4 x 2, saved in
     every checkpoint, and restored by --resume (3 + 3 steps give the weights of 6 straight, bit for bit)."""
-    data = write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl", style="help")
 
     def run(name: str, steps: int, resume: bool = False, **train) -> Path:
         cfg = config(data, name="bco_pair")
@@ -154,7 +146,7 @@ def test_bco_pair_reward_shift_is_step_state_kept_in_checkpoints(tmp_path):
 
 
 def test_weighted_combination_of_losses(tmp_path):
-    data = write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl", style="help")
     run_dir = dpokit.train(config(data, weights={"sigmoid": 1.0, "rpo": 0.5}), run_dir=str(tmp_path / "mix"))
     history = rows(run_dir)
     # At step 1 policy == reference: sigmoid gives ln 2 and rpo adds 0.5 * (sigmoid + chosen NLL per token).
@@ -208,7 +200,7 @@ def test_plackett_luce_trains_tied_pieces_and_whole_rankings_in_one_batch(tmp_pa
 
 @pytest.mark.equivalence
 def test_plackett_luce_on_pairs_equals_sigmoid(tmp_path):
-    data = write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl", style="help")
     runs = {}
     for name in ("sigmoid", "plackett_luce"):
         cfg = config(data, name=name)
@@ -220,7 +212,7 @@ def test_plackett_luce_on_pairs_equals_sigmoid(tmp_path):
 
 
 def test_sft_command_raises_chosen_likelihood(tmp_path):
-    data = write_pairs(tmp_path / "pairs.jsonl")
+    data = write_pairs(tmp_path / "pairs.jsonl", style="help")
     cfg_path = tmp_path / "sft.yaml"
     cfg_path.write_text(json.dumps(config(data)))  # JSON is YAML
     proc = subprocess.run([sys.executable, "-m", "dpokit", "sft", str(cfg_path), f"run_dir={tmp_path / 'sft'}",
@@ -327,7 +319,7 @@ def test_kto_config_refusals_name_the_key(tree, key):
 
 def test_kto_refuses_a_pairwise_file_in_one_line(tmp_path):
     cfg = tmp_path / "kto.yaml"
-    cfg.write_text(json.dumps(config(write_pairs(tmp_path / "pairs.jsonl"), name="kto")))  # JSON is YAML
+    cfg.write_text(json.dumps(config(write_pairs(tmp_path / "pairs.jsonl", style="help"), name="kto")))  # JSON is YAML
     result = subprocess.run([sys.executable, "-m", "dpokit", "train", str(cfg), f"run_dir={tmp_path / 'run'}"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
@@ -336,7 +328,7 @@ def test_kto_refuses_a_pairwise_file_in_one_line(tmp_path):
 
 def test_wpo_with_a_batchwise_loss_is_refused_in_one_line(tmp_path):
     cfg = tmp_path / "aot-wpo.yaml"
-    cfg.write_text(json.dumps(config(write_pairs(tmp_path / "pairs.jsonl"), name="aot", use_weighting=True)))
+    cfg.write_text(json.dumps(config(write_pairs(tmp_path / "pairs.jsonl", style="help"), name="aot", use_weighting=True)))
     result = subprocess.run([sys.executable, "-m", "dpokit", "train", str(cfg), f"run_dir={tmp_path / 'run'}"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from dpokit.training.checkpoint import list_checkpoints, verify_checkpoint
-from test_resume import ROOT, assert_bit_identical, make_config, run_cli, weights
+from test_resume import ROOT, assert_bit_identical, make_config, weights
 
 MODEL = "tiny-random-llama"
 

@@ -31,7 +31,7 @@ from dpokit.data.formats import Text, normalize
 from dpokit.data.load import iter_records
 from dpokit.data.pipeline import load_preferences
 from dpokit.errors import DataError, DpokitError
-from dpokit.evaluate.scoring import Scorer, is_run_dir, load_scorer
+from dpokit.evaluate.scoring import Scorer, load_scorer
 from dpokit.evaluate.stats import WinRate, kl_estimate, mean_stderr
 from dpokit.io import write_json, write_jsonl
 from dpokit.models.generate import Sample, SamplingParams, encode_prompts, generate
@@ -39,6 +39,7 @@ from dpokit.models.loading import freeze, load_model
 from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
 from dpokit.rewards.judge import RewardJudge, Verdict
 from dpokit.training.checkpoint import load_weights_into, policy_weights, verify_checkpoint
+from dpokit.training.resume import is_run_dir
 
 KL_TEMPERATURE = 1.0
 """KL(pi || pi_ref) needs samples from pi itself, so temperature 1 is always evaluated; with ``top_p`` < 1 the
@@ -258,8 +259,13 @@ def evaluate_run(
                                        seed, batch_size, reward_fn, reward_label, reference_at_1, log)
     result["elapsed_s"] = round(time.perf_counter() - started, 3)
     result = _clean(result)
+    _publish(run_dir, Path(out_dir) if out_dir is not None else run_dir / "eval", cfg, result, sample_rows, log)
+    return result
 
-    out = Path(out_dir) if out_dir is not None else run_dir / "eval"
+
+def _publish(run_dir: Path, out: Path, cfg: Any, result: dict[str, Any], sample_rows: list[dict[str, Any]],
+             log: Callable[[str], None]) -> None:
+    """``eval.json`` and ``samples.jsonl`` into ``out``; then the run's model card and its trackers."""
     write_jsonl(sample_rows, out / "samples.jsonl")
     write_json(out / "eval.json", result)
     log(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")
@@ -270,7 +276,6 @@ def evaluate_run(
     from dpokit.integrations.trackers import report_eval
 
     report_eval(run_dir, cfg, result)  # the run's log.report_to trackers, when it has any
-    return result
 
 
 @dataclass

@@ -29,6 +29,7 @@ from dpokit.io import write_jsonl
 from dpokit.models.loading import ModelSource, freeze, load_model, load_tokenizer, resolve
 from dpokit.models.logprobs import sequence_logps
 from dpokit.models.quantize import round_trip
+from dpokit.training.resume import is_run_dir
 
 
 def device_for() -> torch.device:
@@ -110,10 +111,6 @@ def _as_turns(response: Text, prompt: Text) -> Text:
     if isinstance(prompt, list) and isinstance(response, str):
         return [{"role": "assistant", "content": response}]
     return response
-
-
-def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / "config.yaml").is_file()
 
 
 def load_scorer(model: str | Path, ref: str | None = None, beta: float | None = None,

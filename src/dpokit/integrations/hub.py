@@ -367,7 +367,7 @@ def refresh_card(run_dir: Path) -> None:
 def export_run(run_dir: str | Path, to: str | Path, checkpoint: str | None = None) -> Path:
     """``dpokit export``: ``final/`` (or ``checkpoints/step-N``, LoRA merged) of a run as a Hub-ready folder at
     ``to``, which must not exist or be empty."""
-    from dpokit.evaluate.scoring import is_run_dir
+    from dpokit.training.resume import is_run_dir
 
     run_dir, target = Path(run_dir), Path(to)
     if not is_run_dir(run_dir):

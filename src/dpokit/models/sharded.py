@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from dpokit.errors import ModelError
-from dpokit.models.loading import (
+from dpokit.models.source import (
     DTYPES,
     ModelSource,
     check_remote_code,

@@ -53,10 +53,8 @@ from dpokit.errors import DpokitError
 from dpokit.evaluate.report import PAGE_BASE
 from dpokit.serve import MAX_QUEUE
 from dpokit.serve.engine import BadRequest, Event, Job, Playground, QueueFull, Worker
+from dpokit.serve.http import AsciiJSONResponse, parse_json, read_body, sends_json, submit
 
-DRAIN_BYTES = 1 << 20
-"""An oversized body up to this size is read and dropped before the 413, so the client reads the answer
-instead of a reset connection; a larger one is answered at once."""
 TERMINAL = ("done", "error")
 RETRY_AFTER_S = 5
 """``Retry-After`` of a 503 (the queue is full): about the time a few requests of the page's defaults take on a
@@ -74,14 +72,6 @@ def page_and_policy() -> tuple[bytes, str]:
     policy = (f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
               "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
     return page.encode("utf-8"), policy
-
-
-class AsciiJSONResponse(JSONResponse):
-    """JSON with every non-ASCII character escaped: a message may quote a request's text, and a lone surrogate
-    in it (valid in JSON, not in UTF-8) must not turn a 4xx into a crash."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def error(message: str, status: int, headers: dict[str, str] | None = None, scope: Any = None) -> JSONResponse:
@@ -209,9 +199,7 @@ def create_app(playground: Playground, local_only: bool = True, token: str | Non
         return JSONResponse(playground.info(), headers={"Cache-Control": "no-store"})
 
     async def generate(request: Request) -> Response:
-        # A JSON content type keeps other web sites out: their pages cannot send it without a CORS preflight,
-        # which this server never grants.
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        if not sends_json(request):
             return error("send the request as JSON (Content-Type: application/json)", 415)
         try:
             body = await read_body(request, limit)
@@ -219,12 +207,8 @@ def create_app(playground: Playground, local_only: bool = True, token: str | Non
             checked = await run_in_threadpool(playground.prepare, payload)
         except BadRequest as exc:
             return error(str(exc), exc.status)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        cancelled = threading.Event()
-        job = Job(partial(playground.run, checked), partial(emit_threadsafe, loop, events, cancelled), cancelled)
         try:
-            worker.submit(job)
+            job, events = submit(worker, partial(playground.run, checked))
         except QueueFull as exc:
             return error(f"busy: {exc}", 503, {"Retry-After": str(RETRY_AFTER_S)})
         return StreamingResponse(stream(events, job), media_type="application/x-ndjson",
@@ -252,51 +236,6 @@ def create_app(playground: Playground, local_only: bool = True, token: str | Non
     app.state.worker = worker
     app.state.playground = playground
     return app
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (declared or sent)."""
-    declared = request.headers.get("content-length")
-    too_large = f"request too large: at most {limit} bytes"
-    if declared is not None:
-        if not (declared.isascii() and declared.isdigit()):
-            raise BadRequest("invalid Content-Length", 400)
-        if int(declared) > limit:
-            if int(declared) <= DRAIN_BYTES:
-                async for _ in request.stream():
-                    pass
-            raise BadRequest(f"{too_large}, got {int(declared)}", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(too_large, 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_json(body: bytes) -> Any:
-    if not body.strip():
-        raise BadRequest("empty request; send a JSON object such as {\"prompt\": \"Hello\"}", 400)
-    try:
-        return json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise BadRequest("invalid request: not UTF-8 text", 400) from None
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}", 400) from None
-    except RecursionError:
-        raise BadRequest("invalid JSON: nested too deeply", 400) from None
-    except ValueError:  # the only other: an integer literal longer than Python's int conversion limit
-        raise BadRequest("invalid JSON: a number with too many digits", 400) from None
-
-
-def emit_threadsafe(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Event], cancelled: threading.Event,
-                    event: Event) -> None:
-    """Hand an event from the worker thread to the event loop; a closed loop means nobody is listening."""
-    try:
-        loop.call_soon_threadsafe(events.put_nowait, event)
-    except RuntimeError:
-        cancelled.set()
 
 
 async def stream(events: asyncio.Queue[Event], job: Job) -> AsyncIterator[bytes]:

@@ -35,11 +35,12 @@ import torch
 from dpokit.data.formats import Text, not_text
 from dpokit.errors import DpokitError
 from dpokit.evaluate.run import load_prompts, text_of
-from dpokit.evaluate.scoring import Scorer, is_run_dir, load_scorer, score_rows
+from dpokit.evaluate.scoring import Scorer, load_scorer, score_rows
 from dpokit.models.generate import SamplingParams, encode_prompts, eos_token_ids, stream_batch
 from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
 from dpokit.serve import MAX_QUEUE
 from dpokit.serve.sampling import IncrementalText
+from dpokit.training.resume import is_run_dir
 
 Event = dict[str, Any]
 Emit = Callable[[Event], None]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,20 +18,17 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dpokit.serve.engine import BadRequest, Event, Job, Playground, QueueFull, Worker, _show
+from dpokit.serve.http import AsciiJSONResponse, parse_json, read_body, sends_json, submit
 from dpokit.serve.openai_api import MODELS, Completion, Kind, OpenAIApi, error_body
 
 
 def api_error(message: str, status: int, param: str | None = None, code: str | None = None,
               headers: dict[str, str] | None = None) -> JSONResponse:
-    from dpokit.serve.app import AsciiJSONResponse
-
     return AsciiJSONResponse(error_body(message, status, param, code), status_code=status, headers=headers)
 
 
 def api_routes(playground: Playground, worker: Worker, retry_after_s: int) -> list[Route]:
     """The ``/v1`` routes, run on the page's ``worker`` (one job at a time for page and API together)."""
-    from dpokit.serve.app import emit_threadsafe, parse_json, read_body
-
     api = OpenAIApi(playground)
     limit = playground.limits.max_body_bytes
 
@@ -49,7 +45,7 @@ def api_routes(playground: Playground, worker: Worker, retry_after_s: int) -> li
     async def complete(request: Request, kind: Kind) -> Response:
         # As the page's /api/generate: a JSON content type keeps other web sites' pages out (no CORS preflight
         # is ever granted).
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        if not sends_json(request):
             return api_error("send the request as JSON (Content-Type: application/json)", 415)
         try:
             payload = parse_json(await read_body(request, limit))
@@ -57,12 +53,8 @@ def api_routes(playground: Playground, worker: Worker, retry_after_s: int) -> li
         except BadRequest as exc:
             return api_error(str(exc), 400 if exc.status == 422 else exc.status, getattr(exc, "param", None),
                              getattr(exc, "code", None))
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        cancelled = threading.Event()
-        job = Job(partial(api.run, checked), partial(emit_threadsafe, loop, events, cancelled), cancelled)
         try:
-            worker.submit(job)
+            job, events = submit(worker, partial(api.run, checked))
         except QueueFull as exc:
             return api_error(f"busy: {exc}", 503, headers={"Retry-After": str(retry_after_s)})
         shape = Shape(checked, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}",

@@ -111,6 +111,11 @@ def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
     return run_dir
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """A folder ``prepare_run_dir`` made for a run: its ``config.yaml`` is written before anything else."""
+    return (Path(path) / "config.yaml").is_file()
+
+
 def check_resume_settings(saved: dict[str, Any], current: Config, data_fingerprint: str,
                           saved_fingerprint: str | None, saved_world: int = 1, world: int = 1,
                           task: str = "dpo") -> str | None:

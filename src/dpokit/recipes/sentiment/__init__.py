@@ -37,7 +37,7 @@ import torch
 from dpokit.config import save_config
 from dpokit.errors import DataError
 from dpokit.io import write_json, write_jsonl, write_text
-from dpokit.recipes.sentiment.common import CACHE_VERSION, RECIPE, StageTimer, mean_stderr, say
+from dpokit.recipes.sentiment.common import CACHE_VERSION, RECIPE, StageTimer, mean_stderr, recipe_device, say
 from dpokit.recipes.sentiment.config import (
     BaselineConfig,
     DpoConfig,
@@ -49,7 +49,6 @@ from dpokit.recipes.sentiment.config import (
     SftConfig,
     find_preset,
     load_recipe_config,
-    recipe_device,
     resolve_precisions,
 )
 from dpokit.recipes.sentiment.report import print_table, results_markdown, summarize, write_frontier

@@ -1,5 +1,6 @@
-"""What every stage of the sentiment recipe shares: its name, the version of its caches, how it talks (one
-``recipe:`` line on stderr per event), how it hashes a cache key, and the time each stage took."""
+"""What every stage of the sentiment recipe shares: its name, the version of its caches, the device it runs on,
+how it talks (one ``recipe:`` line on stderr per event), how it hashes a cache key, and the time each stage
+took."""
 
 from __future__ import annotations
 
@@ -11,10 +12,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+
 RECIPE = "sentiment"
 CACHE_VERSION = 2
 """Part of every cache key of the recipe; bump it when a cached file would be read wrongly by new code, or when
 the same seed would now give other samples (2: inverse-CDF sampling replaced torch.multinomial)."""
+
+
+def recipe_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def say(message: str) -> None:

@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dpokit.config import LogConfig, TrainConfig, apply_overrides, load_config, read_yaml_tree, validate_tree
 from dpokit.errors import ConfigError
-from dpokit.recipes.sentiment.common import RECIPE, say
+from dpokit.recipes.sentiment.common import RECIPE, recipe_device, say
+from dpokit.recipes.sentiment.runs import run_specs, sft_spec
 
 PRESET_DIR = Path("configs") / "recipes"
 
@@ -231,8 +231,6 @@ class SentimentConfig(_Section):
         if self.unlikelihood.alpha is not None and not self.unlikelihood.alpha > 0:
             raise ValueError("unlikelihood.alpha: must be > 0")
         # Every run's dpokit config must validate now, not after an hour of sampling.
-        from dpokit.recipes.sentiment.runs import run_specs, sft_spec  # built from this config: import on use
-
         specs = list(run_specs(self, "<data>", "<data>", "<model>").items())
         specs.append(("sft", sft_spec(self, "<data>", "<data>")))
         for name, spec in specs:
@@ -297,10 +295,6 @@ def load_recipe_config(preset: str | Path | dict[str, Any] | None = None, overri
     # Keys a preset or an override leaves out keep the recipe's defaults (not those of the section's class:
     # ``train.epochs=2`` alone must not reset the recipe's learning rate).
     return validate_tree(SentimentConfig, _merge(SentimentConfig().model_dump(mode="json"), tree), source)
-
-
-def recipe_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_precisions(cfg: SentimentConfig) -> None:

@@ -16,8 +16,7 @@ import torch
 from dpokit.errors import DataError
 from dpokit.io import read_jsonl, write_jsonl
 from dpokit.recipes.openings import PROMPTS_FILE
-from dpokit.recipes.sentiment.common import CACHE_VERSION, RECIPE, digest, say
-from dpokit.recipes.sentiment.config import recipe_device
+from dpokit.recipes.sentiment.common import CACHE_VERSION, RECIPE, digest, recipe_device, say
 from dpokit.training.metrics import Progress
 
 if TYPE_CHECKING:
