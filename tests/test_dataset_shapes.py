@@ -253,7 +253,11 @@ def test_hub_config_and_split(tmp_path, tiny_tok, monkeypatch):
 
 
 def test_data_check_show_prints_rows_as_trained(tmp_path, tiny_tok, capsys):
-    path = write_jsonl(tmp_path / "d.jsonl", CHATML)
+    # A folder name long enough that file:line passes the 80 columns of a non-terminal console: the location is
+    # one unbroken line, so it can be copied or grepped (it once wrapped mid-path).
+    deep = tmp_path / ("a-long-folder-name-" * 5)
+    deep.mkdir()
+    path = write_jsonl(deep / "d.jsonl", CHATML)
     assert run_check(path, model="tiny-random-llama", cache=False, show=3) == 0
     out = capsys.readouterr().out
     assert f"{path}:1" in out

@@ -32,7 +32,7 @@ def print_rows(groups: Sequence[TokenizedGroup], tokenizer: Any, n: int, console
     console.print(f"[bold]first {min(n, len(groups))} of {len(groups)} groups, decoded from the trained token ids"
                   "[/bold]")
     for group in groups[:n]:
-        console.print(group.location, style="bold", markup=False, highlight=False)
+        console.print(group.location, style="bold", markup=False, highlight=False, soft_wrap=True)
         if group.label is not None:
             names = ["desirable" if group.label else "undesirable"]
         elif len(group.responses_ids) == 2:
@@ -68,7 +68,7 @@ def print_report(report: DataReport, model: str, data_cfg: DataConfig, console: 
     if report.errors:
         console.print(f"first malformed rows ({len(report.errors)} of {report.rows_malformed}):")
         for message in report.errors:
-            console.print(f"  {message}", style="yellow", markup=False, highlight=False)
+            console.print(f"  {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
     lengths = Table(title="token lengths (kept rows, after truncation)", title_justify="left")
     lengths.add_column("")
