@@ -14,11 +14,8 @@ from torch.testing import assert_close
 
 from dpokit.errors import ConfigError
 from dpokit.losses import (
-    BATCHWISE,
-    LISTWISE,
-    LOSS_PARAMS,
     LOSSES,
-    UNPAIRED,
+    SPECS,
     advance_loss_state,
     cdpo_loss,
     check_training_setup,
@@ -44,7 +41,8 @@ LR = [6.0, 10.0, 4.0]  # rejected lengths
 BETA = 0.1
 # h = (pc - pr) - (rc - rr) = [1.5, 0.5, 2.0]
 
-PAIRWISE = sorted(set(LOSSES) - LISTWISE - UNPAIRED)
+PAIRWISE = sorted(name for name, spec in SPECS.items() if spec.on_pairs)
+BATCHWISE = {name for name, spec in SPECS.items() if spec.kind == "batchwise"}
 # The smallest set of parameters each loss needs to run.
 PARAMS: dict[str, dict[str, Any]] = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1},
                                      "f_dpo": {"f_divergence": "js_divergence"}}
@@ -811,7 +809,7 @@ def test_validate_loss_config_accepts(fields: dict[str, Any]) -> None:
 
 
 def test_every_param_check_rejects_a_bool() -> None:
-    for name, checks in LOSS_PARAMS.items():
+    for name, checks in ((name, spec.params) for name, spec in SPECS.items()):
         for param, check in checks.items():
             if param != "reference_free":
                 assert check(True) is not None, (name, param)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import dpokit
-from dpokit.losses import LISTWISE, LOSSES, UNPAIRED
+from dpokit.losses import LOSSES, SPECS
 from dpokit.training.checkpoint import read_trainer_state
 from dpokit.training.metrics import read_metrics
 from tolerances import METRIC_REL, assert_same_metrics
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1}, "simpo": {"beta": 2.0},
           "ipo": {"beta": 0.5}, "f_dpo": {"f_divergence": "js_divergence"}}
 # Further settings of a loss that change what it optimizes, each trained end to end as well.
-CASES = [(name, PARAMS.get(name, {})) for name in sorted(set(LOSSES) - LISTWISE - UNPAIRED)] + [
+CASES = [(name, PARAMS.get(name, {})) for name in sorted(LOSSES) if SPECS[name].on_pairs] + [
     ("f_dpo", {"f_divergence": "forward_kl"}), ("f_dpo", {"f_divergence": "reverse_kl"}),
     ("f_dpo", {"f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 0.5}),
     ("sigmoid", {"ld_alpha": 0.5}), ("sigmoid", {"use_weighting": True})]

@@ -57,7 +57,7 @@ import torch
 from dpokit.config import Config, ConfigError
 from dpokit.data.batch import PairStream, collate_tokenized, regroup, to_device
 from dpokit.data.tokenize import TokenizedGroup
-from dpokit.losses import LISTWISE
+from dpokit.losses import configured_specs
 from dpokit.methods.rollout import (
     PromptItem,
     held_out,
@@ -307,7 +307,7 @@ def check_config(cfg: Config, dist: Dist) -> None:
     if dist.sharded:
         raise ConfigError("distributed.strategy: online DPO runs with 'ddp' (sampling from an FSDP-sharded "
                           "policy is not supported yet)")
-    if cfg.loss.name in LISTWISE or any(name in LISTWISE for name in cfg.loss.weights or {}):
+    if any(spec.kind == "listwise" for spec in configured_specs(cfg.loss)):
         raise ConfigError(f"loss.name: online DPO trains pairs; {cfg.loss.name!r} is a listwise loss")
     s, every = cfg.online.sync_every, cfg.train.save_every
     if s > 1 and every and every % s:

@@ -32,7 +32,7 @@ from dpokit.data.cache import cache_root, load_cached
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.integrations.trackers import open_trackers
 from dpokit.io import write_json
-from dpokit.losses import LISTWISE, UNPAIRED, check_training_setup
+from dpokit.losses import check_training_setup, loss_spec
 from dpokit.models.hardware import choose_attention, resolve_precision
 from dpokit.models.loading import load_models
 from dpokit.models.quantize import dequantize, torchao
@@ -164,7 +164,7 @@ def load_items(cfg: Config, tokenizer: Any, task: Task, note: Callable[[str], No
     """Training and held-out groups (pairs, or rankings for a listwise loss) from the data cache, memory-mapped
     (``dpokit.data.cache``), and RUN_DIR/data_report.json (rows read = kept + dropped by reason, and the
     train/eval overlap)."""
-    listwise = cfg.loss.name in LISTWISE and task.needs_reference
+    listwise = loss_spec(cfg.loss.name).kind == "listwise" and task.needs_reference
     want = "ranked" if listwise else "unpaired" if task.name == "kto" else "pairs"
 
     def load(source: str, split: str) -> tuple[Sequence[Any], DataReport]:
@@ -365,7 +365,7 @@ def train(config: str | Path | dict[str, Any] | Config | None = None, overrides:
 
             run_dir = train_online(cfg, dist, resume=resume or cfg.train.resume == "auto", force=force)
         else:
-            kind = "kto" if task == "dpo" and cfg.loss.name in UNPAIRED else task  # unpaired examples
+            kind = "kto" if task == "dpo" and loss_spec(cfg.loss.name).kind == "unpaired" else task  # unpaired examples
             chosen = TASKS[kind] if load is None else replace(TASKS[kind], load=load)
             run_dir = _train(cfg, dist, resume=resume, force=force, task=chosen)
     dist.close()

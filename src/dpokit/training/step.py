@@ -41,12 +41,12 @@ from dpokit.data.batch import (
 from dpokit.data.tokenize import TokenizedGroup
 from dpokit.errors import DpokitError
 from dpokit.losses import (
-    LISTWISE,
-    LOSS_STATE,
     advance_loss_state,
+    carries_state,
     compute_loss,
     kto_kl_baseline,
     kto_loss,
+    loss_spec,
     needs_plain_chosen,
     plackett_luce_loss,
 )
@@ -166,7 +166,7 @@ def pair_forward(model: nn.Module, reference: Reference, batch: dict[str, Any], 
     policy_logps, n_tokens = regroup(row_logps, batch), regroup(row_tokens, batch)  # (G, K)
     row_log_weights = extra[:1] if cfg.loss.use_weighting else []
     plain_chosen_logps = regroup(extra[-1], batch)[:, 0] if plain else None
-    if cfg.loss.name in LISTWISE:
+    if loss_spec(cfg.loss.name).kind == "listwise":
         mask = batch["slot_mask"]
         losses, rewards = plackett_luce_loss(policy_logps, ref_logps, beta=cfg.loss.beta, mask=mask)
         worst = mask.sum(-1) - 1  # index of each group's last (worst) response
@@ -356,7 +356,7 @@ def advance_task_loss_state(run: Run, means: dict[str, float], pairs: int) -> No
     """Fold an applied step's mean rewards (over every pair of every rank, so the same on every rank) into the
     state of a configured loss that carries one; ``run.task_state`` is untouched for the others."""
     loss = run.cfg.loss
-    if run.task.name != "dpo" or not any(name in LOSS_STATE for name in (loss.weights or [loss.name])):
+    if run.task.name != "dpo" or not carries_state(loss):
         return  # SFT, the reward model and KTO log no pair rewards; most losses carry no state
     state = advance_loss_state(run.cfg.loss, run.task_state.get("loss", {}), means["rewards/chosen"],
                                means["rewards/rejected"], pairs)
