@@ -656,15 +656,15 @@ def test_config_refuses_what_a_loss_cannot_train_under(tree: dict[str, Any], key
 
 def test_setup_refuses_a_batchwise_loss_over_several_processes() -> None:
     from dpokit.config import load_config
+    from dpokit.methods.dpo import DPO
     from dpokit.training.setup import setup
-    from dpokit.training.step import TASKS
 
     with pytest.raises(ConfigError, match=r"loss.name: loss aot sorts .* torchrun splits them over 2 processes"):
         check_training_setup(loss_config(name="aot"), world=2)
     cfg = load_config({"loss": {"name": "aot"}, "data": {"train": "pairs.jsonl"}})
     # The check comes before anything is loaded, so a stand-in for the process group is enough.
     with pytest.raises(ConfigError, match="torchrun splits"):
-        setup(cfg, SimpleNamespace(world=2, is_main=True), TASKS["dpo"])
+        setup(cfg, SimpleNamespace(world=2, is_main=True), DPO.spec)
     check_training_setup(loss_config(name="bco_pair"), world=2)  # state is the same on every rank: allowed
 
 
