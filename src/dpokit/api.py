@@ -39,7 +39,8 @@ from dpokit.models.loading import (
     resolve,
 )
 from dpokit.terminal import note as _note
-from dpokit.training.kinds import choose_kind, train_kind
+from dpokit.training.kinds import choose_kind
+from dpokit.training.loop import train_kind
 from dpokit.training.step import ModelLoader
 
 ConfigSource = str | Path | dict[str, Any] | Config | None

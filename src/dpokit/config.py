@@ -459,7 +459,7 @@ class Config(_Section):
             raise ValueError(f"loss.use_weighting: WPO weighs pairs; the listwise loss {self.loss.name} takes "
                              "rankings, use a pairwise loss")
         self._reference_sync_fits()
-        if self.loss.name == "kto" and not self.loss.weights:
+        if loss_spec(self.loss.name).kind == "unpaired" and not self.loss.weights:
             if self.reference.mode == "store":
                 raise ValueError("loss.name: kto scores mismatched prompt/completion pairs the reference store does "
                                  "not hold; use reference.mode: model (or adapter with LoRA)")

@@ -335,7 +335,7 @@ def load_online(cfg: Config, dist: Dist, resume: bool = False) -> Online:
 
 
 def train_online(cfg: Config, dist: Dist, *, resume: bool, force: bool) -> Path:
-    """Online DPO from a config (``ONLINE``'s run: ``dpokit.training.kinds.train_kind`` dispatches here); returns
+    """Online DPO from a config (``ONLINE``'s run: ``dpokit.training.loop.train_kind`` dispatches here); returns
     the run directory."""
     online = load_online(cfg, dist, resume=resume)
     run = online.run

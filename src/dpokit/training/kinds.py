@@ -4,24 +4,22 @@ A command (``dpokit train``/``sft``/``rm``/``ppo``; ``dpokit.train(task=...)``) 
 the config can refine it: ``dpokit train`` is online DPO when ``online.reward`` or ``online.judge_url`` is set,
 KTO when the loss is unpaired, offline DPO otherwise. ``choose_kind`` makes that choice, from the ``Kind`` each
 module of ``dpokit.methods`` registers here (``register_kind``); this module and the rest of
-``dpokit.training`` import no kind. ``train_kind`` runs the chosen one: a kind with a ``Task`` through
-``dpokit.training.loop.train_task`` (setup, restore, the loop of ``train_step``), a kind that steps itself
-(online DPO, PPO) through its own ``run`` function.
+``dpokit.training`` import no kind. ``dpokit.training.loop.train_kind`` runs the chosen one: a kind with a
+``Task`` through ``train_task`` (setup, restore, the loop of ``train_step``), a kind that steps itself (online
+DPO, PPO) through its own ``run`` function.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from dpokit.config import Config, load_config
+from dpokit.config import Config
 from dpokit.errors import ConfigError
 from dpokit.training.distributed import Dist
-from dpokit.training.distributed import setup as setup_distributed
-from dpokit.training.loop import train_task
-from dpokit.training.step import KindSpec, ModelLoader, Task
+from dpokit.training.step import KindSpec, Task
 
 
 class RunKind(Protocol):
@@ -72,25 +70,3 @@ def choose_kind(cfg: Config, command: str) -> Kind:
     selected = [kind for kind in answering if kind.selected_by is not None and kind.selected_by(cfg)]
     assert len(selected) <= 1, [kind.name for kind in selected]
     return selected[0] if selected else next(kind for kind in answering if kind.selected_by is None)
-
-
-def train_kind(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None, *,
-               command: str = "dpo", resume: bool = False, force: bool = False, load: ModelLoader | None = None,
-               **kwargs: Any) -> Path:
-    """Train the kind ``command`` chooses with the config (``choose_kind``) and return the run directory.
-    Arguments as ``dpokit.train``; ``load`` replaces the kind's model loading (``KindSpec.load``). Launched by
-    torchrun, every process calls this (``dpokit.training.distributed``); a failure on any rank ends every rank
-    with one line naming it."""
-    cfg = load_config(config, overrides, **kwargs)
-    dist = setup_distributed(cfg.distributed)
-    with dist.failures():
-        kind = choose_kind(cfg, command)
-        resume = resume or cfg.train.resume == "auto"
-        if kind.run is not None:
-            run_dir = kind.run(cfg, dist, resume=resume, force=force)
-        else:
-            assert kind.task is not None
-            spec = kind.spec if load is None else replace(kind.spec, load=load)
-            run_dir = train_task(cfg, dist, spec, kind.task, resume=resume, force=force)
-    dist.close()
-    return run_dir

@@ -1,6 +1,7 @@
-"""The training loop every kind of training shares, and the run of a kind that steps with a ``Task``.
+"""The training loop every kind of training shares, and the entry that runs a kind.
 
-    train_task: setup (dpokit.training.setup) -> restore (when resuming)
+    train_kind: config -> processes -> the kind (dpokit.training.kinds.choose_kind) -> its run:
+    train_task (a kind with a Task): setup (dpokit.training.setup) -> restore (when resuming)
     -> loop: for each optimizer step: the kind's step (train_step, dpokit.training.step), log, maybe evaluate,
        maybe checkpoint -> final checkpoint -> RUN_DIR/final
 
@@ -11,16 +12,41 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dpokit.config import Config
+from dpokit.config import Config, load_config
 from dpokit.integrations.trackers import open_trackers
 from dpokit.training.distributed import Dist
+from dpokit.training.distributed import setup as setup_distributed
+from dpokit.training.kinds import choose_kind
 from dpokit.training.metrics import HealthMonitor, MetricsWriter, Progress
 from dpokit.training.preempt import stop_on_signals
 from dpokit.training.setup import export_final, restore, save, setup
-from dpokit.training.step import KindSpec, Run, Task, held_out_metrics, train_step
+from dpokit.training.step import KindSpec, ModelLoader, Run, Task, held_out_metrics, train_step
+
+
+def train_kind(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None, *,
+               command: str = "dpo", resume: bool = False, force: bool = False, load: ModelLoader | None = None,
+               **kwargs: Any) -> Path:
+    """Train the kind ``command`` chooses with the config (``choose_kind``) and return the run directory.
+    Arguments as ``dpokit.train``; ``load`` replaces the kind's model loading (``KindSpec.load``). Launched by
+    torchrun, every process calls this (``dpokit.training.distributed``); a failure on any rank ends every rank
+    with one line naming it."""
+    cfg = load_config(config, overrides, **kwargs)
+    dist = setup_distributed(cfg.distributed)
+    with dist.failures():
+        kind = choose_kind(cfg, command)
+        resume = resume or cfg.train.resume == "auto"
+        if kind.run is not None:
+            run_dir = kind.run(cfg, dist, resume=resume, force=force)
+        else:
+            assert kind.task is not None
+            spec = kind.spec if load is None else replace(kind.spec, load=load)
+            run_dir = train_task(cfg, dist, spec, kind.task, resume=resume, force=force)
+    dist.close()
+    return run_dir
 
 
 def train_task(cfg: Config, dist: Dist, spec: KindSpec, task: Task, *, resume: bool, force: bool) -> Path:

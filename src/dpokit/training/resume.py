@@ -31,6 +31,7 @@ import torch
 from dpokit.config import Config, result_settings
 from dpokit.errors import ConfigError
 from dpokit.io import write_text
+from dpokit.training.kinds import KINDS
 
 GROWABLE = ("train.max_steps", "train.epochs")
 """May change on resume while the learning rate is constant after warmup (to train longer); a decaying schedule
@@ -106,15 +107,14 @@ def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
 
 def check_resume_settings(saved: dict[str, Any], current: Config, data_fingerprint: str,
                           saved_fingerprint: str | None, saved_world: int = 1, world: int = 1,
-                          task: str = "dpo", sampled_per_process: bool = False) -> str | None:
+                          task: str = "dpo") -> str | None:
     """Refuse to resume when a setting that alters the remaining steps differs from the checkpoint's. Returns
     a note when only the split of the global batch changed (processes, per-process batch, accumulation), which
-    the run continues with; None when nothing did. ``sampled_per_process``: the kind of training ``task``
-    samples its responses in each process (``KindSpec.sampled_per_process``), so the number of processes
-    itself must stay."""
+    the run continues with; None when nothing did. A kind of training ``task`` that samples its responses in
+    each process (``KindSpec.sampled_per_process``) must keep the number of processes itself."""
     before, after = result_settings(saved), result_settings(current.model_dump(mode="json"))
     note = None
-    if sampled_per_process:
+    if task in KINDS and KINDS[task].spec.sampled_per_process:
         if saved_world != world:
             raise ConfigError(f"distributed: the number of processes changed since the checkpoint ({saved_world} "
                               f"-> {world}); dpokit {task} samples its responses in each process, so another "

@@ -268,8 +268,7 @@ def restore(run: Run, force: bool = False) -> None:
                           f"resumed by dpokit {run.spec.name}")
     if not force:
         split = check_resume_settings(saved["config"], run.cfg, run.data_fingerprint, saved.get("data_fingerprint"),
-                                      saved.get("world_size", 1), run.dist.world, run.spec.name,
-                                      run.spec.sampled_per_process)
+                                      saved.get("world_size", 1), run.dist.world, run.spec.name)
         if split:
             run.note(split)
     state = restore_checkpoint(run.checkpoint, run.policy, run.optimizer, run.scheduler, run.dist)

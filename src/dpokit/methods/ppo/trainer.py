@@ -57,8 +57,8 @@ from dpokit.models.logprobs import target_logps
 from dpokit.rewards import RewardFn
 from dpokit.training.checkpoint import export_hf
 from dpokit.training.distributed import Dist
-from dpokit.training.kinds import Kind, register_kind, train_kind
-from dpokit.training.loop import loop
+from dpokit.training.kinds import Kind, register_kind
+from dpokit.training.loop import loop, train_kind
 from dpokit.training.resume import fingerprint, seed_everything
 from dpokit.training.setup import (
     autocast_for,
@@ -431,7 +431,7 @@ def ppo(config: str | Path | dict[str, Any] | Config | None = None, overrides: l
 
 
 def train_ppo(cfg: Config, dist: Dist, *, resume: bool, force: bool) -> Path:
-    """PPO from a config (``PPO``'s run: ``dpokit.training.kinds.train_kind`` dispatches here); returns the run
+    """PPO from a config (``PPO``'s run: ``dpokit.training.loop.train_kind`` dispatches here); returns the run
     directory."""
     ppo_run = setup(cfg, dist, resume=resume)
     run = ppo_run.run
