@@ -61,6 +61,7 @@ from dpokit.losses.registry import (
     loss_spec,
     needs_plain_chosen,
     register,
+    trained_kind,
     validate_loss_config,
 )
 from dpokit.losses.stateful import bco_pair_loss
@@ -71,5 +72,5 @@ __all__ = ["LOSSES", "SPECS", "LossFn", "LossKind", "LossSpec", "LossState", "ad
            "check_training_setup", "compute_loss", "configured_specs", "discopop_loss", "exo_pair_loss",
            "f_dpo_loss", "hinge_loss", "ipo_loss", "kto_kl_baseline", "kto_loss", "loss_arguments", "loss_spec",
            "nca_pair_loss", "needs_plain_chosen", "plackett_luce_loss", "register", "robust_loss", "rpo_loss",
-           "sigmoid_loss", "sigmoid_norm_loss", "simpo_loss", "sppo_hard_loss", "unlikelihood_loss",
-           "validate_loss_config"]
+           "sigmoid_loss", "sigmoid_norm_loss", "simpo_loss", "sppo_hard_loss", "trained_kind",
+           "unlikelihood_loss", "validate_loss_config"]

@@ -114,6 +114,13 @@ def configured_specs(loss: Any) -> list[LossSpec]:
     return [SPECS[name] for name in _names(loss)]
 
 
+def trained_kind(loss: Any) -> LossKind:
+    """The kind of what a ``LossConfig`` trains: ``loss.weights``' first loss when a sum is given (its terms are
+    pairwise or batchwise: the others cannot be summed), else ``loss.name``'s, which ``loss.weights`` leaves
+    unused."""
+    return configured_specs(loss)[0].kind
+
+
 def loss_arguments(loss: Any, spec: LossSpec, state: dict[str, Any] | None = None) -> dict[str, Any]:
     """The keyword arguments a ``LossConfig`` gives loss ``spec``: beta, the parameters it uses and, for a loss
     that carries state, its state's inputs (``state``: name -> state; a missing entry is the initial state).

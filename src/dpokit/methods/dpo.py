@@ -21,7 +21,7 @@ from torch import nn
 
 from dpokit.config import Config
 from dpokit.data.batch import regroup
-from dpokit.losses import compute_loss, loss_arguments, loss_spec, needs_plain_chosen
+from dpokit.losses import compute_loss, loss_arguments, loss_spec, needs_plain_chosen, trained_kind
 from dpokit.losses.tokens import length_desensitized_weights, wpo_pair_weights
 from dpokit.training.kinds import Kind, register_kind
 from dpokit.training.metrics import PairStats
@@ -111,7 +111,7 @@ def preference_forward(run: Run, items: list[Any]) -> PassOutput:
     """DPO or a variant (``Task.forward``): the configured preference loss, summed over the pass's pairs (or
     rankings, for a listwise loss)."""
     batch = collate(run, items)
-    if loss_spec(run.cfg.loss.name).kind == "listwise":
+    if trained_kind(run.cfg.loss) == "listwise":
         out = ranking_forward(run.model, run.reference, batch, items, run.cfg, run.autocast)
     else:
         out = pair_forward(run.model, run.reference, batch, items, run.cfg, run.autocast, run.task_state.get("loss"))

@@ -13,7 +13,7 @@ import torch
 
 from dpokit.data.batch import regroup
 from dpokit.data.tokenize import TokenizedGroup
-from dpokit.losses import kto_kl_baseline, kto_loss, loss_arguments, loss_spec
+from dpokit.losses import kto_kl_baseline, kto_loss, loss_arguments, loss_spec, trained_kind
 from dpokit.training.kinds import Kind, register_kind
 from dpokit.training.metrics import KtoStats
 from dpokit.training.step import KindSpec, PassOutput, Record, Run, Task, collate, pairs_of_step
@@ -76,5 +76,5 @@ KTO_TASK = Task(kto_forward, pairs_of_step, KtoStats, prepare=kto_prepare)
 
 KTO = register_kind(Kind(
     name="kto", command="dpo", title="KTO", spec=KindSpec("kto", needs_reference=True, evaluates=True),
-    task=KTO_TASK, selected_by=lambda cfg: loss_spec(cfg.loss.name).kind == "unpaired", takes_model_object=True))
+    task=KTO_TASK, selected_by=lambda cfg: trained_kind(cfg.loss) == "unpaired", takes_model_object=True))
 """``dpokit train`` when the configured loss is unpaired (``loss.name: kto``)."""

@@ -27,7 +27,7 @@ from dpokit.data.batch import PairStream
 from dpokit.data.cache import cache_root, load_cached
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.io import write_json
-from dpokit.losses import check_training_setup, loss_spec
+from dpokit.losses import check_training_setup, trained_kind
 from dpokit.models.hardware import choose_attention, resolve_precision
 from dpokit.models.loading import load_models
 from dpokit.models.quantize import dequantize, torchao
@@ -158,7 +158,7 @@ def load_items(cfg: Config, tokenizer: Any, task: KindSpec, note: Callable[[str]
     """Training and held-out groups (pairs, or rankings for a listwise loss) from the data cache, memory-mapped
     (``dpokit.data.cache``), and RUN_DIR/data_report.json (rows read = kept + dropped by reason, and the
     train/eval overlap)."""
-    listwise = loss_spec(cfg.loss.name).kind == "listwise" and task.needs_reference
+    listwise = trained_kind(cfg.loss) == "listwise" and task.needs_reference
     want = "ranked" if listwise else "unpaired" if task.name == "kto" else "pairs"
 
     def load(source: str, split: str) -> tuple[Sequence[Any], DataReport]:
