@@ -296,6 +296,7 @@ def dpokit_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     # ``dpokit.train`` the attribute is the API function; the module of the same name is in sys.modules.
     train_module = importlib.import_module("dpokit.training.setup")
+    loop_module = importlib.import_module("dpokit.training.loop")
     reference_module = importlib.import_module("dpokit.training.reference")
 
     marks: dict[str, Any] = {}
@@ -323,7 +324,7 @@ def dpokit_child(spec: dict[str, Any]) -> dict[str, Any]:
             marks["train_end_rss_mb"] = proc_status_mb("VmRSS")
         return save_checkpoint(*args, **kwargs)
 
-    class StampedWriter(train_module.MetricsWriter):  # type: ignore[name-defined,misc]
+    class StampedWriter(loop_module.MetricsWriter):  # type: ignore[name-defined,misc]
         """Stamps this process's CPU time on every training row (how much of the cores the run really got)."""
 
         def write(self, row: dict[str, Any]) -> None:
@@ -332,7 +333,7 @@ def dpokit_child(spec: dict[str, Any]) -> dict[str, Any]:
             super().write(row)
 
     cpu: dict[int, float] = {}
-    train_module.MetricsWriter = StampedWriter
+    loop_module.MetricsWriter = StampedWriter
     train_module.build_reference = timed_build
     reference_module.precompute = timed_precompute
     train_module.save_checkpoint = first_save

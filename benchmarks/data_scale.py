@@ -190,8 +190,9 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
 
     started = process_start_time()
     train_module = importlib.import_module("dpokit.training.setup")
+    loop_module = importlib.import_module("dpokit.training.loop")
     marks: dict[str, Any] = {}
-    step, save = train_module.train_step, train_module.save_checkpoint
+    step, save = loop_module.train_step, train_module.save_checkpoint
 
     def timed_step(*args: Any, **kwargs: Any) -> Any:
         if "first_step_start" not in marks:
@@ -205,7 +206,7 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
         marks.setdefault("train_end_hwm_mb", proc_status_mb("VmHWM") * 2**20 / MB)
         return save(*args, **kwargs)
 
-    train_module.train_step, train_module.save_checkpoint = timed_step, first_save
+    loop_module.train_step, train_module.save_checkpoint = timed_step, first_save
     if hasattr(train_module, "load_items"):
         load_items = train_module.load_items
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 REPORT = """\
 import atexit, json, os, resource, sys
 import importlib
-train = importlib.import_module("dpokit.training.setup")  # the module (dpokit.train is also the function)
+train = importlib.import_module("dpokit.training.loop")  # where the run calls setup, save and export_final
 phases = {}
 def hwm():
     with open("/proc/self/status") as fh:

@@ -52,7 +52,7 @@ def measure(model: str, quantize: str, steps: int) -> dict:
     gc.collect()  # peft's wrappers hold reference cycles
     # The training peak: final/ is not written (its export holds the dequantized base on the CPU, as big as the
     # unquantized model's weights, once, after training).
-    sys.modules["dpokit.training.setup"].export_final = lambda run: None
+    sys.modules["dpokit.training.loop"].export_final = lambda run: None
     start = time.perf_counter()
     dpokit.train(cfg, run_dir=str(folder / "run"))
     run_s = time.perf_counter() - start

@@ -178,7 +178,7 @@ def test_failing_rank_stops_every_rank_with_one_line(tmp_path):
     script.write_text(
         "import os, sys\n"
         "import dpokit\n"
-        "import dpokit.training.step as loop\n"
+        "import dpokit.methods.dpo as loop\n"
         "real, calls = loop.pair_forward, [0]\n"
         "def failing(*args, **kwargs):\n"
         "    calls[0] += 1\n"
@@ -209,7 +209,7 @@ def write_unpaired(path: Path, n: int) -> Path:
 
 @pytest.mark.equivalence
 def test_kto_two_fsdp_ranks_equal_one_rank(tmp_path):
-    """KTO's reference point z_0 is one per step over every rank (dpokit.training.step.kto_prepare): 13 examples, global
+    """KTO's reference point z_0 is one per step over every rank (dpokit.methods.kto.kto_prepare): 13 examples, global
     steps of 8 and 5 (batch 2 x accumulation 2 x 2 ranks; rank 1 runs a placeholder in the KL pass and the
     training passes of the last step), 5 held-out examples in batches of 2, evaluated at steps 0 and 2."""
     sections = {"data": {"eval": str(write_unpaired(tmp_path / "eval.jsonl", 5))}, "loss": {"name": "kto"},

@@ -14,11 +14,8 @@ from torch.testing import assert_close
 
 from dpokit.errors import ConfigError
 from dpokit.losses import (
-    BATCHWISE,
-    LISTWISE,
-    LOSS_PARAMS,
     LOSSES,
-    UNPAIRED,
+    SPECS,
     advance_loss_state,
     cdpo_loss,
     check_training_setup,
@@ -44,7 +41,8 @@ LR = [6.0, 10.0, 4.0]  # rejected lengths
 BETA = 0.1
 # h = (pc - pr) - (rc - rr) = [1.5, 0.5, 2.0]
 
-PAIRWISE = sorted(set(LOSSES) - LISTWISE - UNPAIRED)
+PAIRWISE = sorted(name for name, spec in SPECS.items() if spec.on_pairs)
+BATCHWISE = {name for name, spec in SPECS.items() if spec.kind == "batchwise"}
 # The smallest set of parameters each loss needs to run.
 PARAMS: dict[str, dict[str, Any]] = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1},
                                      "f_dpo": {"f_divergence": "js_divergence"}}
@@ -658,15 +656,15 @@ def test_config_refuses_what_a_loss_cannot_train_under(tree: dict[str, Any], key
 
 def test_setup_refuses_a_batchwise_loss_over_several_processes() -> None:
     from dpokit.config import load_config
+    from dpokit.methods.dpo import DPO
     from dpokit.training.setup import setup
-    from dpokit.training.step import TASKS
 
     with pytest.raises(ConfigError, match=r"loss.name: loss aot sorts .* torchrun splits them over 2 processes"):
         check_training_setup(loss_config(name="aot"), world=2)
     cfg = load_config({"loss": {"name": "aot"}, "data": {"train": "pairs.jsonl"}})
     # The check comes before anything is loaded, so a stand-in for the process group is enough.
     with pytest.raises(ConfigError, match="torchrun splits"):
-        setup(cfg, SimpleNamespace(world=2, is_main=True), TASKS["dpo"])
+        setup(cfg, SimpleNamespace(world=2, is_main=True), DPO.spec)
     check_training_setup(loss_config(name="bco_pair"), world=2)  # state is the same on every rank: allowed
 
 
@@ -811,7 +809,7 @@ def test_validate_loss_config_accepts(fields: dict[str, Any]) -> None:
 
 
 def test_every_param_check_rejects_a_bool() -> None:
-    for name, checks in LOSS_PARAMS.items():
+    for name, checks in ((name, spec.params) for name, spec in SPECS.items()):
         for param, check in checks.items():
             if param != "reference_free":
                 assert check(True) is not None, (name, param)

@@ -123,7 +123,7 @@ def test_sync_every_decides_which_weights_are_sampled(tmp_path, monkeypatch):
     sample what steps 1 and 3 did; s larger than the run, the starting weights throughout while the policy
     moves. Semi-online DPO draws the responses of all the steps of a refresh in one generation call at the
     refresh (8 prompts x 8 samples a step), and the policy keeps training from its own weights."""
-    from dpokit.training.setup import train
+    from dpokit.api import train
 
     for s, save_every in ((1, 1), (2, 2), (100, None)):
         sampled, after, drawn = record_weights(monkeypatch)
@@ -174,7 +174,7 @@ def test_sigkill_then_resume_is_bit_identical_semi_online(tmp_path):
 def test_a_checkpoint_off_the_sync_grid_is_refused_unless_forced(tmp_path):
     """A run of 3 steps with s = 2 ends with a checkpoint at step 3, between refreshes: training it longer
     needs --force (the generator is then refreshed at step 4)."""
-    from dpokit.training.setup import train
+    from dpokit.api import train
 
     cfg = small_config(tmp_path, online={"sync_every": 2})
     run_dir = train(cfg)
@@ -185,7 +185,7 @@ def test_a_checkpoint_off_the_sync_grid_is_refused_unless_forced(tmp_path):
 
 
 def test_a_constant_reward_ties_every_pair_and_changes_nothing(tmp_path):
-    from dpokit.training.setup import train
+    from dpokit.api import train
 
     rewards = tmp_path / "flat.py"
     rewards.write_text("def flat(prompt, response):\n    return 1.0\n")
@@ -217,7 +217,7 @@ def test_pairs_best_worst_and_all_by_hand():
 def test_micro_batches_give_the_same_update(tmp_path):
     """8 prompts a step as batch 8 x accumulation 1 and 4 x 2: the same samples (one sampling batch), the same
     pairs, the loss divided by the step's pairs, so the same gradients up to fp32 summation order."""
-    from dpokit.training.setup import train
+    from dpokit.api import train
 
     runs = [train(small_config(tmp_path / f"b{b}", train={"batch_size": b, "grad_accum": 8 // b}))
             for b in (8, 4)]
@@ -306,8 +306,8 @@ def test_two_processes_sample_their_shares_of_the_step_prompts_and_count_both(tm
     every metric counts both shares. A rank's draws are seeded by (seed, step, rank), so the samples, and all
     computed from them (rewards, pairs, losses after step 1), differ from the one-process run's and are not
     compared with it; each run's metrics are checked against the responses its reward was called with."""
+    from dpokit.api import train
     from dpokit.methods.online import make_pairs
-    from dpokit.training.setup import train
 
     reward = tmp_path / "logged.py"
     reward.write_text(LOGGED_LETTER_E)
@@ -360,7 +360,7 @@ def test_an_llm_judge_as_the_reward_scores_every_sample_and_its_verdicts_make_th
     its prompt's chosen response by a local scripted judge, shown in either order; a win is 1, a loss 0, a
     malformed verdict 0.5 and counted in judge/malformed; each prompt's better verdict is paired with its worse,
     and a prompt whose 2 verdicts are equal is a tie."""
-    from dpokit.training.setup import train
+    from dpokit.api import train
     from test_judge import Judge, reply
 
     train_chosen = set(prefs_column(TRAIN_PREFS, "chosen"))
@@ -410,10 +410,10 @@ def test_a_reward_model_run_dir_is_a_reward(tmp_path, monkeypatch):
     held-out response is scored by the reward model in RUN_DIR/final as it scores on its own (rows tokenized
     with the run's lengths), and each prompt's highest-scored sample is trained against its lowest."""
     import dpokit.methods.online as online_module
+    from dpokit.api import rm, train
     from dpokit.methods.online import make_pairs
     from dpokit.methods.reward_model import load_reward_model
     from dpokit.methods.rollout import step_seed
-    from dpokit.training.setup import rm, train
 
     rm_cfg = yaml.safe_load((ROOT / "configs" / "tiny-rm.yaml").read_text())
     rm_cfg["data"].update(train=str(TRAIN_PREFS), eval=None)

@@ -182,7 +182,7 @@ def test_checkpoint_holds_no_pickle_and_refuses_non_finite_weights(tmp_path):
 
 
 def test_non_finite_step_is_skipped_without_changing_anything(tmp_path, monkeypatch):
-    import dpokit.training.step as train_module  # where the loss is called
+    import dpokit.methods.dpo as train_module  # where the loss is called
     real = train_module.compute_loss
     calls = {"n": 0}
 

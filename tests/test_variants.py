@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import dpokit
 from conftest import write_pairs
-from dpokit.losses import LISTWISE, LOSSES, UNPAIRED
+from dpokit.losses import LOSSES, SPECS
 from dpokit.training.checkpoint import read_trainer_state
 from dpokit.training.metrics import read_metrics
 from tolerances import METRIC_REL, assert_same_metrics
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"cdpo": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.1}, "simpo": {"beta": 2.0},
           "ipo": {"beta": 0.5}, "f_dpo": {"f_divergence": "js_divergence"}}
 # Further settings of a loss that change what it optimizes, each trained end to end as well.
-CASES = [(name, PARAMS.get(name, {})) for name in sorted(set(LOSSES) - LISTWISE - UNPAIRED)] + [
+CASES = [(name, PARAMS.get(name, {})) for name in sorted(LOSSES) if SPECS[name].on_pairs] + [
     ("f_dpo", {"f_divergence": "forward_kl"}), ("f_dpo", {"f_divergence": "reverse_kl"}),
     ("f_dpo", {"f_divergence": "alpha_divergence", "f_alpha_divergence_coef": 0.5}),
     ("sigmoid", {"ld_alpha": 0.5}), ("sigmoid", {"use_weighting": True})]
@@ -83,11 +83,11 @@ def test_wpo_weights_each_pairs_loss_in_the_training_forward():
 
     from dpokit.config import Config
     from dpokit.data.batch import collate_groups, regroup
+    from dpokit.methods.dpo import pair_forward
     from dpokit.models.loading import tiny_model
     from dpokit.models.logprobs import layout_logps
     from dpokit.training.distributed import LogpsModule
     from dpokit.training.reference import FrozenReference
-    from dpokit.training.step import pair_forward
 
     torch.manual_seed(0)
     policy = tiny_model(512, seed=0)
@@ -256,7 +256,7 @@ def test_kto_learns_unpaired_examples(tmp_path):
 
 @pytest.mark.equivalence
 def test_kto_reference_point_is_one_per_step_whatever_the_split(tmp_path):
-    """z_0 is estimated once per optimizer step from all of its examples (dpokit.training.step.kto_prepare), so batch 8 x
+    """z_0 is estimated once per optimizer step from all of its examples (dpokit.methods.kto.kto_prepare), so batch 8 x
     accumulation 1, 4 x 2 and 8 x 1 cut into passes by train.pass_tokens train the same steps; the held-out
     metrics get one z_0 over the held-out set, whatever eval.batch_size. z_0 > 0 from step 2 on (every label
     true: every completion gains), so a per-pass estimate would differ between the runs."""
@@ -285,8 +285,8 @@ def test_kto_reference_point_is_one_per_step_whatever_the_split(tmp_path):
 
 def test_kto_mismatched_pairs_and_stats_by_hand():
     from dpokit.data.tokenize import TokenizedGroup
+    from dpokit.methods.kto import mismatched
     from dpokit.training.metrics import KtoStats
-    from dpokit.training.step import mismatched
 
     items = [TokenizedGroup([1, 2], [[10, 11, 12]], "a", label=True), TokenizedGroup([3], [[20]], "b", label=False),
              TokenizedGroup([4, 5, 6], [[30, 31]], "c", label=True)]
@@ -346,11 +346,11 @@ def test_rpo_nll_with_ld_alpha_is_on_the_plain_chosen_log_prob():
 
     from dpokit.config import Config
     from dpokit.data.batch import collate_groups, regroup
+    from dpokit.methods.dpo import pair_forward
     from dpokit.models.loading import tiny_model
     from dpokit.models.logprobs import layout_logps
     from dpokit.training.distributed import LogpsModule
     from dpokit.training.reference import FrozenReference
-    from dpokit.training.step import pair_forward
 
     torch.manual_seed(0)
     policy = tiny_model(512, seed=0)

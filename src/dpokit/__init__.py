@@ -16,8 +16,7 @@ Objects in memory instead of paths, as TRL users write (``dpokit.api``)::
 
 from __future__ import annotations
 
-# The functions shadow their modules of the same name on purpose (``dpokit.train(...)`` is the API); the
-# modules stay importable as ``from dpokit.training.setup import ...``.
+# ``dpokit.api`` imports ``dpokit.methods``, whose modules register the kinds of training.
 from dpokit.api import rm, sft, train  # noqa: E402
 from dpokit.config import load_config  # noqa: E402
 from dpokit.evaluate.scoring import score  # noqa: E402

@@ -20,11 +20,10 @@ again: other rows are refused as changed data, and rows or a model not given are
 from __future__ import annotations
 
 import copy
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dpokit.methods  # noqa: F401  (every kind of training registers itself)
 from dpokit.config import Config, LoraConfig, load_config, read_yaml_tree
 from dpokit.data import memory
 from dpokit.errors import ConfigError, DpokitError
@@ -39,7 +38,10 @@ from dpokit.models.loading import (
     load_tokenizer,
     resolve,
 )
-from dpokit.training.setup import train as train_from_config
+from dpokit.terminal import note as _note
+from dpokit.training.kinds import choose_kind
+from dpokit.training.loop import train_kind
+from dpokit.training.step import ModelLoader
 
 ConfigSource = str | Path | dict[str, Any] | Config | None
 DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16"}
@@ -48,26 +50,38 @@ DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16"}
 def train(config: ConfigSource = None, overrides: list[str] | None = None, *, model: Any = None,
           tokenizer: Any = None, train_data: Any = None, eval_data: Any = None, resume: bool = False,
           force: bool = False, task: str = "dpo", **kwargs: Any) -> Path:
-    """Train and return the run directory, as ``dpokit.training.setup.train`` does (see there for ``overrides``,
-    ``resume``, ``force``, ``task`` and ``kwargs``), with any of the model, tokenizer and data given as objects
-    (see the module docstring); those not given come from the config as usual."""
+    """Train and return the run directory.
+
+    ``config`` is a YAML path, a dict or a Config; ``overrides`` are CLI-style ``key=value`` strings and
+    ``kwargs`` dotted keys written with ``__`` (``train__max_steps=3``). ``resume`` continues from the newest
+    complete checkpoint in ``run_dir``; ``force`` allows resuming with changed settings. ``task`` is the
+    command: ``dpo`` (the configured preference loss; online DPO on its own samples when ``online.reward`` or
+    ``online.judge_url`` is set, ``dpokit.methods.online``; KTO with an unpaired loss), ``sft`` (negative
+    log-likelihood of the chosen responses), ``rm`` (a Bradley-Terry reward model,
+    ``dpokit.methods.reward_model``; ``final/`` is a ``*ForSequenceClassification``) or ``ppo``
+    (``dpokit.methods.ppo``); ``dpokit.training.kinds.choose_kind`` picks the kind. Launched by torchrun, every
+    process calls this (``dpokit.training.distributed``); a failure on any rank ends every rank with one line
+    naming it.
+
+    Any of the model, tokenizer and data may be given as objects (see the module docstring); those not given
+    come from the config as usual."""
     if tokenizer is not None and model is None:
         raise ConfigError("tokenizer: given without model=; a model loaded from model.name_or_path uses its own "
                           "tokenizer (give both objects, or neither)")
     peft = model is not None and _is_peft(model)
     if model is not None:
         cfg = _with_settings(config, overrides, kwargs, _model_settings(model, peft))
-        if task == "rm" or (task == "dpo" and (cfg.online.reward or cfg.online.judge_url)):
-            what = "dpokit rm" if task == "rm" else "online DPO"
-            raise ConfigError(f"model: {what} loads its model from model.name_or_path; a model object trains "
-                              "with dpokit train (offline DPO and its variants) and dpokit sft")
+        kind = choose_kind(cfg, task)
+        if not kind.takes_model_object:
+            raise ConfigError(f"model: {kind.title} loads its model from model.name_or_path; a model object "
+                              "trains with dpokit train (offline DPO and its variants) and dpokit sft")
         tokenizer = _tokenizer(model, tokenizer)
     else:
         cfg = load_config(config, overrides, **kwargs)
     if resume or cfg.train.resume == "auto":
         _check_given_again(cfg, model, train_data)
     if model is None and train_data is None and eval_data is None:
-        return train_from_config(cfg, resume=resume, force=force, task=task)
+        return train_kind(cfg, command=task, resume=resume, force=force)
     with memory.given({"train_data": train_data, "eval_data": eval_data}) as markers:
         for name, key in (("train_data", "train"), ("eval_data", "eval")):
             if name in markers:
@@ -76,17 +90,21 @@ def train(config: ConfigSource = None, overrides: list[str] | None = None, *, mo
                     _note(f"data.{key}: the rows given as {name} replace {before}")
                 setattr(cfg.data, key, markers[name])
         load = _loader(model, tokenizer, peft) if model is not None else None
-        return train_from_config(cfg, resume=resume, force=force, task=task, load=load)
+        return train_kind(cfg, command=task, resume=resume, force=force, load=load)
 
 
 def sft(config: ConfigSource = None, overrides: list[str] | None = None, **kwargs: Any) -> Path:
-    """:func:`train` with ``task="sft"`` (``dpokit.training.setup.sft``), objects accepted as there."""
+    """Supervised fine-tuning on the chosen responses of a preference file (the paper's pi_SFT stage), with the
+    same loop, data path and run directory as DPO: :func:`train` with ``task="sft"``, objects accepted as
+    there."""
     return train(config, overrides, task="sft", **kwargs)
 
 
 def rm(config: ConfigSource = None, overrides: list[str] | None = None, **kwargs: Any) -> Path:
-    """:func:`train` with ``task="rm"`` (``dpokit.training.setup.rm``); in-memory data accepted (the model is loaded
-    from the config: it becomes a reward model)."""
+    """A Bradley-Terry reward model on the same preference data, loop and run directory (``dpokit rm``);
+    ``RUN_DIR/final`` loads with ``AutoModelForSequenceClassification`` and serves as a reward
+    (``dpokit.rewards.get_reward(RUN_DIR)``). :func:`train` with ``task="rm"``; in-memory data accepted (the
+    model is loaded from the config: it becomes a reward model)."""
     return train(config, overrides, task="rm", **kwargs)
 
 
@@ -180,12 +198,12 @@ def _tokenizer(model: Any, tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _loader(model: Any, tokenizer: Any, peft: bool) -> Callable[[Config, str, Callable[[str], None]], Models]:
-    """``Task.load`` for a model object: as ``dpokit.models.loading.load_models`` builds the models from a loaded
+def _loader(model: Any, tokenizer: Any, peft: bool) -> ModelLoader:
+    """``KindSpec.load`` for a model object: as ``dpokit.models.loading.load_models`` builds the models from a loaded
     policy. The reference, when one is held, is a frozen copy of the object's starting weights (a PeftModel's
     merged), or ``model.ref_name_or_path`` loaded."""
 
-    def load(cfg: Config, reference: str, note: Callable[[str], None]) -> Models:
+    def load(cfg: Config, reference: str) -> Models:
         base = model.get_base_model() if peft else model
         base.config._attn_implementation = cfg.model.attn_implementation  # resolved for this run by now
         if cfg.model.disable_dropout:
@@ -229,6 +247,3 @@ def _check_given_again(cfg: Config, model: Any, train_data: Any) -> None:
                           "it with the same model: dpokit.train(config, model=model, tokenizer=tokenizer, "
                           "resume=True)")
 
-
-def _note(message: str) -> None:
-    print(f"dpokit: {message}", file=sys.stderr, flush=True)

@@ -98,16 +98,12 @@ def is_main_process() -> bool:
 
 
 def cmd_train(args: argparse.Namespace, task: str = "dpo") -> int:
-    """``dpokit train`` (DPO), ``sft``, ``rm`` and ``ppo``: the same options, one library call each."""
+    """``dpokit train`` (DPO), ``sft``, ``rm`` and ``ppo``: the same options, one library call
+    (``dpokit.api.train``, which picks the kind of training by ``dpokit.training.kinds.choose_kind``)."""
     launch_nproc(args)
-    if task == "ppo":
-        from dpokit.methods.ppo import ppo
+    from dpokit.api import train
 
-        run_dir = ppo(args.config, args.overrides, resume=args.resume, force=args.force)
-    else:
-        from dpokit.training.setup import train
-
-        run_dir = train(args.config, args.overrides, resume=args.resume, force=args.force, task=task)
+    run_dir = train(args.config, args.overrides, resume=args.resume, force=args.force, task=task)
     if is_main_process():
         if task == "dpo":
             print_before_after(run_dir)

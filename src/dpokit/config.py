@@ -394,7 +394,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _loss_is_known(self) -> Config:
-        from dpokit.losses import LISTWISE, check_training_setup, validate_loss_config
+        from dpokit.losses import check_training_setup, trained_kind, validate_loss_config
         from dpokit.models.quantize import check_quantize
 
         validate_loss_config(self.loss)
@@ -403,11 +403,11 @@ class Config(Section):
         if self.loss.ld_alpha is not None and self.reference.mode == "store":
             raise ValueError("loss.ld_alpha: the reference store keeps whole-response log-probs, not LD-DPO's split "
                              "at the shorter response's length; use reference.mode: model (or adapter with LoRA)")
-        if self.loss.use_weighting and self.loss.name in LISTWISE and not self.loss.weights:
+        if self.loss.use_weighting and trained_kind(self.loss) == "listwise":
             raise ValueError(f"loss.use_weighting: WPO weighs pairs; the listwise loss {self.loss.name} takes "
                              "rankings, use a pairwise loss")
         self._reference_sync_fits()
-        if self.loss.name == "kto" and not self.loss.weights:
+        if trained_kind(self.loss) == "unpaired":
             if self.reference.mode == "store":
                 raise ValueError("loss.name: kto scores mismatched prompt/completion pairs the reference store does "
                                  "not hold; use reference.mode: model (or adapter with LoRA)")

@@ -12,6 +12,11 @@ import sys
 from typing import IO, Any
 
 
+def note(message: str) -> None:
+    """A one-line note on stderr, ``dpokit: message``, as every command says what it decided."""
+    print(f"dpokit: {message}", file=sys.stderr, flush=True)
+
+
 def no_color() -> bool:
     return bool(os.environ.get("NO_COLOR"))
 

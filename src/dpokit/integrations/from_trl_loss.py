@@ -61,11 +61,11 @@ def loss_section(values: dict[str, Any], given: dict[str, Any], out: Any, known:
     elif given.get("f_alpha_divergence_coef") not in (None, F_ALPHA_DEFAULT, 1.0):
         out.unmapped["f_alpha_divergence_coef"] = "used by TRL only with f_divergence_type alpha_divergence"
     if len(names) > 1 or weights != [1.0]:
-        from dpokit.losses.registry import LOSS_STATE
+        from dpokit.losses.registry import loss_spec
 
         # A loss with state (bco_pair's delta) goes first: its state follows the first loss's rewards. The order
         # of a sum changes nothing else.
-        order = sorted(range(len(names)), key=lambda i: names[i] not in LOSS_STATE)
+        order = sorted(range(len(names)), key=lambda i: loss_spec(names[i]).state is None)
         out.put("loss.weights", {names[i]: weights[i] for i in order})
     else:
         out.put("loss.name", names[0])

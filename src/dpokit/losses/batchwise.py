@@ -31,7 +31,7 @@ def _smoothed_logistic(logits: torch.Tensor, label_smoothing: float) -> torch.Te
     return (1 - label_smoothing) * -F.logsigmoid(logits) + label_smoothing * -F.logsigmoid(-logits)
 
 
-@register("aot", {"label_smoothing": check_flip_rate})
+@register("aot", {"label_smoothing": check_flip_rate}, kind="batchwise")
 def aot_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -62,7 +62,7 @@ def aot_loss(
             beta * (policy_rejected_logps - ref_rejected_logps).detach())
 
 
-@register("aot_unpaired", {"label_smoothing": check_flip_rate})
+@register("aot_unpaired", {"label_smoothing": check_flip_rate}, kind="batchwise")
 def aot_unpaired_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from dpokit.losses.registry import register
 
 
-@register("plackett_luce")
+@register("plackett_luce", kind="listwise")
 def plackett_luce_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,

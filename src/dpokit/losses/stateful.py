@@ -55,7 +55,7 @@ def bco_pair_loss(
     trained on so far, the paper's moving-average estimate of the mean reward (the paper shows the classifier's
     binary cross-entropy bounds the DPO loss from above and shifts the rewards by delta to tighten that
     bound). It is state: the
-    training step supplies it (``LOSS_STATE["bco_pair"]``, constant within an optimizer step, 0 at the first,
+    training step supplies it (``SPECS["bco_pair"].state``, constant within an optimizer step, 0 at the first,
     where pi = pi_ref makes every reward 0 anyway); called directly, pass ``delta``. Unlike DPO, each response
     is classified on its own, so the chosen reward is pushed above delta and the rejected one below it.
     Shapes: every input and output is (batch,).

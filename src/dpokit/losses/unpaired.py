@@ -3,7 +3,7 @@
 The data format is ``{"prompt": ..., "completion": ..., "label": true | false}`` (``dpokit.data.formats``); each
 example's response is scored alone. These losses do not take the pairwise signature: ``kto_loss`` takes (batch,)
 tensors of one response each, its labels and the batch's KL baseline. They are registered so that configs can
-name them, and ``compute_loss`` (pairwise) refuses them (``UNPAIRED``).
+name them (``kind="unpaired"``): KTO is its own kind of training, and ``compute_loss`` (pairwise) refuses them.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ def kto_kl_baseline(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -
     where y'_j is a *mismatched* completion (another example's, so the estimate is not the example's own
     reward), clamped at 0 because a KL is never negative. No gradient flows through it: the paper uses it only
     to place the value function's reference point. Shapes: (n,) in, a 0-d tensor out. Training estimates it once
-    per optimizer step from all of the step's examples, summed over every rank (``dpokit.training.step.kto_prepare``), so
+    per optimizer step from all of the step's examples, summed over every rank (``dpokit.methods.kto.kto_prepare``), so
     it does not depend on how the step is split into micro-batches or processes."""
     return (policy_kl_logps.detach() - ref_kl_logps.detach()).mean().clamp(min=0)
 
 
-@register("kto", {"desirable_weight": check_positive, "undesirable_weight": check_positive})
+@register("kto", {"desirable_weight": check_positive, "undesirable_weight": check_positive},
+          kind="unpaired")
 def kto_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,

@@ -12,9 +12,10 @@ Offline DPO trains on pairs sampled once, from pi_ref, by someone else. Here eac
          score:   the reward (a function, a reward model, an LLM judge) of every response
          pair:    best against worst per prompt, or every pair whose scores differ (online.pairs); a pair whose
                   scores differ by online.min_margin or less is a tie: dropped and counted
-         train:   the pairs through the configured pairwise loss against pi_ref (dpokit.training.step.pair_forward, via
-                  the DPO task's forward), the loss summed and divided by the pairs kept over every rank, then
-                  dpokit.training.step.apply_update; a step where every pair tied updates nothing and says so
+         train:   the pairs through the configured pairwise loss against pi_ref (the DPO pass,
+                  dpokit.methods.dpo.preference_forward), the loss summed and divided by the pairs kept over every
+                  rank, then dpokit.training.step.apply_update; a step where every pair tied updates nothing and
+                  says so
     -> final checkpoint -> RUN_DIR/final
 
 A step draws train.batch_size x train.grad_accum x processes prompts: with ``best_worst`` and no ties that is
@@ -57,7 +58,8 @@ import torch
 from dpokit.config import Config, ConfigError
 from dpokit.data.batch import PairStream, collate_tokenized, regroup, to_device
 from dpokit.data.tokenize import TokenizedGroup
-from dpokit.losses import LISTWISE
+from dpokit.losses import configured_specs
+from dpokit.methods.dpo import DPO_TASK
 from dpokit.methods.rollout import (
     PromptItem,
     held_out,
@@ -74,21 +76,14 @@ from dpokit.models.generate import Sample, SamplingParams, eos_token_ids
 from dpokit.models.logprobs import batch_logps
 from dpokit.rewards import RewardFn
 from dpokit.training.distributed import Dist
-from dpokit.training.metrics import PairStats
-from dpokit.training.setup import export_final, loop, restore, setup
-from dpokit.training.step import (
-    Run,
-    Task,
-    apply_update,
-    backward_passes,
-    forward_passes,
-    pairs_of_step,
-    preference_forward,
-)
+from dpokit.training.kinds import Kind, register_kind
+from dpokit.training.loop import loop
+from dpokit.training.setup import export_final, restore, setup
+from dpokit.training.step import KindSpec, Run, apply_update, backward_passes, forward_passes
 
-ONLINE_TASK = Task("online", preference_forward, pairs_of_step, PairStats, needs_reference=True, chosen_only=False)
-"""Online DPO as a kind of training: the DPO pass (``preference_forward``) on pairs made during the step; its
-own name, so a checkpoint of an offline run is not resumed as an online one (or the reverse)."""
+ONLINE_SPEC = KindSpec("online", needs_reference=True, sampled_per_process=True)
+"""Online DPO's run: the DPO pass (``DPO_TASK``) on pairs made during the step; its own name, so a checkpoint
+of an offline run is not resumed as an online one (or the reverse)."""
 
 
 # --------------------------------------------------------------------------------------------- the generator
@@ -235,7 +230,7 @@ def online_step(online: Online, step: int) -> dict[str, Any]:
     row: dict[str, Any] = {"step": step, "split": "train"}
     if n_pairs:
         placeholder = groups[0] if groups else to_group(samples[0], samples[1], cfg.data.max_length, "placeholder")
-        stats, computed, real = backward_passes(run, pair_passes(run, groups, placeholder), n_pairs)
+        stats, computed, real = backward_passes(run, DPO_TASK, pair_passes(run, groups, placeholder), n_pairs)
         means = stats.means()
         grad_norm, lr = apply_update(run, step, means["loss"])
         row.update(tokens=stats.tokens, **means, grad_norm=grad_norm, lr=lr,
@@ -307,7 +302,7 @@ def check_config(cfg: Config, dist: Dist) -> None:
     if dist.sharded:
         raise ConfigError("distributed.strategy: online DPO runs with 'ddp' (sampling from an FSDP-sharded "
                           "policy is not supported yet)")
-    if cfg.loss.name in LISTWISE or any(name in LISTWISE for name in cfg.loss.weights or {}):
+    if any(spec.kind == "listwise" for spec in configured_specs(cfg.loss)):
         raise ConfigError(f"loss.name: online DPO trains pairs; {cfg.loss.name!r} is a listwise loss")
     s, every = cfg.online.sync_every, cfg.train.save_every
     if s > 1 and every and every % s:
@@ -328,7 +323,7 @@ def load_online(cfg: Config, dist: Dist, resume: bool = False) -> Online:
                     if cfg.data.eval else [])
         return train, held_out
 
-    run = setup(cfg, dist, ONLINE_TASK, resume=resume, items=prompts)
+    run = setup(cfg, dist, ONLINE_SPEC, resume=resume, items=prompts)
     if reward is None:
         reward = judge_reward(o.judge_url, o.judge_model, o.judge_key_env, cfg.train.seed,
                               run.train_items + run.eval_items, cfg.data.train, "online")
@@ -340,7 +335,8 @@ def load_online(cfg: Config, dist: Dist, resume: bool = False) -> Online:
 
 
 def train_online(cfg: Config, dist: Dist, *, resume: bool, force: bool) -> Path:
-    """Online DPO from a config (``dpokit.training.setup.train`` dispatches here); returns the run directory."""
+    """Online DPO from a config (``ONLINE``'s run: ``dpokit.training.loop.train_kind`` dispatches here); returns
+    the run directory."""
     online = load_online(cfg, dist, resume=resume)
     run = online.run
     if run.checkpoint is not None:
@@ -355,3 +351,9 @@ def train_online(cfg: Config, dist: Dist, *, resume: bool, force: bool) -> Path:
     held_out = (lambda: evaluate(online)) if run.eval_items else None
     # A signal stops semi-online DPO at a generator refresh too: only there is a checkpoint exactly resumable.
     return loop(run, lambda _, n: online_step(online, n), held_out, export_final, stop_every=cfg.online.sync_every)
+
+
+ONLINE = register_kind(Kind(
+    name="online", command="dpo", title="online DPO", spec=ONLINE_SPEC, run=train_online,
+    selected_by=lambda cfg: bool(cfg.online.reward or cfg.online.judge_url)))
+"""``dpokit train`` with ``online.reward`` or ``online.judge_url`` set: DPO on the policy's own samples."""

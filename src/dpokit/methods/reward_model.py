@@ -12,9 +12,10 @@ the rightmost token of the row that is not ``config.pad_token_id`` (transformers
 exported ``final/`` scores exactly what was trained. Rows are always padded (one per prompt + response): in the
 packed layout several responses share a row, and the model's reading rule would pick only the last of them.
 
-Training reuses everything of ``dpokit train`` (data, loop, checkpoints, exact resume, torchrun, precision) through
-the ``rm`` task in ``dpokit.training.step.TASKS``; this module holds what differs: building the model, the forward, the
-loss, and the trained model as a reward (``load_reward_model``, used by ``dpokit.rewards.get_reward``).
+Training reuses everything of ``dpokit train`` (data, loop, checkpoints, exact resume, torchrun, precision) as the
+``rm`` kind of training (``RM``, registered in ``dpokit.training.kinds``); this module holds what differs: building
+the model, the forward, the loss, and the trained model as a reward (``load_reward_model``, used by
+``dpokit.rewards.get_reward``).
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ from dpokit.models.loading import (
     disable_dropout,
     load_models,
     load_tokenizer,
-    seeded_model,
 )
+from dpokit.models.source import seeded_model
+from dpokit.training.kinds import Kind, register_kind
+from dpokit.training.metrics import RewardModelStats
+from dpokit.training.step import KindSpec, PassOutput, Run, Task, pairs_of_step
 
 if TYPE_CHECKING:
     from dpokit.config import Config
-    from dpokit.training.step import Record, Run
 
 
 # -------------------------------------------------------------------------------------------------- the loss
@@ -118,7 +121,7 @@ def reward_model_from_causal(lm: nn.Module, pad_token_id: int, seed: int) -> nn.
     return model
 
 
-def load_reward_models(cfg: Config, reference: str, note: Callable[[str], None]) -> Models:
+def load_reward_models(cfg: Config, reference: str) -> Models:
     """The ``rm`` task's models: the policy loaded as ``dpokit train`` loads it, turned into a reward model
     (``reward_model_from_causal``), dropout off when configured, then LoRA adapters (peft ``SEQ_CLS``) with the
     score head trained whole. No reference: a reward model has none (``reference`` is ignored)."""
@@ -130,10 +133,16 @@ def load_reward_models(cfg: Config, reference: str, note: Callable[[str], None])
     policy.train()
     if cfg.model.lora is not None:
         policy = apply_lora(policy, cfg.model.lora, task_type="SEQ_CLS", modules_to_save=[score_head_name(policy)])
-    if tokenizer.pad_token_id in (tokenizer.eos_token_id, token_rules(tokenizer).eot_id):
-        note(f"the tokenizer pads with its end token (id {tokenizer.pad_token_id}): the reward is read at the last "
-             "token before the response's end token, as AutoModelForSequenceClassification reads it")
     return replace(models, policy=policy, reference=None)  # the causal LM is dropped with ``models``
+
+
+def where_reward_is_read(models: Models) -> str | None:
+    """The note a tokenizer that pads with its end token deserves (``KindSpec.remark``)."""
+    tokenizer = models.tokenizer
+    if tokenizer.pad_token_id not in (tokenizer.eos_token_id, token_rules(tokenizer).eot_id):
+        return None
+    return (f"the tokenizer pads with its end token (id {tokenizer.pad_token_id}): the reward is read at the last "
+            "token before the response's end token, as AutoModelForSequenceClassification reads it")
 
 
 # ------------------------------------------------------------------------------------------- the training pass
@@ -148,11 +157,20 @@ def pair_rewards(model: nn.Module, items: Sequence[Any], pad_id: int, device: to
     return grouped[:, 0], grouped[:, 1], batch
 
 
-def reward_forward(run: Run, items: list[Any]) -> tuple[torch.Tensor, Record, dict[str, Any]]:
-    """The ``rm`` task's pass: the Bradley-Terry loss summed over the pass's pairs."""
+def reward_forward(run: Run, items: list[Any]) -> PassOutput:
+    """The ``rm`` kind's pass: the Bradley-Terry loss summed over the pass's pairs."""
     chosen, rejected, batch = pair_rewards(run.model, items, run.tokenizer.pad_token_id, run.device, run.autocast)
     losses = bradley_terry_loss(chosen, rejected)
-    return losses.sum(), lambda stats: stats.add(losses, chosen, rejected, batch["tokens"]), batch
+    return PassOutput(losses.sum(), lambda stats: stats.add(losses, chosen, rejected, batch["tokens"]), batch)
+
+
+RM = register_kind(Kind(
+    name="rm", command="rm", title="dpokit rm",
+    # Padded rows only: the reward is read at a row's end.
+    spec=KindSpec("rm", needs_reference=False, evaluates=True, load=load_reward_models, module=RewardModule,
+                  layouts=("padded",), remark=where_reward_is_read),
+    task=Task(reward_forward, pairs_of_step, RewardModelStats)))
+"""``dpokit rm``: a Bradley-Terry reward model, averaged over every pair of the step."""
 
 
 # --------------------------------------------------------------------------------------- a trained model as reward

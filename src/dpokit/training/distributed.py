@@ -25,7 +25,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -37,8 +37,20 @@ from dpokit.models.sharded import hold_in, is_skeleton, materialize
 T = TypeVar("T")
 
 
+class SlotLogps(NamedTuple):
+    """What ``LogpsModule`` computes for each response ("slot") of a batch, (S,) each."""
+
+    logps: torch.Tensor
+    """Summed response log-probs (with LD-DPO's ``target_weight`` when the batch has one)."""
+    n_tokens: torch.Tensor
+    log_weights: torch.Tensor | None = None
+    """WPO's log-weights, without gradient; only when asked (``wpo=True``)."""
+    unweighted: torch.Tensor | None = None
+    """The summed log-probs without ``target_weight``; only when asked (``unweighted=True``)."""
+
+
 class LogpsModule(nn.Module):
-    """``batch -> (logps, n_tokens)`` of a causal LM as one module call (``wpo=True``: also WPO's log-weights;
+    """``batch -> SlotLogps`` of a causal LM as one module call (``wpo=True``: also WPO's log-weights;
     ``unweighted=True``: also the log-probs without LD-DPO's token weights).
 
     DDP and FSDP act through hooks on module calls: wrapping the whole log-prob computation (decoder, then the
@@ -50,8 +62,9 @@ class LogpsModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, Any], wpo: bool = False, unweighted: bool = False) -> tuple[torch.Tensor, ...]:
-        return batch_logps(self.model, batch, wpo=wpo, unweighted=unweighted)
+    def forward(self, batch: dict[str, Any], wpo: bool = False, unweighted: bool = False) -> SlotLogps:
+        logps, n_tokens, *extra = batch_logps(self.model, batch, wpo=wpo, unweighted=unweighted)
+        return SlotLogps(logps, n_tokens, extra[0] if wpo else None, extra[-1] if unweighted else None)
 
 
 @dataclass

@@ -65,13 +65,13 @@ class FrozenReference:
 
     def __init__(self, model: nn.Module, dist: Dist | None = None):
         self.model = freeze(model)
-        self.logps_module = (dist or Dist()).wrap_frozen(self.model)  # batch -> (logps, n_tokens)
+        self.logps_module = (dist or Dist()).wrap_frozen(self.model)  # batch -> SlotLogps
 
     @torch.no_grad()
     def logps(self, batch: dict[str, Any], items: Sequence[TokenizedGroup], autocast: Autocast) -> torch.Tensor:
         """Reference log-probs of every response in ``batch``, grouped: (G, K)."""
         with autocast():
-            logps, _ = self.logps_module(batch)
+            logps = self.logps_module(batch).logps
         return regroup(logps, batch)
 
 

@@ -12,7 +12,7 @@ split: every process draws the same global list of pairs for a step (``PairStrea
 global number of pairs, so 2 processes x batch 4, 1 x 8 and 1 x 4 x accumulation 2 train the same pairs in
 the same order to the same gradient, up to the order of fp32 sums. A run may therefore resume on another
 number of processes (a cluster gives back fewer GPUs) when the global batch stays; the kinds of training that
-sample responses per process (``SAMPLED_PER_PROCESS``) are the exception.
+sample responses per process (``KindSpec.sampled_per_process``: online DPO, PPO) are the exception.
 """
 
 from __future__ import annotations
@@ -31,16 +31,12 @@ import torch
 from dpokit.config import Config, result_settings
 from dpokit.errors import ConfigError
 from dpokit.io import write_text
+from dpokit.training.kinds import KINDS
 
 GROWABLE = ("train.max_steps", "train.epochs")
 """May change on resume while the learning rate is constant after warmup (to train longer); a decaying schedule
 is stretched by them, and a ``train.warmup_ratio`` warmup lengthened, so then they are guarded like every other
 result-altering key."""
-
-SAMPLED_PER_PROCESS = frozenset({"online", "ppo"})
-"""Kinds of training (``Task.name``) whose steps sample responses in each process, seeded by (seed, step,
-rank) over that process's share of the prompts (``dpokit.methods.online``, ``dpokit.methods.ppo``): another number of
-processes samples other responses, so for them the number of processes itself must stay."""
 
 SPLIT = ("train.batch_size", "train.grad_accum")
 """How the global batch is split: free to change on resume as long as the global batch stays."""
@@ -121,10 +117,11 @@ def check_resume_settings(saved: dict[str, Any], current: Config, data_fingerpri
                           task: str = "dpo") -> str | None:
     """Refuse to resume when a setting that alters the remaining steps differs from the checkpoint's. Returns
     a note when only the split of the global batch changed (processes, per-process batch, accumulation), which
-    the run continues with; None when nothing did."""
+    the run continues with; None when nothing did. A kind of training ``task`` that samples its responses in
+    each process (``KindSpec.sampled_per_process``) must keep the number of processes itself."""
     before, after = result_settings(saved), result_settings(current.model_dump(mode="json"))
     note = None
-    if task in SAMPLED_PER_PROCESS:
+    if task in KINDS and KINDS[task].spec.sampled_per_process:
         if saved_world != world:
             raise ConfigError(f"distributed: the number of processes changed since the checkpoint ({saved_world} "
                               f"-> {world}); dpokit {task} samples its responses in each process, so another "

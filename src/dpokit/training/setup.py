@@ -1,23 +1,19 @@
-"""The training run, explicit and in one place: DPO and its variants, SFT on the chosen responses.
-
-    setup (config -> models -> data -> reference -> optimizer) -> restore (when resuming)
-    -> for each optimizer step: train_step (dpokit.training.step), log, maybe evaluate, maybe checkpoint
-    -> final checkpoint -> RUN_DIR/final (a plain Hugging Face folder)
+"""Building a training run and keeping it: ``setup`` (config -> models -> data -> reference -> optimizer, in
+one ``Run``), ``restore`` from a checkpoint, ``save`` one, ``export_final`` (RUN_DIR/final, a plain Hugging Face
+folder). ``dpokit.training.loop`` runs the steps between them; ``dpokit.training.kinds`` says which kind of
+training runs.
 
 Under ``torchrun`` every process runs this same code (``dpokit.training.distributed``): all ranks draw the same global
 pairs of a step and each trains its share, so 2 ranks x batch 4 is 1 rank x batch 8; metrics are reduced over
-ranks and written by rank 0, which alone touches the run folder. A new kind of training reuses ``setup``,
-``restore``, ``save`` and ``train_step`` with a ``dpokit.training.step.Task`` of its own.
+ranks and written by rank 0, which alone touches the run folder. Every kind of training reuses ``setup`` (with
+its ``dpokit.training.step.KindSpec``), ``restore``, ``save`` and ``export_final``.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +21,18 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dpokit.config import Config, load_config, save_config
+from dpokit.config import Config, save_config
 from dpokit.data import DataReport, overlap_report
 from dpokit.data.batch import PairStream
 from dpokit.data.cache import cache_root, load_cached
 from dpokit.errors import ConfigError, DpokitError
-from dpokit.integrations.trackers import open_trackers
 from dpokit.io import write_json
-from dpokit.losses import LISTWISE, UNPAIRED, check_training_setup
+from dpokit.losses import check_training_setup, trained_kind
 from dpokit.models.hardware import choose_attention, resolve_precision
-from dpokit.models.loading import load_models
+from dpokit.models.loading import cache_dir, load_models
 from dpokit.models.quantize import dequantize, torchao
 from dpokit.models.sharded import on_device
+from dpokit.terminal import note
 from dpokit.training.checkpoint import (
     export_hf,
     full_state_dict,
@@ -47,9 +43,7 @@ from dpokit.training.checkpoint import (
     save_checkpoint,
 )
 from dpokit.training.distributed import Dist
-from dpokit.training.distributed import setup as setup_distributed
-from dpokit.training.metrics import HealthMonitor, MetricsWriter, Progress
-from dpokit.training.preempt import stop_on_signals
+from dpokit.training.metrics import Progress
 from dpokit.training.reference import (
     FrozenReference,
     build_reference,
@@ -66,7 +60,7 @@ from dpokit.training.resume import (
     set_rng_state,
     truncate_metrics,
 )
-from dpokit.training.step import TASKS, Autocast, Run, Task, held_out_metrics, load_policy, train_step
+from dpokit.training.step import Autocast, KindSpec, Run, load_policy
 
 # ------------------------------------------------------------------------------------------------------ pieces
 
@@ -137,12 +131,13 @@ def compile_layers(model: torch.nn.Module) -> None:
         layer.compile(dynamic=True)
 
 
-def _note(message: str) -> None:
-    print(f"dpokit: {message}", file=sys.stderr, flush=True)
-
-
-def _quiet(message: str) -> None:
+def quiet(message: str) -> None:
     """Notes of ranks other than 0 (rank 0 says the same)."""
+
+
+def notes_for(dist: Dist) -> Callable[[str], None]:
+    """How this process says a note: rank 0 on stderr (``dpokit.terminal.note``), the others not at all."""
+    return note if dist.is_main else quiet
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -151,22 +146,20 @@ def open_run_dir(cfg: Config, resume: bool) -> Path | None:
     """Rank 0's part of setup: the run folder prepared, the resolved config saved, and the checkpoint to resume
     from (None to start afresh)."""
     run_dir = prepare_run_dir(cfg, resume)
-    checkpoint = newest_complete(run_dir, _note) if resume else None
+    checkpoint = newest_complete(run_dir, note) if resume else None
     if resume and checkpoint is None and (run_dir / "metrics.jsonl").exists():
-        _note(f"no complete checkpoint in {run_dir}; starting from step 0")
+        note(f"no complete checkpoint in {run_dir}; starting from step 0")
         (run_dir / "metrics.jsonl").unlink()
     save_config(cfg, run_dir / "config.yaml")
     return checkpoint
 
 
-def load_items(cfg: Config, tokenizer: Any, task: Task, note: Callable[[str], None],
+def load_items(cfg: Config, tokenizer: Any, task: KindSpec, note: Callable[[str], None],
                dist: Dist) -> tuple[Sequence[Any], Sequence[Any]]:
     """Training and held-out groups (pairs, or rankings for a listwise loss) from the data cache, memory-mapped
     (``dpokit.data.cache.load_cached``), and RUN_DIR/data_report.json (rows read = kept + dropped by reason, and
     the train/eval overlap). The data layer is told where dpokit's cache is and how to show progress."""
-    from dpokit.models.loading import cache_dir
-
-    listwise = cfg.loss.name in LISTWISE and task.needs_reference
+    listwise = trained_kind(cfg.loss) == "listwise" and task.needs_reference
     want = "ranked" if listwise else "unpaired" if task.name == "kto" else "pairs"
     bar = Progress if dist.is_main and cfg.train.progress else None
 
@@ -201,15 +194,15 @@ def steps_for(train_cfg: Any, n_items: int, world: int = 1) -> tuple[int, int]:
     return math.ceil(total_pairs / pairs_per_step), total_pairs
 
 
-def fit_layout(cfg: Config, task: Task, note: Callable[[str], None]) -> None:
-    """``train.layout`` as the task computes it, said once when it changes; before ``resolve_hardware``, whose
+def fit_layout(cfg: Config, spec: KindSpec, note: Callable[[str], None]) -> None:
+    """``train.layout`` as the kind computes it, said once when it changes; before ``resolve_hardware``, whose
     attention choice depends on the layout. A NEUTRAL setting: the numbers are the same in any layout."""
-    if cfg.train.layout not in task.layouts:
-        note(f"train.layout {cfg.train.layout} -> {task.layouts[0]} (what dpokit {task.name} computes)")
-        cfg.train.layout = task.layouts[0]
+    if cfg.train.layout not in spec.layouts:
+        note(f"train.layout {cfg.train.layout} -> {spec.layouts[0]} (what dpokit {spec.name} computes)")
+        cfg.train.layout = spec.layouts[0]
 
 
-def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False,
+def setup(cfg: Config, dist: Dist, spec: KindSpec, resume: bool = False,
           items: Callable[[Any], tuple[list[Any], list[Any]]] | None = None) -> Run:
     """Everything a run needs, in one ``Run``: the run folder, models (the policy wrapped for DDP / FSDP), the
     data, the reference, optimizer, scheduler and data stream, and the checkpoint to resume from. ``items``
@@ -220,33 +213,36 @@ def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False,
     check_training_setup(cfg.loss, world=dist.world)  # the config checked the rest; the processes are known now
     if cfg.train.optimizer == "adamw_8bit":  # before the models load: a missing extra fails in a second
         torchao("train.optimizer: adamw_8bit")
-    note = _note if dist.is_main else _quiet
+    note = notes_for(dist)
     device = dist.device
-    fit_layout(cfg, task, note)
+    fit_layout(cfg, spec, note)
     resolve_hardware(cfg, device, note)  # before config.yaml is written: it records what ran
     checkpoint = dist.on_main(lambda: open_run_dir(cfg, resume))  # every rank gets the checkpoint
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial (e.g. LoRA) weights
-    mode = cfg.reference.mode if task.needs_reference else "none"
+    mode = cfg.reference.mode if spec.needs_reference else "none"
     reference_copy = {"model": "always", "adapter": "never", "store": "if_different", "none": "never"}[mode]
     dist.compute_dtype = torch.bfloat16 if dist.sharded and cfg.train.precision == "bf16" else None
-    if dist.sharded and task.load is load_policy and mode != "store":  # a store is filled by a whole model
+    if dist.sharded and spec.load is load_policy and mode != "store":  # a store is filled by a whole model
         models = load_models(cfg.model, reference_copy, skeleton=True)  # filled shard by shard when wrapped
     else:
-        models = task.load(cfg, reference_copy, note)
+        models = spec.load(cfg, reference_copy)
+    remark = spec.remark(models) if spec.remark is not None else None
+    if remark:
+        note(remark)
     policy = on_device(models.policy, device)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(policy)
     if cfg.train.compile:
         compile_layers(policy)
     train_items, eval_items = (items(models.tokenizer) if items else
-                               load_items(cfg, models.tokenizer, task, note, dist))
+                               load_items(cfg, models.tokenizer, spec, note, dist))
     autocast = autocast_for(cfg, device)
     # Before any checkpoint is restored: the policy still holds its starting weights here.
     reference = (build_reference(cfg, models, itertools.chain(train_items, eval_items), device, autocast, note, dist)
-                 if task.needs_reference else None)
+                 if spec.needs_reference else None)
     if cfg.reference.sync is not None and isinstance(reference, FrozenReference):
         check_sync_compatible(reference.model, policy)
-    model = dist.wrap_trainable(task.module(policy))  # batch -> (logps, n_tokens) or rewards; DDP/FSDP-wrapped
+    model = dist.wrap_trainable(spec.module(policy))  # batch -> SlotLogps or rewards; DDP/FSDP-wrapped
     if dist.rank:  # independent dropout masks per rank; rank 0 keeps the single-process random stream
         seed_everything(cfg.train.seed + dist.rank)
     pairs_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist.world  # the global batch
@@ -254,7 +250,7 @@ def setup(cfg: Config, dist: Dist, task: Task, resume: bool = False,
     params = [p for p in policy.parameters() if p.requires_grad]  # FSDP's shards once wrapped
     optimizer = make_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    return Run(cfg=cfg, dist=dist, task=task, run_dir=Path(cfg.run_dir), device=device, note=note,
+    return Run(cfg=cfg, dist=dist, spec=spec, run_dir=Path(cfg.run_dir), device=device, note=note,
                tokenizer=models.tokenizer, policy=policy, model=model, reference=reference,
                train_items=train_items, eval_items=eval_items, params=params,
                optimizer=optimizer, scheduler=scheduler,
@@ -269,12 +265,12 @@ def restore(run: Run, force: bool = False) -> None:
     """Continue from ``run.checkpoint``: weights, optimizer, scheduler, data position, counters and RNG state,
     after refusing settings that would not continue the same run (unless ``force``)."""
     saved = read_trainer_state(run.checkpoint)
-    if saved.get("task", "dpo") != run.task.name:  # other weights altogether (a policy's, a reward model's)
+    if saved.get("task", "dpo") != run.spec.name:  # other weights altogether (a policy's, a reward model's)
         raise ConfigError(f"run_dir: {run.run_dir} holds a dpokit {saved.get('task', 'dpo')} run; it cannot be "
-                          f"resumed by dpokit {run.task.name}")
+                          f"resumed by dpokit {run.spec.name}")
     if not force:
         split = check_resume_settings(saved["config"], run.cfg, run.data_fingerprint, saved.get("data_fingerprint"),
-                                      saved.get("world_size", 1), run.dist.world, run.task.name)
+                                      saved.get("world_size", 1), run.dist.world, run.spec.name)
         if split:
             run.note(split)
     state = restore_checkpoint(run.checkpoint, run.policy, run.optimizer, run.scheduler, run.dist)
@@ -304,7 +300,7 @@ def trainer_state(run: Run) -> dict[str, Any]:
             "skipped_steps": run.skipped, "tokens_seen": run.tokens_seen, "rng": rngs[0],
             "rng_other_ranks": rngs[1:], "world_size": run.dist.world,
             "config": run.cfg.model_dump(mode="json"), "data_fingerprint": run.data_fingerprint,
-            "task": run.task.name, "task_state": run.task_state}
+            "task": run.spec.name, "task_state": run.task_state}
 
 
 REFERENCE_FILE = "reference.safetensors"
@@ -340,109 +336,4 @@ def export_final(run: Run) -> None:
         policy = run.policy
         dequantize(policy)  # QLoRA: the NF4 base as the plain weights it computed with, for the adapters to merge
         export_hf(policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy, run.tokenizer,
-                  run.run_dir / "final", weights, add=hub_files(run.run_dir, run.task.name))
-
-
-# ------------------------------------------------------------------------------------------------------- train
-
-def train(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None, *,
-          resume: bool = False, force: bool = False, task: str = "dpo",
-          load: Callable[[Config, str, Callable[[str], None]], Any] | None = None, **kwargs: Any) -> Path:
-    """Train and return the run directory.
-
-    ``config`` is a YAML path, a dict or a Config; ``overrides`` are CLI-style ``key=value`` strings and
-    ``kwargs`` dotted keys written with ``__`` (``train__max_steps=3``). ``resume`` continues from the newest
-    complete checkpoint in ``run_dir``; ``force`` allows resuming with changed settings. ``task`` is ``dpo``
-    (the configured preference loss; online DPO on its own samples when ``online.reward`` or
-    ``online.judge_url`` is set, ``dpokit.methods.online``), ``sft`` (negative log-likelihood of the chosen responses) or ``rm`` (a
-    Bradley-Terry reward model, ``dpokit.methods.reward_model``; ``final/`` is a ``*ForSequenceClassification``).
-    ``load`` replaces the task's model loading (``Task.load``): ``dpokit.api`` passes the model object given.
-    Launched by torchrun, every process calls this (``dpokit.training.distributed``); a failure on any rank ends every
-    rank with one line naming it.
-    """
-    cfg = load_config(config, overrides, **kwargs)
-    dist = setup_distributed(cfg.distributed)
-    with dist.failures():
-        if task == "dpo" and (cfg.online.reward or cfg.online.judge_url):  # online DPO: it samples its pairs
-            from dpokit.methods.online import train_online
-
-            run_dir = train_online(cfg, dist, resume=resume or cfg.train.resume == "auto", force=force)
-        else:
-            kind = "kto" if task == "dpo" and cfg.loss.name in UNPAIRED else task  # unpaired examples
-            chosen = TASKS[kind] if load is None else replace(TASKS[kind], load=load)
-            run_dir = _train(cfg, dist, resume=resume, force=force, task=chosen)
-    dist.close()
-    return run_dir
-
-
-def _train(cfg: Config, dist: Dist, *, resume: bool, force: bool, task: Task) -> Path:
-    run = setup(cfg, dist, task, resume=resume or cfg.train.resume == "auto")
-    if run.checkpoint is not None:
-        restore(run, force)
-    return loop(run, train_step, (lambda: held_out_metrics(run)) if run.eval_items else None, export_final)
-
-
-def loop(run: Run, step: Callable[[Run, int], dict[str, Any]], held_out: Callable[[], dict[str, Any]] | None,
-         export: Callable[[Run], None], stop_every: int = 1) -> Path:
-    """The loop every training command shares, from ``run.step`` on: ``step(run, n)`` gives step n's metrics
-    row; ``held_out()`` (when given) the held-out metrics, logged at the start, every ``eval.every`` steps and
-    at the end; a checkpoint every ``train.save_every`` steps and at the end; then ``export(run)`` (final/).
-    SIGTERM or SIGINT stops it with a checkpoint after the step in flight, or after the next multiple of
-    ``stop_every`` when checkpoints must fall on it (``dpokit.training.preempt``)."""
-    cfg = run.cfg
-    first, every, save_every = run.step, cfg.eval.every, cfg.train.save_every
-    metrics = MetricsWriter(run.run_dir / "metrics.jsonl", enabled=run.dist.is_main,
-                            trackers=open_trackers(run.run_dir, cfg, enabled=run.dist.is_main))
-    progress = Progress(run.total_steps, first, enabled=cfg.train.progress and run.dist.is_main)
-    health = HealthMonitor(interval=every or 20)
-    run.started = time.perf_counter()
-
-    def log_eval() -> None:
-        assert held_out is not None
-        metrics.write({"step": run.step, "split": "eval", "elapsed_s": time.perf_counter() - run.started,
-                       **held_out()})
-
-    with stop_on_signals(run.dist, stop_every) as preemption:
-        try:
-            if held_out and first == 0:
-                log_eval()
-            for n in range(first + 1, run.total_steps + 1):
-                row = step(run, n)
-                if n % cfg.train.log_every == 0 or n == run.total_steps:
-                    metrics.write(row)
-                for code, message in health.check(row):
-                    run.note(f"warning at step {n}: {message}")
-                    metrics.write({"step": n, "split": "warning", "warning": code, "message": message})
-                progress.update(n, row)
-                if held_out and every and n % every == 0 and n != run.total_steps:
-                    log_eval()
-                # SIGTERM / SIGINT: stop here, saved as save_every saves (after the last step the run just ends)
-                stop = preemption.requested(n) if n != run.total_steps else None
-                if stop or (save_every and n % save_every == 0 and n != run.total_steps):
-                    save(run)
-                if stop:
-                    raise preemption.stopped(stop, run.run_dir, n, run.total_steps)
-            if held_out and first < run.total_steps:
-                log_eval()
-        finally:
-            progress.close()
-            metrics.close()
-        if first < run.total_steps:
-            save(run)
-        export(run)
-    return run.run_dir
-
-
-def sft(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None,
-        **kwargs: Any) -> Path:
-    """Supervised fine-tuning on the chosen responses of a preference file (the paper's pi_SFT stage), with the
-    same loop, data path and run directory as DPO."""
-    return train(config, overrides, task="sft", **kwargs)
-
-
-def rm(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None,
-       **kwargs: Any) -> Path:
-    """A Bradley-Terry reward model on the same preference data, loop and run directory (``dpokit rm``);
-    ``RUN_DIR/final`` loads with ``AutoModelForSequenceClassification`` and serves as a reward
-    (``dpokit.rewards.get_reward(RUN_DIR)``)."""
-    return train(config, overrides, task="rm", **kwargs)
+                  run.run_dir / "final", weights, add=hub_files(run.run_dir, run.spec.name))

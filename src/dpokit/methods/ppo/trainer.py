@@ -34,9 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpokit.config import Config, ConfigError, load_config
+from dpokit.config import Config, ConfigError
 from dpokit.data.batch import PairStream
-from dpokit.errors import DpokitError
 from dpokit.methods.ppo.core import KLController, gae, policy_loss, token_rewards, value_loss, whiten
 from dpokit.methods.rollout import (
     PromptItem,
@@ -58,32 +57,25 @@ from dpokit.models.logprobs import target_logps
 from dpokit.rewards import RewardFn
 from dpokit.training.checkpoint import export_hf
 from dpokit.training.distributed import Dist
-from dpokit.training.distributed import setup as setup_distributed
+from dpokit.training.kinds import Kind, register_kind
+from dpokit.training.loop import loop, train_kind
 from dpokit.training.resume import fingerprint, seed_everything
 from dpokit.training.setup import (
-    _note,
-    _quiet,
     autocast_for,
     enable_checkpointing,
     fit_layout,
-    loop,
     lr_lambda,
     make_optimizer,
+    notes_for,
     open_run_dir,
     resolve_hardware,
     restore,
 )
-from dpokit.training.step import Run, Task, apply_update
+from dpokit.training.step import KindSpec, Run, apply_update
 
-
-def _no_pass(*_: Any) -> Any:
-    raise DpokitError("ppo: a PPO step is not a pass over preference pairs")
-
-
-PPO_TASK = Task("ppo", forward=_no_pass, normalizer=_no_pass, new_stats=dict, needs_reference=True,
-                chosen_only=False, layouts=("padded",))
-"""PPO as a kind of training: it reuses a ``Run`` (checkpoints, resume, the update) but steps with
-``ppo_step``, not with the pair passes of ``dpokit.training.step.train_step``."""
+PPO_SPEC = KindSpec("ppo", needs_reference=True, layouts=("padded",), sampled_per_process=True)
+"""PPO's run: it reuses a ``Run`` (checkpoints, resume, the update) but steps with ``ppo_step`` (sample, then
+update), not with the passes of a ``Task`` (so it has none)."""
 
 
 # ------------------------------------------------------------------------------------------------- the model
@@ -372,11 +364,11 @@ def check_config(cfg: Config, dist: Dist) -> None:
 
 def setup(cfg: Config, dist: Dist, resume: bool = False) -> Ppo:
     check_config(cfg, dist)
-    note = _note if dist.is_main else _quiet
+    note = notes_for(dist)
     device = dist.device
     p = cfg.ppo
     reward = load_reward(p.reward, p.judge_url, p.judge_model, p.judge_key_env, cfg.train.seed, "ppo")
-    fit_layout(cfg, PPO_TASK, note)  # rollouts are padded rows
+    fit_layout(cfg, PPO_SPEC, note)  # rollouts are padded rows
     resolve_hardware(cfg, device, note)
     checkpoint = dist.on_main(lambda: open_run_dir(cfg, resume))
     seed_everything(cfg.train.seed)
@@ -406,7 +398,7 @@ def setup(cfg: Config, dist: Dist, resume: bool = False) -> Ppo:
     optimizer = make_optimizer(cfg, params)
     # The schedule (and train.warmup_steps) counts optimizer steps: ppo.epochs x minibatches per PPO step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps * per_step))
-    run = Run(cfg=cfg, dist=dist, task=PPO_TASK, run_dir=Path(cfg.run_dir), device=device, note=note,
+    run = Run(cfg=cfg, dist=dist, spec=PPO_SPEC, run_dir=Path(cfg.run_dir), device=device, note=note,
               tokenizer=tokenizer, policy=policy, model=model, reference=None, train_items=prompts,
               eval_items=eval_prompts, params=params, optimizer=optimizer, scheduler=scheduler,
               stream=PairStream(len(prompts), cfg.train.seed, cfg.train.shuffle),
@@ -434,16 +426,13 @@ def export_policy(run: Run) -> None:
 
 def ppo(config: str | Path | dict[str, Any] | Config | None = None, overrides: list[str] | None = None, *,
         resume: bool = False, force: bool = False, **kwargs: Any) -> Path:
-    """Train a policy with PPO and return the run directory (arguments as ``dpokit.training.setup.train``)."""
-    cfg = load_config(config, overrides, **kwargs)
-    dist = setup_distributed(cfg.distributed)
-    with dist.failures():
-        run_dir = _ppo(cfg, dist, resume=resume or cfg.train.resume == "auto", force=force)
-    dist.close()
-    return run_dir
+    """Train a policy with PPO and return the run directory (arguments as ``dpokit.train``; ``dpokit ppo``)."""
+    return train_kind(config, overrides, command="ppo", resume=resume, force=force, **kwargs)
 
 
-def _ppo(cfg: Config, dist: Dist, *, resume: bool, force: bool) -> Path:
+def train_ppo(cfg: Config, dist: Dist, *, resume: bool, force: bool) -> Path:
+    """PPO from a config (``PPO``'s run: ``dpokit.training.loop.train_kind`` dispatches here); returns the run
+    directory."""
     ppo_run = setup(cfg, dist, resume=resume)
     run = ppo_run.run
     if run.checkpoint is not None:
@@ -451,3 +440,7 @@ def _ppo(cfg: Config, dist: Dist, *, resume: bool, force: bool) -> Path:
         ppo_run.controller.load_state_dict(run.task_state["kl_controller"])
     held_out = (lambda: evaluate(ppo_run)) if ppo_run.eval_prompts else None
     return loop(run, lambda _, n: ppo_step(ppo_run, n), held_out, export_policy)
+
+
+PPO = register_kind(Kind(name="ppo", command="ppo", title="dpokit ppo", spec=PPO_SPEC, run=train_ppo))
+"""``dpokit ppo``."""

@@ -212,8 +212,8 @@ def train_key(spec: RunSpec) -> str:
 
 def train_run(spec: RunSpec) -> tuple[Path, bool]:
     """Train unless the run folder holds a finished run of the same key. Returns (run_dir, trained)."""
+    from dpokit.api import train
     from dpokit.methods.ppo import ppo
-    from dpokit.training.setup import train
 
     run_dir = Path(spec.config["run_dir"])
     key = train_key(spec)
