@@ -58,8 +58,8 @@ layer = models.policy.get_decoder().layers[0].self_attn.q_proj
 layer.register_forward_hook(lambda module, args, output: seen.__setitem__("gathered", str(module.weight.dtype)))
 batch = collate_responses([([5, 6, 7, 8], [9, 10, 11]), ([12, 13], [14, 15, 16, 17])], 0, layout="packed")
 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-    logps, _ = policy(batch)
-    ref_logps, _ = reference(batch)
+    logps = policy(batch).logps
+    ref_logps = reference(batch).logps
 gathered_policy, gathered_reference = full_state_dict(policy), full_state_dict(reference)
 plain = load_model(ModelSource("folder", folder)).eval()
 plain_buffers = dict(plain.named_buffers())
