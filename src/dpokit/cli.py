@@ -375,7 +375,7 @@ def _add_export(sub: Any) -> None:
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--to", metavar="DIR", help="the folder to write (must not exist or be empty)")
     export.add_argument("--checkpoint", metavar="step-N",
-                        help="export this checkpoint (LoRA merged) instead of final/")
+                        help="export this checkpoint instead of final/ (LoRA merged, or its adapter with --adapter)")
     export.add_argument("--adapter", nargs="?", const=TO, metavar="OUT",
                         help="a LoRA run's adapter alone, in peft's format, into OUT (or --to's folder), with the "
                              "largest logit difference between it on its base and the merged weights")
