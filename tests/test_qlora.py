@@ -188,7 +188,7 @@ def test_qlora_trains_reference_is_quantized_base_and_final_is_plain(tmp_path):
     assert all(torch.equal(reference[name], deq) for name, deq in nf4.items())
 
     # dpokit export of the last checkpoint rebuilds the same base (quantize, dequantize) and merges alike.
-    from dpokit.integrations.hub import export_run
+    from dpokit.integrations.export import export_run
 
     export_run(run, tmp_path / "exported", checkpoint="step-6")
     exported = load_file(str(tmp_path / "exported" / "model.safetensors"))

@@ -180,10 +180,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from dpokit.integrations.hub import export_run
+TO = "--to"
+"""``--adapter`` given without a folder: the adapter goes into ``--to``'s."""
 
-    print(f"exported: {export_run(args.run_dir, args.to, checkpoint=args.checkpoint)}")
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dpokit.integrations.export import export_adapter, export_run
+
+    if args.adapter is None:
+        if args.to is None:
+            raise DpokitError("dpokit export: give --to DIR (the model folder) or --adapter OUT (the LoRA adapter)")
+        print(f"exported: {export_run(args.run_dir, args.to, checkpoint=args.checkpoint)}")
+        return 0
+    if args.adapter != TO and args.to is not None:
+        raise DpokitError("dpokit export: --adapter OUT and --to DIR name two folders; give one")
+    out = args.to if args.adapter == TO else args.adapter
+    if out is None:
+        raise DpokitError("dpokit export: --adapter needs a folder: --adapter OUT")
+    path, gap = export_adapter(args.run_dir, out, checkpoint=args.checkpoint)
+    measured = f"{gap:.3g}" if gap is not None else "not measured (a reward model, or a base given in memory)"
+    print(f"adapter: {path}; max |Δlogit| on its base against the merged weights: {measured}")
     return 0
 
 
@@ -357,9 +373,12 @@ def _add_export(sub: Any) -> None:
     export = sub.add_parser("export", help="a run's model as a Hub-ready folder: weights, tokenizer, generation "
                                            "config, model card (no network)")
     export.add_argument("run_dir", metavar="RUN_DIR")
-    export.add_argument("--to", required=True, metavar="DIR", help="the folder to write (must not exist or be empty)")
+    export.add_argument("--to", metavar="DIR", help="the folder to write (must not exist or be empty)")
     export.add_argument("--checkpoint", metavar="step-N",
-                        help="export this checkpoint (LoRA merged) instead of final/")
+                        help="export this checkpoint instead of final/ (LoRA merged, or its adapter with --adapter)")
+    export.add_argument("--adapter", nargs="?", const=TO, metavar="OUT",
+                        help="a LoRA run's adapter alone, in peft's format, into OUT (or --to's folder), with the "
+                             "largest logit difference between it on its base and the merged weights")
     export.set_defaults(func=cmd_export)
 
 

