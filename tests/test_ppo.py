@@ -175,6 +175,8 @@ def test_value_head_starts_at_zero_and_the_reference_matches_the_policy_at_step_
         assert train[0]["kl"] == 0.0 and train[0]["value/mean"] == 0.0, name
         assert train[1]["kl"] != 0.0, name  # the first update moved pi
         assert (run_dir / "final" / "model.safetensors").exists()
+        # A LoRA policy's adapter is saved as trained beside the merged weights, as for every other command.
+        assert (run_dir / "final" / "adapter" / "adapter_model.safetensors").exists() == (name == "lora"), name
 
 
 @pytest.mark.parametrize("override, message", [

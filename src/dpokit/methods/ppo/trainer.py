@@ -413,13 +413,14 @@ def setup(cfg: Config, dist: Dist, resume: bool = False) -> Ppo:
 
 def export_policy(run: Run) -> None:
     """RUN_DIR/final: the policy alone (no value head), one plain Hugging Face folder written by rank 0; LoRA
-    adapters are folded into the base weights. With a model card and generation config (``dpokit.integrations.hub``)."""
-    from dpokit.integrations.hub import hub_files
+    adapters are folded into the base weights and saved as trained in ``final/adapter/`` (``export_hf``). With a
+    model card and generation config (``dpokit.integrations.hub``)."""
+    from dpokit.integrations.hub import hub_files, name_adapter_base
 
     lm = run.policy.model
     if run.dist.is_main:
-        export_hf(lm.merge_and_unload() if hasattr(lm, "merge_and_unload") else lm, run.tokenizer,
-                  run.run_dir / "final", add=hub_files(run.run_dir, "ppo"))
+        name_adapter_base(lm, run.cfg.model.name_or_path)
+        export_hf(lm, run.tokenizer, run.run_dir / "final", add=hub_files(run.run_dir, "ppo"))
 
 
 # ------------------------------------------------------------------------------------------------------ train
