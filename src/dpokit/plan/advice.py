@@ -186,8 +186,8 @@ def describe_setup(p: Plan) -> str:
 
 def part_rows(p: Plan) -> list[tuple[str, float, str]]:
     s, m = p.setup, p.memory
-    sharded = f", sharded over {s.world}" if s.strategy == "fsdp" else ""
-    sharded += " on the host (offload)" if s.offload else ""
+    sharded = f", sharded over {s.world}" if s.strategy == "fsdp" and s.world > 1 else ""
+    sharded += ", on the host (offload)" if s.offload else ""
     other = m.activations_full if s.checkpointing else m.activations_checkpointed
     base = f"decoder linears in NF4, the rest {s.dtype}" if s.quantize == "nf4" else s.dtype
     states = {"adamw": "adamw (m, v) in the parameters' dtype", "rmsprop": "rmsprop (one average) in the "
@@ -233,7 +233,7 @@ def host_lines(p: Plan) -> list[str]:
     if sharded_loading(s):
         how = ("FSDP loads sharded: each rank reads only its rows of the weight files, one tensor at a time"
                + (", and keeps its shards of the policy" + (" and reference" if s.reference == "model" else "")
-                  + " on the host (offload)" if s.offload else ", into its shards on the GPU"))
+                  + " in host memory, offloaded" if s.offload else ", into its shards on the GPU"))
     else:
         strategy = {"single": "one process", "ddp": "DDP", "fsdp": "FSDP filling a reference store"}[s.strategy]
         copies = " and a whole reference copy" if s.reference == "model" else ""
