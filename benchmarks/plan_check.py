@@ -93,12 +93,13 @@ def describe(result: object) -> str:
     if result.verdict == "fits":
         return "fits as it is"
     if s is None:
-        return "nothing dpokit can do today"
+        return "nothing dpokit can do"
     text = f"`{' '.join(s['overrides'])}`" if s["overrides"] else ""
     where = hardware(s) if (s["gpus"], s["nodes"]) != (1, 1) else "the same GPU"
     text = f"{text} on {where} ({s['peak'] / GiB:.1f} GiB)"
     if "or" in s:
-        text += f"; or, every weight trained: {describe_change(s['or'])}"
+        lora = any(o.startswith("model.lora") for o in s["overrides"])
+        text += f"; or{', every weight trained' if lora else ''}: {describe_change(s['or'])}"
     return text
 
 

@@ -12,7 +12,7 @@ import pytest
 from dpokit.config import load_config
 from dpokit.errors import DpokitError
 from dpokit.plan import GiB, plan
-from dpokit.plan.advice import parse_size
+from dpokit.plan.advice import parse_size, render
 from dpokit.plan.measure import check_config, compared, full_length_pairs, measure_step
 from dpokit.plan.shapes import BUILTIN, find_shape
 
@@ -123,17 +123,62 @@ def test_llama_8b_lora_on_24gb_needs_a_bf16_base(gpu_precision):
 
 def test_llama_8b_on_16gb_takes_qlora(gpu_precision):
     # LoRA over a bf16 base does not fit 16 GB (its 16 GB of weights alone); QLoRA does, and the suggestion is a
-    # config dpokit's validation accepts. Where nothing fits (70B), CPU offload is the only option still shown
-    # as not in dpokit.
+    # config dpokit's validation accepts, tried before CPU offload. Where nothing fits (70B: even offloaded, the
+    # gathered fp32 root and layers exceed 16 GB), there is no suggestion.
     result = plan(LLAMA_8B, gpu_memory="16GB", gpus=1)
     overrides = result.suggestion["overrides"]
     assert overrides[:4] == ["model.lora={r: 16}", "reference.mode=adapter", "model.quantize=nf4",
                              "model.dtype=bfloat16"]
     changed = plan(load_config(LLAMA_8B, overrides), gpu_memory="16GB")
     assert changed.verdict == "fits" and changed.setup.quantize == "nf4"
-    assert result.not_available == []
+    assert "distributed.offload=params" not in overrides
     too_big = plan({**LLAMA_8B, "model": {"name_or_path": "meta-llama/Llama-3.1-70B"}}, gpu_memory="16GB", gpus=1)
-    assert [row["option"] for row in too_big.not_available] == ["CPU offload of optimizer states and gradients"]
+    assert too_big.suggestion is None and "no change dpokit can make fits" in render(too_big)
+
+
+def test_fsdp_loads_a_shard_per_rank_ddp_a_whole_copy(gpu_precision):
+    # Llama-3.1-8B in fp32 on 8 GPUs: DDP ranks each load the policy and a reference copy (2 x 32 GB); FSDP ranks
+    # read only their rows of the weight files, one tensor at a time (the largest: the 128256 x 4096 embedding).
+    whole = plan(LLAMA_8B, ["distributed.strategy=ddp"], gpu_memory="80GB", gpus=8)
+    params = whole.params
+    assert whole.host_ram_per_rank == 2 * params * 4 and whole.host_ram_per_node == 8 * whole.host_ram_per_rank
+    assert "DDP: every rank loads the whole policy and a whole reference copy" in render(whole)
+    sharded = plan(LLAMA_8B, ["distributed.strategy=fsdp"], gpu_memory="80GB", gpus=8)
+    assert sharded.host_ram_per_rank == 128256 * 4096 // 8 * 4 < params * 4 / 8
+    assert "FSDP loads sharded" in render(sharded)
+    # Offloaded, the policy's and reference's shards stay on the host: a shard each per rank, not whole copies.
+    offload = plan(LLAMA_8B, ["distributed.strategy=fsdp", "distributed.offload=params"], gpu_memory="80GB", gpus=8)
+    assert offload.host_ram_per_rank == sharded.host_ram_per_rank + 2 * params * 4 / 8
+    # Filling a reference store needs a whole model: loaded whole even under FSDP.
+    store = plan(LLAMA_8B, ["distributed.strategy=fsdp", "reference.mode=store"], gpu_memory="80GB", gpus=8)
+    assert store.host_ram_per_rank == params * 4 and "FSDP filling a reference store" in render(store)
+
+
+def test_offload_moves_weights_gradients_and_optimizer_to_the_host(gpu_precision):
+    fsdp = ["distributed.strategy=fsdp", "train.gradient_checkpointing=true"]
+    kept = plan(LLAMA_8B, fsdp, gpu_memory="80GB", gpus=8)
+    moved = plan(LLAMA_8B, fsdp + ["distributed.offload=params"], gpu_memory="80GB", gpus=8)
+    on_host = ("weights", "gradients", "optimizer", "reference")
+    assert all(getattr(moved.memory, part) == 0 for part in on_host)
+    assert moved.host_ram_training == sum(getattr(kept.memory, part) for part in on_host) and kept.host_ram_training == 0
+    for part in ("activations", "head", "autocast_copies"):
+        assert getattr(moved.memory, part) == getattr(kept.memory, part), part
+    # The root is gathered whole (its own shard is on the host now): one more root shard of communication.
+    root = 128256 * 4096 * 2 + 4096  # embeddings, untied head, final norm
+    assert moved.memory.communication - kept.memory.communication == pytest.approx(root * 4 / 8)
+    assert moved.memory.peak < kept.memory.peak
+    assert "host RAM while training (offload)" in render(moved) and "offload" not in render(kept).split("host RAM")[1]
+
+
+def test_advice_suggests_offload_when_only_it_fits(gpu_precision):
+    # Llama-3.1-70B on one 48 GB GPU: QLoRA's 4-bit base alone is too large, and no FSDP world up to 64 GPUs
+    # fits; FSDP with the shards, gradients and optimizer step on the CPU does (under torchrun, one process).
+    config = {**LLAMA_8B, "model": {"name_or_path": "meta-llama/Llama-3.1-70B"}}
+    result = plan(config, gpu_memory="48GB", gpus=1)
+    assert result.suggestion["overrides"][:2] == ["distributed.strategy=fsdp", "distributed.offload=params"]
+    changed = plan(load_config(config, result.suggestion["overrides"]), gpu_memory="48GB")
+    assert changed.verdict == "fits" and changed.setup.offload and changed.setup.strategy == "fsdp"
+    assert "(under torchrun, one process)" in render(result)
 
 
 def test_full_fine_tuning_alternative_is_the_8bit_optimizer_on_the_same_gpu(gpu_precision):

@@ -2,15 +2,16 @@
 
 ``plan(config, gpu_memory=..., gpus=..., nodes=...)`` reads only the model's ``config.json`` (``shapes``),
 resolves the run's settings as a GPU run would (``precision: auto`` is bf16 there), and returns a ``Plan``:
-per-rank peak memory by part (``memory``), host RAM while loading, FLOPs per step, a verdict against the GPU's
-memory and the smallest change the config can express today that makes the run fit (``advice``).
+per-rank peak memory by part (``memory``), host RAM while loading (and while training, offloaded), FLOPs per
+step, a verdict against the GPU's memory and the smallest change the config can express that makes the run
+fit (``advice``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,16 @@ from dpokit.config import Config, load_config
 from dpokit.errors import ConfigError
 from dpokit.models.hardware import PRECISION_ENV
 from dpokit.models.logprobs import DEFAULT_CHUNK
-from dpokit.plan.memory import GiB, Memory, Setup, flops_per_step, host_ram_per_rank, memory, trainable
+from dpokit.plan.memory import (
+    GiB,
+    Memory,
+    Setup,
+    flops_per_step,
+    host_ram_per_rank,
+    host_ram_training,
+    memory,
+    trainable,
+)
 from dpokit.plan.shapes import Shape, find_shape
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,6 +48,8 @@ class Plan:
     memory: Memory
     host_ram_per_rank: float
     host_ram_per_node: float
+    host_ram_training: float
+    """Per rank, what ``distributed.offload: params`` keeps in host memory while training (0 without offload)."""
     tokens_per_step: int
     flops: dict[str, float]
     gpus: int
@@ -47,9 +59,8 @@ class Plan:
     verdict: str
     """``fits``, ``tight`` (within the last 10% of usable memory) or ``does not fit``."""
     suggestion: dict[str, Any] | None = None
-    """The smallest change that fits: ``{"overrides": [...], "gpus": n, "nodes": m, "peak": bytes, "why": ...}``."""
-    not_available: list[dict[str, Any]] = field(default_factory=list)
-    """What CPU offload would need (not in dpokit yet), when nothing available fits."""
+    """The smallest change that fits: ``{"overrides": [...], "gpus": n, "nodes": m, "peak": bytes}``, with an
+    alternative under ``"or"`` when there is one."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,13 +88,15 @@ def resolve_setup(cfg: Config, world: int) -> Setup:
     lora = cfg.model.lora
     targets = LORA_TARGETS if lora is None or lora.target_modules == "all-linear" else tuple(
         [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules)
+    offload = cfg.distributed.offload == "params"  # FSDP under torchrun, even of one process
     return Setup(dtype=cfg.model.dtype, precision=precision,
-                 strategy=cfg.distributed.strategy if world > 1 else "single", world=world,
+                 strategy=cfg.distributed.strategy if world > 1 or offload else "single", world=world,
                  optimizer=train.optimizer, reference=cfg.reference.mode, lora_r=lora.r if lora else None,
                  lora_targets=targets, quantize=cfg.model.quantize,
                  checkpointing=train.gradient_checkpointing, attention=attention,
                  layout=train.layout, pass_tokens=tokens, row_length=min(row, tokens),
-                 passes_per_step=train.grad_accum * math.ceil(micro / tokens), chunk=DEFAULT_CHUNK)
+                 passes_per_step=train.grad_accum * math.ceil(micro / tokens), chunk=DEFAULT_CHUNK,
+                 offload=offload)
 
 
 def usable_memory(gpu_memory: float) -> float:
@@ -110,6 +123,7 @@ def plan_for(cfg: Config, shape: Shape, source: str, *, gpu_memory: float, gpus:
     usable = usable_memory(gpu_memory)
     return Plan(model=shape.name, source=source, params=shape.params(), trainable_params=trainable(shape, setup)[0],
                 setup=setup, memory=mem, host_ram_per_rank=host, host_ram_per_node=host * gpus,
+                host_ram_training=host_ram_training(shape, setup),
                 tokens_per_step=tokens, flops=flops_per_step(shape, setup, tokens, cfg.data.max_length),
                 gpus=gpus, nodes=nodes, gpu_memory=gpu_memory, usable=usable, verdict=verdict(mem.peak, usable))
 
@@ -130,8 +144,7 @@ def plan(config: str | Path | dict[str, Any] | Config | None = None, overrides: 
     result = plan_for(cfg, shape, source, gpu_memory=gpu_memory, gpus=gpus, nodes=nodes)
     if result.verdict == "fits":
         return result
-    suggestion, not_available = suggest(cfg, shape, source, result)
-    return replace(result, suggestion=suggestion, not_available=not_available)
+    return replace(result, suggestion=suggest(cfg, shape, source, result))
 
 
 __all__ = ["GiB", "Plan", "Setup", "plan", "plan_for", "resolve_setup"]

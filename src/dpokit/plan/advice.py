@@ -6,9 +6,11 @@ LoRA (it trains adapters instead of every weight), then the 8-bit AdamW (``train
 weight still trained, only the optimizer's moments approximated), then QLoRA (``model.quantize: nf4`` under the
 adapters: the model trained is the 4-bit one, the largest change to the result, so the last before more
 hardware); separately, the fewest GPUs that fit full fine-tuning with FSDP, or full fine-tuning with the 8-bit
-AdamW on the same GPUs. Every candidate is validated as a config first, so a suggestion is always one
-``dpokit train`` accepts. CPU offload is not in dpokit yet: it is shown apart, marked so, when nothing available
-fits on the given GPUs.
+AdamW on the same GPUs. When none of these fits on the given GPUs, CPU offload (``distributed.offload: params``
+with FSDP): it leaves the result as it is but moves the weights, gradients and optimizer step to the host, so
+every step waits on host-GPU copies and a CPU optimizer; the slowest way to fit, so the last tried on the same
+GPUs (more GPUs, when some fit, are offered beside it). Every candidate is validated as a config first, so a
+suggestion is always one ``dpokit train`` accepts.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 from dpokit.config import Config, load_config
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.plan import Plan, plan_for
-from dpokit.plan.memory import GiB, regime
+from dpokit.plan.memory import GiB, regime, sharded_loading
 from dpokit.plan.shapes import Shape
 
 _UNITS = {"": GiB, "k": 2 ** 10, "m": 2 ** 20, "g": GiB, "t": 2 ** 40}
@@ -124,11 +126,21 @@ def fsdp_changes(cfg: Config, gpus: int, nodes: int) -> Iterator[tuple[list[str]
         yield ["distributed.strategy=fsdp", *extra], g, n
 
 
-def suggest(cfg: Config, shape: Shape, source: str, current: Plan) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def offload_changes(cfg: Config) -> Iterator[list[str]]:
+    """FSDP with its shards, gradients and optimizer step on the CPU (full fine-tuning: FSDP refuses LoRA), with
+    the result-neutral settings."""
+    if cfg.model.lora is not None or cfg.distributed.offload == "params":
+        return
+    change = ["distributed.strategy=fsdp", "distributed.offload=params"]
+    for extra in [[], *neutral_changes(cfg)]:
+        yield change + extra
+
+
+def suggest(cfg: Config, shape: Shape, source: str, current: Plan) -> dict[str, Any] | None:
     """The smallest change that fits: a result-neutral one on the same GPUs (FSDP included), else LoRA, the
     8-bit AdamW, QLoRA on the same GPUs (with, as an alternative, full fine-tuning with the 8-bit AdamW or on the
-    fewest GPUs that fit it), else more GPUs; and what CPU offload (not yet available) would give when nothing
-    fits on the given GPUs."""
+    fewest GPUs that fit it), else CPU offload on the same GPUs (with more GPUs as the alternative), else more
+    GPUs."""
     def first(options: Iterator[tuple[list[str], int, int]]) -> dict[str, Any] | None:
         for overrides, g, n in options:
             changed = _with(cfg, overrides)
@@ -145,22 +157,15 @@ def suggest(cfg: Config, shape: Shape, source: str, current: Plan) -> tuple[dict
     if neutral is None and more is not None and (more["gpus"], more["nodes"]) == here:
         neutral = more  # FSDP on the same GPUs
     if neutral is not None:
-        return neutral, []
+        return neutral
     if cfg.model.lora is None:  # training every weight: its 8-bit AdamW on these GPUs before more GPUs
         more = first((o, *here) for o in adamw_8bit_changes(cfg)) or more
     candidates = itertools.chain(lora_changes(cfg), adamw_8bit_changes(cfg), qlora_changes(cfg))
     fits = first((o, *here) for o in candidates)
+    fits = fits or first((o, *here) for o in offload_changes(cfg))
     if fits is not None:
-        return ({**fits, "or": more} if more and more != fits else fits), []
-    return more, not_available(current)
-
-
-def not_available(current: Plan) -> list[dict[str, Any]]:
-    """Peaks with options dpokit does not have yet, from the current plan: CPU offload of the optimizer
-    states and gradients (``distributed.offload`` is not a config key yet)."""
-    mem = current.memory
-    offload = mem.peak - mem.optimizer - mem.gradients
-    return [{"option": "CPU offload of optimizer states and gradients", "peak": offload, "available": False}]
+        return {**fits, "or": more} if more and more != fits else fits
+    return more
 
 
 # ---------------------------------------------------------------------------------------------------- text
@@ -181,7 +186,8 @@ def describe_setup(p: Plan) -> str:
 
 def part_rows(p: Plan) -> list[tuple[str, float, str]]:
     s, m = p.setup, p.memory
-    sharded = f", sharded over {s.world}" if s.strategy == "fsdp" else ""
+    sharded = f", sharded over {s.world}" if s.strategy == "fsdp" and s.world > 1 else ""
+    sharded += ", on the host (offload)" if s.offload else ""
     other = m.activations_full if s.checkpointing else m.activations_checkpointed
     base = f"decoder linears in NF4, the rest {s.dtype}" if s.quantize == "nf4" else s.dtype
     states = {"adamw": "adamw (m, v) in the parameters' dtype", "rmsprop": "rmsprop (one average) in the "
@@ -199,7 +205,8 @@ def part_rows(p: Plan) -> list[tuple[str, float, str]]:
                                        f" {other / GiB:.2f} GiB)"),
         ("log-prob head", m.head, f"chunk of {min(s.chunk, s.pass_tokens):,} positions"),
         ("communication", m.communication, {"single": "none (one process)", "ddp": "DDP gradient buckets",
-                                            "fsdp": "FSDP2 root + 2 layers gathered, 1 layer's gradients"}[
+                                            "fsdp": f"FSDP2 {'whole ' if s.offload else ''}root + 2 layers gathered, "
+                                                    "1 layer's gradients"}[
                                                 s.strategy]),
     ]
 
@@ -213,13 +220,31 @@ def render(p: Plan) -> str:
     lines.append(f"  {'peak':22s}{gib(p.memory.peak)}   at {p.memory.peak_at}")
     lines.append(f"GPU memory {p.gpu_memory / GiB:.0f} GiB ({p.usable / GiB:.0f} usable): {p.verdict.upper()}")
     lines += suggestion_lines(p)
-    lines += ["", f"host RAM while loading: {p.host_ram_per_rank / GiB:.1f} GiB per rank, "
-                  f"{p.host_ram_per_node / GiB:.1f} GiB per node (today every rank loads the whole policy"
-                  f"{' and a whole reference copy' if p.setup.reference == 'model' else ''} before sharding)",
+    lines += ["", *host_lines(p),
               f"FLOPs per step: {p.flops['total']:.3g} ({p.tokens_per_step:,} positions: training "
               f"{p.flops['train']:.3g}, reference forward {p.flops['reference']:.3g}"
               f"{', recompute ' + format(p.flops['recompute'], '.3g') if p.flops['recompute'] else ''})"]
     return "\n".join(lines)
+
+
+def host_lines(p: Plan) -> list[str]:
+    """Host RAM while loading (sharded or whole, per ``sharded_loading``) and, offloaded, while training."""
+    s = p.setup
+    if sharded_loading(s):
+        how = ("FSDP loads sharded: each rank reads only its rows of the weight files, one tensor at a time"
+               + (", and keeps its shards of the policy" + (" and reference" if s.reference == "model" else "")
+                  + " in host memory, offloaded" if s.offload else ", into its shards on the GPU"))
+    else:
+        strategy = {"single": "one process", "ddp": "DDP", "fsdp": "FSDP filling a reference store"}[s.strategy]
+        copies = " and a whole reference copy" if s.reference == "model" else ""
+        how = f"{strategy}: {'every rank loads' if s.world > 1 else 'it loads'} the whole policy{copies}"
+    lines = [f"host RAM while loading: {p.host_ram_per_rank / GiB:.1f} GiB per rank, "
+             f"{p.host_ram_per_node / GiB:.1f} GiB per node ({how})"]
+    if s.offload:
+        lines.append(f"host RAM while training (offload): {p.host_ram_training / GiB:.1f} GiB per rank, "
+                     f"{p.host_ram_training * p.gpus / GiB:.1f} GiB per node (weight, reference, gradient and "
+                     "optimizer shards)")
+    return lines
 
 
 def suggestion_lines(p: Plan) -> list[str]:
@@ -227,20 +252,20 @@ def suggestion_lines(p: Plan) -> list[str]:
         return []
     s = p.suggestion
     if s is None:
-        lines = ["no change dpokit can make today fits these GPUs"]
-    else:
-        lines = [f"smallest change that fits: {_change(s, p)}"]
-        if "or" in s:
-            lines.append(f"  or, training every weight: {_change(s['or'], p)}")
-    lines += [f"  not available in dpokit yet: {r['option']}: peak {r['peak'] / GiB:.2f} GiB"
-              for r in p.not_available]
+        return ["no change dpokit can make fits these GPUs"]
+    lines = [f"smallest change that fits: {_change(s, p)}"]
+    if "or" in s:
+        lora = any(o.startswith("model.lora") for o in s["overrides"])
+        lines.append(f"  or{', training every weight' if lora else ''}: {_change(s['or'], p)}")
     return lines
 
 
 def _change(s: dict[str, Any], p: Plan) -> str:
     same = (s["gpus"], s["nodes"]) == (p.gpus, p.nodes)
     hardware = "" if same else f" on {s['gpus']} GPUs a node x {s['nodes']} node{'s' if s['nodes'] > 1 else ''}"
-    return f"{' '.join(s['overrides'])}{hardware} (peak {s['peak'] / GiB:.2f} GiB)"
+    launch = " (under torchrun, one process)" if "distributed.offload=params" in s["overrides"] and \
+        s["gpus"] * s["nodes"] == 1 else ""
+    return f"{' '.join(s['overrides'])}{hardware}{launch} (peak {s['peak'] / GiB:.2f} GiB)"
 
 
 __all__ = ["parse_size", "render", "suggest"]

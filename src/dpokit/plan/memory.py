@@ -27,6 +27,10 @@ pass (``train.pass_tokens``, else the micro-batch at full length), W ranks:
 - communication: DDP keeps its gradient buckets, a second copy of the gradients; FSDP2 gathers the root
   (embeddings, head) for the whole step and one decoder layer at a time (plus the next, prefetched), and
   reduce-scatters one layer's gradients.
+- offload (``distributed.offload: params``, FSDP2's ``CPUOffloadPolicy``): the sharded weights, their gradients,
+  the optimizer states (the step runs on the CPU) and the reference's shards live in host memory; the GPU holds
+  none of them, only what is gathered for compute (the whole root now: no shard of it is resident), the
+  activations, the head and one layer's gradients before their reduce-scatter (``host_ram_training``).
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ class Setup:
     row_length: int
     passes_per_step: int
     chunk: int
+    offload: bool = False
+    """``distributed.offload: params`` under FSDP: shards, gradients and optimizer states on the host."""
 
 
 # ----------------------------------------------------------------------------------------------- parameters
@@ -128,6 +134,11 @@ def base_weights(shape: Shape, setup: Setup) -> float:
     linears = [a * c for a, c in shape.linears().values()]
     packed = sum(n * b if nf4_bytes(n, b) is None else nf4_bytes(n, b) for n in linears)
     return shape.params() * b - shape.layers * (sum(linears) * b - packed)
+
+
+def on_gpu(nbytes: float, setup: Setup) -> float:
+    """A per-rank shard that lives on the GPU, or none of it when FSDP offloads it to the host."""
+    return 0.0 if setup.offload else nbytes
 
 
 def weights(shape: Shape, setup: Setup) -> float:
@@ -277,14 +288,16 @@ def head(shape: Shape, setup: Setup) -> float:
 def communication(shape: Shape, setup: Setup) -> float:
     """DDP: the gradient buckets (a flat copy of every trainable gradient). FSDP2: the root's parameters
     gathered for the whole step (embeddings, tied or separate head, final norm), two decoder layers gathered
-    (the one computing and the one prefetched) and one layer's full gradients before their reduce-scatter."""
+    (the one computing and the one prefetched) and one layer's full gradients before their reduce-scatter;
+    offloaded, the whole root is gathered (its shard is on the host)."""
     if setup.strategy == "ddp":
         n, size = trainable(shape, setup)
         return n * size
     if setup.strategy != "fsdp":
         return 0.0
     b = DTYPE_BYTES[setup.dtype]
-    root = shape.root_params() * b * (1 - 1 / setup.world)
+    resident = 0.0 if setup.offload else 1 / setup.world  # this rank's shard of the root, counted in weights
+    root = shape.root_params() * b * (1 - resident)
     return root + 3 * shape.layer_params() * b
 
 
@@ -315,8 +328,9 @@ def memory(shape: Shape, setup: Setup) -> Memory:
     pass), and (b) the end of the backward, with every gradient and no activations."""
     full = activations(shape, setup, checkpointing=False)
     ckpt = activations(shape, setup, checkpointing=True)
-    parts = dict(weights=weights(shape, setup), gradients=gradients(shape, setup),
-                 optimizer=optimizer_states(shape, setup), reference=reference(shape, setup),
+    parts = dict(weights=on_gpu(weights(shape, setup), setup), gradients=on_gpu(gradients(shape, setup), setup),
+                 optimizer=on_gpu(optimizer_states(shape, setup), setup),
+                 reference=on_gpu(reference(shape, setup), setup),
                  autocast_copies=autocast_copies(shape, setup), dequantized=dequantized(shape, setup),
                  activations=ckpt if setup.checkpointing else full,
                  head=head(shape, setup), communication=communication(shape, setup))
@@ -334,10 +348,33 @@ def memory(shape: Shape, setup: Setup) -> Memory:
 # ------------------------------------------------------------------------------------------- loading and FLOPs
 
 def host_ram_per_rank(shape: Shape, setup: Setup) -> float:
-    """Host RAM while loading, per rank: today every rank loads the whole policy in ``model.dtype`` before
-    any sharding, and a whole reference beside it (a copy of the policy for ``reference.mode: model``)."""
-    copies = 2 if setup.reference == "model" else 1
-    return copies * shape.params() * DTYPE_BYTES[setup.dtype]
+    """Host RAM while loading, per rank. Loaded whole (one process, DDP, or FSDP filling a reference store):
+    the whole policy in ``model.dtype`` and a whole reference beside it (a copy of the policy for
+    ``reference.mode: model``). Loaded sharded (``sharded_loading``): each rank reads only its rows of the
+    weight files (``dpokit.models.sharded.materialize``), one tensor at a time, straight into its shards'
+    storage on the GPU, so the host holds the largest tensor's rows for this rank; offloaded, the policy's and
+    reference's shards stay on the host too."""
+    b = DTYPE_BYTES[setup.dtype]
+    if not sharded_loading(setup):
+        copies = 2 if setup.reference == "model" else 1
+        return copies * shape.params() * b
+    largest = max([shape.vocab * shape.hidden] + [a * c for a, c in shape.linears().values()])
+    read = math.ceil(largest / setup.world) * b
+    return read + (weights(shape, setup) + reference(shape, setup) if setup.offload else 0.0)
+
+
+def sharded_loading(setup: Setup) -> bool:
+    """FSDP loads the policy and reference shard by shard (``training.setup``), except to fill a reference
+    store, which needs a whole model."""
+    return setup.strategy == "fsdp" and setup.reference != "store"
+
+
+def host_ram_training(shape: Shape, setup: Setup) -> float:
+    """Host RAM per rank for what offload keeps there while training: the weights' and reference's shards,
+    the gradients and the optimizer states; none without offload."""
+    if not setup.offload:
+        return 0.0
+    return weights(shape, setup) + reference(shape, setup) + gradients(shape, setup) + optimizer_states(shape, setup)
 
 
 def flops_per_step(shape: Shape, setup: Setup, tokens: int, sequence: int) -> dict[str, float]:
