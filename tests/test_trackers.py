@@ -11,9 +11,11 @@ import shutil
 import pytest
 
 import dpokit
-from dpokit.config import load_config
+from conftest import ROOT
+from dpokit.config import TRACKERS, load_config
 from dpokit.errors import ConfigError
 from dpokit.integrations.trackers import (
+    KINDS,
     Trackers,
     check_installed,
     install_line,
@@ -167,6 +169,16 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="log.report_to"):
         load_config({"log": {"report_to": ["comet"]}})
     assert scalars({"step": 2, "split": "train", "loss": 1, "flag": True, "note": "x"}) == {"loss": 1.0}
+
+
+def test_one_list_of_trackers_names_the_classes_and_the_extras():
+    """``dpokit.config.TRACKERS`` is what ``log.report_to`` accepts, what ``KINDS`` builds, and the extras of
+    pyproject.toml: a tracker added to one and not the others fails here."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert sorted(KINDS) == sorted(TRACKERS) and all(KINDS[name].name == name for name in TRACKERS)
+    assert all(name in extras for name in TRACKERS)
+    assert load_config({"log": {"report_to": list(TRACKERS)}}).log.report_to == list(TRACKERS)
 
 
 def tiny_run(tmp_path, tracker, **log):

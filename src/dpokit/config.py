@@ -358,11 +358,13 @@ class OnlineConfig(Section):
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
-"""Experiment trackers ``log.report_to`` can name; each is an optional extra (``pip install 'dpokit[wandb]'``)."""
+"""Experiment trackers ``log.report_to`` can name, the one list of them: each name is also the package module the
+tracker needs and the optional extra that installs it (``dpokit.integrations.trackers``: ``KINDS``,
+``install_line``)."""
 
 
 class LogConfig(Section):
-    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+    report_to: list[Literal[TRACKERS]] = Field(
         default_factory=list, json_schema_extra=NEUTRAL)
     """Experiment trackers that receive every metrics row (the names of ``metrics.jsonl``, which is always
     written), the warnings and the resolved config, from rank 0: ``tensorboard`` (event files in

@@ -22,9 +22,6 @@ from typing import Any
 
 from dpokit.errors import ConfigError
 
-MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
-"""Tracker -> the module it needs; the extra of the same name installs it."""
-
 
 def install_line(name: str) -> str:
     """How to install tracker ``name``'s extra from a clone of the repository (dpokit is not on PyPI); trackio's
@@ -35,7 +32,7 @@ def install_line(name: str) -> str:
 def check_installed(names: list[str]) -> None:
     """One line naming the extra to install for the first tracker whose package is missing."""
     for name in names:
-        if importlib.util.find_spec(MODULES[name]) is None:
+        if importlib.util.find_spec(name) is None:  # a tracker's name is its package's module and its extra
             raise ConfigError(f"log.report_to: {name} is not installed; in a clone of dpokit: {install_line(name)}")
 
 
@@ -169,8 +166,8 @@ class Trackio:
         self.trackio.finish()
 
 
-KINDS: dict[str, Callable[..., Any]] = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow,
-                                        "trackio": Trackio}
+KINDS: dict[str, Callable[..., Any]] = {cls.name: cls for cls in (TensorBoard, WandB, MLflow, Trackio)}
+"""Tracker name -> its class; the names are ``dpokit.config.TRACKERS``, what ``log.report_to`` accepts."""
 
 
 class Trackers:
