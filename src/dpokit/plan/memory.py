@@ -213,7 +213,9 @@ def reference(shape: Shape, setup: Setup) -> float:
 def autocast_copies(shape: Shape, setup: Setup) -> float:
     """bf16 copies of the fp32 linear weights that autocast makes in the forward and the backward reads."""
     if not (setup.precision == "bf16" and setup.dtype == "float32") or setup.quantize != "none" or mixed(setup):
-        return 0.0  # mixed: FSDP gathers bf16 weights, autocast has nothing to cast; nf4: the dequantized weight is cast inside the layer's own autograd function, not kept
+        # mixed: FSDP gathers bf16 weights, autocast has nothing to cast; nf4: the dequantized weight is cast
+        # inside the layer's own autograd function, not kept
+        return 0.0
     per_layer = 2 * sum(a * b for a, b in shape.linears().values())
     return per_layer * (1 if setup.checkpointing else shape.layers)
 
