@@ -50,8 +50,8 @@ def random_model_folder(name: str, folder: Path) -> Path:
 
 TABLE_MODELS = ("Llama-3.2-1B", "Qwen2.5-7B", "Llama-3.1-8B", "Llama-3.1-70B")
 TABLE_RUN = {"data": {"max_length": 2048, "max_prompt_length": 1024}, "train": {"batch_size": 1}}
-"""The table's run: one pair of 2 x 2048 positions a micro-batch, defaults otherwise (fp32 weights, bf16
-autocast on a GPU, a reference model in memory, AdamW)."""
+"""The table's run: one pair of 2 x 2048 positions a micro-batch, defaults otherwise (fp32 weights, bf16 on a
+GPU: autocast with one process, FSDP2 mixed precision under FSDP; a reference model in memory, AdamW)."""
 TABLE_SETUPS = (
     ("full DPO", 1, []),
     ("full DPO, checkpointing, reference store", 1, ["train.gradient_checkpointing=true", "reference.mode=store"]),

@@ -102,11 +102,15 @@ def gpu_precision(monkeypatch):
     monkeypatch.delenv(PRECISION_ENV, raising=False)
 
 
-def test_llama_8b_full_dpo_on_8x80gb_fsdp_fits_with_checkpointing(gpu_precision):
+def test_llama_8b_full_dpo_on_8x80gb_fsdp_fits_and_on_8x40gb_with_checkpointing(gpu_precision):
+    # FSDP2 mixed precision (bf16 gathers, no autocast copies) fits 8 x 80 GB as it is; 8 x 40 GB needs
+    # checkpointing.
     bare = plan(LLAMA_8B, ["distributed.strategy=fsdp"], gpu_memory="80GB", gpus=8)
-    assert bare.verdict != "fits" and bare.suggestion["overrides"] == ["train.gradient_checkpointing=true"]
+    assert bare.verdict == "fits"
+    small = plan(LLAMA_8B, ["distributed.strategy=fsdp"], gpu_memory="40GB", gpus=8)
+    assert small.verdict != "fits" and small.suggestion["overrides"] == ["train.gradient_checkpointing=true"]
     assert plan(LLAMA_8B, ["distributed.strategy=fsdp", "train.gradient_checkpointing=true"],
-                gpu_memory="80GB", gpus=8).verdict == "fits"
+                gpu_memory="40GB", gpus=8).verdict == "fits"
     # Sharding divides weights, gradients and optimizer states by the world size.
     one = plan(LLAMA_8B, gpu_memory="80GB", gpus=1)
     assert bare.memory.optimizer == one.memory.optimizer / 8
@@ -124,7 +128,7 @@ def test_llama_8b_lora_on_24gb_needs_a_bf16_base(gpu_precision):
 def test_llama_8b_on_16gb_takes_qlora(gpu_precision):
     # LoRA over a bf16 base does not fit 16 GB (its 16 GB of weights alone); QLoRA does, and the suggestion is a
     # config dpokit's validation accepts, tried before CPU offload. Where nothing fits (70B: even offloaded, the
-    # gathered fp32 root and layers exceed 16 GB), there is no suggestion.
+    # gathered root and layers, activations and head exceed 16 GB), there is no suggestion.
     result = plan(LLAMA_8B, gpu_memory="16GB", gpus=1)
     overrides = result.suggestion["overrides"]
     assert overrides[:4] == ["model.lora={r: 16}", "reference.mode=adapter", "model.quantize=nf4",
@@ -146,9 +150,10 @@ def test_fsdp_loads_a_shard_per_rank_ddp_a_whole_copy(gpu_precision):
     sharded = plan(LLAMA_8B, ["distributed.strategy=fsdp"], gpu_memory="80GB", gpus=8)
     assert sharded.host_ram_per_rank == 128256 * 4096 // 8 * 4 < params * 4 / 8
     assert "FSDP loads sharded" in render(sharded)
-    # Offloaded, the policy's and reference's shards stay on the host: a shard each per rank, not whole copies.
+    # Offloaded, the policy's and reference's shards stay on the host: a shard each per rank, not whole copies
+    # (the policy's fp32, the reference's bf16: FSDP2 mixed precision loads it in the dtype it gathers).
     offload = plan(LLAMA_8B, ["distributed.strategy=fsdp", "distributed.offload=params"], gpu_memory="80GB", gpus=8)
-    assert offload.host_ram_per_rank == sharded.host_ram_per_rank + 2 * params * 4 / 8
+    assert offload.host_ram_per_rank == sharded.host_ram_per_rank + params * (4 + 2) / 8
     # Filling a reference store needs a whole model: loaded whole even under FSDP.
     store = plan(LLAMA_8B, ["distributed.strategy=fsdp", "reference.mode=store"], gpu_memory="80GB", gpus=8)
     assert store.host_ram_per_rank == params * 4 and "FSDP filling a reference store" in render(store)
@@ -163,11 +168,37 @@ def test_offload_moves_weights_gradients_and_optimizer_to_the_host(gpu_precision
     assert moved.host_ram_training == sum(getattr(kept.memory, part) for part in on_host) and kept.host_ram_training == 0
     for part in ("activations", "head", "autocast_copies"):
         assert getattr(moved.memory, part) == getattr(kept.memory, part), part
-    # The root is gathered whole (its own shard is on the host now): one more root shard of communication.
+    # The root is gathered whole (its own shard is on the host now): one more root shard of communication,
+    # gathered in bf16 (FSDP2 mixed precision).
     root = 128256 * 4096 * 2 + 4096  # embeddings, untied head, final norm
-    assert moved.memory.communication - kept.memory.communication == pytest.approx(root * 4 / 8)
+    assert moved.memory.communication - kept.memory.communication == pytest.approx(root * 2 / 8)
     assert moved.memory.peak < kept.memory.peak
     assert "host RAM while training (offload)" in render(moved) and "offload" not in render(kept).split("host RAM")[1]
+
+
+def test_fsdp_bf16_gathers_bf16_and_keeps_no_autocast_copies(gpu_precision):
+    # precision: bf16 under FSDP is FSDP2's MixedPrecisionPolicy over fp32 shards: the layers and root are gathered
+    # in bf16 (half of fp32's gathers), autocast finds them bf16 already (no copies), gradients are reduced in
+    # fp32 (one layer's, as in fp32) into fp32 shards, and the reference is held in bf16.
+    fsdp = ["distributed.strategy=fsdp"]
+    mixed = plan(LLAMA_8B, fsdp, gpu_memory="80GB", gpus=8)
+    full = plan(LLAMA_8B, fsdp + ["train.precision=fp32"], gpu_memory="80GB", gpus=8)
+    shape, _ = find_shape("meta-llama/Llama-3.1-8B")
+    reduced = shape.layer_params() * 4
+    assert mixed.memory.autocast_copies == 0
+    assert mixed.memory.communication - reduced == pytest.approx((full.memory.communication - reduced) / 2)
+    assert (mixed.memory.weights, mixed.memory.gradients, mixed.memory.optimizer) == (
+        full.memory.weights, full.memory.gradients, full.memory.optimizer)
+    assert mixed.memory.reference == full.memory.reference / 2
+    assert "FSDP2 mixed precision" in render(mixed) and "gathered in bf16" in render(mixed)
+    # DDP and one process keep autocast over fp32 weights: their bf16 copies and fp32-sized buffers.
+    ddp = plan(LLAMA_8B, ["distributed.strategy=ddp"], gpu_memory="80GB", gpus=8)
+    one = plan(LLAMA_8B, gpu_memory="80GB", gpus=1)
+    linears = sum(a * b for a, b in shape.linears().values()) * shape.layers
+    for result in (ddp, one):
+        assert result.setup.precision == "bf16" and result.memory.autocast_copies == 2 * linears
+        assert result.memory.reference == shape.params() * 4
+    assert ddp.memory.communication == shape.params() * 4 and one.memory.communication == 0
 
 
 def test_advice_suggests_offload_when_only_it_fits(gpu_precision):

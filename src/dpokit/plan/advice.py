@@ -23,7 +23,7 @@ from typing import Any
 from dpokit.config import Config, load_config
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.plan import Plan, plan_for
-from dpokit.plan.memory import GiB, regime, sharded_loading
+from dpokit.plan.memory import GiB, mixed, regime, sharded_loading
 from dpokit.plan.shapes import Shape
 
 _UNITS = {"": GiB, "k": 2 ** 10, "m": 2 ** 20, "g": GiB, "t": 2 ** 40}
@@ -180,6 +180,8 @@ def describe_setup(p: Plan) -> str:
     strategy = {"single": "one process", "ddp": "DDP", "fsdp": "FSDP2"}[s.strategy]
     compute = {"fp32": "fp32", "bf16": "bf16 weights and compute",
                "autocast": "bf16 autocast over float32 weights"}[regime(s)]
+    if mixed(s) and s.dtype != "bfloat16":
+        compute = f"bf16 gathers of {s.dtype} shards, fp32 gradient reduction (FSDP2 mixed precision)"
     return (f"{what}; {p.gpus} GPU{'s' if p.gpus > 1 else ''} x {p.nodes} node{'s' if p.nodes > 1 else ''}, "
             f"{strategy}; {compute}; reference: {s.reference}")
 
@@ -189,6 +191,7 @@ def part_rows(p: Plan) -> list[tuple[str, float, str]]:
     sharded = f", sharded over {s.world}" if s.strategy == "fsdp" and s.world > 1 else ""
     sharded += ", on the host (offload)" if s.offload else ""
     other = m.activations_full if s.checkpointing else m.activations_checkpointed
+    ref_dtype = " in bf16" if mixed(s) and s.dtype != "bfloat16" else ""
     base = f"decoder linears in NF4, the rest {s.dtype}" if s.quantize == "nf4" else s.dtype
     states = {"adamw": "adamw (m, v) in the parameters' dtype", "rmsprop": "rmsprop (one average) in the "
               "parameters' dtype", "adamw_8bit": "adamw_8bit (m, v in 8 bits, blocks of 256)"}[s.optimizer]
@@ -196,7 +199,7 @@ def part_rows(p: Plan) -> list[tuple[str, float, str]]:
         ("weights", m.weights, f"{base}{' + fp32 adapters' if s.lora_r else ''}{sharded}"),
         ("gradients", m.gradients, f"{p.trainable_params:,} trainable{sharded}"),
         ("optimizer states", m.optimizer, f"{states}, no fp32 master copy{sharded}"),
-        ("reference", m.reference, {"model": f"a second copy of the weights{sharded}", "adapter": "policy, adapters off",
+        ("reference", m.reference, {"model": f"a second copy of the weights{ref_dtype}{sharded}", "adapter": "policy, adapters off",
                                     "store": "log-probs from disk"}[s.reference]),
         ("autocast weight copies", m.autocast_copies, "bf16 copies of fp32 linear weights kept for the backward"),
         ("dequantized weight", m.dequantized, "the largest NF4 weight, dequantized while it multiplies"),
@@ -205,8 +208,9 @@ def part_rows(p: Plan) -> list[tuple[str, float, str]]:
                                        f" {other / GiB:.2f} GiB)"),
         ("log-prob head", m.head, f"chunk of {min(s.chunk, s.pass_tokens):,} positions"),
         ("communication", m.communication, {"single": "none (one process)", "ddp": "DDP gradient buckets",
-                                            "fsdp": f"FSDP2 {'whole ' if s.offload else ''}root + 2 layers gathered, "
-                                                    "1 layer's gradients"}[
+                                            "fsdp": f"FSDP2 {'whole ' if s.offload else ''}root + 2 layers gathered"
+                                                    f"{' in bf16' if mixed(s) else ''}, 1 layer's gradients"
+                                                    f"{' in fp32' if mixed(s) else ''}"}[
                                                 s.strategy]),
     ]
 

@@ -11,13 +11,15 @@ pass (``train.pass_tokens``, else the micro-batch at full length), W ranks:
   (torch's AdamW): with ``model.dtype: bfloat16`` they are bf16 and there is no fp32 master copy (FSDP: / W).
   ``adamw_8bit`` keeps each moment of a tensor of n >= 4096 values (a multiple of 256) as n codes, n/256 fp32
   block scales and a 256-entry fp32 map; smaller tensors keep both moments in their dtype (``moment_bytes``).
-- reference: ``model``: a second copy of the weights (FSDP: / W); ``adapter``: none (the policy with its
+- reference: ``model``: a second copy of the weights (FSDP: / W; under FSDP2 mixed precision held in bf16,
+  as training loads it: never updated, it needs no fp32 masters); ``adapter``: none (the policy with its
   adapters off); ``store``: none while training (log-probs read from disk).
 - dequantized weight (nf4): each quantized linear dequantizes its weight in the compute dtype for the forward
   and again for the backward's input gradient, and frees it after the product: one weight, the largest, at a
   time (and autocast keeps no copy of it).
 - autocast weight copies: under ``precision: bf16`` with fp32 weights every linear's weight is cast to bf16 for
   the forward and the copy is kept for the backward: 2 bytes x the layers' linear parameters, not sharded.
+  None under FSDP2 mixed precision (``mixed``): the weights arrive from the all-gather already in bf16.
 - activations: what autograd keeps for the backward, counted tensor by tensor from the Llama-family decoder
   layer (``layer_bytes``), times T and the layers; with ``train.gradient_checkpointing`` each layer keeps only
   its input and one layer is recomputed at a time.
@@ -26,7 +28,8 @@ pass (``train.pass_tokens``, else the micro-batch at full length), W ranks:
   path, T x V logits.
 - communication: DDP keeps its gradient buckets, a second copy of the gradients; FSDP2 gathers the root
   (embeddings, head) for the whole step and one decoder layer at a time (plus the next, prefetched), and
-  reduce-scatters one layer's gradients.
+  reduce-scatters one layer's gradients. Under mixed precision the gathers are bf16 (half of fp32's) and the
+  reduce-scatter is fp32, into the fp32 gradient shards.
 - offload (``distributed.offload: params``, FSDP2's ``CPUOffloadPolicy``): the sharded weights, their gradients,
   the optimizer states (the step runs on the CPU) and the reference's shards live in host memory; the GPU holds
   none of them, only what is gathered for compute (the whole root now: no shard of it is resident), the
@@ -104,6 +107,18 @@ def trainable(shape: Shape, setup: Setup) -> tuple[int, int]:
     if setup.lora_r is not None:
         return lora_params(shape, setup), ADAPTER_BYTES
     return shape.params(), DTYPE_BYTES[setup.dtype]
+
+
+def mixed(setup: Setup) -> bool:
+    """FSDP2 mixed precision, as training runs ``precision: bf16`` under FSDP
+    (``dpokit.training.distributed._fully_shard``): the shards stay in ``model.dtype``, FSDP casts them to bf16
+    before each all-gather and reduces gradients in fp32."""
+    return setup.strategy == "fsdp" and setup.precision == "bf16"
+
+
+def gathered_bytes(setup: Setup) -> int:
+    """Bytes per parameter of what FSDP gathers for compute: bf16 under mixed precision, else ``model.dtype``."""
+    return 2 if mixed(setup) else DTYPE_BYTES[setup.dtype]
 
 
 def shard(nbytes: float, setup: Setup) -> float:
@@ -188,13 +203,19 @@ def optimizer_states(shape: Shape, setup: Setup) -> float:
 
 
 def reference(shape: Shape, setup: Setup) -> float:
-    return shard(shape.params() * DTYPE_BYTES[setup.dtype], setup) if setup.reference == "model" else 0.0
+    """A frozen copy of the weights (``reference.mode: model``). Under mixed precision FSDP loads its shards
+    straight into bf16 (``Dist.wrap_frozen``): the dtype it would be gathered in anyway."""
+    if setup.reference != "model":
+        return 0.0
+    return shard(shape.params() * (2 if mixed(setup) else DTYPE_BYTES[setup.dtype]), setup)
 
 
 def autocast_copies(shape: Shape, setup: Setup) -> float:
     """bf16 copies of the fp32 linear weights that autocast makes in the forward and the backward reads."""
-    if not (setup.precision == "bf16" and setup.dtype == "float32") or setup.quantize != "none":
-        return 0.0  # nf4: the dequantized weight is cast inside the layer's own autograd function, not kept
+    if not (setup.precision == "bf16" and setup.dtype == "float32") or setup.quantize != "none" or mixed(setup):
+        # mixed: FSDP gathers bf16 weights, autocast has nothing to cast; nf4: the dequantized weight is cast
+        # inside the layer's own autograd function, not kept
+        return 0.0
     per_layer = 2 * sum(a * b for a, b in shape.linears().values())
     return per_layer * (1 if setup.checkpointing else shape.layers)
 
@@ -202,8 +223,9 @@ def autocast_copies(shape: Shape, setup: Setup) -> float:
 # ------------------------------------------------------------------------------------------------ activations
 
 def regime(setup: Setup) -> str:
-    """``fp32``; ``bf16`` (bf16 weights, so bf16 activations); ``autocast`` (bf16 compute over fp32 weights)."""
-    if setup.dtype == "bfloat16":
+    """``fp32``; ``bf16`` (bf16 weights, so bf16 activations; also FSDP2 mixed precision, whose gathered weights
+    are bf16 whatever the shards hold); ``autocast`` (bf16 compute over fp32 weights)."""
+    if setup.dtype == "bfloat16" or mixed(setup):
         return "bf16"
     return "autocast" if setup.precision == "bf16" else "fp32"
 
@@ -281,24 +303,25 @@ def head(shape: Shape, setup: Setup) -> float:
     compute = 4 if regime(setup) == "fp32" else 2
     logits = rows * v * (4 + (0 if compute == 4 else 2)) + rows * h * compute
     head_trainable = setup.lora_r is None
-    weight_grads = 2 * v * h * DTYPE_BYTES[setup.dtype] if head_trainable else 0
+    weight_grads = 2 * v * h * gathered_bytes(setup) if head_trainable else 0
     return logits + weight_grads
 
 
 def communication(shape: Shape, setup: Setup) -> float:
     """DDP: the gradient buckets (a flat copy of every trainable gradient). FSDP2: the root's parameters
     gathered for the whole step (embeddings, tied or separate head, final norm), two decoder layers gathered
-    (the one computing and the one prefetched) and one layer's full gradients before their reduce-scatter;
-    offloaded, the whole root is gathered (its shard is on the host)."""
+    (the one computing and the one prefetched), in ``gathered_bytes``, and one layer's full gradients before
+    their reduce-scatter, in the reduce dtype (fp32 under mixed precision); offloaded, the whole root is
+    gathered (its shard is on the host)."""
     if setup.strategy == "ddp":
         n, size = trainable(shape, setup)
         return n * size
     if setup.strategy != "fsdp":
         return 0.0
-    b = DTYPE_BYTES[setup.dtype]
+    b, reduce = gathered_bytes(setup), 4 if mixed(setup) else DTYPE_BYTES[setup.dtype]
     resident = 0.0 if setup.offload else 1 / setup.world  # this rank's shard of the root, counted in weights
     root = shape.root_params() * b * (1 - resident)
-    return root + 3 * shape.layer_params() * b
+    return root + 2 * shape.layer_params() * b + shape.layer_params() * reduce
 
 
 # --------------------------------------------------------------------------------------------------- the peak
