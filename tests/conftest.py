@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import shutil
@@ -143,3 +144,32 @@ def tiny_chat_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serve")
     return train_tiny_run(root, write_chat_pairs(root / "train.jsonl", 16),
                           write_chat_pairs(root / "eval.jsonl", 4, offset=100))
+
+
+@contextlib.contextmanager
+def serve_command(run_dir, *args, pattern):
+    """``dpokit serve RUN_DIR --port 0 ARGS`` as a child process, once a line of its output matches ``pattern``:
+    yields ``(process, text)``, the text the pattern's last group (or whole match) found; the process is killed
+    on the way out if it still runs. Fails with the output when no line matches within 120 s."""
+    import re
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "dpokit", "serve", str(run_dir), "--port", "0", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        text, output = None, []
+        deadline = time.time() + 120
+        while text is None and time.time() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if found := re.search(pattern, line):
+                text = found.group(found.lastindex or 0)
+        assert text, "".join(output)
+        yield process, text
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -10,8 +10,6 @@ import shutil
 import signal
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -20,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import chromium, close_chromium
+from conftest import chromium, close_chromium, serve_command
 from dpokit.cli import main
 from dpokit.errors import DpokitError
 from dpokit.models.generate import SamplingParams, generate, stream_batch
@@ -607,31 +605,13 @@ def test_serve_command_errors_are_one_line(tmp_path, tiny_chat_run, capsys):
 
 
 def test_dpokit_serve_runs_and_stops_on_ctrl_c(tiny_chat_run):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "dpokit", "serve", str(tiny_chat_run), "--port", "0",
-                                "--max-queue", "3"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        url, output = None, []
-        deadline = time.time() + 120
-        while url is None and time.time() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if found := re.search(r"http://127\.0\.0\.1:\d+/", line):
-                url = found.group(0)
-        assert url, "".join(output)
+    with serve_command(tiny_chat_run, "--max-queue", "3", pattern=r"http://127\.0\.0\.1:\d+/") as (process, url):
         status, events = post(url, json.dumps({"prompt": "Hello", "max_new_tokens": 3}).encode())
         assert status == 200 and events[-1]["type"] == "done"
         with urllib.request.urlopen(url + "api/info", timeout=30) as response:
             assert json.loads(response.read())["limits"]["max_queue"] == 3  # --max-queue reached the server
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_precision_auto_resolves_and_bf16_samples_under_autocast_while_rewards_stay_fp32(tiny_chat_run, monkeypatch):

@@ -3,17 +3,13 @@ samples equal ``generate`` (policy and reference alike), a stream reassembles to
 get a 4xx in OpenAI's error shape, the token is required beyond loopback, and dpokit's own LLM judge can use it."""
 
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
+from conftest import serve_command
 from dpokit.models.generate import SamplingParams, encode_prompts, generate
 from dpokit.rewards.judge import JUDGE_PROMPT, LLMJudge, parse_reply
 from dpokit.serve.app import create_app, start_in_thread
@@ -252,28 +248,11 @@ def test_without_api_there_is_no_v1(playground):
 
 
 def test_dpokit_serve_api_command_prints_the_base_url_and_answers(tiny_chat_run):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "dpokit", "serve", str(tiny_chat_run), "--port", "0", "--api"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        base, output = None, []
-        deadline = time.time() + 120
-        while base is None and time.time() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if found := re.search(r"base_url (http://127\.0\.0\.1:\d+/v1)", line):
-                base = found.group(1)
-        assert base, "".join(output)
+    with serve_command(tiny_chat_run, "--api", pattern=r"base_url (http://127\.0\.0\.1:\d+/v1)") as (process, base):
         status, body = call(base + "/completions", {"model": "policy", "prompt": "Hi", "max_tokens": 3})
         assert status == 200 and body["usage"]["completion_tokens"] >= 1
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_a_full_queue_is_a_503_with_retry_after_and_a_foreign_host_is_refused(playground):
