@@ -92,7 +92,7 @@ def assert_same_training(one: Path, two: Path) -> None:
             continue
         assert a["tokens"] == b["tokens"]  # every pair counted once over the ranks, none twice
         for key in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                    "rewards/margins", "logps/chosen", "logps/rejected"):
+                    "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
             if key not in a:  # eval rows have no grad_norm
                 continue
             # The ranks' partial sums are added by gloo (all-reduce / reduce-scatter): a different summation

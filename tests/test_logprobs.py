@@ -245,3 +245,33 @@ def test_wpo_log_weight_of_a_uniform_policy_is_zero():
     assert abs(_log_sum_squares(torch.zeros(3, vocab)) - math.log(1 / vocab)).max() < 1e-6
     # A one-hot policy: its token has p = 1 = sum_v p^2.
     assert abs(_log_sum_squares(torch.tensor([[0.0, -1e4, -1e4]]))).max() < 1e-6
+
+
+def test_mean_logits_by_hand_on_both_paths():
+    """TRL's ``logits/*`` ingredient: each response's sum over its tokens of the mean logit over the vocabulary,
+    from the model's full logits by hand. The fast path gets it as h . mean_v(W_v) (the head is linear), the plain
+    path averages the logits; both equal the hand sum, carry no gradient, and ignore the temperature."""
+    from dpokit.data.batch import collate_groups, regroup
+    from dpokit.models.logprobs import layout_logps, target_logps
+
+    model = _model()
+    groups = [([1, 9, 8], [[6, 5, 4, 2], [30, 31, 2]]), ([1, 40], [[45, 46, 2], [47, 48, 49, 2]])]
+    want = []
+    with torch.no_grad():
+        for prompt, responses in groups:
+            for response in responses:
+                seq = prompt + response
+                logits = model(input_ids=torch.tensor([seq])).logits[0].double()
+                want.append(sum(logits[t - 1].mean().item() for t in range(len(prompt), len(seq))))
+    want = torch.tensor(want, dtype=torch.float32).reshape(2, 2)
+    assert want.abs().min() > 1e-3  # a sum that is not ~0, so that a wrong one shows
+    for plain in (False, True):
+        batch = collate_groups(groups, pad_id=0, layout="packed")
+        logps, n, sums = layout_logps(model, batch, plain=plain, mean_logits=True)
+        assert logps.requires_grad and not sums.requires_grad
+        # Each token's mean logit is a mean of 512 fp32 logits of size ~1 (a few ulps each); summed over <= 4
+        # tokens: far inside LOGP_TOL's bound for sums of log-softmaxes of the same logits.
+        torch.testing.assert_close(regroup(sums, batch), want, **LOGP_TOL)
+        hot = target_logps(model, batch, plain=plain, mean_logits=True, temperature=0.5)["mean_logits"]
+        cold = target_logps(model, batch, plain=plain, mean_logits=True)["mean_logits"]
+        torch.testing.assert_close(hot, cold, **LOGP_TOL)

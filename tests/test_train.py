@@ -48,7 +48,8 @@ def test_grad_accumulation_equals_large_batch(tmp_path):
     assert [r["step"] for r in rows_big] == [1, 2, 3] == [r["step"] for r in rows_small]
     assert [r["tokens"] for r in rows_big] == [r["tokens"] for r in rows_small]
     # Per-step metrics to fp32 round-off (derivation in tolerances.py): grad_norm catches a wrong normalization.
-    assert_same_metrics(rows_big, rows_small, ("loss", "grad_norm", "rewards/margins", "logps/chosen"))
+    assert_same_metrics(rows_big, rows_small, ("loss", "grad_norm", "rewards/margins", "logps/chosen",
+                                               "logits/chosen", "logits/rejected"))
     # pi == pi_ref bit for bit at step 1, so every margin is exactly 0 and the loss is -log sigmoid(0) = ln 2
     # rounded to fp32 (3e-8 away); 1e-6 is the fp32 mean of 8 equal terms with room to spare.
     assert rows_big[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
@@ -133,8 +134,8 @@ def test_cli_train_tiny_config_end_to_end(tmp_path):
     train = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 13))
     for key in ("step", "elapsed_s", "tokens", "loss", "rewards/chosen", "rewards/rejected",
-                "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr",
-                "tokens_per_second", "skipped_steps"):
+                "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen",
+                "logits/rejected", "grad_norm", "lr", "tokens_per_second", "skipped_steps"):
         assert key in train[0], key
     assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 6, 12]
     assert "held-out: step 0 -> step" in proc.stdout

@@ -372,3 +372,25 @@ def test_rpo_nll_with_ld_alpha_is_on_the_plain_chosen_log_prob():
     # sigmoid's back off is exact but for the rounding of that sum, a few ulps of ~2.3 (2.4e-7 each); 1e-5 is far
     # above that and far below what the length-desensitized NLL gives instead (0.47 here).
     torch.testing.assert_close(out["rpo"]["losses"] - out["sigmoid"]["losses"], 0.25 * nll, rtol=0, atol=1e-5)
+
+
+def test_logits_metrics_are_token_weighted_means_whatever_the_micro_batching():
+    """``logits/chosen`` / ``logits/rejected`` are TRL's: the mean logit over every chosen (rejected) response token
+    of the step, so one pass or two give the same value and a long response weighs by its length."""
+    from dpokit.training.metrics import PairStats
+
+    chosen_sums, rejected_sums = torch.tensor([3.0, -1.0, 4.0]), torch.tensor([2.0, 6.0, -3.0])
+    chosen_tokens, rejected_tokens = torch.tensor([3, 1, 8]), torch.tensor([2, 5, 1])
+    zeros = torch.zeros(3)
+
+    def stats(parts):
+        s = PairStats()
+        for part in parts:
+            s.add(zeros[part], zeros[part], zeros[part], zeros[part], zeros[part], 10,
+                  logits=(chosen_sums[part], rejected_sums[part], chosen_tokens[part], rejected_tokens[part]))
+        return s.means()
+
+    whole, split = stats([slice(0, 3)]), stats([slice(0, 1), slice(1, 3)])
+    assert whole["logits/chosen"] == split["logits/chosen"] == 6.0 / 12  # not the mean of per-pair means
+    assert whole["logits/rejected"] == split["logits/rejected"] == 5.0 / 8
+    assert not any(name.startswith("logit_tokens") for name in whole)

@@ -51,6 +51,8 @@ class GroupLogps:
     plain_chosen: torch.Tensor | None
     """(G,) the chosen responses' log-probs without LD-DPO's token weights, when a loss needs them
     (``needs_plain_chosen``), else None."""
+    logit_sums: torch.Tensor
+    """(G, K) each response's summed mean logit over the vocabulary (TRL's ``logits/*`` over the tokens)."""
 
 
 def group_logps(model: nn.Module, reference: Reference, batch: dict[str, Any], items: list[Any], loss: LossConfig,
@@ -63,10 +65,11 @@ def group_logps(model: nn.Module, reference: Reference, batch: dict[str, Any], i
     ref_logps = reference.logps(batch, items, autocast)  # (G, K)
     plain = needs_plain_chosen(loss)  # rpo's NLL is on y_w's own log-prob, not LD-DPO's
     with autocast():
-        out = model(batch, wpo=loss.use_weighting, unweighted=plain)  # a SlotLogps, (S,) each
+        out = model(batch, wpo=loss.use_weighting, unweighted=plain, mean_logits=True)  # a SlotLogps, (S,) each
     return GroupLogps(policy=regroup(out.logps, batch), reference=ref_logps, n_tokens=regroup(out.n_tokens, batch),
                       log_weights=None if out.log_weights is None else regroup(out.log_weights, batch),
-                      plain_chosen=None if out.unweighted is None else regroup(out.unweighted, batch)[:, 0])
+                      plain_chosen=None if out.unweighted is None else regroup(out.unweighted, batch)[:, 0],
+                      logit_sums=regroup(out.logit_sums, batch))
 
 
 def pair_forward(model: nn.Module, reference: Reference, batch: dict[str, Any], items: list[Any], cfg: Config,
@@ -84,7 +87,9 @@ def pair_forward(model: nn.Module, reference: Reference, batch: dict[str, Any], 
     if logps.log_weights is not None:  # WPO: each pair's loss weighted by how likely the policy finds the pair
         losses = losses * wpo_pair_weights(logps.log_weights[:, 0], logps.log_weights[:, 1])
     return {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
-            "chosen_logps": policy[:, 0], "rejected_logps": policy[:, 1]}
+            "chosen_logps": policy[:, 0], "rejected_logps": policy[:, 1],
+            "chosen_logit_sums": logps.logit_sums[:, 0], "rejected_logit_sums": logps.logit_sums[:, 1],
+            "chosen_tokens": n_tokens[:, 0], "rejected_tokens": n_tokens[:, 1]}
 
 
 def ranking_forward(model: nn.Module, reference: Reference, batch: dict[str, Any], items: list[Any], cfg: Config,
@@ -99,12 +104,16 @@ def ranking_forward(model: nn.Module, reference: Reference, batch: dict[str, Any
     worst = mask.sum(-1) - 1  # index of each group's last (worst) response
     pick = torch.arange(len(worst), device=worst.device)
     return {"losses": losses, "chosen_rewards": rewards[:, 0], "rejected_rewards": rewards[pick, worst],
-            "chosen_logps": logps.policy[:, 0], "rejected_logps": logps.policy[pick, worst]}
+            "chosen_logps": logps.policy[:, 0], "rejected_logps": logps.policy[pick, worst],
+            "chosen_logit_sums": logps.logit_sums[:, 0], "rejected_logit_sums": logps.logit_sums[pick, worst],
+            "chosen_tokens": logps.n_tokens[:, 0], "rejected_tokens": logps.n_tokens[pick, worst]}
 
 
 def record_pairs(out: GroupLosses, batch: dict[str, Any]) -> Record:
     return lambda stats: stats.add(out["losses"], out["chosen_rewards"], out["rejected_rewards"],
-                                   out["chosen_logps"], out["rejected_logps"], batch["tokens"])
+                                   out["chosen_logps"], out["rejected_logps"], batch["tokens"],
+                                   logits=(out["chosen_logit_sums"], out["rejected_logit_sums"],
+                                           out["chosen_tokens"], out["rejected_tokens"]))
 
 
 def preference_forward(run: Run, items: list[Any]) -> PassOutput:

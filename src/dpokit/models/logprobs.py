@@ -107,14 +107,16 @@ def _model_mask(model: nn.Module, batch: dict[str, Any]) -> Any:
 
 def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DEFAULT_CHUNK, plain: bool = False,
                  hidden: bool = False, entropy: bool = False, log_sum_squares: bool = False,
-                 temperature: float = 1.0) -> dict[str, torch.Tensor]:
+                 mean_logits: bool = False, temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """log pi(y_t | x, y_<t) of every target token of a batch layout, in ``pred_index`` order.
 
     Returns ``logps`` (M,) float32; with ``hidden`` also the final hidden state of each predicting position
     ``hidden`` (M, H) (what the vocabulary head reads: a value head reads the same features); with ``entropy``
     the entropy of pi(. | x, y_<t) at each of them, ``entropy`` (M,), computed without gradient; with
     ``log_sum_squares`` log sum_v pi(v | x, y_<t)^2 at each of them (WPO's normalizer), ``log_sum_squares`` (M,),
-    without gradient. Batch keys: see ``layout_logps``.
+    without gradient; with ``mean_logits`` the mean over the vocabulary of the logits at each of them,
+    ``mean_logits`` (M,), without gradient (TRL's ``logits/chosen`` and ``logits/rejected`` average it over the
+    response tokens). Batch keys: see ``layout_logps``.
 
     ``temperature`` T scores the distribution a sampler at T draws from, softmax(logits / T) (PPO scores its
     rollouts at the temperature it sampled them at); the entropy is then that distribution's too.
@@ -126,7 +128,10 @@ def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
     if plain or not supports_fast_path(model):
         result = model(**inputs, output_hidden_states=hidden)
         logits = result.logits  # (R, L, V)
-        logits = logits.reshape(-1, logits.shape[-1])[pred_index].float() / temperature  # (M, V)
+        logits = logits.reshape(-1, logits.shape[-1])[pred_index].float()  # (M, V)
+        if mean_logits:  # of the model's own logits, whatever the temperature, as TRL reports them
+            out["mean_logits"] = logits.detach().mean(-1)
+        logits = logits / temperature
         out["logps"] = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
         if hidden:
             states = result.hidden_states[-1]  # after the final norm, as the head reads it
@@ -166,6 +171,12 @@ def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
         out["entropy"] = torch.cat(entropies) if entropies else empty
     if log_sum_squares:
         out["log_sum_squares"] = torch.cat(squares) if squares else empty
+    if mean_logits:
+        with torch.no_grad():
+            # mean_v (h . W_v) = h . mean_v(W_v): the head is linear, so the mean logit needs one (H,) vector,
+            # not the (M, V) logits. Summed in fp32 without an fp32 copy of W.
+            mean_row = torch.sum(weight.detach(), dim=0, dtype=torch.float32) / weight.shape[0]  # (H,)
+            out["mean_logits"] = states.detach().float() @ mean_row
     return out
 
 
@@ -182,7 +193,8 @@ def _log_sum_squares(logits: torch.Tensor) -> torch.Tensor:
 
 
 def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = DEFAULT_CHUNK,
-                 plain: bool = False, wpo: bool = False, unweighted: bool = False) -> tuple[torch.Tensor, ...]:
+                 plain: bool = False, wpo: bool = False, unweighted: bool = False,
+                 mean_logits: bool = False) -> tuple[torch.Tensor, ...]:
     """Summed response log-probs for every slot of a batch layout.
 
     Batch keys (see ``dpokit.data.batch``): ``input_ids`` (R, L); ``attention_mask`` (R, L) for padded rows or
@@ -195,9 +207,12 @@ def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
     ``dpokit.losses.tokens``). Returns ``logps`` (S,) float32 and ``n_tokens`` (S,); with ``wpo`` also each
     response's WPO log-weight (S,), without gradient: the mean over its tokens of
     log pi(y_t | x, y_<t) - log sum_v pi(v | x, y_<t)^2 (``dpokit.losses.tokens.wpo_pair_weights``); with
-    ``unweighted``, last, the summed log-probs without ``target_weight`` (S,) (``rpo``'s NLL under LD-DPO).
+    ``unweighted`` then the summed log-probs without ``target_weight`` (S,) (``rpo``'s NLL under LD-DPO); with
+    ``mean_logits``, last, each response's sum over its tokens of the mean logit over the vocabulary (S,),
+    without gradient (divided by the token counts: TRL's ``logits/chosen``).
     """
-    out = target_logps(model, batch, chunk_size=chunk_size, plain=plain, log_sum_squares=wpo)
+    out = target_logps(model, batch, chunk_size=chunk_size, plain=plain, log_sum_squares=wpo,
+                       mean_logits=mean_logits)
     token_logps = out["logps"]
     device, n_slots, slot = batch["input_ids"].device, batch["n_slots"], batch["target_slot"]
     n_tokens = torch.zeros(n_slots, dtype=torch.long, device=device).index_add(0, slot, torch.ones_like(slot))
@@ -210,6 +225,8 @@ def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
         result += (summed / n_tokens.clamp(min=1),)
     if unweighted:
         result += (torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot, token_logps),)
+    if mean_logits:
+        result += (torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot, out["mean_logits"]),)
     return result
 
 

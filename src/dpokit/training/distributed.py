@@ -47,11 +47,15 @@ class SlotLogps(NamedTuple):
     """WPO's log-weights, without gradient; only when asked (``wpo=True``)."""
     unweighted: torch.Tensor | None = None
     """The summed log-probs without ``target_weight``; only when asked (``unweighted=True``)."""
+    logit_sums: torch.Tensor | None = None
+    """Each response's sum over its tokens of the mean logit over the vocabulary, without gradient; only when
+    asked (``mean_logits=True``)."""
 
 
 class LogpsModule(nn.Module):
     """``batch -> SlotLogps`` of a causal LM as one module call (``wpo=True``: also WPO's log-weights;
-    ``unweighted=True``: also the log-probs without LD-DPO's token weights).
+    ``unweighted=True``: also the log-probs without LD-DPO's token weights; ``mean_logits=True``: also the
+    responses' summed mean logits).
 
     DDP and FSDP act through hooks on module calls: wrapping the whole log-prob computation (decoder, then the
     vocabulary projection on response positions only) in one module puts the tied embedding/head weights
@@ -62,9 +66,13 @@ class LogpsModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, Any], wpo: bool = False, unweighted: bool = False) -> SlotLogps:
-        logps, n_tokens, *extra = batch_logps(self.model, batch, wpo=wpo, unweighted=unweighted)
-        return SlotLogps(logps, n_tokens, extra[0] if wpo else None, extra[-1] if unweighted else None)
+    def forward(self, batch: dict[str, Any], wpo: bool = False, unweighted: bool = False,
+                mean_logits: bool = False) -> SlotLogps:
+        logps, n_tokens, *extra = batch_logps(self.model, batch, wpo=wpo, unweighted=unweighted,
+                                              mean_logits=mean_logits)
+        asked = iter(extra)  # in layout_logps' order: wpo, unweighted, mean_logits
+        return SlotLogps(logps, n_tokens, next(asked) if wpo else None, next(asked) if unweighted else None,
+                         next(asked) if mean_logits else None)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Names are shared with the DPO reference repo, TRL and torchtune so dashboards carry over: ``loss``,
 ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
-``logps/rejected``, ``grad_norm``, ``lr``, ``tokens_per_second``, ``skipped_steps``; each row also has ``step``,
+``logps/rejected``, ``logits/chosen``, ``logits/rejected``, ``grad_norm``, ``lr``, ``tokens_per_second``, ``skipped_steps``; each row also has ``step``,
 ``elapsed_s`` and ``tokens``, and a training step's ``num_tokens`` (the running total of ``tokens``) and ``epoch``
 (passes over the training data), as TRL names them. Trackers get TRL's names for all of these
 (``dpokit.integrations.trackers.tracker_names``: ``lr`` is ``learning_rate``, under ``train/`` or ``eval/``); this file keeps
@@ -25,7 +25,7 @@ from dpokit.io import read_jsonl, writing
 from dpokit.terminal import console, is_interactive
 
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected")
+                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
 REWARD_MODEL_METRICS = ("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected")
 """A reward model's (``dpokit rm``): Bradley-Terry loss, r_c > r_r, mean r_c - r_r, and the scalar rewards."""
 
@@ -59,19 +59,35 @@ class MeanStats:
         self.pairs, self.tokens = int(totals[-2]), int(totals[-1])
 
 
-class PairStats(MeanStats):
-    """DPO and its variants: the implicit rewards and the policy's log-probs of each pair."""
+_LOGIT_TOKENS = ("logit_tokens/chosen", "logit_tokens/rejected")
 
-    names = PAIR_METRICS
+
+class PairStats(MeanStats):
+    """DPO and its variants: the implicit rewards and the policy's log-probs of each pair, and (as TRL logs them)
+    ``logits/chosen`` / ``logits/rejected``: the policy's logits averaged over the vocabulary and over every
+    chosen (rejected) response token of the step, so a long response weighs more than a short one."""
+
+    names = PAIR_METRICS + _LOGIT_TOKENS
 
     def add(self, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-            chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, tokens: int) -> None:
-        self.add_values({
+            chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, tokens: int,
+            logits: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """``logits``: the chosen and rejected responses' summed mean logits and their token counts, (G,) each
+        (``dpokit.models.logprobs.layout_logps(mean_logits=True)``)."""
+        values = {
             "loss": losses, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
             "rewards/margins": chosen_rewards - rejected_rewards,
             "logps/chosen": chosen_logps, "logps/rejected": rejected_logps,
-        }, tokens)
+        }
+        values.update(zip(("logits/chosen", "logits/rejected", *_LOGIT_TOKENS), logits))
+        self.add_values(values, tokens)
+
+    def means(self) -> dict[str, float]:
+        out = {name: total / max(self.pairs, 1) for name, total in self.sums.items() if name not in _LOGIT_TOKENS}
+        for side in ("chosen", "rejected"):
+            out[f"logits/{side}"] = self.sums[f"logits/{side}"] / max(self.sums[f"logit_tokens/{side}"], 1.0)
+        return out
 
 
 KTO_METRICS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
