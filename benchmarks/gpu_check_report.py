@@ -20,7 +20,8 @@ class Figure:
 
 
 class Report:
-    def __init__(self) -> None:
+    def __init__(self, title: str = "dpokit GPU check") -> None:
+        self.title = title
         self.figures: list[Figure] = []
         self.info: dict[str, Any] = {}
 
@@ -51,7 +52,7 @@ class Report:
         return [f for f in self.figures if f.status == "FAIL"]
 
     def markdown(self) -> str:
-        lines = ["# dpokit GPU check", ""]
+        lines = [f"# {self.title}", ""]
         lines += [f"- {key}: {value}" for key, value in self.info.items()]
         lines += ["", "| section | figure | value | bound | status | note |", "|---|---|---|---|---|---|"]
         for f in self.figures:

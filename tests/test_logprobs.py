@@ -275,3 +275,11 @@ def test_mean_logits_by_hand_on_both_paths():
         hot = target_logps(model, batch, plain=plain, mean_logits=True, temperature=0.5)["mean_logits"]
         cold = target_logps(model, batch, plain=plain, mean_logits=True)["mean_logits"]
         torch.testing.assert_close(hot, cold, **LOGP_TOL)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the training's bf16 path: still fp32 sums
+            _, _, sums_bf16 = layout_logps(model, batch, plain=plain, mean_logits=True)
+        assert sums_bf16.dtype == torch.float32
+        # Under bf16 only the decoder's states differ: bf16 rounds each op to a relative 2^-9, compounded over
+        # this 2-layer model's matmuls and norms to a few 2^-9 of the state, so of each mean logit h . mean(W).
+        # 2^-6 of the largest sum is 8x that (measured: 2^-8.6); a prompt token counted or a dropped token moves
+        # a sum by a whole token's value, ~1/4 of it.
+        torch.testing.assert_close(sums_bf16, sums, atol=2**-6 * float(sums.abs().max()), rtol=0)

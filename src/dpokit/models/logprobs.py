@@ -176,7 +176,8 @@ def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
             # mean_v (h . W_v) = h . mean_v(W_v): the head is linear, so the mean logit needs one (H,) vector,
             # not the (M, V) logits. Summed in fp32 without an fp32 copy of W.
             mean_row = torch.sum(weight.detach(), dim=0, dtype=torch.float32) / weight.shape[0]  # (H,)
-            out["mean_logits"] = states.detach().float() @ mean_row
+            with torch.autocast(states.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
+                out["mean_logits"] = states.detach().float() @ mean_row
     return out
 
 
