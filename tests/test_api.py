@@ -143,6 +143,26 @@ def test_a_peft_model_trains_its_adapters_as_model_lora_does(tmp_path):
                      train_data=rows)
 
 
+def test_a_model_object_with_model_quantize_trains_as_qlora_from_the_config(tmp_path):
+    """``model.quantize: nf4`` quantizes a model object's base as it does a loaded one (it was ignored: the
+    object trained in full precision under a QLoRA config); a PeftModel object is refused in one line."""
+    pytest.importorskip("torchao")
+    from peft import LoraConfig, get_peft_model
+
+    rows = preference_rows()
+    qlora = {"model": {"lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}, "quantize": "nf4"},
+             "reference": {"mode": "adapter"}}
+    from_config = dpokit.train(config(tmp_path, **qlora), train_data=rows, run_dir=str(tmp_path / "config-qlora"))
+    tok = tiny_tokenizer()
+    run_dir = dpokit.train(config(tmp_path, **qlora), model=tiny_model(len(tok)), tokenizer=tok, train_data=rows,
+                           run_dir=str(tmp_path / "object-qlora"))
+    same_run(from_config, run_dir)
+    peft_model = get_peft_model(tiny_model(len(tok)), LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with pytest.raises(ConfigError, match=r"^model\.quantize: nf4 quantizes the base before the adapters"):
+        dpokit.train(config(tmp_path, model={"quantize": "nf4"}, reference={"mode": "adapter"}), model=peft_model,
+                     tokenizer=tok, train_data=rows, run_dir=str(tmp_path / "peft-qlora"))
+
+
 def test_a_bad_row_gives_the_files_error_located_in_memory(tmp_path):
     rows = preference_rows()
     rows[2] = {"prompt": "Where is the answer?", "chosen": " here"}

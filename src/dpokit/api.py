@@ -222,6 +222,13 @@ def _loader(model: Any, tokenizer: Any, peft: bool) -> ModelLoader:
                 frozen = load_model(ref_source, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                                     attn_implementation=cfg.model.attn_implementation, vocab_size=len(tokenizer))
             freeze(frozen)
+        if cfg.model.quantize != "none":  # QLoRA on the object's own weights, as load_models does for a file
+            if peft:
+                raise ConfigError(f"model.quantize: {cfg.model.quantize} quantizes the base before the adapters "
+                                  "wrap it; give the plain model with model.lora instead of a PeftModel")
+            from dpokit.models.quantize import quantize_policy
+
+            quantize_policy(model, cfg.model, copies_reference=frozen is not None)
         policy = apply_lora(model, cfg.model.lora) if cfg.model.lora is not None and not peft else model
         return Models(policy, frozen, tokenizer, source, ref_source)
 
