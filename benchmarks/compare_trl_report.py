@@ -28,7 +28,7 @@ def check_same_math(results: dict[str, Any], summary: dict[str, Any], trl_ids: A
 
 def first_step_table(summary: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """Step-1 loss, mean logps and grad norm of every system, and their relative difference to TRL."""
-    keys = ["loss", "logps/chosen", "logps/rejected", "grad_norm"]
+    keys = ["loss", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm"]
     base = summary.get("trl") or summary.get("trl-pre")
     header = "| system | " + " | ".join(f"step-1 {k}" for k in keys) + " | max rel. diff vs TRL |"
     lines = [header, "|" + "---|" * (len(keys) + 2)]
