@@ -1,8 +1,13 @@
-"""mkdocs hook: a page's link to a repository file outside docs/ points at a copy of that file in the site.
+"""mkdocs hooks: links to repository files outside docs/, and the Sphinx roles of docstrings.
+
+A page's link to a repository file outside docs/ points at a copy of that file in the site.
 
 The pages are read in the repository too, where ``../src/dpokit/config.py`` is the right link. On the site the
 linked file is copied under ``repo/`` (a Markdown file is rendered as a page) and the link rewritten to that
 copy, so both work. A link to a file that does not exist is left alone, for mkdocs' own strict check to fail.
+
+The docstrings (rendered by mkdocstrings as Markdown) name objects the Sphinx way, :func:`train`,
+:class:`~dpokit.config.Config`; the role and the tilde are dropped from the rendered page, leaving the code.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from mkdocs.structure.files import File, Files
 PREFIX = "repo"
 # A Markdown link or image target: ](path) or ](path#anchor), relative, not a URL.
 LINK = re.compile(r"\]\((?!https?:|mailto:|#)([^)\s#]+)(#[^)\s]*)?\)")
+# A Sphinx role as Markdown renders it: :func:<code>~name</code>.
+ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):(<code>)~?")
 
 
 def _outside_target(page_uri: str, target: str, docs_dir: Path, root: Path) -> str | None:
@@ -54,3 +61,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         return match.group(0) if path is None else f"]({up}{PREFIX}/{path}{anchor})"
 
     return LINK.sub(rewrite, markdown)
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    return ROLE.sub(r"\1", html)
