@@ -154,7 +154,7 @@ def test_the_marked_snippets_run(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            # Caches (data, hardware probe) of this scratch folder only; one thread, as a tiny model gains nothing
-           # from more and their spin-waits slow it several times on a shared CPU (about 1 minute of CPU in all).
+           # from more and their spin-waits slow it several times on a shared CPU (about 90 s of CPU in all).
            "DPOKIT_CACHE": str(tmp_path / "cache"), "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
     for snippet in runnable:
         command = (["bash", "-euo", "pipefail", "-c", snippet.code] if snippet.lang == "bash"
