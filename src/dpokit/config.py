@@ -78,7 +78,7 @@ class ModelConfig(Section):
 
 class LossConfig(Section):
     name: str = "sigmoid"
-    """Preference loss, a name in ``dpokit.losses.LOSSES`` (see the README's loss table)."""
+    """Preference loss, a name in ``dpokit.losses.LOSSES`` (see the loss table in docs/losses.md)."""
     beta: float = Field(0.1, gt=0)
     """Strength of the KL penalty toward the reference (the paper's beta); reward = beta * log-ratio."""
     label_smoothing: float | None = None
