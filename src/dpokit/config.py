@@ -48,9 +48,7 @@ class LoraConfig(Section):
 class ModelConfig(Section):
     name_or_path: str = "smollm2"
     """Policy: a hub id, a local Hugging Face folder, a folder or path holding a GGUF file, ``smollm2`` (the
-    embedded SmolLM2-135M-Instruct) or ``tiny-random-llama`` (a tiny random model built in code, for tests); a
-    vision-language model (``dpokit.models.vision``: ``tiny-random-llava`` and ``tiny-random-idefics3`` are tiny
-    random ones) trains on preference data with images."""
+    embedded SmolLM2-135M-Instruct) or ``tiny-random-llama`` (a tiny random model built in code, for tests)."""
     gguf_file: str | None = None
     """File name of a GGUF checkpoint inside ``name_or_path`` (a folder), e.g. ``model.Q4_1.gguf``."""
     ref_name_or_path: str | None = None
@@ -72,8 +70,7 @@ class ModelConfig(Section):
     lora: LoraConfig | None = None
     """Train low-rank adapters (peft) instead of all weights; ``final/`` gets the merged weights."""
     freeze_vision: bool = True
-    """Vision-language models: keep the vision encoder's weights fixed (the community recipes' default; the
-    projector and the language model train). Text models ignore it."""
+    """A vision-language model's encoder stays fixed (tiny ones: ``tiny-random-llava``; docs/vision.md)."""
     quantize: Literal["none", "nf4"] = "none"
     """``nf4`` (QLoRA): hold the frozen base's decoder Linear weights in 4-bit NormalFloat (about 4.1 bits a
     weight; embeddings, LM head and norms stay in ``dtype``) while the LoRA adapters train in ``dtype``. Needs

@@ -11,7 +11,7 @@ from typing import Any
 from dpokit.config import Config
 from dpokit.errors import ConfigError
 from dpokit.losses import trained_kind
-from dpokit.models.loading import resolve
+from dpokit.models.loading import in_memory_name, resolve
 from dpokit.models.vision import is_vision_source
 from dpokit.training.step import KindSpec
 
@@ -21,6 +21,8 @@ def is_vision(cfg: Config) -> bool:
     name = cfg.model.name_or_path
     if cfg.model.gguf_file is not None or name.endswith(".gguf"):
         return False  # GGUF holds text models only here; resolving it would convert it
+    if in_memory_name(name) is not None:
+        return False  # a model object given to dpokit.train: text models only so far (docs/vision.md)
     return is_vision_source(resolve(name, None, cfg.model.revision), cfg.model.trust_remote_code)
 
 
