@@ -47,7 +47,7 @@ def main() -> None:
             name = f"vision/{colour}-{shape}.png"
             draw(shape, COLOURS[colour]).save(HERE / name, optimize=True)
             wrong_colour = colours[(c + 1 + s) % len(colours)]
-            wrong_shape = SHAPES[(s + 1 + c) % len(SHAPES)]
+            wrong_shape = SHAPES[(s + 1 + c % 2) % len(SHAPES)]  # offset 1 or 2: never the right one
             rows.append(row(name, "What colour is the shape?", f"It is {colour}.", f"It is {wrong_colour}."))
             rows.append(row(name, "What shape is this?", f"A {shape}.", f"A {wrong_shape}."))
     train, held_out = rows[:18], rows[18:]

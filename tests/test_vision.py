@@ -368,3 +368,25 @@ def test_base64_images_in_memory_rows(tmp_path):
     row = trl_row({"bytes": base64.b64encode(png(COLOURS[2])).decode()}, "Q?", "Yes.", "No.")
     groups, _ = load_vision(str(write_rows(tmp_path, [row])), tiny_vision("tiny-random-llava")[1], DATA)
     assert len(groups) == 1 and groups[0].pixels["pixel_values"].shape == (1, 3, 16, 16)
+
+
+def test_data_check_reports_images(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("data", "check", str(colour_pairs(tmp_path, 4)), "--model", "tiny-random-idefics3", "--show", "1")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # the console wraps long lines
+    assert "images: 4 in kept rows, 1-1 per row (mean 1.0); width 24-24 px, height 20-20 px" in text
+    assert "<fake_token_around_image><global-img><image>" in text
+
+
+def test_lora_with_the_adapter_reference_trains(tmp_path):
+    path = colour_pairs(tmp_path, 4)
+    cfg = vision_config(path, "tiny-random-idefics3", batch_size=2, lr=1e-2)
+    cfg["model"]["lora"] = {"r": 4}
+    cfg["reference"] = {"mode": "adapter"}
+    rows = train_rows(dpokit.train(cfg, run_dir=str(tmp_path / "run")))
+    # The adapter-disabled policy is the reference: LoRA's B starts at zero, so step 1 is exactly ln 2.
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[-1]["loss"] != rows[0]["loss"]
+    assert (tmp_path / "run" / "final" / "adapter").is_dir()

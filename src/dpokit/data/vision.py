@@ -34,7 +34,7 @@ from dpokit.data.drops import drop_reason, row_digest, strip_invisible
 from dpokit.data.formats import PreferenceRow, normalize
 from dpokit.data.images import as_parts, check_marks, decode, has_images, images_digest, split_images
 from dpokit.data.load import Record, RowError, scan_records
-from dpokit.data.pipeline import DataReport, Outcome, Want, account
+from dpokit.data.pipeline import DataReport, LengthSummary, Outcome, Want, account
 from dpokit.data.tokenize import (
     Encoded,
     TokenizedGroup,
@@ -80,19 +80,28 @@ def load_vision(source: str, processor: Any, data_cfg: DataConfig, split: str = 
     base = path.parent if not memory.is_memory(source) and path.is_file() else None
     records = scan_records(source, split, data_cfg.max_rows, data_cfg.max_line_bytes, data_cfg.streaming)
     groups = []
+    per_row, widths, heights = LengthSummary(), LengthSummary(), LengthSummary()
     for outcome, pieces in account(vision_outcomes(records, processor, data_cfg, base), report, data_cfg, want):
         encoded, row = outcome.encoded, outcome.row
-        assert isinstance(encoded, VisionEncoded) and row is not None
+        assert isinstance(encoded, VisionEncoded) and isinstance(outcome, VisionOutcome) and row is not None
+        per_row.add(len(outcome.sizes))
+        for width, height in outcome.sizes:
+            widths.add(width)
+            heights.add(height)
         for responses in pieces:
             groups.append(VisionGroup(encoded.prompt_ids, [encoded.responses_ids[i] for i in responses],
                                       row.location, encoded.boundary_fallback, encoded.truncated, label=row.label,
                                       pixels=encoded.pixels, images_sha256=outcome.images_sha256))
+    report.images = {"total": widths.count, "per_row": per_row.stats(), "width": widths.stats(),
+                     "height": heights.stats()}
     return groups, report
 
 
 @dataclass
 class VisionOutcome(Outcome):
     images_sha256: str = ""
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    """(width, height) of each image, as decoded."""
 
 
 def vision_outcomes(records: Iterable[Record | RowError], processor: Any, data_cfg: DataConfig,
@@ -128,6 +137,7 @@ def vision_outcomes(records: Iterable[Record | RowError], processor: Any, data_c
             bad = next((d for d in decoded if isinstance(d, str)), None)
             outcome.reason = bad
             if bad is None:
+                outcome.sizes = [image.size for image in decoded]
                 outcome.encoded = encode_vision(row, decoded, processor, rules, data_cfg)
         yield outcome
 
