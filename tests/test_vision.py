@@ -390,3 +390,35 @@ def test_lora_with_the_adapter_reference_trains(tmp_path):
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[-1]["loss"] != rows[0]["loss"]
     assert (tmp_path / "run" / "final" / "adapter").is_dir()
+
+
+@pytest.mark.equivalence
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from conftest import ROOT, run_cli
+
+    cfg = vision_config(colour_pairs(tmp_path, 8), batch_size=2, max_steps=6, save_every=1)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_cli("train", str(path), f"run_dir={straight}").returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "dpokit", "train", str(path), f"run_dir={killed}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts, end = killed / "checkpoints", time.time() + 240
+    while proc.poll() is None and time.time() < end:
+        if ckpts.is_dir() and len([p for p in ckpts.iterdir() if (p / "COMPLETE").exists()]) >= 2:
+            proc.kill()  # SIGKILL: no handler runs
+            break
+        time.sleep(0.005)
+    assert proc.wait() != 0, "the run ended before it could be killed"
+    done = run_cli("train", str(path), f"run_dir={killed}", "--resume")
+    assert done.returncode == 0 and "resuming from" in done.stderr, done.stderr[-2000:]
+    a, b = weights(straight), weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_metrics(killed / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == list(range(1, 7))
