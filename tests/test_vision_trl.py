@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from dpokit.config import load_config
+from dpokit.data.batch import collate_tokenized
 from dpokit.data.config import DataConfig
 from dpokit.data.vision import load_vision
 from dpokit.methods.dpo import pair_forward
-from dpokit.models.vision import _vision_template, tiny_vision
+from dpokit.models.vision import tiny_vision, vision_template
 from dpokit.training.distributed import LogpsModule
 from dpokit.training.reference import FrozenReference
 
@@ -80,7 +81,7 @@ def test_loss_and_gradients_equal_trl_per_pair(tmp_path, family):
     every number: the per-pair loss and the gradient of every weight (the policy moved off the reference, so
     the loss is not ln 2)."""
     base, processor = tiny_vision(family)
-    processor.chat_template = _vision_template("<image>").replace("'<|im_end|>' + '\n'", "'<|im_end|>'")
+    processor.chat_template = vision_template("<image>").replace("'<|im_end|>' + '\n'", "'<|im_end|>'")
     with torch.no_grad():
         moved = copy.deepcopy(base)
         generator = torch.Generator().manual_seed(0)
@@ -98,8 +99,6 @@ def test_loss_and_gradients_equal_trl_per_pair(tmp_path, family):
         trainer.model.zero_grad()
         theirs = trainer.compute_loss(trainer.model, batch)
         theirs.backward()
-        from dpokit.data.batch import collate_tokenized
-
         ours_batch = collate_tokenized([group], processor.tokenizer.pad_token_id, layout="padded")
         ours_policy.zero_grad()
         ours = pair_forward(module, reference, ours_batch, [group], cfg, contextlib.nullcontext)["losses"]

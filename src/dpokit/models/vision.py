@@ -37,7 +37,7 @@ LANGUAGE_PARTS = ("language_model", "text_model")
 _IMAGE_TEXT = {"tiny-random-llava": "<image>", "tiny-random-idefics3": "<image>"}
 
 
-def _vision_template(image: str) -> str:
+def vision_template(image: str) -> str:
     """ChatML whose message content may be a list of parts: an image part renders as ``image`` (the token the
     processor expands), a text part as its text."""
     return (
@@ -99,7 +99,7 @@ def _tiny_llava(seed: int) -> tuple[nn.Module, Any]:
     images = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=_vision_template("<image>"))
+                               chat_template=vision_template("<image>"))
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                               image_size=16, patch_size=4)
     config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**_tiny_text_config(len(tokenizer))),
@@ -120,7 +120,7 @@ def _tiny_idefics3(seed: int) -> tuple[nn.Module, Any]:
     images = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 16},
                                        max_image_size={"longest_edge": 16})
     processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
-                                  chat_template=_vision_template("<image>"))
+                                  chat_template=vision_template("<image>"))
     config = Idefics3Config(
         text_config={"model_type": "llama", **_tiny_text_config(len(tokenizer))},
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -33,7 +33,7 @@ def check_vision_setup(cfg: Config, spec: KindSpec, note: Callable[[str], None])
     if spec.name != "dpo":
         raise ConfigError(f"model.name_or_path: {name} is a vision-language model; only offline DPO "
                           f"(dpokit train) trains one so far, not dpokit {spec.name}")
-    if trained_kind(cfg.loss) != "pairwise" and trained_kind(cfg.loss) != "batchwise":
+    if trained_kind(cfg.loss) not in ("pairwise", "batchwise"):
         raise ConfigError(f"loss.name: {cfg.loss.name} is not supported with images yet; use a pairwise loss "
                           "(sigmoid, ipo, simpo, ...)")
     if cfg.reference.mode == "store":
