@@ -422,3 +422,34 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in read_metrics(killed / "metrics.jsonl") if r["split"] == "train"]
     assert steps == list(range(1, 7))
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "simpo", "apo_zero", "nca_pair", "sppo_hard", "aot"])
+def test_losses_on_sequence_log_probs_take_image_batches_unchanged(tmp_path, loss):
+    """Each loss sees only the sequence log-probs: on an image batch its per-pair losses are its function of the
+    policy's and reference's log-probs computed by the one log-prob path, and its gradient reaches the
+    projector (the images' way into the language model)."""
+    import contextlib
+
+    from dpokit.data.batch import collate_tokenized, regroup
+    from dpokit.losses import compute_loss
+    from dpokit.methods.dpo import pair_forward
+    from dpokit.models.logprobs import batch_logps
+    from dpokit.training.distributed import LogpsModule
+    from dpokit.training.reference import FrozenReference
+
+    model, processor = tiny_vision("tiny-random-llava")
+    reference = tiny_vision("tiny-random-llava", seed=1)[0]
+    groups, _ = load_vision(str(colour_pairs(tmp_path, 4)), processor, DATA)
+    batch = collate_tokenized(groups, processor.tokenizer.pad_token_id, layout="padded")
+    cfg = load_config({"loss": {"name": loss}})
+    out = pair_forward(LogpsModule(model), FrozenReference(reference), batch, groups, cfg, contextlib.nullcontext)
+    with torch.no_grad():
+        policy, n_tokens = (regroup(x, batch) for x in batch_logps(model, batch))
+        ref = regroup(batch_logps(reference, batch)[0], batch)
+        expected, _, _ = compute_loss(cfg.loss, policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1],
+                                      n_tokens[:, 0], n_tokens[:, 1])
+    assert torch.allclose(out["losses"].detach(), expected, rtol=1e-6, atol=1e-6)  # the same fp32 calls
+    out["losses"].sum().backward()
+    projector = model.model.multi_modal_projector.linear_1.weight.grad
+    assert projector is not None and projector.abs().sum() > 0
