@@ -94,6 +94,19 @@ def test_plain_form_and_trl_form_tokenize_alike(tmp_path):
     assert a.images_sha256 == b.images_sha256 != ""
 
 
+def test_images_without_placeholders_go_where_trl_puts_them(tmp_path):
+    """TRL's own example shape: string message content beside ``images``; the images open the first user turn."""
+    (tmp_path / "a.png").write_bytes(png(COLOURS[0]))
+    processor = tiny_vision("tiny-random-llava")[1]
+    parts = write_rows(tmp_path, [trl_row("a.png", "What colour?", "Red.", "Blue.")], "parts.jsonl")
+    strings = write_rows(tmp_path, [{"images": ["a.png"], "prompt": [{"role": "user", "content": "What colour?"}],
+                                     "chosen": [{"role": "assistant", "content": "Red."}],
+                                     "rejected": [{"role": "assistant", "content": "Blue."}]}], "strings.jsonl")
+    (a,), _ = load_vision(str(parts), processor, DATA)
+    (b,), _ = load_vision(str(strings), processor, DATA)
+    assert (a.prompt_ids, a.responses_ids) == (b.prompt_ids, b.responses_ids)
+
+
 def test_placeholders_must_match_images_with_one_line(tmp_path):
     (tmp_path / "a.png").write_bytes(png(COLOURS[0]))
     processor = tiny_vision("tiny-random-llava")[1]

@@ -4,8 +4,8 @@ Two shapes of row carry images (TRL writes the first):
 
 - ``images``: a list of images, and messages whose ``content`` is a list of parts, ``{"type": "image"}`` or
   ``{"type": "text", "text": ...}``; the number of image parts must equal the number of images (else the row
-  is malformed, ``image_mismatch``). A string prompt with ``images`` gets its images before the text, in one
-  user turn (as TRL places them).
+  is malformed, ``image_mismatch``). A prompt with no image part gets its images where TRL places them: before
+  the text of a string prompt, else at the start of the first user message.
 - ``image``: one image beside a plain text ``prompt``: the same as ``images`` with one image.
 
 An image is a path relative to the data file's folder (JSONL, JSON, CSV), ``{"bytes": ..., "path": ...}``
@@ -73,9 +73,33 @@ def split_images(record: Record, base: Path | None) -> tuple[Record, list[bytes 
     for key in ("prompt", "chosen", "rejected", "completion", "responses"):
         if key in row:
             row[key] = _marked(row[key], key, loc)
-    if isinstance(row.get("prompt"), str) and IMAGE_MARK not in row["prompt"]:
-        row["prompt"] = IMAGE_MARK * len(images) + row["prompt"]  # TRL's place for a text prompt's images
+    row["prompt"] = _place_images(row.get("prompt"), len(images))
     return Record(loc, row), images
+
+
+def _place_images(prompt: Any, n: int) -> Any:
+    """A prompt without image parts gets its images where TRL puts them: before the text of a string prompt,
+    else at the start of the first user message."""
+    if not n or _count_any(prompt):
+        return prompt
+    if isinstance(prompt, str):
+        return IMAGE_MARK * n + prompt
+    if isinstance(prompt, list):
+        for i, message in enumerate(prompt):
+            if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):
+                return [*prompt[:i], {**message, "content": IMAGE_MARK * n + message["content"]}, *prompt[i + 1:]]
+    return prompt
+
+
+def _count_any(value: Any) -> int:
+    """Image marks in a marked prompt of any shape (a string, messages, one message)."""
+    if isinstance(value, str):
+        return value.count(IMAGE_MARK)
+    if isinstance(value, dict):
+        return _count_any(value.get("content"))
+    if isinstance(value, list):
+        return sum(_count_any(item) for item in value)
+    return 0
 
 
 def check_marks(row: PreferenceRow, n_images: int) -> None:
