@@ -212,6 +212,8 @@ def _read_file(name: str, where: str, base: Path | None) -> bytes | str:
 
 def png_bytes(image: Any) -> bytes:
     """A PIL image as PNG bytes: lossless, so the pixels the processor sees are the image's own."""
+    if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):  # CMYK, YCbCr: PNG cannot hold them
+        image = image.convert("RGB")  # what decode() makes of any image anyway
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

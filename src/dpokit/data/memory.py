@@ -165,6 +165,8 @@ def _image_cells(row: Any) -> Any:
 
 def _image_cell(value: Any) -> Any:
     if type(value).__module__.startswith("PIL."):
+        if value.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):  # CMYK: PNG cannot hold it
+            value = value.convert("RGB")  # what dpokit.data.images.decode makes of any image anyway
         buffer = io.BytesIO()
         value.save(buffer, format="PNG")
         value = buffer.getvalue()
