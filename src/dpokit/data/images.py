@@ -114,13 +114,13 @@ def check_marks(row: PreferenceRow, n_images: int) -> None:
 
 
 def as_parts(messages: list[Message]) -> list[Message]:
-    """Messages whose text holds :data:`IMAGE_MARK` as messages with content parts, the marks as image parts;
-    other messages unchanged."""
+    """Every message's content as a list of parts, the marks as image parts: the shape a processor's chat
+    template takes (some, like SmolVLM's, iterate over the parts of every message), as TRL renders it."""
     out = []
     for message in messages:
         content = message["content"]
         if IMAGE_MARK not in content:
-            out.append(message)
+            out.append({**message, "content": [{"type": "text", "text": content}]})
             continue
         parts: list[dict[str, str]] = []
         for i, piece in enumerate(content.split(IMAGE_MARK)):
