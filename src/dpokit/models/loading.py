@@ -156,7 +156,16 @@ def resolve(name_or_path: str, gguf_file: str | None = None, revision: str | Non
     return ModelSource("hub", name_or_path, revision)
 
 
+def refuse_vision(source: ModelSource, trust_remote_code: bool = False) -> None:
+    """The text loaders below would load a vision-language model as something else (the tiny text model, or a
+    causal LM without its image encoder): only ``load_models`` (training) takes one so far."""
+    if is_vision_source(source, trust_remote_code):
+        raise ModelError(f"{source.location}: a vision-language model; only dpokit train takes one so far, not "
+                         "this command (docs/vision.md)")
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    refuse_vision(source, trust_remote_code)
     if source.kind == "tiny":
         return tiny_tokenizer()
     check_remote_code(source, trust_remote_code)
@@ -181,6 +190,7 @@ def _short(exc: Exception) -> str:
 def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: bool = False,
                attn_implementation: str = "sdpa", vocab_size: int | None = None) -> nn.Module:
     attn_implementation = runnable_attention(attn_implementation)
+    refuse_vision(source, trust_remote_code)
     if source.kind == "tiny":
         if vocab_size is None:
             vocab_size = len(tiny_tokenizer())
