@@ -487,3 +487,33 @@ def test_commands_that_take_text_models_only_refuse_a_vision_model(tmp_path):
     result = run_cli("score", "--model", str(tmp_path / "m"), "--ref", str(tmp_path / "m"), str(tmp_path / "rows.jsonl"))
     assert result.returncode != 0 and "a vision-language model" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.equivalence
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_two_ddp_ranks_equal_one_rank(tmp_path):
+    """2 ranks x batch 2 == 1 rank x batch 4 on image pairs, with an uneven last step (7 pairs: 4, 3)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT
+
+    path = colour_pairs(tmp_path, 7)
+    one = dpokit.train(vision_config(path, batch_size=4, max_steps=None, epochs=1), run_dir=str(tmp_path / "one"))
+    cfg = vision_config(path, batch_size=2, max_steps=None, epochs=1)
+    cfg["distributed"] = {"strategy": "ddp", "timeout_s": 60}
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "dpokit", "train", "--nproc", "2", str(tmp_path / "ddp.yaml"),
+                           f"run_dir={tmp_path / 'two'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows_one, rows_two = train_rows(one), train_rows(tmp_path / "two")
+    assert len(rows_one) == 2 and [r["tokens"] for r in rows_one] == [r["tokens"] for r in rows_two]
+    # gloo adds the ranks' partial sums: another summation order of the same fp32 terms (tolerances.py).
+    assert_same_metrics(rows_one, rows_two, ("loss", "grad_norm", "rewards/margins", "logps/chosen"))
+    assert_same_weights_after_adamw(weights(one), weights(tmp_path / "two"), LR, 2)
