@@ -42,16 +42,23 @@ def run_check(source: str, model: str | None = None, *, split: str = "train", sh
     from dpokit.data.cache import load_cached
     from dpokit.data.check import print_report, print_rows
     from dpokit.data.config import from_settings
+    from dpokit.data.vision import load_vision
     from dpokit.models.loading import cache_dir, load_tokenizer, resolve
+    from dpokit.models.vision import is_vision_source, load_processor
     from dpokit.terminal import console as make_console
     from dpokit.training.metrics import Progress
 
     data_cfg = from_settings(**settings)
     model = model or ModelConfig().name_or_path
-    tokenizer = load_tokenizer(resolve(model))
-    groups, report = load_cached(source, tokenizer, data_cfg, split, want="any",
-                                 note=lambda line: print(f"dpokit: {line}", file=sys.stderr), progress=Progress,
-                                 cache_home=cache_dir())
+    if is_vision_source(resolve(model)):  # rows with images, through the processor (held in memory)
+        processor = load_processor(resolve(model))
+        tokenizer = processor.tokenizer
+        groups, report = load_vision(source, processor, data_cfg, split, want="any")
+    else:
+        tokenizer = load_tokenizer(resolve(model))
+        groups, report = load_cached(source, tokenizer, data_cfg, split, want="any",
+                                     note=lambda line: print(f"dpokit: {line}", file=sys.stderr), progress=Progress,
+                                     cache_home=cache_dir())
     console = console or make_console()
     print_report(report, model, data_cfg, console)
     if show:

@@ -69,6 +69,8 @@ class ModelConfig(Section):
     a CPU, whichever of SDPA and eager measured faster at the run's precision (``dpokit env`` shows it)."""
     lora: LoraConfig | None = None
     """Train low-rank adapters (peft) instead of all weights; ``final/`` gets the merged weights."""
+    freeze_vision: bool = True
+    """A vision-language model's encoder stays fixed (tiny ones: ``tiny-random-llava``; docs/vision.md)."""
     quantize: Literal["none", "nf4"] = "none"
     """``nf4`` (QLoRA): hold the frozen base's decoder Linear weights in 4-bit NormalFloat (about 4.1 bits a
     weight; embeddings, LM head and norms stay in ``dtype``) while the LoRA adapters train in ``dtype``. Needs

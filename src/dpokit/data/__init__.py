@@ -19,6 +19,9 @@ and the progress display are given by the caller.
   through: tokenized once, then memory-mapped; beside it ``cache_key`` (the key, the integrity check),
   ``cache_build`` (the parallel build), ``cache_shards`` (its workers' files) and ``cache_dataset`` (the
   folder's layout, :class:`~dpokit.data.cache_dataset.TokenizedDataset`)
+- ``images`` and ``vision``: rows with images (TRL's ``images`` column, content parts) for a vision-language
+  model: images read and checked, tokenized through its processor, pixel inputs carried per group
+  (docs/vision.md)
 - ``batch``: groups -> tensors in the padded or packed layout ``dpokit.models.logprobs`` scores
 - ``overlap``: :func:`find_overlap` between train and eval
 - ``check``: the report ``dpokit data check`` prints (the command is ``dpokit.cli.run_check``)

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import torch
 
 from dpokit.data.tokenize import TokenizedGroup
+from dpokit.data.vision import collate_pixels
+from dpokit.errors import DataError
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -183,8 +185,15 @@ def collate_tokenized(items: Sequence[TokenizedGroup], pad_id: int, side: Litera
                       layout: Layout = "padded", pack_length: int = 0) -> dict[str, Any]:
     """Tokenized groups -> one batch, each group's responses best first in its slots (a pair: chosen in slot
     0, rejected in slot 1). Groups of different K mix freely (``slot_mask`` marks the empty slots), as a
-    ranking with ties, split into pairs, sits next to whole rankings."""
-    return collate_groups([(g.prompt_ids, g.responses_ids) for g in items], pad_id, side, layout, pack_length)
+    ranking with ties, split into pairs, sits next to whole rankings. Groups with images
+    (``dpokit.data.vision.VisionGroup``) bring their pixel inputs along in ``pixels``, padded layout only."""
+    batch = collate_groups([(g.prompt_ids, g.responses_ids) for g in items], pad_id, side, layout, pack_length)
+    if items and hasattr(items[0], "pixels"):
+        if layout != "padded" or side != "right":
+            raise DataError("train.layout: packed is not supported for image data (the model places each image's "
+                            "features itself, one row per sequence); use train.layout: padded")
+        batch["pixels"] = collate_pixels(items)
+    return batch
 
 
 collate_pairs = collate_tokenized
@@ -222,7 +231,9 @@ def split_by_tokens(sizes: Sequence[int], budget: int) -> list[tuple[int, int]]:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Every tensor of ``batch`` (and of the ``pixels`` dict inside it) on ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else to_device(v, device) if k == "pixels" else v
+            for k, v in batch.items()}
 
 
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool) -> list[int]:

@@ -85,6 +85,11 @@ def print_report(report: DataReport, model: str, data_cfg: DataConfig, console: 
     console.print(f"  truncated: {report.truncated} rows (cut to max_prompt_length / max_length), "
                   f"{report.truncated_prompts} in the prompt")
     console.print(f"  invisible characters removed: {report.invisible_stripped} rows (U+200B, U+2060, U+FEFF)")
+    if report.images is not None:
+        per_row, width, height = (report.images[k] for k in ("per_row", "width", "height"))
+        console.print(f"  images: {report.images['total']} in kept rows, {per_row['min']}-{per_row['max']} per row "
+                      f"(mean {per_row['mean']}); width {width['min']}-{width['max']} px, height "
+                      f"{height['min']}-{height['max']} px")
     if any(name.startswith("ranked") for name in report.formats):
         # Ties never become preferences: a tied ranking trains only the pairs between its levels.
         console.print(f"  ties: {report.ties} tied comparisons not trained; {report.groups} groups from "

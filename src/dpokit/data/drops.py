@@ -27,6 +27,11 @@ CONTENT_REASONS = {
     "conflicting_labels": "KTO: the same prompt and completion labelled both desirable and undesirable; every "
                           "such row is dropped (no signal, as when chosen == rejected)",
     "empty_response_after_truncation": "the prompt fills max_length, leaving no response tokens",
+    "image_unreadable": "an image that does not decode (not an image, or its file is missing)",
+    "image_truncated": "an image whose data ends early",
+    "image_too_large": "an image over 32 MiB encoded or 4096 x 4096 pixels (dpokit.data.images)",
+    "image_prompt_too_long": "a prompt with images longer than max_prompt_length: cutting it could split an "
+                             "image's tokens",
 }
 """Why a well-formed row is not trained on. Counted in every ``data.on_error`` mode."""
 
@@ -45,6 +50,10 @@ MALFORMED_REASONS = {
                        "is not mapped (data.columns), or the texts share no dialogue turn marker",
     "mixed_formats": "the row's format differs from the first row's",
     "template_error": "the chat template failed to render the row",
+    "image_mismatch": "the number of image placeholders differs from the number of images, or an image part "
+                      "in a response",
+    "image_source": "an image given as a URL, an absolute path or a path outside the data file's folder",
+    "image_data": "a row with images read for a text-only model",
 }
 """Why a row is malformed. ``data.on_error: raise`` stops at the first; ``skip`` counts them, up to
 ``data.max_bad_fraction`` of the rows read."""

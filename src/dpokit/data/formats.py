@@ -28,8 +28,9 @@ keeps the tie in :attr:`PreferenceRow.levels`, and only its strict comparisons a
 a ranking whose responses are all tied is dropped (``all_tied``).
 
 A message is ``{"role": str, "content": str, ...}`` with a role in :data:`ROLES`; extra keys (``name``, ...) are
-passed to the chat template. Content must be a string: multimodal parts (image URLs, file paths) are refused, so
-nothing in a row can make dpokit open a file or a URL. ShareGPT turns (``{"from": "human" | "gpt", "value"}``)
+passed to the chat template. Content must be a string here: rows with images (an ``images`` or ``image``
+column, content as a list of parts) are read for a vision-language model by ``dpokit.data.images`` (which
+brings them to this shape first) and refused for a text model (``image_data``). ShareGPT turns (``{"from": "human" | "gpt", "value"}``)
 are read as messages. Extra row keys (``id``, ``score_chosen``, ...) are ignored; ``chosen``/``rejected`` decide
 a pair whatever other keys a row has (``responses``, ``label``). A ``system`` column is the prompt's system
 message: the row becomes conversational and the chat template renders it. ``data.columns`` renames a dataset's
@@ -122,6 +123,10 @@ def normalize(record: Record, columns: dict[str, str] | None = None) -> Preferen
     the row has: a ``responses`` or ``label`` column beside them never makes it a ranking or an unpaired row."""
     loc = record.location
     row = apply_columns(record.row, columns, loc)
+    if "images" in row or "image" in row:
+        raise RowError(f"{loc}: a row with images; image preference data trains a vision-language model (a "
+                       "model whose config has a vision_config, e.g. model.name_or_path: tiny-random-llava)",
+                       "image_data")
     if "chosen" in row or "rejected" in row:
         result = _pair(row, loc)
     elif "responses" in row:

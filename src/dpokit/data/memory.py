@@ -13,8 +13,10 @@ Rows are located by their index, as Python writes it: ``train_data[17]``, ``eval
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -120,6 +122,7 @@ def serialize(rows: Any, name: str) -> Iterator[str]:
     cannot hold is refused, naming its row."""
     for i, row in enumerate(as_rows(rows, name)):
         try:
+            row = _image_cells(row)
             yield json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=_plain)
         except (TypeError, ValueError) as exc:
             raise DataError(f"{name}[{i}]: not JSON data ({exc})") from None
@@ -143,6 +146,35 @@ def as_rows(rows: Any, name: str) -> Iterator[Any]:
     else:
         raise DataError(f"{name}: expected a datasets.Dataset, a list of dicts or a pandas DataFrame, got "
                         f"{type(rows).__module__}.{kind}")
+
+
+def _image_cells(row: Any) -> Any:
+    """A row's ``images`` / ``image`` cells as JSON: a PIL image (a ``datasets.Dataset`` with an ``Image``
+    column) as its lossless PNG bytes, raw bytes (an ``Image`` column read with ``decode=False``) as they are,
+    both base64 in ``{"bytes": ...}`` (``dpokit.data.images`` reads them back). Only these columns: bytes
+    anywhere else stay not JSON data."""
+    if not isinstance(row, dict) or not ("images" in row or "image" in row):
+        return row
+    row = dict(row)
+    for key in ("images", "image"):
+        if key in row:
+            value = row[key]
+            row[key] = [_image_cell(v) for v in value] if isinstance(value, (list, tuple)) else _image_cell(value)
+    return row
+
+
+def _image_cell(value: Any) -> Any:
+    if type(value).__module__.startswith("PIL."):
+        if value.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):  # CMYK: PNG cannot hold it
+            value = value.convert("RGB")  # what dpokit.data.images.decode makes of any image anyway
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        value = buffer.getvalue()
+    elif isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):
+        value = value["bytes"]
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    return value
 
 
 def _plain(value: Any) -> Any:

@@ -48,10 +48,12 @@ def _keys(items: Iterable[TokenizedGroup], by: str) -> Iterator[bytes]:
     yield from (key(item) for item in items)
 
 
-def _digest(parts: list[list[int]]) -> bytes:
+def _digest(parts: list[list[int]], images: str = "") -> bytes:
     """16 bytes per item instead of a tuple of every id; the length prefix keeps [1, 2] + [3] apart from
-    [1] + [2, 3]."""
+    [1] + [2, 3]. ``images``: the sha256 of a prompt's images (``dpokit.data.vision``): every image of a size
+    has the same placeholder ids, so the same question about another image is another prompt."""
     h = hashlib.blake2b(digest_size=16)
+    h.update(images.encode())
     for ids in parts:
         h.update(len(ids).to_bytes(4, "little"))
         h.update(array("q", ids).tobytes())
@@ -59,8 +61,8 @@ def _digest(parts: list[list[int]]) -> bytes:
 
 
 def _pair_key(item: TokenizedGroup) -> bytes:
-    return _digest([item.prompt_ids, *item.responses_ids])
+    return _digest([item.prompt_ids, *item.responses_ids], getattr(item, "images_sha256", ""))
 
 
 def _prompt_key(item: TokenizedGroup) -> bytes:
-    return _digest([item.prompt_ids])
+    return _digest([item.prompt_ids], getattr(item, "images_sha256", ""))

@@ -186,6 +186,8 @@ class DataReport:
     """Prompt tokens of the kept rows (after truncation)."""
     response_lengths: LengthSummary = field(default_factory=LengthSummary)
     """Tokens of each response of each kept row (after truncation)."""
+    images: dict[str, Any] | None = None
+    """Rows with images (``dpokit.data.vision``): images in kept rows, per row, and their widths and heights."""
 
     @property
     def rows_dropped(self) -> int:
@@ -211,6 +213,7 @@ class DataReport:
             "formats": dict(self.formats), "errors": list(self.errors),
             "prompt_tokens": self.prompt_lengths.stats(),
             "response_tokens": self.response_lengths.stats(),
+            **({"images": self.images} if self.images is not None else {}),
         }
 
 

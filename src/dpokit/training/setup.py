@@ -25,6 +25,7 @@ from dpokit.config import Config, save_config
 from dpokit.data import DataReport, overlap_report
 from dpokit.data.batch import PairStream
 from dpokit.data.cache import cache_root, load_cached
+from dpokit.data.vision import load_vision
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.io import write_json
 from dpokit.losses import check_training_setup, trained_kind
@@ -61,6 +62,7 @@ from dpokit.training.resume import (
     truncate_metrics,
 )
 from dpokit.training.step import Autocast, KindSpec, Run, load_policy
+from dpokit.training.vision import check_vision_setup, is_vision, with_processor
 
 # ------------------------------------------------------------------------------------------------------ pieces
 
@@ -155,15 +157,19 @@ def open_run_dir(cfg: Config, resume: bool) -> Path | None:
 
 
 def load_items(cfg: Config, tokenizer: Any, task: KindSpec, note: Callable[[str], None],
-               dist: Dist) -> tuple[Sequence[Any], Sequence[Any]]:
+               dist: Dist, processor: Any = None) -> tuple[Sequence[Any], Sequence[Any]]:
     """Training and held-out groups (pairs, or rankings for a listwise loss) from the data cache, memory-mapped
     (``dpokit.data.cache.load_cached``), and RUN_DIR/data_report.json (rows read = kept + dropped by reason, and
-    the train/eval overlap). The data layer is told where dpokit's cache is and how to show progress."""
+    the train/eval overlap). The data layer is told where dpokit's cache is and how to show progress. With a
+    vision-language model's ``processor``, the groups carry pixel inputs and are held in memory
+    (``dpokit.data.vision``)."""
     listwise = trained_kind(cfg.loss) == "listwise" and task.needs_reference
     want = "ranked" if listwise else "unpaired" if task.name == "kto" else "pairs"
     bar = Progress if dist.is_main and cfg.train.progress else None
 
     def load(source: str, split: str) -> tuple[Sequence[Any], DataReport]:
+        if processor is not None:
+            return load_vision(source, processor, cfg.data, split, want)
         # Every rank asks; one tokenizes a source the cache lacks while the others wait on its lock.
         return load_cached(source, tokenizer, cfg.data, split, want, note, bar, cache_home=cache_dir())
 
@@ -215,6 +221,9 @@ def setup(cfg: Config, dist: Dist, spec: KindSpec, resume: bool = False,
         torchao("train.optimizer: adamw_8bit")
     note = notes_for(dist)
     device = dist.device
+    vision = is_vision(cfg)
+    if vision:
+        check_vision_setup(cfg, spec, note)
     fit_layout(cfg, spec, note)
     resolve_hardware(cfg, device, note)  # before config.yaml is written: it records what ran
     checkpoint = dist.on_main(lambda: open_run_dir(cfg, resume))  # every rank gets the checkpoint
@@ -235,7 +244,7 @@ def setup(cfg: Config, dist: Dist, spec: KindSpec, resume: bool = False,
     if cfg.train.compile:
         compile_layers(policy)
     train_items, eval_items = (items(models.tokenizer) if items else
-                               load_items(cfg, models.tokenizer, spec, note, dist))
+                               load_items(cfg, models.tokenizer, spec, note, dist, models.processor))
     autocast = autocast_for(cfg, device)
     # Before any checkpoint is restored: the policy still holds its starting weights here.
     reference = (build_reference(cfg, models, itertools.chain(train_items, eval_items), device, autocast, note, dist)
@@ -256,7 +265,8 @@ def setup(cfg: Config, dist: Dist, spec: KindSpec, resume: bool = False,
                optimizer=optimizer, scheduler=scheduler,
                stream=PairStream(len(train_items), cfg.train.seed, cfg.train.shuffle),
                pairs_per_step=pairs_per_step, total_steps=total_steps, total_pairs=total_pairs, autocast=autocast,
-               data_fingerprint=fingerprint(cfg.data.train, cache_root(cfg.data)), checkpoint=checkpoint)
+               data_fingerprint=fingerprint(cfg.data.train, cache_root(cfg.data)), checkpoint=checkpoint,
+               processor=models.processor)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -337,4 +347,7 @@ def export_final(run: Run) -> None:
         policy = run.policy
         dequantize(policy)  # QLoRA: the NF4 base as the plain weights it computed with, for the adapters to merge
         name_adapter_base(policy, run.cfg.model.name_or_path)
-        export_hf(policy, run.tokenizer, run.run_dir / "final", weights, add=hub_files(run.run_dir, run.spec.name))
+        add = hub_files(run.run_dir, run.spec.name)
+        if run.processor is not None:  # a vision-language model loads with its processor (AutoProcessor)
+            add = with_processor(run.processor, add)
+        export_hf(policy, run.tokenizer, run.run_dir / "final", weights, add=add)

@@ -180,6 +180,8 @@ class Run:
     with a loss that carries state, e.g. ``bco_pair``: ``{"loss": {name: state}}``)."""
     step_context: dict[str, Any] = field(default_factory=dict)
     """What ``Task.prepare`` computed for the current step's passes; recomputed every step, never saved."""
+    processor: Any = None
+    """A vision-language model's processor (``dpokit.models.vision``), saved with ``final/``; None for text."""
 
 
 def collate(run: Run, items: list[Any]) -> dict[str, Any]:

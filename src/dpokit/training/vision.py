@@ -1,0 +1,58 @@
+"""What a run on a vision-language model may do, said before anything loads: DPO (``dpokit train``) on pairs
+with the padded layout and a live reference (``reference.mode: model`` or ``adapter``). Everything else is
+refused in one line naming the setting, never run in a way that ignores the images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dpokit.config import Config
+from dpokit.errors import ConfigError
+from dpokit.losses import trained_kind
+from dpokit.models.loading import in_memory_name, resolve
+from dpokit.models.vision import is_vision_source
+from dpokit.training.step import KindSpec
+
+
+def is_vision(cfg: Config) -> bool:
+    """The run's policy is a vision-language model (``dpokit.models.vision.is_vision_source``)."""
+    name = cfg.model.name_or_path
+    if cfg.model.gguf_file is not None or name.endswith(".gguf"):
+        return False  # GGUF holds text models only here; resolving it would convert it
+    if in_memory_name(name) is not None:
+        return False  # a model object given to dpokit.train: text models only so far (docs/vision.md)
+    return is_vision_source(resolve(name, None, cfg.model.revision), cfg.model.trust_remote_code)
+
+
+def check_vision_setup(cfg: Config, spec: KindSpec, note: Callable[[str], None]) -> None:
+    """Refuse what is not built for images yet; the layout becomes ``padded`` (said once) unless ``packed`` was
+    asked for explicitly, which is refused."""
+    name = cfg.model.name_or_path
+    if spec.name != "dpo":
+        raise ConfigError(f"model.name_or_path: {name} is a vision-language model; only offline DPO "
+                          f"(dpokit train) trains one so far, not dpokit {spec.name}")
+    if trained_kind(cfg.loss) not in ("pairwise", "batchwise"):
+        raise ConfigError(f"loss.name: {cfg.loss.name} is not supported with images yet; use a pairwise loss "
+                          "(sigmoid, ipo, simpo, ...)")
+    if cfg.reference.mode == "store":
+        raise ConfigError("reference.mode: store keys reference log-probs on token ids, not on images, so two "
+                          "prompts with different images would share a key; use reference.mode: model or adapter")
+    if cfg.train.layout == "packed":
+        if "layout" in cfg.train.model_fields_set:
+            raise ConfigError("train.layout: packed is not supported for image data (the model places each "
+                              "image's features itself, one row per sequence); use train.layout: padded")
+        note("train.layout packed -> padded (image data is computed in the padded layout)")
+        cfg.train.layout = "padded"
+
+
+def with_processor(processor: Any, add: Callable[[Path, Any, Any], None]) -> Callable[[Path, Any, Any], None]:
+    """``export_hf``'s ``add`` that also writes the processor (image processor settings, chat template), so
+    ``AutoProcessor.from_pretrained(final)`` loads what training used."""
+
+    def both(folder: Path, model: Any, tokenizer: Any) -> None:
+        processor.save_pretrained(folder)
+        add(folder, model, tokenizer)
+
+    return both
