@@ -226,7 +226,9 @@ def layout_logps(model: nn.Module, batch: dict[str, Any], *, chunk_size: int = D
     if unweighted:
         result += (torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot, token_logps),)
     if mean_logits:
-        result += (torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot, out["mean_logits"]),)
+        # Under autocast (bf16 gathers too) the mean logits come out in bf16; the sums are fp32 like the others.
+        result += (torch.zeros(n_slots, dtype=torch.float32, device=device).index_add(0, slot,
+                                                                                     out["mean_logits"].float()),)
     return result
 
 
