@@ -61,11 +61,12 @@ def traced(name, fn):
         finally:
             trace.append(("after " + name, rss(), hwm()))
     return run
-import torch, torch.optim.optimizer
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from dpokit.training import reference
 reference.FrozenReference.logps = traced("reference forward", reference.FrozenReference.logps)
 torch.Tensor.backward = traced("backward", torch.Tensor.backward)  # after the policy's forward
-torch.optim.optimizer.register_optimizer_step_post_hook(lambda *_: trace.append(("after optimizer step", rss(), hwm())))
+register_optimizer_step_post_hook(lambda *_: trace.append(("after optimizer step", rss(), hwm())))
 def report():
     name = "rank-" + os.environ["RANK"] if "RANK" in os.environ else "single"
     phases["exit"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
