@@ -373,12 +373,12 @@ MMAP_THRESHOLD = 128 * 1024
 
 def return_freed_memory() -> bool:
     """Have glibc give every freed block of 128 KiB or more (any tensor of 32 K fp32 values) back to the system
-    at once. glibc starts there too, but raises that threshold, up to 32 MiB, each time the process frees a
-    block above it; after that, tensors below 32 MiB (an FSDP rank's shards, a layer's gradients and
-    activations) come from its heap, where freed memory stays resident and fragments, so a process's peak RSS
-    grows by what the heap kept. Measured on 2 FSDP ranks of a model of Qwen2.5-0.5B's shape: 7.4-7.8 GiB per
-    rank with glibc's default, 6.3 GiB with this (one process: 10.8 and 10.1 GiB), within 6% of the time
-    (``benchmarks/RESULTS.md``). Linux with glibc only, and not when ``MALLOC_MMAP_THRESHOLD_`` is set (the
+    at once. glibc starts there too, but raises that threshold (up to 32 MiB) to the size of each larger
+    mapped block the process frees; the tensors below it (an FSDP rank's shards, a layer's gradients and
+    activations) then come from its heap, where freed memory stays resident and fragments, so a process's peak
+    RSS grows by what the heap kept. Measured on 2 FSDP ranks of a model of Qwen2.5-0.5B's shape: 7.4-7.8 GiB
+    per rank with glibc's default, 6.3 GiB with this (one process: 10.8 and 10.1 GiB), at the same speed within
+    the machine's noise (``benchmarks/RESULTS.md``). Linux with glibc only, and not when ``MALLOC_MMAP_THRESHOLD_`` is set (the
     user's choice stands). Returns whether it was applied."""
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False

@@ -327,8 +327,8 @@ def save(run: Run) -> None:
 
 def export_final(run: Run) -> None:
     """RUN_DIR/final: one plain Hugging Face folder written by rank 0 (a sharded FSDP policy is gathered and
-    written one tensor at a time; LoRA adapters are folded into the base weights, and saved as trained in ``final/adapter/`` for
-    ``PeftModel.from_pretrained``), Hub-ready: a model card and a generation config
+    written one tensor at a time; LoRA adapters are folded into the base weights, and saved as trained in
+    ``final/adapter/`` for ``PeftModel.from_pretrained``), Hub-ready: a model card and a generation config
     (``dpokit.integrations.hub``)."""
     from dpokit.integrations.hub import hub_files, name_adapter_base
 
