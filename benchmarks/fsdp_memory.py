@@ -9,9 +9,10 @@ a temporary folder, then trains it with DPO for 2 optimizer steps (fp32, global 
 model in memory, a final checkpoint and final/ export included): once as one process (``dpokit train``,
 batch 4), once as two gloo ranks with ``distributed.strategy: fsdp`` (batch 2 each). Each process reports its
 own peak RSS (``getrusage``) when it exits, and its high-water mark (``VmHWM``) when setup (loading) ends, when
-the final checkpoint starts and ends (the training steps are before it) and when final/ export ends. Prints the figures, each rank's ratio to the single process
-(perfect sharding of policy, reference, gradients and AdamW state would give ~0.56 with the fixed cost of
-Python, torch and the activations), and checks the two runs' final weights agree (fp32; the bound of
+the final checkpoint starts and ends (the training steps are before it) and when final/ export ends (with
+``--trace``, also around every reference forward, backward and optimizer step). Prints the figures, each
+rank's ratio to the single process (perfect sharding of policy, reference, gradients and AdamW state would
+give ~0.56 with the fixed cost of Python, torch and the activations), and checks the two runs' final weights agree (fp32; the bound of
 ``tests/tolerances.py``: the ranks add their gradients in another order).
 """
 
@@ -48,11 +49,29 @@ def mark(name, fn):
 train.setup = mark("setup", train.setup)  # loading both models, the optimizer
 train.save = mark("checkpoint", train.save)  # after the training steps
 train.export_final = mark("export", train.export_final)
+trace = []  # (event, VmRSS, VmHWM) inside the steps: where a step's peak is reached
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS"))
+def traced(name, fn):
+    def run(*args, **kwargs):
+        trace.append(("before " + name, rss(), hwm()))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            trace.append(("after " + name, rss(), hwm()))
+    return run
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from dpokit.training import reference
+reference.FrozenReference.logps = traced("reference forward", reference.FrozenReference.logps)
+torch.Tensor.backward = traced("backward", torch.Tensor.backward)  # after the policy's forward
+register_optimizer_step_post_hook(lambda *_: trace.append(("after optimizer step", rss(), hwm())))
 def report():
     name = "rank-" + os.environ["RANK"] if "RANK" in os.environ else "single"
     phases["exit"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     with open(os.path.join(os.environ["RSS_OUT"], name + ".json"), "w") as fh:
-        json.dump(phases, fh)
+        json.dump({"phases": phases, "trace": trace}, fh)
 atexit.register(report)
 from dpokit.cli import main
 sys.exit(main())
@@ -106,9 +125,23 @@ def launch(command: list[str], out: Path, src: Path) -> float:
     return time.perf_counter() - started
 
 
+def print_trace(reports: dict) -> None:
+    """Each process's (VmRSS, VmHWM) in GiB at each traced event, one column per process."""
+    gib = 2 ** 30
+    print("inside the steps (GiB): VmRSS / VmHWM")
+    traces = {name: report["trace"] for name, report in reports.items()}
+    print(f"  {'event':<26}" + "".join(f"{name:>16}" for name in traces))
+    for i, (event, *_) in enumerate(traces["single"]):
+        row = [f"{t[i][1] / gib:6.2f} /{t[i][2] / gib:6.2f}" if i < len(t) else "" for t in traces.values()]
+        print(f"  {event:<26}" + "".join(f"{cell:>16}" for cell in row))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24, help="decoder layers (24: Qwen2.5-0.5B)")
+    parser.add_argument("--trace", action="store_true",
+                        help="also print each process's RSS and high-water mark around every reference forward, "
+                             "backward and optimizer step")
     parser.add_argument("--src", type=Path, default=ROOT / "src",
                         help="dpokit sources to run (another checkout's src/: the code before a change)")
     args = parser.parse_args()
@@ -134,13 +167,16 @@ def main() -> int:
         seconds = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(script), "train", str(fsdp_cfg), f"run_dir={tmp / 'fsdp'}"], tmp, args.src)
         print(f"two FSDP ranks: {seconds:.0f} s")
-        peaks = {name: json.loads((tmp / f"{name}.json").read_text()) for name in ("single", "rank-0", "rank-1")}
+        reports = {name: json.loads((tmp / f"{name}.json").read_text()) for name in ("single", "rank-0", "rank-1")}
+        peaks = {name: report["phases"] for name, report in reports.items()}
         for name, phases in peaks.items():
             peak = phases["exit"]
             print(f"peak RSS {name:>7}: {peak / gib:5.2f} GiB  ({peak / peaks['single']['exit']:.2f}x one process)")
         print("peak RSS so far (GiB), by phase: " + ", ".join(peaks["single"]))
         for name, phases in peaks.items():
             print(f"  {name:>7}: " + "  ".join(f"{phases[key] / gib:5.2f}" for key in peaks["single"]))
+        if args.trace:
+            print_trace(reports)
         one = load_file(str(tmp / "single" / "final" / "model.safetensors"))
         two = load_file(str(tmp / "fsdp" / "final" / "model.safetensors"))
         assert_same_weights_after_adamw(one, two, lr=1e-5, steps=2)

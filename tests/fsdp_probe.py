@@ -13,6 +13,7 @@ import sys
 from types import SimpleNamespace
 
 import torch
+from torch.distributed.tensor import DTensor
 
 import dpokit.models.sharded as sharded
 from dpokit.config import DistributedConfig
@@ -60,6 +61,17 @@ batch = collate_responses([([5, 6, 7, 8], [9, 10, 11]), ([12, 13], [14, 15, 16, 
 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
     logps = policy(batch).logps
     ref_logps = reference(batch).logps
+
+
+def root_gathered(model):
+    """FSDP2 registers a unit's whole (plain) weights while gathered, its DTensor shards otherwise."""
+    return not isinstance(model.get_input_embeddings().weight, DTensor)
+
+
+# After a forward without backward: the reference's root resharded itself, the policy's waits for a backward.
+roots = {"policy": root_gathered(models.policy), "reference": root_gathered(models.reference)}
+dist.reshard(policy)
+roots["policy_after_reshard"] = root_gathered(models.policy)
 gathered_policy, gathered_reference = full_state_dict(policy), full_state_dict(reference)
 plain = load_model(ModelSource("folder", folder)).eval()
 plain_buffers = dict(plain.named_buffers())
@@ -69,7 +81,7 @@ result = {"elements_read": elements_read[0], "skeletons": skeletons, "gathered_d
           "tied": models.policy.lm_head.weight is models.policy.get_input_embeddings().weight,
           "buffers": sorted(name for name, _ in models.policy.named_buffers()),
           "buffers_equal": all(torch.equal(b, plain_buffers[name]) for name, b in models.policy.named_buffers()),
-          "logps": logps.tolist(), "ref_logps": ref_logps.tolist()}
+          "logps": logps.tolist(), "ref_logps": ref_logps.tolist(), "roots_gathered": roots}
 if dist.is_main:
     expected = plain.state_dict()
     for key, gathered in (("policy", gathered_policy), ("reference", gathered_reference)):

@@ -363,6 +363,10 @@ def test_fsdp_reads_only_each_ranks_rows_and_equals_a_plain_load(tiny_folder, tm
     assert all(r["buffers"] and r["buffers_equal"] for r in ranks)
     # A forward on gathered weights makes the plain model's operations on the same values: bit-identical.
     assert ranks[0]["logps"] == ranks[0]["ref_logps"] == ranks[0]["plain_logps"]
+    # A forward without backward leaves FSDP2's root (the tied embedding) gathered unless told otherwise: the
+    # reference resharded itself, the policy after evaluation is resharded by Dist.reshard.
+    assert all(r["roots_gathered"] == {"policy": True, "reference": False, "policy_after_reshard": False}
+               for r in ranks)
 
 
 @pytest.mark.equivalence
@@ -375,6 +379,71 @@ def test_fsdp_bf16_gathers_bf16_from_fp32_masters_and_holds_the_reference_in_bf1
         # exactly what the policy's gather rounds them to: at the start pi and pi_ref are the same function.
         assert r["logps"] == r["ref_logps"]
     assert ranks[0]["reference_equal"]  # the file's fp32 values rounded to bf16
+
+
+def test_offloaded_shards_are_materialized_on_the_cpu_and_buffers_on_the_ranks_device(monkeypatch):
+    """FSDP2's CPUOffloadPolicy refuses shards that are not on the CPU, so a skeleton's shards must be given
+    CPU storage under ``distributed.offload: params`` even when the rank computes on a GPU (its buffers, which
+    are not sharded, stay on the GPU). No GPU here: ``fully_shard`` is replaced and the devices asked for are
+    recorded; a GPU run covers the rest."""
+    from torch import nn
+
+    import dpokit.training.distributed as distributed
+
+    asked = []
+    monkeypatch.setattr(distributed, "_fully_shard", lambda module, *args: module)
+    monkeypatch.setattr(distributed, "is_skeleton", lambda model: True)
+    monkeypatch.setattr(distributed, "materialize", lambda sharded, model, device, buffer_device: asked.append(
+        (device, buffer_device)))
+    gpu, cpu = torch.device("cuda", 1), torch.device("cpu")
+    for offload in ("params", "none"):
+        Dist(device=gpu, strategy="fsdp", active=True, offload=offload)._shard(nn.Linear(2, 2))
+    assert asked == [(cpu, gpu), (gpu, gpu)]
+    assert distributed.shard_device(cpu, offload=False) == distributed.shard_device(cpu, offload=True) == cpu
+
+
+def test_materialize_puts_parameters_and_buffers_on_the_devices_asked():
+    """The parameters on one device, the skeleton's buffers on another (here meta, the only second device a
+    CPU machine has), the parameters' values the stored ones; no process group needed (a plain tensor is one
+    whole shard)."""
+    import contextlib
+
+    from torch import nn
+
+    from dpokit.models import sharded
+
+    stored = {"weight": torch.arange(6.0).reshape(2, 3), "bias": torch.tensor([7.0, 8.0])}
+    with sharded.parameters_on_meta():
+        model = nn.Linear(3, 2)
+    model.register_buffer("scale", torch.tensor([0.5]), persistent=False)
+    setattr(model, sharded.ATTR, sharded.Weights(lambda: contextlib.nullcontext(stored.get), torch.float32))
+    assert model.weight.device.type == "meta"
+    sharded.materialize(model, model, torch.device("cpu"), torch.device("meta"))
+    assert model.scale.device.type == "meta"
+    assert torch.equal(model.weight, stored["weight"]) and torch.equal(model.bias, stored["bias"])
+
+
+def test_streamed_weight_file_is_read_back_by_safetensors_and_split_like_save_pretrained(tmp_path):
+    """The export of a sharded model writes its safetensors file tensor by tensor (gathering each in turn):
+    safetensors' own reader must read back every tensor, dtype and shape exactly. Plain tensors here (no
+    process group): ``gathered`` passes them through, so the file format is what is checked."""
+    from dpokit.models.sharded import stream_safetensors, weight_files
+
+    tensors = [("model.a", torch.randn(3, 4)), ("b", torch.arange(5, dtype=torch.bfloat16)),
+               ("c", torch.tensor(2, dtype=torch.int64)), ("empty", torch.ones(0, 3)),
+               ("mask", torch.tensor([True, False, True]))]
+    stream_safetensors(tmp_path / "model.safetensors", tensors)
+    back = load_file(str(tmp_path / "model.safetensors"))
+    assert set(back) == {name for name, _ in tensors}
+    for name, tensor in tensors:
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    stream_safetensors(None, tensors)  # another rank: gathers, writes nothing
+    with pytest.raises(OSError):  # a failed write still gathers every tensor (no rank left waiting), then raises
+        stream_safetensors(tmp_path / "missing" / "model.safetensors", tensors)
+    # 48 + 10 + 8 + 0 + 3 bytes: one file, or split before the tensor that would pass the limit.
+    assert weight_files(tensors) == {"model.safetensors": [name for name, _ in tensors]}
+    assert weight_files(tensors, limit=50) == {"model-00001-of-00002.safetensors": ["model.a"],
+                                               "model-00002-of-00002.safetensors": ["b", "c", "empty", "mask"]}
 
 
 @pytest.mark.equivalence

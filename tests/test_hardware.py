@@ -253,3 +253,38 @@ def test_no_attention_kernel_in_bf16_is_one_line_naming_fp32_and_auto_avoids_bf1
     assert (run / "final" / "config.json").is_file()
     assert "precision auto -> fp32 (CPU has avx512_bf16, but no attention implementation runs in bf16" in (
         capsys.readouterr().err)
+
+
+FREED = """
+import sys, torch
+from dpokit.models.hardware import return_freed_memory
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS"))
+applied = return_freed_memory() if sys.argv[1] == "set" else None
+big = torch.ones(24 * 2**20 // 4)  # freeing a 24 MiB block (mmapped) raises the threshold to 24 MiB
+del big
+keep = torch.ones(1024)  # something after it on the heap, so a freed block below is not simply trimmed
+block = torch.ones(16 * 2**20 // 4)
+tail = torch.ones(1024)
+before = rss()
+del block
+print(applied, before - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ,
+                    reason="glibc's allocator on Linux")
+def test_freed_tensors_go_back_to_the_system_once_glibc_is_told(tmp_path):
+    """A fresh process each time (glibc's thresholds move with what the process did before). With glibc's
+    default a freed 16 MiB tensor stays resident once a larger block was freed; with ``return_freed_memory``
+    it is returned at once (16 MiB; a page of slack)."""
+    def freed(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", FREED, mode], capture_output=True, text=True, check=True)
+        applied, returned = out.stdout.split()
+        return applied, int(returned)
+
+    applied, returned = freed("set")
+    assert applied == "True" and returned >= 16 * 2**20 - 4096
+    _, kept = freed("default")
+    assert kept < 2**20

@@ -190,16 +190,21 @@ def _open_files(files: list[Path]) -> Iterator[Reader]:
 
 
 @torch.no_grad()
-def materialize(module: nn.Module, model: nn.Module, device: torch.device) -> None:
+def materialize(module: nn.Module, model: nn.Module, device: torch.device,
+                buffer_device: torch.device | None = None) -> None:
     """Give the sharded skeleton ``module`` (``fully_shard`` done; ``model`` is the skeleton inside it) storage
-    on ``device`` for this rank's shards and fill them from the weight files, reading only this rank's rows."""
+    on ``device`` for this rank's shards and fill them from the weight files, reading only this rank's rows.
+    Buffers (built with the skeleton) go to ``buffer_device`` (default ``device``): with CPU offload the shards
+    live on the CPU while the buffers must be where the gathered weights compute."""
     from torch.distributed.tensor import DTensor
 
     weights: Weights = getattr(model, ATTR)
-    buffers = {name: b.clone() for name, b in module.named_buffers()}  # real: built with the skeleton
+    # Real: built with the skeleton. Every name of a shared buffer (``to_empty`` gives each its own copy).
+    buffers = {name: b.clone() for name, b in module.named_buffers(remove_duplicate=False)}
     module.to_empty(device=device)
-    for name, buffer in module.named_buffers():
-        buffer.copy_(buffers[name])
+    for name in buffers:
+        owner, _, leaf = name.rpartition(".")
+        module.get_submodule(owner)._buffers[leaf] = buffers[name].to(buffer_device or device)
     names: dict[int, list[str]] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
@@ -241,3 +246,78 @@ def shard_rows(param: torch.Tensor) -> tuple[int, int]:
         raise ModelError(f"unexpected FSDP shard of {tuple(param.shape)}: {tuple(param.to_local().shape)} rows "
                          f"on rank {rank} of {world}")
     return start, stop
+
+
+# --------------------------------------------------------------------------------------- writing it back whole
+
+SHARD_BYTES = 50 * 10**9
+"""Most bytes in one weight file of an export, as ``save_pretrained`` splits them (the Hub's per-file limit)."""
+
+
+def weight_files(tensors: list[tuple[str, torch.Tensor]], limit: int = SHARD_BYTES) -> dict[str, list[str]]:
+    """File name -> the tensors it holds, in order, split as ``save_pretrained`` names them: one
+    ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` when the whole is over ``limit`` bytes."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    return {f"model-{i:05d}-of-{len(groups):05d}.safetensors": group for i, group in enumerate(groups, 1)}
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """A FSDP2 parameter gathered whole on every rank (a collective: every rank calls it, in the same order),
+    on the CPU; a plain tensor (a buffer) as it is. Offloaded shards are moved to the mesh's device first,
+    since NCCL gathers GPU tensors only."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        mesh, local = tensor.device_mesh, tensor.to_local()
+        if local.device.type != mesh.device_type:
+            tensor = DTensor.from_local(local.to(mesh.device_type), mesh, tensor.placements, run_check=False,
+                                        shape=tensor.shape, stride=tensor.stride())
+        tensor = tensor.full_tensor()
+    return tensor.detach().to("cpu").contiguous()
+
+
+def stream_safetensors(path: Path | None, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """Write ``tensors`` (a sharded model's, in this order) as one safetensors file, gathering and writing one
+    tensor at a time, so no rank ever holds more than one whole tensor. Every rank calls it (the gathers are
+    collectives); only the rank given a ``path`` writes. The header is known before any data (each tensor's
+    dtype and shape), so the file is written front to back: 8-byte little-endian header length, the JSON
+    header padded with spaces to 8 bytes, then each tensor's bytes at its offsets."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    failure: OSError | None = None  # a failed write on this rank: the gathers go on, so no other rank waits
+    with contextlib.ExitStack() as stack:
+        fh = None
+        try:
+            if path is not None:
+                fh = stack.enter_context(open(path, "wb"))
+                fh.write(len(encoded).to_bytes(8, "little") + encoded)
+        except OSError as exc:
+            failure, fh = exc, None
+        for _, tensor in tensors:
+            whole = gathered(tensor)
+            try:
+                if fh is not None and whole.numel():
+                    fh.write(memoryview(whole.reshape(-1).view(torch.uint8).numpy()))
+            except OSError as exc:
+                failure, fh = exc, None
+            del whole
+    if failure is not None:
+        raise failure

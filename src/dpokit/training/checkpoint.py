@@ -35,6 +35,7 @@ from torch import nn
 from dpokit.errors import DpokitError
 from dpokit.io import publish_dir, sha256_file, staging_dir, staging_path, writing
 from dpokit.models.loading import detach_quantizer
+from dpokit.models.sharded import stream_safetensors, weight_files
 from dpokit.training.distributed import Dist
 
 COMPLETE = "COMPLETE"
@@ -332,15 +333,79 @@ def _partial() -> Any:
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every weight of a sharded (FSDP) model gathered whole, on rank 0's CPU (empty on other ranks). Every
-    rank must call it."""
+    rank must call it. Only for models ``export_tensors`` cannot stream: it holds a whole copy on rank 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # A tied weight (embeddings = head) is one parameter under two names; the gathered copies no longer share
-    # storage, so keep only the first name, as an unsharded model's export does.
-    aliases = ({name for name, _ in model.named_parameters(remove_duplicate=False)}
-               - {name for name, _ in model.named_parameters()})
+    aliases = _tied_aliases(model)
     return {name: tensor for name, tensor in full.items() if name not in aliases}
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """The second names of tied weights (embeddings = head: one parameter under two names). Gathered copies no
+    longer share storage, so only the first name is written, as an unsharded model's export does."""
+    return ({name for name, _ in model.named_parameters(remove_duplicate=False)}
+            - {name for name, _ in model.named_parameters()})
+
+
+def export_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]] | None:
+    """The tensors a sharded model's export writes, by name, as this rank holds them (FSDP shards, buffers);
+    None when transformers would rename or fuse them on saving (``revert_weight_conversion``, for some
+    mixture-of-experts models), which needs every tensor at once."""
+    skip = _tied_aliases(model) | set(getattr(model, "_keys_to_ignore_on_save", None) or [])
+    tensors = [(name, tensor) for name, tensor in model.state_dict().items() if name not in skip]
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without conversions saves the names as they are
+        return tensors
+    shapes = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in tensors}
+    return tensors if revert_weight_conversion(model, shapes) is shapes else None
+
+
+def export_sharded(model: nn.Module, tokenizer: Any, target: Path, dist: Dist,
+                   add: Callable[[Path, nn.Module, Any], None] | None = None) -> Path:
+    """``export_hf`` of a FSDP-sharded model; every rank calls it. The weights are gathered and written one
+    tensor at a time (``dpokit.models.sharded.stream_safetensors``), so no rank holds a whole copy of the model
+    on top of its shards, its optimizer state and the reference; the files are those ``save_pretrained``
+    writes (one ``model.safetensors``, or numbered files and their index past 50 GB). A model whose weights
+    transformers converts on saving is gathered whole onto rank 0 and saved by ``save_pretrained``."""
+    tensors = export_tensors(model)
+    if tensors is None:
+        weights = full_state_dict(model)
+        return dist.on_main(lambda: export_hf(model, tokenizer, target, weights, add))
+    files = weight_files(tensors)
+    tmp = staging_path(target)
+
+    def begin() -> None:
+        with writing(target, "model folder", cleanup=tmp):
+            staging_dir(target)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict={})  # config, generation config
+            (tmp / "model.safetensors").unlink(missing_ok=True)  # the weights are streamed below
+
+    dist.on_main(begin)
+    by_name = dict(tensors)
+    failure: OSError | None = None
+    for file, names in files.items():  # every rank gathers; rank 0 writes
+        try:
+            stream_safetensors(tmp / file if dist.is_main else None, [(name, by_name[name]) for name in names])
+        except OSError as exc:
+            failure = failure or exc
+
+    def finish() -> Path:
+        with writing(target, "model folder", cleanup=tmp):
+            if failure is not None:
+                raise failure
+            if len(files) > 1:
+                size = sum(t.numel() * t.element_size() for _, t in tensors)
+                index = {"metadata": {"total_size": size},
+                         "weight_map": {name: file for file, names in files.items() for name in names}}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            tokenizer.save_pretrained(tmp)
+            if add is not None:
+                add(tmp, model, tokenizer)
+            return publish_dir(tmp, target)
+
+    return dist.on_main(finish)
 
 
 def export_hf(model: nn.Module, tokenizer: Any, target: Path,

@@ -205,10 +205,19 @@ class Dist:
         """``_fully_shard`` with this run's precision and offload; a skeleton (``dpokit.models.sharded``) gets its
         shards' storage and weights only now."""
         model = getattr(module, "model", module)
-        sharded = _fully_shard(module, reshard_root, self.compute_dtype, self.offload == "params")
+        offload = self.offload == "params"
+        sharded = _fully_shard(module, reshard_root, self.compute_dtype, offload)
         if is_skeleton(model):
-            materialize(sharded, model, self.device)
+            materialize(sharded, model, shard_device(self.device, offload), self.device)
         return sharded
+
+    def reshard(self, module: nn.Module) -> None:
+        """Free the whole weights FSDP still holds after a forward without backward (evaluation): FSDP2 keeps
+        the root unit (embeddings, final norm, the tied head) gathered after its forward, for the backward it
+        expects; without one they would stay gathered until the next training step's backward. The decoder
+        layers reshard after every forward anyway; the frozen reference's root is told to (``wrap_frozen``)."""
+        if self.sharded and hasattr(module, "reshard"):
+            module.reshard()
 
     @contextlib.contextmanager
     def grad_sync(self, module: nn.Module, sync: bool) -> Iterator[None]:
@@ -306,6 +315,13 @@ def _fully_shard(module: LogpsModule, reshard_root: bool | None = None, param_dt
     for layer in layers:
         fully_shard(layer, mp_policy=policy, offload_policy=placement)
     return fully_shard(module, reshard_after_forward=reshard_root, mp_policy=root_policy, offload_policy=placement)
+
+
+def shard_device(device: torch.device, offload: bool) -> torch.device:
+    """Where a rank's FSDP shards live: on the CPU with ``distributed.offload: params`` (FSDP2's
+    ``CPUOffloadPolicy`` refuses shards anywhere else, and copies them to ``device`` only for each gather),
+    else on the rank's device. Buffers are not sharded and stay on ``device`` either way."""
+    return torch.device("cpu") if offload else device
 
 
 def setup(cfg: Any) -> Dist:

@@ -18,6 +18,7 @@ from typing import Any
 
 from dpokit.config import Config, load_config
 from dpokit.integrations.trackers import open_trackers
+from dpokit.models.hardware import return_freed_memory
 from dpokit.training.distributed import Dist
 from dpokit.training.distributed import setup as setup_distributed
 from dpokit.training.kinds import choose_kind
@@ -35,6 +36,7 @@ def train_kind(config: str | Path | dict[str, Any] | Config | None = None, overr
     torchrun, every process calls this (``dpokit.training.distributed``); a failure on any rank ends every rank
     with one line naming it."""
     cfg = load_config(config, overrides, **kwargs)
+    return_freed_memory()  # before any model is loaded: a lower peak host RAM (see there)
     dist = setup_distributed(cfg.distributed)
     with dist.failures():
         kind = choose_kind(cfg, command)

@@ -36,7 +36,7 @@ from dpokit.models.sharded import on_device
 from dpokit.terminal import note
 from dpokit.training.checkpoint import (
     export_hf,
-    full_state_dict,
+    export_sharded,
     newest_complete,
     read_trainer_state,
     restore_checkpoint,
@@ -336,18 +336,19 @@ def save(run: Run) -> None:
 
 
 def export_final(run: Run) -> None:
-    """RUN_DIR/final: one plain Hugging Face folder written by rank 0 (a sharded FSDP policy is gathered whole
-    first; LoRA adapters are folded into the base weights, and saved as trained in ``final/adapter/`` for
-    ``PeftModel.from_pretrained``), Hub-ready: a model card and a generation config
+    """RUN_DIR/final: one plain Hugging Face folder written by rank 0 (a sharded FSDP policy is gathered and
+    written one tensor at a time; LoRA adapters are folded into the base weights, and saved as trained in
+    ``final/adapter/`` for ``PeftModel.from_pretrained``), Hub-ready: a model card and a generation config
     (``dpokit.integrations.hub``)."""
     from dpokit.integrations.hub import hub_files, name_adapter_base
 
-    weights = full_state_dict(run.policy) if run.dist.sharded else None
-    if run.dist.is_main:
+    add = hub_files(run.run_dir, run.spec.name)
+    if run.processor is not None:  # a vision-language model loads with its processor (AutoProcessor)
+        add = with_processor(run.processor, add)
+    if run.dist.sharded:  # every rank gathers, one tensor at a time; no LoRA or NF4 under FSDP (config)
+        export_sharded(run.policy, run.tokenizer, run.run_dir / "final", run.dist, add=add)
+    elif run.dist.is_main:
         policy = run.policy
         dequantize(policy)  # QLoRA: the NF4 base as the plain weights it computed with, for the adapters to merge
         name_adapter_base(policy, run.cfg.model.name_or_path)
-        add = hub_files(run.run_dir, run.spec.name)
-        if run.processor is not None:  # a vision-language model loads with its processor (AutoProcessor)
-            add = with_processor(run.processor, add)
-        export_hf(policy, run.tokenizer, run.run_dir / "final", weights, add=add)
+        export_hf(policy, run.tokenizer, run.run_dir / "final", add=add)

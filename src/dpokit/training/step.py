@@ -333,4 +333,5 @@ def held_out_metrics(run: Run, task: Task) -> dict[str, float]:
             record(stats)
     stats.reduce(run.dist.sum)
     model.train(was_training)
+    run.dist.reshard(model)  # FSDP: no backward follows, so the policy's root would stay gathered
     return {"tokens": stats.tokens, **stats.means()}
