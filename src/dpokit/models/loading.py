@@ -303,24 +303,17 @@ def load_models(model_cfg: Any, reference: Literal["always", "never", "if_differ
                   attn_implementation=attn_implementation or model_cfg.attn_implementation, vocab_size=len(tokenizer))
     load = _skeleton_or_model if skeleton else load_model
     policy = load(policy_source, **kwargs)
+    holds_reference = reference == "always" or (reference == "if_different" and reference_source != policy_source)
     if getattr(model_cfg, "quantize", "none") != "none":  # QLoRA: the frozen base in 4 bits, before the adapters
         from dpokit.models.quantize import quantize_policy
 
-        quantize_policy(policy, model_cfg, copies_reference=reference == "always" or (
-            reference == "if_different" and reference_source != policy_source))
+        quantize_policy(policy, model_cfg, copies_reference=holds_reference)
     if model_cfg.disable_dropout:
         disable_dropout(policy)
     policy.train()
     frozen = None
-    if reference == "always" or (reference == "if_different" and reference_source != policy_source):
-        if reference_source == policy_source:
-            # Same starting weights: copy in memory instead of reading and converting the files again.
-            import copy
-
-            frozen = copy.deepcopy(policy)
-        else:
-            frozen = load(reference_source, **kwargs)
-        freeze(frozen)
+    if holds_reference:
+        frozen = _frozen_reference(policy, policy_source, reference_source, lambda: load(reference_source, **kwargs))
     if getattr(model_cfg, "lora", None) is not None:
         policy = apply_lora(policy, model_cfg.lora)
     return Models(policy, frozen, tokenizer, policy_source, reference_source)
@@ -346,13 +339,19 @@ def _load_vision_models(model_cfg: Any, reference: str, policy_source: ModelSour
     policy.train()
     frozen = None
     if reference == "always" or (reference == "if_different" and reference_source != policy_source):
-        if reference_source == policy_source:
-            import copy
-
-            frozen = copy.deepcopy(policy)
-        else:
-            frozen = load_vision_model(reference_source, **kwargs)
-        freeze(frozen)
+        frozen = _frozen_reference(policy, policy_source, reference_source,
+                                   lambda: load_vision_model(reference_source, **kwargs))
     if getattr(model_cfg, "lora", None) is not None:
         policy = apply_lora(policy, model_cfg.lora)
     return Models(policy, frozen, processor.tokenizer, policy_source, reference_source, processor)
+
+
+def _frozen_reference(policy: nn.Module, policy_source: ModelSource, reference_source: ModelSource,
+                      load_reference: Any) -> nn.Module:
+    """The frozen reference: a copy of the policy's starting weights when both come from the same place (in
+    memory, instead of reading and converting the files again), else ``load_reference()``."""
+    import copy
+
+    frozen = copy.deepcopy(policy) if reference_source == policy_source else load_reference()
+    freeze(frozen)
+    return frozen
