@@ -168,10 +168,15 @@ def save_model_folder(shape: str, folder: Path) -> int:
 
 def trl_child(spec: dict[str, Any]) -> dict[str, Any]:
     """TRL's DPOTrainer in bf16 on the GPU (reference model online), steps timed by a callback."""
+    return {"steps": timed_trl_steps(trl_trainer(spec, beta=BETA, bf16=True, seed=0))}
+
+
+def timed_trl_steps(trainer: Any) -> list[dict[str, Any]]:
+    """Train ``trainer`` (a TRL trainer) and return each optimizer step's end time (from the first step's end,
+    the device synchronized first) and its non-padding tokens, counted on the batches its collator builds."""
     import torch
     from transformers import TrainerCallback
 
-    trainer = trl_trainer(spec, beta=BETA, bf16=True, seed=0)
     tokens: list[int] = []
     collate = trainer.data_collator
 
@@ -185,13 +190,13 @@ def trl_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     class StepTimer(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             ends.append(time.perf_counter())
 
     trainer.add_callback(StepTimer())
     trainer.train()
-    start = ends[0]
-    return {"steps": [{"step": i + 1, "elapsed_s": end - start, "tokens": tokens[i]} for i, end in enumerate(ends)]}
+    return [{"step": i + 1, "elapsed_s": end - ends[0], "tokens": tokens[i]} for i, end in enumerate(ends)]
 
 
 def throughput(report: Report, device: Any, workdir: Path, shape: str, steps: int, batch_size: int,

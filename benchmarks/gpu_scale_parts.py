@@ -157,11 +157,10 @@ def trl_run(spec: dict[str, Any]) -> dict[str, Any]:
     folder); ``adapters`` gives TRL a LoRA config of the same rank and targets (its reference is the base with
     the adapters disabled) and loads the base in bf16 with gradient checkpointing, as dpokit's row does.
     Returns each step's end time and tokens (non-padding, TRL's own count) and the device's peak memory."""
-    import time
-
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from gpu_check import timed_trl_steps  # beside this file (gpu_scale.py puts benchmarks/ on the path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     adapters = spec["trained"] == "adapters"
@@ -184,27 +183,7 @@ def trl_run(spec: dict[str, Any]) -> dict[str, Any]:
         seed=0)
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
-    tokens: list[int] = []
-    collate = trainer.data_collator
-
-    def counting_collator(examples: list[dict[str, Any]]) -> dict[str, Any]:
-        out = collate(examples)
-        tokens.append(int(out["attention_mask"].sum()))
-        return out
-
-    trainer.data_collator = counting_collator
-    ends: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            ends.append(time.perf_counter())
-
-    trainer.add_callback(StepTimer())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return {"steps": [{"step": i + 1, "elapsed_s": end - ends[0], "tokens": tokens[i]}
-                      for i, end in enumerate(ends)], "peak_bytes": peak}
+    steps = timed_trl_steps(trainer)
+    return {"steps": steps, "peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
