@@ -1,6 +1,6 @@
 """The reference store and resume on image data: stored reference log-probs are keyed on the images' bytes and
 the processor's settings as well as the token ids (two prompts with the same text and other images never share
-an entry)."""
+an entry), and a resume notices an image replaced under the same name."""
 
 import copy
 import io
@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import dpokit
+from dpokit.errors import ConfigError
 from dpokit.training.metrics import read_metrics
 from tolerances import assert_same_metrics
 
@@ -142,3 +143,23 @@ def test_store_keys_cover_the_images_and_the_processor_settings():
     fp32 = dpokit.load_config({"model": {"name_or_path": "tiny-random-llava"}, "train": {"precision": "fp32"}})
     assert store_key(model, bf16, processor) != store_key(model, fp32, processor)
 
+
+def test_resume_refuses_an_image_replaced_under_the_same_name(tmp_path):
+    family = "tiny-random-llava"
+    data = colour_pairs(tmp_path / "a", COLOURS_A)
+    cfg = config(data, family, "model", tmp_path / "store", max_steps=4, save_every=2)
+    straight = dpokit.train(cfg, run_dir=str(tmp_path / "straight"))
+    resumed = tmp_path / "resumed"
+    dpokit.train(cfg, run_dir=str(resumed), train__max_steps=2)  # stops after its step-2 checkpoint
+    image = data.parent / "img1.png"
+    original = image.read_bytes()
+    image.write_bytes(png(COLOURS_B[1]))  # the data file itself is untouched
+    with pytest.raises(ConfigError, match=r"^data\.train: an image the data names changed since the checkpoint"
+                                          r" .*\(use --force to resume anyway\)$") as err:
+        dpokit.train(cfg, run_dir=str(resumed), resume=True)
+    assert "\n" not in str(err.value)
+    image.write_bytes(original)  # as it was: the run resumes, and ends as the run never stopped
+    dpokit.train(cfg, run_dir=str(resumed), resume=True)
+    assert [r["step"] for r in train_rows(resumed)] == [1, 2, 3, 4]
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
