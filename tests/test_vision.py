@@ -278,13 +278,12 @@ def test_log_probs_see_the_images_and_the_fast_path_equals_full_logits(tmp_path,
     assert (fast - other).abs().max() > 1e-3
 
 
-def test_packed_layout_and_the_reference_store_are_refused_for_images(tmp_path):
+def test_packed_layout_and_other_kinds_are_refused_for_images(tmp_path):
     path = colour_pairs(tmp_path, 2)
     base = {"model": {"name_or_path": "tiny-random-llava"}, "data": {"train": str(path), "max_length": 96,
                                                                      "max_prompt_length": 64},
             "train": {"max_steps": 1, "progress": False}}
     for change, what in ((("train", "layout", "packed"), "train.layout: packed is not supported for image data"),
-                         (("reference", "mode", "store"), "reference.mode: store keys reference log-probs"),
                          (("loss", "name", "kto"), "only offline DPO")):
         cfg = json.loads(json.dumps(base))
         cfg.setdefault(change[0], {})[change[1]] = change[2]

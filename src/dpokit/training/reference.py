@@ -16,10 +16,13 @@ nats on SmolLM2), so at step 1, where the policy is the reference, the implicit 
 both sides lay the group out alike.
 
 The store key of a response is sha256(what changes the numbers: reference weights, precision, attention
-implementation, layout and batch size; the group's prompt and response token ids; the response's place in the
+implementation, layout and batch size, and for a vision-language model the processor's settings; the group's
+prompt and response token ids, and the encoded bytes of the prompt's images; the response's place in the
 group). The token ids are what the tokenizer, the chat template and the truncation settings made of the row, so
 a change in any of them is a different key and is computed afresh; an interrupted precompute keeps every shard
-it finished and computes only what is missing.
+it finished and computes only what is missing. Token ids alone do not tell images apart (every image of a
+LLaVA prompt is the same run of ``<image>`` ids), hence the images' sha256; and the pixels the model sees
+depend on the processor (resize, crop, normalisation, splitting), hence its settings in the model's part.
 """
 
 from __future__ import annotations
@@ -51,10 +54,15 @@ Autocast = Callable[[], AbstractContextManager]
 
 def group_keys(model_key: bytes, item: TokenizedGroup) -> list[bytes]:
     """The store key of every response of a group, best first (a pair: chosen, rejected): the group's token ids
-    and the response's place in it, since both decide how the response is laid out and so its bf16 numbers."""
+    and the response's place in it, since both decide how the response is laid out and so its bf16 numbers;
+    for a group with images (``dpokit.data.vision.VisionGroup``) also their sha256, since the same ids stand
+    for any image. A text group's key is what it was before images existed, so text stores stay valid."""
     digest = hashlib.sha256(model_key)
     for ids in (item.prompt_ids, *item.responses_ids):
         digest.update(struct.pack(f"<I{len(ids)}i", len(ids), *ids))
+    images = getattr(item, "images_sha256", "")
+    if images:
+        digest.update(b"images:" + bytes.fromhex(images))
     group = digest.digest()
     return [hashlib.sha256(group + struct.pack("<I", k)).digest()[:16] for k in range(len(item.responses_ids))]
 
@@ -252,11 +260,15 @@ def precompute(store: LogpStore, model: nn.Module, model_key: bytes, items: Iter
     return sum(len(keys) for _, keys in todo)
 
 
-def store_key(model: nn.Module, cfg: Any) -> bytes:
-    """What a stored log-prob's numbers depend on besides its tokens: the reference weights and how they are
-    run (precision, attention implementation, batch layout, row length, groups per batch)."""
+def store_key(model: nn.Module, cfg: Any, processor: Any = None) -> bytes:
+    """What a stored log-prob's numbers depend on besides its tokens and images: the reference weights and how
+    they are run (precision, attention implementation, batch layout, row length, groups per batch), and a
+    vision-language model's ``processor`` settings (image size, crop, normalisation, splitting: what turns an
+    image's bytes into the pixels the model sees). A text model's key is unchanged by the last."""
     attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
     how = [cfg.train.precision, attention, cfg.train.layout, cfg.train.pack_length, cfg.reference.batch_size]
+    if processor is not None:
+        how.append(hashlib.sha256(processor.to_json_string().encode()).hexdigest())  # sorted keys: stable
     return hashlib.sha256("|".join(map(str, [weights_fingerprint(model), *how])).encode()).digest()
 
 
@@ -274,17 +286,26 @@ def build_reference(cfg: Any, models: Any, items: Iterable[TokenizedGroup], devi
     if mode == "adapter":
         return AdapterReference(models.policy)
     model = models.reference if models.reference is not None else models.policy
-    model_key = store_key(model, cfg)
+    model_key = store_key(model, cfg, getattr(models, "processor", None))
     root = Path(cfg.reference.store_dir) if cfg.reference.store_dir else cache_dir() / "refstore"
     store = LogpStore(root / model_key.hex()[:32])
     dist.barrier()  # every rank has read the store before any rank adds to it: the same missing list
-    computed = precompute(store, model.to(device), model_key, items, models.tokenizer.pad_token_id, autocast,
-                          device, cfg.reference.batch_size, part=(dist.rank, dist.world), layout=cfg.train.layout,
-                          pack_length=cfg.train.pack_length)
+    # The distinct responses of this run's data (a pair in both train and eval counts once): what is reused is
+    # those of them already stored, never the rest of the store (other data, other images).
+    seen: set[bytes] = set()
+
+    def counted(groups: Iterable[TokenizedGroup]) -> Iterable[TokenizedGroup]:
+        for item in groups:
+            seen.update(group_keys(model_key, item))
+            yield item
+
+    computed = precompute(store, model.to(device), model_key, counted(items), models.tokenizer.pad_token_id,
+                          autocast, device, cfg.reference.batch_size, part=(dist.rank, dist.world),
+                          layout=cfg.train.layout, pack_length=cfg.train.pack_length)
     if dist.active:
         dist.barrier()  # every rank's shards are written
         store = LogpStore(store.folder)
         computed = int(dist.sum([computed])[0])
-    note(f"reference store {store.folder}: {computed} responses computed, {len(store) - computed} reused")
+    note(f"reference store {store.folder}: {computed} responses computed, {len(seen) - computed} reused")
     models.reference = None  # the only other reference to a separate reference model: free it
     return StoreReference(store, model_key)

@@ -18,10 +18,12 @@ sample responses per process (``KindSpec.sampled_per_process``: online DPO, PPO)
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +73,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.from_numpy(raw))
 
 
-def fingerprint(source: str, root: Path | None = None) -> str:
+IMAGES_PART = "|images:"
+"""Separates a data file's hash from its images' in a fingerprint (:func:`fingerprint`)."""
+
+
+def fingerprint(source: str, root: Path | None = None, items: Sequence[Any] = ()) -> str:
     """Content hash of a data file (or the id itself for a hub dataset), to refuse resuming on other data;
     remembered in the data cache ``root`` (default ``$DPOKIT_CACHE/data``), so an unchanged file is not read
-    again (``dpokit.data.cache_key.file_digest``)."""
+    again (``dpokit.data.cache_key.file_digest``). A file of image rows names its images by path, so an image
+    replaced under the same name leaves the file as it was: for image groups (``items``, each with the sha256
+    of its images' bytes, ``dpokit.data.vision.VisionGroup``) the images' hashes in order are added after
+    :data:`IMAGES_PART`. A text run's fingerprint is what it was before images existed."""
     from dpokit.data.cache import cache_root
     from dpokit.data.cache_key import file_digest
     from dpokit.models.loading import cache_dir
 
     path = Path(source)
-    if not path.is_file():
-        return f"id:{source}"
-    return file_digest(path, root or cache_root(None, cache_dir()))
+    digest = file_digest(path, root or cache_root(None, cache_dir())) if path.is_file() else f"id:{source}"
+    if not items or not hasattr(items[0], "images_sha256"):  # text groups: nothing more to read
+        return digest
+    images = hashlib.sha256()
+    for item in items:
+        images.update(f"{item.images_sha256};".encode())  # "" for a row without images
+    return f"{digest}{IMAGES_PART}{images.hexdigest()}"
 
 
 def prepare_run_dir(cfg: Config, resuming: bool) -> Path:
@@ -141,6 +154,12 @@ def check_resume_settings(saved: dict[str, Any], current: Config, data_fingerpri
                               f"({_show(before, key)} -> {_show(after, key)}); resuming would not continue the same "
                               "run (use --force to resume anyway)")
     if saved_fingerprint is not None and saved_fingerprint != data_fingerprint:
+        saved_file, _, saved_images = saved_fingerprint.partition(IMAGES_PART)
+        file, _, images = data_fingerprint.partition(IMAGES_PART)
+        if saved_file == file and saved_images and images:
+            raise ConfigError("data.train: an image the data names changed since the checkpoint (the file is the "
+                              "same; an image file's bytes, or which rows are kept, differ) (use --force to resume "
+                              "anyway)")
         raise ConfigError("data.train: the file's content changed since the checkpoint (use --force to resume "
                           "anyway)")
     return note

@@ -265,7 +265,7 @@ def setup(cfg: Config, dist: Dist, spec: KindSpec, resume: bool = False,
                optimizer=optimizer, scheduler=scheduler,
                stream=PairStream(len(train_items), cfg.train.seed, cfg.train.shuffle),
                pairs_per_step=pairs_per_step, total_steps=total_steps, total_pairs=total_pairs, autocast=autocast,
-               data_fingerprint=fingerprint(cfg.data.train, cache_root(cfg.data)), checkpoint=checkpoint,
+               data_fingerprint=fingerprint(cfg.data.train, cache_root(cfg.data), train_items), checkpoint=checkpoint,
                processor=models.processor)
 
 

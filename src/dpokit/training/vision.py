@@ -36,9 +36,6 @@ def check_vision_setup(cfg: Config, spec: KindSpec, note: Callable[[str], None])
     if trained_kind(cfg.loss) not in ("pairwise", "batchwise"):
         raise ConfigError(f"loss.name: {cfg.loss.name} is not supported with images yet; use a pairwise loss "
                           "(sigmoid, ipo, simpo, ...)")
-    if cfg.reference.mode == "store":
-        raise ConfigError("reference.mode: store keys reference log-probs on token ids, not on images, so two "
-                          "prompts with different images would share a key; use reference.mode: model or adapter")
     if cfg.train.layout == "packed":
         if "layout" in cfg.train.model_fields_set:
             raise ConfigError("train.layout: packed is not supported for image data (the model places each "
