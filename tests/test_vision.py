@@ -292,6 +292,18 @@ def test_packed_layout_and_other_kinds_are_refused_for_images(tmp_path):
         assert "\n" not in str(err.value)
 
 
+def test_the_default_layout_becomes_padded_with_a_note(tmp_path, capsys):
+    """Unset, ``train.layout`` (packed by default) is not the user's request: image data trains padded and says
+    so, from a dict and from the CLI's YAML alike (the config passes through ``load_config`` again on the way)."""
+    path = colour_pairs(tmp_path, 2)
+    cfg = {"model": {"name_or_path": "tiny-random-llava"},
+           "data": {"train": str(path), "max_length": 96, "max_prompt_length": 64},
+           "train": {"max_steps": 1, "progress": False}}
+    run = dpokit.train(cfg, run_dir=str(tmp_path / "run"))
+    assert "train.layout packed -> padded (image data is computed in the padded layout)" in capsys.readouterr().err
+    assert load_config(Path(run) / "config.yaml").train.layout == "padded"
+
+
 # -------------------------------------------------------------------------------------------------- training
 
 LR, STEPS = 1e-3, 3

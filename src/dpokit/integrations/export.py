@@ -99,12 +99,18 @@ def _task_of(run_dir: Path) -> str:
 
 def start_model(cfg: Any) -> tuple[Any, Any]:
     """(model, tokenizer) the run started from, as plain weights: for QLoRA the base's NF4 values, which the
-    adapters were trained on."""
+    adapters were trained on. A vision-language model comes with its own class and its processor in place of
+    the tokenizer (``save_pretrained`` writes both; ``processor.tokenizer`` tokenizes)."""
     from dpokit.models.loading import load_model, load_tokenizer, resolve
     from dpokit.models.quantize import round_trip
+    from dpokit.models.vision import is_vision_source, load_processor, load_vision_model
 
     m = cfg.model
     source = resolve(m.name_or_path, m.gguf_file, m.revision)
+    if is_vision_source(source, m.trust_remote_code):  # QLoRA is refused for these at training
+        return (load_vision_model(source, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                                  attn_implementation=m.attn_implementation),
+                load_processor(source, m.trust_remote_code))
     tokenizer = load_tokenizer(source, m.trust_remote_code)
     model = load_model(source, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                        attn_implementation=m.attn_implementation, vocab_size=len(tokenizer))
@@ -149,14 +155,22 @@ def checkpoint_model(run_dir: Path, checkpoint: str, flag: str = "--checkpoint")
 
 def _export_checkpoint(run_dir: Path, target: Path, checkpoint: str) -> Path:
     from dpokit.training.checkpoint import export_hf
+    from dpokit.training.vision import with_processor
 
     model, tokenizer, task = checkpoint_model(run_dir, checkpoint)
     facts = _final_facts(run_dir)  # the training machine, as final/ recorded it
     if target.exists():
         target.rmdir()
-    return export_hf(model, tokenizer, target,  # a LoRA model: its adapter in adapter/, then merged
-                     add=hub_files(run_dir, task, step=int(checkpoint[5:]), machine=facts.get("hardware"),
-                                   versions=facts.get("versions")))
+    add = hub_files(run_dir, task, step=int(checkpoint[5:]), machine=facts.get("hardware"),
+                    versions=facts.get("versions"))
+    if hasattr(tokenizer, "tokenizer"):  # a processor: its files beside the weights, as training writes final/
+        tokenizer, add = tokenizer.tokenizer, with_processor(tokenizer, add)
+    return export_hf(model, tokenizer, target, add=add)  # a LoRA model: its adapter in adapter/, then merged
+
+
+def text_tokenizer(tokenizer_or_processor: Any) -> Any:
+    """The tokenizer of a vision-language model's processor, or the tokenizer itself."""
+    return getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
 
 
 # ------------------------------------------------------------------------------------------------ --adapter
@@ -165,7 +179,7 @@ def logit_gap(adapted: Any, merged: Any, tokenizer: Any) -> float:
     """max |Δlogit| over ``PROBE``'s tokens between the adapter on its base and the merged model."""
     import torch
 
-    ids = tokenizer(PROBE, return_tensors="pt")["input_ids"]
+    ids = text_tokenizer(tokenizer)(PROBE, return_tensors="pt")["input_ids"]  # text only, for a VLM too
     with torch.no_grad():
         ours = adapted.eval()(input_ids=ids).logits.float()
         theirs = merged.eval()(input_ids=ids).logits.float()
@@ -190,7 +204,8 @@ def export_adapter(run_dir: str | Path, to: str | Path, checkpoint: str | None =
     with writing(target, "adapter folder", cleanup=staging_path(target)):
         tmp = staging_dir(target)
         model.save_pretrained(tmp, safe_serialization=True)  # peft's own format
-        (tmp / CARD).write_text(adapter_card(run_dir, task, int(checkpoint[5:])), encoding="utf-8")
+        vision = getattr(model.config, "vision_config", None) is not None
+        (tmp / CARD).write_text(adapter_card(run_dir, task, int(checkpoint[5:]), vision), encoding="utf-8")
         gap = _gap_on_base(cfg, tmp, model.merge_and_unload())
         return publish_dir(tmp, target), gap
 
@@ -209,9 +224,10 @@ def _final_adapter(run_dir: Path, target: Path, cfg: Any) -> tuple[Path, float |
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         gap = None
         if measured:
-            from transformers import AutoModelForCausalLM
+            from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-            gap = _gap_on_base(cfg, tmp, AutoModelForCausalLM.from_pretrained(run_dir / "final"))
+            auto = AutoModelForImageTextToText if is_vision_folder(run_dir / "final") else AutoModelForCausalLM
+            gap = _gap_on_base(cfg, tmp, auto.from_pretrained(run_dir / "final"))
         return publish_dir(tmp, target), gap
 
 
