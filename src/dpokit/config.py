@@ -463,9 +463,7 @@ def load_config(source: str | Path | dict[str, Any] | Config | None = None, over
     if source is None:
         tree: dict[str, Any] = {}
     elif isinstance(source, Config):
-        # Only what was set (given or assigned since): a full dump would mark every default as set, and
-        # "did the user ask for this" (model_fields_set) must survive the round trip through here.
-        tree = source.model_dump(mode="json", exclude_unset=True)
+        tree = source.model_dump(mode="json", exclude_unset=True)  # so model_fields_set means "the user set it"
     elif isinstance(source, dict):
         tree = copy.deepcopy(source)  # overrides are set into nested sections: never the caller's
     else:
