@@ -66,3 +66,16 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["lr"] == 3e-6
+
+
+def test_a_config_passed_again_keeps_its_values_and_what_was_set():
+    """``load_config(Config)`` (every ``dpokit.train`` call goes through it twice) keeps a value assigned inside
+    a section left at its default, and does not mark defaults as set: ``model_fields_set`` is how a check tells
+    "the user asked for packed" from "packed is the default" (the vision layout rule)."""
+    cfg = load_config({"model": {"name_or_path": "tiny-random", "lora": {"r": 4}}})
+    cfg.train.lr, cfg.loss.beta = 0.5, 0.3  # sections never given: assigned afterwards
+    again = load_config(cfg, ["train.seed=7"])
+    assert (again.train.lr, again.loss.beta, again.model.lora.r, again.train.seed) == (0.5, 0.3, 4, 7)
+    assert "layout" not in again.train.model_fields_set and "lr" in again.train.model_fields_set
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    assert load_config(cfg) == cfg and load_config(tiny) == tiny

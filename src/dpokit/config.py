@@ -4,9 +4,8 @@ A config is a YAML file plus dotted ``key=value`` overrides (``train.lr=5e-7``).
 meaning in the docstring under it; an unknown key, a wrong type or an out-of-range value is a ``ConfigError``
 naming the key. The fully resolved config is saved into the run directory as ``config.yaml``.
 
-The sections of a run are here, but for ``data:`` (:class:`~dpokit.data.config.DataConfig`, defined in the data
-layer that reads it); how a tree is read, overridden, validated and saved is ``dpokit.config_base``. Both are
-imported back, so every name ``dpokit.config`` exported is still found here.
+The sections of a run are here, but ``data:`` (:class:`~dpokit.data.config.DataConfig`, in the data layer);
+how a tree is read, overridden, validated and saved is ``dpokit.config_base``; both are imported back here.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from dpokit.config_base import (  # noqa: F401  (re-exported: dpokit.config is w
     read_yaml_tree,
     save_config,
     set_dotted,
+    set_tree,
     validate_tree,
 )
 from dpokit.data.config import DataConfig
@@ -463,7 +463,7 @@ def load_config(source: str | Path | dict[str, Any] | Config | None = None, over
     if source is None:
         tree: dict[str, Any] = {}
     elif isinstance(source, Config):
-        tree = source.model_dump(mode="json", exclude_unset=True)  # so model_fields_set means "the user set it"
+        tree = set_tree(source)  # so that model_fields_set still means "the user set it"
     elif isinstance(source, dict):
         tree = copy.deepcopy(source)  # overrides are set into nested sections: never the caller's
     else:

@@ -128,3 +128,21 @@ def validate_tree(model: type[ModelT], tree: dict[str, Any], source: str) -> Mod
         return model.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_error(err, source)) from None
+
+
+def set_tree(model: BaseModel) -> dict[str, Any]:
+    """``model``'s values as ``model_dump(mode="json")`` writes them, of the fields that were set (given, or
+    assigned since) and of every section in which anything was: validated again, it equals ``model`` and keeps
+    ``model_fields_set``, so "did the user set this" survives a round trip. (``exclude_unset`` alone would drop
+    a value assigned inside a section that was itself left at its default.)"""
+    full = model.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            inner = set_tree(value)
+            if inner or name in model.model_fields_set:
+                out[name] = inner
+        elif name in model.model_fields_set:
+            out[name] = full[name]
+    return out
