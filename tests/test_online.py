@@ -52,7 +52,10 @@ def train_rows(run_dir: Path) -> list[dict]:
 
 def test_tiny_online_config_learns_its_reward(tmp_path):
     run_dir = tmp_path / "run"
-    done = run_cli("train", str(TINY), f"run_dir={run_dir}", "train.progress=false")
+    # The shipped config as users run it: 60 steps of sampling and training (~1 min on 2 idle cores). The
+    # timeout only guards against a hang; it is generous because kernels without SIMD
+    # (ATEN_CPU_CAPABILITY=default) and a loaded machine stretch the run several-fold.
+    done = run_cli("train", str(TINY), f"run_dir={run_dir}", "train.progress=false", timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in rows if r["split"] == "train"]
