@@ -19,6 +19,10 @@ A prompt of a vision-language model carries its processor outputs (``pixels``: `
 (prefill) forward takes them: the model puts the image features in place of the prompt's image tokens, and from
 then on they live in the KV cache like any other prompt position, so decode steps pass token ids alone. A batch's
 pixel inputs are laid out as training lays them out (``dpokit.data.vision.collate_pixels``, one row per prompt).
+A vision-language model never samples its image placeholder token (:func:`image_token_ids`): fed back, that token
+asks for an image's features the prompt does not have, and no forward can score the response (transformers
+refuses the count mismatch). The samples are then drawn from pi restricted to the other tokens; a trained model
+gives the placeholder next to no probability after a text position, so this changes nothing measurable there.
 """
 
 from __future__ import annotations
@@ -144,6 +148,14 @@ def kv_cache_argument(model: nn.Module) -> str:
         return "past_key_values"
 
 
+def image_token_ids(model: nn.Module) -> list[int]:
+    """The ids a vision-language model replaces with image (or video) features: never sampled. None for a text
+    model."""
+    config = getattr(model, "config", None)
+    names = ("image_token_id", "image_token_index", "video_token_id")
+    return sorted({value for name in names if isinstance(value := getattr(config, name, None), int)})
+
+
 def batch_pixels(pixels: Sequence[Pixels]) -> dict[str, torch.Tensor]:
     """The pixel inputs of a batch of prompts, one per prompt (``{}`` for one without images), laid out as a
     training batch lays out its rows: a per-row input padded with all-zero images (which the model skips), a
@@ -169,11 +181,15 @@ def stream_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: Sam
     n = len(prompts)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     cache_arg = kv_cache_argument(model)
+    banned = image_token_ids(model)
     images = {k: v.to(device) for k, v in _pixel_inputs(model, pixels).items()} if pixels else {}
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=attention_mask,
                 position_ids=position_ids, use_cache=True, logits_to_keep=1, **images)
     for t in range(params.max_new_tokens):
-        token = next_tokens(out.logits[:, -1], params, generator)  # (B,)
+        logits = out.logits[:, -1]
+        if banned:
+            logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
+        token = next_tokens(logits, params, generator)  # (B,)
         token = token.masked_fill(done, pad_id)
         yield [None if finished else int(tok) for tok, finished in zip(token.tolist(), done.tolist())]
         done = done | torch.isin(token, eos)
