@@ -12,6 +12,7 @@ processor (``dpokit.evaluate.vision``), and its rows carry their pixel inputs to
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 from dpokit.config import Config, DataConfig, LossConfig, load_config
 from dpokit.data.batch import pad_sequences, padded_layout
 from dpokit.data.formats import Text
+from dpokit.data.images import has_images
 from dpokit.data.load import iter_records
 from dpokit.data.tokenize import encode_rows, token_rules
 from dpokit.errors import DataError, DpokitError
@@ -107,9 +109,17 @@ class Scorer:
         return {"policy_logps": policy_logps, "ref_logps": ref_logps, "logratios": logratios,
                 "rewards": self.beta * logratios, "n_tokens": n_tokens}
 
-    def encode(self, items: Sequence[tuple[Text, Sequence[Text]]],
-               locations: Sequence[str] | None = None) -> list[Any]:
-        """Tokenize (prompt, responses) rows as training does; each result is an ``Encoded`` or a drop reason."""
+    def encode(self, items: Sequence[tuple[Text, Sequence[Text]]], locations: Sequence[str] | None = None,
+               images: Sequence[list[bytes | str]] | None = None) -> list[Any]:
+        """Tokenize (prompt, responses) rows as training does; each result is an ``Encoded`` or a drop reason.
+        A vision-language model's rows go through its processor with their ``images`` (encoded bytes, per row;
+        the prompts hold their image marks, ``dpokit.evaluate.vision.split_row``)."""
+        if self.processor is not None:
+            from dpokit.evaluate.vision import encode_image_items
+
+            data_cfg = DataConfig(max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+            locations = locations or [f"row {i}" for i in range(len(items))]
+            return encode_image_items(self.processor, items, images or [[] for _ in items], locations, data_cfg)
         items = [(prompt, [_as_turns(r, prompt) for r in responses]) for prompt, responses in items]
         return encode_rows(items, self.tokenizer, self.max_length, self.max_prompt_length, locations,
                            token_rules(self.tokenizer))
@@ -218,8 +228,8 @@ def _kind_and_responses(row: dict[str, Any], location: str) -> tuple[str, list[T
                     f"found keys {', '.join(map(repr, list(row)[:8])) or 'none'}")
 
 
-def score_rows(scorer: Scorer, rows: Sequence[dict[str, Any]],
-               locations: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def score_rows(scorer: Scorer, rows: Sequence[dict[str, Any]], locations: Sequence[str] | None = None,
+               base: Path | None = None) -> list[dict[str, Any]]:
     """Implicit rewards for rows of one of three shapes, each returned with the row's own fields plus:
 
     - ``{"prompt", "response"}``: ``reward``, ``policy_logp``, ``ref_logp``, ``response_tokens``;
@@ -227,25 +237,38 @@ def score_rows(scorer: Scorer, rows: Sequence[dict[str, Any]],
       (indices into ``responses``, highest reward first);
     - ``{"prompt", "chosen", "rejected"}``: ``reward_chosen``, ``reward_rejected``, ``margin``, ``correct``.
 
-    A row that cannot be tokenized (its prompt fills ``max_length``) gets ``"dropped": reason`` instead.
+    A row that cannot be tokenized (its prompt fills ``max_length``) gets ``"dropped": reason`` instead. For a
+    vision-language model, rows may carry images as training reads them (``images`` with image parts, or
+    ``image`` beside a text prompt; paths relative to ``base``): a malformed one raises its one-line error, an
+    image that cannot be read drops its row with the training drop reason (``image_unreadable``, ...).
     """
+    from dpokit.evaluate.vision import split_row
+
     locations = locations or [f"row {i}" for i in range(len(rows))]
-    kinds, items = [], []
+    kinds, items, images = [], [], []
     for row, location in zip(rows, locations):
         if not isinstance(row, dict) or "prompt" not in row:
             raise DataError(f"{location}: missing key 'prompt'")
-        kind, responses = _kind_and_responses(row, location)
+        if scorer.processor is None and has_images(row):
+            raise DataError(f"{location}: a row with images; scoring it needs a vision-language model "
+                            "(a run or folder whose config has a vision_config)")
+        text_row, row_images = split_row(row, location, base) if scorer.processor is not None else (row, [])
+        kind, responses = _kind_and_responses(text_row, location)
         kinds.append(kind)
-        items.append((_field(row, "prompt", location), responses))
-    encoded = scorer.encode(items, locations)
+        items.append((_field(text_row, "prompt", location), responses))
+        images.append(row_images)
+    encoded = scorer.encode(items, locations, images)
     flat_prompts: list[list[int]] = []
     flat_responses: list[list[int]] = []
+    flat_pixels: list[Any] = []
     for result in encoded:
         if not isinstance(result, str):
             for ids in result.responses_ids:
                 flat_prompts.append(result.prompt_ids)
                 flat_responses.append(ids)
-    scores = scorer.implicit_rewards(flat_prompts, flat_responses) if flat_prompts else None
+                flat_pixels.append(getattr(result, "pixels", {}))
+    pixels = flat_pixels if scorer.processor is not None else None
+    scores = scorer.implicit_rewards(flat_prompts, flat_responses, pixels) if flat_prompts else None
     out: list[dict[str, Any]] = []
     cursor = 0
     for row, kind, result in zip(rows, kinds, encoded):
@@ -279,7 +302,14 @@ def score(model: str | Path, source: str | Path, ref: str | None = None, beta: f
     ``model`` against ``ref``; write JSONL to ``out`` (``-`` for stdout) when given. Returns the scored rows."""
     records = list(iter_records(str(source), max_rows=max_rows))
     scorer = load_scorer(model, ref, beta, batch_size=batch_size)
-    scored = score_rows(scorer, [r.row for r in records], [r.location for r in records])
+    from dpokit.evaluate.vision import drop_line
+
+    path = Path(source).expanduser()
+    base = path.parent if path.is_file() else None  # image paths are relative to the data file's folder
+    scored = score_rows(scorer, [r.row for r in records], [r.location for r in records], base)
+    for record, row in zip(records, scored):
+        if "dropped" in row:  # said, not only written: a dropped row has no reward
+            print(drop_line(record.location, row["dropped"]), file=sys.stderr)
     if out is not None:
         write_jsonl(scored, out)
     return scored
