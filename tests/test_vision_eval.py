@@ -190,6 +190,13 @@ def test_lora_run_scores_against_its_adapter_free_base(tmp_path, family):
     assert float(chosen.mean()) == pytest.approx(logged["rewards/chosen"], abs=REWARD_ABS)
     assert float(rejected.mean()) == pytest.approx(logged["rewards/rejected"], abs=REWARD_ABS)
     assert abs(float(chosen.mean())) > 100 * REWARD_ABS
+    # Its checkpoints hold the adapters: each frontier point is the start model with them; the last is final/
+    # (merged), so the same samples and the same kl to fp32 round-off of a mean log-ratio (ulp ~1e-6 at |kl| < 10).
+    from dpokit.evaluate.run import evaluate_run
+
+    result = evaluate_run(run_dir, max_new_tokens=4, batch_size=6, log=None)
+    assert [p["checkpoint"] for p in result["frontier"]] == ["reference", "step-1", "step-2", "step-3"]
+    assert result["frontier"][-1]["kl"] == pytest.approx(result["kl"], abs=1e-5)
 
 
 def test_text_reference_for_an_image_policy_is_refused(run):
@@ -360,3 +367,25 @@ def test_eval_refuses_image_prompts_for_a_text_run(tmp_path):
     source = write_rows(tmp_path, [{"image": "a.png", "prompt": "Colour?"}], "prompts.jsonl")
     with pytest.raises(DpokitError, match=r"prompts.jsonl:1: a row with images; sampling from it needs"):
         load_prompts(str(source))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_prompt_file(tmp_path, family):
+    """A prompts file of the plain form: the same question about two images is two prompts, a repeated row one;
+    a row whose image cannot be read is left out with one line naming file:line."""
+    from dpokit.evaluate.vision import load_image_prompts
+
+    processor = tiny_vision(family)[1]
+    for c, colour in enumerate(COLOURS[:2]):
+        (tmp_path / f"img{c}.png").write_bytes(png(colour))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    rows = [{"image": "img0.png", "prompt": "Colour?"}, {"image": "img1.png", "prompt": "Colour?"},
+            {"image": "img0.png", "prompt": "Colour?"}, {"image": "broken.png", "prompt": "Colour?"},
+            {"prompt": "No image here."}]
+    source = write_rows(tmp_path, rows, "prompts.jsonl")
+    lines: list[str] = []
+    items, ids, pixels = load_image_prompts(str(source), "train", None, processor, DATA, lines.append)
+    assert [item.text for item in items] == ["[image]Colour?", "[image]Colour?", "No image here."]
+    assert ids[0] == ids[1] and not torch.equal(pixels[0]["pixel_values"], pixels[1]["pixel_values"])
+    assert pixels[2] == {}
+    assert lines[0].startswith(f"{source}:4: prompt left out (image_unreadable")

@@ -34,7 +34,7 @@ from dpokit.evaluate.stats import WinRate, kl_estimate, mean_stderr
 from dpokit.evaluate.vision import JUDGE_NOTE
 from dpokit.io import write_json, write_jsonl
 from dpokit.models.generate import Pixels, Sample, SamplingParams, encode_prompts, generate
-from dpokit.models.loading import freeze, load_model
+from dpokit.models.loading import apply_lora, freeze, load_model
 from dpokit.models.source import runnable_attention
 from dpokit.models.vision import load_vision_model
 from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
@@ -358,6 +358,8 @@ def _frontier(scorer: Scorer, run_dir: Path, prompts: Prompts, max_new_tokens: i
         model = load_vision_model(scorer.policy_source, **kwargs)
     else:
         model = load_model(scorer.policy_source, **kwargs, vocab_size=len(scorer.tokenizer))
+    if cfg.model.lora is not None:  # a LoRA run's checkpoints hold its adapters' tensors, under peft's names
+        model = apply_lora(model, cfg.model.lora)
     model = freeze(model.to(scorer.device))
     params = SamplingParams(max_new_tokens, KL_TEMPERATURE, top_p, seed, batch_size)
     for step, path in checkpoints:

@@ -90,9 +90,9 @@ def _chat(value: Text, role: str) -> list[dict[str, Any]]:
     return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
 
 
-def drop_line(location: str, reason: str) -> str:
-    """The one line that says why a row was not scored."""
-    return f"{location}: not scored ({reason}: {DROP_REASONS.get(reason, reason)})"
+def drop_line(location: str, reason: str, what: str = "not scored") -> str:
+    """The one line that says why a row was left out."""
+    return f"{location}: {what} ({reason}: {DROP_REASONS.get(reason, reason)})"
 
 
 # ------------------------------------------------------------------------------------------------ eval prompts
@@ -123,7 +123,7 @@ def load_image_prompts(source: str, split: str, max_prompts: int | None, process
         seen.add(key)
         encoded = encode_image_items(processor, [(item.prompt, ["x"])], [images], [record.location], data_cfg)[0]
         if isinstance(encoded, str):
-            log(drop_line(record.location, encoded))
+            log(drop_line(record.location, encoded, "prompt left out"))
             continue
         items.append(replace(item, text=item.text.replace(IMAGE_MARK, "[image]")))
         ids.append(encoded.prompt_ids)
