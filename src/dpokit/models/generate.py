@@ -149,8 +149,8 @@ def kv_cache_argument(model: nn.Module) -> str:
 
 
 def image_token_ids(model: nn.Module) -> list[int]:
-    """The ids a vision-language model replaces with image (or video) features: never sampled. None for a text
-    model."""
+    """The ids a vision-language model replaces with image (or video) features, which are never sampled; none
+    for a text model."""
     config = getattr(model, "config", None)
     names = ("image_token_id", "image_token_index", "video_token_id")
     return sorted({value for name in names if isinstance(value := getattr(config, name, None), int)})
