@@ -300,10 +300,10 @@ def score(model: str | Path, source: str | Path, ref: str | None = None, beta: f
           out: str | Path | None = None, batch_size: int = 8, max_rows: int | None = None) -> list[dict[str, Any]]:
     """Score every row of a JSONL/JSON/CSV/Parquet file (see :func:`score_rows`) with the implicit reward of
     ``model`` against ``ref``; write JSONL to ``out`` (``-`` for stdout) when given. Returns the scored rows."""
-    records = list(iter_records(str(source), max_rows=max_rows))
-    scorer = load_scorer(model, ref, beta, batch_size=batch_size)
     from dpokit.evaluate.vision import drop_line
 
+    records = list(iter_records(str(source), max_rows=max_rows))
+    scorer = load_scorer(model, ref, beta, batch_size=batch_size)
     path = Path(source).expanduser()
     base = path.parent if path.is_file() else None  # image paths are relative to the data file's folder
     scored = score_rows(scorer, [r.row for r in records], [r.location for r in records], base)
