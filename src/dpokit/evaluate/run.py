@@ -13,7 +13,6 @@ Writes ``RUN_DIR/eval/eval.json`` and ``RUN_DIR/eval/samples.jsonl`` (each writt
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -25,17 +24,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpokit.data.columns import apply_columns
 from dpokit.data.config import DataConfig
-from dpokit.data.formats import Text, normalize
-from dpokit.data.load import iter_records
 from dpokit.data.pipeline import load_preferences
-from dpokit.errors import DataError, DpokitError
+from dpokit.data.vision import load_vision
+from dpokit.errors import DpokitError
+from dpokit.evaluate.prompts import EvalPrompt, load_prompts, text_of  # noqa: F401 (this module's names too)
 from dpokit.evaluate.scoring import Scorer, load_scorer
 from dpokit.evaluate.stats import WinRate, kl_estimate, mean_stderr
+from dpokit.evaluate.vision import JUDGE_NOTE
 from dpokit.io import write_json, write_jsonl
-from dpokit.models.generate import Sample, SamplingParams, encode_prompts, generate
-from dpokit.models.loading import freeze, load_model
+from dpokit.models.generate import Pixels, Sample, SamplingParams, encode_prompts, generate
+from dpokit.models.loading import apply_lora, freeze, load_model
+from dpokit.models.source import runnable_attention
+from dpokit.models.vision import load_vision_model
 from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
 from dpokit.rewards.judge import RewardJudge, Verdict
 from dpokit.training.checkpoint import load_weights_into, policy_weights, verify_checkpoint
@@ -46,78 +47,22 @@ KL_TEMPERATURE = 1.0
 estimate draws its own samples from pi (temperature 1, top_p 1: ``kl_logratios``)."""
 
 
-# --------------------------------------------------------------------------------------------------- prompts
-
-@dataclass
-class EvalPrompt:
-    prompt: Text
-    """As the policy receives it: text, or chat messages (rendered with the chat template)."""
-    text: str
-    """As a reward function or a judge reads it."""
-    chosen: str | None = None
-    """The dataset's preferred response, when the prompt came from a preference file."""
-
-
-def text_of(value: Text) -> str:
-    """Plain text of a prompt or a response: a message list reads as its contents (one message: just its
-    content; several: ``role: content`` paragraphs)."""
-    if isinstance(value, str):
-        return value
-    if len(value) == 1:
-        return value[0]["content"]
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in value)
-
-
-def load_prompts(source: str, split: str = "test", max_prompts: int | None = None,
-                 columns: dict[str, str] | None = None) -> list[EvalPrompt]:
-    """Distinct prompts of a file (or hub dataset): rows of ``{"prompt": ...}`` or any preference format, in
-    file order, read through ``data.columns`` (``columns``) as training reads them. A preference row's chosen
-    response is kept as a possible baseline."""
-    prompts: dict[str, EvalPrompt] = {}
-    for record in iter_records(source, split):
-        row = apply_columns(record.row, columns, record.location)
-        if "chosen" in row or "rejected" in row or "responses" in row:
-            norm = normalize(record, columns)
-            item = EvalPrompt(norm.prompt, text_of(norm.prompt), _response_text(norm.chosen))  # ranked: the best
-        elif "prompt" in row:
-            prompt = row["prompt"]
-            if isinstance(prompt, dict) and "role" in prompt:
-                prompt = [prompt]
-            valid = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
-                for m in prompt))
-            if not valid:
-                raise DataError(f"{record.location}: 'prompt' must be a string or a list of messages")
-            item = EvalPrompt(prompt, text_of(prompt))
-        else:
-            raise DataError(f"{record.location}: no 'prompt' (and no preference fields)")
-        key = json.dumps(item.prompt, sort_keys=True)
-        if key not in prompts and text_of(item.prompt).strip():
-            prompts[key] = item
-        if max_prompts is not None and len(prompts) >= max_prompts:
-            break
-    if not prompts:
-        raise DataError(f"{source}: no usable prompts")
-    return list(prompts.values())
-
-
-def _response_text(value: Text) -> str:
-    if isinstance(value, str):
-        return value
-    return "\n\n".join(m["content"] for m in value if m["role"] == "assistant") or text_of(value)
-
-
 # ---------------------------------------------------------------------------------------------- measurements
 
 def heldout_metrics(scorer: Scorer, source: str, data_cfg: DataConfig, split: str) -> dict[str, Any]:
     """Implicit-reward accuracy and mean margin on held-out preference pairs, named as the training metrics
     (``rewards/accuracies``: fraction with r(x, y_w) > r(x, y_l); ``rewards/margins``: mean r(x, y_w) - r(x, y_l))."""
-    pairs, _ = load_preferences(source, scorer.tokenizer, data_cfg, split)
+    pixels = None
+    if scorer.processor is not None:  # image pairs, read and tokenized as training reads them
+        pairs, _ = load_vision(source, scorer.processor, data_cfg, split)
+        pixels = [p.pixels for p in pairs] * 2
+    else:
+        pairs, _ = load_preferences(source, scorer.tokenizer, data_cfg, split)
     if not pairs:
         raise DpokitError(f"{source}: no usable held-out pairs")
     prompt_ids = [p.prompt_ids for p in pairs] * 2
     response_ids = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    rewards = scorer.implicit_rewards(prompt_ids, response_ids)["rewards"]
+    rewards = scorer.implicit_rewards(prompt_ids, response_ids, pixels)["rewards"]
     n = len(pairs)
     chosen, rejected = rewards[:n], rewards[n:]
     margins = mean_stderr((chosen - rejected).tolist())
@@ -139,13 +84,14 @@ class SampleSet:
 
 def sample_and_score(scorer: Scorer, model: nn.Module, prompt_ids: Sequence[list[int]], prompts: Sequence[str],
                      params: SamplingParams, reward_fn: RewardFn | None, reward_label: str,
-                     policy: nn.Module | None = None) -> SampleSet:
+                     policy: nn.Module | None = None, pixels: Sequence[Pixels] | None = None) -> SampleSet:
     """Sample from ``model`` and score the samples. ``policy`` is the pi of the log-ratio (default the scorer's;
-    a checkpoint's model for frontier points)."""
-    samples = generate(model, scorer.tokenizer, prompt_ids, params)
+    a checkpoint's model for frontier points); ``pixels``: each prompt's images (a vision-language model), given
+    to sampling and to both log-probs."""
+    samples = generate(model, scorer.tokenizer, prompt_ids, params, pixels=pixels)
     responses = [s.response_ids for s in samples]
-    policy_logps, _ = scorer.logps(policy if policy is not None else scorer.policy, prompt_ids, responses)
-    ref_logps, _ = scorer.logps(scorer.reference, prompt_ids, responses)
+    policy_logps, _ = scorer.logps(policy if policy is not None else scorer.policy, prompt_ids, responses, pixels)
+    ref_logps, _ = scorer.logps(scorer.reference, prompt_ids, responses, pixels)
     rewards = None
     if reward_fn is not None:
         rewards = score_texts(reward_fn, list(prompts), [s.text for s in samples], reward_label)
@@ -153,7 +99,8 @@ def sample_and_score(scorer: Scorer, model: nn.Module, prompt_ids: Sequence[list
 
 
 def kl_logratios(scorer: Scorer, model: nn.Module, prompt_ids: Sequence[list[int]], params: SamplingParams,
-                 sampled: SampleSet, log: Callable[[str], None]) -> torch.Tensor:
+                 sampled: SampleSet, log: Callable[[str], None],
+                 pixels: Sequence[Pixels] | None = None) -> torch.Tensor:
     """log pi(y|x) - log pi_ref(y|x) of draws y ~ pi(.|x) of ``model`` (pi), whose mean estimates
     KL(pi || pi_ref): ``sampled``'s own when they were drawn at temperature 1 and top_p 1 (no extra cost), else
     new samples at those settings with the same seed. Nucleus samples are draws from a truncated pi, and the
@@ -162,7 +109,7 @@ def kl_logratios(scorer: Scorer, model: nn.Module, prompt_ids: Sequence[list[int
         return sampled.logratios
     log(f"sampling {len(prompt_ids)} responses from pi at temperature 1, top_p 1 for the KL estimate")
     exact = replace(params, temperature=KL_TEMPERATURE, top_p=1.0)
-    return sample_and_score(scorer, model, prompt_ids, [], exact, None, "", policy=model).logratios
+    return sample_and_score(scorer, model, prompt_ids, [], exact, None, "", policy=model, pixels=pixels).logratios
 
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -235,10 +182,11 @@ def evaluate_run(
     prompt_source = prompts or cfg.data.eval
     if not prompt_source:
         raise DpokitError(f"{run_dir}: no prompts to sample from; give --prompts FILE or set data.eval")
-    prompts_in = Prompts.load(scorer, prompt_source, cfg.data.eval_split, max_prompts, n_samples, baseline)
+    prompts_in = Prompts.load(scorer, prompt_source, cfg.data.eval_split, max_prompts, n_samples, baseline, log)
     result.update({"prompts": prompt_source, "n_prompts": len(prompts_in.ids) // n_samples, "n_samples": n_samples,
                    "max_new_tokens": max_new_tokens, "top_p": top_p, "seed": seed, "reward_fn": reward_label,
-                   "judge": getattr(judge, "name", None) if judge is not None else None, "baseline": baseline})
+                   "judge": getattr(judge, "name", None) if judge is not None else None, "baseline": baseline,
+                   **({"images_note": JUDGE_NOTE} if prompts_in.pixels is not None else {})})
 
     sample_rows: list[dict[str, Any]] = []
     per_temperature = []
@@ -247,7 +195,8 @@ def evaluate_run(
         entry, pol, ref_set, verdicts = _at_temperature(scorer, prompts_in, params, reward_fn, reward_label, judge,
                                                         baseline, log)
         if temperature == KL_TEMPERATURE:
-            result.update(_headline(entry, kl_logratios(scorer, scorer.policy, prompts_in.ids, params, pol, log)))
+            result.update(_headline(entry, kl_logratios(scorer, scorer.policy, prompts_in.ids, params, pol, log,
+                                                        prompts_in.pixels)))
             reference_at_1 = ref_set
         per_temperature.append(entry)
         sample_rows.extend(_sample_rows(temperature, n_samples, prompts_in.texts, prompts_in.chosen, pol, ref_set,
@@ -255,8 +204,8 @@ def evaluate_run(
     result["temperatures"] = per_temperature
 
     if frontier:
-        result["frontier"] = _frontier(scorer, run_dir, prompts_in.ids, prompts_in.texts, max_new_tokens, top_p,
-                                       seed, batch_size, reward_fn, reward_label, reference_at_1, log)
+        result["frontier"] = _frontier(scorer, run_dir, prompts_in, max_new_tokens, top_p, seed, batch_size,
+                                       reward_fn, reward_label, reference_at_1, log)
     result["elapsed_s"] = round(time.perf_counter() - started, 3)
     result = _clean(result)
     _publish(run_dir, Path(out_dir) if out_dir is not None else run_dir / "eval", cfg, result, sample_rows, log)
@@ -280,26 +229,35 @@ def _publish(run_dir: Path, out: Path, cfg: Any, result: dict[str, Any], sample_
 
 @dataclass
 class Prompts:
-    """The evaluation's prompts, each repeated ``n_samples`` times side by side: token ids, text, and the
-    dataset's chosen response (empty when there is none)."""
+    """The evaluation's prompts, each repeated ``n_samples`` times side by side: token ids, text, the dataset's
+    chosen response (empty when there is none) and, for a vision-language model, the pixel inputs."""
 
     ids: list[list[int]]
     texts: list[str]
     chosen: list[str]
     n_samples: int
+    pixels: list[Pixels] | None = None
 
     @classmethod
     def load(cls, scorer: Scorer, source: str, split: str, max_prompts: int | None, n_samples: int,
-             baseline: str) -> Prompts:
-        """The prompts of ``source`` (at most ``max_prompts``), encoded as the run encodes them; sample k of
-        prompt i is row i * n_samples + k."""
-        items = load_prompts(source, split, max_prompts)
+             baseline: str, log: Callable[[str], None] = _stderr_log) -> Prompts:
+        """The prompts of ``source`` (at most ``max_prompts``), encoded as the run encodes them (images
+        included: ``dpokit.evaluate.vision.load_image_prompts``); sample k of prompt i is row i * n_samples + k."""
+        pixels = None
+        if scorer.processor is not None:
+            from dpokit.evaluate.vision import load_image_prompts
+
+            data_cfg = DataConfig(max_length=scorer.max_length, max_prompt_length=scorer.max_prompt_length)
+            items, ids, pixels = load_image_prompts(source, split, max_prompts, scorer.processor, data_cfg, log)
+        else:
+            items = load_prompts(source, split, max_prompts)
+            ids = encode_prompts(scorer.tokenizer, [item.prompt for item in items], scorer.max_prompt_length,
+                                 scorer.max_length)
         if baseline == "chosen" and any(item.chosen is None for item in items):
             raise DpokitError(f"--baseline chosen: {source} has prompts without a chosen response")
-        ids = encode_prompts(scorer.tokenizer, [item.prompt for item in items], scorer.max_prompt_length,
-                             scorer.max_length)
         return cls([p for p in ids for _ in range(n_samples)], [item.text for item in items for _ in range(n_samples)],
-                   [item.chosen or "" for item in items for _ in range(n_samples)], n_samples)
+                   [item.chosen or "" for item in items for _ in range(n_samples)], n_samples,
+                   [p for p in pixels for _ in range(n_samples)] if pixels is not None else None)
 
 
 def _headline(entry: dict[str, Any], logratios: torch.Tensor) -> dict[str, Any]:
@@ -334,9 +292,10 @@ def _at_temperature(scorer: Scorer, prompts: Prompts, params: SamplingParams, re
                     ) -> tuple[dict[str, Any], SampleSet, SampleSet, list[Verdict] | None]:
     """Samples of pi and pi_ref at one temperature, their rewards and implicit rewards, and the win rate."""
     log(f"sampling {len(prompts.ids)} responses from pi and pi_ref at temperature {params.temperature}")
-    pol = sample_and_score(scorer, scorer.policy, prompts.ids, prompts.texts, params, reward_fn, reward_label or "")
+    pol = sample_and_score(scorer, scorer.policy, prompts.ids, prompts.texts, params, reward_fn, reward_label or "",
+                           pixels=prompts.pixels)
     ref_set = sample_and_score(scorer, scorer.reference, prompts.ids, prompts.texts, params, reward_fn,
-                               reward_label or "")
+                               reward_label or "", pixels=prompts.pixels)
     entry: dict[str, Any] = {"temperature": params.temperature,
                              "implicit_reward": scorer.beta * float(pol.logratios.mean()),
                              "implicit_reward_reference": scorer.beta * float(ref_set.logratios.mean()),
@@ -381,9 +340,8 @@ def _sample_rows(temperature: float, n_samples: int, prompts: list[str], chosen:
     return rows
 
 
-def _frontier(scorer: Scorer, run_dir: Path, prompt_ids: list[list[int]], prompt_texts: list[str],
-              max_new_tokens: int, top_p: float, seed: int, batch_size: int, reward_fn: RewardFn | None,
-              reward_label: str | None, ref_set: SampleSet,
+def _frontier(scorer: Scorer, run_dir: Path, prompts: Prompts, max_new_tokens: int, top_p: float, seed: int,
+              batch_size: int, reward_fn: RewardFn | None, reward_label: str | None, ref_set: SampleSet,
               log: Callable[[str], None]) -> list[dict[str, Any]]:
     """(kl, reward) of pi_ref (kl = 0 by definition) and of every complete checkpoint, all on the same prompts,
     seed and temperature 1: the reward at ``top_p``, the KL on draws from pi itself (``kl_logratios``)."""
@@ -394,16 +352,22 @@ def _frontier(scorer: Scorer, run_dir: Path, prompt_ids: list[list[int]], prompt
     cfg = scorer.config
     assert cfg is not None and scorer.policy_source is not None
     # One model holding the starting weights; each checkpoint overwrites the same trained tensors.
-    model = load_model(scorer.policy_source, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                       attn_implementation=cfg.model.attn_implementation, vocab_size=len(scorer.tokenizer))
+    kwargs = dict(dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                  attn_implementation=runnable_attention(cfg.model.attn_implementation))
+    if scorer.processor is not None:
+        model = load_vision_model(scorer.policy_source, **kwargs)
+    else:
+        model = load_model(scorer.policy_source, **kwargs, vocab_size=len(scorer.tokenizer))
+    if cfg.model.lora is not None:  # a LoRA run's checkpoints hold its adapters' tensors, under peft's names
+        model = apply_lora(model, cfg.model.lora)
     model = freeze(model.to(scorer.device))
     params = SamplingParams(max_new_tokens, KL_TEMPERATURE, top_p, seed, batch_size)
     for step, path in checkpoints:
         log(f"frontier point for checkpoint step-{step}")
         load_weights_into(model, path, policy_weights(path))
-        sampled = sample_and_score(scorer, model, prompt_ids, prompt_texts, params, reward_fn, reward_label or "",
-                                   policy=model)
-        logratios = kl_logratios(scorer, model, prompt_ids, params, sampled, log)
+        sampled = sample_and_score(scorer, model, prompts.ids, prompts.texts, params, reward_fn, reward_label or "",
+                                   policy=model, pixels=prompts.pixels)
+        logratios = kl_logratios(scorer, model, prompts.ids, params, sampled, log, prompts.pixels)
         points.append(_point(f"step-{step}", step, logratios, sampled.rewards))
     return points
 
