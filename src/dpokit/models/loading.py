@@ -158,10 +158,10 @@ def resolve(name_or_path: str, gguf_file: str | None = None, revision: str | Non
 
 def refuse_vision(source: ModelSource, trust_remote_code: bool = False) -> None:
     """The text loaders below would load a vision-language model as something else (the tiny text model, or a
-    causal LM without its image encoder): only ``load_models`` (training) takes one so far."""
+    causal LM without its image encoder): the commands that take one load it with ``dpokit.models.vision``."""
     if is_vision_source(source, trust_remote_code):
-        raise ModelError(f"{source.location}: a vision-language model; only dpokit train takes one so far, not "
-                         "this command (docs/vision.md)")
+        raise ModelError(f"{source.location}: a vision-language model, which this command does not take "
+                         "(docs/vision.md says which commands do)")
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
