@@ -2,9 +2,11 @@
 processor, the two tiny families (LLaVA, Idefics3), freezing and LoRA, and DPO trained end to end."""
 
 import base64
+import contextlib
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from dpokit.data.config import DataConfig
 from dpokit.data.images import IMAGE_MARK, as_parts
 from dpokit.data.vision import collate_pixels, load_vision
 from dpokit.errors import DataError, DpokitError
+from dpokit.integrations.hub import front_matter
 from dpokit.models.vision import tiny_vision
 from dpokit.training.metrics import read_metrics
 from tolerances import assert_same_metrics, assert_same_weights_after_adamw
@@ -375,6 +378,17 @@ def test_shipped_vision_config_trains_via_the_cli(tmp_path):
 
     assert type(AutoModelForImageTextToText.from_pretrained(final)).__name__ == "LlavaForConditionalGeneration"
     assert AutoProcessor.from_pretrained(final).tokenizer.convert_tokens_to_ids("<image>") == 512
+    # The model card says what it is and its quick start runs as written: an image and a question through
+    # transformers' image-text-to-text pipeline (the text pipeline would refuse this model).
+    card = (final / "README.md").read_text()
+    assert front_matter(card)["pipeline_tag"] == "image-text-to-text"
+    (snippet,) = re.findall(r"## Use\n\n```python\n(.*?)```", card, flags=re.S)
+    image = tmp_path / "shape.png"
+    image.write_bytes(png(COLOURS[1]))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(snippet.replace("PATH_OR_HUB_ID", str(final)).replace("IMAGE_PATH", str(image)), {})
+    assert printed.getvalue()  # the snippet ran to its print (a random model's answer may be empty)
 
 
 def test_base64_images_in_memory_rows(tmp_path):
@@ -403,6 +417,10 @@ def test_lora_with_the_adapter_reference_trains(tmp_path):
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[-1]["loss"] != rows[0]["loss"]
     assert (tmp_path / "run" / "final" / "adapter").is_dir()
+    # Both cards load the adapter's base with its own class, not as a causal language model.
+    for card in (tmp_path / "run" / "final" / "README.md", tmp_path / "run" / "final" / "adapter" / "README.md"):
+        text = card.read_text()
+        assert "AutoModelForImageTextToText" in text and "AutoModelForCausalLM" not in text
 
 
 @pytest.mark.equivalence

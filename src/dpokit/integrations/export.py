@@ -18,6 +18,7 @@ from dpokit.integrations.hub import (
     front_matter,
     has_chat_template,
     hub_files,
+    is_vision_folder,
     model_card,
     name_adapter_base,
     write_generation_config,
@@ -72,7 +73,8 @@ def _copy_final(run_dir: Path, target: Path) -> Path:
         tmp = staging_dir(target)
         shutil.copytree(final, tmp, dirs_exist_ok=True)
         (tmp / CARD).write_text(model_card(run_dir, task, facts.get("hardware"), chat=has_chat_template(tmp),
-                                           versions=facts.get("versions"), adapter=(tmp / ADAPTER).is_dir()),
+                                           versions=facts.get("versions"), adapter=(tmp / ADAPTER).is_dir(),
+                                           vision=is_vision_folder(tmp)),
                                 encoding="utf-8")
         if task != "rm" and not (tmp / "generation_config.json").is_file():
             from transformers import AutoTokenizer, GenerationConfig

@@ -196,11 +196,13 @@ def has_chat_template(folder: Path) -> bool:
 
 
 def model_card(run_dir: Path, task: str, machine: str | None = None, step: int | None = None, *,
-               chat: bool = False, versions: dict[str, str] | None = None, adapter: bool = False) -> str:
+               chat: bool = False, versions: dict[str, str] | None = None, adapter: bool = False,
+               vision: bool = False) -> str:
     """The model card of a run's model (``final/``, or checkpoint ``step``): YAML metadata and a body.
     ``chat``: the tokenizer has a chat template (the quick start sends messages); ``versions``: the framework
     versions the run recorded (default: this process's); ``adapter``: the folder holds the LoRA adapter in
-    ``adapter/`` (how to load it is said)."""
+    ``adapter/`` (how to load it is said); ``vision``: a vision-language model (``is_vision_folder``), whose
+    quick start sends an image."""
     from dpokit.config import load_config
     from dpokit.version import __version__
 
@@ -216,7 +218,8 @@ def model_card(run_dir: Path, task: str, machine: str | None = None, step: int |
     meta["library_name"] = "transformers"
     if license_:
         meta["license"] = license_
-    meta["pipeline_tag"] = "text-classification" if task == "rm" else "text-generation"
+    meta["pipeline_tag"] = ("text-classification" if task == "rm" else
+                            "image-text-to-text" if vision else "text-generation")
     meta["tags"] = ["dpokit", *TASK_TAGS.get(task, [task])]
     if ids:
         meta["datasets"] = ids
@@ -261,8 +264,8 @@ def model_card(run_dir: Path, task: str, machine: str | None = None, step: int |
                 lines.append(f"| {label} | {_number(evaluated[key])} |")
         lines.append(f"\n{evaluated.get('n_prompts', '?')} prompts x {evaluated.get('n_samples', '?')} samples, "
                      f"{evaluated.get('max_new_tokens', '?')} new tokens at most, temperature 1.")
-    lines += _use_lines(task, chat)
-    lines += adapter_lines(cfg, task, ADAPTER) if adapter else []
+    lines += _vision_use_lines() if vision and task != "rm" else _use_lines(task, chat)
+    lines += adapter_lines(cfg, task, ADAPTER, vision) if adapter else []
     lines += ["", "## Framework versions", "", *[f"- {name}: {version}" for name, version in versions.items()]]
     if task in ("dpo", "online"):
         lines += ["", "## Citation", "", "Direct Preference Optimization (Rafailov et al., 2023):", "",
@@ -338,6 +341,22 @@ def write_generation_config(model: Any, tokenizer: Any, folder: Path) -> None:
         config.bos_token_id = tokenizer.bos_token_id
     config.save_pretrained(folder)
 
+def _vision_use_lines() -> list[str]:
+    """The quick start of a vision-language model: transformers' image-text-to-text pipeline with one image
+    (``IMAGE_PATH``: a local file) and a question, through the chat template the run trained with."""
+    return ["", "## Use", "", "```python", "from transformers import pipeline", "",
+            'generator = pipeline("image-text-to-text", model="PATH_OR_HUB_ID")',
+            'messages = [{"role": "user", "content": [{"type": "image", "path": "IMAGE_PATH"},',
+            '                                         {"type": "text", "text": "What is in this picture?"}]}]',
+            'print(generator(text=messages, max_new_tokens=64, return_full_text=False)[0]["generated_text"])',
+            "```"]
+
+
+def is_vision_folder(folder: Path) -> bool:
+    """A saved vision-language model: its processor settings sit beside the weights (``processor_config.json``
+    or ``preprocessor_config.json``, which a text model's tokenizer never writes)."""
+    return (folder / "processor_config.json").is_file() or (folder / "preprocessor_config.json").is_file()
+
 
 def hub_files(run_dir: Path, task: str, step: int | None = None, machine: str | None = "here",
               versions: dict[str, str] | None = None) -> Any:
@@ -349,11 +368,11 @@ def hub_files(run_dir: Path, task: str, step: int | None = None, machine: str | 
         if task != "rm":
             write_generation_config(model, tokenizer, folder)
         described = hardware() if machine == "here" else machine
-        adapter = (folder / ADAPTER).is_dir()
+        adapter, vision = (folder / ADAPTER).is_dir(), is_vision_folder(folder)
         (folder / CARD).write_text(model_card(run_dir, task, described, step, chat=has_chat_template(folder),
-                                              versions=versions, adapter=adapter), encoding="utf-8")
+                                              versions=versions, adapter=adapter, vision=vision), encoding="utf-8")
         if adapter:  # in place of peft's template card
-            (folder / ADAPTER / CARD).write_text(adapter_card(run_dir, task, step), encoding="utf-8")
+            (folder / ADAPTER / CARD).write_text(adapter_card(run_dir, task, step, vision), encoding="utf-8")
 
     return add
 
@@ -366,7 +385,7 @@ def refresh_card(run_dir: Path) -> None:
     facts = front_matter(card.read_text(encoding="utf-8")).get("dpokit") or {}
     write_text(card, model_card(run_dir, facts.get("task", "dpo"), facts.get("hardware"),
                                 chat=has_chat_template(card.parent), versions=facts.get("versions"),
-                                adapter=(card.parent / ADAPTER).is_dir()))
+                                adapter=(card.parent / ADAPTER).is_dir(), vision=is_vision_folder(card.parent)))
 
 
 # ------------------------------------------------------------------------------------------------ LoRA adapter
@@ -415,10 +434,11 @@ def _base_text(cfg: Any, auto: str) -> tuple[str, list[str], str]:
     return f"`{base}`, the model the run started from", [], f'base = {auto}.from_pretrained("{base}"{head})'
 
 
-def adapter_lines(cfg: Any, task: str, subfolder: str | None) -> list[str]:
+def adapter_lines(cfg: Any, task: str, subfolder: str | None, vision: bool = False) -> list[str]:
     """The card's section on a LoRA run's adapter (in ``subfolder`` of the card's folder, or the folder itself):
-    which base it needs and how to load it."""
-    auto = "AutoModelForSequenceClassification" if task == "rm" else "AutoModelForCausalLM"
+    which base it needs and how to load it (a vision-language base with its own class)."""
+    auto = ("AutoModelForSequenceClassification" if task == "rm" else
+            "AutoModelForImageTextToText" if vision else "AutoModelForCausalLM")
     what, imports, load = _base_text(cfg, auto)
     where = f"`{subfolder}/`" if subfolder else "This folder"
     lines = ["", "## LoRA adapter", "",
@@ -438,7 +458,7 @@ def adapter_lines(cfg: Any, task: str, subfolder: str | None) -> list[str]:
     return [*lines, f'model = PeftModel.from_pretrained(base, "PATH_OR_HUB_ID"{at})', "```"]
 
 
-def adapter_card(run_dir: Path, task: str, step: int | None = None) -> str:
+def adapter_card(run_dir: Path, task: str, step: int | None = None, vision: bool = False) -> str:
     """``adapter/README.md``: the Hub's metadata for a peft adapter and how to load it."""
     from dpokit.config import load_config
 
@@ -447,5 +467,5 @@ def adapter_card(run_dir: Path, task: str, step: int | None = None) -> str:
     meta: dict[str, Any] = {**({"base_model": base} if base else {}), "library_name": "peft",
                             "tags": ["dpokit", "lora", *TASK_TAGS.get(task, [task])]}
     title = f"# {Path(cfg.run_dir).name or 'model'}: LoRA adapter{f' (checkpoint step-{step})' if step else ''}"
-    body = [title, *adapter_lines(cfg, task, None)]
+    body = [title, *adapter_lines(cfg, task, None, vision)]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + "\n".join(body) + "\n"
