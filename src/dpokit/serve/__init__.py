@@ -2,7 +2,8 @@
 by side, streaming both responses, with their implicit rewards beta * (log pi(y|x) - log pi_ref(y|x)).
 
 - ``sampling``: token-by-token sampling (the loop of ``dpokit.models.generate``, one step at a time)
-- ``engine``: request checks, the job (sample, stream, score), the one-worker FIFO queue
+- ``engine``: request checks, the job (sample, stream, score); ``queue``: the one-worker FIFO queue
+- ``images``: a vision-language run's image prompts (read, checked, placed, tokenized and scored as training)
 - ``http``: what both route sets share: the JSON body, ASCII JSON answers, queueing a job and streaming its events
 - ``app``: the Starlette app and the uvicorn server; ``index.html``: the page
 - ``openai_api``, ``openai_routes``: ``--api``, the OpenAI-compatible ``/v1`` routes on the same server

@@ -3,7 +3,7 @@
 Routes (nothing else; no route takes a path, so no request can name a file):
 
 ``GET /``               the page (``index.html``, read once at start-up; inline CSS and JS, no external asset)
-``GET /api/info``       the run, example prompts, limits and defaults, as JSON
+``GET /api/info``       the run, example prompts, limits and defaults, whether it takes images, as JSON
 ``POST /api/generate``  a JSON request; answered with newline-delimited JSON events (``application/x-ndjson``)
                         streamed as they happen, or with a 4xx / 503 and ``{"error": message}``
 
@@ -188,7 +188,8 @@ def create_app(playground: Playground, local_only: bool = True, token: str | Non
     routes too (``dpokit.serve.openai_api``), on the same worker as the page."""
     page, policy = page_and_policy()
     worker = Worker(playground.limits.max_queue)
-    limit = playground.limits.max_body_bytes
+    # A vision-language run takes images in the body (``Limits.body_bytes``).
+    limit = playground.limits.body_bytes(getattr(playground, "vision", None) is not None)
 
     async def index(request: Request) -> Response:
         return Response(page, media_type="text/html; charset=utf-8", headers={

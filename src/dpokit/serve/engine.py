@@ -1,7 +1,8 @@
-"""What ``dpokit serve`` does with one request, and the queue that runs requests one at a time.
+"""What ``dpokit serve`` does with one request.
 
 A request is checked and its prompt tokenized in :meth:`Playground.prepare` (a bad one raises
-:class:`BadRequest`, which the web layer answers with a 4xx), then handed to the :class:`Worker`: one thread,
+:class:`BadRequest`, which the web layer answers with a 4xx; a vision-language run's images are read and
+checked by ``dpokit.serve.images``), then handed to the :class:`Worker` (``dpokit.serve.queue``): one thread,
 one job at a time, first come first served, at most ``Limits.max_queue`` waiting. One job holds at most
 2 x ``max_samples`` sequences of at most ``max_new_tokens`` tokens, so memory is bounded however many people
 press the button.
@@ -9,7 +10,9 @@ press the button.
 A job (:meth:`Playground.run`) samples n responses from pi_ref and n from pi, one token of each model in turn,
 so both columns of the page fill at once; each model's batch is scored when it is done with
 ``dpokit.evaluate.scoring.score_rows`` on the decoded text, the very function behind ``dpokit score``, so the
-implicit reward shown is what ``dpokit score`` prints for the same prompt and text.
+implicit reward shown is what ``dpokit score`` prints for the same prompt and text. An image prompt samples
+with its pixel inputs and is scored as training scores the same prompt, images and text
+(``dpokit.serve.images.VisionInputs.score``).
 
 Events, as dicts, in order: ``queued`` (again whenever the queue moves), ``start``, ``note``, ``delta``
 (text of some samples), ``final`` (one per column: texts, rewards, summary), then ``done`` or ``error``.
@@ -17,14 +20,9 @@ Events, as dicts, in order: ``queued`` (again whenever the queue moves), ``start
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
-import sys
 import threading
-import time
-import traceback
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +34,15 @@ from dpokit.data.formats import Text, not_text
 from dpokit.errors import DpokitError
 from dpokit.evaluate.run import load_prompts, text_of
 from dpokit.evaluate.scoring import Scorer, load_scorer, score_rows
-from dpokit.models.generate import SamplingParams, encode_prompts, eos_token_ids, stream_batch
+from dpokit.models.generate import SamplingParams, batch_pixels, encode_prompts, eos_token_ids, stream_batch
 from dpokit.rewards import RewardFn, get_reward, reward_name, score_texts
 from dpokit.serve import MAX_QUEUE
+from dpokit.serve.images import ImagePrompt, ImageRefused, VisionInputs, refuse_images, vision_examples
+from dpokit.serve.queue import Emit, Event, Job, QueueFull, Worker
 from dpokit.serve.sampling import IncrementalText
 from dpokit.training.resume import is_run_dir
 
-Event = dict[str, Any]
-Emit = Callable[[Event], None]
+__all__ = ["BadRequest", "Emit", "Event", "Job", "Limits", "Playground", "QueueFull", "Worker", "load_playground"]
 SIDES = ("reference", "policy")
 ROLES = ("system", "user", "assistant")
 
@@ -64,6 +63,15 @@ class Limits:
     max_temperature: float = 2.0
     max_queue: int = MAX_QUEUE
     """Requests waiting behind the running one; more get 503 with Retry-After (``--max-queue``)."""
+    max_images: int = 2
+    """Images in one request (a vision-language run; a text run takes none); more get 413."""
+    max_image_bytes: int = 2 * 1024 * 1024
+    """One image's encoded size (PNG, JPEG, WebP or GIF, base64 decoded); larger gets 413."""
+
+    def body_bytes(self, vision: bool) -> int:
+        """The request body limit: ``max_body_bytes``, and for a vision-language run room for ``max_images``
+        images as base64 ``data:`` URLs besides (64 KiB + 2 x 2.7 MiB, about 5.4 MiB, by default)."""
+        return self.max_body_bytes + (self.max_images * (4 * -(-self.max_image_bytes // 3) + 64) if vision else 0)
 
 
 class BadRequest(Exception):
@@ -86,13 +94,17 @@ class Request:
     n_samples: int
     params: SamplingParams
     notes: tuple[str, ...] = ()
+    image_prompt: ImagePrompt | None = None
+    """A vision-language run's prompt: its images, tokens and pixel inputs (both models sample with them)."""
 
 
 @dataclass(frozen=True)
 class Example:
     label: str
     text: str
-    prompt: Text
+    prompt: Any
+    images: tuple[str, ...] = ()
+    """An image prompt's images, as ``data:`` URLs."""
 
 
 @dataclass
@@ -114,6 +126,8 @@ class Playground:
     # The fast tokenizer refuses to encode in one thread while it decodes in another ("Already borrowed"):
     # request checks (web threads) and the worker take turns.
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+    vision: VisionInputs | None = None
+    """A vision-language run's image handling (``dpokit.serve.images``); None for a text run."""
 
     @property
     def max_new_tokens(self) -> int:
@@ -129,11 +143,16 @@ class Playground:
         return {"run": self.run_name, "beta": self.scorer.beta, "reference": self.reference_name,
                 "reward": self.reward_label, "prompt_format": "chat" if self.chat else "text",
                 "device": str(self.scorer.device),
-                "examples": [{"label": e.label, "text": e.text, "prompt": e.prompt} for e in self.examples],
-                "defaults": self.defaults(),
+                "examples": [{"label": e.label, "text": e.text, "prompt": e.prompt, "images": list(e.images)}
+                             for e in self.examples],
+                "defaults": self.defaults(), "images": self.vision.info() if self.vision else None,
                 "limits": {"max_new_tokens": self.max_new_tokens, "max_samples": limits.max_samples,
                            "max_temperature": limits.max_temperature, "max_prompt_chars": limits.max_prompt_chars,
-                           "max_body_bytes": limits.max_body_bytes, "max_queue": limits.max_queue}}
+                           "max_body_bytes": self.body_bytes, "max_queue": limits.max_queue}}
+
+    @property
+    def body_bytes(self) -> int:
+        return self.limits.body_bytes(self.vision is not None)
 
     # ----------------------------------------------------------------------------------------------- checks
 
@@ -142,13 +161,15 @@ class Playground:
         if not isinstance(payload, dict):
             raise BadRequest("the request must be a JSON object, e.g. {\"prompt\": \"Hello\"}")
         defaults = self.defaults()
-        unknown = sorted(set(payload) - {"prompt", *defaults})
+        unknown = sorted(set(payload) - {"prompt", "images", *defaults})
         if unknown:
-            raise BadRequest(f"unknown field {_show(unknown[0])}; expected prompt, {', '.join(defaults)}")
+            raise BadRequest(f"unknown field {_show(unknown[0])}; expected prompt, "
+                             f"{'images, ' if self.vision else ''}{', '.join(defaults)}")
         if "prompt" not in payload:
             raise BadRequest("prompt: missing")
         values = {**defaults, **payload}
-        prompt = self._prompt(values["prompt"])
+        image_prompt = self._image_prompt(payload)
+        prompt = image_prompt.messages if image_prompt else self._prompt(values["prompt"])
         limits = self.limits
         temperature = _number(values, "temperature", 0.0, limits.max_temperature)
         top_p = _number(values, "top_p", 0.0, 1.0, low_open=True)
@@ -157,8 +178,8 @@ class Playground:
         seed = _integer(values, "seed", 0, 2**63 - 1)
         try:
             with self.tokenizer_lock:
-                prompt_ids = encode_prompts(self.scorer.tokenizer, [prompt], self.scorer.max_prompt_length,
-                                            self.scorer.max_length)[0]
+                prompt_ids = image_prompt.prompt_ids if image_prompt else encode_prompts(
+                    self.scorer.tokenizer, [prompt], self.scorer.max_prompt_length, self.scorer.max_length)[0]
         except DpokitError as exc:
             raise BadRequest(f"prompt: {exc}") from None
         notes = []
@@ -169,7 +190,20 @@ class Playground:
             max_new_tokens = room
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                 batch_size=n_samples)
-        return Request(prompt, text_of(prompt), prompt_ids, n_samples, params, tuple(notes))
+        return Request(prompt, image_prompt.text if image_prompt else text_of(prompt), prompt_ids, n_samples, params,
+                       tuple(notes), image_prompt)
+
+    def _image_prompt(self, payload: dict[str, Any]) -> ImagePrompt | None:
+        """A vision-language run's prompt with its images (``dpokit.serve.images``); for a text run, None once
+        the request is seen to carry no image."""
+        try:
+            if self.vision is None:
+                refuse_images(payload)
+                return None
+            with self.tokenizer_lock:
+                return self.vision.prepare(payload["prompt"], payload.get("images"), self._prompt)
+        except ImageRefused as exc:
+            raise BadRequest(str(exc), exc.status) from None
 
     def _prompt(self, value: Any) -> Text:
         limit = self.limits.max_prompt_chars
@@ -208,8 +242,10 @@ class Playground:
         models = {"reference": scorer.reference, "policy": scorer.policy}
         eos = {side: eos_token_ids(models[side], scorer.tokenizer) for side in SIDES}
         # One generator per model, seeded alike: each column is what generate() returns for this seed.
+        # An image prompt's pixel inputs go to both models' first forward (``stream_batch``).
+        pixels = batch_pixels([request.image_prompt.pixels] * n) if request.image_prompt else None
         streams = {side: stream_batch(models[side], [request.prompt_ids] * n, request.params, scorer.pad_id,
-                                      eos[side], torch.Generator().manual_seed(request.params.seed))
+                                      eos[side], torch.Generator().manual_seed(request.params.seed), pixels)
                    for side in SIDES}
         texts = {side: [IncrementalText(scorer.tokenizer) for _ in range(n)] for side in SIDES}
         finished = {side: [False] * n for side in SIDES}
@@ -247,7 +283,10 @@ class Playground:
         function, their ground-truth rewards; plus mean and spread over the samples."""
         with self.tokenizer_lock:
             responses = [t.text for t in texts]
-            scored = score_rows(self.scorer, [{"prompt": request.prompt, "response": r} for r in responses])
+            if request.image_prompt is not None and self.vision is not None:
+                scored = self.vision.score(request.image_prompt, responses)
+            else:
+                scored = score_rows(self.scorer, [{"prompt": request.prompt, "response": r} for r in responses])
         notes = []
         rewards: list[float | None] = [None] * len(responses)
         if self.reward_fn is not None:
@@ -320,103 +359,6 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-# ------------------------------------------------------------------------------------------------- the queue
-
-class QueueFull(Exception):
-    pass
-
-
-@dataclass
-class Job:
-    """One request's work. ``work(emit, cancelled)`` runs on the worker thread; ``emit`` must not block."""
-
-    work: Callable[[Emit, threading.Event], None]
-    emit: Emit
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    ticket: int = -1
-    """Order of arrival (0, 1, ...), given when the job is queued."""
-
-
-class Worker:
-    """One thread runs the jobs one at a time, in order of arrival.
-
-    Generation is the one thing here that needs much memory, so it never runs twice at once; waiting requests
-    cost nothing but a slot in a bounded deque. A job whose client went away is skipped, or stopped at its next
-    token.
-    """
-
-    def __init__(self, max_queue: int = Limits.max_queue) -> None:
-        self.max_queue = max_queue
-        self._waiting: deque[Job] = deque()
-        self._cond = threading.Condition()
-        self._tickets = itertools.count()
-        self._served = 0
-        self._busy = False
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="dpokit-serve-worker", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> None:
-        """Queue a job (its ``queued`` event is emitted here). Raises :class:`QueueFull`."""
-        with self._cond:
-            if self._closed:
-                raise QueueFull("the server is shutting down")
-            # Waiting means behind a running job: an idle worker takes a job at once, also with max_queue 0.
-            if len(self._waiting) + self._busy > self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting behind the running one already (at "
-                                f"most {self.max_queue}); try again in a moment")
-            job.ticket = next(self._tickets)
-            job.emit({"type": "queued", "ticket": job.ticket, "ahead": len(self._waiting) + self._busy})
-            self._waiting.append(job)
-            self._cond.notify()
-
-    def close(self, timeout: float | None = 5.0) -> None:
-        """Refuse new jobs, end the waiting ones with an error, and let the running one finish."""
-        with self._cond:
-            self._closed = True
-            for job in self._waiting:
-                job.emit({"type": "error", "message": "the server stopped"})
-            self._waiting.clear()
-            self._cond.notify_all()
-        self._thread.join(timeout)
-
-    def _next(self) -> tuple[Job, int] | None:
-        with self._cond:
-            while True:
-                while not self._waiting and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return None
-                job = self._waiting.popleft()
-                if job.cancelled.is_set():
-                    continue
-                served, self._served, self._busy = self._served, self._served + 1, True
-                for ahead, other in enumerate(self._waiting, start=1):
-                    other.emit({"type": "queued", "ticket": other.ticket, "ahead": ahead})
-                return job, served
-
-    def _loop(self) -> None:
-        while (item := self._next()) is not None:
-            self._run(*item)
-            del item  # while the queue is empty, no finished job (its request, its events) stays referenced
-
-    def _run(self, job: Job, served: int) -> None:
-        started = time.perf_counter()
-        job.emit({"type": "start", "ticket": job.ticket, "served": served})
-        try:
-            job.work(job.emit, job.cancelled)
-            job.emit({"type": "done", "ticket": job.ticket, "served": served,
-                      "elapsed_s": round(time.perf_counter() - started, 3)})
-        except DpokitError as exc:
-            job.emit({"type": "error", "message": str(exc)})
-        except Exception as exc:  # a bug must end this request, not the server
-            traceback.print_exc(file=sys.stderr)
-            job.emit({"type": "error", "message": f"internal error ({type(exc).__name__}); see the server log"})
-        finally:
-            with self._cond:
-                self._busy = False
-
-
 # ------------------------------------------------------------------------------------------------- loading
 
 def load_examples(source: str | None, split: str, max_examples: int = 6) -> list[Example]:
@@ -430,9 +372,13 @@ def load_examples(source: str | None, split: str, max_examples: int = 6) -> list
         return []
     examples = []
     for item in items:
-        label = " ".join(item.text.split())
-        examples.append(Example(label if len(label) <= 60 else label[:57] + "...", item.text, item.prompt))
+        examples.append(Example(_label(item.text), item.text, item.prompt))
     return examples
+
+
+def _label(text: str) -> str:
+    label = " ".join(text.split())
+    return label if len(label) <= 60 else label[:57] + "..."
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -472,11 +418,18 @@ def load_playground(run_dir: str | Path, ref: str | None = None, reward: str | R
     scorer = load_scorer(run_dir, ref)
     cfg = scorer.config
     assert cfg is not None
-    if cfg.data.eval:
-        examples = load_examples(cfg.data.eval, cfg.data.eval_split, max_examples)
+    limits = limits or Limits()
+    source, split = (cfg.data.eval, cfg.data.eval_split) if cfg.data.eval else (cfg.data.train, cfg.data.train_split)
+    vision = None
+    if scorer.processor is not None:  # a vision-language run: image prompts, always through the chat template
+        vision = VisionInputs(scorer, limits.max_images, limits.max_image_bytes)
+        examples = [Example(_label(text), text, prompt, tuple(images)) for text, prompt, images
+                    in vision_examples(source, split, max_examples, limits.max_images, limits.max_image_bytes)]
     else:
-        examples = load_examples(cfg.data.train, cfg.data.train_split, max_examples)
-    if examples:
+        examples = load_examples(source, split, max_examples)
+    if vision is not None:
+        chat = True
+    elif examples:
         chat = any(isinstance(e.prompt, list) for e in examples)
     else:
         chat = bool(getattr(scorer.tokenizer, "chat_template", None))
@@ -484,4 +437,4 @@ def load_playground(run_dir: str | Path, ref: str | None = None, reward: str | R
     precision = resolve_precision(precision, scorer.device, note)
     return Playground(scorer, run_name=run_dir.resolve().name, reference_name=str(reference), reward_fn=reward_fn,
                       reward_label=reward_name(reward) if reward is not None else None, examples=examples, chat=chat,
-                      limits=limits or Limits(), precision=precision)
+                      limits=limits, precision=precision, vision=vision)

@@ -27,7 +27,10 @@ What a request may set, and what is refused rather than silently changed:
   ``echo``, ``suffix``, ``best_of``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``tools``,
   ``tool_choice``, ``functions``, ``function_call``, ``response_format`` (text), ``modalities`` (text). Log
   probabilities of a given text are what ``dpokit score`` computes;
-- any other field is a 400, as OpenAI answers unknown arguments.
+- any other field is a 400, as OpenAI answers unknown arguments;
+- a vision-language run's chat messages may hold ``image_url`` parts whose URL is a ``data:`` URL: read, checked
+  and tokenized as the page's images (``dpokit.serve.images``); an ``http(s)`` URL is refused (nothing is
+  fetched), and so is any image part sent to a text run: no image is dropped silently.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx (404 and
 ``model_not_found`` for an unknown model) or a 503 with ``Retry-After`` when the queue is full.
@@ -44,9 +47,11 @@ from typing import Any, Literal
 
 import torch
 
+from dpokit.data.images import IMAGE_MARK
 from dpokit.errors import DpokitError
-from dpokit.models.generate import SamplingParams, encode_prompts, eos_token_ids, stream_batch
+from dpokit.models.generate import SamplingParams, batch_pixels, encode_prompts, eos_token_ids, stream_batch
 from dpokit.serve.engine import BadRequest, Emit, Playground, _check_text, _integer, _show
+from dpokit.serve.images import ImageRefused, decoded, image_bytes
 
 Kind = Literal["chat", "text"]
 MODELS = ("policy", "reference")
@@ -95,6 +100,8 @@ class Completion:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    pixels: dict[str, torch.Tensor] | None = None
+    """The prompt's images' pixel inputs (a vision-language run), given to the model's first forward."""
 
 
 @dataclass
@@ -139,7 +146,7 @@ class OpenAIApi:
             raise ApiError(f"model {_show(model)} does not exist; this server has {', '.join(MODELS)}", 404,
                            param="model", code="model_not_found")
         prompt = self._messages(payload) if kind == "chat" else self._text(payload)
-        prompt_ids = self._encode(prompt)
+        prompt_ids, pixels = self._encode(prompt)
         room = self.context - len(prompt_ids)
         if room < 1:
             raise ApiError(f"{'messages' if kind == 'chat' else 'prompt'}: {len(prompt_ids)} tokens leave no room "
@@ -165,16 +172,19 @@ class OpenAIApi:
         n = _checked("n", _integer_or_none, payload, 1, limits.max_samples) or 1
         params = dataclasses.replace(params, batch_size=n)  # the n choices are one batch
         return Completion(kind, model, self.aliases[model], prompt_ids, n, params, self._stops(payload), stream,
-                          bool(options.get("include_usage", False)))
+                          bool(options.get("include_usage", False)), pixels)
 
-    def _messages(self, payload: dict[str, Any]) -> list[dict[str, str]]:
+    def _messages(self, payload: dict[str, Any]) -> tuple[list[dict[str, str]], list[tuple[str, bytes]]]:
+        """The messages, their image parts (a vision-language run) as ``IMAGE_MARK`` in the text, and the
+        images' (part, encoded bytes) in order."""
         value = payload.get("messages")
         limits = self.playground.limits
         if not isinstance(value, list) or not value:
             raise ApiError("messages: expected a non-empty list of {\"role\", \"content\"}", param="messages")
         if len(value) > limits.max_messages:
             raise ApiError(f"messages: {len(value)}; at most {limits.max_messages}", param="messages")
-        messages = []
+        messages: list[dict[str, str]] = []
+        images: list[tuple[str, bytes]] = []
         for i, message in enumerate(value):
             where = f"messages[{i}]"
             if not isinstance(message, dict) or message.get("role") not in ROLES:
@@ -183,13 +193,34 @@ class OpenAIApi:
             extra = sorted(set(message) - {"role", "content", "name"})
             if extra:
                 raise ApiError(f"{where}.{extra[0]}: not supported by dpokit serve", param=f"{where}.{extra[0]}")
-            content = _content(message.get("content"), where)
+            content = _content(message.get("content"), where, self._image_reader(images))
             _checked_text(content, f"{where}.content")
             messages.append({"role": ROLES[message["role"]], "content": content})
         total = sum(len(m["content"]) for m in messages)
         if total > limits.max_prompt_chars:
             raise ApiError(f"messages: {total} characters; at most {limits.max_prompt_chars}", param="messages")
-        return messages
+        return messages, images
+
+    def _image_reader(self, images: list[tuple[str, bytes]]) -> Any:
+        """What reads an ``image_url`` part into ``images`` (and returns its mark); None for a text run."""
+        vision = self.playground.vision
+        if vision is None:
+            return None
+
+        def read(part: dict[str, Any], where: str) -> str:
+            url = part.get("image_url")
+            url = url if isinstance(url, str) else url.get("url") if isinstance(url, dict) else None
+            if isinstance(part.get("image_url"), dict) and part["image_url"].get("detail", "auto") != "auto":
+                raise ApiError(f"{where}.image_url.detail: only \"auto\" is supported", param=where)
+            if len(images) == vision.max_images:
+                raise ApiError(f"{where}: more than {vision.max_images} images in one request", 413, param=where)
+            try:
+                images.append((where, image_bytes(url, f"{where}.image_url.url", vision.max_image_bytes)))
+            except ImageRefused as exc:
+                raise ApiError(str(exc), 400 if exc.status == 422 else exc.status, param=where) from None
+            return IMAGE_MARK
+
+        return read
 
     def _text(self, payload: dict[str, Any]) -> str:
         value = payload.get("prompt")
@@ -204,16 +235,35 @@ class OpenAIApi:
         _checked_text(value, "prompt")
         return value
 
-    def _encode(self, prompt: str | list[dict[str, str]]) -> list[int]:
+    def _encode(self, prompt: str | tuple[list[dict[str, str]], list[tuple[str, bytes]]]) \
+            -> tuple[list[int], dict[str, torch.Tensor] | None]:
         # As training encodes prompts (BOS rules, the chat template with its generation prompt), with the
         # model's context as the budget: a prompt longer than it comes back one token over, and is refused.
-        scorer = self.playground.scorer
+        # A vision-language run's chat prompt goes through its processor, images or not (dpokit.serve.images).
+        scorer, vision = self.playground.scorer, self.playground.vision
+        if not isinstance(prompt, str):
+            prompt, images = prompt
+            if vision is not None:
+                return self._encode_images(prompt, images)
         try:
             with self.playground.tokenizer_lock:
-                return encode_prompts(scorer.tokenizer, [prompt], self.context + 1, self.context + 2)[0]
+                return encode_prompts(scorer.tokenizer, [prompt], self.context + 1, self.context + 2)[0], None
         except DpokitError as exc:
             key = "prompt" if isinstance(prompt, str) else "messages"
             raise ApiError(f"{key}: {exc}", param=key) from None
+
+    def _encode_images(self, messages: list[dict[str, str]], images: list[tuple[str, bytes]]) \
+            -> tuple[list[int], dict[str, torch.Tensor]]:
+        vision = self.playground.vision
+        assert vision is not None
+        try:
+            pictures = [decoded(data, where) for where, data in images]
+            with self.playground.tokenizer_lock:
+                encoded = vision.encode(messages, pictures, "messages", (self.context + 1, self.context + 2))
+        except ImageRefused as exc:
+            code = "context_length_exceeded" if "longer than" in str(exc) else None
+            raise ApiError(str(exc), 400 if exc.status == 422 else exc.status, param="messages", code=code) from None
+        return encoded.prompt_ids, encoded.pixels
 
     @staticmethod
     def _stops(payload: dict[str, Any]) -> tuple[str, ...]:
@@ -232,8 +282,9 @@ class OpenAIApi:
         scorer = self.playground.scorer
         model = scorer.policy if request.side == "policy" else scorer.reference
         eos = eos_token_ids(model, scorer.tokenizer)
+        pixels = batch_pixels([request.pixels] * request.n) if request.pixels else None
         stream = stream_batch(model, [request.prompt_ids] * request.n, request.params, scorer.pad_id, eos,
-                              torch.Generator().manual_seed(request.params.seed))
+                              torch.Generator().manual_seed(request.params.seed), pixels)
         choices = [StopText(scorer.tokenizer, request.stop, set(eos)) for _ in range(request.n)]
         try:
             while not all(c.finish for c in choices):
@@ -307,15 +358,37 @@ def _same(value: Any, neutral: Any) -> bool:
     return isinstance(value, bool) == isinstance(neutral, bool) and value == neutral
 
 
-def _content(value: Any, where: str) -> str:
-    """A message's content: text, or a list of text parts (joined, as OpenAI reads them)."""
+def _content(value: Any, where: str, image: Any = None) -> str:
+    """A message's content: text, or a list of text parts (joined, as OpenAI reads them) and, for a
+    vision-language run (``image`` reads one), ``image_url`` parts, each an ``IMAGE_MARK`` where it stands."""
     if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                       and isinstance(p.get("text"), str) for p in value):
-        return "".join(p["text"] for p in value)
-    raise ApiError(f"{where}.content: expected text or a list of {{\"type\": \"text\", \"text\": ...}} parts",
-                   param=f"{where}.content")
+        return _unmarked(value, where, image)
+    if not isinstance(value, list):
+        raise ApiError(f"{where}.content: expected text or a list of {{\"type\": \"text\", \"text\": ...}} parts",
+                       param=f"{where}.content")
+    pieces = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(_unmarked(part["text"], where, image))
+        elif kind == "image_url" and image is not None:
+            pieces.append(image(part, f"{where}.content[{j}]"))
+        elif kind in ("image_url", "image", "input_image"):
+            raise ApiError(f"{where}.content[{j}]: an image, but this run's model reads text only; send text",
+                           param=f"{where}.content")
+        else:
+            raise ApiError(f"{where}.content[{j}]: expected {{\"type\": \"text\", \"text\": ...}}"
+                           + (" or {\"type\": \"image_url\", \"image_url\": {\"url\": \"data:...\"}}" if image
+                              else ""), param=f"{where}.content")
+    return "".join(pieces)
+
+
+def _unmarked(text: str, where: str, image: Any) -> str:
+    # In a vision-language run IMAGE_MARK stands for an image part: typed text must not fake one.
+    if image is not None and IMAGE_MARK in text:
+        raise ApiError(f"{where}.content: holds U+E000, a private-use character that image prompts cannot carry",
+                       param=f"{where}.content")
+    return text
 
 
 def _checked_text(text: str, key: str) -> None:

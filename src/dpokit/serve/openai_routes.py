@@ -30,7 +30,8 @@ def api_error(message: str, status: int, param: str | None = None, code: str | N
 def api_routes(playground: Playground, worker: Worker, retry_after_s: int) -> list[Route]:
     """The ``/v1`` routes, run on the page's ``worker`` (one job at a time for page and API together)."""
     api = OpenAIApi(playground)
-    limit = playground.limits.max_body_bytes
+    # A vision-language run takes images in the body (``Limits.body_bytes``).
+    limit = playground.limits.body_bytes(getattr(playground, "vision", None) is not None)
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": api.models()})
