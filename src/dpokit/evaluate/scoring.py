@@ -1,12 +1,13 @@
 """The trained policy is a reward model: r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) (DPO paper, Eq. 5).
 
 A :class:`Scorer` holds pi, pi_ref, the tokenizer and beta, and computes log-probs with THE log-prob function
-(``dpokit.models.logprobs.sequence_logps``) on sequences tokenized exactly as in training
+(``dpokit.models.logprobs.layout_logps``) on sequences tokenized exactly as in training
 (``dpokit.data.tokenize.encode_rows``: same BOS rule, same end token, same truncation), so a score here equals the
 ``rewards/chosen`` the training loop logged for the same pair.
 
 ``--model`` is a run directory (``RUN_DIR/final`` is the policy; ``config.yaml`` gives beta, the reference and the
-token budget) or a plain Hugging Face folder (then ``--ref`` is required).
+token budget) or a plain Hugging Face folder (then ``--ref`` is required). A vision-language model loads with its
+processor (``dpokit.evaluate.vision``), and its rows carry their pixel inputs to the same log-prob function.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ import torch
 from torch import nn
 
 from dpokit.config import Config, DataConfig, LossConfig, load_config
-from dpokit.data.batch import pad_sequences
+from dpokit.data.batch import pad_sequences, padded_layout
 from dpokit.data.formats import Text
 from dpokit.data.load import iter_records
 from dpokit.data.tokenize import encode_rows, token_rules
 from dpokit.errors import DataError, DpokitError
 from dpokit.io import write_jsonl
+from dpokit.models.generate import Pixels, batch_pixels
 from dpokit.models.loading import ModelSource, freeze, load_model, load_tokenizer, resolve
-from dpokit.models.logprobs import sequence_logps
+from dpokit.models.logprobs import layout_logps
 from dpokit.models.quantize import round_trip
 from dpokit.training.resume import is_run_dir
 
@@ -51,6 +53,8 @@ class Scorer:
     """The run's resolved config, when the policy came from a run directory."""
     policy_source: ModelSource | None = None
     """Where the policy's *starting* weights come from (checkpoints hold trained tensors on top of them)."""
+    processor: Any = None
+    """A vision-language model's processor (``tokenizer`` is then its tokenizer); None for a text model."""
 
     @property
     def device(self) -> torch.device:
@@ -62,11 +66,13 @@ class Scorer:
         return pad if pad is not None else self.tokenizer.eos_token_id
 
     @torch.no_grad()
-    def logps(self, model: nn.Module, prompt_ids: Sequence[Sequence[int]],
-              response_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, model: nn.Module, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+              pixels: Sequence[Pixels] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probs of each response after its prompt, and its token count. Shapes: (N,), (N,).
 
         Rows are batched in order of length so a batch pads little; the results come back in input order.
+        ``pixels``: each row's prompt's processor outputs (a vision-language model), laid out as training's
+        right-padded rows carry them.
         """
         n = len(prompt_ids)
         logps = torch.zeros(n, dtype=torch.float32)
@@ -78,22 +84,25 @@ class Scorer:
             for start in range(0, n, self.batch_size):
                 rows = order[start:start + self.batch_size]
                 seqs = [list(prompt_ids[i]) + list(response_ids[i]) for i in rows]
-                batch = pad_sequences(seqs, [len(prompt_ids[i]) for i in rows], self.pad_id, side="right")
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                values, tokens = sequence_logps(model, batch["input_ids"], batch["attention_mask"],
-                                                batch["response_mask"])
+                padded = pad_sequences(seqs, [len(prompt_ids[i]) for i in rows], self.pad_id, side="right")
+                padded = {k: v.to(self.device) for k, v in padded.items()}
+                batch = padded_layout(padded["input_ids"], padded["attention_mask"], padded["response_mask"])
+                if pixels is not None:
+                    images = batch_pixels([pixels[i] for i in rows])
+                    batch["pixels"] = {k: v.to(self.device) for k, v in images.items()}
+                values, tokens = layout_logps(model, batch)
                 logps[rows] = values.float().cpu()
                 counts[rows] = tokens.cpu()
         finally:
             model.train(was_training)
         return logps, counts
 
-    def implicit_rewards(self, prompt_ids: Sequence[Sequence[int]],
-                         response_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    def implicit_rewards(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                         pixels: Sequence[Pixels] | None = None) -> dict[str, torch.Tensor]:
         """``policy_logps``, ``ref_logps``, ``logratios`` (= log pi - log pi_ref), ``rewards``
         (= beta * logratios) and ``n_tokens``. Shapes: (N,) each."""
-        policy_logps, n_tokens = self.logps(self.policy, prompt_ids, response_ids)
-        ref_logps, _ = self.logps(self.reference, prompt_ids, response_ids)
+        policy_logps, n_tokens = self.logps(self.policy, prompt_ids, response_ids, pixels)
+        ref_logps, _ = self.logps(self.reference, prompt_ids, response_ids, pixels)
         logratios = policy_logps - ref_logps
         return {"policy_logps": policy_logps, "ref_logps": ref_logps, "logratios": logratios,
                 "rewards": self.beta * logratios, "n_tokens": n_tokens}
@@ -120,10 +129,14 @@ def load_scorer(model: str | Path, ref: str | None = None, beta: float | None = 
 
     From a run directory, the reference defaults to the run's reference (``model.ref_name_or_path``, else its
     starting model), beta to ``loss.beta`` and the token budget to ``data.max_length`` /
-    ``data.max_prompt_length``; ``ref``, ``beta`` and the lengths override them.
+    ``data.max_prompt_length``; ``ref``, ``beta`` and the lengths override them. A vision-language model loads
+    with its processor (``dpokit.evaluate.vision.load_vision_pair``).
     """
+    from dpokit.evaluate.vision import load_vision_pair
+
     device = device_for()
     cfg: Config | None = None
+    processor = None
     if is_run_dir(model):
         run_dir = Path(model)
         cfg = load_config(run_dir / "config.yaml")
@@ -132,8 +145,6 @@ def load_scorer(model: str | Path, ref: str | None = None, beta: float | None = 
             raise DpokitError(f"{run_dir}: no final/ model folder (has the run finished?)")
         m = cfg.model
         base_source = resolve(m.name_or_path, m.gguf_file, m.revision)
-        # The run's tokenizer is its starting model's (final/ holds a copy of it).
-        tokenizer = load_tokenizer(base_source, m.trust_remote_code)
         if ref is not None:
             ref_source = resolve(ref, key="--ref")
         elif m.ref_name_or_path is not None:
@@ -141,11 +152,17 @@ def load_scorer(model: str | Path, ref: str | None = None, beta: float | None = 
         else:
             ref_source = base_source
         kwargs = dict(dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                      attn_implementation=m.attn_implementation, vocab_size=len(tokenizer))
-        policy = load_model(resolve(str(final), key="--model"), **kwargs)
-        reference = load_model(ref_source, **kwargs)
-        if ref is None and m.ref_name_or_path is None:  # QLoRA trained against the NF4 values of its base
-            round_trip(reference, m.quantize)
+                      attn_implementation=m.attn_implementation)
+        vision = load_vision_pair(resolve(str(final), key="--model"), ref_source, base_source, **kwargs)
+        if vision is not None:  # the run's processor is its starting model's (final/ holds a copy of it)
+            policy, reference, processor = vision
+            tokenizer = processor.tokenizer
+        else:  # the run's tokenizer is its starting model's (final/ holds a copy of it)
+            tokenizer = load_tokenizer(base_source, m.trust_remote_code)
+            policy = load_model(resolve(str(final), key="--model"), **kwargs, vocab_size=len(tokenizer))
+            reference = load_model(ref_source, **kwargs, vocab_size=len(tokenizer))
+            if ref is None and m.ref_name_or_path is None:  # QLoRA trained against the NF4 values of its base
+                round_trip(reference, m.quantize)
         beta = cfg.loss.beta if beta is None else beta
         max_length = max_length or cfg.data.max_length
         max_prompt_length = max_prompt_length or cfg.data.max_prompt_length
@@ -153,9 +170,14 @@ def load_scorer(model: str | Path, ref: str | None = None, beta: float | None = 
         if ref is None:
             raise DpokitError(f"--ref: required when --model is not a run directory ({model} has no config.yaml)")
         base_source = resolve(str(model), key="--model")
-        tokenizer = load_tokenizer(base_source)
-        policy = load_model(base_source, vocab_size=len(tokenizer))
-        reference = load_model(resolve(ref, key="--ref"), vocab_size=len(tokenizer))
+        vision = load_vision_pair(base_source, resolve(ref, key="--ref"), base_source)
+        if vision is not None:
+            policy, reference, processor = vision
+            tokenizer = processor.tokenizer
+        else:
+            tokenizer = load_tokenizer(base_source)
+            policy = load_model(base_source, vocab_size=len(tokenizer))
+            reference = load_model(resolve(ref, key="--ref"), vocab_size=len(tokenizer))
         beta = LossConfig().beta if beta is None else beta
     if beta <= 0:
         raise DpokitError(f"--beta: must be positive, got {beta}")
@@ -165,7 +187,7 @@ def load_scorer(model: str | Path, ref: str | None = None, beta: float | None = 
     if max_prompt_length >= max_length:
         raise DpokitError("max_prompt_length must be smaller than max_length")
     return Scorer(freeze(policy.to(device)), freeze(reference.to(device)), tokenizer, beta, max_length,
-                  max_prompt_length, batch_size, cfg, base_source)
+                  max_prompt_length, batch_size, cfg, base_source, processor)
 
 
 # ------------------------------------------------------------------------------------------------------ rows

@@ -13,20 +13,32 @@ evaluation relies on is visible here:
 
 At ``temperature=1`` and ``top_p=1`` the samples are exact draws from pi(y|x) truncated at ``max_new_tokens``;
 that is what the Monte Carlo estimate of KL(pi || pi_ref) needs.
+
+A prompt of a vision-language model carries its processor outputs (``pixels``: ``pixel_values``,
+``pixel_attention_mask``, ``image_sizes`` as ``dpokit.data.vision`` makes them for one prompt). Only the first
+(prefill) forward takes them: the model puts the image features in place of the prompt's image tokens, and from
+then on they live in the KV cache like any other prompt position, so decode steps pass token ids alone. A batch's
+pixel inputs are laid out as training lays them out (``dpokit.data.vision.collate_pixels``, one row per prompt).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from dpokit.data.batch import pad_sequences, position_ids_from_mask
+from dpokit.data.vision import collate_pixels
 from dpokit.errors import DpokitError
+from dpokit.models.logprobs import _pixel_inputs
+
+Pixels = Mapping[str, torch.Tensor]
+"""One prompt's processor outputs (empty for a prompt without images)."""
 
 
 @dataclass(frozen=True)
@@ -132,12 +144,21 @@ def kv_cache_argument(model: nn.Module) -> str:
         return "past_key_values"
 
 
+def batch_pixels(pixels: Sequence[Pixels]) -> dict[str, torch.Tensor]:
+    """The pixel inputs of a batch of prompts, one per prompt (``{}`` for one without images), laid out as a
+    training batch lays out its rows: a per-row input padded with all-zero images (which the model skips), a
+    flat one concatenated in row order."""
+    return collate_pixels([SimpleNamespace(pixels=dict(p), responses_ids=[()]) for p in pixels])
+
+
 @torch.no_grad()
 def stream_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, pad_id: int,
-                 eos_ids: Sequence[int], generator: torch.Generator) -> Iterator[list[int | None]]:
+                 eos_ids: Sequence[int], generator: torch.Generator,
+                 pixels: Mapping[str, torch.Tensor] | None = None) -> Iterator[list[int | None]]:
     """Decode one batch of prompts (token ids), yielding after every step the new token of each row, or None
     for a row that had already finished (its EOS, part of its response, was yielded the step before).
-    Stops when every row has finished or after ``params.max_new_tokens`` steps."""
+    Stops when every row has finished or after ``params.max_new_tokens`` steps. ``pixels``: the batch's pixel
+    inputs (:func:`batch_pixels`), given to the prefill forward only."""
     if any(len(p) == 0 for p in prompts):
         raise DpokitError("generation: a prompt has no tokens")
     device = next(model.parameters()).device
@@ -148,8 +169,9 @@ def stream_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: Sam
     n = len(prompts)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     cache_arg = kv_cache_argument(model)
+    images = {k: v.to(device) for k, v in _pixel_inputs(model, pixels).items()} if pixels else {}
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=attention_mask,
-                position_ids=position_ids, use_cache=True, logits_to_keep=1)
+                position_ids=position_ids, use_cache=True, logits_to_keep=1, **images)
     for t in range(params.max_new_tokens):
         token = next_tokens(out.logits[:, -1], params, generator)  # (B,)
         token = token.masked_fill(done, pad_id)
@@ -165,11 +187,12 @@ def stream_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: Sam
 
 
 def sample_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams, pad_id: int,
-                 eos_ids: Sequence[int], generator: torch.Generator) -> list[tuple[list[int], bool]]:
+                 eos_ids: Sequence[int], generator: torch.Generator,
+                 pixels: Mapping[str, torch.Tensor] | None = None) -> list[tuple[list[int], bool]]:
     """Decode one batch of prompts (token ids). Returns, per prompt, (response ids, finished)."""
     eos_set = set(eos_ids)
     responses: list[list[int]] = [[] for _ in prompts]
-    for step in stream_batch(model, prompts, params, pad_id, eos_ids, generator):
+    for step in stream_batch(model, prompts, params, pad_id, eos_ids, generator, pixels):
         for response, token in zip(responses, step):
             if token is not None:
                 response.append(token)
@@ -177,12 +200,16 @@ def sample_batch(model: nn.Module, prompts: Sequence[Sequence[int]], params: Sam
 
 
 def generate(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
-             params: SamplingParams | None = None, eos_ids: Sequence[int] | None = None) -> list[Sample]:
+             params: SamplingParams | None = None, eos_ids: Sequence[int] | None = None, *,
+             pixels: Sequence[Pixels] | None = None) -> list[Sample]:
     """Sample one response per prompt, ``params.batch_size`` prompts at a time.
 
     ``prompt_ids`` are token lists (see :func:`encode_prompts` for text and chat prompts). To draw several samples
     per prompt, repeat the prompt. The model is put in eval mode (dropout off while sampling) and restored.
+    ``pixels``: for a vision-language model, each prompt's processor outputs (its image tokens are in its ids).
     """
+    if pixels is not None and len(pixels) != len(prompt_ids):
+        raise DpokitError(f"generation: {len(pixels)} pixel inputs for {len(prompt_ids)} prompts")
     params = params or SamplingParams()
     eos = eos_token_ids(model, tokenizer) if eos_ids is None else list(eos_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
@@ -193,8 +220,9 @@ def generate(model: nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int
     try:
         for start in range(0, len(prompt_ids), params.batch_size):
             chunk = [list(p) for p in prompt_ids[start:start + params.batch_size]]
+            images = batch_pixels(pixels[start:start + params.batch_size]) if pixels is not None else None
             for prompt, (response, finished) in zip(chunk, sample_batch(model, chunk, params, pad_id, eos,
-                                                                        generator)):
+                                                                        generator, images)):
                 text = tokenizer.decode(response, skip_special_tokens=True)
                 samples.append(Sample(prompt, response, text, finished))
     finally:
