@@ -182,3 +182,30 @@ def test_other_kinds_are_still_refused_for_a_vision_model(tmp_path):
     assert load_config({**cfg, "reference": {"mode": "store"}}).reference.mode == "store"
     stored = {**cfg, "reference": {"mode": "store"}}
     assert train_rows(dpokit.sft(stored, run_dir=str(tmp_path / "store")))[0]["step"] == 1
+
+
+def test_the_plain_form_trains_as_trls_form(tmp_path):
+    """``image`` beside a text prompt and answers is the same SFT row as TRL's ``images`` with content parts."""
+    rows_trl, rows_plain = [], []
+    for i in range(4):
+        (tmp_path / f"img{i}.png").write_bytes(png(COLOURS[i]))
+        rows_trl.append(trl_row(f"img{i}.png", f"Colour {i}?", f"It is {NAMES[i]}.", "It is black."))
+        rows_plain.append({"image": f"img{i}.png", "prompt": f"Colour {i}?", "chosen": f"It is {NAMES[i]}.",
+                           "rejected": "It is black."})
+    runs = {}
+    for name, rows in (("trl", rows_trl), ("plain", rows_plain)):
+        data = write_rows(tmp_path, rows, f"{name}.jsonl")
+        runs[name] = train_rows(dpokit.sft(sft_config(data, "tiny-random-idefics3", batch_size=2, max_steps=2),
+                                           run_dir=str(tmp_path / name)))
+    # The same token ids and pixels in the same order: the same computation, bit for bit.
+    assert [(r["loss"], r["grad_norm"], r["tokens"]) for r in runs["trl"]] == [
+        (r["loss"], r["grad_norm"], r["tokens"]) for r in runs["plain"]]
+
+
+def test_lora_sft_trains_the_language_model_adapters(tmp_path):
+    cfg = sft_config(colour_pairs(tmp_path, 4), "tiny-random-llava", batch_size=2, max_steps=2, lr=1e-2)
+    cfg["model"]["lora"] = {"r": 4}
+    run = dpokit.sft(cfg, run_dir=str(tmp_path / "run"))
+    rows = train_rows(run)
+    assert rows[1]["loss"] != rows[0]["loss"]
+    assert (run / "final" / "adapter").is_dir() and (run / "final" / "processor_config.json").is_file()
