@@ -1,6 +1,7 @@
 """What a run on a vision-language model may do, said before anything loads: DPO (``dpokit train``) on pairs
-with the padded layout and a live reference (``reference.mode: model`` or ``adapter``). Everything else is
-refused in one line naming the setting, never run in a way that ignores the images."""
+with the padded layout and a live reference (``reference.mode: model`` or ``adapter``), and SFT (``dpokit sft``)
+on the chosen responses with the padded layout. Everything else is refused in one line naming the setting, never
+run in a way that ignores the images."""
 
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ def check_vision_setup(cfg: Config, spec: KindSpec, note: Callable[[str], None])
     """Refuse what is not built for images yet; the layout becomes ``padded`` (said once) unless ``packed`` was
     asked for explicitly, which is refused."""
     name = cfg.model.name_or_path
-    if spec.name != "dpo":
+    if spec.name not in ("dpo", "sft"):
         raise ConfigError(f"model.name_or_path: {name} is a vision-language model; only offline DPO "
-                          f"(dpokit train) trains one so far, not dpokit {spec.name}")
-    if trained_kind(cfg.loss) not in ("pairwise", "batchwise"):
+                          f"(dpokit train) and SFT (dpokit sft) train one so far, not dpokit {spec.name}")
+    if spec.name == "dpo" and trained_kind(cfg.loss) not in ("pairwise", "batchwise"):
         raise ConfigError(f"loss.name: {cfg.loss.name} is not supported with images yet; use a pairwise loss "
                           "(sigmoid, ipo, simpo, ...)")
     if cfg.train.layout == "packed":
