@@ -20,6 +20,7 @@ from PIL import Image
 
 from conftest import chromium, close_chromium, serve_command
 from dpokit.data.vision import load_vision
+from dpokit.evaluate.scoring import score_rows
 from dpokit.models.generate import SamplingParams, generate
 from dpokit.serve.app import create_app, start_in_thread
 from dpokit.serve.engine import BadRequest, Limits, load_playground
@@ -130,6 +131,10 @@ def test_rewards_equal_training_reader_and_scorer_for_the_same_prompt_image_and_
     assert [s["policy_logp"] for s in shown] == scores["policy_logps"].tolist()
     assert [s["ref_logp"] for s in shown] == scores["ref_logps"].tolist()
     assert len(set(s["reward"] for s in shown)) == 3  # three texts, three rewards: nothing constant
+    # dpokit score on the same prompt, image and texts (the plain row shape) prints the same numbers.
+    printed = score_rows(playground.scorer, [{"image": "red.png", "prompt": QUESTION, "response": text}
+                                             for text in texts], base=tmp_path)
+    assert [r["reward"] for r in printed] == [s["reward"] for s in shown]
 
 
 def test_the_image_changes_the_policy_samples_or_scores(playground):
