@@ -171,8 +171,8 @@ def load_scorer(model: str | Path, ref: str | None = None, beta: float | None = 
             tokenizer = load_tokenizer(base_source, m.trust_remote_code)
             policy = load_model(resolve(str(final), key="--model"), **kwargs, vocab_size=len(tokenizer))
             reference = load_model(ref_source, **kwargs, vocab_size=len(tokenizer))
-            if ref is None and m.ref_name_or_path is None:  # QLoRA trained against the NF4 values of its base
-                round_trip(reference, m.quantize)
+        if ref is None and m.ref_name_or_path is None:  # QLoRA trained against the NF4 values of its base
+            round_trip(reference, m.quantize)
         beta = cfg.loss.beta if beta is None else beta
         max_length = max_length or cfg.data.max_length
         max_prompt_length = max_prompt_length or cfg.data.max_prompt_length

@@ -107,14 +107,15 @@ def start_model(cfg: Any) -> tuple[Any, Any]:
 
     m = cfg.model
     source = resolve(m.name_or_path, m.gguf_file, m.revision)
-    if is_vision_source(source, m.trust_remote_code):  # QLoRA is refused for these at training
-        return (load_vision_model(source, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                                  attn_implementation=m.attn_implementation),
-                load_processor(source, m.trust_remote_code))
-    tokenizer = load_tokenizer(source, m.trust_remote_code)
-    model = load_model(source, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                       attn_implementation=m.attn_implementation, vocab_size=len(tokenizer))
-    round_trip(model, m.quantize)
+    if is_vision_source(source, m.trust_remote_code):
+        model = load_vision_model(source, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                                  attn_implementation=m.attn_implementation)
+        tokenizer = load_processor(source, m.trust_remote_code)
+    else:
+        tokenizer = load_tokenizer(source, m.trust_remote_code)
+        model = load_model(source, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                           attn_implementation=m.attn_implementation, vocab_size=len(tokenizer))
+    round_trip(model, m.quantize)  # only the language model's Linear layers in a vision-language model
     return model, tokenizer
 
 

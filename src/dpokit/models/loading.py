@@ -322,23 +322,27 @@ def load_models(model_cfg: Any, reference: Literal["always", "never", "if_differ
 def _load_vision_models(model_cfg: Any, reference: str, policy_source: ModelSource, reference_source: ModelSource,
                         attn_implementation: str | None, skeleton: bool) -> Models:
     """``load_models`` for a vision-language model: its processor, the model with its own class, the vision
-    encoder frozen (``model.freeze_vision``), LoRA on the language model only. FSDP and QLoRA are not built for
-    these models yet: refused in one line."""
+    encoder frozen (``model.freeze_vision``), LoRA on the language model only, and for QLoRA the language
+    model's Linear layers in NF4 (``dpokit.models.quantize``). FSDP is not built for these models yet: refused
+    in one line."""
     if skeleton:
         raise ModelError("distributed.strategy: fsdp is not supported for vision-language models yet; use ddp")
-    if getattr(model_cfg, "quantize", "none") != "none":
-        raise ModelError("model.quantize: nf4 is not supported for vision-language models yet")
     processor = load_processor(policy_source, model_cfg.trust_remote_code)
     kwargs = dict(dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
                   attn_implementation=runnable_attention(attn_implementation or model_cfg.attn_implementation))
     policy = load_vision_model(policy_source, **kwargs)
+    holds_reference = reference == "always" or (reference == "if_different" and reference_source != policy_source)
+    if getattr(model_cfg, "quantize", "none") != "none":  # QLoRA: the language model in 4 bits, as for text
+        from dpokit.models.quantize import quantize_policy
+
+        quantize_policy(policy, model_cfg, copies_reference=holds_reference)
     if model_cfg.disable_dropout:
         disable_dropout(policy)
     if getattr(model_cfg, "freeze_vision", True):
         freeze_vision(policy)
     policy.train()
     frozen = None
-    if reference == "always" or (reference == "if_different" and reference_source != policy_source):
+    if holds_reference:
         frozen = _frozen_reference(policy, policy_source, reference_source,
                                    lambda: load_vision_model(reference_source, **kwargs))
     if getattr(model_cfg, "lora", None) is not None:

@@ -16,7 +16,12 @@ alike); ``F.linear`` on it computes ``x @ deq(W).T`` with deq(W) in the input's 
 
 Quantized: every ``nn.Linear`` of the decoder (attention and MLP projections). Kept in the run's dtype: the
 token embeddings, the LM head (tied to the embeddings in many models) and the norms; they are a small part of
-a large model and the log-prob head reads the LM head directly. Quantization is deterministic, so a resumed
+a large model and the log-prob head reads the LM head directly. In a vision-language model the decoder is its
+language model (``dpokit.models.vision.LANGUAGE_PARTS``), where the adapters train too; the vision encoder and
+the projector / connector keep the run's dtype, as the community QLoRA recipes for these models keep them
+(LLaVA's own 4-bit training skips its projector): they are a small part of the weights (at most a few hundred
+million values beside billions), and every image feature passes through the projector, so rounding it would
+perturb everything the language model sees of an image. Quantization is deterministic, so a resumed
 run re-quantizes the base it started from and checkpoints hold only the adapters.
 """
 
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 
 from dpokit.errors import ConfigError
+from dpokit.models.vision import LANGUAGE_PARTS
 
 INSTALL = "in a clone of dpokit: pip install -c constraints.txt -e '.[qlora]'"
 """What a user without torchao runs to get it."""
@@ -116,11 +122,15 @@ def scale_group(n_values: int) -> int | None:
 
 def decoder_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
     """The Linear layers whose weights NF4 holds: all of the model's, except its LM head (and any Linear that
-    shares its weight with the embeddings)."""
+    shares its weight with the embeddings); in a vision-language model only those of its language model (the
+    vision encoder and the projector stay in the run's dtype: see the module's docstring)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     shared = {id(m.weight) for m in (head, embed) if m is not None}
+    vision = getattr(getattr(model, "config", None), "vision_config", None) is not None
     for name, module in model.named_modules():
+        if vision and not any(f".{part}." in f".{name}" for part in LANGUAGE_PARTS):
+            continue
         if isinstance(module, nn.Linear) and module is not head and id(module.weight) not in shared:
             yield name, module
 
