@@ -93,3 +93,14 @@ def test_what_a_vision_model_object_cannot_train_with_is_said_in_one_line(tmp_pa
     one_line(r"^processor: a processor, given with a text model", path=path, model=tiny_model(len(tok)),
              processor=llava_processor)
     one_line(r"^processor: given without model=", path=path, processor=llava_processor)
+
+
+def test_qlora_on_a_vision_model_object_is_refused_in_one_line(tmp_path):
+    cfg = vision_config(colour_pairs(tmp_path, 2))
+    cfg["model"].update({"quantize": "nf4", "lora": {"r": 4}})
+    cfg["reference"] = {"mode": "adapter"}
+    model, processor = tiny_vision("tiny-random-llava")
+    with pytest.raises(ConfigError, match=r"^model\.quantize: nf4 is not supported for a vision-language model given "
+                                          r"as an object$"):
+        dpokit.train(cfg, model=model, processor=processor, run_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # refused before anything is written
