@@ -186,7 +186,8 @@ class Dist:
         names = inspect.signature(DistributedDataParallel).parameters
         no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in names else {"broadcast_buffers": False}
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=device_ids, **no_sync)
+        return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=varies_by_batch(module),
+                                       **no_sync)
 
     def wrap_frozen(self, model: nn.Module) -> nn.Module:
         """A frozen model (the reference) as a ``LogpsModule``: sharded like the policy under FSDP (never
@@ -279,6 +280,28 @@ class Dist:
                 raise DpokitError(f"rank {self.rank}: another rank failed or stopped responding; stopping "
                                   f"(see that rank's error) [{detail}]") from exc
             raise DpokitError(f"rank {self.rank}: {type(exc).__name__}: {first}") from exc
+
+
+def varies_by_batch(module: nn.Module) -> bool:
+    """Whether some trainable parameters of ``module`` may get no gradient from a pass, so that DDP must look
+    for them after each forward (``find_unused_parameters``); without it, a rank whose pass leaves a parameter
+    unused never reduces that parameter's bucket, and the ranks' collectives stop matching (an error at the
+    next forward, or a gloo abort on a size mismatch).
+
+    A vision-language model: a pass whose rows have no image never runs the vision encoder or the projector,
+    and some encoder weights serve no pass at all (CLIP's last layer norm under LLaVA, which takes the hidden
+    states before it), so the set is not fixed by the model alone: freezing what one probe batch left unused
+    would freeze the projector for good when that batch had no image. A text model uses every weight in every
+    pass, and keeps DDP's cheaper path. A parameter no rank used keeps no gradient (``grad`` None, as in one
+    process, so AdamW skips it); one used on some ranks gets their sum, as one process would."""
+    model = getattr(module, "model", module)
+    return getattr(getattr(model, "config", None), "vision_config", None) is not None
+
+
+def without_gradient(model: nn.Module) -> list[str]:
+    """The trainable parameters the passes since the last update left without a gradient (no forward used
+    them), by name."""
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad and parameter.grad is None]
 
 
 def _is_peer_failure(exc: BaseException) -> bool:

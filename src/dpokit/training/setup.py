@@ -221,7 +221,7 @@ def setup(cfg: Config, dist: Dist, spec: KindSpec, resume: bool = False,
         torchao("train.optimizer: adamw_8bit")
     note = notes_for(dist)
     device = dist.device
-    vision = is_vision(cfg)
+    vision = is_vision(cfg, spec.load)
     if vision:
         check_vision_setup(cfg, spec, note)
     fit_layout(cfg, spec, note)

@@ -38,7 +38,7 @@ from dpokit.data.batch import PairStream, collate_tokenized, split_by_tokens, to
 from dpokit.errors import DpokitError
 from dpokit.losses import advance_loss_state, carries_state
 from dpokit.models.loading import Models, load_models
-from dpokit.training.distributed import Dist, LogpsModule
+from dpokit.training.distributed import Dist, LogpsModule, without_gradient
 from dpokit.training.reference import FrozenReference, Reference, sync_reference
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
@@ -209,6 +209,8 @@ def train_step(run: Run, task: Task, step: int) -> dict[str, Any]:
     passes = step_passes(run, indices, task.chosen_only)
     stats, computed, real = backward_passes(run, task, passes, task.normalizer(run, indices))
     means = stats.means()
+    if step == 1 and run.processor is not None:
+        note_without_gradient(run)
     grad_norm, lr = apply_update(run, step, means["loss"])
     if not run.consecutive_skips and task.carries_loss_state:  # an applied step: bco_pair's reward shift takes it in
         advance_task_loss_state(run, means, len(indices))
@@ -223,6 +225,17 @@ def train_step(run: Run, task: Task, step: int) -> dict[str, Any]:
             "num_tokens": run.tokens_seen, "epoch": run.consumed / len(run.train_items), **means,
             "grad_norm": grad_norm, "lr": lr, "tokens_per_second": stats.tokens / seconds,
             "skipped_steps": run.skipped, "padding_fraction": 1.0 - real / max(computed, 1)}
+
+
+def note_without_gradient(run: Run) -> None:
+    """Name the trainable weights step 1 left without a gradient (a vision-language model: encoder weights its
+    forward never reads, such as CLIP's last layer norm under LLaVA). They keep their loaded values for as
+    long as no batch uses them; the same on every rank (DDP reduces the gradients first) and in one process."""
+    names = without_gradient(run.policy)
+    if names:
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        run.note(f"model: {len(names)} trainable tensor(s) got no gradient in step 1 (no forward used them; they "
+                 f"change only when a batch does): {shown}")
 
 
 def step_passes(run: Run, indices: list[int], chosen_only: bool = False) -> Iterator[tuple[list[Any], int, bool]]:

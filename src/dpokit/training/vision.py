@@ -17,13 +17,15 @@ from dpokit.models.vision import is_vision_source
 from dpokit.training.step import KindSpec
 
 
-def is_vision(cfg: Config) -> bool:
-    """The run's policy is a vision-language model (``dpokit.models.vision.is_vision_source``)."""
+def is_vision(cfg: Config, load: Any = None) -> bool:
+    """The run's policy is a vision-language model (``dpokit.models.vision.is_vision_source``); for a model
+    object given to ``dpokit.train``, its loader (``load``, ``dpokit.api.ObjectLoader``) says, since the name
+    the run records (``<in-memory:...>``) names no model to look at."""
     name = cfg.model.name_or_path
     if cfg.model.gguf_file is not None or name.endswith(".gguf"):
         return False  # GGUF holds text models only here; resolving it would convert it
     if in_memory_name(name) is not None:
-        return False  # a model object given to dpokit.train: text models only so far (docs/vision.md)
+        return bool(getattr(load, "vision", False))
     return is_vision_source(resolve(name, None, cfg.model.revision), cfg.model.trust_remote_code)
 
 
