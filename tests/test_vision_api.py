@@ -95,12 +95,15 @@ def test_what_a_vision_model_object_cannot_train_with_is_said_in_one_line(tmp_pa
     one_line(r"^processor: given without model=", path=path, processor=llava_processor)
 
 
-def test_qlora_on_a_vision_model_object_is_refused_in_one_line(tmp_path):
-    cfg = vision_config(colour_pairs(tmp_path, 2))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_on_a_vision_model_object_trains_as_the_named_model(tmp_path, family):
+    """``model.quantize: nf4`` quantizes the object's language model in place, as loading does for the named
+    model (``quantize_policy``: its Linear layers but the head; encoder and projector as they are)."""
+    pytest.importorskip("torchao", reason="NF4 needs torchao")
+    cfg = vision_config(colour_pairs(tmp_path, 4), family, batch_size=2, lr=1e-2)
     cfg["model"].update({"quantize": "nf4", "lora": {"r": 4}})
     cfg["reference"] = {"mode": "adapter"}
-    model, processor = tiny_vision("tiny-random-llava")
-    with pytest.raises(ConfigError, match=r"^model\.quantize: nf4 is not supported for a vision-language model given "
-                                          r"as an object$"):
-        dpokit.train(cfg, model=model, processor=processor, run_dir=str(tmp_path / "run"))
-    assert not (tmp_path / "run").exists()  # refused before anything is written
+    by_name = dpokit.train(cfg, run_dir=str(tmp_path / "name"))
+    model, processor = tiny_vision(family)
+    as_object = dpokit.train(cfg, model=model, processor=processor, run_dir=str(tmp_path / "object"))
+    same_run(by_name, as_object)

@@ -83,9 +83,6 @@ def train(config: ConfigSource = None, overrides: list[str] | None = None, *, mo
             raise ConfigError(f"model: {kind.title} loads its model from model.name_or_path; a model object "
                               "trains with dpokit train (offline DPO and its variants) and dpokit sft")
         if _is_vision_model(model):
-            if cfg.model.quantize != "none":
-                raise ConfigError(f"model.quantize: {cfg.model.quantize} is not supported for a vision-language "
-                                  "model given as an object")
             processor = _processor(model, tokenizer, processor)
             tokenizer = processor.tokenizer
         else:
