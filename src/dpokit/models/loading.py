@@ -302,20 +302,8 @@ def load_models(model_cfg: Any, reference: Literal["always", "never", "if_differ
     kwargs = dict(dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
                   attn_implementation=attn_implementation or model_cfg.attn_implementation, vocab_size=len(tokenizer))
     load = _skeleton_or_model if skeleton else load_model
-    policy = load(policy_source, **kwargs)
-    holds_reference = reference == "always" or (reference == "if_different" and reference_source != policy_source)
-    if getattr(model_cfg, "quantize", "none") != "none":  # QLoRA: the frozen base in 4 bits, before the adapters
-        from dpokit.models.quantize import quantize_policy
-
-        quantize_policy(policy, model_cfg, copies_reference=holds_reference)
-    if model_cfg.disable_dropout:
-        disable_dropout(policy)
-    policy.train()
-    frozen = None
-    if holds_reference:
-        frozen = _frozen_reference(policy, policy_source, reference_source, lambda: load(reference_source, **kwargs))
-    if getattr(model_cfg, "lora", None) is not None:
-        policy = apply_lora(policy, model_cfg.lora)
+    policy, frozen = _ready_to_train(load(policy_source, **kwargs), model_cfg, reference, policy_source,
+                                     reference_source, lambda: load(reference_source, **kwargs))
     return Models(policy, frozen, tokenizer, policy_source, reference_source)
 
 
@@ -330,24 +318,33 @@ def _load_vision_models(model_cfg: Any, reference: str, policy_source: ModelSour
     processor = load_processor(policy_source, model_cfg.trust_remote_code)
     kwargs = dict(dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
                   attn_implementation=runnable_attention(attn_implementation or model_cfg.attn_implementation))
-    policy = load_vision_model(policy_source, **kwargs)
+    policy, frozen = _ready_to_train(load_vision_model(policy_source, **kwargs), model_cfg, reference,
+                                     policy_source, reference_source,
+                                     lambda: load_vision_model(reference_source, **kwargs),
+                                     freeze_encoder=getattr(model_cfg, "freeze_vision", True))
+    return Models(policy, frozen, processor.tokenizer, policy_source, reference_source, processor)
+
+
+def _ready_to_train(policy: nn.Module, model_cfg: Any, reference: str, policy_source: ModelSource,
+                    reference_source: ModelSource, load_reference: Any,
+                    freeze_encoder: bool = False) -> tuple[nn.Module, nn.Module | None]:
+    """(policy, frozen reference or None) from a loaded policy, text or vision-language alike: QLoRA's NF4 base
+    first (a reference copied from the policy then holds the same values), dropout off, a vision encoder frozen
+    (``freeze_encoder``), the reference, then the LoRA adapters (never in the reference)."""
     holds_reference = reference == "always" or (reference == "if_different" and reference_source != policy_source)
-    if getattr(model_cfg, "quantize", "none") != "none":  # QLoRA: the language model in 4 bits, as for text
+    if getattr(model_cfg, "quantize", "none") != "none":  # QLoRA: the frozen base in 4 bits, before the adapters
         from dpokit.models.quantize import quantize_policy
 
         quantize_policy(policy, model_cfg, copies_reference=holds_reference)
     if model_cfg.disable_dropout:
         disable_dropout(policy)
-    if getattr(model_cfg, "freeze_vision", True):
+    if freeze_encoder:
         freeze_vision(policy)
     policy.train()
-    frozen = None
-    if holds_reference:
-        frozen = _frozen_reference(policy, policy_source, reference_source,
-                                   lambda: load_vision_model(reference_source, **kwargs))
+    frozen = _frozen_reference(policy, policy_source, reference_source, load_reference) if holds_reference else None
     if getattr(model_cfg, "lora", None) is not None:
         policy = apply_lora(policy, model_cfg.lora)
-    return Models(policy, frozen, processor.tokenizer, policy_source, reference_source, processor)
+    return policy, frozen
 
 
 def _frozen_reference(policy: nn.Module, policy_source: ModelSource, reference_source: ModelSource,
